@@ -1,0 +1,144 @@
+"""Evaluating a Program on an assignment.
+
+:class:`Interpreter` walks the instructions in order and calls one method per instruction type;
+subclasses change what the instructions *mean* (finite-width tensors, Monte Carlo kets), never the
+walk. :class:`FiniteInterpreter` is the finite-width assignment: a vector is a tensor with a width
+axis of size ``ratio·n``, Avg is the mean over it, MatMul multiplies by the model's own dense
+matrix. It must reproduce the torch model exactly, which is how the lowering is proven right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from tplimits.core.program import (
+    Avg,
+    Constant,
+    Input,
+    Instruction,
+    MatMul,
+    Nonlin,
+    Parameter,
+    Program,
+    Regroup,
+    Width,
+    substitute,
+)
+from tplimits.errors import TplimitsError
+
+
+class Interpreter:
+    """Evaluates a :class:`Program`; subclasses define each instruction's meaning."""
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.values: dict[str, Any] = {}
+
+    def run(self, *inputs: Any) -> Any:
+        """Evaluate the program on ``inputs``; returns the outputs in the model's output structure."""
+        self.values = {}
+        self.flat_inputs = pytree.tree_leaves(inputs)
+        for ins in self.program.instructions:
+            self.values[ins.name] = self.execute(ins)
+        outputs = [self.values[name] for name in self.program.outputs]
+        if self.program.out_spec is not None:
+            return pytree.tree_unflatten(outputs, self.program.out_spec)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def execute(self, ins: Instruction) -> Any:
+        method = getattr(self, type(ins).__name__.lower(), None)
+        if method is None:
+            raise TplimitsError(f"{type(self).__name__} cannot evaluate {type(ins).__name__} instructions")
+        return method(ins)
+
+    def input(self, ins: Input) -> Any:
+        index = ins.index
+        if index >= len(self.flat_inputs):
+            raise TplimitsError(f"the program takes input {index}, but only {len(self.flat_inputs)} were given")
+        return self.flat_inputs[index]
+
+    def constant(self, ins: Constant) -> Any:
+        return ins.value
+
+    # The instructions whose meaning depends on the assignment:
+    def parameter(self, ins: Parameter) -> Any:
+        raise NotImplementedError
+
+    def nonlin(self, ins: Nonlin) -> Any:
+        raise NotImplementedError
+
+    def regroup(self, ins: Regroup) -> Any:
+        raise NotImplementedError
+
+    def avg(self, ins: Avg) -> Any:
+        raise NotImplementedError
+
+    def matmul(self, ins: MatMul) -> Any:
+        raise NotImplementedError
+
+
+class FiniteInterpreter(Interpreter):
+    """The finite-width assignment: the program evaluated with a concrete network's parameters."""
+
+    def __init__(self, program: Program, state: Mapping[str, torch.Tensor], n: int) -> None:
+        super().__init__(program)
+        self.state = state
+        self.n = n
+
+    @classmethod
+    def from_model(cls, program: Program, model: torch.nn.Module) -> FiniteInterpreter:
+        state = dict(model.named_parameters(remove_duplicate=False))
+        state.update(model.named_buffers(remove_duplicate=False))
+        return cls(program, state, infer_width(program, state))
+
+    def parameter(self, ins: Parameter) -> torch.Tensor:
+        try:
+            return self.state[ins.target]
+        except KeyError:
+            raise TplimitsError(f"the model has no parameter or buffer {ins.target!r} that the program uses") from None
+
+    def nonlin(self, ins: Nonlin) -> torch.Tensor:
+        args = substitute(ins.args, self.values, self.n)
+        kwargs = substitute(dict(ins.kwargs), self.values, self.n)
+        return ins.fn(*args, **kwargs)
+
+    regroup = nonlin
+
+    def avg(self, ins: Avg) -> torch.Tensor:
+        out = self.values[ins.vector].mean(dim=ins.axis, keepdim=ins.keepdim)
+        return out if ins.scale is None else out * ins.scale.resolve(self.n)
+
+    def matmul(self, ins: MatMul) -> torch.Tensor:
+        return torch.einsum(ins.equation, self.values[ins.matrix], self.values[ins.vector])
+
+
+def infer_width(program: Program, state: Mapping[str, torch.Tensor]) -> int:
+    """The width n of a concrete network, from its parameters' sizes along the width axes."""
+    found: dict[int, str] = {}
+    for ins in program.instructions:
+        if not isinstance(ins, Parameter):
+            continue
+        tensor = state.get(ins.target)
+        if tensor is None:
+            raise TplimitsError(f"the model has no parameter or buffer {ins.target!r} that the program uses")
+        if tensor.dim() != len(ins.layout):
+            raise TplimitsError(f"parameter {ins.target!r} has {tensor.dim()} axes but the program expects "
+                                f"{len(ins.layout)}")
+        for axis, spec in enumerate(ins.layout):
+            size = tensor.shape[axis]
+            if isinstance(spec, Width):
+                n = size / spec.ratio
+                if n.denominator != 1:
+                    raise TplimitsError(f"axis {axis} of {ins.target!r} has size {size}, not a multiple of its "
+                                        f"ratio {spec.ratio} to the width")
+                found.setdefault(int(n), ins.target)
+            elif size != spec:
+                raise TplimitsError(f"axis {axis} of {ins.target!r} has size {size} but the program fixes it at "
+                                    f"{spec}: is this the same architecture and config?")
+    if len(found) > 1:
+        raise TplimitsError(f"the model's parameters disagree on the width: {found}")
+    return next(iter(found), program.width)

@@ -1,0 +1,419 @@
+"""The torch.fx front end: trace a model at two widths and find what grows with width.
+
+The graph that is lowered comes from ``torch.export`` (``strict=False``: an aten-level fx graph,
+train mode). ``torch.fx.symbolic_trace`` followed by pre-dispatch ``make_fx`` is the fallback; it
+gives the same aten op set. The second trace, at another width, only serves to compare shapes and
+constants; it uses the cheaper fake-tensor ``make_fx`` trace (the same ops, node for node) and
+falls back to a second ``torch.export`` when the two do not line up.
+
+Comparing the traces node by node gives
+
+* the layout of every value: which axes grow with width, and their ratio to n (d_ff = 4·d_model);
+* every width-dependent argument: integer sizes (``WidthInt``) and constants ``coef·n^p``
+  (``WidthPower``, e.g. attention's 1/√d_head), recorded instead of baked in.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from typing import Any
+
+import attrs
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from tplimits.core.program import Layout, Width, WidthInt, WidthPower
+from tplimits.errors import TraceError, WidthError
+
+# --------------------------------------------------------------------------------------------
+# One trace
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Placeholder:
+    """What an fx placeholder stands for: a parameter, buffer, constant tensor or user input."""
+
+    role: str  # "parameter" | "buffer" | "constant" | "input"
+    target: str = ""  # fully qualified name for parameters and buffers
+    index: int = -1  # position among the flattened user inputs
+    value: torch.Tensor | None = attrs.field(default=None, eq=False)  # constant tensors
+
+
+@attrs.frozen
+class GraphTrace:
+    """One traced graph with the meaning of its placeholders."""
+
+    graph_module: fx.GraphModule
+    placeholders: dict[str, Placeholder]
+    outputs: tuple[Any, ...]  # flattened user outputs (fx nodes or constants)
+    out_spec: Any
+    tracer: str
+
+    def call_nodes(self) -> list[fx.Node]:
+        return [n for n in self.graph_module.graph.nodes if n.op in ("call_function", "get_attr")]
+
+
+def export_trace(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
+    """``torch.export.export(model, inputs, strict=False)`` as a :class:`GraphTrace`."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    ep = torch.export.export(model, inputs, strict=False)
+    placeholders: dict[str, Placeholder] = {}
+    user_index = 0
+    for spec in ep.graph_signature.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            placeholders[name] = Placeholder("parameter", spec.target)
+        elif spec.kind == InputKind.BUFFER:
+            placeholders[name] = Placeholder("buffer", spec.target)
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            placeholders[name] = Placeholder("constant", spec.target, value=ep.constants[spec.target])
+        elif spec.kind == InputKind.USER_INPUT:
+            placeholders[name] = Placeholder("input", index=user_index)
+            user_index += 1
+        else:
+            raise TraceError(f"torch.export produced an input of kind {spec.kind} ({name!r}), which tplimits "
+                             "does not handle (custom objects and effect tokens are not supported)")
+    output_node = ep.graph_module.graph.output_node()
+    flat_out = pytree.tree_leaves(output_node.args[0])
+    user_outputs = tuple(
+        arg for arg, spec in zip(flat_out, ep.graph_signature.output_specs, strict=True)
+        if spec.kind == OutputKind.USER_OUTPUT
+    )
+    return GraphTrace(ep.graph_module, placeholders, user_outputs, ep.call_spec.out_spec, "torch.export")
+
+
+def make_fx_trace(model: torch.nn.Module, inputs: tuple, *, tracer: str = "make_fx",
+                  fake: bool = True) -> GraphTrace:
+    """A pre-dispatch ``make_fx`` trace of ``model`` (the op set of ``torch.export``'s training IR)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    params = list(model.named_parameters(remove_duplicate=False))
+    buffers = list(model.named_buffers(remove_duplicate=False))
+    names = [k for k, _ in params] + [k for k, _ in buffers]
+    flat_inputs, in_spec = pytree.tree_flatten(inputs)
+    out_spec_box: list[Any] = []
+
+    def run(state: list[torch.Tensor], flat: list[Any]) -> list[Any]:
+        args = pytree.tree_unflatten(flat, in_spec)
+        out = torch.func.functional_call(model, dict(zip(names, state, strict=True)), tuple(args))
+        leaves, spec = pytree.tree_flatten(out)
+        out_spec_box.append(spec)
+        return leaves
+
+    state = [t for _, t in params] + [t for _, t in buffers]
+    gm = make_fx(run, pre_dispatch=True, tracing_mode="fake" if fake else "real")(state, flat_inputs)
+    placeholders: dict[str, Placeholder] = {}
+    nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    n_params = len(params)
+    for i, node in enumerate(nodes):
+        if i < n_params:
+            placeholders[node.name] = Placeholder("parameter", names[i])
+        elif i < len(names):
+            placeholders[node.name] = Placeholder("buffer", names[i])
+        else:
+            placeholders[node.name] = Placeholder("input", index=i - len(names))
+    outputs = tuple(pytree.tree_leaves(gm.graph.output_node().args[0]))
+    return GraphTrace(gm, placeholders, outputs, out_spec_box[-1] if out_spec_box else None, tracer)
+
+
+def trace_graph(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
+    """torch.export first, fx.symbolic_trace (+ pre-dispatch make_fx to reach aten) as fallback."""
+    try:
+        return export_trace(model, inputs)
+    except Exception as export_error:  # noqa: BLE001 - any tracer failure moves on to the fallback
+        export_reason = _reason(export_error)
+    try:
+        symbolic = fx.symbolic_trace(model)
+        return make_fx_trace(symbolic, inputs, tracer="fx.symbolic_trace", fake=False)
+    except Exception as fx_error:  # noqa: BLE001
+        fx_reason = _reason(fx_error)
+    raise TraceError(
+        f"could not trace {type(model).__name__}.\n"
+        f"  torch.export(strict=False) failed: {export_reason}\n"
+        f"  torch.fx.symbolic_trace failed: {fx_reason}\n"
+        "Make the forward traceable (no data-dependent Python control flow on tensor values), or pass "
+        "a model whose forward takes the example inputs positionally."
+    )
+
+
+def _reason(error: Exception) -> str:
+    text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first[:500]
+
+
+# --------------------------------------------------------------------------------------------
+# Two traces: width axes and width-dependent constants
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class WidthTrace:
+    """The lowered trace (at width ``n``) with, for every node, its layout and resolved arguments."""
+
+    trace: GraphTrace
+    n: int
+    layouts: dict[str, Any]  # node name -> Layout, tuple of Layouts, or None (non-tensor)
+    args: dict[str, tuple[tuple, dict]]  # node name -> (args, kwargs) with width-dependent leaves
+    placeholder_layouts: dict[str, Layout]
+
+
+def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTrace:
+    """Compare two traces of the same model family at widths ``n_a`` and ``n_b``."""
+    if n_a == n_b:
+        raise WidthError(f"the two traces have the same width {n_a}; trace at two different widths")
+    nodes_a, nodes_b = a.call_nodes(), b.call_nodes()
+    check_aligned(nodes_a, nodes_b, n_a, n_b)
+    layouts: dict[str, Any] = {}
+    args: dict[str, tuple[tuple, dict]] = {}
+    ph_b = {(p.role, p.target, p.index): name for name, p in b.placeholders.items()}
+    placeholder_layouts = {}
+    for node in a.graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        p = a.placeholders[node.name]
+        other_name = ph_b.get((p.role, p.target, p.index))
+        other = _node_by_name(b, other_name) if other_name is not None else None
+        if other is None:
+            raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at width {n_a} but "
+                             f"not in the trace at width {n_b}")
+        layout = _layout(_value_shape(node, a), _value_shape(other, b), n_a, n_b, node.name)
+        layouts[node.name] = layout
+        placeholder_layouts[node.name] = layout
+    for node_a, node_b in zip(nodes_a, nodes_b, strict=True):
+        layouts[node_a.name] = _layout(_value_shape(node_a, a), _value_shape(node_b, b), n_a, n_b, node_a.name)
+        if node_a.op == "call_function":
+            where = f"node {node_a.name!r} ({_target_name(node_a.target)})"
+            args[node_a.name] = (
+                _merge_args(node_a.args, node_b.args, n_a, n_b, where),
+                _merge_args(dict(node_a.kwargs), dict(node_b.kwargs), n_a, n_b, where),
+            )
+    return WidthTrace(a, n_a, layouts, args, placeholder_layouts)
+
+
+def check_aligned(nodes_a: Sequence[fx.Node], nodes_b: Sequence[fx.Node], n_a: int, n_b: int) -> None:
+    for i, (x, y) in enumerate(zip(nodes_a, nodes_b, strict=False)):
+        if x.target != y.target:
+            raise TraceError(
+                f"the traces at widths {n_a} and {n_b} differ at op #{i}: {_target_name(x.target)} "
+                f"({x.name}) vs {_target_name(y.target)} ({y.name}). The forward's control flow depends on "
+                "width; tplimits needs the same computation at every width."
+            )
+    if len(nodes_a) != len(nodes_b):
+        raise TraceError(f"the traces at widths {n_a} and {n_b} have {len(nodes_a)} and {len(nodes_b)} ops; "
+                         "the forward's control flow depends on width")
+
+
+def _node_by_name(trace: GraphTrace, name: str) -> fx.Node | None:
+    for node in trace.graph_module.graph.nodes:
+        if node.name == name:
+            return node
+    return None
+
+
+def _target_name(target: Any) -> str:
+    return getattr(target, "__name__", None) and str(target) or repr(target)
+
+
+def _value_shape(node: fx.Node, trace: GraphTrace) -> Any:
+    """Shape of a node's value: a tuple of ints, a tuple of shapes for multi-output, or None."""
+    if node.op == "get_attr":
+        value = getattr(trace.graph_module, node.target)
+    elif node.op == "placeholder" and trace.placeholders[node.name].value is not None:
+        value = trace.placeholders[node.name].value
+    else:
+        value = node.meta.get("val", node.meta.get("example_value"))
+    return _shape_of(value)
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(int(s) for s in value.shape)
+    if isinstance(value, list | tuple):
+        return tuple(_shape_of(v) for v in value)
+    return None
+
+
+def _layout(shape_a: Any, shape_b: Any, n_a: int, n_b: int, where: str) -> Any:
+    if shape_a is None or shape_b is None:
+        return None
+    if shape_a and isinstance(shape_a[0], tuple | type(None)):  # multi-output
+        return tuple(_layout(x, y, n_a, n_b, where) for x, y in zip(shape_a, shape_b, strict=True))
+    if len(shape_a) != len(shape_b):
+        raise TraceError(f"node {where!r} has rank {len(shape_a)} at width {n_a} but {len(shape_b)} at {n_b}")
+    axes = []
+    for axis, (sa, sb) in enumerate(zip(shape_a, shape_b, strict=True)):
+        if sa == sb:
+            axes.append(sa)
+            continue
+        ratio = Fraction(sa, n_a)
+        if Fraction(sb, n_b) != ratio:
+            raise WidthError(
+                f"axis {axis} of node {where!r} has size {sa} at width {n_a} and {sb} at width {n_b}: it does "
+                "not grow in proportion to width, which a Tensor Program cannot express"
+            )
+        axes.append(Width(ratio))
+    return tuple(axes)
+
+
+def _merge_args(x: Any, y: Any, n_a: int, n_b: int, where: str) -> Any:
+    """Arguments of one node at two widths -> arguments with width-dependent leaves made explicit."""
+    if isinstance(x, fx.Node):
+        return x
+    if isinstance(x, list | tuple) and isinstance(y, list | tuple) and len(x) == len(y):
+        return type(x)(_merge_args(p, q, n_a, n_b, where) for p, q in zip(x, y, strict=True))
+    if isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
+        return {k: _merge_args(x[k], y[k], n_a, n_b, where) for k in x}
+    if type(x) is not type(y) and not (isinstance(x, int | float) and isinstance(y, int | float)):
+        raise TraceError(f"{where}: argument {x!r} at width {n_a} but {y!r} at width {n_b}")
+    if isinstance(x, bool) or x == y:
+        if x != y:
+            raise TraceError(f"{where}: flag {x!r} at width {n_a} but {y!r} at width {n_b}")
+        return x
+    if isinstance(x, int) and isinstance(y, int):
+        ratio = Fraction(x, n_a)
+        if Fraction(y, n_b) != ratio:
+            raise WidthError(f"{where}: integer argument {x} at width {n_a} and {y} at width {n_b} is not "
+                             "proportional to width")
+        return WidthInt(ratio)
+    if isinstance(x, int | float) and isinstance(y, int | float):
+        return fit_width_power(float(x), float(y), n_a, n_b, where)
+    raise TraceError(f"{where}: argument {x!r} at width {n_a} but {y!r} at width {n_b}")
+
+
+def fit_width_power(x: float, y: float, n_a: int, n_b: int, where: str) -> WidthPower:
+    """The constant ``coef·n^p`` that takes value x at width n_a and y at n_b (p a simple fraction)."""
+    if x == 0 or y == 0 or (x > 0) != (y > 0):
+        raise WidthError(f"{where}: constant {x!r} at width {n_a} but {y!r} at width {n_b} is not a power of width")
+    p = Fraction(math.log(y / x) / math.log(n_b / n_a)).limit_denominator(12)
+    coef = x / float(n_a) ** float(p)
+    if not math.isclose(coef * float(n_b) ** float(p), y, rel_tol=1e-9):
+        raise WidthError(f"{where}: constant {x!r} at width {n_a} but {y!r} at width {n_b} is not coef·n^p for "
+                         "a simple fraction p")
+    return WidthPower(coef, p)
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving what the user handed over into two models
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ModelPair:
+    """The model the program is lowered from (width ``n``) and a second one at ``n_other``."""
+
+    model: torch.nn.Module
+    other: torch.nn.Module
+    inputs: tuple
+    n: int
+    n_other: int
+    width: int  # the width the program is reported at (the user's requested width)
+
+
+def infer_widths(model: torch.nn.Module, base: torch.nn.Module) -> tuple[int, int]:
+    """The widths of ``model`` and ``base`` from their parameter shapes (as mup does, but checked).
+
+    Every axis that differs must scale by one common factor; the reference width n is the most
+    frequent differing size among the parameters (d_model in a transformer), ties to the smallest.
+    """
+    shapes_a = {k: tuple(v.shape) for k, v in _state(model).items()}
+    shapes_b = {k: tuple(v.shape) for k, v in _state(base).items()}
+    if shapes_a.keys() != shapes_b.keys():
+        missing = sorted(shapes_a.keys() ^ shapes_b.keys())[:5]
+        raise WidthError(f"`base` does not have the same parameters as the model (e.g. {missing}); pass the same "
+                         "architecture at another width")
+    factors: set[Fraction] = set()
+    sizes: Counter[tuple[int, int]] = Counter()
+    for name, sa in shapes_a.items():
+        sb = shapes_b[name]
+        if len(sa) != len(sb):
+            raise WidthError(f"parameter {name!r} has shape {sa} in the model but {sb} in `base`")
+        for x, y in zip(sa, sb, strict=True):
+            if x != y:
+                factors.add(Fraction(x, y))
+                sizes[(x, y)] += 1
+    if not sizes:
+        raise WidthError("the model and `base` have identical parameter shapes: nothing grows with width. "
+                         "Pass `base=` the same architecture at a different width")
+    if len(factors) != 1:
+        raise WidthError(f"the parameter sizes of the model and `base` do not scale by one common factor "
+                         f"(factors {sorted(map(str, factors))}); every width axis must grow in proportion")
+    (n, n_base), _ = min(sizes.items(), key=lambda kv: (-kv[1], kv[0][0]))
+    return n, n_base
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    return state
+
+
+def check_no_state_updates(model: torch.nn.Module, inputs: tuple) -> None:
+    """Refuse a model whose forward changes its own parameters or buffers.
+
+    ``torch.export`` drops such updates silently (a decorrelation matrix updated inside forward
+    would be frozen), so the program would not be the model. Batch-norm running statistics are
+    allowed: in train mode they do not affect the output.
+    """
+    allowed = _batchnorm_statistics(model)
+    probe = copy.deepcopy(model)
+    before = {k: v.detach().clone() for k, v in _state(probe).items()}
+    with torch.no_grad():
+        probe(*inputs)
+    after = _state(probe)
+    for name, old in before.items():
+        if name in allowed:
+            continue
+        new = after.get(name)
+        if new is None or new.shape != old.shape or not torch.equal(new.detach(), old):
+            raise TraceError(
+                f"the forward pass of {type(model).__name__} changes {name!r}. State updated inside forward "
+                "is dropped by torch.export, so the lowered program would not be this model. Move the update "
+                "out of forward (for a decorrelation matrix: make it a parameter and update it with the "
+                "decorrelation optimizer rule)."
+            )
+
+
+def _batchnorm_statistics(model: torch.nn.Module) -> set[str]:
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+            for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                names.add(f"{prefix}.{buf}" if prefix else buf)
+    return names
+
+
+def build_pair(build: Callable[[int], torch.nn.Module], inputs: tuple, n: int, n_other: int,
+               width: int) -> ModelPair:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build(n)
+        other = build(n_other)
+    return ModelPair(model, other, inputs, n, n_other, width)
+
+
+def trace_pair(pair: ModelPair) -> WidthTrace:
+    """Trace both models of ``pair`` and compare them."""
+    small = pair.model if _numel(pair.model) <= _numel(pair.other) else pair.other
+    check_no_state_updates(small, pair.inputs)
+    main = trace_graph(pair.model, pair.inputs)
+    try:
+        other = make_fx_trace(pair.other, pair.inputs)
+        return compare_traces(main, other, pair.n, pair.n_other)
+    except TraceError:
+        if main.tracer != "torch.export":
+            raise
+        other = export_trace(pair.other, pair.inputs)
+        return compare_traces(main, other, pair.n, pair.n_other)
+
+
+def _numel(model: torch.nn.Module) -> int:
+    return sum(t.numel() for t in _state(model).values())

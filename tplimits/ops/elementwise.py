@@ -1,0 +1,128 @@
+"""Elementwise ops: arithmetic, activations, comparisons, casts, dropout and factories.
+
+An elementwise op acts coordinate by coordinate along the width axis once its arguments'
+width axes line up, so it lowers to a Nonlin of the op itself. Multiplying a weight matrix by a
+scalar (a width multiplier) is kept with the matrix and applied after its MatMul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
+from tplimits.core.program import width_axes
+from tplimits.ops.common import aten, coordinatewise, identity, scale_matrix, tensor_args
+from tplimits.plugins.specs import hookimpl
+
+ELEMENTWISE = [
+    # arithmetic
+    "add", "sub", "mul", "div", "rsub", "neg", "pow", "true_divide", "floor_divide", "remainder", "fmod",
+    "addcmul", "addcdiv", "lerp", "reciprocal", "square", "sqrt", "rsqrt", "abs", "sign", "sgn",
+    "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "xlogy", "hypot", "logaddexp", "copysign",
+    "floor", "ceil", "round", "trunc", "frac", "clamp", "clamp_min", "clamp_max", "clip",
+    "minimum", "maximum", "fmin", "fmax", "where", "masked_fill", "nan_to_num",
+    # activations
+    "relu", "relu6", "gelu", "silu", "mish", "softplus", "elu", "selu", "celu", "leaky_relu", "hardtanh",
+    "hardswish", "hardsigmoid", "threshold", "tanh", "sigmoid", "erf", "erfc", "erfinv", "sin", "cos", "tan",
+    "atan", "atan2", "sinh", "cosh", "asinh", "softshrink", "hardshrink", "logit", "prelu",
+    # comparisons and logic
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "logical_xor",
+    "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor", "isnan", "isinf", "isfinite",
+    # casts and copies that produce a value
+    "_to_copy", "to", "type_as", "clone", "zeros_like", "ones_like", "full_like", "fill",
+]
+
+# Ops that return their input unchanged as far as the program is concerned.
+IDENTITIES = ["alias", "detach", "contiguous", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout",
+              "feature_alpha_dropout", "_assert_tensor_metadata"]
+
+# Ops that multiply a matrix-shaped parameter by a scalar factor.
+SCALINGS = {"mul": False, "div": True, "true_divide": True}
+
+# Ops a weight matrix may pass through unchanged on its way to a product (casts, copies).
+MATRIX_PASSTHROUGH = {"_to_copy", "to", "type_as", "clone", "alias", "detach", "contiguous", "lift_fresh_copy"}
+
+FACTORIES = ["full", "ones", "zeros", "scalar_tensor", "arange", "tensor", "empty", "new_ones", "new_zeros",
+             "new_full", "eye", "linspace"]
+
+
+def elementwise(ctx: LoweringContext, node: OpNode) -> Any:
+    name = node.target.overloadpacket.__name__.rstrip("_")
+    matrices = [a for a in tensor_args(node) if isinstance(a, MatrixValue)]
+    if matrices:
+        return _on_matrix(ctx, node, name, matrices[0])
+    return coordinatewise(ctx, node, _out_of_place(node.target), broadcast=True)
+
+
+def _on_matrix(ctx: LoweringContext, node: OpNode, name: str, m: MatrixValue) -> MatrixValue:
+    if name in MATRIX_PASSTHROUGH and node.args[0] is m:
+        return m
+    if name in SCALINGS and node.args[0] is m and len(node.args) == 2:
+        return scale_matrix(ctx, m, node.args[1], reciprocal=SCALINGS[name])
+    if name == "mul" and len(node.args) == 2 and node.args[1] is m:
+        return scale_matrix(ctx, m, node.args[0])
+    ctx.not_representable(
+        f"{node.op_name} of a weight matrix",
+        "A weight matrix may only be multiplied by a vector (or scaled by a scalar) in a Tensor Program.",
+    )
+    raise AssertionError  # not reached
+
+
+def _out_of_place(target: Any) -> Callable:
+    """The functional twin of an in-place overload (``relu_`` -> ``relu``); the driver rebinds the input."""
+    packet = target.overloadpacket
+    if not packet.__name__.endswith("_"):
+        return target
+    functional = getattr(aten, packet.__name__.rstrip("_"), None)
+    if functional is None:
+        return target
+    return getattr(functional, target._overloadname, functional.default)
+
+
+def identity_rule(ctx: LoweringContext, node: OpNode) -> Any:
+    name = node.target.overloadpacket.__name__
+    if name == "_assert_tensor_metadata":
+        return None
+    if "dropout" in name:
+        p = node.arg(1, "p", 0.0)
+        if p:
+            ctx.notes.append(f"{ctx.where()}: dropout (p={p}) is off in the program")
+    return identity(node)
+
+
+def factory(ctx: LoweringContext, node: OpNode) -> Value:
+    """A constant built in forward. Width-independent ones were folded already; what reaches here
+    either has a width-dependent value (HF's ``full([], sqrt(d_head))``) or a width-sized shape."""
+    layout = node.layout
+    if width_axes(layout):
+        name = node.target.overloadpacket.__name__
+        if name not in ("full", "ones", "zeros", "new_ones", "new_zeros", "new_full", "empty"):
+            ctx.not_representable(
+                f"a width-sized constant built by {node.op_name}",
+                "Its entries depend on the coordinate along the width axis (e.g. arange over width), unlike "
+                "the iid coordinates a Tensor Program vector has.",
+            )
+    return ctx.nonlin(node.target, *node.args, layout=layout, **node.kwargs)
+
+
+@hookimpl
+def tplimits_lowering_rules() -> dict:
+    rules: dict = {}
+    for name in ELEMENTWISE:
+        for variant in (name, name + "_"):
+            packet = getattr(aten, variant, None)
+            if packet is not None:
+                rules[packet] = elementwise
+    for name in IDENTITIES:
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            rules[packet] = identity_rule
+    for name in FACTORIES:
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            rules[packet] = factory
+    # nn.Dropout(inplace=True) and friends
+    rules[aten.dropout_] = identity_rule
+    return rules
+

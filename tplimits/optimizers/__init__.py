@@ -1,0 +1,1 @@
+"""Built-in optimizer plugins (entrywise update functions). The hook exists; the plugins come next."""

@@ -1,0 +1,63 @@
+"""The one plugin manager: loads entry points of group ``tplimits`` and merges hook answers."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+from tplimits.errors import PluginError
+from tplimits.plugins.specs import PROJECT, Architecture, TplimitsSpec
+
+
+@functools.cache
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with every installed entry point loaded."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(TplimitsSpec)
+    pm.load_setuptools_entrypoints(PROJECT)
+    return pm
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin (a module or object with ``@hookimpl`` functions) at run time."""
+    registered = plugin_manager().register(plugin, name=name)
+    if registered is None:
+        raise PluginError(f"plugin {name or plugin!r} is blocked or already registered")
+    return registered
+
+
+def unregister_plugin(plugin: object | None = None, name: str | None = None) -> None:
+    """Remove a plugin registered with :func:`register_plugin`."""
+    plugin_manager().unregister(plugin=plugin, name=name)
+
+
+def architectures() -> dict[str, Architecture]:
+    """Every registered architecture, by name."""
+    found: dict[str, Architecture] = {}
+    # pluggy calls the most recently registered plugin first; iterate oldest first so later wins.
+    for answer in reversed(plugin_manager().hook.tplimits_architectures()):
+        for arch in answer:
+            found[arch.name] = arch
+    return found
+
+
+def architecture(name: str) -> Architecture:
+    """The registered architecture ``name``; a clear error listing the known names otherwise."""
+    known = architectures()
+    if name not in known:
+        raise PluginError(
+            f"no architecture named {name!r} is registered; known: {sorted(known)}. "
+            "Register one with a plugin implementing `tplimits_architectures`."
+        )
+    return known[name]
+
+
+def lowering_rules() -> dict[Any, Callable]:
+    """Every registered lowering rule, keyed by op; later registrations override earlier ones."""
+    rules: dict[Any, Callable] = {}
+    for answer in reversed(plugin_manager().hook.tplimits_lowering_rules()):
+        rules.update(answer)
+    return rules
