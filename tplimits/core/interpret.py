@@ -113,7 +113,7 @@ class FiniteInterpreter(Interpreter):
         return out if ins.scale is None else out * ins.scale.resolve(self.n)
 
     def matmul(self, ins: MatMul) -> torch.Tensor:
-        return torch.einsum(ins.equation, self.values[ins.matrix], self.values[ins.vector])
+        return torch.einsum(ins.equation, self.values[ins.matrix], self.values[ins.vector]).contiguous()
 
 
 def infer_width(program: Program, state: Mapping[str, torch.Tensor]) -> int:

@@ -174,17 +174,18 @@ class LoweringContext:
 
     # -- instructions ----------------------------------------------------------------------------
 
-    def nonlin(self, fn: Callable, *args: Any, layout: Layout, hint: str | None = None, **kwargs: Any) -> Value:
+    def nonlin(self, fn: Callable, *args: Any, layout: Layout, kwargs: Mapping[str, Any] | None = None,
+               hint: str | None = None) -> Value:
         """Emit ``fn(*args, **kwargs)``, applied coordinate by coordinate along the width axis."""
         self._check_activation(layout)
-        refs = self._to_refs(args, kwargs)
+        refs = self._to_refs(args, kwargs or {})
         return self.emit(Nonlin, hint=hint, fn=fn, args=refs[0], kwargs=refs[1], layout=layout)
 
-    def regroup(self, fn: Callable, *args: Any, layout: Layout, blocks: int, hint: str | None = None,
-                **kwargs: Any) -> Value:
+    def regroup(self, fn: Callable, *args: Any, layout: Layout, blocks: int,
+                kwargs: Mapping[str, Any] | None = None, hint: str | None = None) -> Value:
         """Emit a reshape that splits / merges width axes into ``blocks`` equal blocks."""
         self._check_activation(layout)
-        refs = self._to_refs(args, kwargs)
+        refs = self._to_refs(args, kwargs or {})
         return self.emit(Regroup, hint=hint, fn=fn, args=refs[0], kwargs=refs[1], layout=layout, blocks=blocks)
 
     def avg(self, x: Value, axis: int, *, keepdim: bool = False, sum_: bool = False, hint: str | None = None) -> Value:
@@ -333,7 +334,7 @@ def lower_trace(wt: WidthTrace, rules: Mapping[Any, Callable], width: int) -> Pr
         outputs.append(value.name)
     program = Program(ctx.instructions, outputs, width=width, out_spec=trace.out_spec, tracer=trace.tracer,
                       notes=ctx.notes, fan_in=ctx.fan_in)
-    return _prune(program)
+    return _prune(program, wt.aliases)
 
 
 def _lower_placeholder(ctx: LoweringContext, node: fx.Node, wt: WidthTrace) -> Any:
@@ -455,13 +456,25 @@ def user_source(node: fx.Node) -> str:
     return ""
 
 
-def _prune(program: Program) -> Program:
-    """Drop instructions no output depends on (dead code, mutation side effects, unused constants)."""
+def _prune(program: Program, aliases: Mapping[str, tuple[str, ...]]) -> Program:
+    """Drop instructions no output depends on (dead code, mutation side effects, unused constants).
+
+    Parameters the forward never reads are dropped too: a tied weight that torch.export lists
+    under both names keeps one instruction, with the other name recorded as an alias.
+    """
     live = set(program.outputs)
     kept = []
     for ins in reversed(program.instructions):
-        if ins.name in live or isinstance(ins, Input | Parameter):
+        if ins.name in live or isinstance(ins, Input):
             kept.append(ins)
             live.update(ins.inputs)
     kept.reverse()
-    return attrs.evolve(program, instructions=kept)
+    targets = {ins.target for ins in kept if isinstance(ins, Parameter)}
+    unused = sorted(ins.target for ins in program.instructions
+                    if isinstance(ins, Parameter) and ins.trainable and ins.target not in targets
+                    and not set(aliases.get(ins.target, ())) & targets)
+    notes = list(program.notes)
+    if unused:
+        notes.append(f"parameters the forward does not use: {unused}")
+    used_aliases = {t: aliases[t] for t in targets if t in aliases}
+    return attrs.evolve(program, instructions=kept, notes=notes, aliases=used_aliases)

@@ -384,6 +384,7 @@ class ParameterInfo:
     trainable: bool
     uses: tuple[str, ...] = ()
     fan_in_axes: tuple[int, ...] = ()
+    aliases: tuple[str, ...] = ()
 
     @property
     def width_axes(self) -> tuple[int, ...]:
@@ -418,6 +419,7 @@ class Program:
     tracer: str = "torch.export"
     notes: list[str] = attrs.field(factory=list)
     fan_in: dict[str, tuple[int, ...]] = attrs.field(factory=dict)  # parameter -> axes summed against inputs
+    aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)  # tied parameter -> its other names
     _by_name: dict[str, Instruction] = attrs.field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -456,6 +458,7 @@ class Program:
                     trainable=ins.trainable,
                     uses=tuple(uses.get(ins.name, ())),
                     fan_in_axes=self.fan_in.get(ins.target, ()),
+                    aliases=self.aliases.get(ins.target, ()),
                 )
         return table
 
@@ -518,7 +521,8 @@ class Program:
         for info in self.parameters.values():
             rows.append(
                 (
-                    info.name + ("" if info.trainable else " (buffer)"),
+                    info.name + ("" if info.trainable else " (buffer)")
+                    + (f" (tied: {', '.join(info.aliases)})" if info.aliases else ""),
                     info.kind,
                     "x".join(map(str, info.shape)) or "()",
                     format_layout(info.layout),

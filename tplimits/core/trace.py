@@ -164,6 +164,7 @@ class WidthTrace:
     layouts: dict[str, Any]  # node name -> Layout, tuple of Layouts, or None (non-tensor)
     args: dict[str, tuple[tuple, dict]]  # node name -> (args, kwargs) with width-dependent leaves
     placeholder_layouts: dict[str, Layout]
+    aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)  # tied tensors: name -> other names
 
 
 def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTrace:
@@ -407,12 +408,22 @@ def trace_pair(pair: ModelPair) -> WidthTrace:
     main = trace_graph(pair.model, pair.inputs)
     try:
         other = make_fx_trace(pair.other, pair.inputs)
-        return compare_traces(main, other, pair.n, pair.n_other)
+        compared = compare_traces(main, other, pair.n, pair.n_other)
     except TraceError:
         if main.tracer != "torch.export":
             raise
         other = export_trace(pair.other, pair.inputs)
-        return compare_traces(main, other, pair.n, pair.n_other)
+        compared = compare_traces(main, other, pair.n, pair.n_other)
+    return attrs.evolve(compared, aliases=tied_names(pair.model))
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """For every tensor registered under several names (tied weights): name -> the other names."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in _state(model).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return {name: tuple(n for n in names if n != name)
+            for names in groups.values() if len(names) > 1 for name in names}
 
 
 def _numel(model: torch.nn.Module) -> int:

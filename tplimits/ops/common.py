@@ -41,6 +41,12 @@ class Pick:
         return self.fn(*args, **kwargs)[self.index]
 
 
+def contract(equation: str, operands: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.einsum`` with a contiguous result, like the matmul-type ops it stands for (so that a
+    later ``view`` in the model's own code works on it)."""
+    return torch.einsum(equation, operands).contiguous()
+
+
 def identity(node: OpNode) -> Any:
     """The node's first argument, unchanged (dropout in the program, no-op copies)."""
     return node.args[0]
@@ -90,7 +96,7 @@ def coordinatewise(ctx: LoweringContext, node: OpNode, fn: Callable | None = Non
         ctx.unsupported(f"op {node.op_name} returns several tensors; lower it with a rule that picks them")
     if broadcast:
         check_broadcast(ctx, node, layout)
-    return ctx.nonlin(fn or node.target, *node.args, layout=layout, **node.kwargs)
+    return ctx.nonlin(fn or node.target, *node.args, layout=layout, kwargs=node.kwargs)
 
 
 def vector_width_axis(ctx: LoweringContext, x: Value) -> int | None:
@@ -153,12 +159,12 @@ def lower_einsum(ctx: LoweringContext, equation: str, a: Any, b: Any, out_layout
     letters = _letter_axes(ctx, (la, a), (lb, b))
     contracted_width = [c for c in dict.fromkeys(la + lb) if c not in out and isinstance(letters[c], Width)]
     if not contracted_width:
-        return ctx.nonlin(torch.einsum, f"{la},{lb}->{out}", [a, b], layout=out_layout)
+        return ctx.nonlin(contract, f"{la},{lb}->{out}", [a, b], layout=out_layout)
     if len(contracted_width) > 1:
         ctx.not_representable("a contraction over two width axes at once")
     w = contracted_width[0]
     product_layout = tuple(letters[c] for c in out + w)
-    product = ctx.nonlin(torch.einsum, f"{la},{lb}->{out}{w}", [a, b], layout=product_layout)
+    product = ctx.nonlin(contract, f"{la},{lb}->{out}{w}", [a, b], layout=product_layout)
     return ctx.avg(product, len(out), sum_=True)
 
 
@@ -188,7 +194,7 @@ def _matmul(ctx: LoweringContext, m: MatrixValue, x: Any, lm: str, lx: str, out:
     pre_sum = [c for c in lx if c not in out and c not in lm]
     if pre_sum:
         keep = "".join(c for c in lx if c not in pre_sum)
-        x = ctx.nonlin(torch.einsum, f"{lx}->{keep}", [x], layout=tuple(letters[c] for c in keep))
+        x = ctx.nonlin(contract, f"{lx}->{keep}", [x], layout=tuple(letters[c] for c in keep))
         lx = keep
     # Fixed axes of the matrix summed against x (kernel offsets): keep them in the MatMul, sum after.
     post_sum = [c for c in lm if c not in out and c != xw]

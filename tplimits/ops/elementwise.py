@@ -30,11 +30,11 @@ ELEMENTWISE = [
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "logical_xor",
     "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor", "isnan", "isinf", "isfinite",
     # casts and copies that produce a value
-    "_to_copy", "to", "type_as", "clone", "zeros_like", "ones_like", "full_like", "fill",
+    "_to_copy", "to", "type_as", "clone", "contiguous", "zeros_like", "ones_like", "full_like", "fill",
 ]
 
 # Ops that return their input unchanged as far as the program is concerned.
-IDENTITIES = ["alias", "detach", "contiguous", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout",
+IDENTITIES = ["alias", "detach", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout",
               "feature_alpha_dropout", "_assert_tensor_metadata"]
 
 # Ops that multiply a matrix-shaped parameter by a scalar factor.
@@ -103,7 +103,7 @@ def factory(ctx: LoweringContext, node: OpNode) -> Value:
                 "Its entries depend on the coordinate along the width axis (e.g. arange over width), unlike "
                 "the iid coordinates a Tensor Program vector has.",
             )
-    return ctx.nonlin(node.target, *node.args, layout=layout, **node.kwargs)
+    return ctx.nonlin(node.target, *node.args, layout=layout, kwargs=node.kwargs)
 
 
 @hookimpl

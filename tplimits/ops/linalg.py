@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
-from tplimits.ops.common import aten, check_broadcast, fresh_letters, lower_einsum
+from tplimits.ops.common import aten, check_broadcast, contract, fresh_letters, lower_einsum
 from tplimits.plugins.specs import hookimpl
 
 
@@ -97,7 +97,7 @@ def einsum(ctx: LoweringContext, node: OpNode) -> Value:
         letters = _letter_axes(ctx, (lhs, x))
         if x.width_axis is not None and lhs[x.width_axis] not in out:
             ctx.unsupported("a one-operand einsum that sums over the width axis")
-        return ctx.nonlin(torch.einsum, equation, [x], layout=tuple(letters[c] for c in out))
+        return ctx.nonlin(contract, equation, [x], layout=tuple(letters[c] for c in out))
     if len(operands) != 2:
         ctx.unsupported(f"einsum with {len(operands)} operands (split it into pairwise products)")
     if "->" not in equation:

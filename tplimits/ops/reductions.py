@@ -13,7 +13,7 @@ import torch
 
 from tplimits.core.lower import LoweringContext, OpNode, Value
 from tplimits.core.program import Layout, Width, WidthInt
-from tplimits.ops.common import aten, coordinatewise, normalize_dims, reduce_sum_or_mean, vector_width_axis
+from tplimits.ops.common import Pick, aten, coordinatewise, normalize_dims, reduce_sum_or_mean, vector_width_axis
 from tplimits.plugins.specs import hookimpl
 
 NOT_OVER_WIDTH = ["amax", "amin", "max", "min", "argmax", "argmin", "aminmax", "prod", "cumsum", "cumprod",
@@ -141,14 +141,29 @@ def not_over_width(ctx: LoweringContext, node: OpNode) -> Any:
             "It depends on individual coordinates (ordering, extremes) rather than on averages; "
             "use a mean or a sum over width instead.",
         )
-    layout = node.layout
-    if layout is not None and layout and isinstance(layout[0], tuple):  # (values, indices)
-        from tplimits.ops.common import Pick
+    return _maybe_tuple(ctx, node)
 
-        return tuple(
-            ctx.nonlin(Pick(node.target, i), *node.args, layout=part, **node.kwargs)
-            for i, part in enumerate(layout)
-        )
+
+POOLING = {"avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3, "adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2,
+           "_adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3, "max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3,
+           "max_pool2d_with_indices": 2, "adaptive_max_pool1d": 1, "adaptive_max_pool2d": 2, "lp_pool2d": 2}
+
+
+def pooling(ctx: LoweringContext, node: OpNode) -> Any:
+    """Pooling over the trailing spatial axes: coordinatewise in channels (max over positions is fine)."""
+    x = node.args[0]
+    w = vector_width_axis(ctx, x)
+    spatial = POOLING[node.target.overloadpacket.__name__]
+    if w is not None and w >= x.ndim - spatial:
+        ctx.not_representable(f"{node.op_name} over the width axis")
+    return _maybe_tuple(ctx, node)
+
+
+def _maybe_tuple(ctx: LoweringContext, node: OpNode) -> Any:
+    layout = node.layout
+    if layout and isinstance(layout[0], tuple):  # (values, indices)
+        return tuple(ctx.nonlin(Pick(node.target, i), *node.args, layout=part, kwargs=node.kwargs)
+                     for i, part in enumerate(layout))
     return coordinatewise(ctx, node)
 
 
@@ -160,4 +175,8 @@ def tplimits_lowering_rules() -> dict:
         packet = getattr(aten, name, None)
         if packet is not None:
             rules[packet] = not_over_width
+    for name in POOLING:
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            rules[packet] = pooling
     return rules

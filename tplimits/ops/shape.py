@@ -11,10 +11,12 @@ padding, flips, rolls) has no Tensor Program counterpart.
 from __future__ import annotations
 
 import sys
+import math
 from fractions import Fraction
 from typing import Any
 
 import attrs
+import torch
 
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
 from tplimits.core.program import Layout, Width, WidthInt, concrete_shape, width_axes
@@ -33,7 +35,7 @@ def reshape(ctx: LoweringContext, node: OpNode) -> Value:
     blocks = reshape_blocks(ctx, x.layout, node.layout)
     if blocks == 1:
         return coordinatewise(ctx, node)
-    return ctx.regroup(node.target, *node.args, layout=node.layout, blocks=blocks, **node.kwargs)
+    return ctx.regroup(node.target, *node.args, layout=node.layout, blocks=blocks, kwargs=node.kwargs)
 
 
 def reshape_blocks(ctx: LoweringContext, src: Layout, dst: Layout) -> int:
@@ -64,24 +66,58 @@ def reshape_blocks(ctx: LoweringContext, src: Layout, dst: Layout) -> int:
 
 
 def _group_blocks(ctx: LoweringContext, src: list, dst: list) -> int:
-    ws = [x for x in src if isinstance(x, Width)]
-    wd = [x for x in dst if isinstance(x, Width)]
+    """Blocks of one reshape group (consecutive axes whose sizes multiply to the same total).
+
+    The group is a legal block split (or merge) when, reading the big width axis as k blocks of the
+    small one, the small width coordinate is the within-block coordinate (contiguous or
+    interleaved blocks), and the fixed coordinates and block index on the big side are constant
+    along the small side's width axis. Checked exactly on the index map at the trace width.
+    """
+    ws = [i for i, x in enumerate(src) if isinstance(x, Width)]
+    wd = [i for i, x in enumerate(dst) if isinstance(x, Width)]
     if not ws and not wd:
         return 1
     if len(ws) != 1 or len(wd) != 1:
         ctx.not_representable("a reshape that moves part of a width axis into a fixed axis unevenly")
     if src == dst:
         return 1
-    single, other = (src, dst) if len(src) == 1 else (dst, src) if len(dst) == 1 else (None, None)
-    if single is None:
-        ctx.not_representable(
-            "a reshape that interleaves the coordinates of a width axis with a fixed axis",
-            "Only splitting a width axis into equal blocks (or merging blocks back) is representable.",
-        )
-    ratio = single[0].ratio / next(x for x in other if isinstance(x, Width)).ratio
-    if ratio.denominator != 1:
-        ctx.not_representable("a reshape into blocks of unequal width")
-    return int(ratio)
+    ratio = src[ws[0]].ratio / dst[wd[0]].ratio
+    big, small = (src, dst) if ratio >= 1 else (dst, src)
+    wb, wsm = (ws[0], wd[0]) if ratio >= 1 else (wd[0], ws[0])
+    k = max(ratio, 1 / ratio)
+    if k.denominator != 1:
+        ctx.not_representable("a reshape of a width axis into blocks of unequal width")
+    k = int(k)
+    shape_big, shape_small = concrete_shape(tuple(big), ctx.n), concrete_shape(tuple(small), ctx.n)
+    flat = torch.arange(math.prod(shape_big))
+    coords_big = torch.stack(torch.unravel_index(flat, shape_big))
+    coords_small = torch.stack(torch.unravel_index(flat, shape_small))
+    m = shape_small[wsm]
+    w_big, w_small = coords_big[wb], coords_small[wsm]
+    for within, block in ((w_big % m, w_big // m), (w_big // k, w_big % k)):  # contiguous, interleaved
+        if not torch.equal(within, w_small):
+            continue
+        # (fixed coordinates of the big side, block index) must not vary along the small width axis
+        key_big = torch.stack([*(c for i, c in enumerate(coords_big) if i != wb), block])
+        key_small = torch.stack([c for i, c in enumerate(coords_small) if i != wsm]) if len(shape_small) > 1 \
+            else torch.zeros(1, flat.numel(), dtype=torch.long)
+        order = torch.argsort(_ravel(key_small) * m + w_small)
+        grouped = key_big[:, order].view(key_big.shape[0], -1, m)
+        if torch.equal(grouped, grouped[:, :, :1].expand_as(grouped)):
+            return k
+    ctx.not_representable(
+        "a reshape that interleaves the coordinates of a width axis with a fixed axis",
+        "Only splitting a width axis into equal blocks (or merging blocks back) is representable.",
+    )
+    raise AssertionError  # not reached
+
+
+def _ravel(keys: torch.Tensor) -> torch.Tensor:
+    """One integer per column of ``keys`` (rows are coordinates), preserving equality."""
+    out = torch.zeros(keys.shape[1], dtype=torch.long)
+    for row in keys:
+        out = out * (int(row.max()) + 1) + row
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +229,7 @@ def slice_(ctx: LoweringContext, node: OpNode) -> Value:
     blocks = in_ratio / block
     if blocks.denominator != 1:
         ctx.not_representable("a slice of the width axis into blocks of unequal width")
-    return ctx.regroup(node.target, *node.args, layout=node.layout, blocks=int(blocks), **node.kwargs)
+    return ctx.regroup(node.target, *node.args, layout=node.layout, blocks=int(blocks), kwargs=node.kwargs)
 
 
 def _block_aligned(position: Any, block: Fraction) -> bool:
@@ -215,7 +251,7 @@ def narrow(ctx: LoweringContext, node: OpNode) -> Value:
     blocks = x.layout[w].ratio / out_axis.ratio
     if blocks.denominator != 1:
         ctx.not_representable("narrowing the width axis into blocks of unequal width")
-    return ctx.regroup(node.target, *node.args, layout=node.layout, blocks=int(blocks), **node.kwargs)
+    return ctx.regroup(node.target, *node.args, layout=node.layout, blocks=int(blocks), kwargs=node.kwargs)
 
 
 def split(ctx: LoweringContext, node: OpNode) -> tuple[Value, ...]:
@@ -230,14 +266,14 @@ def split(ctx: LoweringContext, node: OpNode) -> tuple[Value, ...]:
     for i, part in enumerate(layouts):
         fn = Pick(node.target, i)
         if w is None or dim != w:
-            pieces.append(ctx.nonlin(fn, *node.args, layout=part, **node.kwargs))
+            pieces.append(ctx.nonlin(fn, *node.args, layout=part, kwargs=node.kwargs))
             continue
         if name == "unbind" or not isinstance(part[w], Width):
             ctx.not_representable(f"{node.op_name} of the width axis into pieces that are not width-sized")
         blocks = x.layout[w].ratio / part[w].ratio
         if blocks.denominator != 1 or any(p[w] != part[w] for p in layouts):
             ctx.unsupported(f"{node.op_name} of the width axis into pieces of unequal width")
-        pieces.append(ctx.regroup(fn, *node.args, layout=part, blocks=int(blocks), **node.kwargs))
+        pieces.append(ctx.regroup(fn, *node.args, layout=part, blocks=int(blocks), kwargs=node.kwargs))
     return tuple(pieces)
 
 
@@ -251,7 +287,7 @@ def cat(ctx: LoweringContext, node: OpNode) -> Value:
     parts = [t.layout[dim] if isinstance(t, Value) else None for t in tensors]
     if any(not isinstance(p, Width) for p in parts) or len(set(parts)) != 1:
         ctx.unsupported("concatenating pieces of unequal width along the width axis")
-    return ctx.regroup(node.target, *node.args, layout=layout, blocks=len(tensors), **node.kwargs)
+    return ctx.regroup(node.target, *node.args, layout=layout, blocks=len(tensors), kwargs=node.kwargs)
 
 
 def stack(ctx: LoweringContext, node: OpNode) -> Value:
