@@ -9,3 +9,8 @@ entry-point group (the same way a third-party plugin registers):
 
 This package deliberately imports none of them; they are loaded by the plugin manager.
 """
+
+from tplimits.plugins.manager import architectures as _architectures
+from tplimits.plugins.manager import make_package_callable
+
+make_package_callable(__name__, _architectures)  # tpl.architectures() lists every registered family

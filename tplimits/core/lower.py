@@ -435,7 +435,7 @@ def _fold(ctx: LoweringContext, node: fx.Node, args: Any, kwargs: Any) -> Any:
 
 def op_display_name(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverload):
-        return f"aten.{target._overloadpacket.__name__}.{target._overloadname}"
+        return f"{target.namespace}.{target._overloadpacket.__name__}.{target._overloadname}"
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
 from tplimits.ops.common import aten, check_broadcast, contract, fresh_letters, lower_einsum
 from tplimits.plugins.specs import hookimpl

@@ -13,7 +13,14 @@ import torch
 
 from tplimits.core.lower import LoweringContext, OpNode, Value
 from tplimits.core.program import Layout, Width, WidthInt
-from tplimits.ops.common import Pick, aten, coordinatewise, normalize_dims, reduce_sum_or_mean, vector_width_axis
+from tplimits.ops.common import (
+    Pick,
+    aten,
+    coordinatewise,
+    normalize_dims,
+    reduce_sum_or_mean,
+    vector_width_axis,
+)
 from tplimits.plugins.specs import hookimpl
 
 NOT_OVER_WIDTH = ["amax", "amin", "max", "min", "argmax", "argmin", "aminmax", "prod", "cumsum", "cumprod",

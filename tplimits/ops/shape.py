@@ -10,8 +10,8 @@ padding, flips, rolls) has no Tensor Program counterpart.
 
 from __future__ import annotations
 
-import sys
 import math
+import sys
 from fractions import Fraction
 from typing import Any
 

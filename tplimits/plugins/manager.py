@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -61,3 +63,23 @@ def lowering_rules() -> dict[Any, Callable]:
     for answer in reversed(plugin_manager().hook.tplimits_lowering_rules()):
         rules.update(answer)
     return rules
+
+
+class _RegistryPackage(types.ModuleType):
+    """A package that is also the function listing what is registered under its name.
+
+    ``tpl.architectures()`` must keep working after ``tplimits.architectures.mlp`` is imported,
+    which binds the name ``architectures`` on ``tplimits`` to the subpackage.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _REGISTRY_FUNCTIONS[self.__name__](*args, **kwargs)
+
+
+_REGISTRY_FUNCTIONS: dict[str, Callable[..., Any]] = {}
+
+
+def make_package_callable(package: str, function: Callable[..., Any]) -> None:
+    """Make the already-imported ``package`` callable as ``function``."""
+    _REGISTRY_FUNCTIONS[package] = function
+    sys.modules[package].__class__ = _RegistryPackage
