@@ -504,7 +504,7 @@ class TupleOut(nn.Module):
 def test_tuple_output_with_hidden_state_vector():
     prog = check(TupleOut, (_x(3, 4),))
     model = _model(TupleOut, 40)
-    logits, hidden = prog.replay(model, _x(3, 4))
+    _, hidden = prog.replay(model, _x(3, 4))
     assert hidden.shape == (3, 40)
 
 
@@ -537,3 +537,82 @@ def test_base_module_lowering():
     model = _model(DictOut, 48)
     with torch.no_grad():
         _compare(prog.replay(model, x), model(x))
+
+
+# ------------------------------------------------------------------------------ known gaps
+
+
+class GroupPerChannel(nn.Module):
+    """GroupNorm with one channel per group: the group count grows with width."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inp = nn.Conv1d(3, width, 1)
+        self.gn = nn.GroupNorm(width, width)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.gn(self.inp(x))).mean(-1))
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=True,
+                   reason="group_norm with groups = width emits aten.group_norm with native_group_norm's 8 "
+                          "arguments; replay calls it and torch rejects the argument list")
+def test_group_norm_one_channel_per_group():
+    check(lambda w: _perturb_affine(GroupPerChannel(w)), (_x(3, 3, 7),))
+
+
+class CausalConv(nn.Module):
+    """Left-pads the sequence (a fixed axis) so the convolution is causal."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inp = nn.Conv1d(3, width, 1)
+        self.conv = nn.Conv1d(width, width, 3)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.conv(F.pad(h, (2, 0))))
+        return self.head(h.transpose(1, 2))
+
+
+@pytest.mark.xfail(raises=tpl.UnsupportedOperation, strict=True,
+                   reason="torch.export keeps F.pad as aten.pad.default, which has no lowering rule "
+                          "(only aten.constant_pad_nd has one)")
+def test_pad_along_fixed_axis():
+    check(CausalConv, (_x(2, 3, 6),))
+
+
+class MHA(nn.Module):
+    def __init__(self, width, heads, cross):
+        super().__init__()
+        self.cross = cross
+        self.inp = nn.Linear(6, width)
+        self.ctx = nn.Linear(6, width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        kv = torch.tanh(self.ctx(x)) if self.cross else h
+        return self.out(h + self.attn(h, kv, kv, need_weights=False)[0])
+
+
+def test_multihead_attention_fixed_heads():
+    prog = check(lambda w: MHA(w, 2, cross=False), (_x(2, 5, 6),))
+    assert prog.parameters["attn.in_proj_weight"].kind == "matrix"
+
+
+@pytest.mark.xfail(raises=tpl.NotRepresentable, strict=True,
+                   reason="q.view(T, B * heads, d_head) splits the width axis and merges heads with batch in "
+                          "one reshape; reshape_blocks refuses it, though the same two-step reshape lowers")
+def test_multihead_attention_head_count_grows():
+    check(lambda w: MHA(w, w // 4, cross=False), (_x(2, 5, 6),))
+
+
+@pytest.mark.xfail(raises=tpl.NotRepresentable, strict=True,
+                   reason="a key/value input other than the query makes MHA split in_proj_weight into [E, 2E] row "
+                          "blocks; splitting a weight matrix along a width axis has no rule")
+def test_multihead_attention_separate_query_and_key():
+    check(lambda w: MHA(w, 2, cross=True), (_x(2, 5, 6),))

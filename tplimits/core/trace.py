@@ -193,9 +193,10 @@ def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTra
         layouts[node_a.name] = _layout(_value_shape(node_a, a), _value_shape(node_b, b), n_a, n_b, node_a.name)
         if node_a.op == "call_function":
             where = f"node {node_a.name!r} ({_target_name(node_a.target)})"
+            (args_a, kwargs_a), (args_b, kwargs_b) = _with_defaults(node_a, node_b)
             args[node_a.name] = (
-                _merge_args(node_a.args, node_b.args, n_a, n_b, where),
-                _merge_args(dict(node_a.kwargs), dict(node_b.kwargs), n_a, n_b, where),
+                _merge_args(args_a, args_b, n_a, n_b, where),
+                _merge_args(kwargs_a, kwargs_b, n_a, n_b, where),
             )
     return WidthTrace(a, n_a, layouts, args, placeholder_layouts)
 
@@ -211,6 +212,34 @@ def check_aligned(nodes_a: Sequence[fx.Node], nodes_b: Sequence[fx.Node], n_a: i
     if len(nodes_a) != len(nodes_b):
         raise TraceError(f"the traces at widths {n_a} and {n_b} have {len(nodes_a)} and {len(nodes_b)} ops; "
                          "the forward's control flow depends on width")
+
+
+def _with_defaults(x: fx.Node, y: fx.Node) -> tuple[tuple[tuple, dict], tuple[tuple, dict]]:
+    """Both nodes' arguments with omitted schema defaults filled in, so that a tracer that writes
+    defaults out (torch.export) and one that drops them (make_fx) give comparable argument lists."""
+    args_x, args_y = tuple(x.args), tuple(y.args)
+    kwargs_x, kwargs_y = dict(x.kwargs), dict(y.kwargs)
+    schema = getattr(x.target, "_schema", None)
+    if schema is None:
+        return (args_x, kwargs_x), (args_y, kwargs_y)
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    length = max(len(args_x), len(args_y))
+
+    def pad(args: tuple) -> tuple:
+        return args + tuple(positional[i].default_value for i in range(len(args), min(length, len(positional))))
+
+    for arg in schema.arguments:
+        if arg.kwarg_only and (arg.name in kwargs_x) != (arg.name in kwargs_y) and arg.has_default_value():
+            kwargs_x.setdefault(arg.name, arg.default_value)
+            kwargs_y.setdefault(arg.name, arg.default_value)
+    args_x, args_y = pad(args_x), list(pad(args_y))
+    for i, arg in enumerate(positional[: len(args_y)]):
+        if arg.name in BACKEND_FLAGS:  # which kernel to use, not what is computed: the lowered trace's wins
+            args_y[i] = args_x[i]
+    return (args_x, kwargs_x), (tuple(args_y), kwargs_y)
+
+
+BACKEND_FLAGS = {"cudnn_enable", "cudnn_enabled"}
 
 
 def _node_by_name(trace: GraphTrace, name: str) -> fx.Node | None:
