@@ -161,8 +161,6 @@ class FPadByWidth(Net):
         return F.pad(self.hidden(x), (0, self.width)).mean(-1)
 
 
-@pytest.mark.xfail(raises=tpl.UnsupportedOperation, strict=True,
-                   reason="torch.export keeps F.pad as aten.pad.default, which has no rule (only constant_pad_nd)")
 def test_f_pad_width_axis_by_width():
     msg = lower_error(FPadByWidth, tpl.NotRepresentable)
     assert "padding the width axis" in msg
@@ -331,9 +329,6 @@ class Recurrent(Net):
         return self.out(torch.tanh(self.inp(x) + self.rec(state)))
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="the model is run on the width-dependent inputs at the second width and torch's "
-                          "shape error escapes unwrapped")
 @pytest.mark.parametrize("state_width", [16, 32])
 def test_example_inputs_depending_on_width(state_width):
     with pytest.raises(tpl.TplimitsError, match="input"):

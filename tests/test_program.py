@@ -28,7 +28,7 @@ def test_printout_and_table():
     prog = tpl.lower("transformer", n_layers=1)
     text = prog.format(origins=True)
     assert all(f"%{ins.name}" in text for ins in prog)
-    assert "regroup" in text and "[4 blocks]" in text  # heads split out of d_model
+    assert "regroup" in text and "[blocks of 1/4n]" in text  # heads split out of d_model
     assert "transformer.py" in text  # source lines of the user's code
     table = prog.parameter_table()
     assert "blocks.0.mlp.fc_in.weight" in table and "[4n, n]" in table

@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Any
 
 import attrs
@@ -181,12 +182,12 @@ class LoweringContext:
         refs = self._to_refs(args, kwargs or {})
         return self.emit(Nonlin, hint=hint, fn=fn, args=refs[0], kwargs=refs[1], layout=layout)
 
-    def regroup(self, fn: Callable, *args: Any, layout: Layout, blocks: int,
+    def regroup(self, fn: Callable, *args: Any, layout: Layout, block: Fraction,
                 kwargs: Mapping[str, Any] | None = None, hint: str | None = None) -> Value:
-        """Emit a reshape that splits / merges width axes into ``blocks`` equal blocks."""
+        """Emit a reshape that regroups width axes through equal blocks of width ``block·n``."""
         self._check_activation(layout)
         refs = self._to_refs(args, kwargs or {})
-        return self.emit(Regroup, hint=hint, fn=fn, args=refs[0], kwargs=refs[1], layout=layout, blocks=blocks)
+        return self.emit(Regroup, hint=hint, fn=fn, args=refs[0], kwargs=refs[1], layout=layout, block=block)
 
     def avg(self, x: Value, axis: int, *, keepdim: bool = False, sum_: bool = False, hint: str | None = None) -> Value:
         """Mean (or, with ``sum_``, the sum = ratio·n·mean) of ``x`` over its width axis ``axis``."""

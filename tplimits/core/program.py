@@ -338,17 +338,18 @@ class Avg(Instruction):
 
 @attrs.frozen(kw_only=True)
 class Regroup(Instruction):
-    """A reshape of width axes into (or out of) equal contiguous or interleaved blocks.
+    """A reshape of width axes through equal contiguous or interleaved blocks.
 
     Evaluated at finite width by ``fn(*args)`` (a view / split / cat with width-dependent sizes).
-    ``blocks`` records how the input's width space and the output's relate: the larger space is
-    ``blocks`` copies of the smaller one.
+    ``block`` is the width ratio of the block space: the input's and the output's width axes are
+    whole numbers of blocks of size ``block·n`` (heads split out of d_model: block = 1/heads), and
+    the reshape only relabels blocks and fixed coordinates, never coordinates within a block.
     """
 
     fn: Callable = attrs.field(eq=False)
     args: tuple = ()
     kwargs: Mapping[str, Any] = attrs.field(factory=dict)
-    blocks: int = 1
+    block: Fraction = Fraction(1)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -358,7 +359,7 @@ class Regroup(Instruction):
         inner = format_args(self.args)
         if self.kwargs:
             inner += (", " if inner else "") + format_args(dict(self.kwargs))
-        return f"regroup {fn_name(self.fn)}({inner})   [{self.blocks} blocks]"
+        return f"regroup {fn_name(self.fn)}({inner})   [blocks of {Width(self.block)}]"
 
 
 # --------------------------------------------------------------------------------------------

@@ -386,7 +386,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_no_state_updates(model: torch.nn.Module, inputs: tuple) -> None:
+def check_no_state_updates(model: torch.nn.Module, inputs: tuple, width: int) -> None:
     """Refuse a model whose forward changes its own parameters or buffers.
 
     ``torch.export`` drops such updates silently (a decorrelation matrix updated inside forward
@@ -397,7 +397,10 @@ def check_no_state_updates(model: torch.nn.Module, inputs: tuple) -> None:
     probe = copy.deepcopy(model)
     before = {k: v.detach().clone() for k, v in _state(probe).items()}
     with torch.no_grad():
-        probe(*inputs)
+        try:
+            probe(*inputs)
+        except Exception as error:  # noqa: BLE001 - any failure of the user's forward is reported as such
+            raise TraceError(_inputs_hint(model, width, error)) from error
     after = _state(probe)
     for name, old in before.items():
         if name in allowed:
@@ -432,18 +435,28 @@ def build_pair(build: Callable[[int], torch.nn.Module], inputs: tuple, n: int, n
 
 def trace_pair(pair: ModelPair) -> WidthTrace:
     """Trace both models of ``pair`` and compare them."""
-    small = pair.model if _numel(pair.model) <= _numel(pair.other) else pair.other
-    check_no_state_updates(small, pair.inputs)
+    small, n_small = ((pair.model, pair.n) if _numel(pair.model) <= _numel(pair.other)
+                      else (pair.other, pair.n_other))
+    check_no_state_updates(small, pair.inputs, n_small)
     main = trace_graph(pair.model, pair.inputs)
     try:
         other = make_fx_trace(pair.other, pair.inputs)
         compared = compare_traces(main, other, pair.n, pair.n_other)
-    except TraceError:
+    except Exception:  # noqa: BLE001 - the cheap trace is an optimisation; a second export decides
         if main.tracer != "torch.export":
             raise
-        other = export_trace(pair.other, pair.inputs)
+        try:
+            other = export_trace(pair.other, pair.inputs)
+        except Exception as error:  # noqa: BLE001
+            raise TraceError(_inputs_hint(pair.other, pair.n_other, error)) from error
         compared = compare_traces(main, other, pair.n, pair.n_other)
     return attrs.evolve(compared, aliases=tied_names(pair.model))
+
+
+def _inputs_hint(model: torch.nn.Module, width: int, error: Exception) -> str:
+    return (f"{type(model).__name__} at width {width} fails on the example inputs: {_reason(error)}. The example "
+            "inputs must fit the model at every width (an input whose size grows with width is not a Tensor "
+            "Program input; build such state inside the model).")
 
 
 def tied_names(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:

@@ -10,9 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
-from tplimits.core.program import width_axes
-from tplimits.ops.common import aten, coordinatewise, identity, scale_matrix, tensor_args
+from tplimits.core.program import Width, width_axes
+from tplimits.ops.common import (
+    Pick,
+    aten,
+    coordinatewise,
+    identity,
+    scale_matrix,
+    tensor_args,
+    vector_width_axis,
+)
 from tplimits.plugins.specs import hookimpl
 
 ELEMENTWISE = [
@@ -80,6 +90,24 @@ def _out_of_place(target: Any) -> Callable:
     return getattr(functional, target._overloadname, functional.default)
 
 
+def _gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a · σ(b): the gated linear unit on the two halves."""
+    return a * torch.sigmoid(b)
+
+
+def glu(ctx: LoweringContext, node: OpNode) -> Value:
+    """glu over a fixed axis is coordinatewise; over the width axis it gates one half by the other
+    (two blocks of the width axis)."""
+    x = node.args[0]
+    dim = node.arg(1, "dim", -1) % x.ndim
+    w = vector_width_axis(ctx, x)
+    if w is None or dim != w:
+        return coordinatewise(ctx, node)
+    half = tuple(Width(a.ratio / 2) if i == w else a for i, a in enumerate(x.layout))
+    a, b = (ctx.regroup(Pick(aten.chunk.default, i), x, 2, dim, layout=half, block=half[w].ratio) for i in range(2))
+    return ctx.nonlin(_gate, a, b, layout=node.layout)
+
+
 def identity_rule(ctx: LoweringContext, node: OpNode) -> Any:
     name = node.target.overloadpacket.__name__
     if name == "_assert_tensor_metadata":
@@ -124,5 +152,6 @@ def tplimits_lowering_rules() -> dict:
             rules[packet] = factory
     # nn.Dropout(inplace=True) and friends
     rules[aten.dropout_] = identity_rule
+    rules[aten.glu] = glu
     return rules
 

@@ -15,7 +15,7 @@ from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
 from tplimits.core.program import Width, WidthInt
 from tplimits.ops.common import aten, coordinatewise, reduce_sum_or_mean, vector_width_axis
 from tplimits.ops.reductions import biased_variance
-from tplimits.ops.shape import reshape_blocks
+from tplimits.ops.shape import reshape_block
 from tplimits.plugins.specs import hookimpl
 
 
@@ -99,59 +99,65 @@ def batch_norm(ctx: LoweringContext, node: OpNode) -> Value:
     return ctx.nonlin(_batch_norm_eval, x, weight, bias, running_mean, running_var, eps, layout=node.layout)
 
 
-def group_norm(ctx: LoweringContext, node: OpNode) -> Value:
-    """group_norm(x, weight, bias, N, C, HxW, groups, eps): statistics per group of channels."""
-    x = node.args[0]
-    weight, bias = node.args[1], node.args[2]
-    groups, eps = node.args[6], node.args[7]
+def native_group_norm(ctx: LoweringContext, node: OpNode) -> tuple:
+    """native_group_norm(x, weight, bias, N, C, HxW, groups, eps) -> (out, mean, rstd); the saved
+    statistics are for autograd and not part of the program."""
+    out = group_norm(ctx, node.args[0], node.args[1], node.args[2], node.args[6], node.args[7])
+    return out, None, None
+
+
+def group_norm_rule(ctx: LoweringContext, node: OpNode) -> Value:
+    """group_norm(input, num_groups, weight, bias, eps): the user-facing form."""
+    return group_norm(ctx, node.args[0], node.arg(2, "weight"), node.arg(3, "bias"), node.arg(1, "num_groups"),
+                      node.arg(4, "eps", 1e-5))
+
+
+def group_norm(ctx: LoweringContext, x: Value, weight: Value | None, bias: Value | None, groups: int | WidthInt,
+               eps: float) -> Value:
+    """Statistics per group of channels: over fixed axes when every group is one channel, else over a
+    block of the channel (width) axis, regrouped as [batch, groups, channels/groups, ...]."""
     w = vector_width_axis(ctx, x)
-    if w is None:
-        return coordinatewise(ctx, node)
-    if w != 1:
+    if w is not None and w != 1:
         ctx.not_representable("group normalization whose channel axis is not the width axis")
-    channel = x.layout[1]
-    if isinstance(groups, WidthInt):
-        if groups.ratio != channel.ratio:
+    if w is None or isinstance(groups, WidthInt):
+        if w is not None and groups.ratio != x.layout[1].ratio:
             ctx.unsupported("group normalization with a growing number of groups of several channels each")
-        return coordinatewise(ctx, node)  # one channel per group: statistics over fixed axes only
+        # no width axis, or one channel per group: statistics over fixed axes only
+        return ctx.nonlin(aten.group_norm.default, x, groups, weight, bias, eps, layout=x.layout)
+    channel = x.layout[1]
     grouped_layout = (x.layout[0], groups, Width(channel.ratio / groups), *x.layout[2:])
-    blocks = reshape_blocks(ctx, x.layout, grouped_layout)
-    sizes = [x.layout[0] if isinstance(x.layout[0], int) else -1, groups, -1, *x.layout[2:]]
-    grouped = ctx.regroup(aten.reshape.default, x, sizes, layout=grouped_layout, blocks=blocks)
+    block = reshape_block(ctx, x.layout, grouped_layout)
+    grouped = ctx.regroup(aten.reshape.default, x, [x.layout[0], groups, -1, *x.layout[2:]], layout=grouped_layout,
+                          block=block)
     dims = list(range(2, len(grouped_layout)))
     mean = reduce_sum_or_mean(ctx, grouped, dims, True, mean=True)
     var = biased_variance(ctx, grouped, dims, mean)
     normed = ctx.nonlin(_normalize, grouped, mean, var, eps, layout=grouped_layout)
-    flat = [x.layout[0] if isinstance(x.layout[0], int) else -1, -1, *x.layout[2:]]
-    y = ctx.regroup(aten.reshape.default, normed, flat, layout=x.layout, blocks=blocks)
+    y = ctx.regroup(aten.reshape.default, normed, [x.layout[0], -1, *x.layout[2:]], layout=x.layout, block=block)
     param_layout = (channel, *([1] * (x.ndim - 2)))
     shape = [-1, *([1] * (x.ndim - 2))]
     if weight is not None:
         weight = ctx.nonlin(aten.reshape.default, weight, shape, layout=param_layout)
     if bias is not None:
         bias = ctx.nonlin(aten.reshape.default, bias, shape, layout=param_layout)
-    return _affine(ctx, y, weight, bias, node.layout)
+    return _affine(ctx, y, weight, bias, x.layout)
+
+
+def instance_norm(ctx: LoweringContext, node: OpNode) -> Value:
+    """instance_norm: statistics per sample and channel over positions, coordinatewise in channels."""
+    x = node.args[0]
+    w = vector_width_axis(ctx, x)
+    if w is not None and w != 1:
+        ctx.not_representable("instance normalization whose channel axis is not the width axis")
+    return coordinatewise(ctx, node)
 
 
 @hookimpl
 def tplimits_lowering_rules() -> dict:
-    rules = {aten.layer_norm: layer_norm, aten.batch_norm: batch_norm, aten.native_group_norm: group_norm}
+    rules = {aten.layer_norm: layer_norm, aten.batch_norm: batch_norm, aten.native_group_norm: native_group_norm,
+             aten.group_norm: group_norm_rule, aten.instance_norm: instance_norm}
     for name in ("rms_norm", "_fused_rms_norm"):
         packet = getattr(aten, name, None)
         if packet is not None:
             rules[packet] = rms_norm
-    group = getattr(aten, "group_norm", None)
-    if group is not None:
-        rules[group] = _group_norm_public
     return rules
-
-
-def _group_norm_public(ctx: LoweringContext, node: OpNode) -> Value:
-    """aten.group_norm(input, num_groups, weight, bias, eps): the user-facing form."""
-    x = node.args[0]
-    groups = node.arg(1, "num_groups")
-    weight, bias = node.arg(2, "weight"), node.arg(3, "bias")
-    eps = node.arg(4, "eps", 1e-5)
-    inner = OpNode(node.name, node.target, (x, weight, bias, None, None, None, groups, eps), {}, node.layout,
-                   node.origin)
-    return group_norm(ctx, inner)

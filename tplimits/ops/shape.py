@@ -32,19 +32,20 @@ def reshape(ctx: LoweringContext, node: OpNode) -> Value:
     x = node.args[0]
     if isinstance(x, MatrixValue):
         ctx.not_representable("reshaping a weight matrix")
-    blocks = reshape_blocks(ctx, x.layout, node.layout)
-    if blocks == 1:
+    block = reshape_block(ctx, x.layout, node.layout)
+    if block is None:
         return coordinatewise(ctx, node)
-    return ctx.regroup(node.target, *node.args, layout=node.layout, blocks=blocks, kwargs=node.kwargs)
+    return ctx.regroup(node.target, *node.args, layout=node.layout, block=block, kwargs=node.kwargs)
 
 
-def reshape_blocks(ctx: LoweringContext, src: Layout, dst: Layout) -> int:
-    """1 if a reshape from ``src`` to ``dst`` keeps the width axis whole; the number of blocks if it
-    splits it into (or merges it from) equal blocks; an error otherwise."""
+def reshape_block(ctx: LoweringContext, src: Layout, dst: Layout) -> Fraction | None:
+    """None if a reshape from ``src`` to ``dst`` keeps the width axis whole; else the width ratio of
+    the common block space it regroups through (heads split out of d_model: 1/heads); an error
+    if it is not a block regrouping."""
     n = ctx.n
     a, b = concrete_shape(src, n), concrete_shape(dst, n)
     i = j = 0
-    blocks = 1
+    block = None
     while i < len(a) or j < len(b):
         gi, gj = [i], [j]
         pa = a[i] if i < len(a) else 1
@@ -60,56 +61,72 @@ def reshape_blocks(ctx: LoweringContext, src: Layout, dst: Layout) -> int:
                 pb *= b[j]
         group_src = [src[k] for k in gi if k < len(src)]
         group_dst = [dst[k] for k in gj if k < len(dst)]
-        blocks *= _group_blocks(ctx, group_src, group_dst)
+        block = _group_block(ctx, group_src, group_dst) or block
         i, j = gi[-1] + 1, gj[-1] + 1
-    return blocks
+    return block
 
 
-def _group_blocks(ctx: LoweringContext, src: list, dst: list) -> int:
-    """Blocks of one reshape group (consecutive axes whose sizes multiply to the same total).
+def _fraction_gcd(x: Fraction, y: Fraction) -> Fraction:
+    return Fraction(math.gcd(x.numerator * y.denominator, y.numerator * x.denominator), x.denominator * y.denominator)
 
-    The group is a legal block split (or merge) when, reading the big width axis as k blocks of the
-    small one, the small width coordinate is the within-block coordinate (contiguous or
-    interleaved blocks), and the fixed coordinates and block index on the big side are constant
-    along the small side's width axis. Checked exactly on the index map at the trace width.
+
+def _group_block(ctx: LoweringContext, src: list, dst: list) -> Fraction | None:
+    """The block space of one reshape group (consecutive axes whose sizes multiply to the same total).
+
+    Both width axes are read as whole numbers of blocks of a common space (contiguous or
+    interleaved blocks). The group is a legal regrouping when the coordinate within a block is the
+    same on both sides for every element and, along it, the source's fixed coordinates and block
+    stay constant for fixed destination coordinates and block: the reshape relabels blocks and fixed
+    coordinates, never coordinates within a block. The block space tried first is the largest
+    common one; the check is exact, on the index map at two widths.
     """
     ws = [i for i, x in enumerate(src) if isinstance(x, Width)]
     wd = [i for i, x in enumerate(dst) if isinstance(x, Width)]
     if not ws and not wd:
-        return 1
+        return None
     if len(ws) != 1 or len(wd) != 1:
         ctx.not_representable("a reshape that moves part of a width axis into a fixed axis unevenly")
     if src == dst:
-        return 1
-    ratio = src[ws[0]].ratio / dst[wd[0]].ratio
-    big, small = (src, dst) if ratio >= 1 else (dst, src)
-    wb, wsm = (ws[0], wd[0]) if ratio >= 1 else (wd[0], ws[0])
-    k = max(ratio, 1 / ratio)
-    if k.denominator != 1:
-        ctx.not_representable("a reshape of a width axis into blocks of unequal width")
-    k = int(k)
-    shape_big, shape_small = concrete_shape(tuple(big), ctx.n), concrete_shape(tuple(small), ctx.n)
-    flat = torch.arange(math.prod(shape_big))
-    coords_big = torch.stack(torch.unravel_index(flat, shape_big))
-    coords_small = torch.stack(torch.unravel_index(flat, shape_small))
-    m = shape_small[wsm]
-    w_big, w_small = coords_big[wb], coords_small[wsm]
-    for within, block in ((w_big % m, w_big // m), (w_big // k, w_big % k)):  # contiguous, interleaved
-        if not torch.equal(within, w_small):
-            continue
-        # (fixed coordinates of the big side, block index) must not vary along the small width axis
-        key_big = torch.stack([*(c for i, c in enumerate(coords_big) if i != wb), block])
-        key_small = torch.stack([c for i, c in enumerate(coords_small) if i != wsm]) if len(shape_small) > 1 \
-            else torch.zeros(1, flat.numel(), dtype=torch.long)
-        order = torch.argsort(_ravel(key_small) * m + w_small)
-        grouped = key_big[:, order].view(key_big.shape[0], -1, m)
-        if torch.equal(grouped, grouped[:, :, :1].expand_as(grouped)):
-            return k
+        return None
+    common = _fraction_gcd(src[ws[0]].ratio, dst[wd[0]].ratio)
+    fixed = math.prod(a for a in (*src, *dst) if not isinstance(a, Width))
+    for d in (d for d in range(1, fixed + 1) if fixed % d == 0):  # largest block space first
+        block = common / d
+        if all(_is_regrouping(src, ws[0], dst, wd[0], block, n) for n in (ctx.n, 2 * ctx.n)):
+            return block
     ctx.not_representable(
         "a reshape that interleaves the coordinates of a width axis with a fixed axis",
         "Only splitting a width axis into equal blocks (or merging blocks back) is representable.",
     )
     raise AssertionError  # not reached
+
+
+def _is_regrouping(src: list, ws: int, dst: list, wd: int, block: Fraction, n: int) -> bool:
+    """The check of :func:`_group_block` for one block space at width n (blocks of at least 2 coordinates,
+    so that the within-block coordinate means something)."""
+    if (block * n).denominator != 1 or block * n < 2:
+        return False
+    m = int(block * n)
+    shape_src, shape_dst = concrete_shape(tuple(src), n), concrete_shape(tuple(dst), n)
+    flat = torch.arange(math.prod(shape_src))
+    coords_src = torch.stack(torch.unravel_index(flat, shape_src))
+    coords_dst = torch.stack(torch.unravel_index(flat, shape_dst))
+    for fine_src, block_src in _block_readings(coords_src[ws], m, shape_src[ws] // m):
+        for fine_dst, block_dst in _block_readings(coords_dst[wd], m, shape_dst[wd] // m):
+            if not torch.equal(fine_src, fine_dst):
+                continue
+            key_src = _ravel(torch.stack([*(c for i, c in enumerate(coords_src) if i != ws), block_src]))
+            key_dst = _ravel(torch.stack([*(c for i, c in enumerate(coords_dst) if i != wd), block_dst]))
+            order = torch.argsort(key_dst * m + fine_dst)
+            grouped = key_src[order].view(-1, m)
+            if torch.equal(grouped, grouped[:, :1].expand_as(grouped)):
+                return True
+    return False
+
+
+def _block_readings(w: torch.Tensor, m: int, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(coordinate within a block of size m, block index) for k contiguous and k interleaved blocks."""
+    return [(w % m, w // m), (w // k, w % k)]
 
 
 def _ravel(keys: torch.Tensor) -> torch.Tensor:
@@ -226,10 +243,9 @@ def slice_(ctx: LoweringContext, node: OpNode) -> Value:
     block = out_axis.ratio
     if not _block_aligned(start, block) or not (full_end or _block_aligned(end, block)):
         ctx.not_representable("a slice of the width axis that is not a whole block of it")
-    blocks = in_ratio / block
-    if blocks.denominator != 1:
+    if (in_ratio / block).denominator != 1:
         ctx.not_representable("a slice of the width axis into blocks of unequal width")
-    return ctx.regroup(node.target, *node.args, layout=node.layout, blocks=int(blocks), kwargs=node.kwargs)
+    return ctx.regroup(node.target, *node.args, layout=node.layout, block=block, kwargs=node.kwargs)
 
 
 def _block_aligned(position: Any, block: Fraction) -> bool:
@@ -248,10 +264,9 @@ def narrow(ctx: LoweringContext, node: OpNode) -> Value:
     if (not isinstance(out_axis, Width) or not isinstance(length, WidthInt)
             or not _block_aligned(start, out_axis.ratio)):
         ctx.not_representable("narrowing the width axis to something that is not a whole block of it")
-    blocks = x.layout[w].ratio / out_axis.ratio
-    if blocks.denominator != 1:
+    if (x.layout[w].ratio / out_axis.ratio).denominator != 1:
         ctx.not_representable("narrowing the width axis into blocks of unequal width")
-    return ctx.regroup(node.target, *node.args, layout=node.layout, blocks=int(blocks), kwargs=node.kwargs)
+    return ctx.regroup(node.target, *node.args, layout=node.layout, block=out_axis.ratio, kwargs=node.kwargs)
 
 
 def split(ctx: LoweringContext, node: OpNode) -> tuple[Value, ...]:
@@ -270,10 +285,9 @@ def split(ctx: LoweringContext, node: OpNode) -> tuple[Value, ...]:
             continue
         if name == "unbind" or not isinstance(part[w], Width):
             ctx.not_representable(f"{node.op_name} of the width axis into pieces that are not width-sized")
-        blocks = x.layout[w].ratio / part[w].ratio
-        if blocks.denominator != 1 or any(p[w] != part[w] for p in layouts):
+        if (x.layout[w].ratio / part[w].ratio).denominator != 1 or any(p[w] != part[w] for p in layouts):
             ctx.unsupported(f"{node.op_name} of the width axis into pieces of unequal width")
-        pieces.append(ctx.regroup(fn, *node.args, layout=part, blocks=int(blocks), kwargs=node.kwargs))
+        pieces.append(ctx.regroup(fn, *node.args, layout=part, block=part[w].ratio, kwargs=node.kwargs))
     return tuple(pieces)
 
 
@@ -287,7 +301,7 @@ def cat(ctx: LoweringContext, node: OpNode) -> Value:
     parts = [t.layout[dim] if isinstance(t, Value) else None for t in tensors]
     if any(not isinstance(p, Width) for p in parts) or len(set(parts)) != 1:
         ctx.unsupported("concatenating pieces of unequal width along the width axis")
-    return ctx.regroup(node.target, *node.args, layout=layout, blocks=len(tensors), kwargs=node.kwargs)
+    return ctx.regroup(node.target, *node.args, layout=layout, block=parts[0].ratio, kwargs=node.kwargs)
 
 
 def stack(ctx: LoweringContext, node: OpNode) -> Value:
@@ -312,7 +326,8 @@ def index(ctx: LoweringContext, node: OpNode) -> Value:
     return coordinatewise(ctx, node)
 
 
-def constant_pad(ctx: LoweringContext, node: OpNode) -> Value:
+def pad(ctx: LoweringContext, node: OpNode) -> Value:
+    """constant_pad_nd / pad (any mode): fine along fixed axes only."""
     x = node.args[0]
     w = vector_width_axis(ctx, x)
     pad = list(node.arg(1, "pad"))
@@ -366,7 +381,12 @@ def tplimits_lowering_rules() -> dict:
         aten.index_select: fixed_axes_only(1, "dim"),
         aten.gather: fixed_axes_only(1, "dim"),
         aten.index: index,
-        aten.constant_pad_nd: constant_pad,
+        aten.constant_pad_nd: pad,
+        aten.pad: pad,
+        aten.reflection_pad1d: pad,
+        aten.reflection_pad2d: pad,
+        aten.replication_pad1d: pad,
+        aten.replication_pad2d: pad,
         aten.embedding: embedding,
     })
     return rules
