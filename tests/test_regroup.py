@@ -26,15 +26,17 @@ def _block(src, dst, n=16):
     ([2, W(3)], [2, 3, W(1)], Fraction(1)),                         # fused q/k/v
     ([5, 2, W(1)], [5, 8, W(Fraction(1, 4))], Fraction(1, 4)),       # MHA: batch x heads, fixed head count
     ([5, 2, W(1)], [5, W(Fraction(1, 2)), 4], Fraction(1, 4)),       # MHA: batch x heads, growing head count
+    ([2, W(1)], [W(1), 2], Fraction(1, 2)),   # column j merges the j-th interleaved halves of both rows
+    ([W(1), 2], [2, W(1)], Fraction(1, 2)),
 ])
 def test_legal_regroupings(src, dst, block):
     assert _block(src, dst) == block
 
 
 @pytest.mark.parametrize("src,dst", [
-    ([2, W(1)], [W(1), 2]),              # mixes the block index into the coordinate
-    ([W(1), 2], [2, W(1)]),
-    ([3, W(1)], [W(1), 3]),
+    ([3, W(1)], [W(1), 3]),              # 3 divides no width: coordinates smeared across rows
+    ([5, W(1)], [W(1), 5]),
+    ([2, 3, W(1)], [W(1), 6]),
 ])
 def test_illegal_regroupings(src, dst):
     with pytest.raises(tpl.NotRepresentable, match="interleaves"):
