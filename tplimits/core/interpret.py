@@ -37,6 +37,7 @@ class Interpreter:
     def __init__(self, program: Program) -> None:
         self.program = program
         self.values: dict[str, Any] = {}
+        self.cotangents: tuple = ()  # error signals of the outputs, for total programs
 
     def run(self, *inputs: Any) -> Any:
         """Evaluate the program on ``inputs``; returns the outputs in the model's output structure."""
@@ -63,6 +64,11 @@ class Interpreter:
 
     def constant(self, ins: Constant) -> Any:
         return ins.value
+
+    def cotangent(self, ins: Any) -> Any:
+        if ins.index >= len(self.cotangents):
+            raise TplimitsError(f"the total program needs the error signal of output {ins.index}")
+        return self.cotangents[ins.index]
 
     # The instructions whose meaning depends on the assignment:
     def parameter(self, ins: Parameter) -> Any:

@@ -1,0 +1,360 @@
+"""The backpropagation and total programs (Def 2.9.14, 2.9.16), built symbolically in the IR.
+
+Given the forward program and one error signal (cotangent) per output, :func:`total_program`
+appends the backward pass as ordinary instructions, in reverse order of the forward ones:
+
+========================  ===============================================================
+forward                   backward
+========================  ===============================================================
+``y = W x`` (MatMul)      ``dx = Wᵀ dy`` (MatMul by the transpose); W's gradient is the
+                          outer-product term ``(dy, x)``, never materialized
+``y = fn(x; c)`` (Nonlin) ``dx = pullback`` (Nonlin, coordinatewise); for a scalar ``c``:
+                          the per-coordinate pullbacks averaged over width (Nonlin + Avg)
+``c = s·Avg(x)``          ``dx = dc·s/ratio`` spread along the width axis (Nonlin)
+``y = regroup(x)``        ``dx = regroup⁻¹(dy)`` (Regroup)
+========================  ===============================================================
+
+Units follow the paper: with F the contraction of the outputs with their error signals, a
+vector's cotangent is ``dy = n·∂F/∂y`` and a scalar's is ``dc = ∂F/∂c`` (``d^x y = n ∂⟨x⟩/∂y``).
+Gradients of parameters are then ``dv/n`` (vectors), ``dc`` (scalars) and
+``(1/n)·Σ einsum(dh, x)`` over the uses ``h = W x`` (matrices).
+
+The pullbacks of a Nonlin differentiate its function ψ (``torch.func``), never the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import attrs
+import torch
+from torch.utils import _pytree as pytree
+
+from tplimits.core.program import (
+    Avg,
+    Instruction,
+    Layout,
+    MatMul,
+    Nonlin,
+    Origin,
+    Parameter,
+    Program,
+    Ref,
+    Regroup,
+    Width,
+    WidthInt,
+    WidthPower,
+    fn_name,
+    format_layout,
+    width_axes,
+)
+from tplimits.errors import TplimitsError
+
+# --------------------------------------------------------------------------------------------
+# Instructions and records of the total program
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Cotangent(Instruction):
+    """The error signal of program output ``index`` (an initial scalar of the total program)."""
+
+    index: int
+
+    def describe(self) -> str:
+        return f"cotangent of output {self.index}"
+
+
+@attrs.frozen
+class MatrixGradientTerm:
+    """One use ``h = W x`` of a matrix: its gradient contribution is ``(1/n)·einsum(equation, dh, x)``."""
+
+    cotangent: str
+    vector: str
+    equation: str
+
+
+@attrs.frozen
+class Gradient:
+    """Where the gradient of a parameter is in the total program, in the units above."""
+
+    kind: str  # "matrix" | "vector" | "scalar"
+    value: str | None = None  # vector / scalar: the instruction holding dv or dc
+    terms: tuple[MatrixGradientTerm, ...] = ()  # matrix: outer-product terms
+
+
+@attrs.define
+class TotalProgram:
+    """The forward program followed by its backpropagation (Def 2.9.16)."""
+
+    program: Program
+    forward_length: int
+    gradients: dict[str, Gradient]
+    cotangent_layouts: tuple[Layout, ...]
+
+    def gradients_at(self, model: torch.nn.Module, inputs: tuple, cotangents: tuple) -> dict[str, torch.Tensor]:
+        """Finite-width gradients ``∂F/∂θ`` for every trainable parameter (under each of its names, for
+        tied weights), with F = Σ ⟨cotangent, output⟩ over the program's outputs."""
+        from tplimits.core.interpret import FiniteInterpreter
+
+        interp = FiniteInterpreter.from_model(self.program, model)
+        interp.cotangents = tuple(cotangents)
+        interp.run(*inputs)
+        n = interp.n
+        grads = {}
+        for target, grad in self.gradients.items():
+            if grad.kind == "matrix":
+                total = None
+                for term in grad.terms:
+                    part = torch.einsum(term.equation, interp.values[term.cotangent], interp.values[term.vector])
+                    total = part if total is None else total + part
+                grads[target] = total / n
+            elif grad.kind == "vector":
+                grads[target] = interp.values[grad.value] / n
+            else:
+                grads[target] = interp.values[grad.value]
+            for alias in self.program.aliases.get(target, ()):  # tied weights: one gradient, every name
+                grads[alias] = grads[target]
+        return grads
+
+    def format(self) -> str:
+        lines = [self.program.format()]
+        lines.append("gradients:")
+        for target, grad in self.gradients.items():
+            if grad.kind == "matrix":
+                terms = " + ".join(f"(%{t.cotangent} ⊗ %{t.vector})" for t in grad.terms)
+                lines.append(f"  d {target} = n^-1 · [{terms}]")
+            else:
+                scale = "n^-1 · " if grad.kind == "vector" else ""
+                lines.append(f"  d {target} = {scale}%{grad.value}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Pullbacks (the functions of backward Nonlin instructions)
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Pullback:
+    """The cotangent of one tensor argument of a forward function.
+
+    Called with the forward function's flattened arguments followed by the output cotangent.
+    ``per_coordinate``: the argument is a scalar (no width axis) and the output a vector; the
+    result then keeps one entry per coordinate along the output's width axis, moved to the
+    front (``[width, *argument shape]``), to be averaged by an Avg.
+    """
+
+    fn: Callable
+    spec: Any  # treespec of (args, kwargs)
+    leaf: int
+    per_coordinate: bool = False
+    out_width_axis: int | None = None
+
+    @property
+    def __name__(self) -> str:
+        return f"∂{fn_name(self.fn)}/∂arg{self.leaf}" + ("[per coordinate]" if self.per_coordinate else "")
+
+    def _call(self, leaves: list, x: torch.Tensor) -> torch.Tensor:
+        leaves = list(leaves)
+        leaves[self.leaf] = x
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return self.fn(*args, **kwargs)
+
+    def __call__(self, *values: Any) -> torch.Tensor:
+        *leaves, dy = values
+        x = leaves[self.leaf]
+        if not self.per_coordinate:
+            _, vjp = torch.func.vjp(lambda t: self._call(leaves, t), x)
+            (dx,) = vjp(dy)
+            return dx
+        # Per coordinate: J[..., k] = ∂y/∂x_k by forward mode, contracted with dy over every axis but
+        # the output's width axis.
+        basis = torch.eye(x.numel(), dtype=x.dtype, device=x.device).view(x.numel(), *x.shape)
+
+        def column(tangent: torch.Tensor) -> torch.Tensor:
+            _, jy = torch.func.jvp(lambda t: self._call(leaves, t), (x,), (tangent,))
+            prod = (dy * jy).movedim(self.out_width_axis, 0)
+            return prod.reshape(prod.shape[0], -1).sum(-1)
+
+        per = torch.func.vmap(column)(basis)  # [numel(x), width]
+        return per.transpose(0, 1).reshape(per.shape[1], *x.shape)
+
+
+def _spread(dc: torch.Tensor, axis: int, size: int, factor: Any) -> torch.Tensor:
+    """``dc`` (kept size-1 at ``axis``) expanded to ``size`` along the width axis, times ``factor``."""
+    shape = list(dc.shape)
+    shape[axis] = size
+    out = dc.expand(shape)
+    return out * factor if not (isinstance(factor, int | float) and factor == 1) else out.clone()
+
+
+def _add(*parts: torch.Tensor) -> torch.Tensor:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Building the total program
+# --------------------------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.instructions: list[Instruction] = list(program.instructions)
+        self.names = {ins.name for ins in self.instructions}
+        self.contributions: dict[str, list[str]] = {}
+        self.matrix_terms: dict[str, list[MatrixGradientTerm]] = {}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name = f"{base}_{i}"
+            i += 1
+        self.names.add(name)
+        return name
+
+    def emit(self, cls: type[Instruction], base: str, origin: Origin, **fields: Any) -> str:
+        name = self.fresh(base)
+        self.instructions.append(cls(name=name, origin=origin, **fields))
+        return name
+
+    def contribute(self, target: str, value: str) -> None:
+        self.contributions.setdefault(target, []).append(value)
+
+    def cotangent_of(self, name: str) -> str | None:
+        """The total cotangent of ``name``: the sum of its contributions (emitted once, when needed)."""
+        parts = self.contributions.get(name)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        layout = self.layout(name)
+        total = self.emit(Nonlin, f"d_{name}", Origin(name, "backprop"), fn=_add,
+                          args=tuple(Ref(p) for p in parts), layout=layout)
+        self.contributions[name] = [total]
+        return total
+
+    def layout(self, name: str) -> Layout:
+        return self.program[name].layout if name in self.program._by_name else self._layout_of(name)
+
+    def _layout_of(self, name: str) -> Layout:
+        for ins in reversed(self.instructions):
+            if ins.name == name:
+                return ins.layout
+        raise KeyError(name)
+
+
+def total_program(program: Program) -> TotalProgram:
+    """Append the backpropagation of ``program`` (one cotangent input per output) to it."""
+    for name in program.outputs:
+        if width_axes(program[name].layout):
+            raise TplimitsError(
+                f"output %{name} {format_layout(program[name].layout)} is a vector: backpropagation needs scalar "
+                "outputs (sums or averages over the width axis, like a readout)")
+    needs = _needs_gradient(program)
+    b = _Builder(program)
+    cotangent_layouts = []
+    for i, name in enumerate(program.outputs):
+        cot = b.emit(Cotangent, f"cotangent{i}", Origin(name, "cotangent"), index=i, layout=program[name].layout)
+        b.contribute(name, cot)
+        cotangent_layouts.append(program[name].layout)
+    for ins in reversed(program.instructions):
+        if ins.name not in needs:
+            continue
+        dy = b.cotangent_of(ins.name)
+        if dy is None:
+            continue
+        if isinstance(ins, Nonlin | Regroup):
+            _pull_function(b, ins, dy, needs)
+        elif isinstance(ins, MatMul):
+            _pull_matmul(b, ins, dy, needs)
+        elif isinstance(ins, Avg):
+            _pull_avg(b, ins, dy)
+    gradients = {}
+    for ins in program.instructions:
+        if not isinstance(ins, Parameter) or not ins.trainable:
+            continue
+        if ins.kind == "matrix":
+            gradients[ins.target] = Gradient("matrix", terms=tuple(b.matrix_terms.get(ins.name, ())))
+        else:
+            total = b.cotangent_of(ins.name)
+            if total is None:
+                total = b.emit(Nonlin, f"d_{ins.name}", Origin(ins.name, "backprop"), fn=torch.zeros_like,
+                               args=(Ref(ins.name),), layout=ins.layout)
+            gradients[ins.target] = Gradient(ins.kind, value=total)
+    outputs = list(program.outputs)
+    total = attrs.evolve(program, instructions=b.instructions, outputs=outputs)
+    return TotalProgram(total, len(program.instructions), gradients, tuple(cotangent_layouts))
+
+
+def _needs_gradient(program: Program) -> set[str]:
+    """Instructions that depend on a trainable parameter (everything else has no cotangent)."""
+    needs: set[str] = set()
+    for ins in program.instructions:
+        if isinstance(ins, Parameter) and ins.trainable:
+            needs.add(ins.name)
+        elif any(name in needs for name in ins.inputs):
+            needs.add(ins.name)
+    return needs
+
+
+def _pull_function(b: _Builder, ins: Nonlin | Regroup, dy: str, needs: set[str]) -> None:
+    leaves, spec = pytree.tree_flatten((ins.args, dict(ins.kwargs)))
+    out_axes = width_axes(ins.layout)
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, Ref) or leaf.name not in needs:
+            continue
+        arg_layout = b.layout(leaf.name)
+        per_coordinate = bool(out_axes) and not width_axes(arg_layout)
+        pull = Pullback(ins.fn, spec, i, per_coordinate, out_axes[0] if per_coordinate else None)
+        origin = Origin(ins.name, "backprop", ins.origin.source)
+        base = f"d_{leaf.name}_from_{ins.name}"
+        if isinstance(ins, Regroup):
+            name = b.emit(Regroup, base, origin, fn=pull, args=(*leaves, Ref(dy)), layout=arg_layout, block=ins.block)
+        elif per_coordinate:
+            ratio = ins.layout[out_axes[0]].ratio
+            per = b.emit(Nonlin, base + "_per_coordinate", origin, fn=pull, args=(*leaves, Ref(dy)),
+                         layout=(Width(ratio), *arg_layout))
+            name = b.emit(Avg, base, origin, vector=per, axis=0, scale=WidthPower(float(ratio), Fraction(0)),
+                          layout=arg_layout)
+        else:
+            name = b.emit(Nonlin, base, origin, fn=pull, args=(*leaves, Ref(dy)), layout=arg_layout)
+        b.contribute(leaf.name, name)
+
+
+def _pull_matmul(b: _Builder, ins: MatMul, dy: str, needs: set[str]) -> None:
+    lhs, out = ins.equation.split("->")
+    m_letters, x_letters = lhs.split(",")
+    origin = Origin(ins.name, "backprop", ins.origin.source)
+    if ins.vector in needs:
+        name = b.emit(MatMul, f"d_{ins.vector}_from_{ins.name}", origin, matrix=ins.matrix, vector=dy,
+                      equation=f"{m_letters},{out}->{x_letters}", transposed=not ins.transposed,
+                      layout=b.layout(ins.vector))
+        b.contribute(ins.vector, name)
+    matrix = b.program[ins.matrix]
+    if isinstance(matrix, Parameter) and matrix.trainable:
+        b.matrix_terms.setdefault(ins.matrix, []).append(
+            MatrixGradientTerm(dy, ins.vector, f"{out},{x_letters}->{m_letters}"))
+
+
+def _pull_avg(b: _Builder, ins: Avg, dy: str) -> None:
+    x_layout = b.layout(ins.vector)
+    axis = ins.axis
+    ratio = x_layout[axis].ratio
+    scale = ins.scale if ins.scale is not None else WidthPower(1.0, Fraction(0))
+    factor = WidthPower(scale.coef / float(ratio), scale.power)
+    source = dy
+    if not ins.keepdim:
+        kept = tuple(1 if i == axis else a for i, a in enumerate(x_layout))
+        source = b.emit(Nonlin, f"d_{ins.name}_keepdim", Origin(ins.name, "backprop"), fn=torch.unsqueeze,
+                        args=(Ref(dy), axis), layout=kept)
+    name = b.emit(Nonlin, f"d_{ins.vector}_from_{ins.name}", Origin(ins.name, "backprop", ins.origin.source),
+                  fn=_spread, args=(Ref(source), axis, WidthInt(ratio), factor), layout=x_layout)
+    b.contribute(ins.vector, name)
+
