@@ -42,7 +42,8 @@ def _check(prog, model, inputs, pick=lambda outs: outs):
 
 
 FAMILIES = [
-    ("mlp", {}), ("mlp", {"depth": 1, "activation": "relu", "d_out": 3}), ("mlp", {"activation": "gelu", "bias": False}),
+    ("mlp", {}), ("mlp", {"depth": 1, "activation": "relu", "d_out": 3}),
+    ("mlp", {"activation": "gelu", "bias": False}),
     ("decorrelated-mlp", {}), ("resnet", {}), ("resnet", {"stages": 3, "blocks": 2}),
     ("transformer", {}), ("transformer", {"attention": "explicit", "tied": True, "n_layers": 1}),
 ]
