@@ -9,6 +9,7 @@ matrix. It must reproduce the torch model exactly, which is how the lowering is 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,8 +98,16 @@ class FiniteInterpreter(Interpreter):
 
     @classmethod
     def from_model(cls, program: Program, model: torch.nn.Module) -> FiniteInterpreter:
-        state = dict(model.named_parameters(remove_duplicate=False))
-        state.update(model.named_buffers(remove_duplicate=False))
+        """The assignment given by ``model``'s parameters and buffers, read by attribute path so that a
+        parametrized weight (``torch.nn.utils.parametrize``) enters with its multiplier applied."""
+        state = {}
+        for ins in program.instructions:
+            if isinstance(ins, Parameter):
+                try:
+                    state[ins.target] = operator.attrgetter(ins.target)(model)
+                except AttributeError:
+                    raise TplimitsError(f"the model has no parameter or buffer {ins.target!r} that the program "
+                                        "uses") from None
         return cls(program, state, infer_width(program, state))
 
     def parameter(self, ins: Parameter) -> torch.Tensor:

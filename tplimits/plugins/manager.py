@@ -57,6 +57,30 @@ def architecture(name: str) -> Architecture:
     return known[name]
 
 
+def parametrizations() -> dict[str, Any]:
+    """Every registered parametrization, by name."""
+    found: dict[str, Any] = {}
+    for answer in reversed(plugin_manager().hook.tplimits_parametrizations()):
+        for param in answer:
+            found[param.name] = param
+    return found
+
+
+def parametrization(name: Any) -> Any:
+    """A parametrization by name (``"muP"``, ``"UP_0.3"``, …); a Parametrization passes through."""
+    if not isinstance(name, str):
+        return name
+    known = parametrizations()
+    if name in known:
+        return known[name]
+    if name.startswith("UP_"):
+        from tplimits.core.parametrize import uniform
+
+        return uniform(name[3:])
+    raise PluginError(f"no parametrization named {name!r} is registered; known: {sorted(known)} and UP_s for any "
+                      "s in [0, 1/2]. Register one with a plugin implementing `tplimits_parametrizations`.")
+
+
 def lowering_rules() -> dict[Any, Callable]:
     """Every registered lowering rule, keyed by op; later registrations override earlier ones."""
     rules: dict[Any, Callable] = {}

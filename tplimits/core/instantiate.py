@@ -1,0 +1,283 @@
+"""Finite-width models with a parametrization applied, and the matching optimizer.
+
+``instantiate`` builds the architecture at width n and makes it an abcd-parametrized model:
+
+* (b) every randomly initialized parameter is redrawn as ``N(0, (C·b_const·n^{-b})²)``, where ``C`` is
+  ``1/√(fan-in)`` over the axes the model sums it against (fixed axes and the width ratio), and 1 for
+  parameters never summed against anything (biases, embeddings); constant initial values (gains of 1,
+  biases of 0) are kept (Remark 2.9.27);
+* (a) multipliers ``a_const·n^{-a}`` through ``torch.nn.utils.parametrize`` (the trained tensor is
+  ``...parametrizations.<name>.original``), so the model survives ``deepcopy`` and ``state_dict``;
+* the output is multiplied by ``a_out_const·n^{-a_out}`` (and, with ``center=True``, the frozen initial
+  function is subtracted);
+* attention logits: where the parametrization fixes their power of width (μP: 1/d_head), calls to
+  ``scaled_dot_product_attention`` get that scale; constants written into a model's own code are kept,
+  with a warning.
+
+The optimizer applies (c) and (d) per parameter: learning rate ``η·c_const·n^{-c}`` and gradients
+scaled by ``n^{d}`` before the update function.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils import parametrize as torch_parametrize
+
+from tplimits.core.frontend import resolve
+from tplimits.core.lower import lower_trace
+from tplimits.core.parametrize import ABCD, Parametrization, attention_scales, parameter_roles, update_exponent
+from tplimits.core.program import Program, Width, WidthPower
+from tplimits.core.trace import trace_pair
+from tplimits.errors import TplimitsError
+from tplimits.plugins.manager import lowering_rules, parametrization
+
+
+class Multiplier(nn.Module):
+    """The parametrization ``W = scale · w`` of an abcd multiplier."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}"
+
+
+class AttentionScale(TorchFunctionMode):
+    """Gives ``scaled_dot_product_attention`` calls without an explicit scale ``coef · d_head^power``."""
+
+    def __init__(self, coef: float, power: float) -> None:
+        super().__init__()
+        self.coef, self.power = coef, power
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.nn.functional.scaled_dot_product_attention and kwargs.get("scale") is None:
+            kwargs["scale"] = self.coef * float(args[0].shape[-1]) ** self.power
+        return func(*args, **kwargs)
+
+
+class ParametrizedModel(nn.Module):
+    """A model under an abcd-parametrization: the user's module plus the output multiplier.
+
+    ``model`` is the user's architecture (with multipliers registered on its parameters);
+    ``initial`` the frozen initial model when the function is centered (f − f₀).
+    """
+
+    def __init__(self, model: nn.Module, output_scale: float, attention: tuple[float, float] | None = None,
+                 initial: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.output_scale = output_scale
+        self.attention = attention
+        self.initial = initial
+
+    def _run(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.attention is None:
+            return module(*args, **kwargs)
+        with AttentionScale(*self.attention):
+            return module(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = pytree.tree_map(lambda t: t * self.output_scale if torch.is_tensor(t) else t,
+                              self._run(self.model, args, kwargs))
+        if self.initial is None:
+            return out
+        with torch.no_grad():
+            out0 = pytree.tree_map(lambda t: t * self.output_scale if torch.is_tensor(t) else t,
+                                   self._run(self.initial, args, kwargs))
+        return pytree.tree_map(lambda a, b: a - b if torch.is_tensor(a) else a, out, out0)
+
+
+def _owner(model: nn.Module, target: str) -> tuple[nn.Module, str]:
+    path, _, attr = target.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _fan_in_constant(program: Program, name: str) -> float:
+    """1/√(number of entries summed against the input) at the width's ratio, excluding n itself."""
+    info = program.parameters[name]
+    if not info.fan_in_axes:
+        return 1.0
+    fan = 1.0
+    for axis in info.fan_in_axes:
+        spec = info.layout[axis]
+        fan *= float(spec.ratio) if isinstance(spec, Width) else spec
+    return 1.0 / math.sqrt(fan)
+
+
+def apply_parametrization(model: nn.Module, program: Program, param: Parametrization, n: int,
+                          generator: torch.Generator | None = None) -> dict[str, ABCD]:
+    """Re-initialize ``model`` (at width ``n``) and register its multipliers; returns each parameter's abcd."""
+    roles = parameter_roles(program)
+    chosen: dict[str, ABCD] = {}
+    for name, role in roles.items():
+        abcd = param.for_parameter(name, role)
+        chosen[name] = abcd
+        owner, attr = _owner(model, name)
+        tensor = getattr(owner, attr)
+        with torch.no_grad():
+            if tensor.numel() > 1 and not torch.all(tensor == tensor.flatten()[0]):
+                std = _fan_in_constant(program, name) * abcd.b_const * float(n) ** float(-abcd.b)
+                tensor.normal_(0.0, std, generator=generator)
+        scale = abcd.a_const * float(n) ** float(-abcd.a)
+        if scale != 1.0:
+            for target in (name, *program.aliases.get(name, ())):
+                module, attribute = _owner(model, target)
+                torch_parametrize.register_parametrization(module, attribute, Multiplier(scale), unsafe=True)
+    return chosen
+
+
+def trained_tensor(model: nn.Module, target: str) -> torch.Tensor:
+    """The tensor the optimizer updates for parameter ``target`` (the original under a multiplier)."""
+    owner, attr = _owner(model, target)
+    if torch_parametrize.is_parametrized(owner, attr):
+        return owner.parametrizations[attr].original
+    return getattr(owner, attr)
+
+
+def effective_state(model: nn.Module, program: Program) -> dict[str, torch.Tensor]:
+    """Each program parameter's effective value (multiplier applied), by its program name."""
+    from tplimits.core.program import Parameter
+
+    return {ins.target: operator.attrgetter(ins.target)(model) for ins in program if isinstance(ins, Parameter)}
+
+
+def parametrized_program(program: Program, param: Parametrization) -> Program:
+    """``program`` with the parametrization's output multiplier and attention scales in place: replayed
+    with a ParametrizedModel's effective parameters it equals that model's output."""
+    import attrs
+
+    from tplimits.core.program import Nonlin, Ref
+
+    instructions = []
+    for ins in program.instructions:
+        if (param.attention_power is not None and isinstance(ins, Nonlin)
+                and "scaled_dot_product_attention" in ins.origin.op):
+            args = tuple(_rescale_attention(a, param.attention_power) for a in ins.args)
+            ins = attrs.evolve(ins, args=args)
+        instructions.append(ins)
+    outputs = []
+    scale = WidthPower(param.a_out_const, -param.a_out)
+    for name in program.outputs:
+        out = program[name]
+        scaled = Nonlin(name=f"{name}_out", layout=out.layout, origin=out.origin, fn=torch.mul,
+                        args=(Ref(name), scale))
+        instructions.append(scaled)
+        outputs.append(scaled.name)
+    return attrs.evolve(program, instructions=instructions, outputs=outputs)
+
+
+def _rescale_attention(arg: Any, power: Any) -> Any:
+    if isinstance(arg, WidthPower) and arg.power < 0:
+        # coef·n^p = d_head^{-1/2} for sdpa's default; the same constant at the new power: d_head^power
+        return WidthPower(arg.coef ** (float(power) / float(arg.power)), power)
+    return arg
+
+
+def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "adam", lr: float = 1e-2,
+                seed: int = 0, example_inputs: Any = None, base: nn.Module | None = None, center: bool = False,
+                weight_decay: float = 0.0, clip: float | None = None, optimizer_options: Mapping | None = None,
+                **config: Any) -> tuple[ParametrizedModel, torch.optim.Optimizer]:
+    """The architecture at ``width`` under ``param`` and the optimizer that trains it.
+
+    >>> model, opt = instantiate("mlp", width=64, param="muP", optimizer="sgd", lr=0.1)
+    >>> type(model).__name__
+    'ParametrizedModel'
+    """
+    param = parametrization(param)
+    model, program = build_parametrizable(arch, width, seed, example_inputs, base, **config)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = apply_parametrization(model, program, param, width, generator)
+    attention = _attention_override(program, param)
+    initial = None
+    if center:
+        initial = copy.deepcopy(model)
+        for p in initial.parameters():
+            p.requires_grad_(False)
+    wrapped = ParametrizedModel(model, param.a_out_const * float(width) ** float(-param.a_out), attention, initial)
+    opt = make_parametrized_optimizer(model, program, param, chosen, width, optimizer, lr, weight_decay=weight_decay,
+                                      clip=clip, **dict(optimizer_options or {}))
+    return wrapped, opt
+
+
+def build_parametrizable(arch: Any, width: int, seed: int, example_inputs: Any, base: nn.Module | None,
+                         **config: Any) -> tuple[nn.Module, Program]:
+    """The model at ``width`` and its program (lowered from the same architecture)."""
+    pair = resolve(arch, example_inputs, base, width=width, **config)
+    program = lower_trace(trace_pair(pair), lowering_rules(), width=width)
+    if isinstance(arch, nn.Module):
+        if pair.n != width:
+            raise TplimitsError(f"the module given has width {pair.n}, not {width}; pass a registered architecture "
+                                "or a callable `width -> nn.Module` to build other widths")
+        return arch, program
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if isinstance(arch, str):
+            from tplimits.plugins.manager import architecture
+
+            model = architecture(arch).build(width, **config)
+        else:
+            model = arch(width, **config)
+    return model, program
+
+
+def _attention_override(program: Program, param: Parametrization) -> tuple[float, float] | None:
+    if param.attention_power is None:
+        return None
+    scales = attention_scales(program)
+    if not scales:
+        return None
+    explicit = [ins for ins in program if any(isinstance(a, WidthPower) for a in getattr(ins, "args", ()))
+                and "scaled_dot_product_attention" not in ins.origin.op and ins.kind == "scalar"]
+    if explicit:
+        warnings.warn(
+            f"{param.name} scales attention logits by n^{param.attention_power}, but the model multiplies them by a "
+            f"width-dependent constant in its own code ({explicit[0].origin.describe()}); that choice is kept. Use "
+            "scaled_dot_product_attention (or a scale argument) to let the parametrization set it.",
+            stacklevel=3,
+        )
+    if not any("scaled_dot_product_attention" in ins.origin.op for ins in program):
+        return None
+    return 1.0, float(param.attention_power)
+
+
+def make_parametrized_optimizer(model: nn.Module, program: Program, param: Parametrization,
+                                chosen: Mapping[str, ABCD], width: int, optimizer: Any, lr: float,
+                                weight_decay: float = 0.0, clip: float | None = None,
+                                **hyper: Any) -> torch.optim.Optimizer:
+    """Per-parameter learning rates ``η·c_const·n^{-c}`` and gradient scales ``n^{d}`` (Def 2.2.1)."""
+    from tplimits.optimizers import make_optimizer
+
+    groups = []
+    infos = program.parameters
+    for name, abcd in chosen.items():
+        kind = infos[name].kind
+        group = {
+            "params": [trained_tensor(model, name)],
+            "lr": lr,
+            "lr_scale": abcd.c_const * float(width) ** float(-abcd.c),
+            "grad_scale": float(width) ** float(abcd.d),
+            "weight_decay": weight_decay,
+            "name": name,
+        }
+        if param.update != "plain":
+            group["normalize"] = True
+            if param.update == "clipped" or clip is not None:
+                e = update_exponent(kind, param.update)
+                group["clip"] = (clip if clip is not None else 1.0) * float(width) ** float(e)
+        groups.append(group)
+    return make_optimizer(optimizer, groups, lr=lr, **hyper)
