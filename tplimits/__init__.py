@@ -6,7 +6,10 @@
 ['matrix', 'vector']
 """
 
+from tplimits.core.backprop import TotalProgram, total_program
 from tplimits.core.frontend import lower
+from tplimits.core.instantiate import ParametrizedModel, instantiate
+from tplimits.core.parametrize import ABCD, Parametrization, Verdict, classify
 from tplimits.core.interpret import FiniteInterpreter, Interpreter
 from tplimits.core.program import (
     Avg,
@@ -37,6 +40,8 @@ from tplimits.plugins import (
     architectures,
     hookimpl,
     lowering_rules,
+    parametrization,
+    parametrizations,
     plugin_manager,
     register_plugin,
     unregister_plugin,
@@ -45,6 +50,7 @@ from tplimits.plugins import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABCD",
     "Architecture",
     "Avg",
     "Constant",
@@ -57,22 +63,31 @@ __all__ = [
     "NotRepresentable",
     "Parameter",
     "ParameterInfo",
+    "Parametrization",
+    "ParametrizedModel",
     "PluginError",
     "Program",
     "Regroup",
+    "TotalProgram",
     "TplimitsError",
     "TraceError",
     "UnsupportedOperation",
+    "Verdict",
     "Width",
     "WidthError",
     "WidthInt",
     "WidthPower",
     "architecture",
     "architectures",
+    "classify",
     "hookimpl",
+    "instantiate",
     "lower",
     "lowering_rules",
+    "parametrization",
+    "parametrizations",
     "plugin_manager",
     "register_plugin",
+    "total_program",
     "unregister_plugin",
 ]

@@ -350,3 +350,30 @@ def attention_scales(program: Program) -> list[WidthPower]:
             if isinstance(arg, WidthPower) and arg.power < 0 and ins.kind == "scalar":
                 found.append(arg)
     return found
+
+
+def classify(arch: Any, param: Any = "SP", optimizer: Any = "adam", example_inputs: Any = None, base: Any = None,
+             **config: Any) -> Verdict:
+    """The classification of training ``arch`` under ``param`` with ``optimizer`` (Sec. 2.8).
+
+    >>> classify("mlp", param="muP", optimizer="sgd").regime
+    'feature learning'
+    """
+    from tplimits.core.frontend import lower
+    from tplimits.plugins.manager import parametrization
+
+    program = arch if isinstance(arch, Program) else lower(arch, example_inputs, base, **config)
+    return classify_program(program, parametrization(param), homogeneity=optimizer_homogeneity(optimizer))
+
+
+def optimizer_homogeneity(optimizer: Any) -> float | None:
+    """The degree k with Q(s·g) = s^k Q(g), in the ε → 0 sense for adaptive rules (Remark 2.2.6: ε only
+    sets a floor on the gradient scale Q sees); None if Q is not homogeneous."""
+    from tplimits.optimizers import optimizer as lookup
+
+    rule = lookup(optimizer) if isinstance(optimizer, str) else optimizer
+    hyper = dict(getattr(rule, "defaults", {}))
+    if "eps" in hyper:
+        hyper["eps"] = 0.0
+    for_hyper = getattr(rule, "homogeneity_for", None)
+    return for_hyper(hyper) if for_hyper is not None else rule.homogeneity

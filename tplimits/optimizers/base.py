@@ -1,0 +1,309 @@
+"""Update rules (the entrywise update functions ``Q_t`` of Tensor Programs IVb, Sec. 2.1) and the
+finite-width ``torch.optim`` optimizer that applies them.
+
+An :class:`UpdateRule` is the single source of truth of an optimizer: a pure tensor function with a
+recursive state, ``(state, g_t, t, hyper) -> (Q_t, new_state)``, applied entrywise. The finite-width
+:class:`TplimitsOptimizer` runs it on parameter tensors; the limit engines run the same function on
+tensors of any shape (particles, particle pairs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from tplimits.errors import PluginError
+
+State = dict[str, torch.Tensor]
+UpdateFn = Callable[[State, torch.Tensor, int, Mapping[str, Any]], tuple[torch.Tensor, State]]
+
+GROUP_OPTIONS: Mapping[str, Any] = {
+    "lr_scale": 1.0,
+    "grad_scale": 1.0,
+    "weight_decay": 0.0,
+    "normalize": False,
+    "clip": None,
+}
+"""Per-group options of :class:`TplimitsOptimizer` besides ``lr``, with their defaults."""
+
+_RESERVED = {"params", "lr", *GROUP_OPTIONS}
+
+
+@attrs.frozen
+class UpdateRule:
+    """An entrywise update function ``Q_t(g_0, ..., g_t)`` written as a recursion over a state.
+
+    ``init_state(g)`` returns the state for a gradient tensor shaped like ``g`` (before step 0);
+    ``update(state, g_t, t, hyper)`` returns ``(Q_t, new_state)`` for step ``t = 0, 1, 2, ...``. It
+    must be pure (no in-place change of ``state`` or ``g_t``) and entrywise, so it runs unchanged on
+    tensors of any shape. ``hyper`` holds exactly the keys of ``defaults``.
+
+    Flags: ``memoryless`` (Def 2.1.1: ``Q_t`` depends on ``g_t`` only), ``stationary`` (Def 2.1.2:
+    memoryless and the same function at every ``t``), ``homogeneity`` (the degree ``k`` with
+    ``Q(s g) = s^k Q(g)`` for ``s > 0`` at the default hyperparameters, ``None`` if not homogeneous),
+    ``linear`` (``Q`` is linear in the gradients, so a limit may keep low-rank factors).
+    ``homogeneity_fn(hyper)`` gives the degree at other hyperparameters (e.g. Adam with ``eps = 0``).
+
+    A rule with ``needs_activations=True`` is not driven by gradients: ``signal(param, inputs, hyper)``
+    turns the parameter and the batch of its layer's inputs into the tensor fed to ``update`` in
+    place of a gradient. ``finalize(new_param, old_param, inputs, hyper)``, if given, maps the
+    parameter after the step to its final value (e.g. a rescaling); ``inputs`` is ``None`` for
+    gradient rules. ``option_defaults`` overrides the defaults of the optimizer's group options
+    (:data:`GROUP_OPTIONS`), e.g. a default weight decay.
+    """
+
+    name: str
+    init_state: Callable[[torch.Tensor], State]
+    update: UpdateFn
+    defaults: Mapping[str, Any] = attrs.field(converter=dict)
+    memoryless: bool
+    stationary: bool
+    homogeneity: float | None
+    linear: bool
+    description: str = ""
+    homogeneity_fn: Callable[[Mapping[str, Any]], float | None] | None = None
+    needs_activations: bool = False
+    signal: Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
+    finalize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, Mapping[str, Any]], torch.Tensor] | None = None
+    option_defaults: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+
+    def __attrs_post_init__(self) -> None:
+        clash = sorted(_RESERVED & set(self.defaults))
+        if clash:
+            raise PluginError(f"update rule {self.name!r}: hyperparameters {clash} clash with optimizer options")
+        unknown = sorted(set(self.option_defaults) - set(GROUP_OPTIONS))
+        if unknown:
+            raise PluginError(
+                f"update rule {self.name!r}: option_defaults {unknown} are not optimizer options "
+                f"({sorted(GROUP_OPTIONS)})"
+            )
+        if self.stationary and not self.memoryless:
+            raise PluginError(f"update rule {self.name!r}: stationary requires memoryless (Def 2.1.2)")
+        if self.needs_activations and self.signal is None:
+            raise PluginError(f"update rule {self.name!r}: needs_activations=True requires a signal function")
+        if self.homogeneity_fn is not None and self.homogeneity_fn(self.defaults) != self.homogeneity:
+            raise PluginError(
+                f"update rule {self.name!r}: homogeneity={self.homogeneity} disagrees with "
+                f"homogeneity_fn(defaults)={self.homogeneity_fn(self.defaults)}"
+            )
+
+    def __deepcopy__(self, memo: dict) -> UpdateRule:
+        return self
+
+    def hyper(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The defaults updated with ``overrides``; unknown names raise ``TypeError``."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise TypeError(
+                f"update rule {self.name!r} has no hyperparameter(s) {unknown}; known: {sorted(self.defaults)}"
+            )
+        return {**self.defaults, **overrides}
+
+    def homogeneity_for(self, hyper: Mapping[str, Any] | None = None) -> float | None:
+        """The homogeneity degree at the given hyperparameters (defaults filled in)."""
+        if self.homogeneity_fn is None:
+            return self.homogeneity
+        return self.homogeneity_fn(self.hyper(hyper))
+
+    def Q(self, gradients: Sequence[torch.Tensor], hyper: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """``Q_t(g_0, ..., g_t)`` with ``t = len(gradients) - 1``, by running the recursion from the
+        initial state."""
+        if not gradients:
+            raise ValueError("Q needs at least one gradient (g_0)")
+        h = self.hyper(hyper)
+        state = self.init_state(gradients[0])
+        for t, g in enumerate(gradients):
+            q, state = self.update(state, g, t, h)
+        return q
+
+
+def _check_group(group: Mapping[str, Any]) -> None:
+    if group["lr"] < 0:
+        raise ValueError(f"lr must be >= 0, got {group['lr']}")
+    if group["lr_scale"] < 0:
+        raise ValueError(f"lr_scale (the n^-c factor) must be >= 0, got {group['lr_scale']}")
+    if group["grad_scale"] <= 0:
+        raise ValueError(f"grad_scale (the n^d factor) must be > 0, got {group['grad_scale']}")
+    if not 0 <= group["weight_decay"] <= 1:
+        raise ValueError(f"weight_decay is the decoupled lambda of Eq. 2.50, in [0, 1]; got {group['weight_decay']}")
+    if group["clip"] is not None and group["clip"] <= 0:
+        raise ValueError(f"clip (the threshold theta of Eq. 2.54) must be > 0 or None, got {group['clip']}")
+
+
+class TplimitsOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` applying an :class:`UpdateRule` (Eqs. 2.4, 2.50, 2.54):
+
+    ``w <- (1 - weight_decay) w - lr * lr_scale * Q_t(grad_scale * g_0, ..., grad_scale * g_t) / nu``
+
+    with ``nu = 1``, or ``nu = ||Q_t||`` (Frobenius norm of the whole tensor) when ``normalize``, and
+    ``nu = min(||Q_t||, clip)`` when ``clip`` is set. Every param group carries ``lr``, the options
+    of :data:`GROUP_OPTIONS` and the rule's hyperparameters; each parameter has its own step
+    counter ``t``. Parameters whose gradient is ``None`` are skipped.
+
+    For a rule with ``needs_activations=True`` pass the batch of inputs of each parameter's layer,
+    ``step(activations={param: x})`` (``x`` of shape ``[..., fan_in]``); parameters without an entry
+    are skipped and gradients are ignored.
+    """
+
+    def __init__(self, params: Iterable[Any], rule: UpdateRule, *, lr: float, **options: Any) -> None:
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"expected an UpdateRule, got {type(rule).__name__}; use make_optimizer for names")
+        unknown = sorted(set(options) - _RESERVED - set(rule.defaults))
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {unknown} for update rule {rule.name!r}; options: "
+                f"{sorted(['lr', *GROUP_OPTIONS])}, hyperparameters: {sorted(rule.defaults)}"
+            )
+        self.rule = rule
+        defaults = {"lr": lr, **GROUP_OPTIONS, **rule.option_defaults, **rule.defaults, **options}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "rule": self.rule}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}[{self.rule.name}]" + super().__repr__()[len(type(self).__name__) :]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus the rule's name (checked by :meth:`load_state_dict`)."""
+        return {**super().state_dict(), "rule": self.rule.name}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        saved = state_dict.get("rule", self.rule.name)
+        if saved != self.rule.name:
+            raise PluginError(f"state dict is for update rule {saved!r}, this optimizer runs {self.rule.name!r}")
+        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+
+    def _inputs(self, activations: Mapping[torch.Tensor, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+        if not self.rule.needs_activations:
+            if activations is not None:
+                raise ValueError(f"update rule {self.rule.name!r} is driven by gradients; it takes no activations")
+            return {}
+        if activations is None:
+            raise ValueError(
+                f"update rule {self.rule.name!r} needs the inputs of each parameter's layer: "
+                "call step(activations={param: x})"
+            )
+        own = {id(p) for group in self.param_groups for p in group["params"]}
+        stray = [tuple(k.shape) for k in activations if id(k) not in own]
+        if stray:
+            raise ValueError(f"activations given for tensors that are not parameters of this optimizer: {stray}")
+        return {id(p): x for p, x in activations.items()}
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        activations: Mapping[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Any:
+        """One update of every parameter with a gradient (or, for activation rules, with inputs).
+        ``closure`` re-evaluates the model and returns the loss, which is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inputs = self._inputs(activations)
+        for group in self.param_groups:
+            hyper = {k: group[k] for k in self.rule.defaults}
+            for p in group["params"]:
+                x = inputs.get(id(p))
+                if self.rule.needs_activations:
+                    if x is None:
+                        continue
+                    g = self.rule.signal(p.detach(), x.detach(), hyper)
+                else:
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("TplimitsOptimizer does not support sparse gradients")
+                    g = p.grad
+                self._update(p, g * group["grad_scale"], x, group, hyper)
+        return loss
+
+    def _update(
+        self, p: torch.Tensor, g: torch.Tensor, x: torch.Tensor | None, group: Mapping[str, Any], hyper: dict
+    ) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["q_state"] = self.rule.init_state(g)
+        q, state["q_state"] = self.rule.update(state["q_state"], g, state["step"], hyper)
+        state["step"] += 1
+        if group["normalize"] or group["clip"] is not None:
+            nu = torch.linalg.vector_norm(q)
+            if group["clip"] is not None:
+                nu = nu.clamp(max=group["clip"])
+            q = q / nu.clamp_min(torch.finfo(q.dtype).tiny)
+        old = p.clone() if self.rule.finalize is not None else None
+        if group["weight_decay"]:
+            p.mul_(1 - group["weight_decay"])
+        p.add_(q, alpha=-group["lr"] * group["lr_scale"])
+        if old is not None:
+            p.copy_(self.rule.finalize(p, old, None if x is None else x.detach(), hyper))
+
+
+@contextlib.contextmanager
+def record_inputs(modules: Mapping[torch.Tensor, nn.Module]) -> Iterator[dict[torch.Tensor, torch.Tensor]]:
+    """Record the (detached) first positional input of each module, keyed by the given parameter,
+    during the forward passes run inside the block; the result is ready for
+    ``TplimitsOptimizer.step(activations=...)``::
+
+        with record_inputs({layer.decorrelation: layer for layer in layers}) as inputs:
+            loss = loss_fn(model(x), y)
+        decorrelation_opt.step(activations=inputs)
+    """
+    recorded: dict[torch.Tensor, torch.Tensor] = {}
+
+    def store(param: torch.Tensor, module: nn.Module, args: tuple) -> None:
+        recorded[param] = args[0].detach()
+
+    handles = [module.register_forward_pre_hook(functools.partial(store, p)) for p, module in modules.items()]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def bias_correction(beta: float, t: int) -> float:
+    """``1 - beta^(t+1)``, the bias correction of an exponential moving average after step ``t``."""
+    return 1 - beta ** (t + 1)
+
+
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` with ``0`` where the denominator is ``0`` (e.g. ``eps = 0`` and a
+    gradient history of zeros)."""
+    return torch.where(denominator > 0, numerator / denominator, torch.zeros((), dtype=numerator.dtype))
+
+
+def eps_homogeneity(*names: str) -> Callable[[Mapping[str, Any]], float | None]:
+    """A ``homogeneity_fn``: degree 0 when every hyperparameter in ``names`` is 0, else ``None``."""
+
+    def degree(hyper: Mapping[str, Any]) -> float | None:
+        return 0.0 if all(hyper[name] == 0 for name in names) else None
+
+    return degree
+
+
+__all__ = [
+    "GROUP_OPTIONS",
+    "State",
+    "TplimitsOptimizer",
+    "UpdateRule",
+    "bias_correction",
+    "eps_homogeneity",
+    "record_inputs",
+    "safe_divide",
+]
