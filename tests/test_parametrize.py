@@ -32,7 +32,8 @@ def test_roles_of_mlp(mlp3):
 def test_tables_match_the_paper():
     mup, ntp, sp = tpl.parametrization("muP"), tpl.parametrization("NTP"), tpl.parametrization("SP")
     half = Fraction(1, 2)
-    assert (mup.roles["hidden"].a, mup.roles["hidden"].b, mup.roles["hidden"].c, mup.roles["hidden"].d) == (0, half, 1, 1)
+    hidden = mup.roles["hidden"]
+    assert (hidden.a, hidden.b, hidden.c, hidden.d) == (0, half, 1, 1)
     assert (mup.roles["input"].c, mup.roles["input"].d, mup.a_out) == (0, 1, 1)
     assert (ntp.roles["hidden"].a, ntp.roles["hidden"].c, ntp.roles["input"].c, ntp.a_out) == (half, 1, half, half)
     assert sp.roles["output"].b == half and sp.roles["input"].b == 0 and sp.a_out == 0

@@ -9,8 +9,8 @@
 from tplimits.core.backprop import TotalProgram, total_program
 from tplimits.core.frontend import lower
 from tplimits.core.instantiate import ParametrizedModel, instantiate
-from tplimits.core.parametrize import ABCD, Parametrization, Verdict, classify
 from tplimits.core.interpret import FiniteInterpreter, Interpreter
+from tplimits.core.parametrize import ABCD, Parametrization, Verdict, classify
 from tplimits.core.program import (
     Avg,
     Constant,

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize as torch_parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
-from torch.nn.utils import parametrize as torch_parametrize
 
 from tplimits.core.frontend import resolve
 from tplimits.core.lower import lower_trace
