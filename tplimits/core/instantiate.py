@@ -21,12 +21,14 @@ scaled by ``n^{d}`` before the update function.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize as torch_parametrize
@@ -159,8 +161,6 @@ def effective_state(model: nn.Module, program: Program) -> dict[str, torch.Tenso
 def parametrized_program(program: Program, param: Parametrization) -> Program:
     """``program`` with the parametrization's output multiplier and attention scales in place: replayed
     with a ParametrizedModel's effective parameters it equals that model's output."""
-    import attrs
-
     from tplimits.core.program import Nonlin, Ref
 
     instructions = []
@@ -188,18 +188,58 @@ def _rescale_attention(arg: Any, power: Any) -> Any:
     return arg
 
 
+@attrs.frozen
+class Family:
+    """An architecture lowered once: its program, and how to build it at any width."""
+
+    program: Program
+    build: Callable[[int], nn.Module] | None
+    module: nn.Module | None = None
+
+    def model(self, width: int, seed: int) -> nn.Module:
+        if self.build is None:
+            if self.program.width != width:
+                raise TplimitsError(f"the module given has width {self.program.width}, not {width}; pass a "
+                                    "registered architecture or a callable `width -> nn.Module` to build other widths")
+            return self.module
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return self.build(width)
+
+
+def family(arch: Any, example_inputs: Any = None, base: nn.Module | None = None, **config: Any) -> Family:
+    """Lower ``arch`` once (any form ``tpl.lower`` accepts) and keep how to build it at other widths."""
+    if isinstance(arch, Family):
+        return arch
+    config.pop("width", None)
+    pair = resolve(arch, example_inputs, base, **config)
+    program = lower_trace(trace_pair(pair), lowering_rules(), width=pair.width)
+    if isinstance(arch, nn.Module):
+        return Family(program, None, arch)
+    if isinstance(arch, str):
+        from tplimits.plugins.manager import architecture
+
+        spec = architecture(arch)
+        return Family(program, functools.partial(spec.build, **config))
+    return Family(program, functools.partial(arch, **config))
+
+
 def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "adam", lr: float = 1e-2,
                 seed: int = 0, example_inputs: Any = None, base: nn.Module | None = None, center: bool = False,
                 weight_decay: float = 0.0, clip: float | None = None, optimizer_options: Mapping | None = None,
                 **config: Any) -> tuple[ParametrizedModel, torch.optim.Optimizer]:
     """The architecture at ``width`` under ``param`` and the optimizer that trains it.
 
+    ``arch`` is any form :func:`tplimits.lower` accepts, or a :class:`Family` (lowered once, reused).
+
     >>> model, opt = instantiate("mlp", width=64, param="muP", optimizer="sgd", lr=0.1)
     >>> type(model).__name__
     'ParametrizedModel'
     """
     param = parametrization(param)
-    model, program = build_parametrizable(arch, width, seed, example_inputs, base, **config)
+    fam = family(arch, example_inputs, base, **config)
+    model = fam.model(width, seed)
+    program = fam.program
     generator = torch.Generator().manual_seed(seed)
     chosen = apply_parametrization(model, program, param, width, generator)
     attention = _attention_override(program, param)
@@ -212,27 +252,6 @@ def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "ada
     opt = make_parametrized_optimizer(model, program, param, chosen, width, optimizer, lr, weight_decay=weight_decay,
                                       clip=clip, **dict(optimizer_options or {}))
     return wrapped, opt
-
-
-def build_parametrizable(arch: Any, width: int, seed: int, example_inputs: Any, base: nn.Module | None,
-                         **config: Any) -> tuple[nn.Module, Program]:
-    """The model at ``width`` and its program (lowered from the same architecture)."""
-    pair = resolve(arch, example_inputs, base, width=width, **config)
-    program = lower_trace(trace_pair(pair), lowering_rules(), width=width)
-    if isinstance(arch, nn.Module):
-        if pair.n != width:
-            raise TplimitsError(f"the module given has width {pair.n}, not {width}; pass a registered architecture "
-                                "or a callable `width -> nn.Module` to build other widths")
-        return arch, program
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        if isinstance(arch, str):
-            from tplimits.plugins.manager import architecture
-
-            model = architecture(arch).build(width, **config)
-        else:
-            model = arch(width, **config)
-    return model, program
 
 
 def _attention_override(program: Program, param: Parametrization) -> tuple[float, float] | None:

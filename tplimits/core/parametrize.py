@@ -375,5 +375,4 @@ def optimizer_homogeneity(optimizer: Any) -> float | None:
     hyper = dict(getattr(rule, "defaults", {}))
     if "eps" in hyper:
         hyper["eps"] = 0.0
-    for_hyper = getattr(rule, "homogeneity_for", None)
-    return for_hyper(hyper) if for_hyper is not None else rule.homogeneity
+    return rule.homogeneity_fn(hyper) if rule.homogeneity_fn is not None else rule.homogeneity

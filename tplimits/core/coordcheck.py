@@ -1,0 +1,195 @@
+"""Numeric coordinate check: how every program value scales with width, before and after training.
+
+For each parametrization and width, the architecture is instantiated, trained for a few steps
+with a plain torch loop, and the parametrized program is replayed at initialization and after
+training. Every value of the program is recorded: its coordinate size ``√mean(x²)`` and the size
+of its change from initialization, including values module hooks cannot see (attention logits,
+normalization statistics). A log-log fit over widths gives each value's slope, and the verdict
+compares the hidden-layer change slopes with the theory: 0 in μP (features move Θ(1)), −1/2 in
+NTP, growth flags an unstable parametrization.
+
+The spectral diagnostic of seed 001 is reported too: for each weight matrix,
+``‖ΔW‖₂ / √(fan_out / fan_in)``, width-independent under μP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from tplimits.core.instantiate import Family, effective_state, family, instantiate, parametrized_program
+from tplimits.core.interpret import FiniteInterpreter
+from tplimits.core.program import Avg, MatMul, Nonlin, Parameter, Regroup, Width
+from tplimits.plugins.manager import architecture, parametrization
+
+EXPECTED_CHANGE_SLOPE = {"muP": 0.0, "NTP": -0.5}
+
+
+@attrs.frozen
+class NodeRecord:
+    """One program value across widths: sizes at init, after training, and of the change."""
+
+    name: str
+    kind: str
+    op: str
+    init: tuple[float, ...]
+    final: tuple[float, ...]
+    change: tuple[float, ...]
+    init_slope: float
+    change_slope: float
+
+
+@attrs.frozen
+class ParamReport:
+    """The coordinate check of one parametrization."""
+
+    parametrization: str
+    widths: tuple[int, ...]
+    nodes: tuple[NodeRecord, ...]
+    spectral: dict[str, tuple[tuple[float, ...], float]]  # matrix -> (‖ΔW‖₂/√(out/in) per width, slope)
+    loss: tuple[float, ...]
+    verdict: str
+    hidden_change_slopes: tuple[float, ...]
+
+    def node(self, name: str) -> NodeRecord:
+        return next(n for n in self.nodes if n.name == name)
+
+
+@attrs.frozen
+class CoordCheckReport:
+    reports: dict[str, ParamReport]
+
+    def __getitem__(self, name: str) -> ParamReport:
+        return self.reports[name]
+
+    def format(self) -> str:
+        lines = []
+        for name, rep in self.reports.items():
+            lines.append(f"{name}: {rep.verdict}")
+            lines.append(f"  widths {list(rep.widths)}; final loss per width {[f'{x:.3g}' for x in rep.loss]}")
+            lines.append(f"  {'value':<38} {'kind':<7} {'init slope':>10} {'change slope':>12}")
+            for node in rep.nodes:
+                lines.append(f"  {node.name:<38} {node.kind:<7} {node.init_slope:>10.3f} {node.change_slope:>12.3f}")
+            for matrix, (values, slope) in rep.spectral.items():
+                lines.append(f"  spectral ‖ΔW‖/√(out/in) {matrix:<24} slope {slope:.3f}")
+        return "\n".join(lines)
+
+
+def _slope(widths: Sequence[int], values: Sequence[float]) -> float:
+    pts = [(math.log(w), math.log(v)) for w, v in zip(widths, values, strict=True) if v > 0 and math.isfinite(v)]
+    if len(pts) < 2:
+        return float("nan") if any(not math.isfinite(v) for v in values) else 0.0
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    num = sum((x - mx) * (y - my) for x, y in pts)
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return num / den
+
+
+def _rms(x: torch.Tensor) -> float:
+    return float(x.detach().double().pow(2).mean().sqrt())
+
+
+def _recorded(ins: Any) -> bool:
+    return isinstance(ins, Nonlin | MatMul | Avg | Regroup)
+
+
+def _spectral(before: torch.Tensor, after: torch.Tensor, layout: tuple) -> float:
+    """‖ΔW‖₂ / √(fan_out / fan_in) with the matrix flattened to [fan_out, fan_in (× kernel)]."""
+    delta = (after - before).detach().double()
+    out_axis = next(i for i, a in enumerate(layout) if isinstance(a, Width))
+    delta = delta.movedim(out_axis, 0).reshape(delta.shape[out_axis], -1)
+    return float(torch.linalg.matrix_norm(delta, ord=2)) / math.sqrt(delta.shape[0] / delta.shape[1])
+
+
+def coord_check(arch: Any, params: Sequence[Any] = ("SP", "NTP", "muP"), optimizer: Any = "sgd",
+                widths: Sequence[int] = (128, 256, 512, 1024, 2048), steps: int = 3, lr: float = 0.1, seeds: int = 2,
+                example_inputs: Any = None, base: Any = None, tolerance: float = 0.1, **config: Any) -> CoordCheckReport:
+    """Train ``arch`` under each parametrization at each width and report how every value scales."""
+    fam = family(arch, example_inputs, base, **config)
+    inputs = _inputs(arch, example_inputs, config)
+    reports = {}
+    for p in params:
+        param = parametrization(p)
+        reports[param.name] = _check_one(fam, param, optimizer, list(widths), steps, lr, seeds, inputs, tolerance)
+    return CoordCheckReport(reports)
+
+
+def _inputs(arch: Any, example_inputs: Any, config: dict) -> tuple:
+    if example_inputs is not None:
+        return tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
+    return tuple(architecture(arch).example_inputs(**config))
+
+
+def _check_one(fam: Family, param: Any, optimizer: Any, widths: list[int], steps: int, lr: float, seeds: int,
+               inputs: tuple, tolerance: float) -> ParamReport:
+    program = parametrized_program(fam.program, param)
+    recorded = [ins for ins in program if _recorded(ins) and not ins.name.endswith("_out")]
+    matrices = [ins for ins in program if isinstance(ins, Parameter) and ins.kind == "matrix" and ins.trainable]
+    sums = {key: [[0.0] * len(widths) for _ in recorded] for key in ("init", "final", "change")}
+    spectral = {m.target: [0.0] * len(widths) for m in matrices}
+    losses = [0.0] * len(widths)
+    for wi, width in enumerate(widths):
+        for seed in range(seeds):
+            model, opt = instantiate(fam, width, param=param, optimizer=optimizer, lr=lr, seed=seed)
+            target = _targets(model, inputs)
+            before = _values(program, model, inputs)
+            weights0 = {m.target: effective_state(model.model, program)[m.target].detach().clone() for m in matrices}
+            loss = torch.tensor(float("nan"))
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = F.mse_loss(model(*inputs), target)
+                loss.backward()
+                opt.step()
+            after = _values(program, model, inputs)
+            state = effective_state(model.model, program)
+            losses[wi] += float(loss) / seeds
+            for k, ins in enumerate(recorded):
+                sums["init"][k][wi] += _rms(before[ins.name]) / seeds
+                sums["final"][k][wi] += _rms(after[ins.name]) / seeds
+                sums["change"][k][wi] += _rms(after[ins.name] - before[ins.name]) / seeds
+            for m in matrices:
+                spectral[m.target][wi] += _spectral(weights0[m.target], state[m.target], m.layout) / seeds
+    nodes = tuple(
+        NodeRecord(ins.name, ins.kind, ins.origin.op, tuple(sums["init"][k]), tuple(sums["final"][k]),
+                   tuple(sums["change"][k]), _slope(widths, sums["init"][k]), _slope(widths, sums["change"][k]))
+        for k, ins in enumerate(recorded)
+    )
+    spec = {name: (tuple(values), _slope(widths, values)) for name, values in spectral.items()}
+    hidden = tuple(n.change_slope for n in nodes if n.kind == "vector")
+    return ParamReport(param.name, tuple(widths), nodes, spec, tuple(losses),
+                       _verdict(param.name, hidden, nodes, tolerance), hidden)
+
+
+def _targets(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(*inputs)
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(1234), dtype=out.dtype)
+
+
+def _values(program: Any, model: Any, inputs: tuple) -> dict[str, torch.Tensor]:
+    interp = FiniteInterpreter.from_model(program, model.model)
+    with torch.no_grad():
+        interp.run(*inputs)
+    return {k: v.detach().clone() for k, v in interp.values.items() if torch.is_tensor(v)}
+
+
+def _verdict(name: str, hidden: Sequence[float], nodes: Sequence[NodeRecord], tolerance: float) -> str:
+    if not hidden:
+        return "no vector values to check"
+    worst = max(hidden, key=abs)
+    growing = [n.name for n in nodes if n.change_slope > tolerance or not math.isfinite(n.change_slope)]
+    if name in EXPECTED_CHANGE_SLOPE:
+        want = EXPECTED_CHANGE_SLOPE[name]
+        off = [s for s in hidden if abs(s - want) > tolerance]
+        status = "as predicted" if not off else "OFF PREDICTION"
+        return (f"{status}: vector change slopes in [{min(hidden):.3f}, {max(hidden):.3f}], "
+                f"theory {want} ± {tolerance}")
+    if growing:
+        return f"GROWS with width: {len(growing)} values' changes grow (e.g. {growing[:3]}); max slope {worst:.3f}"
+    return f"vector change slopes in [{min(hidden):.3f}, {max(hidden):.3f}]"
