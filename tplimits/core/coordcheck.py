@@ -75,7 +75,7 @@ class CoordCheckReport:
             lines.append(f"  {'value':<38} {'kind':<7} {'init slope':>10} {'change slope':>12}")
             for node in rep.nodes:
                 lines.append(f"  {node.name:<38} {node.kind:<7} {node.init_slope:>10.3f} {node.change_slope:>12.3f}")
-            for matrix, (values, slope) in rep.spectral.items():
+            for matrix, (_, slope) in rep.spectral.items():
                 lines.append(f"  spectral ‖ΔW‖/√(out/in) {matrix:<24} slope {slope:.3f}")
         return "\n".join(lines)
 
@@ -108,8 +108,9 @@ def _spectral(before: torch.Tensor, after: torch.Tensor, layout: tuple) -> float
 
 
 def coord_check(arch: Any, params: Sequence[Any] = ("SP", "NTP", "muP"), optimizer: Any = "sgd",
-                widths: Sequence[int] = (128, 256, 512, 1024, 2048), steps: int = 3, lr: float = 0.1, seeds: int = 2,
-                example_inputs: Any = None, base: Any = None, tolerance: float = 0.1, **config: Any) -> CoordCheckReport:
+                widths: Sequence[int] = (128, 256, 512, 1024, 2048), steps: int = 3, lr: float = 0.1,
+                seeds: int = 2, example_inputs: Any = None, base: Any = None, tolerance: float = 0.1,
+                **config: Any) -> CoordCheckReport:
     """Train ``arch`` under each parametrization at each width and report how every value scales."""
     fam = family(arch, example_inputs, base, **config)
     inputs = _inputs(arch, example_inputs, config)
