@@ -77,6 +77,17 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def coordcheck_command(args: argparse.Namespace) -> int:
+    from tplimits.core.coordcheck import coord_check
+
+    if args.dtype == "float64":
+        torch.set_default_dtype(torch.float64)
+    report = coord_check(args.target, params=args.param, optimizer=args.optimizer, widths=args.widths,
+                         steps=args.steps, lr=args.lr, seeds=args.seeds, **_parse_config(args.option))
+    print(report.format())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tplimits", description="Infinite-width limits of PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,8 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--inputs", default=None, help="`module:attr` of example inputs for a custom model")
     inspect.add_argument("--origins", action="store_true", help="show the source line of every instruction")
     inspect.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    check = sub.add_parser("coordcheck", help="train at growing widths and report how every value scales")
+    check.add_argument("target", nargs="?", default="mlp", help="a registered architecture (default: mlp)")
+    check.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--param", nargs="+", default=["SP", "NTP", "muP"], help="parametrizations to compare")
+    check.add_argument("--optimizer", default="sgd")
+    check.add_argument("--lr", type=float, default=0.1)
+    check.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    check.add_argument("--steps", type=int, default=3)
+    check.add_argument("--seeds", type=int, default=2)
+    check.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = parser.parse_args(argv)
     try:
+        if args.command == "coordcheck":
+            return coordcheck_command(args)
         return inspect_command(args)
     except TplimitsError as error:
         print(f"tplimits: error: {error}", file=sys.stderr)

@@ -55,9 +55,15 @@ class ParamReport:
     loss: tuple[float, ...]
     verdict: str
     hidden_change_slopes: tuple[float, ...]
+    output_names: tuple[str, ...] = ()
 
     def node(self, name: str) -> NodeRecord:
         return next(n for n in self.nodes if n.name == name)
+
+    @property
+    def outputs(self) -> tuple[NodeRecord, ...]:
+        """The model's outputs (after the parametrization's output multiplier)."""
+        return tuple(n for n in self.nodes if n.name in self.output_names)
 
 
 @attrs.frozen
@@ -92,7 +98,10 @@ def _slope(widths: Sequence[int], values: Sequence[float]) -> float:
 
 
 def _rms(x: torch.Tensor) -> float:
-    return float(x.detach().double().pow(2).mean().sqrt())
+    """Coordinate size √mean(x²) over the finite entries (masked attention logits are −inf)."""
+    x = x.detach().double()
+    x = x[torch.isfinite(x)]
+    return float(x.pow(2).mean().sqrt()) if x.numel() else 0.0
 
 
 def _recorded(ins: Any) -> bool:
@@ -130,7 +139,7 @@ def _inputs(arch: Any, example_inputs: Any, config: dict) -> tuple:
 def _check_one(fam: Family, param: Any, optimizer: Any, widths: list[int], steps: int, lr: float, seeds: int,
                inputs: tuple, tolerance: float) -> ParamReport:
     program = parametrized_program(fam.program, param)
-    recorded = [ins for ins in program if _recorded(ins) and not ins.name.endswith("_out")]
+    recorded = [ins for ins in program if _recorded(ins)]
     matrices = [ins for ins in program if isinstance(ins, Parameter) and ins.kind == "matrix" and ins.trainable]
     sums = {key: [[0.0] * len(widths) for _ in recorded] for key in ("init", "final", "change")}
     spectral = {m.target: [0.0] * len(widths) for m in matrices}
@@ -149,11 +158,13 @@ def _check_one(fam: Family, param: Any, optimizer: Any, widths: list[int], steps
                 opt.step()
             after = _values(program, model, inputs)
             state = effective_state(model.model, program)
-            losses[wi] += float(loss) / seeds
+            losses[wi] += float(loss.detach()) / seeds
             for k, ins in enumerate(recorded):
                 sums["init"][k][wi] += _rms(before[ins.name]) / seeds
                 sums["final"][k][wi] += _rms(after[ins.name]) / seeds
-                sums["change"][k][wi] += _rms(after[ins.name] - before[ins.name]) / seeds
+                finite = torch.isfinite(before[ins.name]) & torch.isfinite(after[ins.name])
+                change = torch.where(finite, after[ins.name] - before[ins.name], 0.0)
+                sums["change"][k][wi] += _rms(change) / seeds
             for m in matrices:
                 spectral[m.target][wi] += _spectral(weights0[m.target], state[m.target], m.layout) / seeds
     nodes = tuple(
@@ -164,7 +175,7 @@ def _check_one(fam: Family, param: Any, optimizer: Any, widths: list[int], steps
     spec = {name: (tuple(values), _slope(widths, values)) for name, values in spectral.items()}
     hidden = tuple(n.change_slope for n in nodes if n.kind == "vector")
     return ParamReport(param.name, tuple(widths), nodes, spec, tuple(losses),
-                       _verdict(param.name, hidden, nodes, tolerance), hidden)
+                       _verdict(param.name, hidden, nodes, tolerance), hidden, tuple(program.outputs))
 
 
 def _targets(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:

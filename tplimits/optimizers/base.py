@@ -176,8 +176,14 @@ class TplimitsOptimizer(torch.optim.Optimizer):
         return f"{type(self).__name__}[{self.rule.name}]" + super().__repr__()[len(type(self).__name__) :]
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus the rule's name (checked by :meth:`load_state_dict`)."""
-        return {**super().state_dict(), "rule": self.rule.name}
+        """torch's state dict plus the rule's name (checked by :meth:`load_state_dict`). Rule states
+        are never modified in place, so the result is a snapshot: later steps do not change it."""
+        packed = super().state_dict()
+        state = {
+            k: {key: dict(val) if isinstance(val, dict) else val for key, val in v.items()}
+            for k, v in packed["state"].items()
+        }
+        return {**packed, "state": state, "rule": self.rule.name}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         saved = state_dict.get("rule", self.rule.name)
@@ -285,16 +291,16 @@ def bias_correction(beta: float, t: int) -> float:
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator`` with ``0`` where the denominator is ``0`` (e.g. ``eps = 0`` and a
     gradient history of zeros)."""
-    return torch.where(denominator > 0, numerator / denominator, torch.zeros((), dtype=numerator.dtype))
+    return torch.where(denominator > 0, numerator / denominator, numerator.new_zeros(()))
+
+
+def _zero_degree_when_zero(names: tuple[str, ...], hyper: Mapping[str, Any]) -> float | None:
+    return 0.0 if all(hyper[name] == 0 for name in names) else None
 
 
 def eps_homogeneity(*names: str) -> Callable[[Mapping[str, Any]], float | None]:
     """A ``homogeneity_fn``: degree 0 when every hyperparameter in ``names`` is 0, else ``None``."""
-
-    def degree(hyper: Mapping[str, Any]) -> float | None:
-        return 0.0 if all(hyper[name] == 0 for name in names) else None
-
-    return degree
+    return functools.partial(_zero_degree_when_zero, names)
 
 
 __all__ = [

@@ -1,0 +1,151 @@
+"""Built-in adaptive update rules: ``adam``, ``adamw``, ``rmsprop``, ``adagrad``, ``adamax``.
+
+Each follows the corresponding ``torch.optim`` class step for step (same state, same formula), so a
+:class:`~tplimits.optimizers.TplimitsOptimizer` with ``lr_scale = grad_scale = 1`` reproduces torch.
+``adam`` has both epsilon forms: torch's ``m_hat / (sqrt(v_hat) + eps)`` (default) and, with
+``eps_inside=True``, Eq. (Adam) of Tensor Programs IVb, ``m_hat / sqrt(v_hat + eps^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tplimits.optimizers.base import State, UpdateRule, bias_correction, eps_homogeneity, safe_divide
+from tplimits.plugins.specs import hookimpl
+
+
+def adam_init(g: torch.Tensor) -> State:
+    return {"exp_avg": torch.zeros_like(g), "exp_avg_sq": torch.zeros_like(g)}
+
+
+def adam_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) -> tuple[torch.Tensor, State]:
+    """Bias-corrected Adam: ``m_hat / (sqrt(v_hat) + eps)``, or ``m_hat / sqrt(v_hat + eps^2)`` with
+    ``eps_inside``."""
+    beta1, beta2 = hyper["betas"]
+    eps = hyper["eps"]
+    m = torch.lerp(state["exp_avg"], g, 1 - beta1)
+    v = torch.addcmul(state["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
+    m_hat = m / bias_correction(beta1, t)
+    if hyper["eps_inside"]:
+        denom = torch.sqrt(v / bias_correction(beta2, t) + eps**2)
+    else:
+        denom = v.sqrt() / math.sqrt(bias_correction(beta2, t)) + eps
+    return safe_divide(m_hat, denom), {"exp_avg": m, "exp_avg_sq": v}
+
+
+def rmsprop_init(g: torch.Tensor) -> State:
+    return {"square_avg": torch.zeros_like(g)}
+
+
+def rmsprop_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) -> tuple[torch.Tensor, State]:
+    """``v = alpha v + (1 - alpha) g^2``, ``Q = g / (sqrt(v) + eps)`` (no bias correction)."""
+    alpha = hyper["alpha"]
+    v = torch.addcmul(state["square_avg"] * alpha, g, g, value=1 - alpha)
+    return safe_divide(g, v.sqrt() + hyper["eps"]), {"square_avg": v}
+
+
+def adagrad_init(g: torch.Tensor) -> State:
+    return {"sum": torch.zeros_like(g)}
+
+
+def adagrad_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) -> tuple[torch.Tensor, State]:
+    """``S = initial_accumulator_value + sum_s g_s^2``, ``Q = g / (sqrt(S) + eps) / (1 + t lr_decay)``."""
+    previous = state["sum"] + hyper["initial_accumulator_value"] if t == 0 else state["sum"]
+    total = torch.addcmul(previous, g, g)
+    q = safe_divide(g, total.sqrt() + hyper["eps"]) / (1 + t * hyper["lr_decay"])
+    return q, {"sum": total}
+
+
+def adamax_init(g: torch.Tensor) -> State:
+    return {"exp_avg": torch.zeros_like(g), "exp_inf": torch.zeros_like(g)}
+
+
+def adamax_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) -> tuple[torch.Tensor, State]:
+    """``u = max(beta2 u, |g| + eps)``, ``Q = m_hat / u``."""
+    beta1, beta2 = hyper["betas"]
+    m = torch.lerp(state["exp_avg"], g, 1 - beta1)
+    u = torch.maximum(state["exp_inf"] * beta2, g.abs() + hyper["eps"])
+    return safe_divide(m / bias_correction(beta1, t), u), {"exp_avg": m, "exp_inf": u}
+
+
+_ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "eps_inside": False}
+_ADAM_DESCRIPTION = (
+    "Adam, bias-corrected: m_hat / (sqrt(v_hat) + eps) as torch.optim.Adam, or m_hat / sqrt(v_hat + eps^2) "
+    "(Eq. Adam of TP IVb) with eps_inside=True."
+)
+
+ADAM = UpdateRule(
+    name="adam",
+    init_state=adam_init,
+    update=adam_update,
+    defaults=_ADAM_DEFAULTS,
+    memoryless=False,
+    stationary=False,
+    homogeneity=None,
+    homogeneity_fn=eps_homogeneity("eps"),
+    linear=False,
+    description=_ADAM_DESCRIPTION,
+)
+
+ADAMW = UpdateRule(
+    name="adamw",
+    init_state=adam_init,
+    update=adam_update,
+    defaults=_ADAM_DEFAULTS,
+    memoryless=False,
+    stationary=False,
+    homogeneity=None,
+    homogeneity_fn=eps_homogeneity("eps"),
+    linear=False,
+    option_defaults={"weight_decay": 1e-5},
+    description=_ADAM_DESCRIPTION + " Decoupled weight decay lambda (Eq. 2.50), default 1e-5 = torch.optim.AdamW's "
+    "lr * weight_decay at its defaults (1e-3 * 1e-2).",
+)
+
+RMSPROP = UpdateRule(
+    name="rmsprop",
+    init_state=rmsprop_init,
+    update=rmsprop_update,
+    defaults={"alpha": 0.99, "eps": 1e-8},
+    memoryless=False,
+    stationary=False,
+    homogeneity=None,
+    homogeneity_fn=eps_homogeneity("eps"),
+    linear=False,
+    description="RMSProp as torch.optim.RMSprop: v = alpha v + (1 - alpha) g^2, Q = g / (sqrt(v) + eps).",
+)
+
+ADAGRAD = UpdateRule(
+    name="adagrad",
+    init_state=adagrad_init,
+    update=adagrad_update,
+    defaults={"lr_decay": 0.0, "eps": 1e-10, "initial_accumulator_value": 0.0},
+    memoryless=False,
+    stationary=False,
+    homogeneity=None,
+    homogeneity_fn=eps_homogeneity("eps", "initial_accumulator_value"),
+    linear=False,
+    description="Adagrad as torch.optim.Adagrad: S = S_0 + sum g^2, Q = g / (sqrt(S) + eps) / (1 + t lr_decay).",
+)
+
+ADAMAX = UpdateRule(
+    name="adamax",
+    init_state=adamax_init,
+    update=adamax_update,
+    defaults={"betas": (0.9, 0.999), "eps": 1e-8},
+    memoryless=False,
+    stationary=False,
+    homogeneity=None,
+    homogeneity_fn=eps_homogeneity("eps"),
+    linear=False,
+    description="Adamax as torch.optim.Adamax: u = max(beta2 u, |g| + eps), Q = m_hat / u.",
+)
+
+
+@hookimpl
+def tplimits_optimizers() -> list[UpdateRule]:
+    return [ADAM, ADAMW, RMSPROP, ADAGRAD, ADAMAX]

@@ -1,0 +1,69 @@
+"""Built-in update rules ``sgd`` and ``momentum`` (linear in the gradients).
+
+* ``sgd``: ``Q_t = g_t`` (``torch.optim.SGD``).
+* ``momentum``: heavy ball with torch's convention, ``b_0 = g_0``, ``b_t = mu b_{t-1} + (1 - dampening) g_t``;
+  ``Q_t = b_t``, or ``Q_t = g_t + mu b_t`` with ``nesterov=True`` (``torch.optim.SGD(momentum=mu, ...)``).
+  With ``dampening = 0`` this is ``Q_t = sum_s mu^(t-s) g_s``, the momentum of Tensor Programs IVb, Sec. 2.1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tplimits.optimizers.base import State, UpdateRule
+from tplimits.plugins.specs import hookimpl
+
+
+def _no_state(g: torch.Tensor) -> State:
+    return {}
+
+
+def sgd_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) -> tuple[torch.Tensor, State]:
+    """``Q_t = g_t``."""
+    return g, state
+
+
+def momentum_init(g: torch.Tensor) -> State:
+    return {"momentum_buffer": torch.zeros_like(g)}
+
+
+def momentum_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) -> tuple[torch.Tensor, State]:
+    """Heavy-ball momentum (torch's convention: the buffer starts at ``g_0``)."""
+    mu = hyper["momentum"]
+    buf = g.clone() if t == 0 else state["momentum_buffer"] * mu + g * (1 - hyper["dampening"])
+    q = g + mu * buf if hyper["nesterov"] else buf
+    return q, {"momentum_buffer": buf}
+
+
+SGD = UpdateRule(
+    name="sgd",
+    init_state=_no_state,
+    update=sgd_update,
+    defaults={},
+    memoryless=True,
+    stationary=True,
+    homogeneity=1.0,
+    linear=True,
+    description="Q_t = g_t (torch.optim.SGD).",
+)
+
+MOMENTUM = UpdateRule(
+    name="momentum",
+    init_state=momentum_init,
+    update=momentum_update,
+    defaults={"momentum": 0.9, "dampening": 0.0, "nesterov": False},
+    memoryless=False,
+    stationary=False,
+    homogeneity=1.0,
+    linear=True,
+    description="Heavy-ball momentum, torch.optim.SGD(momentum=mu, dampening, nesterov): "
+    "b_t = mu b_{t-1} + (1 - dampening) g_t, b_0 = g_0; Q_t = b_t or g_t + mu b_t (Nesterov).",
+)
+
+
+@hookimpl
+def tplimits_optimizers() -> list[UpdateRule]:
+    return [SGD, MOMENTUM]
