@@ -152,3 +152,49 @@ def test_module_form_needs_its_own_width():
     assert model.model is module
     with pytest.raises(tpl.TplimitsError, match="width 48"):
         tpl.instantiate(make(48), 64, base=base, example_inputs=(x,))
+
+
+def test_mup_warns_when_it_overrides_the_attention_scale():
+    with pytest.warns(UserWarning, match="overrides the model's attention scale"):
+        tpl.instantiate(family("transformer", n_layers=1), 32, param="muP", optimizer="sgd", lr=0.1)
+
+
+def test_decorrelation_matrices_follow_their_rule():
+    """R keeps its identity init and moves by R <- s(I - (c/n) C) R (seed 003), computed here by hand
+    from the layer input; the other weights train with the chosen optimizer in the same plain loop."""
+    width, c = 32, 0.5
+    model, opt = tpl.instantiate("decorrelated-mlp", width, param="muP", optimizer="sgd", lr=c)
+    assert type(opt).__name__ == "CompositeOptimizer"
+    layer = model.model.layers[1]
+    R0 = layer.decorrelation.detach().clone()
+    assert torch.equal(R0, torch.eye(width))
+    inputs = {}
+    handle = layer.register_forward_pre_hook(lambda module, args: inputs.setdefault("x", args[0].detach()))
+    (x,) = tpl.architecture("decorrelated-mlp").example_inputs()
+    W0 = model.model.layers[1].weight.detach().clone()
+    opt.zero_grad()
+    F.mse_loss(model(x), torch.ones(8, 1)).backward()
+    opt.step()
+    handle.remove()
+    z = inputs["x"] @ R0.T
+    C = z.T @ z / z.shape[0]
+    R1 = (torch.eye(width) - (c / width) * C) @ R0
+    zn = inputs["x"] @ R1.T
+    s = torch.sqrt(z.square().sum(-1).mean() / zn.square().sum(-1).mean())
+    torch.testing.assert_close(layer.decorrelation.detach(), s * R1, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(model.model.layers[1].weight, W0)  # the forward weights trained too
+
+
+def test_normalized_updates(mlp):
+    """Eq. 2.54: with update normalization every step of a parameter has Frobenius norm lr·n^{-c}."""
+    width, lr = 64, 0.01
+    param = tpl.parametrization("muP-normalized")
+    model, opt = tpl.instantiate(mlp, width, param=param, optimizer="adam", lr=lr)
+    hidden = model.model.layers[1].weight
+    before = hidden.detach().clone()
+    (x,) = tpl.architecture("mlp").example_inputs()
+    opt.zero_grad()
+    F.mse_loss(model(x), torch.ones(8, 1)).backward()
+    opt.step()
+    c = param.roles["hidden"].c
+    assert (hidden.detach() - before).norm().item() == pytest.approx(lr * width ** -float(c), rel=1e-9)

@@ -102,5 +102,6 @@ def tplimits_architectures() -> list[Architecture]:
             defaults=dict(DEFAULTS),
             description="MLP whose hidden weights are preceded by decorrelation matrices R "
             "(identity at init, updated by a non-gradient decorrelation rule).",
+            update_rules={"*.decorrelation": "decorrelation"},
         )
     ]

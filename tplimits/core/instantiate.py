@@ -21,6 +21,7 @@ scaled by ``n^{d}`` before the update function.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import math
 import operator
@@ -122,11 +123,14 @@ def _fan_in_constant(program: Program, name: str) -> float:
 
 
 def apply_parametrization(model: nn.Module, program: Program, param: Parametrization, n: int,
-                          generator: torch.Generator | None = None) -> dict[str, ABCD]:
-    """Re-initialize ``model`` (at width ``n``) and register its multipliers; returns each parameter's abcd."""
+                          generator: torch.Generator | None = None, skip: set[str] | None = None) -> dict[str, ABCD]:
+    """Re-initialize ``model`` (at width ``n``) and register its multipliers; returns each parameter's abcd.
+    Parameters in ``skip`` (updated by a non-gradient rule) keep their own initialization."""
     roles = parameter_roles(program)
     chosen: dict[str, ABCD] = {}
     for name, role in roles.items():
+        if skip and name in skip:
+            continue
         abcd = param.for_parameter(name, role)
         chosen[name] = abcd
         owner, attr = _owner(model, name)
@@ -195,6 +199,7 @@ class Family:
     program: Program
     build: Callable[[int], nn.Module] | None
     module: nn.Module | None = None
+    update_rules: Mapping[str, str] = attrs.field(factory=dict)
 
     def model(self, width: int, seed: int) -> nn.Module:
         if self.build is None:
@@ -220,17 +225,21 @@ def family(arch: Any, example_inputs: Any = None, base: nn.Module | None = None,
         from tplimits.plugins.manager import architecture
 
         spec = architecture(arch)
-        return Family(program, functools.partial(spec.build, **config))
+        return Family(program, functools.partial(spec.build, **config), update_rules=dict(spec.update_rules))
     return Family(program, functools.partial(arch, **config))
 
 
 def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "adam", lr: float = 1e-2,
                 seed: int = 0, example_inputs: Any = None, base: nn.Module | None = None, center: bool = False,
                 weight_decay: float = 0.0, clip: float | None = None, optimizer_options: Mapping | None = None,
+                update_rules: Mapping[str, str] | None = None,
                 **config: Any) -> tuple[ParametrizedModel, torch.optim.Optimizer]:
     """The architecture at ``width`` under ``param`` and the optimizer that trains it.
 
     ``arch`` is any form :func:`tplimits.lower` accepts, or a :class:`Family` (lowered once, reused).
+    ``update_rules`` (``{pattern: rule name}``, added to the architecture's own) names parameters that a
+    non-gradient rule updates instead of ``optimizer`` (decorrelation matrices): they keep their own
+    initialization and learning-rate scaling, and the returned optimizer records their layers' inputs.
 
     >>> model, opt = instantiate("mlp", width=64, param="muP", optimizer="sgd", lr=0.1)
     >>> type(model).__name__
@@ -240,8 +249,9 @@ def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "ada
     fam = family(arch, example_inputs, base, **config)
     model = fam.model(width, seed)
     program = fam.program
+    rules = _rule_assignment(program, {**fam.update_rules, **dict(update_rules or {})})
     generator = torch.Generator().manual_seed(seed)
-    chosen = apply_parametrization(model, program, param, width, generator)
+    chosen = apply_parametrization(model, program, param, width, generator, skip=set(rules))
     attention = _attention_override(program, param)
     initial = None
     if center:
@@ -251,7 +261,83 @@ def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "ada
     wrapped = ParametrizedModel(model, param.a_out_const * float(width) ** float(-param.a_out), attention, initial)
     opt = make_parametrized_optimizer(model, program, param, chosen, width, optimizer, lr, weight_decay=weight_decay,
                                       clip=clip, **dict(optimizer_options or {}))
+    if rules:
+        opt = CompositeOptimizer(model, opt, rules, lr)
     return wrapped, opt
+
+
+def _rule_assignment(program: Program, patterns: Mapping[str, str]) -> dict[str, str]:
+    """Parameter name -> non-gradient rule name, for parameters matching ``patterns``."""
+    assigned = {}
+    for name, info in program.parameters.items():
+        if not info.trainable:
+            continue
+        for pattern, rule in patterns.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                assigned[name] = rule
+                break
+    return assigned
+
+
+class CompositeOptimizer(torch.optim.Optimizer):
+    """The training optimizer plus one optimizer per non-gradient rule (e.g. decorrelation).
+
+    Each rule-driven parameter's layer input is recorded by a forward pre-hook on the module that
+    owns it (that module's first positional input must be the parameter's input, as in
+    ``decorrelated-mlp``), so a plain ``loss.backward(); opt.step()`` loop drives every rule.
+    """
+
+    def __init__(self, model: nn.Module, main: torch.optim.Optimizer, rules: Mapping[str, str], lr: float) -> None:
+        from tplimits.optimizers import make_optimizer
+
+        self.main = main
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.others: list[tuple[torch.optim.Optimizer, list[torch.Tensor]]] = []
+        by_rule: dict[str, list[str]] = {}
+        for name, rule in rules.items():
+            by_rule.setdefault(rule, []).append(name)
+        for rule, names in by_rule.items():
+            tensors = [trained_tensor(model, name) for name in names]
+            self.others.append((make_optimizer(rule, [{"params": [t], "name": n} for t, n in zip(tensors, names,
+                                                                                               strict=True)], lr=lr),
+                                tensors))
+            for name, tensor in zip(names, tensors, strict=True):
+                owner, _ = _owner(model, name)
+                owner.register_forward_pre_hook(functools.partial(_record_input, self.inputs, id(tensor)))
+        self.defaults = main.defaults
+        self.state = main.state
+        self.param_groups = main.param_groups + [g for opt, _ in self.others for g in opt.param_groups]
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.main.zero_grad(set_to_none)
+        for opt, _ in self.others:
+            opt.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = self.main.step(closure)
+        for opt, tensors in self.others:
+            missing = [t for t in tensors if id(t) not in self.inputs]
+            if missing:
+                raise TplimitsError("a rule-driven parameter's layer has not run since the last step: call the model "
+                                    "before opt.step()")
+            opt.step(activations={t: self.inputs[id(t)] for t in tensors})
+        self.inputs.clear()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"main": self.main.state_dict(), "rules": [opt.state_dict() for opt, _ in self.others]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.main.load_state_dict(state_dict["main"])
+        for (opt, _), saved in zip(self.others, state_dict["rules"], strict=True):
+            opt.load_state_dict(saved)
+
+
+def _record_input(store: dict[int, torch.Tensor], key: int, module: nn.Module, args: tuple) -> None:
+    store[key] = args[0].detach()
 
 
 def _attention_override(program: Program, param: Parametrization) -> tuple[float, float] | None:
@@ -271,6 +357,11 @@ def _attention_override(program: Program, param: Parametrization) -> tuple[float
         )
     if not any("scaled_dot_product_attention" in ins.origin.op for ins in program):
         return None
+    warnings.warn(
+        f"{param.name} overrides the model's attention scale: scaled_dot_product_attention's default 1/√d_head "
+        f"becomes d_head^{param.attention_power} (recorded in the program as {scales[0]})",
+        stacklevel=3,
+    )
     return 1.0, float(param.attention_power)
 
 

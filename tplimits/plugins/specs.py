@@ -29,6 +29,7 @@ class Architecture:
     trace_widths: tuple[int, int] = (32, 64)
     defaults: Mapping[str, Any] = attrs.field(factory=dict)
     description: str = ""
+    update_rules: Mapping[str, str] = attrs.field(factory=dict)
 
 
 class TplimitsSpec:
