@@ -7,6 +7,7 @@
 """
 
 from tplimits.core.backprop import TotalProgram, total_program
+from tplimits.core.coordcheck import coord_check
 from tplimits.core.frontend import lower
 from tplimits.core.instantiate import ParametrizedModel, instantiate
 from tplimits.core.interpret import FiniteInterpreter, Interpreter
@@ -34,6 +35,7 @@ from tplimits.errors import (
     UnsupportedOperation,
     WidthError,
 )
+from tplimits.optimizers import UpdateRule, make_optimizer, optimizer, optimizers
 from tplimits.plugins import (
     Architecture,
     architecture,
@@ -72,6 +74,7 @@ __all__ = [
     "TplimitsError",
     "TraceError",
     "UnsupportedOperation",
+    "UpdateRule",
     "Verdict",
     "Width",
     "WidthError",
@@ -80,10 +83,14 @@ __all__ = [
     "architecture",
     "architectures",
     "classify",
+    "coord_check",
     "hookimpl",
     "instantiate",
     "lower",
     "lowering_rules",
+    "make_optimizer",
+    "optimizer",
+    "optimizers",
     "parametrization",
     "parametrizations",
     "plugin_manager",
