@@ -20,7 +20,7 @@ from tplimits.core.coordcheck import coord_check
 WIDTHS = {"mlp": (128, 256, 512, 1024, 2048), "decorrelated-mlp": (128, 256, 512, 1024, 2048),
           "transformer": (128, 256, 512, 1024, 2048), "resnet": (128, 256, 512, 1024, 2048)}
 LR = {"sgd": 0.1, "adam": 0.01}
-CONFIG = {"transformer": {"n_layers": 2, "n_heads": 4}, "resnet": {"stages": 1, "blocks": 1}}
+CONFIG = {"transformer": {"n_layers": 1, "n_heads": 4}, "resnet": {"stages": 1, "blocks": 1}}
 
 
 def main() -> None:
@@ -29,13 +29,14 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="*", default=["sgd", "adam"])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--params", nargs="*", default=["SP", "NTP", "muP"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_default_dtype(torch.float32)
     for name in args.families:
         for optimizer in args.optimizers:
             start = time.perf_counter()
-            report = coord_check(name, params=("SP", "NTP", "muP"), optimizer=optimizer, widths=WIDTHS[name],
+            report = coord_check(name, params=tuple(args.params), optimizer=optimizer, widths=WIDTHS[name],
                                  steps=args.steps, lr=LR[optimizer], seeds=args.seeds, **CONFIG.get(name, {}))
             elapsed = time.perf_counter() - start
             print(f"== {name} / {optimizer} (lr {LR[optimizer]}, widths {WIDTHS[name]}, {elapsed:.0f} s)")

@@ -67,18 +67,18 @@ def test_sp_with_sgd_grows():
 
 def test_transformer_sees_attention_logits():
     """Attention logits are program values (module hooks cannot see them). μP scales them by 1/d_head, so
-    at initialization (q, k independent) they are O(n^-1/2); NTP keeps sdpa's 1/√d_head, O(1)."""
-    report = coord_check("transformer", params=("muP", "NTP"), optimizer="adam", widths=(64, 128, 256), steps=2,
+    at initialization (q, k independent) they are O(n^-1/2); SP keeps sdpa's 1/√d_head, O(1)."""
+    report = coord_check("transformer", params=("muP", "SP"), optimizer="adam", widths=(64, 128, 256), steps=2,
                          lr=0.01, seeds=2, n_layers=1)
     slopes = {}
-    for name in ("muP", "NTP"):
+    for name in ("muP", "SP"):
         logits = [n for n in report[name].nodes if n.kind == "scalar" and "scaled_dot_product_attention" in n.op]
         assert len(logits) >= 3
         scaled = logits[1]  # the sum over d_head times the scale
         slopes[name] = scaled.init_slope
         assert all(math.isfinite(n.change_slope) for n in logits)
-        assert all(abs(s) <= 0.1 for s in report[name].hidden_change_slopes) or name == "NTP"
-    assert abs(slopes["muP"] + 0.5) < 0.15 and abs(slopes["NTP"]) < 0.15, slopes
+        assert all(abs(s) <= 0.1 for s in report[name].hidden_change_slopes) or name == "SP"
+    assert abs(slopes["muP"] + 0.5) < 0.15 and abs(slopes["SP"]) < 0.15, slopes
 
 
 def test_cli(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import attrs
 import pytest
 
 import tplimits as tpl
@@ -102,8 +103,13 @@ def test_transformer_classification():
     prog = tpl.lower("transformer", n_layers=1)
     mup = classify_program(prog, tpl.parametrization("muP"), homogeneity=ADAM)
     assert mup.regime == "feature learning"
-    assert any("attention" in reason for reason in mup.reasons)
+    assert any("become n^-1" in reason for reason in mup.reasons)
     assert classify_program(prog, tpl.parametrization("NTP"), homogeneity=ADAM).regime == "operator"
+    keep_sqrt = attrs.evolve(tpl.parametrization("muP"), attention_power=None)
+    assert any("grows like n^1/2" in reason for reason in classify_program(prog, keep_sqrt, homogeneity=ADAM).reasons)
+    ntp_sqrt = attrs.evolve(tpl.parametrization("NTP"), attention_power=None)
+    assert any("leaves the operator regime" in reason
+               for reason in classify_program(prog, ntp_sqrt, homogeneity=ADAM).reasons)
 
 
 def test_normalized_variants(mlp3):

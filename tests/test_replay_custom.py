@@ -12,14 +12,6 @@ from torch import nn
 import tplimits as tpl
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _close(out, ref):
     assert out.shape == ref.shape
     assert out.dtype == ref.dtype

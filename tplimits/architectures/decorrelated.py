@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplimits.architectures.mlp import DEFAULTS, activation_fn, check_depth
+from tplimits.architectures.mlp import DEFAULTS, MLP
 from tplimits.architectures.mlp import example_inputs as mlp_example_inputs
 from tplimits.plugins.specs import Architecture, hookimpl
 
@@ -45,32 +45,13 @@ class DecorrelatedLinear(nn.Linear):
         return F.linear(F.linear(x, self.decorrelation), self.weight, self.bias)
 
 
-class DecorrelatedMLP(nn.Module):
-    """Like :class:`tplimits.architectures.mlp.MLP`, with :class:`DecorrelatedLinear` for the
-    hidden ``width x width`` layers."""
+class DecorrelatedMLP(MLP):
+    """:class:`tplimits.architectures.mlp.MLP` with :class:`DecorrelatedLinear` for the hidden
+    ``width x width`` layers."""
 
-    def __init__(
-        self,
-        width: int,
-        depth: int = 3,
-        activation: str = "tanh",
-        bias: bool = True,
-        d_in: int = 16,
-        d_out: int = 1,
-    ) -> None:
-        super().__init__()
-        depth = check_depth(depth)
-        self.activation = activation
-        self.phi = activation_fn(activation)
-        layers: list[nn.Module] = [nn.Linear(d_in, width, bias=bias)]
-        layers += [DecorrelatedLinear(width, width, bias=bias) for _ in range(depth - 1)]
-        self.layers = nn.ModuleList(layers)
-        self.readout = nn.Linear(width, d_out, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = self.phi(layer(x))
-        return self.readout(x)
+    def __init__(self, width: int, depth: int = 3, activation: str = "tanh", bias: bool = True, d_in: int = 16,
+                 d_out: int = 1) -> None:
+        super().__init__(width, depth, activation, bias, d_in, d_out, hidden_layer=DecorrelatedLinear)
 
 
 def build(

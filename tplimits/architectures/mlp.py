@@ -58,8 +58,9 @@ def check_depth(depth: int) -> int:
 
 
 class MLP(nn.Module):
-    """``depth`` hidden ``nn.Linear`` layers of size ``width`` with nonlinearity ``activation``,
-    followed by a linear readout."""
+    """``depth`` hidden layers of size ``width`` with nonlinearity ``activation``, followed by a linear
+    readout. The first layer is an ``nn.Linear``; the ``width x width`` ones are built by
+    ``hidden_layer(in_features, out_features, bias=...)`` (``nn.Linear`` by default)."""
 
     def __init__(
         self,
@@ -69,13 +70,14 @@ class MLP(nn.Module):
         bias: bool = True,
         d_in: int = 16,
         d_out: int = 1,
+        hidden_layer: Callable[..., nn.Module] = nn.Linear,
     ) -> None:
         super().__init__()
         depth = check_depth(depth)
         self.activation = activation
         self.phi = activation_fn(activation)
-        sizes = [d_in] + [width] * depth
-        self.layers = nn.ModuleList(nn.Linear(sizes[i], sizes[i + 1], bias=bias) for i in range(depth))
+        layers = [nn.Linear(d_in, width, bias=bias)] + [hidden_layer(width, width, bias=bias) for _ in range(depth - 1)]
+        self.layers = nn.ModuleList(layers)
         self.readout = nn.Linear(width, d_out, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -129,9 +129,10 @@ def standard() -> Parametrization:
 
 
 def ntk() -> Parametrization:
-    """NTP for a general architecture (Def 2.9.11)."""
+    """NTP for a general architecture (Def 2.9.11), attention logits scaled by 1/d_head (with 1/√d_head the
+    logits of features moving like n^-1/2 still change Θ(1), which leaves the operator regime)."""
     return Parametrization("NTP", _table(("1/2", 0, 1, 1), (0, 0, "1/2", "1/2"), (0, 0, "1/2", "1/2")), a_out="1/2",
-                           description="neural tangent parametrization (Def 2.9.11)")
+                           attention_power=Fraction(-1), description="neural tangent parametrization (Def 2.9.11)")
 
 
 def maximal_update() -> Parametrization:
@@ -149,7 +150,7 @@ def uniform(s: Any) -> Parametrization:
     if not 0 <= s <= Fraction(1, 2):
         raise TplimitsError(f"UP_s needs s in [0, 1/2], got {s}")
     return Parametrization(f"UP_{s}", _table((s, Fraction(1, 2) - s, 1, 1), (0, 0, s, 1 - s), (0, 0, s, 1 - s)),
-                           a_out=1 - s, attention_power=Fraction(-1) if s == 0 else None,
+                           a_out=1 - s, attention_power=Fraction(-1),
                            description=f"uniform parametrization UP_{s} (Remark 2.8.25)")
 
 
@@ -157,7 +158,8 @@ def normalized(kind: str) -> Parametrization:
     """Update normalization / clipping variants (Defs 2.10.4, 2.10.5, 2.10.9)."""
     if kind == "NTP-normalized":
         table = _table(("1/2", 0, 0, 1), (0, 0, 0, "1/2"), (0, 0, 0, "1/2"))
-        return Parametrization(kind, table, a_out="1/2", update="normalized", description="Def 2.10.4")
+        return Parametrization(kind, table, a_out="1/2", update="normalized", attention_power=Fraction(-1),
+                               description="Def 2.10.4")
     if kind == "muP-normalized":
         table = _table((0, "1/2", 0, 1), (0, 0, "-1/2", 1), (0, 0, "-1/2", 1))
         return Parametrization(kind, table, a_out=1, update="normalized", attention_power=Fraction(-1),
@@ -331,15 +333,24 @@ def classify_program(program: Program, param: Parametrization, *, homogeneity: f
 
 
 def _attention_reasons(program: Program, param: Parametrization, r: Fraction | None, reasons: list[str]) -> None:
+    """Attention logits sum n·ratio products of features; aligned by training, their change is
+    Θ(n^{1 + p − r}) for a logit scale n^p and features moving like n^{-r}. p = r − 1 keeps the logits'
+    change at the features' own scale (μP: 1/d_head; NTP: 1/d_head too, so that they stay in the kernel
+    regime); a larger p makes them blow up (1 + p − r > 0) or leave the operator regime (= 0 with r > 0)."""
     powers = sorted({c.power for c in attention_scales(program)})
-    if not powers:
+    if not powers or r is None:
         return
-    target = param.attention_power
-    if target is not None:
-        reasons.append(f"attention logit scales n^{powers} become n^{target} under {param.name}")
-    elif r == 0 and any(p > -1 for p in powers):
-        reasons.append(f"attention logits scaled by n^{powers[0]}: with features learning (r = 0), q·k grows like n "
-                       "and the logits like n^{1 + p}; μP's 1/d_head keeps them Θ(1)")
+    effective = [param.attention_power if param.attention_power is not None else p for p in powers]
+    if param.attention_power is not None:
+        reasons.append(f"attention logit scales n^{powers} become n^{param.attention_power} under {param.name}")
+    for p in sorted(set(effective)):
+        growth = 1 + p - r
+        if growth > 0:
+            reasons.append(f"attention logits scaled by n^{p}: their change grows like n^{growth} once training "
+                           f"aligns queries and keys (r = {r}); 1/d_head (n^-1) keeps them bounded")
+        elif growth == 0 and r > 0:
+            reasons.append(f"attention logits scaled by n^{p} change Θ(1) while features move like n^-{r}: "
+                           "attention leaves the operator regime; 1/d_head (n^-1) keeps it there")
 
 
 def attention_scales(program: Program) -> list[WidthPower]:

@@ -264,6 +264,13 @@ def format_args(args: Any) -> str:
     return str(args)
 
 
+def format_call(fn: Callable, args: tuple, kwargs: Mapping[str, Any]) -> str:
+    inner = format_args(args)
+    if kwargs:
+        inner += (", " if inner else "") + format_args(dict(kwargs))
+    return f"{fn_name(fn)}({inner})"
+
+
 def fn_name(fn: Callable) -> str:
     name = getattr(fn, "__name__", None) or repr(fn)
     if isinstance(fn, torch._ops.OpOverload):
@@ -290,10 +297,7 @@ class Nonlin(Instruction):
         return tuple(dict.fromkeys(refs_in((self.args, self.kwargs))))
 
     def describe(self) -> str:
-        inner = format_args(self.args)
-        if self.kwargs:
-            inner += (", " if inner else "") + format_args(dict(self.kwargs))
-        return f"nonlin {fn_name(self.fn)}({inner})"
+        return f"nonlin {format_call(self.fn, self.args, self.kwargs)}"
 
 
 @attrs.frozen(kw_only=True)
@@ -356,10 +360,7 @@ class Regroup(Instruction):
         return tuple(dict.fromkeys(refs_in((self.args, self.kwargs))))
 
     def describe(self) -> str:
-        inner = format_args(self.args)
-        if self.kwargs:
-            inner += (", " if inner else "") + format_args(dict(self.kwargs))
-        return f"regroup {fn_name(self.fn)}({inner})   [blocks of {Width(self.block)}]"
+        return f"regroup {format_call(self.fn, self.args, self.kwargs)}   [blocks of {Width(self.block)}]"
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ def tensor_args(node: OpNode) -> list[Any]:
     return [a for a in torch.utils._pytree.tree_leaves((node.args, dict(node.kwargs))) if is_tensor_value(a)]
 
 
+def rule_table(names: Sequence[str], rule: Callable) -> dict:
+    """``{aten.<name>: rule}`` for every name this torch build has (op sets differ across versions)."""
+    return {getattr(aten, name): rule for name in names if hasattr(aten, name)}
+
+
 def normalize_dims(dims: Any, ndim: int) -> list[int]:
     """Reduction dims as a sorted list of non-negative ints (None / [] = all dims)."""
     if dims is None or (isinstance(dims, list | tuple) and len(dims) == 0):

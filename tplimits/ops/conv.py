@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
 from tplimits.core.program import Width, WidthInt
-from tplimits.ops.common import aten, coordinatewise, lower_einsum
+from tplimits.ops.common import aten, coordinatewise, lower_einsum, rule_table
 from tplimits.plugins.specs import hookimpl
 
 
@@ -114,9 +114,4 @@ def _same_padding(ctx: LoweringContext, mode: str, kernel: list[int], dilation: 
 
 @hookimpl
 def tplimits_lowering_rules() -> dict:
-    rules = {}
-    for name in ("conv1d", "conv2d", "convolution", "_convolution"):
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            rules[packet] = convolution
-    return rules
+    return rule_table(("conv1d", "conv2d", "convolution", "_convolution"), convolution)

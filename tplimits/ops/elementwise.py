@@ -19,6 +19,7 @@ from tplimits.ops.common import (
     aten,
     coordinatewise,
     identity,
+    rule_table,
     scale_matrix,
     tensor_args,
     vector_width_axis,
@@ -136,20 +137,9 @@ def factory(ctx: LoweringContext, node: OpNode) -> Value:
 
 @hookimpl
 def tplimits_lowering_rules() -> dict:
-    rules: dict = {}
-    for name in ELEMENTWISE:
-        for variant in (name, name + "_"):
-            packet = getattr(aten, variant, None)
-            if packet is not None:
-                rules[packet] = elementwise
-    for name in IDENTITIES:
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            rules[packet] = identity_rule
-    for name in FACTORIES:
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            rules[packet] = factory
+    rules = rule_table([*ELEMENTWISE, *(name + "_" for name in ELEMENTWISE)], elementwise)
+    rules.update(rule_table(IDENTITIES, identity_rule))
+    rules.update(rule_table(FACTORIES, factory))
     # nn.Dropout(inplace=True) and friends
     rules[aten.dropout_] = identity_rule
     rules[aten.glu] = glu

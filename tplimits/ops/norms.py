@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
 from tplimits.core.program import Width, WidthInt
-from tplimits.ops.common import aten, coordinatewise, reduce_sum_or_mean, vector_width_axis
+from tplimits.ops.common import aten, coordinatewise, reduce_sum_or_mean, rule_table, vector_width_axis
 from tplimits.ops.reductions import biased_variance
 from tplimits.ops.shape import reshape_block
 from tplimits.plugins.specs import hookimpl
@@ -156,8 +156,5 @@ def instance_norm(ctx: LoweringContext, node: OpNode) -> Value:
 def tplimits_lowering_rules() -> dict:
     rules = {aten.layer_norm: layer_norm, aten.batch_norm: batch_norm, aten.native_group_norm: native_group_norm,
              aten.group_norm: group_norm_rule, aten.instance_norm: instance_norm}
-    for name in ("rms_norm", "_fused_rms_norm"):
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            rules[packet] = rms_norm
+    rules.update(rule_table(("rms_norm", "_fused_rms_norm"), rms_norm))
     return rules

@@ -19,6 +19,7 @@ from tplimits.ops.common import (
     coordinatewise,
     normalize_dims,
     reduce_sum_or_mean,
+    rule_table,
     vector_width_axis,
 )
 from tplimits.plugins.specs import hookimpl
@@ -178,12 +179,6 @@ def _maybe_tuple(ctx: LoweringContext, node: OpNode) -> Any:
 def tplimits_lowering_rules() -> dict:
     rules: dict = {aten.sum: sum_mean, aten.mean: sum_mean, aten.var: var_std, aten.std: var_std,
                    aten.linalg_vector_norm: vector_norm, aten.logsumexp: logsumexp}
-    for name in NOT_OVER_WIDTH:
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            rules[packet] = not_over_width
-    for name in POOLING:
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            rules[packet] = pooling
+    rules.update(rule_table(NOT_OVER_WIDTH, not_over_width))
+    rules.update(rule_table(list(POOLING), pooling))
     return rules

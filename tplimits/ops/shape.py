@@ -20,7 +20,7 @@ import torch
 
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
 from tplimits.core.program import Layout, Width, WidthInt, concrete_shape, width_axes
-from tplimits.ops.common import Pick, aten, coordinatewise, normalize_dims, vector_width_axis
+from tplimits.ops.common import Pick, aten, coordinatewise, normalize_dims, rule_table, vector_width_axis
 from tplimits.plugins.specs import hookimpl
 
 # --------------------------------------------------------------------------------------------
@@ -347,19 +347,11 @@ def embedding(ctx: LoweringContext, node: OpNode) -> Value:
 
 @hookimpl
 def tplimits_lowering_rules() -> dict:
-    rules: dict = {}
-    for name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_copy", "_reshape_alias"):
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            rules[packet] = reshape
-    for name in ("permute", "movedim"):
-        rules[getattr(aten, name)] = permute
-    for name in ("transpose", "t", "swapaxes", "numpy_T"):
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            rules[packet] = transpose
-    for name in ("unsqueeze", "squeeze", "expand_as"):
-        rules[getattr(aten, name)] = coordinatewise
+    rules = rule_table(("view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_copy", "_reshape_alias"),
+                       reshape)
+    rules.update(rule_table(("permute", "movedim"), permute))
+    rules.update(rule_table(("transpose", "t", "swapaxes", "numpy_T"), transpose))
+    rules.update(rule_table(("unsqueeze", "squeeze", "expand_as"), coordinatewise))
     rules.update({
         aten.expand: expand,
         aten.repeat: repeat,

@@ -20,33 +20,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tplimits.errors import PluginError
 from tplimits.optimizers.base import GROUP_OPTIONS, TplimitsOptimizer, UpdateRule, record_inputs
-from tplimits.plugins.manager import make_package_callable, plugin_manager
+from tplimits.plugins.manager import lookup, make_package_callable, registered
 
 
 def optimizers() -> dict[str, UpdateRule]:
     """Every registered update rule, by name; a later registration overrides an earlier one."""
-    found: dict[str, UpdateRule] = {}
-    for answer in reversed(plugin_manager().hook.tplimits_optimizers()):
-        for rule in answer:
-            if not isinstance(rule, UpdateRule):
-                raise PluginError(
-                    f"a tplimits_optimizers hook returned {rule!r}; expected tplimits.optimizers.UpdateRule values"
-                )
-            found[rule.name] = rule
-    return found
+    return registered("tplimits_optimizers", UpdateRule)
 
 
 def optimizer(name: str) -> UpdateRule:
     """The registered update rule ``name``; a clear error listing the known names otherwise."""
-    known = optimizers()
-    if name not in known:
-        raise PluginError(
-            f"no optimizer named {name!r} is registered; known: {sorted(known)}. "
-            "Register one with a plugin implementing `tplimits_optimizers`."
-        )
-    return known[name]
+    return lookup(optimizers(), name, "optimizer", "tplimits_optimizers")
 
 
 def make_optimizer(rule: UpdateRule | str, params: Iterable[Any], *, lr: float, **options: Any) -> TplimitsOptimizer:

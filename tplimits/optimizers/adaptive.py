@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import torch
 
 from tplimits.optimizers.base import State, UpdateRule, bias_correction, eps_homogeneity, safe_divide
@@ -91,16 +92,9 @@ ADAM = UpdateRule(
     description=_ADAM_DESCRIPTION,
 )
 
-ADAMW = UpdateRule(
+ADAMW = attrs.evolve(
+    ADAM,
     name="adamw",
-    init_state=adam_init,
-    update=adam_update,
-    defaults=_ADAM_DEFAULTS,
-    memoryless=False,
-    stationary=False,
-    homogeneity=None,
-    homogeneity_fn=eps_homogeneity("eps"),
-    linear=False,
     option_defaults={"weight_decay": 1e-5},
     description=_ADAM_DESCRIPTION + " Decoupled weight decay lambda (Eq. 2.50), default 1e-5 = torch.optim.AdamW's "
     "lr * weight_decay at its defaults (1e-3 * 1e-2).",

@@ -36,34 +36,39 @@ def unregister_plugin(plugin: object | None = None, name: str | None = None) -> 
     plugin_manager().unregister(plugin=plugin, name=name)
 
 
+def registered(hook: str, kind: type | None = None) -> dict[str, Any]:
+    """Every value the plugins return from ``hook``, by its ``name``; a later registration wins."""
+    found: dict[str, Any] = {}
+    # pluggy calls the most recently registered plugin first; iterate oldest first so later wins.
+    for answer in reversed(getattr(plugin_manager().hook, hook)()):
+        for value in answer:
+            if kind is not None and not isinstance(value, kind):
+                raise PluginError(f"a {hook} hook returned {value!r}; expected {kind.__module__}.{kind.__qualname__}")
+            found[value.name] = value
+    return found
+
+
+def lookup(registry: dict[str, Any], name: str, what: str, hook: str) -> Any:
+    """``registry[name]``, or an error listing the known names and the hook that adds one."""
+    if name not in registry:
+        raise PluginError(f"no {what} named {name!r} is registered; known: {sorted(registry)}. "
+                          f"Register one with a plugin implementing `{hook}`.")
+    return registry[name]
+
+
 def architectures() -> dict[str, Architecture]:
     """Every registered architecture, by name."""
-    found: dict[str, Architecture] = {}
-    # pluggy calls the most recently registered plugin first; iterate oldest first so later wins.
-    for answer in reversed(plugin_manager().hook.tplimits_architectures()):
-        for arch in answer:
-            found[arch.name] = arch
-    return found
+    return registered("tplimits_architectures", Architecture)
 
 
 def architecture(name: str) -> Architecture:
     """The registered architecture ``name``; a clear error listing the known names otherwise."""
-    known = architectures()
-    if name not in known:
-        raise PluginError(
-            f"no architecture named {name!r} is registered; known: {sorted(known)}. "
-            "Register one with a plugin implementing `tplimits_architectures`."
-        )
-    return known[name]
+    return lookup(architectures(), name, "architecture", "tplimits_architectures")
 
 
 def parametrizations() -> dict[str, Any]:
     """Every registered parametrization, by name."""
-    found: dict[str, Any] = {}
-    for answer in reversed(plugin_manager().hook.tplimits_parametrizations()):
-        for param in answer:
-            found[param.name] = param
-    return found
+    return registered("tplimits_parametrizations")
 
 
 def parametrization(name: Any) -> Any:
