@@ -54,3 +54,28 @@ def test_dropout_is_off_in_the_program():
 def test_trace_widths_must_differ():
     with pytest.raises(tpl.WidthError, match="same width"):
         trace.compare_traces(None, None, 32, 32)
+
+
+class InPlace(nn.Module):
+    """In-place ops on activations (relu_, mul_, add_): later uses see the mutated tensor."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.a = nn.Linear(3, width)
+        self.b = nn.Linear(width, width)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        g = h * 2
+        h.relu_()
+        h.mul_(0.5).add_(g)
+        return self.out(torch.tanh(self.b(h)) + h)
+
+
+def test_in_place_activation_ops():
+    x = torch.randn(4, 3)
+    prog = tpl.lower(InPlace, example_inputs=(x,), width=16)
+    for width in (16, 40):
+        model = InPlace(width)
+        assert_close_tree(prog.replay(model, x), model(x))
