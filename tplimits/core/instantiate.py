@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 from tplimits.core.frontend import resolve
 from tplimits.core.lower import lower_trace
 from tplimits.core.parametrize import ABCD, Parametrization, attention_scales, parameter_roles, update_exponent
-from tplimits.core.program import Program, Width, WidthPower
+from tplimits.core.program import Nonlin, Parameter, Program, Ref, Width, WidthPower
 from tplimits.core.trace import trace_pair
 from tplimits.errors import TplimitsError
 from tplimits.plugins.manager import lowering_rules, parametrization
@@ -94,14 +94,16 @@ class ParametrizedModel(nn.Module):
         with AttentionScale(*self.attention):
             return module(*args, **kwargs)
 
+    def _output(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        return pytree.tree_map(lambda t: t * self.output_scale if torch.is_tensor(t) else t,
+                               self._run(module, args, kwargs))
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = pytree.tree_map(lambda t: t * self.output_scale if torch.is_tensor(t) else t,
-                              self._run(self.model, args, kwargs))
+        out = self._output(self.model, args, kwargs)
         if self.initial is None:
             return out
         with torch.no_grad():
-            out0 = pytree.tree_map(lambda t: t * self.output_scale if torch.is_tensor(t) else t,
-                                   self._run(self.initial, args, kwargs))
+            out0 = self._output(self.initial, args, kwargs)
         return pytree.tree_map(lambda a, b: a - b if torch.is_tensor(a) else a, out, out0)
 
 
@@ -157,16 +159,12 @@ def trained_tensor(model: nn.Module, target: str) -> torch.Tensor:
 
 def effective_state(model: nn.Module, program: Program) -> dict[str, torch.Tensor]:
     """Each program parameter's effective value (multiplier applied), by its program name."""
-    from tplimits.core.program import Parameter
-
     return {ins.target: operator.attrgetter(ins.target)(model) for ins in program if isinstance(ins, Parameter)}
 
 
 def parametrized_program(program: Program, param: Parametrization) -> Program:
     """``program`` with the parametrization's output multiplier and attention scales in place: replayed
     with a ParametrizedModel's effective parameters it equals that model's output."""
-    from tplimits.core.program import Nonlin, Ref
-
     instructions = []
     for ins in program.instructions:
         if (param.attention_power is not None and isinstance(ins, Nonlin)
