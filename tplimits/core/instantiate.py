@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 from tplimits.core.frontend import resolve
 from tplimits.core.lower import lower_trace
 from tplimits.core.parametrize import ABCD, Parametrization, attention_scales, parameter_roles, update_exponent
-from tplimits.core.program import Nonlin, Parameter, Program, Ref, Width, WidthPower
+from tplimits.core.program import Nonlin, Parameter, ParameterInfo, Program, Ref, Width, WidthPower
 from tplimits.core.trace import trace_pair
 from tplimits.errors import TplimitsError
 from tplimits.plugins.manager import lowering_rules, parametrization
@@ -112,9 +112,8 @@ def _owner(model: nn.Module, target: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), attr
 
 
-def _fan_in_constant(program: Program, name: str) -> float:
+def _fan_in_constant(info: ParameterInfo) -> float:
     """1/√(number of entries summed against the input) at the width's ratio, excluding n itself."""
-    info = program.parameters[name]
     if not info.fan_in_axes:
         return 1.0
     fan = 1.0
@@ -129,6 +128,7 @@ def apply_parametrization(model: nn.Module, program: Program, param: Parametriza
     """Re-initialize ``model`` (at width ``n``) and register its multipliers; returns each parameter's abcd.
     Parameters in ``skip`` (updated by a non-gradient rule) keep their own initialization."""
     roles = parameter_roles(program)
+    infos = program.parameters
     chosen: dict[str, ABCD] = {}
     for name, role in roles.items():
         if skip and name in skip:
@@ -139,7 +139,7 @@ def apply_parametrization(model: nn.Module, program: Program, param: Parametriza
         tensor = getattr(owner, attr)
         with torch.no_grad():
             if tensor.numel() > 1 and not torch.all(tensor == tensor.flatten()[0]):
-                std = _fan_in_constant(program, name) * abcd.b_const * float(n) ** float(-abcd.b)
+                std = _fan_in_constant(infos[name]) * abcd.b_const * float(n) ** float(-abcd.b)
                 tensor.normal_(0.0, std, generator=generator)
         scale = abcd.a_const * float(n) ** float(-abcd.a)
         if scale != 1.0:
