@@ -198,3 +198,12 @@ def test_normalized_updates(mlp):
     opt.step()
     c = param.roles["hidden"].c
     assert (hidden.detach() - before).norm().item() == pytest.approx(lr * width ** -float(c), rel=1e-9)
+
+
+@pytest.mark.parametrize("name,exponent", [("muP", 0.0), ("NTP", -0.5)])
+def test_rule_rate_follows_the_parametrization(name, exponent):
+    """The decorrelation rule's own rate c/n is the maximal update; NTP scales it by n^-1/2 (r = 1/2)."""
+    width = 64
+    _, opt = tpl.instantiate("decorrelated-mlp", width, param=name, optimizer="sgd", lr=0.1)
+    groups = [g for rule_opt, _ in opt.others for g in rule_opt.param_groups]
+    assert groups and all(g["lr_scale"] == pytest.approx(width ** exponent) for g in groups)

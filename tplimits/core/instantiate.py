@@ -237,7 +237,8 @@ def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "ada
     ``arch`` is any form :func:`tplimits.lower` accepts, or a :class:`Family` (lowered once, reused).
     ``update_rules`` (``{pattern: rule name}``, added to the architecture's own) names parameters that a
     non-gradient rule updates instead of ``optimizer`` (decorrelation matrices): they keep their own
-    initialization and learning-rate scaling, and the returned optimizer records their layers' inputs.
+    initialization, their rule's rate is scaled by ``n^-r`` of the hidden role (1 under μP), and the
+    returned optimizer records their layers' inputs.
 
     >>> model, opt = instantiate("mlp", width=64, param="muP", optimizer="sgd", lr=0.1)
     >>> type(model).__name__
@@ -260,7 +261,11 @@ def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "ada
     opt = make_parametrized_optimizer(model, program, param, chosen, width, optimizer, lr, weight_decay=weight_decay,
                                       clip=clip, **dict(optimizer_options or {}))
     if rules:
-        opt = CompositeOptimizer(model, opt, rules, lr)
+        hidden = param.roles["hidden"]
+        # A rule's own rate (decorrelation: c/n) is the maximal update; a parametrization whose hidden layers
+        # move features like n^-r scales it by n^-r (NTP: r = 1/2), so the rule stays in the same regime.
+        r = hidden.c + hidden.a - 1
+        opt = CompositeOptimizer(model, opt, rules, lr, lr_scale=float(width) ** float(-r))
     return wrapped, opt
 
 
@@ -285,7 +290,8 @@ class CompositeOptimizer(torch.optim.Optimizer):
     ``decorrelated-mlp``), so a plain ``loss.backward(); opt.step()`` loop drives every rule.
     """
 
-    def __init__(self, model: nn.Module, main: torch.optim.Optimizer, rules: Mapping[str, str], lr: float) -> None:
+    def __init__(self, model: nn.Module, main: torch.optim.Optimizer, rules: Mapping[str, str], lr: float,
+                 lr_scale: float = 1.0) -> None:
         from tplimits.optimizers import make_optimizer
 
         self.main = main
@@ -296,9 +302,8 @@ class CompositeOptimizer(torch.optim.Optimizer):
             by_rule.setdefault(rule, []).append(name)
         for rule, names in by_rule.items():
             tensors = [trained_tensor(model, name) for name in names]
-            self.others.append((make_optimizer(rule, [{"params": [t], "name": n} for t, n in zip(tensors, names,
-                                                                                               strict=True)], lr=lr),
-                                tensors))
+            groups = [{"params": [t], "name": n, "lr_scale": lr_scale} for t, n in zip(tensors, names, strict=True)]
+            self.others.append((make_optimizer(rule, groups, lr=lr), tensors))
             for name, tensor in zip(names, tensors, strict=True):
                 owner, _ = _owner(model, name)
                 owner.register_forward_pre_hook(functools.partial(_record_input, self.inputs, id(tensor)))
