@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """``torch.set_default_dtype(dtype)`` for the duration of the block."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @pytest.fixture(autouse=True)
 def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+    with default_dtype(torch.float64):
+        yield
 
 
 def assert_close_tree(got, ref, rtol: float = 1e-10) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tplimits as tpl
+from tests.conftest import default_dtype
 from tplimits.cli import main
 from tplimits.core.coordcheck import coord_check
 
@@ -21,10 +22,8 @@ WIDTHS = (128, 256, 512, 1024, 2048)
 
 @pytest.fixture(autouse=True)
 def float32():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
+    with default_dtype(torch.float32):
+        yield
 
 
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.1), ("adam", 0.01)])

@@ -208,6 +208,7 @@ class _Builder:
         self.program = program
         self.instructions: list[Instruction] = list(program.instructions)
         self.names = {ins.name for ins in self.instructions}
+        self.layouts: dict[str, Layout] = {ins.name: ins.layout for ins in self.instructions}
         self.contributions: dict[str, list[str]] = {}
         self.matrix_terms: dict[str, list[MatrixGradientTerm]] = {}
 
@@ -221,7 +222,9 @@ class _Builder:
 
     def emit(self, cls: type[Instruction], base: str, origin: Origin, **fields: Any) -> str:
         name = self.fresh(base)
-        self.instructions.append(cls(name=name, origin=origin, **fields))
+        ins = cls(name=name, origin=origin, **fields)
+        self.instructions.append(ins)
+        self.layouts[name] = ins.layout
         return name
 
     def contribute(self, target: str, value: str) -> None:
@@ -241,13 +244,7 @@ class _Builder:
         return total
 
     def layout(self, name: str) -> Layout:
-        return self.program[name].layout if name in self.program._by_name else self._layout_of(name)
-
-    def _layout_of(self, name: str) -> Layout:
-        for ins in reversed(self.instructions):
-            if ins.name == name:
-                return ins.layout
-        raise KeyError(name)
+        return self.layouts[name]
 
 
 def total_program(program: Program) -> TotalProgram:

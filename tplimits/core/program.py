@@ -99,13 +99,7 @@ class WidthPower:
 
 def resolve(arg: Any, n: int) -> Any:
     """Replace every width-dependent constant inside ``arg`` (any nesting) by its value at width n."""
-    if isinstance(arg, WidthInt | WidthPower):
-        return arg.resolve(n)
-    if isinstance(arg, list | tuple):
-        return type(arg)(resolve(a, n) for a in arg)
-    if isinstance(arg, dict):
-        return {k: resolve(v, n) for k, v in arg.items()}
-    return arg
+    return substitute(arg, {}, n)
 
 
 def width_dependent(arg: Any) -> bool:

@@ -250,7 +250,7 @@ def _node_by_name(trace: GraphTrace, name: str) -> fx.Node | None:
 
 
 def _target_name(target: Any) -> str:
-    return getattr(target, "__name__", None) and str(target) or repr(target)
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", repr(target))
 
 
 def _value_shape(node: fx.Node, trace: GraphTrace) -> Any:
