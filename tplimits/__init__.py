@@ -35,12 +35,17 @@ from tplimits.errors import (
     UnsupportedOperation,
     WidthError,
 )
+from tplimits.limit import Limit, Trajectory, derive
+from tplimits.limit.check import CheckReport
+from tplimits.losses import Loss
 from tplimits.optimizers import UpdateRule, make_optimizer, optimizer, optimizers
 from tplimits.plugins import (
     Architecture,
     architecture,
     architectures,
     hookimpl,
+    loss,
+    losses,
     lowering_rules,
     parametrization,
     parametrizations,
@@ -55,10 +60,13 @@ __all__ = [
     "ABCD",
     "Architecture",
     "Avg",
+    "CheckReport",
     "Constant",
     "FiniteInterpreter",
     "Input",
     "Interpreter",
+    "Limit",
+    "Loss",
     "LoweringError",
     "MatMul",
     "Nonlin",
@@ -72,6 +80,7 @@ __all__ = [
     "Regroup",
     "TotalProgram",
     "TplimitsError",
+    "Trajectory",
     "TraceError",
     "UnsupportedOperation",
     "UpdateRule",
@@ -84,8 +93,11 @@ __all__ = [
     "architectures",
     "classify",
     "coord_check",
+    "derive",
     "hookimpl",
     "instantiate",
+    "loss",
+    "losses",
     "lower",
     "lowering_rules",
     "make_optimizer",

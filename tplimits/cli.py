@@ -1,4 +1,4 @@
-"""Command line: ``tplimits inspect <architecture | module:attr | file.py:attr>``."""
+"""Command line: ``tplimits check`` (the μ-limit against training), ``tplimits inspect``, ``tplimits coordcheck``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,36 @@ def coordcheck_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of scikit-learn's bundled 8x8 digits (standardized pixels) and their labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    order = torch.randperm(len(data.target), generator=torch.Generator().manual_seed(seed))[:n]
+    X = torch.as_tensor(data.data, dtype=torch.float64)[order]
+    X = (X - X.mean(0)) / X.std(0).clamp_min(1e-8)
+    return X, torch.as_tensor(data.target)[order]
+
+
+def check_command(args: argparse.Namespace) -> int:
+    from tplimits.limit import derive
+
+    X, labels = digits(args.examples)
+    config = {"depth": args.depth, "d_in": X.shape[1], "d_out": 10, "activation": args.activation,
+              **_parse_config(args.option)}
+    limit = derive("mlp", optimizer=args.optimizer, param="muP", **config)
+    targets = labels if args.loss == "cross_entropy" else torch.nn.functional.one_hot(labels, 10).double()
+    print(f"μ-limit of a depth-{args.depth} {args.activation} MLP (μP, {args.optimizer}, lr {args.lr}, {args.loss}) on "
+          f"{args.examples} digits, {args.steps} steps, {args.particles} particles; finite widths {args.widths} x "
+          f"{args.seeds} seeds", flush=True)
+    report = limit.check(X, targets, widths=args.widths, seeds=args.seeds, steps=args.steps, lr=args.lr,
+                         loss=args.loss, particles=args.particles, progress=not args.quiet)
+    print(report.format())
+    if args.plot:
+        print(f"plot: {report.plot(args.plot)}")
+    return 0 if report.passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tplimits", description="Infinite-width limits of PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,10 +141,26 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--steps", type=int, default=3)
     check.add_argument("--seeds", type=int, default=2)
     check.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    limit = sub.add_parser("check", help="the μ-limit of an MLP on scikit-learn's digits against finite widths")
+    limit.add_argument("--optimizer", default="sgd")
+    limit.add_argument("--lr", type=float, default=0.5)
+    limit.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
+    limit.add_argument("--depth", type=int, default=2)
+    limit.add_argument("--activation", default="tanh")
+    limit.add_argument("--examples", type=int, default=16)
+    limit.add_argument("--steps", type=int, default=10)
+    limit.add_argument("--widths", type=int, nargs="+", default=[128, 512, 2048])
+    limit.add_argument("--seeds", type=int, default=6)
+    limit.add_argument("--particles", type=int, default=2**16)
+    limit.add_argument("--plot", default="tplimits-check.png", help="where to save the PNG ('' for none)")
+    limit.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE")
+    limit.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "coordcheck":
             return coordcheck_command(args)
+        if args.command == "check":
+            return check_command(args)
         return inspect_command(args)
     except TplimitsError as error:
         print(f"tplimits: error: {error}", file=sys.stderr)

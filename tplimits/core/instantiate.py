@@ -123,6 +123,16 @@ def _fan_in_constant(info: ParameterInfo) -> float:
     return 1.0 / math.sqrt(fan)
 
 
+def init_std(info: ParameterInfo, abcd: ABCD, n: int) -> float:
+    """The standard deviation ``C·b_const·n^{-b}`` a randomly initialized parameter is drawn with at width n."""
+    return _fan_in_constant(info) * abcd.b_const * float(n) ** float(-abcd.b)
+
+
+def multiplier(abcd: ABCD, n: int) -> float:
+    """The abcd multiplier ``a_const·n^{-a}`` between a trained tensor and the parameter the model uses."""
+    return abcd.a_const * float(n) ** float(-abcd.a)
+
+
 def apply_parametrization(model: nn.Module, program: Program, param: Parametrization, n: int,
                           generator: torch.Generator | None = None, skip: set[str] | None = None) -> dict[str, ABCD]:
     """Re-initialize ``model`` (at width ``n``) and register its multipliers; returns each parameter's abcd.
@@ -139,9 +149,8 @@ def apply_parametrization(model: nn.Module, program: Program, param: Parametriza
         tensor = getattr(owner, attr)
         with torch.no_grad():
             if tensor.numel() > 1 and not torch.all(tensor == tensor.flatten()[0]):
-                std = _fan_in_constant(infos[name]) * abcd.b_const * float(n) ** float(-abcd.b)
-                tensor.normal_(0.0, std, generator=generator)
-        scale = abcd.a_const * float(n) ** float(-abcd.a)
+                tensor.normal_(0.0, init_std(infos[name], abcd, n), generator=generator)
+        scale = multiplier(abcd, n)
         if scale != 1.0:
             for target in (name, *program.aliases.get(name, ())):
                 module, attribute = _owner(model, target)
@@ -248,7 +257,7 @@ def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "ada
     fam = family(arch, example_inputs, base, **config)
     model = fam.model(width, seed)
     program = fam.program
-    rules = _rule_assignment(program, {**fam.update_rules, **dict(update_rules or {})})
+    rules = rule_assignment(program, {**fam.update_rules, **dict(update_rules or {})})
     generator = torch.Generator().manual_seed(seed)
     chosen = apply_parametrization(model, program, param, width, generator, skip=set(rules))
     attention = _attention_override(program, param)
@@ -261,15 +270,20 @@ def instantiate(arch: Any, width: int, param: Any = "muP", optimizer: Any = "ada
     opt = make_parametrized_optimizer(model, program, param, chosen, width, optimizer, lr, weight_decay=weight_decay,
                                       clip=clip, **dict(optimizer_options or {}))
     if rules:
-        hidden = param.roles["hidden"]
-        # A rule's own rate (decorrelation: c/n) is the maximal update; a parametrization whose hidden layers
-        # move features like n^-r scales it by n^-r (NTP: r = 1/2), so the rule stays in the same regime.
-        r = hidden.c + hidden.a - 1
-        opt = CompositeOptimizer(model, opt, rules, lr, lr_scale=float(width) ** float(-r))
+        opt = CompositeOptimizer(model, opt, rules, lr, lr_scale=rule_lr_scale(param, width))
     return wrapped, opt
 
 
-def _rule_assignment(program: Program, patterns: Mapping[str, str]) -> dict[str, str]:
+def rule_lr_scale(param: Parametrization, width: int) -> float:
+    """The rate factor of a non-gradient rule: ``n^-r`` of the hidden role.
+
+    A rule's own rate (decorrelation: c/n) is the maximal update; a parametrization whose hidden layers
+    move features like n^-r scales it by n^-r (NTP: r = 1/2), so the rule stays in the same regime."""
+    hidden = param.roles["hidden"]
+    return float(width) ** float(-(hidden.c + hidden.a - 1))
+
+
+def rule_assignment(program: Program, patterns: Mapping[str, str]) -> dict[str, str]:
     """Parameter name -> non-gradient rule name, for parameters matching ``patterns``."""
     assigned = {}
     for name, info in program.parameters.items():
@@ -375,12 +389,22 @@ def make_parametrized_optimizer(model: nn.Module, program: Program, param: Param
     """Per-parameter learning rates ``η·c_const·n^{-c}`` and gradient scales ``n^{d}`` (Def 2.2.1)."""
     from tplimits.optimizers import make_optimizer
 
+    tensors = {name: trained_tensor(model, name) for name in chosen}
+    groups = parameter_groups(tensors, program, param, chosen, width, lr, weight_decay, clip)
+    return make_optimizer(optimizer, groups, lr=lr, **hyper)
+
+
+def parameter_groups(tensors: Mapping[str, torch.Tensor], program: Program, param: Parametrization,
+                     chosen: Mapping[str, ABCD], width: int, lr: float, weight_decay: float = 0.0,
+                     clip: float | None = None) -> list[dict[str, Any]]:
+    """One optimizer param group per parameter (``tensors`` by name): lr, ``lr_scale = c_const·n^{-c}``,
+    ``grad_scale = n^{d}``, weight decay and the normalization / clipping of Eq. 2.54."""
     groups = []
     infos = program.parameters
     for name, abcd in chosen.items():
         kind = infos[name].kind
         group = {
-            "params": [trained_tensor(model, name)],
+            "params": [tensors[name]],
             "lr": lr,
             "lr_scale": abcd.c_const * float(width) ** float(-abcd.c),
             "grad_scale": float(width) ** float(abcd.d),
@@ -393,4 +417,4 @@ def make_parametrized_optimizer(model: nn.Module, program: Program, param: Param
                 e = update_exponent(kind, param.update)
                 group["clip"] = (clip if clip is not None else 1.0) * float(width) ** float(e)
         groups.append(group)
-    return make_optimizer(optimizer, groups, lr=lr, **hyper)
+    return groups

@@ -241,23 +241,28 @@ class TplimitsOptimizer(torch.optim.Optimizer):
     def _update(
         self, p: torch.Tensor, g: torch.Tensor, x: torch.Tensor | None, group: Mapping[str, Any], hyper: dict
     ) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["q_state"] = self.rule.init_state(g)
-        q, state["q_state"] = self.rule.update(state["q_state"], g, state["step"], hyper)
-        state["step"] += 1
-        if group["normalize"] or group["clip"] is not None:
-            nu = torch.linalg.vector_norm(q)
-            if group["clip"] is not None:
-                nu = nu.clamp(max=group["clip"])
-            q = q / nu.clamp_min(torch.finfo(q.dtype).tiny)
-        old = p.clone() if self.rule.finalize is not None else None
-        if group["weight_decay"]:
-            p.mul_(1 - group["weight_decay"])
-        p.add_(q, alpha=-group["lr"] * group["lr_scale"])
-        if old is not None:
-            p.copy_(self.rule.finalize(p, old, None if x is None else x.detach(), hyper))
+        new, self.state[p] = apply_rule(self.rule, p, g, self.state[p], group, hyper)
+        if self.rule.finalize is not None:
+            new = self.rule.finalize(new, p.clone(), None if x is None else x.detach(), hyper)
+        p.copy_(new)
+
+
+def apply_rule(rule: UpdateRule, p: torch.Tensor, g: torch.Tensor, state: Mapping[str, Any],
+               group: Mapping[str, Any], hyper: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One update of ``p`` by ``rule`` with the options of ``group`` (Eqs. 2.4, 2.50, 2.54), as a pure
+    function: returns the new tensor and the new state (``{}`` before the first step). ``g`` is the
+    already scaled gradient. The limit engine runs it on particles, keeping the autograd graph."""
+    if not state:
+        state = {"step": 0, "q_state": rule.init_state(g)}
+    q, q_state = rule.update(state["q_state"], g, state["step"], hyper)
+    if group["normalize"] or group["clip"] is not None:
+        nu = torch.linalg.vector_norm(q)
+        if group["clip"] is not None:
+            nu = nu.clamp(max=group["clip"])
+        q = q / nu.clamp_min(torch.finfo(q.dtype).tiny)
+    new = p * (1 - group["weight_decay"]) if group["weight_decay"] else p
+    new = new - (group["lr"] * group["lr_scale"]) * q
+    return new, {"step": state["step"] + 1, "q_state": q_state}
 
 
 @contextlib.contextmanager
@@ -308,6 +313,7 @@ __all__ = [
     "State",
     "TplimitsOptimizer",
     "UpdateRule",
+    "apply_rule",
     "bias_correction",
     "eps_homogeneity",
     "record_inputs",

@@ -21,6 +21,8 @@ A plugin can also be registered at run time with ``tpl.register_plugin(module_or
 from tplimits.plugins.manager import (
     architecture,
     architectures,
+    loss,
+    losses,
     lowering_rules,
     parametrization,
     parametrizations,
@@ -36,6 +38,8 @@ __all__ = [
     "architectures",
     "hookimpl",
     "hookspec",
+    "loss",
+    "losses",
     "lowering_rules",
     "parametrization",
     "parametrizations",

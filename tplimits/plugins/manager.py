@@ -86,6 +86,18 @@ def parametrization(name: Any) -> Any:
                       "s in [0, 1/2]. Register one with a plugin implementing `tplimits_parametrizations`.")
 
 
+def losses() -> dict[str, Any]:
+    """Every registered loss, by name."""
+    return registered("tplimits_losses")
+
+
+def loss(name: Any) -> Any:
+    """A loss by name (``"mse"``, ``"cross_entropy"``); a Loss object passes through."""
+    if not isinstance(name, str):
+        return name
+    return lookup(losses(), name, "loss", "tplimits_losses")
+
+
 def lowering_rules() -> dict[Any, Callable]:
     """Every registered lowering rule, keyed by op; later registrations override earlier ones."""
     rules: dict[Any, Callable] = {}

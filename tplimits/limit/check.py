@@ -1,0 +1,182 @@
+"""``Limit.check``: the limit against finite-width training of the same models on the same data.
+
+Each finite model is ``tpl.instantiate(arch, width, param, optimizer, lr, seed)`` trained by a
+plain torch loop: at every step one forward pass on all inputs (training and test rows, so the
+outputs recorded are those of the pass that is trained on), the loss on that step's batch rows,
+``loss.backward()``, ``opt.step()`` — the very schedule :meth:`Limit.train` follows.
+
+Two numbers per width, both with standard errors over seeds:
+
+* ``gap``: the seed average of each model's RMS distance to the limit over every step and output.
+  At finite width it is dominated by the ``Θ(n^{-1/2})`` fluctuations, so it must shrink with a
+  log-log slope near ``-1/2``;
+* ``mean_gap``: the RMS distance between the seed-averaged outputs and the limit, against
+  ``mean_gap_se``, the RMS of their combined standard error (seeds and particles). At the largest
+  width the limit must agree with the seed average within ``3`` of those.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from tplimits.core.instantiate import instantiate
+from tplimits.errors import TplimitsError
+from tplimits.limit.api import Limit, Trajectory, batch_schedule, default_dtype
+from tplimits.plugins.manager import loss as lookup_loss
+
+
+@attrs.frozen
+class CheckReport:
+    """Finite-width training against the limit, per width (see the module docstring)."""
+
+    widths: tuple[int, ...]
+    seeds: int
+    limit: Trajectory
+    finite_mean: torch.Tensor  # [widths, steps+1, M, ...] seed-averaged outputs
+    finite_se: torch.Tensor
+    gap: torch.Tensor  # [widths]
+    gap_se: torch.Tensor
+    mean_gap: torch.Tensor
+    mean_gap_se: torch.Tensor
+    slope: float
+    max_slope: float
+    tolerance: float
+    seconds_finite: float
+
+    @property
+    def agrees(self) -> bool:
+        """The seed-averaged largest-width outputs are within ``tolerance`` standard errors of the limit."""
+        return bool(self.mean_gap[-1] <= self.tolerance * self.mean_gap_se[-1])
+
+    @property
+    def converges(self) -> bool:
+        """The gap shrinks with width at least as fast as ``width^max_slope``."""
+        return self.slope <= self.max_slope
+
+    @property
+    def passed(self) -> bool:
+        return self.converges and self.agrees
+
+    def format(self) -> str:
+        lines = [f"{'width':>8} {'gap':>10} {'± se':>9} {'mean gap':>10} {'± se':>9}"]
+        for i, w in enumerate(self.widths):
+            lines.append(f"{w:>8} {self.gap[i]:>10.4f} {self.gap_se[i]:>9.4f} {self.mean_gap[i]:>10.4f} "
+                         f"{self.mean_gap_se[i]:>9.4f}")
+        lines.append(f"fitted slope of the gap: {self.slope:.3f} (pass: <= {self.max_slope}); largest width within "
+                     f"{self.mean_gap[-1] / self.mean_gap_se[-1]:.2f} standard errors (pass: <= {self.tolerance})")
+        lines.append(f"limit: {self.limit.particles} particles in {self.limit.batches} batches, {self.limit.dots} "
+                     f"dots, {self.limit.seconds:.1f} s; finite widths {self.seconds_finite:.1f} s")
+        lines.append("PASSED" if self.passed else "FAILED")
+        return "\n".join(lines)
+
+    def plot(self, path: str, outputs: int = 3) -> str:
+        """Trajectories of the first ``outputs`` outputs (limit with ±2 SE bands, finite seed means) and the gap
+        against width; saved as a PNG at ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        lim = self.limit.outputs.reshape(self.limit.outputs.shape[0], -1)
+        lim_se = self.limit.outputs_se.reshape(lim.shape)
+        fin = self.finite_mean.reshape(len(self.widths), lim.shape[0], -1)
+        steps = torch.arange(lim.shape[0])
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for j in range(min(outputs, lim.shape[1])):
+            c = colors[j % len(colors)]
+            left.plot(steps, lim[:, j], color=c, lw=2, label="limit" if j == 0 else None)
+            left.fill_between(steps, lim[:, j] - 2 * lim_se[:, j], lim[:, j] + 2 * lim_se[:, j], color=c, alpha=0.2)
+            for i, w in enumerate(self.widths):
+                left.plot(steps, fin[i, :, j], color=c, ls=":", alpha=0.35 + 0.65 * (i + 1) / len(self.widths),
+                          label=f"width {w}" if j == 0 else None)
+        left.set_xlabel("step")
+        left.set_ylabel("output")
+        left.set_title("outputs: limit (±2 se) and seed-averaged finite widths")
+        left.legend(fontsize=8)
+        w = torch.tensor(self.widths, dtype=torch.float64)
+        right.errorbar(w, self.gap, yerr=self.gap_se, fmt="o-", label=f"gap (slope {self.slope:.2f})")
+        right.errorbar(w, self.mean_gap, yerr=self.mean_gap_se, fmt="s--", label="gap of the seed mean")
+        right.plot(w, self.mean_gap_se, "k:", label="its standard error")
+        right.set_xscale("log")
+        right.set_yscale("log")
+        right.set_xlabel("width")
+        right.set_title("distance to the limit")
+        right.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def finite_outputs(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, width: int, seed: int, steps: int,
+                   lr: float, loss: Any, schedule: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Outputs ``[steps+1, len(Z), ...]`` of one finite-width model trained by the plain torch loop."""
+    loss_fn = lookup_loss(loss)
+    lowering_inputs = Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
+    fam = limit.family(lowering_inputs)
+    with default_dtype(dtype):
+        model, opt = instantiate(fam, width, param=limit.param, optimizer=limit.optimizer, lr=lr, seed=seed,
+                                 weight_decay=limit.weight_decay, clip=limit.clip,
+                                 optimizer_options=limit.optimizer_options, update_rules=limit.update_rules)
+    model = model.to(dtype)
+    inputs = Z.to(dtype) if Z.is_floating_point() else Z
+    targets = y.to(dtype) if y.is_floating_point() else y
+    outputs = []
+    for t in range(steps + 1):
+        out = model(inputs)
+        outputs.append(out.detach())
+        if t < steps:
+            opt.zero_grad()
+            rows = schedule[t]
+            loss_fn(out[rows], targets[rows]).backward()
+            opt.step()
+    return torch.stack(outputs)[:, :n_train]
+
+
+def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] = (128, 512, 2048), seeds: int = 8,
+          steps: int = 50, lr: float = 0.1, loss: Any = "mse", batch_size: int | None = None,
+          X_test: torch.Tensor | None = None, dtype: torch.dtype = torch.float64, max_slope: float = -0.4,
+          tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True,
+          **train_options: Any) -> CheckReport:
+    """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare."""
+    widths = tuple(sorted(widths))
+    if len(widths) < 2 or seeds < 2:
+        raise TplimitsError("a check needs at least two widths and two seeds (for a slope and standard errors)")
+    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    if trajectory is None:
+        trajectory = limit.train(X, y, steps=steps, lr=lr, loss=loss, batch_size=batch_size, X_test=X_test,
+                                 seed=0, dtype=dtype, progress=progress, **train_options)
+    elif trajectory.steps != steps:
+        raise TplimitsError(f"the trajectory given has {trajectory.steps} steps, not {steps}")
+    Z = X if X_test is None else torch.cat([X, torch.as_tensor(X_test).to(X.dtype)])
+    schedule = batch_schedule(len(X), batch_size, steps, 0)
+    start = time.perf_counter()
+    runs = torch.stack([
+        torch.stack([finite_outputs(limit, Z, y, len(X), w, seed, steps, lr, loss, schedule, dtype)
+                     for seed in range(seeds)])
+        for w in widths
+    ])  # [widths, seeds, steps+1, M, ...]
+    seconds = time.perf_counter() - start
+    lim = trajectory.outputs.to(runs.dtype)
+    lim_se = trajectory.outputs_se.to(runs.dtype)
+    diff = runs - lim
+    per_seed = diff.flatten(2).square().mean(-1).sqrt()  # [widths, seeds]
+    gap = per_seed.mean(1)
+    gap_se = per_seed.std(1) / math.sqrt(seeds)
+    finite_mean = runs.mean(1)
+    finite_se = runs.std(1) / math.sqrt(seeds)
+    mean_gap = (finite_mean - lim).flatten(1).square().mean(-1).sqrt()
+    mean_gap_se = (finite_se.square() + lim_se.square()).flatten(1).mean(-1).sqrt()
+    logw = torch.tensor(widths, dtype=torch.float64).log()
+    logg = gap.to(torch.float64).log()
+    slope = float(((logw - logw.mean()) * (logg - logg.mean())).sum() / (logw - logw.mean()).square().sum())
+    return CheckReport(widths=widths, seeds=seeds, limit=trajectory, finite_mean=finite_mean, finite_se=finite_se,
+                       gap=gap, gap_se=gap_se, mean_gap=mean_gap, mean_gap_se=mean_gap_se, slope=slope,
+                       max_slope=max_slope, tolerance=tolerance, seconds_finite=seconds)

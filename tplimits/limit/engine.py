@@ -1,0 +1,404 @@
+"""The μ-limit of training on Monte Carlo particles (Thm 2.9.25, 2.9.30; MATH.md §6.3, §9, §11).
+
+The ket assignment is the finite-width one at width ``P`` with one change: every initial matrix
+is an operator (:class:`~tplimits.limit.operators.MatrixOperator`, hat + dot + accumulated
+updates) instead of a dense random matrix. A vector becomes ``[..., r·P, ...]`` particles, Avg a
+particle mean (deterministic: detached), Nonlin and Regroup act per particle exactly as at finite
+width, and vector and scalar parameters are trained by the very optimizer the finite model uses,
+with the parametrization's ``n^{-c}``, ``n^{d}`` and ``n^{-a}`` taken at ``n = P``. Under μP these
+factors cancel in every quantity the limit keeps, so the particle system is the limit up to
+Monte Carlo error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from tplimits.core.backprop import TotalProgram
+from tplimits.core.instantiate import init_std, multiplier, parameter_groups, rule_lr_scale
+from tplimits.core.interpret import FiniteInterpreter
+from tplimits.core.parametrize import ABCD, Parametrization
+from tplimits.core.program import (
+    Avg,
+    Constant,
+    Input,
+    MatMul,
+    ParameterInfo,
+    Program,
+    Width,
+    concrete_shape,
+    width_axes,
+)
+from tplimits.errors import TplimitsError
+from tplimits.limit.operators import MatMulPlan, MatrixOperator
+from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule
+
+
+@attrs.frozen
+class InitialValue:
+    """How a parameter starts: ``random`` (drawn at the parametrization's std), ``constant`` (every
+    entry ``value``), ``identity`` (``value·I``), or ``fixed`` (a tensor that does not depend on width)."""
+
+    kind: str
+    value: Any = None
+
+
+@attrs.frozen
+class LimitSetup:
+    """Everything a particle system needs, independent of the particle count."""
+
+    total: TotalProgram
+    param: Parametrization
+    chosen: Mapping[str, ABCD]  # trainable parameter -> its abcd (gradient-trained ones)
+    rules: Mapping[str, str]  # parameter -> non-gradient rule name
+    initial: Mapping[str, InitialValue]
+    rule: UpdateRule
+    hyper: Mapping[str, Any]
+    weight_decay: float
+    clip: float | None
+
+    @property
+    def program(self) -> Program:
+        return self.total.program
+
+
+def initial_values(program: Program, model: torch.nn.Module) -> dict[str, InitialValue]:
+    """Read from a model at any width how each program parameter is initialized."""
+    import operator as op
+
+    found = {}
+    for name, info in program.parameters.items():
+        tensor = op.attrgetter(name)(model).detach()
+        if not width_axes(info.layout):
+            found[name] = InitialValue("fixed", tensor.clone())
+        elif tensor.numel() > 1 and torch.all(tensor == tensor.flatten()[0]):
+            found[name] = InitialValue("constant", float(tensor.flatten()[0]))
+        elif (info.kind == "matrix" and tensor.ndim == 2 and tensor.shape[0] == tensor.shape[1]
+              and torch.equal(tensor, tensor[0, 0] * torch.eye(tensor.shape[0], dtype=tensor.dtype))):
+            found[name] = InitialValue("identity", float(tensor[0, 0]))
+        else:
+            found[name] = InitialValue("random")
+    return found
+
+
+class KetInterpreter(FiniteInterpreter):
+    """The program on particles: width ``P``, matrices as operators, Avg deterministic."""
+
+    def __init__(self, program: Program, state: Mapping[str, Any], particles: int, dtype: torch.dtype,
+                 device: torch.device, plans: dict[str, MatMulPlan]) -> None:
+        super().__init__(program, state, particles)
+        self.dtype, self.device = dtype, device
+        self.plans = plans
+
+    def input(self, ins: Input) -> Any:
+        return _cast(super().input(ins), self.dtype, self.device)
+
+    def constant(self, ins: Constant) -> Any:
+        return _cast(ins.value, self.dtype, self.device)
+
+    def avg(self, ins: Avg) -> torch.Tensor:
+        return super().avg(ins).detach()
+
+    def matmul(self, ins: MatMul) -> torch.Tensor:
+        operator = self.values[ins.matrix]
+        if not isinstance(operator, MatrixOperator):
+            raise TplimitsError(f"%{ins.name} multiplies by %{ins.matrix}, which the limit engine holds as a "
+                                "tensor, not an operator")
+        x = self.values[ins.vector]
+        plan = self.plans.get(ins.name)
+        if plan is None:
+            plan = self.plans[ins.name] = MatMulPlan.of(ins, self.program[ins.matrix].layout, operator.in_axis,
+                                                        x.shape)
+        return operator.apply(plan, x)
+
+    def run_forward(self, *inputs: Any) -> None:
+        self.values = {}
+        self.flat_inputs = list(inputs)
+        self._position = 0
+        self.advance(self.forward_length)
+
+    def advance(self, stop: int) -> None:
+        for ins in self.program.instructions[self._position:stop]:
+            self.values[ins.name] = self.execute(ins)
+        self._position = stop
+
+    forward_length = 0
+
+
+def _cast(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        if value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
+        return value.to(device=device)
+    return value
+
+
+class ParticleNetwork:
+    """One independent particle system of ``particles`` particles, trained step by step."""
+
+    def __init__(self, setup: LimitSetup, particles: int, seed: int, dtype: torch.dtype, device: str | torch.device,
+                 dots: str, lr: float, steps: int) -> None:
+        self.setup = setup
+        self.P = particles
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.dots = dots
+        self.lr = lr
+        self.steps = steps
+        self.t = 0
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        program = setup.program
+        self.infos: dict[str, ParameterInfo] = program.parameters
+        self.plans: dict[str, MatMulPlan] = {}
+        self.tensors: dict[str, torch.Tensor] = {}  # trained tensors of vectors / scalars / fixed buffers
+        self.operators: dict[str, MatrixOperator] = {}
+        for name, info in self.infos.items():
+            self._build(name, info)
+        self.groups = {g["name"]: {**GROUP_OPTIONS, **setup.rule.option_defaults, **g} for g in parameter_groups(
+            dict.fromkeys(setup.chosen), program, setup.param, setup.chosen, self.P, lr, setup.weight_decay,
+            setup.clip)}
+        self.hyper = setup.rule.hyper(_hyper_overrides(setup))
+        self.update_states: dict[str, dict[str, Any]] = {name: {} for name in setup.chosen}
+
+    # -- construction -----------------------------------------------------------------------
+    def _low_rank(self) -> bool:
+        rule = self.setup.rule
+        plain = self.setup.param.update == "plain" and self.setup.clip is None
+        return rule.linear and plain
+
+    def _build(self, name: str, info: ParameterInfo) -> None:
+        init = self.setup.initial[name]
+        shape = concrete_shape(info.layout, self.P)
+        if init.kind == "fixed":
+            self.tensors[name] = init.value.to(device=self.device, dtype=self.dtype)
+            return
+        trainable = info.trainable
+        abcd = self.setup.chosen.get(name)
+        if info.kind == "matrix" and trainable:
+            fan = [a for a in info.fan_in_axes if isinstance(info.layout[a], Width)]
+            if len(fan) != 1:
+                raise TplimitsError(f"parameter {name!r}: the limit engine needs to know which width axis of the "
+                                    f"matrix is its fan-in (found {info.fan_in_axes})")
+            in_axis = fan[0]
+            out_axis = next(a for a in info.width_axes if a != in_axis)
+            scale = multiplier(abcd, self.P) if abcd is not None else 1.0
+            if init.kind == "random":
+                if abcd is None:
+                    raise TplimitsError(f"parameter {name!r} is updated by a non-gradient rule; its limit needs a "
+                                        "deterministic initialization (identity or constant)")
+                op_init = ("gaussian", scale * init_std(info, abcd, self.P))
+            elif init.kind == "identity":
+                op_init = ("identity", scale * init.value)
+            elif init.value == 0:
+                op_init = ("zero", 0.0)
+            else:
+                raise TplimitsError(f"parameter {name!r}: a matrix initialized to the constant {init.value} is "
+                                    "not an operator of bounded norm; initialize it randomly, to zero or to c·I")
+            dense = name in self.setup.chosen and not self._low_rank()
+            self.operators[name] = MatrixOperator(name, shape, in_axis, out_axis, op_init, scale, dense,
+                                                  self.generator, self.dtype, self.device, self.dots)
+            return
+        if init.kind == "constant":
+            tensor = torch.full(shape, init.value, dtype=self.dtype, device=self.device)
+        elif abcd is None:
+            raise TplimitsError(f"buffer {name!r} grows with width and is not constant; the limit engine cannot "
+                                "sample it")
+        else:
+            std = init_std(info, abcd, self.P)
+            tensor = torch.randn(shape, generator=self.generator, dtype=self.dtype, device=self.device) * std
+        self.tensors[name] = tensor
+
+    # -- one step -------------------------------------------------------------------------------
+    def state_values(self) -> dict[str, Any]:
+        """The assignment: effective vectors / scalars (multiplier applied, fresh tensors) and operators."""
+        values: dict[str, Any] = {}
+        for name, tensor in self.tensors.items():
+            abcd = self.setup.chosen.get(name)
+            values[name] = tensor * (multiplier(abcd, self.P) if abcd is not None else 1.0)
+        values.update(self.operators)
+        return values
+
+    def interpreter(self) -> KetInterpreter:
+        interp = KetInterpreter(self.setup.program, self.state_values(), self.P, self.dtype, self.device, self.plans)
+        interp.forward_length = self.setup.total.forward_length
+        return interp
+
+    def forward(self, inputs: Sequence[Any]) -> KetInterpreter:
+        interp = self.interpreter()
+        with torch.set_grad_enabled(self.dots == "autograd"):
+            interp.run_forward(*inputs)
+        return interp
+
+    def outputs(self, interp: KetInterpreter) -> torch.Tensor:
+        names = self.setup.program.outputs
+        if len(names) != 1:
+            raise TplimitsError(f"the limit engine trains models with one output tensor; this one has {len(names)}")
+        return interp.values[names[0]].detach()
+
+    def backward_and_update(self, interp: KetInterpreter, chi: torch.Tensor) -> None:
+        """Run the backward half of the total program with error signal ``chi`` and apply one update."""
+        if self.t >= self.steps:
+            raise TplimitsError(f"the particle system was set up for {self.steps} steps")
+        interp.cotangents = (chi.to(dtype=self.dtype, device=self.device),)
+        with torch.set_grad_enabled(self.dots == "autograd"):
+            interp.advance(len(self.setup.program.instructions))
+            self._update(interp)
+        self.t += 1
+
+    def _update(self, interp: KetInterpreter) -> None:
+        total = self.setup.total
+        values = interp.values
+        P = self.P
+        rule_driven = []
+        for name, grad in total.gradients.items():
+            if name in self.setup.rules:
+                rule_driven.append(name)
+                continue
+            if name not in self.setup.chosen:
+                continue
+            a = multiplier(self.setup.chosen[name], P)
+            if grad.kind == "matrix":
+                self._matrix_gradient(name, grad.terms, values, a / P)
+                continue
+            g = values[grad.value] * (a / P if grad.kind == "vector" else a)
+            self.tensors[name] = self._step(name, self.tensors[name], g)
+        for name in rule_driven:
+            self._rule_update(name, interp)
+
+    def _step(self, name: str, tensor: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The finite-width optimizer's update of one trained tensor, as a pure function (the autograd
+        graph of ``g`` is kept, so later kets differentiate through the parameter's history)."""
+        group = self.groups[name]
+        new, self.update_states[name] = apply_rule(self.setup.rule, tensor, g * group["grad_scale"],
+                                                   self.update_states[name], group, self.hyper)
+        return new
+
+    def _matrix_gradient(self, name: str, terms: Sequence[Any], values: Mapping[str, Any], weight: float) -> None:
+        operator = self.operators[name]
+        if operator.dense is not None:
+            parts = [(term.equation, values[term.cotangent], values[term.vector]) for term in terms]
+            operator.dense = self._step(name, operator.dense, operator.dense_gradient(parts) * weight)
+            operator.init_scale *= 1 - self.groups[name]["weight_decay"]
+            return
+        layout = self.infos[name].layout
+        for term in terms:
+            plan = MatMulPlan.of_gradient_term(term.equation, name, layout, operator.in_axis,
+                                               values[term.vector].shape)
+            dh = plan.canonical(values[term.cotangent], plan.out_letters) * weight
+            x = plan.canonical(values[term.vector])
+            if plan.direction == "forward":
+                operator.add_factor(dh, x, self.t)
+            else:
+                operator.add_factor(x, dh, self.t)
+        self._linear_step(name, operator)
+
+    def _uses(self, target: str) -> list[MatMul]:
+        """The forward MatMul instructions that multiply by parameter ``target``."""
+        program = self.setup.program
+        names = {ins.name for ins in program.instructions if getattr(ins, "target", None) == target}
+        return [ins for ins in program.instructions[: self.setup.total.forward_length]
+                if isinstance(ins, MatMul) and ins.matrix in names]
+
+    def _plan(self, ins: MatMul, values: Mapping[str, Any]) -> MatMulPlan:
+        plan = self.plans.get(ins.name)
+        if plan is None:
+            operator = self.operators[self.setup.program[ins.matrix].target]
+            plan = self.plans[ins.name] = MatMulPlan.of(ins, self.setup.program[ins.matrix].layout, operator.in_axis,
+                                                        values[ins.vector].shape)
+        return plan
+
+    def _linear_step(self, name: str, operator: MatrixOperator) -> None:
+        """One step of a linear rule on the factor coefficients: ``Q_t = Σ_s κ_{t,s} g_s``, found by running
+        the rule on one-hot gradient indicators."""
+        group = self.groups[name]
+        rule = self.setup.rule
+        operator.ensure_steps(self.steps)
+        indicator = operator.coefficients.new_zeros(self.steps)
+        indicator[self.t] = group["grad_scale"]
+        state = self.update_states[name] or {"q_state": rule.init_state(indicator)}
+        q, q_state = rule.update(state["q_state"], indicator, self.t, self.hyper)
+        self.update_states[name] = {"q_state": q_state}
+        decay = 1 - group["weight_decay"]
+        operator.coefficients = operator.coefficients * decay - group["lr"] * group["lr_scale"] * q
+        operator.init_scale *= decay
+
+    def _rule_update(self, name: str, interp: KetInterpreter) -> None:
+        """A non-gradient rule on a matrix (the decorrelation rule): ``R ← s (I − (c/n) C) R`` with
+        ``C/n = E_batch[z ⟨z, ·⟩]`` as a low-rank operator and ``s`` restoring ``E‖R x‖²``."""
+        from tplimits.optimizers import optimizer as lookup
+
+        rule_name = self.setup.rules[name]
+        if rule_name != "decorrelation":
+            raise TplimitsError(f"the limit engine knows the non-gradient rule 'decorrelation', not {rule_name!r} "
+                                f"(parameter {name!r})")
+        operator = self.operators[name]
+        uses = self._uses(name)
+        if len(uses) != 1:
+            raise TplimitsError(f"parameter {name!r} is used {len(uses)} times; the decorrelation rule needs one "
+                                "layer input")
+        use = uses[0]
+        values = interp.values
+        plan = self._plan(use, values)
+        x = values[use.vector].detach()
+        z = values[use.name].detach()
+        xc, zc = plan.canonical(x), plan.canonical(z, plan.out_letters)
+        K = xc.shape[2]
+        lookup(rule_name)  # the rule must be registered
+        rate = self.lr * rule_lr_scale(self.setup.param, self.P)
+        # R^T z with the current operator (no hats: R starts deterministic)
+        transpose_plan = _transpose_plan(plan)
+        rt_z = plan.canonical(operator.apply_deterministic(transpose_plan, z), plan.x_letters)
+        old_norm = zc.square().sum() / K
+        operator.ensure_steps(self.steps)
+        operator.add_factor(zc, rt_z / (K * self.P), self.t)
+        operator.coefficients = operator.coefficients.clone()
+        operator.coefficients[self.t] = -rate
+        new_z = operator.apply_deterministic(plan, x)
+        s = torch.sqrt(old_norm / (plan.canonical(new_z, plan.out_letters).square().sum() / K))
+        operator.coefficients = operator.coefficients * s
+        operator.init_scale *= float(s)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "t": self.t,
+            "tensors": {k: v.detach().clone() for k, v in self.tensors.items()},
+            "operators": {k: op.state_dict() for k, op in self.operators.items()},
+            "update_states": self.update_states,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.t = state["t"]
+        self.tensors.update(state["tensors"])
+        for k, op in self.operators.items():
+            op.load_state_dict(state["operators"][k])
+        self.update_states = dict(state["update_states"])
+        self.generator.set_state(state["generator"])
+
+
+def _transpose_plan(plan: MatMulPlan) -> MatMulPlan:
+    """The plan of ``Wᵀ`` applied to vectors shaped like the output of ``plan``'s MatMul."""
+    swapped = object.__new__(MatMulPlan)
+    swapped.__dict__.update(plan.__dict__)
+    swapped.x_letters, swapped.out_letters = plan.out_letters, plan.x_letters
+    swapped.a, swapped.b = plan.b, plan.a
+    swapped.direction = "transpose" if plan.direction == "forward" else "forward"
+    swapped.equation = f"{plan.m_letters},{plan.out_letters}->{plan.x_letters}"
+    return swapped
+
+
+def _hyper_overrides(setup: LimitSetup) -> dict[str, Any]:
+    return {k: v for k, v in setup.hyper.items() if k in setup.rule.defaults}
+
+
+def standard_error(samples: torch.Tensor) -> torch.Tensor:
+    """The standard error of the mean over the first axis (0 for a single sample)."""
+    if samples.shape[0] < 2:
+        return torch.zeros_like(samples[0])
+    return samples.std(dim=0, unbiased=True) / math.sqrt(samples.shape[0])

@@ -1,0 +1,336 @@
+"""Initial matrices as operators on kets (Def 2.6.5, 2.6.7) and their accumulated updates (Eq. 2.45).
+
+Kets are stored as particles: a vector of the program whose width axis has ratio ``r`` becomes a
+tensor whose width axis has ``r·P`` entries, each an iid sample of the ket. Every matrix use is
+brought to a canonical form ``[F, P_in, K]``: ``F`` enumerates the matrix's fixed axes (kernel
+offsets; each offset is an independent matrix), ``K`` the components (inputs, positions) the
+matrix is applied to at once.
+
+``⟦W⟧|x⟩ = |Ŵx⟩ + |Ẇx⟩ + ΔW x``:
+
+* hats (:class:`HatFamily`): per matrix and separately per direction (W, Wᵀ) an orthonormal basis
+  ``E`` of the kets it has been applied to and iid ``N(0, 1)`` coordinates ``G`` in the other
+  space; a new hat is ``G·⟨E, x⟩`` plus fresh Gaussians on the part of ``x`` outside the span,
+  so hats of one family are jointly Gaussian with covariance ``⟨x|y⟩`` (Eq. 2.18);
+* dots (Eq. 2.19): ``std · E' · Σ_i ∂x[i]/∂G'[i]`` with ``(E', G')`` the *other* direction's
+  family. ``dots="autograd"`` differentiates each particle's ket with respect to its own
+  Gaussians (every expectation detached); ``dots="stein"`` uses Gaussian integration by parts,
+  ``E[∂x/∂G] = E[G x]`` (Remark 2.6.6), which needs no graph and works for any function;
+* updates: ``linear`` rules (SGD, momentum) keep low-rank factors ``(A_s, B_s)`` with one
+  coefficient per step; other rules keep the dense ``[P_out, P_in]`` grid of ``Q`` values
+  against the same particle population (§11.4), trained by the finite-width optimizer itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from tplimits.core.program import Layout, MatMul, Width
+from tplimits.errors import TplimitsError
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _to_letters(t: torch.Tensor, have: str, want: str, sizes: dict[str, int]) -> torch.Tensor:
+    """``t`` (axes named by ``have``) as a tensor with axes ``want``: missing letters are broadcast,
+    letters of ``have`` absent from ``want`` are summed."""
+    kept = "".join(c for c in have if c in want)
+    out = torch.einsum(f"{have}->{kept}", t) if kept != have else t
+    shape = [sizes[c] for c in want]
+    perm_source = "".join(c for c in want if c in kept)
+    out = torch.einsum(f"{kept}->{perm_source}", out) if perm_source != kept else out
+    view = [sizes[c] if c in kept else 1 for c in want]
+    return out.reshape(view).expand(shape)
+
+
+class MatMulPlan:
+    """How one MatMul instruction maps its vector to the canonical ``[F, P_in, K]`` form and back."""
+
+    def __init__(self, equation: str, name: str, matrix_layout: Layout, in_axis: int,
+                 vector_shape: Sequence[int]) -> None:
+        lhs, self.out_letters = equation.split("->")
+        self.m_letters, self.x_letters = lhs.split(",")
+        width = [i for i, spec in enumerate(matrix_layout) if isinstance(spec, Width)]
+        if len(width) != 2 or in_axis not in width:
+            raise TplimitsError(f"%{name}: the limit engine needs a matrix with two width axes "
+                                f"(got layout {matrix_layout})")
+        out_axis = width[0] if width[1] == in_axis else width[1]
+        in_letter, out_letter = self.m_letters[in_axis], self.m_letters[out_axis]
+        if in_letter in self.x_letters:
+            self.direction, self.a, self.b = "forward", in_letter, out_letter
+        else:
+            self.direction, self.a, self.b = "transpose", out_letter, in_letter
+        self.fixed = "".join(c for i, c in enumerate(self.m_letters) if i not in width)
+        missing = [c for c in self.fixed if c not in self.x_letters]
+        if missing:
+            raise TplimitsError(f"%{name}: a fixed axis of the matrix is not an axis of the vector it multiplies "
+                                f"({equation}); the limit engine cannot split it into independent matrices")
+        self.components = "".join(c for c in self.x_letters if c not in self.fixed and c != self.a)
+        self.sizes = dict(zip(self.x_letters, vector_shape, strict=True))
+        self.n_fixed = 1
+        for c in self.fixed:
+            self.n_fixed *= self.sizes[c]
+        self.n_components = 1
+        for c in self.components:
+            self.n_components *= self.sizes[c]
+        self.equation = equation
+
+    @classmethod
+    def of(cls, ins: MatMul, matrix_layout: Layout, in_axis: int, vector_shape: Sequence[int]) -> MatMulPlan:
+        return cls(ins.equation, ins.name, matrix_layout, in_axis, vector_shape)
+
+    @classmethod
+    def of_gradient_term(cls, equation: str, name: str, matrix_layout: Layout, in_axis: int,
+                         vector_shape: Sequence[int]) -> MatMulPlan:
+        """The plan of the use ``h = W x`` behind a gradient term ``einsum("h,x->W", dh, x)``."""
+        lhs, m_letters = equation.split("->")
+        out_letters, x_letters = lhs.split(",")
+        return cls(f"{m_letters},{x_letters}->{out_letters}", name, matrix_layout, in_axis, vector_shape)
+
+    def canonical(self, x: torch.Tensor, letters: str | None = None) -> torch.Tensor:
+        """``x`` (axes ``letters``, default the vector's) as ``[F, P, K]``, the width letter being ``a`` or ``b``."""
+        letters = self.x_letters if letters is None else letters
+        width_letter = self.a if self.a in letters else self.b
+        sizes = {**self.sizes, width_letter: x.shape[letters.index(width_letter)]}
+        want = self.fixed + width_letter + self.components
+        t = _to_letters(x, letters, want, sizes)
+        return t.reshape(self.n_fixed, sizes[width_letter], self.n_components)
+
+    def restore(self, y: torch.Tensor) -> torch.Tensor:
+        """A canonical ``[F, P_out, K]`` result back to the MatMul's output axes."""
+        sizes = {**self.sizes, self.b: y.shape[1]}
+        shape = [sizes[c] for c in self.fixed] + [y.shape[1]] + [sizes[c] for c in self.components]
+        have = self.fixed + self.b + self.components
+        return torch.einsum(f"{have}->{self.out_letters}", y.reshape(shape))
+
+    def fixed_index(self) -> list[tuple[int, ...]]:
+        return list(itertools.product(*(range(self.sizes[c]) for c in self.fixed)))
+
+
+class _Chunks:
+    """A growing list of tensors concatenated along their last axis (the concatenation is cached)."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self._cat: torch.Tensor | None = None
+
+    def append(self, t: torch.Tensor) -> None:
+        self.parts.append(t)
+        self._cat = None
+
+    def cat(self) -> torch.Tensor | None:
+        if not self.parts:
+            return None
+        if self._cat is None:
+            self._cat = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=-1)
+        return self._cat
+
+    def __len__(self) -> int:
+        return sum(p.shape[-1] for p in self.parts)
+
+
+class HatFamily:
+    """The hat-kets of one initial matrix in one direction (W or Wᵀ), jointly Gaussian (Eq. 2.18)."""
+
+    def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
+                 device: torch.device, track_grad: bool) -> None:
+        self.n_fixed, self.p_in, self.p_out = n_fixed, p_in, p_out
+        self.generator, self.dtype, self.device = generator, dtype, device
+        self.track_grad = track_grad
+        self.basis = _Chunks()  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
+        self.gaussians = _Chunks()  # G: [F, P_out, r], iid N(0, 1)
+
+    def sample(self, x: torch.Tensor) -> torch.Tensor:
+        """The hat of this matrix applied to ``x`` ([F, P_in, K]), for unit entry variance: [F, P_out, K]."""
+        xd = x.detach()
+        E = self.basis.cat()
+        hat = None
+        resid = x
+        if E is not None:
+            Ed = E.detach()
+            coef = Ed.transpose(1, 2) @ xd
+            coef = coef + Ed.transpose(1, 2) @ (xd - Ed @ coef)  # second Gram-Schmidt pass
+            resid = x - E @ coef
+            hat = self.gaussians.cat() @ coef
+        rd = resid.detach()
+        gram = rd.transpose(1, 2) @ rd
+        evals, vecs = torch.linalg.eigh(gram)
+        scale = (xd * xd).sum(dim=(1, 2)).clamp_min(torch.finfo(self.dtype).tiny)
+        keep = evals > 1e-10 * scale[:, None]
+        root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+        inv_root = torch.where(keep, 1 / root.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(evals))
+        E_new = resid @ (vecs * inv_root[:, None, :])
+        R = (vecs * root[:, None, :]).transpose(1, 2)
+        G_new = torch.randn(self.n_fixed, self.p_out, x.shape[2], generator=self.generator, dtype=self.dtype,
+                            device=self.device)
+        if self.track_grad:
+            G_new.requires_grad_(True)
+        self.basis.append(E_new)
+        self.gaussians.append(G_new)
+        fresh = G_new @ R
+        return fresh if hat is None else hat + fresh
+
+    def dot(self, x: torch.Tensor, mode: str) -> torch.Tensor | None:
+        """``E · Σ_i ∂x[i]/∂G[i]`` for ``x`` living in this family's *output* space ([F, P_out, K]): the dot-ket
+        of the opposite direction's matrix applied to ``x``; None when this family is still empty."""
+        E = self.basis.cat()
+        if E is None:
+            return None
+        G = self.gaussians.cat()
+        if mode == "stein":
+            S = G.detach().transpose(1, 2) @ x.detach()
+        else:
+            S = self._expected_derivatives(x)
+            if S is None:
+                return None
+        return E @ S
+
+    def _expected_derivatives(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``Σ_i ∂x[f, i, k]/∂G[f, i, r]`` → [F, r, K] by reverse-mode autograd, one pass per (f, k)."""
+        if not x.requires_grad:
+            return None
+        leaves = self.gaussians.parts
+        F, _, K = x.shape
+        eye = torch.eye(F * K, dtype=x.dtype, device=x.device).reshape(F * K, F, 1, K).expand(F * K, F, x.shape[1], K)
+        try:
+            grads = torch.autograd.grad(x, leaves, grad_outputs=eye, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: one pass per component
+            per = [torch.autograd.grad(x, leaves, grad_outputs=eye[j], retain_graph=True, allow_unused=True)
+                   for j in range(F * K)]
+            grads = [None if per[0][c] is None else torch.stack([p[c] for p in per]) for c in range(len(leaves))]
+        blocks = []
+        for leaf, g in zip(leaves, grads, strict=True):
+            if g is None:
+                blocks.append(torch.zeros(F, leaf.shape[2], K, dtype=x.dtype, device=x.device))
+                continue
+            g = g.reshape(F, K, F, -1, leaf.shape[2]).sum(dim=3)  # [f_out, k, f_leaf, r]
+            diag = torch.stack([g[f, :, f, :] for f in range(F)])  # [F, K, r]
+            blocks.append(diag.transpose(1, 2))
+        return torch.cat(blocks, dim=1).detach()
+
+
+class MatrixOperator:
+    """``⟦W_t⟧`` for one matrix parameter: its initial operator plus the updates accumulated so far.
+
+    ``init`` is ``("gaussian", std)`` (the effective entry standard deviation at width P),
+    ``("identity", c)`` or ``("zero", 0)``. ``scale`` is the abcd multiplier between the trained tensor
+    and the matrix the model uses; updates are kept in trained units.
+    """
+
+    def __init__(self, name: str, shape: Sequence[int], in_axis: int, out_axis: int, init: tuple[str, float],
+                 scale: float, dense: bool, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
+                 dots: str) -> None:
+        self.name = name
+        self.shape = tuple(shape)
+        self.in_axis, self.out_axis = in_axis, out_axis
+        self.p_in, self.p_out = shape[in_axis], shape[out_axis]
+        self.n_fixed = 1
+        for i, s in enumerate(shape):
+            if i not in (in_axis, out_axis):
+                self.n_fixed *= s
+        self.kind, self.init_value = init
+        if self.kind == "identity" and (self.p_in != self.p_out or self.n_fixed != 1):
+            raise TplimitsError(f"parameter {name!r}: an identity initialization needs a square matrix")
+        self.scale = scale
+        self.init_scale = 1.0  # (1 - weight decay)^t · (rule rescalings) on the initial operator
+        self.dots = dots
+        self.families: dict[str, HatFamily] = {}
+        if self.kind == "gaussian":
+            track = dots == "autograd"
+            self.families["forward"] = HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track)
+            self.families["transpose"] = HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track)
+        self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense else None
+        self.out_factors: list[torch.Tensor] = []  # A_s: [F, P_out, k_s]
+        self.in_factors: list[torch.Tensor] = []  # B_s: [F, P_in, k_s]
+        self.factor_step: list[int] = []
+        self.coefficients = torch.zeros(0, dtype=dtype, device=device)  # one per step, trained units
+
+    # -- applying the operator ------------------------------------------------------------------
+    def apply(self, plan: MatMulPlan, x: torch.Tensor) -> torch.Tensor:
+        xc = plan.canonical(x)
+        forward = plan.direction == "forward"
+        y = None
+        if self.kind == "gaussian":
+            own, other = ("forward", "transpose") if forward else ("transpose", "forward")
+            y = self.families[own].sample(xc)
+            dot = self.families[other].dot(xc, self.dots)
+            if dot is not None:
+                y = y + dot
+            y = y * (self.init_value * self.init_scale)
+        elif self.kind == "identity":
+            y = xc * (self.init_value * self.init_scale)
+        low = self._low_rank(xc, forward)
+        if low is not None:
+            y = low if y is None else y + low
+        if y is None:
+            p = self.p_out if forward else self.p_in
+            y = xc.new_zeros(xc.shape[0], p, xc.shape[2])
+        out = plan.restore(y)
+        if self.dense is not None:
+            out = out + self.scale * torch.einsum(plan.equation, self.dense, x)
+        return out
+
+    def apply_deterministic(self, plan: MatMulPlan, x: torch.Tensor) -> torch.Tensor:
+        """The operator on ``x`` when it has no Gaussian part (identity / zero init plus updates)."""
+        if self.kind == "gaussian":
+            raise TplimitsError(f"parameter {self.name!r}: a non-gradient rule needs a deterministic initialization")
+        return self.apply(plan, x)
+
+    def _low_rank(self, xc: torch.Tensor, forward: bool) -> torch.Tensor | None:
+        if not self.out_factors:
+            return None
+        A = torch.cat(self.out_factors, dim=-1)
+        B = torch.cat(self.in_factors, dim=-1)
+        columns = [step for step, a in zip(self.factor_step, self.out_factors, strict=True) for _ in range(a.shape[-1])]
+        coef = self.coefficients[torch.tensor(columns, device=xc.device)] * self.scale
+        if forward:
+            inner = B.detach().transpose(1, 2) @ xc.detach()  # ⟨x_s|x⟩, an expectation
+            return A @ (coef[None, :, None] * inner)
+        inner = A.detach().transpose(1, 2) @ xc.detach()
+        return B @ (coef[None, :, None] * inner)
+
+    # -- updates ------------------------------------------------------------------------------
+    def add_factor(self, out_factor: torch.Tensor, in_factor: torch.Tensor, step: int) -> None:
+        """Record the term ``out_factor · in_factorᵀ`` (both canonical) of the gradient of step ``step``."""
+        self.out_factors.append(out_factor)
+        self.in_factors.append(in_factor)
+        self.factor_step.append(step)
+
+    def ensure_steps(self, steps: int) -> None:
+        if self.coefficients.numel() < steps:
+            grown = self.coefficients.new_zeros(steps)
+            grown[: self.coefficients.numel()] = self.coefficients
+            self.coefficients = grown
+
+    def dense_gradient(self, terms: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Σ einsum(equation, dh, x) over a gradient's terms, materialized (the finite-width formula)."""
+        total = None
+        for equation, dh, x in terms:
+            part = torch.einsum(equation, dh.detach(), x.detach())
+            total = part if total is None else total + part
+        return total
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        fams = {k: {"basis": [t.detach() for t in f.basis.parts], "gaussians": [t.detach() for t in f.gaussians.parts]}
+                for k, f in self.families.items()}
+        return {"families": fams, "dense": self.dense, "out_factors": [t.detach() for t in self.out_factors],
+                "in_factors": [t.detach() for t in self.in_factors], "factor_step": list(self.factor_step),
+                "coefficients": self.coefficients, "init_scale": self.init_scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, f in self.families.items():
+            saved = state["families"][k]
+            f.basis, f.gaussians = _Chunks(), _Chunks()
+            for e, g in zip(saved["basis"], saved["gaussians"], strict=True):
+                f.basis.append(e)
+                f.gaussians.append(g)
+        self.dense = state["dense"]
+        self.out_factors, self.in_factors = list(state["out_factors"]), list(state["in_factors"])
+        self.factor_step = list(state["factor_step"])
+        self.coefficients = state["coefficients"]
+        self.init_scale = state["init_scale"]
