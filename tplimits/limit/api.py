@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from tplimits.core.backprop import total_program
 from tplimits.core.instantiate import Family, family, parametrized_program, rule_assignment
 from tplimits.core.parametrize import Parametrization, classify_program, optimizer_homogeneity, parameter_roles
-from tplimits.core.program import MatMul, Width, width_axes
+from tplimits.core.program import MatMul, Width, fn_name, width_axes
 from tplimits.errors import TplimitsError
 from tplimits.limit.engine import LimitSetup, ParticleNetwork, initial_values, standard_error
 from tplimits.optimizers.base import UpdateRule
@@ -31,6 +31,10 @@ from tplimits.plugins.manager import loss as lookup_loss
 from tplimits.plugins.manager import parametrization
 
 DOTS = ("auto", "autograd", "stein")
+NON_SMOOTH = ("relu", "hardtanh", "clamp", "abs", "sign", "threshold", "max", "min", "leaky", "hardswish",
+              "hardsigmoid", "where", "floor", "round")
+"""Functions whose derivative jumps: autograd sees no change of ψ' across the kink, while the dot-ket's
+expected derivative has a point mass there (Stein's formula keeps it)."""
 AUTOGRAD_MAX_COMPONENTS = 4  # autograd dots cost one backward pass per component of a matrix's input
 
 
@@ -239,9 +243,15 @@ class Limit:
             raise TplimitsError(
                 f"dots='autograd' needs a linear update rule with plain updates; {self.rule.name} keeps a dense "
                 "[P, P] grid of Q values whose dependence on each particle is not tracked. Use dots='stein'.")
+        kinks = _non_smooth(setup)
+        if dots == "autograd" and kinks:
+            raise TplimitsError(
+                f"dots='autograd' differentiates every function of the program, but {kinks[0]} has a derivative "
+                "that jumps (its second derivative is a point mass autograd does not see); use dots='stein'")
         if dots != "auto":
             return dots
-        return "autograd" if linear and _components(setup) <= AUTOGRAD_MAX_COMPONENTS else "stein"
+        cheap = _components(setup) <= AUTOGRAD_MAX_COMPONENTS
+        return "autograd" if linear and cheap and not kinks else "stein"
 
     def check(self, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] = (128, 512, 2048), seeds: int = 8,
               steps: int = 50, lr: float = 0.1, **options: Any) -> Any:
@@ -269,6 +279,16 @@ def _components(setup: LimitSetup) -> int:
                     count *= spec
             worst = max(worst, count)
     return worst
+
+
+def _non_smooth(setup: LimitSetup) -> list[str]:
+    """The program's instructions (forward and backward) whose function is not smooth."""
+    found = []
+    for ins in setup.program.instructions:
+        fn = getattr(ins, "fn", None)
+        if fn is not None and any(word in fn_name(fn).lower() for word in NON_SMOOTH):
+            found.append(f"%{ins.name} ({fn_name(fn)})")
+    return found
 
 
 def _check_particles(setup: LimitSetup, per_batch: int) -> None:
