@@ -1,0 +1,131 @@
+"""``derive(...).train(...)``: schedules, test points, kernels, determinism, checkpoints, options and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tplimits as tpl
+from tplimits.limit.api import batch_schedule
+from tplimits.limit.engine import ParticleNetwork
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
+
+
+def test_batch_schedule_covers_each_epoch():
+    schedule = batch_schedule(5, 2, 6, seed=0)
+    assert [len(b) for b in schedule] == [2, 2, 1, 2, 2, 1]
+    assert sorted(torch.cat(schedule[:3]).tolist()) == list(range(5))
+    assert all(len(b) == 5 for b in batch_schedule(5, None, 3, seed=0))
+
+
+def test_deterministic_under_seed_and_loss_recorded(data):
+    X, y = data
+    limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+    a = limit.train(X, y, steps=3, lr=0.5, particles=1024, seed=5, progress=False)
+    b = limit.train(X, y, steps=3, lr=0.5, particles=1024, seed=5, progress=False)
+    c = limit.train(X, y, steps=3, lr=0.5, particles=1024, seed=6, progress=False)
+    assert torch.equal(a.outputs, b.outputs)
+    assert not torch.equal(a.outputs, c.outputs)
+    expected = torch.stack([torch.nn.functional.mse_loss(o, y) for o in a.outputs])
+    torch.testing.assert_close(a.loss, expected)
+    assert a.outputs.shape == (4, 4, 1) and a.loss_se.shape == (4,)
+
+
+def test_test_points_carry_no_error_signal(data):
+    """A test point equal to a training point follows it exactly (same hats, zero error signal of its own)."""
+    X, y = data
+    limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+    traj = limit.train(X, y, steps=3, lr=0.5, particles=1024, X_test=X[:1], progress=False)
+    torch.testing.assert_close(traj.test_outputs[:, 0], traj.outputs[:, 0], rtol=1e-9, atol=1e-12)
+    assert (traj.outputs[-1, 0] - traj.outputs[0, 0]).abs() > 0.05
+
+
+def test_kernel_of_the_first_layer_matches_closed_form(data):
+    X, y = data
+    limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3, bias=False)
+    program = limit.family(X).program
+    first = next(ins.name for ins in program.instructions if ins.kind == "vector" and ins.name.startswith("linear"))
+    traj = limit.train(X, y, steps=1, lr=0.5, particles=2**14, kernels=[first], progress=False)
+    expected = X @ X.T / X.shape[1]  # u ~ N(0, 1/d) per coordinate
+    z = (traj.kernels[first][0] - expected).abs() / traj.kernels_se[first][0].clamp_min(1e-12)
+    assert z.max() < 4
+
+
+def test_resume_continues_exactly(data):
+    X, y = data
+    limit = tpl.derive("mlp", optimizer="adam", depth=2, d_in=3)
+    setup = limit.setup(X)
+    loss = tpl.loss("mse")
+
+    def run(net, steps):
+        outs = []
+        for _ in range(steps):
+            interp = net.forward((X,))
+            out = net.outputs(interp)
+            outs.append(out)
+            net.backward_and_update(interp, loss.error_signal(out, y, torch.arange(4)))
+        return outs
+
+    a = ParticleNetwork(setup, 256, 0, torch.float64, "cpu", "stein", 0.02, 4)
+    run(a, 2)
+    saved = a.state_dict()
+    b = ParticleNetwork(setup, 256, 99, torch.float64, "cpu", "stein", 0.02, 4)
+    b.load_state_dict(saved)
+    for out_a, out_b in zip(run(a, 2), run(b, 2), strict=True):
+        assert torch.equal(out_a, out_b)
+
+
+def test_checkpoint_file_resumes(tmp_path, data):
+    X, y = data
+    limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+    path = str(tmp_path / "run.pt")
+    first = limit.train(X, y, steps=4, lr=0.5, particles=1024, dots="stein", checkpoint=path, checkpoint_every=2,
+                        progress=False)
+    again = limit.train(X, y, steps=4, lr=0.5, particles=1024, dots="stein", checkpoint=path, progress=False)
+    assert torch.equal(first.outputs, again.outputs)
+    with pytest.raises(tpl.TplimitsError, match="another run"):
+        limit.train(X, y, steps=5, lr=0.5, particles=1024, dots="stein", checkpoint=path, progress=False)
+    with pytest.raises(tpl.TplimitsError, match="stein"):
+        limit.train(X, y, steps=4, lr=0.5, particles=1024, dots="autograd", checkpoint=path, progress=False)
+
+
+@pytest.mark.parametrize("options", [
+    dict(optimizer="sgd", batch_size=2),
+    dict(optimizer="sgd", weight_decay=0.1),
+    dict(optimizer="momentum"),
+    dict(optimizer="adamw", weight_decay=0.1),
+    dict(optimizer="signsgd", lr=0.01),
+    dict(optimizer="sgd", param="muP-normalized", lr=0.3),
+])
+def test_options_converge_to_their_limit(data, options):
+    """Minibatches with test points, weight decay (Eq. 2.51-2.53), memoryful and sign rules, normalized updates
+    (Eq. 2.56-2.58): each limit against finite training."""
+    X, y = data
+    options = dict(options)
+    lr = options.pop("lr", 0.5 if options["optimizer"] in ("sgd", "momentum") else 0.02)
+    batch_size = options.pop("batch_size", None)
+    limit = tpl.derive("mlp", depth=2, d_in=3, **options)
+    particles = 2**15 if limit.rule.linear and limit.param.update == "plain" else 2**12
+    report = limit.check(X, y, widths=[64, 256, 1024], seeds=6, steps=4, lr=lr, batch_size=batch_size,
+                         X_test=torch.randn(2, 3) if batch_size else None, particles=particles, progress=False)
+    assert report.passed, report.format()
+
+
+def test_errors(data):
+    X, y = data
+    with pytest.raises(tpl.TplimitsError, match="μ-limit"):
+        tpl.derive("mlp", optimizer="sgd", param="NTP", d_in=3).train(X, y, steps=1, particles=256, progress=False)
+    limit = tpl.derive("mlp", optimizer="sgd", d_in=3)
+    with pytest.raises(tpl.TplimitsError, match="multiple of batches"):
+        limit.train(X, y, steps=1, particles=1001, progress=False)
+    with pytest.raises(tpl.PluginError, match="no loss named 'hinge'"):
+        limit.train(X, y, steps=1, particles=256, loss="hinge", progress=False)
+    with pytest.raises(tpl.TplimitsError, match="dots must be one of"):
+        limit.train(X, y, steps=1, particles=256, dots="exact", progress=False)
+    with pytest.raises(TypeError, match="no hyperparameter"):
+        tpl.derive("mlp", optimizer="adam", optimizer_options={"beta": 0.9})
