@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    """``torch.set_default_dtype(dtype)`` for the duration of the block."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+from tplimits.limit.api import default_dtype
 
 
 @pytest.fixture(autouse=True)

@@ -84,6 +84,7 @@ def batch_schedule(n_train: int, batch_size: int | None, steps: int, seed: int) 
 
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` for the duration of the block."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

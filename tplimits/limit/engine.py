@@ -330,8 +330,6 @@ class ParticleNetwork:
     def _rule_update(self, name: str, interp: KetInterpreter) -> None:
         """A non-gradient rule on a matrix (the decorrelation rule): ``R ← s (I − (c/n) C) R`` with
         ``C/n = E_batch[z ⟨z, ·⟩]`` as a low-rank operator and ``s`` restoring ``E‖R x‖²``."""
-        from tplimits.optimizers import optimizer as lookup
-
         rule_name = self.setup.rules[name]
         if rule_name != "decorrelation":
             raise TplimitsError(f"the limit engine knows the non-gradient rule 'decorrelation', not {rule_name!r} "
@@ -348,7 +346,6 @@ class ParticleNetwork:
         z = values[use.name].detach()
         xc, zc = plan.canonical(x), plan.canonical(z, plan.out_letters)
         K = xc.shape[2]
-        lookup(rule_name)  # the rule must be registered
         rate = self.lr * rule_lr_scale(self.setup.param, self.P)
         # R^T z with the current operator (no hats: R starts deterministic)
         transpose_plan = _transpose_plan(plan)

@@ -23,7 +23,6 @@ matrix is applied to at once.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
@@ -105,9 +104,6 @@ class MatMulPlan:
         shape = [sizes[c] for c in self.fixed] + [y.shape[1]] + [sizes[c] for c in self.components]
         have = self.fixed + self.b + self.components
         return torch.einsum(f"{have}->{self.out_letters}", y.reshape(shape))
-
-    def fixed_index(self) -> list[tuple[int, ...]]:
-        return list(itertools.product(*(range(self.sizes[c]) for c in self.fixed)))
 
 
 class _Chunks:
