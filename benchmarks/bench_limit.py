@@ -1,16 +1,26 @@
 """Cost of the μ-limit engine: time and peak memory against particles and steps (SGD and Adam), the
 reference case, and cost at accuracy against finite-width seed ensembles.
 
-    python benchmarks/bench_limit.py            # everything (a few minutes on 2 CPU cores)
-    python benchmarks/bench_limit.py reference  # only the reference case
+    python benchmarks/bench_limit.py                            # everything (about 20 minutes on 2 CPU cores)
+    python benchmarks/bench_limit.py reference                  # only the reference case
+    python benchmarks/bench_limit.py reference scaling --device cuda
 
-All ratios are measured in one run on one machine.
+The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
+targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
+SGD lr ≥ 0.2 finite models of width 512-8192 show loss spikes whose timing changes from seed to seed
+(edge of stability), the trajectory is chaotic and no finite particle count pins it down.
+
+Every configuration runs in a fresh process, so its peak resident memory is its own. All ratios are
+measured in one run on one machine.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import resource
+import subprocess
 import sys
 import time
 
@@ -20,19 +30,54 @@ import tplimits as tpl
 from tplimits.limit.api import batch_schedule
 from tplimits.limit.check import finite_outputs
 
+LR = {"sgd": 0.1, "adam": 0.01}
+MEMORY = {"cpu": "RSS", "cuda": "GPU memory"}
+SCALING = {  # optimizer: (particle counts, at steps; step counts, at particles)
+    "cpu": {"sgd": ([2**12, 2**14, 2**16], 10, [10, 20, 40], 2**14),
+            "adam": ([2**11, 2**12, 2**13, 2**14], 10, [10, 20, 40], 2**12)},
+    "cuda": {"sgd": ([2**14, 2**16, 2**18, 2**20], 10, [10, 20, 40], 2**16),
+             "adam": ([2**12, 2**13, 2**14, 2**15, 2**16], 10, [10, 20, 40], 2**14)},
+}
 
-def data(M: int, d_in: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+
+def data(M: int = 16, d_in: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(M, d_in, generator=g, dtype=torch.float64), torch.randn(M, 1, generator=g, dtype=torch.float64)
 
 
-def timed(optimizer: str, particles: int, steps: int, M: int = 16, lr: float | None = None) -> tuple[float, object]:
-    X, y = data(M)
-    limit = tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=16)
-    lr = lr if lr is not None else (0.5 if optimizer == "sgd" else 0.02)
+def limit_for(optimizer: str) -> tpl.Limit:
+    return tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=16)
+
+
+def train(optimizer: str, particles: int, steps: int, device: str = "cpu") -> tuple[float, tpl.Trajectory]:
+    """One timed run, after a small untimed one that lowers the model and warms the device up."""
+    X, y = data()
+    limit = limit_for(optimizer)
+    limit.train(X, y, steps=1, lr=LR[optimizer], particles=1024, batches=4, device=device, progress=False)
     start = time.perf_counter()
-    traj = limit.train(X, y, steps=steps, lr=lr, particles=particles, batches=4, progress=False)
+    traj = limit.train(X, y, steps=steps, lr=LR[optimizer], particles=particles, batches=4, device=device,
+                       progress=False)
+    if device != "cpu":
+        torch.cuda.synchronize()
     return time.perf_counter() - start, traj
+
+
+DEVICE = "cpu"
+
+
+def measure(optimizer: str, particles: int, steps: int) -> dict:
+    """Time, peak memory and largest output standard error of one run, in a fresh process."""
+    done = subprocess.run([sys.executable, __file__, "--device", DEVICE, "one", optimizer, str(particles), str(steps)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def one(optimizer: str, particles: str, steps: str) -> None:
+    before = peak_mb()
+    seconds, traj = train(optimizer, int(particles), int(steps), DEVICE)
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if DEVICE != "cpu" else 0.0
+    print(json.dumps({"seconds": seconds, "peak_mb": gpu_mb if DEVICE != "cpu" else peak_mb(), "baseline_mb": before,
+                      "max_se": float(traj.outputs_se.max()), "dots": traj.dots}))
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -46,59 +91,72 @@ def peak_mb() -> float:
 
 
 def reference() -> None:
-    seconds, traj = timed("sgd", 2**16, 50)
-    print(f"reference: depth-3 tanh MLP, 16 inputs, 50 steps, 2^16 particles, SGD: {seconds:.1f} s "
-          f"({traj.dots} dots), max output se {traj.outputs_se.max():.4f}, peak RSS {peak_mb():.0f} MB")
+    r = measure("sgd", 2**16, 50)
+    print(f"reference on {DEVICE}: depth-3 tanh MLP, 16 inputs, 50 steps, 2^16 particles (4 systems of 2^14), SGD "
+          f"lr 0.1: {r['seconds']:.1f} s ({r['dots']} dots), max output se {r['max_se']:.4f}, peak {MEMORY[DEVICE]} "
+          f"{r['peak_mb']:.0f} MB")
 
 
 def scaling() -> None:
-    for optimizer, sizes in (("sgd", [2**12, 2**14, 2**16]), ("adam", [2**10, 2**11, 2**12])):
-        times = [timed(optimizer, p, 10)[0] for p in sizes]
-        print(f"{optimizer}: particles {sizes} (10 steps): {[f'{t:.2f}' for t in times]} s, "
-              f"exponent {slope(sizes, times):.2f}")
-        steps = [10, 20, 40]
-        p = sizes[1]
-        times = [timed(optimizer, p, s)[0] for s in steps]
-        print(f"{optimizer}: steps {steps} ({p} particles): {[f'{t:.2f}' for t in times]} s, "
-              f"exponent {slope(steps, times):.2f}; peak RSS so far {peak_mb():.0f} MB")
+    for optimizer, (sizes, fixed_steps, step_counts, fixed_particles) in SCALING[DEVICE].items():
+        for label, xs, runs in (
+            (f"particles ({fixed_steps} steps)", sizes, [measure(optimizer, p, fixed_steps) for p in sizes]),
+            (f"steps ({fixed_particles} particles)", step_counts,
+             [measure(optimizer, fixed_particles, s) for s in step_counts]),
+        ):
+            seconds = [r["seconds"] for r in runs]
+            print(f"{optimizer}: {label} {xs}: {', '.join(f'{t:.1f}' for t in seconds)} s, "
+                  f"exponent {slope(xs, seconds):.2f}; peak {MEMORY[DEVICE]} "
+                  f"{', '.join(str(round(r['peak_mb'])) for r in runs)} MB (RSS after imports "
+                  f"{runs[0]['baseline_mb']:.0f} MB)")
 
 
 def cost_at_accuracy(target: float = 0.01, steps: int = 20) -> None:
-    """Time for the limit to reach MC standard error ``target`` vs time for finite-width seed ensembles to
-    get within ``target`` (RMS over steps and outputs) of it."""
-    X, y = data(16)
-    limit = tpl.derive("mlp", optimizer="sgd", depth=3, d_in=16)
-    particles, (seconds, traj) = 2**12, (0.0, None)
+    """Time for the limit to reach Monte Carlo standard error ``target`` (RMS over steps and outputs) vs
+    time for finite-width seed ensembles to get within ``target`` (RMS) of it."""
+    X, y = data()
+    limit = limit_for("sgd")
+    limit.train(X, y, steps=1, lr=LR["sgd"], particles=1024, progress=False)  # lowers the model, untimed
+    particles = 2**12
     while True:
         start = time.perf_counter()
-        traj = limit.train(X, y, steps=steps, lr=0.5, particles=particles, batches=4, progress=False)
+        traj = limit.train(X, y, steps=steps, lr=LR["sgd"], particles=particles, batches=4, progress=False)
         seconds = time.perf_counter() - start
-        if traj.outputs_se.square().mean().sqrt() <= target:
+        rms_se = traj.outputs_se.square().mean().sqrt()
+        if rms_se <= target:
             break
         particles *= 2
-    print(f"limit: {particles} particles, RMS se {traj.outputs_se.square().mean().sqrt():.4f}, {seconds:.1f} s")
-    reference_limit = traj.outputs
-    schedule = batch_schedule(16, None, steps, 0)
+    print(f"limit ({steps} steps): {particles} particles, RMS se {rms_se:.4f}, {seconds:.1f} s")
+    schedule = batch_schedule(len(X), None, steps, 0)
     for width in (256, 1024, 4096):
         start = time.perf_counter()
         runs = []
         while True:
-            runs.append(finite_outputs(limit, X, y, 16, width, len(runs), steps, 0.5, "mse", schedule,
+            runs.append(finite_outputs(limit, X, y, len(X), width, len(runs), steps, LR["sgd"], "mse", schedule,
                                        torch.float64))
-            mean = torch.stack(runs).mean(0)
-            gap = (mean - reference_limit).square().mean().sqrt()
+            gap = (torch.stack(runs).mean(0) - traj.outputs).square().mean().sqrt()
             if gap <= target or len(runs) >= 64:
                 break
         t = time.perf_counter() - start
-        print(f"finite width {width}: {len(runs)} seeds, RMS gap of the seed mean {gap:.4f}, {t:.1f} s, "
+        verdict = "reached" if gap <= target else "not reached"
+        print(f"finite width {width}: {len(runs)} seeds, RMS gap of the seed mean {gap:.4f} ({verdict}), {t:.1f} s, "
               f"ratio finite/limit {t / seconds:.2f}")
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["reference", "scaling", "accuracy"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", help="reference, scaling, accuracy (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--target", type=float, default=0.01, help="accuracy of the cost-at-accuracy comparison")
+    args = parser.parse_args()
+    DEVICE = args.device
+    if args.parts[:1] == ["one"]:
+        one(*args.parts[1:4])
+        sys.exit()
+    which = args.parts or ["reference", "scaling", "accuracy"]
     if "reference" in which:
         reference()
     if "scaling" in which:
         scaling()
     if "accuracy" in which:
-        cost_at_accuracy()
+        cost_at_accuracy(args.target)

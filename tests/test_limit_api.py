@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tplimits as tpl
+from tplimits.limit import engine
 from tplimits.limit.api import batch_schedule
 from tplimits.limit.engine import ParticleNetwork
 
@@ -56,28 +57,45 @@ def test_kernel_of_the_first_layer_matches_closed_form(data):
     assert z.max() < 4
 
 
+def _run(net: ParticleNetwork, X: torch.Tensor, y: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """``steps`` full-batch mse steps of a particle system; its outputs before each."""
+    loss = tpl.loss("mse")
+    outs = []
+    for _ in range(steps):
+        interp = net.forward((X,))
+        out = net.outputs(interp)
+        outs.append(out)
+        net.backward_and_update(interp, loss.error_signal(out, y, torch.arange(len(X))))
+    return outs
+
+
 def test_resume_continues_exactly(data):
     X, y = data
-    limit = tpl.derive("mlp", optimizer="adam", depth=2, d_in=3)
-    setup = limit.setup(X)
-    loss = tpl.loss("mse")
-
-    def run(net, steps):
-        outs = []
-        for _ in range(steps):
-            interp = net.forward((X,))
-            out = net.outputs(interp)
-            outs.append(out)
-            net.backward_and_update(interp, loss.error_signal(out, y, torch.arange(4)))
-        return outs
-
+    setup = tpl.derive("mlp", optimizer="adam", depth=2, d_in=3).setup(X)
     a = ParticleNetwork(setup, 256, 0, torch.float64, "cpu", "stein", 0.02, 4)
-    run(a, 2)
+    _run(a, X, y, 2)
     saved = a.state_dict()
     b = ParticleNetwork(setup, 256, 99, torch.float64, "cpu", "stein", 0.02, 4)
     b.load_state_dict(saved)
-    for out_a, out_b in zip(run(a, 2), run(b, 2), strict=True):
+    for out_a, out_b in zip(_run(a, X, y, 2), _run(b, X, y, 2), strict=True):
         assert torch.equal(out_a, out_b)
+
+
+def test_dense_grid_updated_in_tiles_equals_whole_grid(data, monkeypatch):
+    """Adam with weight decay on the dense grid of Q values: row tiles (in place) give the whole-grid update."""
+    X, y = data
+    setup = tpl.derive("mlp", optimizer="adamw", weight_decay=0.1, depth=3, d_in=3).setup(X)
+    runs = {}
+    for entries in (2**40, 1000):  # one tile; 3 rows per tile (uneven last tile)
+        monkeypatch.setattr(engine, "DENSE_TILE_ENTRIES", entries)
+        net = ParticleNetwork(setup, 256, 0, torch.float64, "cpu", "stein", 0.02, 4)
+        runs[entries] = (_run(net, X, y, 4), {k: op.dense for k, op in net.operators.items()})
+    (whole, whole_grids), (tiled, tiled_grids) = runs.values()
+    assert whole_grids.keys() == tiled_grids.keys() and len(whole_grids) == 2
+    for k in whole_grids:
+        torch.testing.assert_close(tiled_grids[k], whole_grids[k], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.stack(tiled), torch.stack(whole), rtol=1e-12, atol=1e-14)
+    assert (whole[-1] - whole[0]).abs().max() > 0.05
 
 
 def test_checkpoint_file_resumes(tmp_path, data):

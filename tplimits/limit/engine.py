@@ -38,6 +38,9 @@ from tplimits.errors import TplimitsError
 from tplimits.limit.operators import MatMulPlan, MatrixOperator
 from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule
 
+DENSE_TILE_ENTRIES = 2**22
+"""Entries of a dense update grid processed at once (32 MiB in float64)."""
+
 
 @attrs.frozen
 class InitialValue:
@@ -282,7 +285,7 @@ class ParticleNetwork:
         operator = self.operators[name]
         if operator.dense is not None:
             parts = [(term.equation, values[term.cotangent], values[term.vector]) for term in terms]
-            operator.dense = self._step(name, operator.dense, operator.dense_gradient(parts) * weight)
+            self._dense_step(name, operator, parts, weight)
             operator.init_scale *= 1 - self.groups[name]["weight_decay"]
             return
         layout = self.infos[name].layout
@@ -296,6 +299,31 @@ class ParticleNetwork:
             else:
                 operator.add_factor(x, dh, self.t)
         self._linear_step(name, operator)
+
+    def _dense_step(self, name: str, operator: MatrixOperator, parts: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+                    weight: float) -> None:
+        """The rule on the dense grid of ``Q`` values (§11.4), a tile of rows at a time, in place: memory is
+        the grid and its optimizer state plus one tile, not the several grid-sized temporaries of a
+        whole-grid update. Normalized / clipped updates need the norm of the whole update first, and a rule
+        whose state is not entrywise cannot be cut into tiles: those take the whole grid at once."""
+        group = self.groups[name]
+        grid = operator.dense
+        state = self.update_states[name] or {"step": 0, "q_state": self.setup.rule.init_state(grid)}
+        entrywise = all(torch.is_tensor(v) and v.shape == grid.shape for v in state["q_state"].values())
+        if group["normalize"] or group["clip"] is not None or not entrywise or torch.is_grad_enabled():
+            operator.dense = self._step(name, grid, operator.dense_gradient(parts) * weight)
+            return
+        axis = operator.out_axis
+        rows_per_tile = max(1, DENSE_TILE_ENTRIES * grid.shape[axis] // grid.numel())
+        for start in range(0, grid.shape[axis], rows_per_tile):
+            rows = slice(start, start + rows_per_tile)
+            index = (slice(None),) * axis + (rows,)
+            tile_state = {"step": state["step"], "q_state": {k: v[index] for k, v in state["q_state"].items()}}
+            g = operator.dense_gradient(parts, rows) * (weight * group["grad_scale"])
+            grid[index], new_state = apply_rule(self.setup.rule, grid[index], g, tile_state, group, self.hyper)
+            for key, value in new_state["q_state"].items():
+                state["q_state"][key][index] = value
+        self.update_states[name] = {"step": state["step"] + 1, "q_state": state["q_state"]}
 
     def _uses(self, target: str) -> list[MatMul]:
         """The forward MatMul instructions that multiply by parameter ``target``."""
@@ -362,21 +390,34 @@ class ParticleNetwork:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        """A snapshot: later steps (which update dense grids in place) do not change it."""
+        return _snapshot({
             "t": self.t,
-            "tensors": {k: v.detach().clone() for k, v in self.tensors.items()},
+            "tensors": self.tensors,
             "operators": {k: op.state_dict() for k, op in self.operators.items()},
             "update_states": self.update_states,
             "generator": self.generator.get_state(),
-        }
+        })
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = _snapshot(state)  # the system updates its grids in place; the caller's copy stays as it was
         self.t = state["t"]
         self.tensors.update(state["tensors"])
         for k, op in self.operators.items():
             op.load_state_dict(state["operators"][k])
         self.update_states = dict(state["update_states"])
         self.generator.set_state(state["generator"])
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of nested dicts / lists of tensors that later in-place updates (dense tiles) leave alone."""
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return value
 
 
 def _transpose_plan(plan: MatMulPlan) -> MatMulPlan:

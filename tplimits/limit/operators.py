@@ -45,6 +45,13 @@ def _to_letters(t: torch.Tensor, have: str, want: str, sizes: dict[str, int]) ->
     return out.reshape(view).expand(shape)
 
 
+def _narrow(t: torch.Tensor, letters: str, letter: str, rows: slice) -> torch.Tensor:
+    """``t`` (axes named by ``letters``) restricted to ``rows`` along the axis named ``letter``, if it has one."""
+    if letter not in letters:
+        return t
+    return t[(slice(None),) * letters.index(letter) + (rows,)]
+
+
 class MatMulPlan:
     """How one MatMul instruction maps its vector to the canonical ``[F, P_in, K]`` form and back."""
 
@@ -106,26 +113,47 @@ class MatMulPlan:
         return torch.einsum(f"{have}->{self.out_letters}", y.reshape(shape))
 
 
-class _Chunks:
-    """A growing list of tensors concatenated along their last axis (the concatenation is cached)."""
+class _Columns:
+    """Tensors ``[..., k_i]`` joined along their last axis as they arrive.
 
-    def __init__(self) -> None:
+    Without autograd the columns live in one buffer that grows geometrically, so an append copies
+    only the new columns (amortized) and the concatenation is a view. Differentiable columns (autograd
+    dots) stay separate tensors, since they are the leaves gradients are taken against; their
+    concatenation is cached until the next append.
+    """
+
+    GROWTH = 1.5
+
+    def __init__(self, differentiable: bool = False) -> None:
+        self.differentiable = differentiable
         self.parts: list[torch.Tensor] = []
-        self._cat: torch.Tensor | None = None
+        self._joined: torch.Tensor | None = None
+        self._size = 0
 
     def append(self, t: torch.Tensor) -> None:
-        self.parts.append(t)
-        self._cat = None
+        if self.differentiable:
+            self.parts.append(t)
+            self._joined = None
+            self._size += t.shape[-1]
+            return
+        new_size = self._size + t.shape[-1]
+        if self._joined is None or new_size > self._joined.shape[-1]:
+            capacity = max(new_size, int(self.GROWTH * self._size))
+            grown = t.new_empty(*t.shape[:-1], capacity)
+            if self._joined is not None:
+                grown[..., : self._size] = self._joined[..., : self._size]
+            self._joined = grown
+        self._joined[..., self._size: new_size] = t.detach()
+        self._size = new_size
 
     def cat(self) -> torch.Tensor | None:
-        if not self.parts:
+        if self._size == 0:
             return None
-        if self._cat is None:
-            self._cat = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=-1)
-        return self._cat
-
-    def __len__(self) -> int:
-        return sum(p.shape[-1] for p in self.parts)
+        if not self.differentiable:
+            return self._joined[..., : self._size]
+        if self._joined is None:
+            self._joined = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=-1)
+        return self._joined
 
 
 class HatFamily:
@@ -136,31 +164,37 @@ class HatFamily:
         self.n_fixed, self.p_in, self.p_out = n_fixed, p_in, p_out
         self.generator, self.dtype, self.device = generator, dtype, device
         self.track_grad = track_grad
-        self.basis = _Chunks()  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
-        self.gaussians = _Chunks()  # G: [F, P_out, r], iid N(0, 1)
+        self.basis = _Columns(track_grad)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
+        self.gaussians = _Columns(track_grad)  # G: [F, P_out, r], iid N(0, 1)
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         """The hat of this matrix applied to ``x`` ([F, P_in, K]), for unit entry variance: [F, P_out, K]."""
         xd = x.detach()
         E = self.basis.cat()
-        hat = None
-        resid = x
+        hat, resid, rd = None, x, xd
         if E is not None:
             Ed = E.detach()
-            coef = Ed.transpose(1, 2) @ xd
-            coef = coef + Ed.transpose(1, 2) @ (xd - Ed @ coef)  # second Gram-Schmidt pass
-            resid = x - E @ coef
+            coef = Ed.mT @ xd
+            rd = xd - Ed @ coef
+            if self._needs_second_pass(rd, xd):
+                correction = Ed.mT @ rd
+                coef = coef + correction
+                rd = rd - Ed @ correction
+            resid = x - E @ coef if x.requires_grad or E.requires_grad else rd
             hat = self.gaussians.cat() @ coef
-        rd = resid.detach()
         gram = rd.transpose(1, 2) @ rd
         evals, vecs = torch.linalg.eigh(gram)
         scale = (xd * xd).sum(dim=(1, 2)).clamp_min(torch.finfo(self.dtype).tiny)
         keep = evals > 1e-10 * scale[:, None]
+        new_directions = keep.any(dim=0)  # directions already in the span (for every fixed index) are dropped
+        if not new_directions.any():
+            return hat if hat is not None else x.new_zeros(self.n_fixed, self.p_out, x.shape[2])
+        keep, evals, vecs = keep[:, new_directions], evals[:, new_directions], vecs[..., new_directions]
         root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
         inv_root = torch.where(keep, 1 / root.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(evals))
         E_new = resid @ (vecs * inv_root[:, None, :])
         R = (vecs * root[:, None, :]).transpose(1, 2)
-        G_new = torch.randn(self.n_fixed, self.p_out, x.shape[2], generator=self.generator, dtype=self.dtype,
+        G_new = torch.randn(self.n_fixed, self.p_out, vecs.shape[-1], generator=self.generator, dtype=self.dtype,
                             device=self.device)
         if self.track_grad:
             G_new.requires_grad_(True)
@@ -168,6 +202,15 @@ class HatFamily:
         self.gaussians.append(G_new)
         fresh = G_new @ R
         return fresh if hat is None else hat + fresh
+
+    def _needs_second_pass(self, residual: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether one Gram-Schmidt pass leaves the new directions measurably non-orthogonal to the basis.
+
+        One classical pass leaves an overlap of about ``eps·‖x‖/‖residual‖``; a second pass is taken when
+        that exceeds ``√eps`` (a residual below ``√eps·‖x‖``), so the overlap stays below ``√eps`` either way.
+        """
+        ratio = residual.square().sum(dim=1) / x.square().sum(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+        return bool((ratio < torch.finfo(x.dtype).eps).any())
 
     def dot(self, x: torch.Tensor, mode: str) -> torch.Tensor | None:
         """``E · Σ_i ∂x[i]/∂G[i]`` for ``x`` living in this family's *output* space ([F, P_out, K]): the dot-ket
@@ -240,9 +283,10 @@ class MatrixOperator:
             self.families["forward"] = HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track)
             self.families["transpose"] = HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track)
         self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense else None
-        self.out_factors: list[torch.Tensor] = []  # A_s: [F, P_out, k_s]
-        self.in_factors: list[torch.Tensor] = []  # B_s: [F, P_in, k_s]
-        self.factor_step: list[int] = []
+        self.out_factors = _Columns(dots == "autograd")  # A = [A_s]_s: [F, P_out, Σ k_s]
+        self.in_factors = _Columns(dots == "autograd")  # B = [B_s]_s: [F, P_in, Σ k_s]
+        self.factor_steps: list[int] = []  # the step of each column of A and B
+        self._column_steps: torch.Tensor | None = None
         self.coefficients = torch.zeros(0, dtype=dtype, device=device)  # one per step, trained units
 
     # -- applying the operator ------------------------------------------------------------------
@@ -277,12 +321,12 @@ class MatrixOperator:
         return self.apply(plan, x)
 
     def _low_rank(self, xc: torch.Tensor, forward: bool) -> torch.Tensor | None:
-        if not self.out_factors:
+        A, B = self.out_factors.cat(), self.in_factors.cat()
+        if A is None:
             return None
-        A = torch.cat(self.out_factors, dim=-1)
-        B = torch.cat(self.in_factors, dim=-1)
-        columns = [step for step, a in zip(self.factor_step, self.out_factors, strict=True) for _ in range(a.shape[-1])]
-        coef = self.coefficients[torch.tensor(columns, device=xc.device)] * self.scale
+        if self._column_steps is None:
+            self._column_steps = torch.tensor(self.factor_steps, device=xc.device)
+        coef = self.coefficients[self._column_steps] * self.scale
         if forward:
             inner = B.detach().transpose(1, 2) @ xc.detach()  # ⟨x_s|x⟩, an expectation
             return A @ (coef[None, :, None] * inner)
@@ -294,7 +338,8 @@ class MatrixOperator:
         """Record the term ``out_factor · in_factorᵀ`` (both canonical) of the gradient of step ``step``."""
         self.out_factors.append(out_factor)
         self.in_factors.append(in_factor)
-        self.factor_step.append(step)
+        self.factor_steps.extend([step] * out_factor.shape[-1])
+        self._column_steps = None
 
     def ensure_steps(self, steps: int) -> None:
         if self.coefficients.numel() < steps:
@@ -302,31 +347,50 @@ class MatrixOperator:
             grown[: self.coefficients.numel()] = self.coefficients
             self.coefficients = grown
 
-    def dense_gradient(self, terms: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Σ einsum(equation, dh, x) over a gradient's terms, materialized (the finite-width formula)."""
+    def dense_gradient(self, terms: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+                       rows: slice = slice(None)) -> torch.Tensor:
+        """Σ einsum(equation, dh, x) over a gradient's terms, materialized (the finite-width formula), for
+        the entries ``rows`` of the matrix's output axis."""
         total = None
         for equation, dh, x in terms:
-            part = torch.einsum(equation, dh.detach(), x.detach())
+            lhs, m_letters = equation.split("->")
+            row_letter = m_letters[self.out_axis]
+            operands = [_narrow(t.detach(), letters, row_letter, rows) for t, letters in zip((dh, x), lhs.split(","),
+                                                                                              strict=True)]
+            part = torch.einsum(equation, *operands)
             total = part if total is None else total + part
         return total
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        fams = {k: {"basis": [t.detach() for t in f.basis.parts], "gaussians": [t.detach() for t in f.gaussians.parts]}
-                for k, f in self.families.items()}
-        return {"families": fams, "dense": self.dense, "out_factors": [t.detach() for t in self.out_factors],
-                "in_factors": [t.detach() for t in self.in_factors], "factor_step": list(self.factor_step),
-                "coefficients": self.coefficients, "init_scale": self.init_scale}
+        """The operator's tensors (not copies: the caller snapshots them)."""
+
+        def joined(columns: _Columns) -> torch.Tensor | None:
+            t = columns.cat()
+            return None if t is None else t.detach()
+
+        return {"families": {k: {"basis": joined(f.basis), "gaussians": joined(f.gaussians)}
+                             for k, f in self.families.items()},
+                "dense": self.dense, "out_factors": joined(self.out_factors), "in_factors": joined(self.in_factors),
+                "factor_steps": list(self.factor_steps), "coefficients": self.coefficients,
+                "init_scale": self.init_scale}
 
     def load_state_dict(self, state: dict) -> None:
+        def columns(t: torch.Tensor | None, differentiable: bool) -> _Columns:
+            restored = _Columns(differentiable)
+            if t is not None:
+                restored.append(t)
+            return restored
+
         for k, f in self.families.items():
             saved = state["families"][k]
-            f.basis, f.gaussians = _Chunks(), _Chunks()
-            for e, g in zip(saved["basis"], saved["gaussians"], strict=True):
-                f.basis.append(e)
-                f.gaussians.append(g)
+            f.basis = columns(saved["basis"], f.track_grad)
+            f.gaussians = columns(saved["gaussians"], f.track_grad)
         self.dense = state["dense"]
-        self.out_factors, self.in_factors = list(state["out_factors"]), list(state["in_factors"])
-        self.factor_step = list(state["factor_step"])
+        differentiable = self.dots == "autograd"
+        self.out_factors = columns(state["out_factors"], differentiable)
+        self.in_factors = columns(state["in_factors"], differentiable)
+        self.factor_steps = list(state["factor_steps"])
+        self._column_steps = None
         self.coefficients = state["coefficients"]
         self.init_scale = state["init_scale"]

@@ -1,0 +1,39 @@
+"""The limit on a CUDA device (skipped where there is none): the same particle system, checked against
+finite-width training on the CPU and against the CPU limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tplimits as tpl
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
+
+
+@pytest.mark.parametrize("optimizer, lr, particles", [("sgd", 0.5, 2**17), ("adam", 0.02, 2**14)])
+def test_gpu_limit_matches_training(data, optimizer, lr, particles):
+    X, y = data
+    limit = tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=3)
+    report = limit.check(X, y, widths=[64, 256, 1024], seeds=8, steps=4, lr=lr, particles=particles, device="cuda",
+                         progress=False)
+    assert report.passed, report.format()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gpu_and_cpu_limits_agree(data, dtype):
+    """Independent particle systems on the two devices (float32 on the GPU too) estimate the same limit."""
+    X, y = data
+    limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+    cpu = limit.train(X, y, steps=5, lr=0.5, particles=2**15, seed=0, progress=False)
+    gpu = limit.train(X, y, steps=5, lr=0.5, particles=2**15, seed=1, device="cuda", dtype=dtype, progress=False)
+    assert gpu.outputs.dtype == dtype
+    z = (gpu.outputs.double() - cpu.outputs) / (gpu.outputs_se.double().square() + cpu.outputs_se.square()).sqrt()
+    assert z.abs().max() < 4.5, z
+    assert (cpu.outputs[-1] - cpu.outputs[0]).abs().max() > 0.1
