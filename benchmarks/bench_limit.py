@@ -1,7 +1,7 @@
 """Cost of the μ-limit engine: time and peak memory against particles and steps (SGD and Adam), the
 reference case, and cost at accuracy against finite-width seed ensembles.
 
-    python benchmarks/bench_limit.py                            # everything (about 20 minutes on 2 CPU cores)
+    python benchmarks/bench_limit.py                            # everything (about 6 minutes on 2 CPU cores)
     python benchmarks/bench_limit.py reference                  # only the reference case
     python benchmarks/bench_limit.py reference scaling --device cuda
 
