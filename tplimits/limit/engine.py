@@ -308,7 +308,9 @@ class ParticleNetwork:
         whose state is not entrywise cannot be cut into tiles: those take the whole grid at once."""
         group = self.groups[name]
         grid = operator.dense
-        state = self.update_states[name] or {"step": 0, "q_state": self.setup.rule.init_state(grid)}
+        if not self.update_states[name]:  # the whole-grid path below starts from this state too
+            self.update_states[name] = {"step": 0, "q_state": self.setup.rule.init_state(grid)}
+        state = self.update_states[name]
         entrywise = all(torch.is_tensor(v) and v.shape == grid.shape for v in state["q_state"].values())
         if group["normalize"] or group["clip"] is not None or not entrywise or torch.is_grad_enabled():
             operator.dense = self._step(name, grid, operator.dense_gradient(parts) * weight)
