@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import tplimits as tpl
+from tplimits.core.instantiate import multiplier
 from tplimits.limit import engine
 from tplimits.limit.api import batch_schedule
 from tplimits.limit.engine import ParticleNetwork
+from tplimits.limit.operators import MatrixOperator
 
 
 @pytest.fixture
@@ -81,21 +83,38 @@ def test_resume_continues_exactly(data):
         assert torch.equal(out_a, out_b)
 
 
-def test_dense_grid_updated_in_tiles_equals_whole_grid(data, monkeypatch):
-    """Adam with weight decay on the dense grid of Q values: row tiles (in place) give the whole-grid update."""
+def test_dense_grid_updated_in_tiles_follows_torch_adamw(data, monkeypatch):
+    """The dense grid of Q values, updated in row tiles in place (3 rows per tile, uneven last tile), is
+    exactly ``torch.optim.AdamW`` run on the whole grid with the same gradients."""
     X, y = data
     setup = tpl.derive("mlp", optimizer="adamw", weight_decay=0.1, depth=3, d_in=3).setup(X)
-    runs = {}
-    for entries in (2**40, 1000):  # one tile; 3 rows per tile (uneven last tile)
-        monkeypatch.setattr(engine, "DENSE_TILE_ENTRIES", entries)
-        net = ParticleNetwork(setup, 256, 0, torch.float64, "cpu", "stein", 0.02, 4)
-        runs[entries] = (_run(net, X, y, 4), {k: op.dense for k, op in net.operators.items()})
-    (whole, whole_grids), (tiled, tiled_grids) = runs.values()
-    assert whole_grids.keys() == tiled_grids.keys() and len(whole_grids) == 2
-    for k in whole_grids:
-        torch.testing.assert_close(tiled_grids[k], whole_grids[k], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(torch.stack(tiled), torch.stack(whole), rtol=1e-12, atol=1e-14)
-    assert (whole[-1] - whole[0]).abs().max() > 0.05
+    monkeypatch.setattr(engine, "DENSE_TILE_ENTRIES", 1000)
+    gradients: dict[str, list[torch.Tensor]] = {}
+    tiled_gradient = MatrixOperator.dense_gradient
+
+    def record(operator, terms, rows=slice(None)):
+        if rows.start in (None, 0):  # once per step: the whole gradient
+            gradients.setdefault(operator.name, []).append(tiled_gradient(operator, terms).clone())
+        return tiled_gradient(operator, terms, rows)
+
+    monkeypatch.setattr(MatrixOperator, "dense_gradient", record)
+    P = 256
+    net = ParticleNetwork(setup, P, 0, torch.float64, "cpu", "stein", 0.02, 4)
+    outs = _run(net, X, y, 4)
+    assert len(gradients) == 2 and all(len(g) == 4 for g in gradients.values())
+    for name, grads in gradients.items():
+        group = net.groups[name]
+        lr = group["lr"] * group["lr_scale"]
+        weight = multiplier(setup.chosen[name], P) / P * group["grad_scale"]
+        grid = torch.zeros_like(grads[0], requires_grad=True)
+        reference = torch.optim.AdamW([grid], lr=lr, betas=net.hyper["betas"], eps=net.hyper["eps"],
+                                      weight_decay=group["weight_decay"] / lr)
+        for g in grads:
+            grid.grad = g * weight
+            reference.step()
+        assert grid.abs().max() > 0
+        torch.testing.assert_close(net.operators[name].dense, grid.detach(), rtol=1e-10, atol=1e-13)
+    assert (outs[-1] - outs[0]).abs().max() > 0.05
 
 
 def test_checkpoint_file_resumes(tmp_path, data):
