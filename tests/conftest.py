@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tplimits.limit.api import default_dtype
+from tplimits.limit.runs import default_dtype
 
 
 @pytest.fixture(autouse=True)

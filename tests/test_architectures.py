@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tplimits.architectures import decorrelated, mlp, resnet, transformer
-from tplimits.plugins.specs import Architecture
+from tplimits.plugin import Architecture
 
 THIRD_WIDTH = {"mlp": 24, "decorrelated-mlp": 24, "resnet": 8, "transformer": 48}
 ACTIVATIONS = ["relu", "tanh", "gelu", "silu", "sigmoid", "softplus", "identity"]

@@ -15,7 +15,7 @@ import torch
 import tplimits as tpl
 from tests.conftest import default_dtype
 from tplimits.cli import main
-from tplimits.core.coordcheck import coord_check
+from tplimits import coord_check
 
 WIDTHS = (128, 256, 512, 1024, 2048)
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import tplimits as tpl
-from tplimits.core.instantiate import family, parametrized_program
+from tplimits.api import family
+from tplimits.training.model import parametrized_program
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,8 @@ def test_abcd_symmetry_trains_identically(mlp, optimizer, theta):
     (x,) = tpl.architecture("mlp").example_inputs()
     y = torch.randn(8, 1, generator=torch.Generator().manual_seed(3))
     for width in (32, 96):
-        a = _train(*tpl.instantiate(mlp, width, param=base, optimizer=optimizer, lr=0.05, seed=1), x, y)
-        b = _train(*tpl.instantiate(mlp, width, param=shifted, optimizer=optimizer, lr=0.05, seed=1), x, y)
+        a = _train(*tpl.instantiate(mlp, width=width, param=base, optimizer=optimizer, lr=0.05, seed=1), x, y)
+        b = _train(*tpl.instantiate(mlp, width=width, param=shifted, optimizer=optimizer, lr=0.05, seed=1), x, y)
         for fa, fb in zip(a, b, strict=True):
             torch.testing.assert_close(fa, fb, rtol=1e-9, atol=1e-12)
 
@@ -88,7 +89,7 @@ def test_trivial_parametrization_is_plain_torch(mlp):
     (x,) = tpl.architecture("mlp").example_inputs()
     y = torch.randn(8, 1, generator=torch.Generator().manual_seed(4))
     for name, reference in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)):
-        model, opt = tpl.instantiate(mlp, 40, param=zero, optimizer=name, lr=0.01, seed=2)
+        model, opt = tpl.instantiate(mlp, width=40, param=zero, optimizer=name, lr=0.01, seed=2)
         twin = copy.deepcopy(model)
         ours = _train(model, opt, x, y)
         theirs = _train(twin, reference(twin.parameters(), lr=0.01), x, y)
@@ -98,14 +99,14 @@ def test_trivial_parametrization_is_plain_torch(mlp):
 
 def test_initialization_scales(mlp):
     width = 400
-    model, _ = tpl.instantiate(mlp, width, param="muP", optimizer="sgd", lr=0.1)
+    model, _ = tpl.instantiate(mlp, width=width, param="muP", optimizer="sgd", lr=0.1)
     hidden = model.model.layers[1].weight
     assert abs(hidden.std().item() * width ** 0.5 - 1) < 0.05  # b = 1/2: variance 1/n
     first = model.model.layers[0].weight
     assert abs(first.std().item() * 16 ** 0.5 - 1) < 0.05  # fan-in over the 16 fixed inputs
     readout = model.model.readout.weight
     assert abs(readout.std().item() - 1) < 0.2 and model.output_scale == pytest.approx(1 / width)
-    ntp, _ = tpl.instantiate(mlp, width, param="NTP", optimizer="sgd", lr=0.1)
+    ntp, _ = tpl.instantiate(mlp, width=width, param="NTP", optimizer="sgd", lr=0.1)
     effective = ntp.model.layers[1].weight  # a = 1/2 multiplier on N(0, 1) weights
     assert abs(effective.std().item() * width ** 0.5 - 1) < 0.05
     trained = ntp.model.layers[1].parametrizations.weight.original
@@ -114,7 +115,7 @@ def test_initialization_scales(mlp):
 
 def test_learning_rate_and_gradient_scales(mlp):
     width = 256
-    _, opt = tpl.instantiate(mlp, width, param="muP", optimizer="adam", lr=0.01)
+    _, opt = tpl.instantiate(mlp, width=width, param="muP", optimizer="adam", lr=0.01)
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["layers.1.weight"]["lr_scale"] == pytest.approx(1 / width)  # c = 1
     assert groups["layers.0.weight"]["lr_scale"] == pytest.approx(1.0)
@@ -122,7 +123,7 @@ def test_learning_rate_and_gradient_scales(mlp):
 
 
 def test_center_subtracts_initial_function(mlp):
-    model, opt = tpl.instantiate(mlp, 32, param="muP", optimizer="sgd", lr=0.5, center=True)
+    model, opt = tpl.instantiate(mlp, width=32, param="muP", optimizer="sgd", lr=0.5, center=True)
     (x,) = tpl.architecture("mlp").example_inputs()
     assert model(x).abs().max() == 0
     outs = _train(model, opt, x, torch.ones(8, 1), steps=2)
@@ -131,7 +132,7 @@ def test_center_subtracts_initial_function(mlp):
 
 def test_mup_attention_scale():
     fam = family("transformer")
-    model, _ = tpl.instantiate(fam, 64, param="muP", optimizer="sgd", lr=0.1)
+    model, _ = tpl.instantiate(fam, width=64, param="muP", optimizer="sgd", lr=0.1)
     assert model.attention == (1.0, -1.0)  # 1/d_head instead of sdpa's 1/sqrt(d_head)
     (ids,) = tpl.architecture("transformer").example_inputs()
     plain = copy.deepcopy(model)
@@ -140,7 +141,7 @@ def test_mup_attention_scale():
     explicit = family("transformer", attention="explicit")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tpl.instantiate(explicit, 64, param="muP", optimizer="sgd", lr=0.1)
+        tpl.instantiate(explicit, width=64, param="muP", optimizer="sgd", lr=0.1)
     assert any("kept" in str(w.message) for w in caught)
 
 
@@ -148,23 +149,23 @@ def test_module_form_needs_its_own_width():
     make = tpl.architecture("mlp").build
     module, base = make(48), make(24)
     (x,) = tpl.architecture("mlp").example_inputs()
-    model, _ = tpl.instantiate(module, 48, base=base, example_inputs=(x,), param="muP", optimizer="sgd")
+    model, _ = tpl.instantiate(module, width=48, base=base, example_inputs=(x,), param="muP", optimizer="sgd")
     assert model.model is module
     with pytest.raises(tpl.TplimitsError, match="width 48"):
-        tpl.instantiate(make(48), 64, base=base, example_inputs=(x,))
+        tpl.instantiate(make(48), width=64, base=base, example_inputs=(x,))
 
 
 def test_mup_warns_when_it_overrides_the_attention_scale():
     with pytest.warns(UserWarning, match="overrides the model's attention scale"):
-        tpl.instantiate(family("transformer", n_layers=1), 32, param="muP", optimizer="sgd", lr=0.1)
+        tpl.instantiate(family("transformer", n_layers=1), width=32, param="muP", optimizer="sgd", lr=0.1)
 
 
 def test_decorrelation_matrices_follow_their_rule():
     """R keeps its identity init and moves by R <- s(I - (c/n) C) R (seed 003), computed here by hand
     from the layer input; the other weights train with the chosen optimizer in the same plain loop."""
     width, c = 32, 0.5
-    model, opt = tpl.instantiate("decorrelated-mlp", width, param="muP", optimizer="sgd", lr=c)
-    assert type(opt).__name__ == "CompositeOptimizer"
+    model, opt = tpl.instantiate("decorrelated-mlp", width=width, param="muP", optimizer="sgd", lr=c)
+    assert {g["rule"].name for g in opt.param_groups} == {"sgd", "decorrelation"}
     layer = model.model.layers[1]
     R0 = layer.decorrelation.detach().clone()
     assert torch.equal(R0, torch.eye(width))
@@ -189,7 +190,7 @@ def test_normalized_updates(mlp):
     """Eq. 2.54: with update normalization every step of a parameter has Frobenius norm lr·n^{-c}."""
     width, lr = 64, 0.01
     param = tpl.parametrization("muP-normalized")
-    model, opt = tpl.instantiate(mlp, width, param=param, optimizer="adam", lr=lr)
+    model, opt = tpl.instantiate(mlp, width=width, param=param, optimizer="adam", lr=lr)
     hidden = model.model.layers[1].weight
     before = hidden.detach().clone()
     (x,) = tpl.architecture("mlp").example_inputs()
@@ -204,6 +205,6 @@ def test_normalized_updates(mlp):
 def test_rule_rate_follows_the_parametrization(name, exponent):
     """The decorrelation rule's own rate c/n is the maximal update; NTP scales it by n^-1/2 (r = 1/2)."""
     width = 64
-    _, opt = tpl.instantiate("decorrelated-mlp", width, param=name, optimizer="sgd", lr=0.1)
-    groups = [g for rule_opt, _ in opt.others for g in rule_opt.param_groups]
+    _, opt = tpl.instantiate("decorrelated-mlp", width=width, param=name, optimizer="sgd", lr=0.1)
+    groups = [g for g in opt.param_groups if g["rule"].name == "decorrelation"]
     assert groups and all(g["lr_scale"] == pytest.approx(width ** exponent) for g in groups)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import tplimits as tpl
-from tplimits.core.instantiate import multiplier
-from tplimits.limit import engine
-from tplimits.limit.api import batch_schedule
-from tplimits.limit.engine import ParticleNetwork
-from tplimits.limit.operators import MatrixOperator
+from tplimits.training.init import multiplier
+from tplimits.limit import mu as engine
+from tplimits.limit.runs import batch_schedule
+from tplimits.limit.mu import ParticleNetwork
+from tplimits.limit.kets import MatrixOperator
 
 
 @pytest.fixture

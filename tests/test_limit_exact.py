@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tplimits as tpl
-from tplimits.limit.engine import ParticleNetwork
+from tplimits.limit.mu import ParticleNetwork
 
 
 def _network(limit: tpl.Limit, X: torch.Tensor, particles: int, seed: int, steps: int, lr: float,

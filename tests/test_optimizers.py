@@ -17,7 +17,8 @@ from torch import nn
 import tplimits
 from tests.conftest import assert_close_tree
 from tplimits.errors import PluginError
-from tplimits.optimizers import TplimitsOptimizer, UpdateRule, make_optimizer, optimizer, optimizers, record_inputs
+from tplimits import TplimitsOptimizer, UpdateRule, list_optimizers, make_optimizer, optimizer
+from tplimits.optimizers import record_inputs
 
 BUILTINS = ["sgd", "momentum", "signsgd", "lion", "adam", "adamw", "rmsprop", "adagrad", "adamax", "decorrelation"]
 
@@ -369,8 +370,8 @@ def test_bad_options_are_rejected():
 
 
 def test_registry_lists_builtins_from_entry_points():
-    assert set(BUILTINS) <= set(optimizers())
-    assert tplimits.optimizers() == optimizers()
+    assert set(BUILTINS) <= set(list_optimizers())
+    assert tplimits.list_optimizers() == list_optimizers()
     modules = {ep.value for ep in importlib.metadata.entry_points(group="tplimits")}
     for name in BUILTINS:
         assert optimizer(name).__class__ is UpdateRule
@@ -398,10 +399,10 @@ def _third_party_plugin() -> types.ModuleType:
 
 def test_third_party_rule_registers_and_drives_an_optimizer():
     plugin = _third_party_plugin()
-    assert "lookback" not in optimizers()
+    assert "lookback" not in list_optimizers()
     tplimits.register_plugin(plugin, name="lookback-plugin")
     try:
-        assert "lookback" in tplimits.optimizers()
+        assert "lookback" in tplimits.list_optimizers()
         w = nn.Parameter(torch.zeros(2))
         opt = make_optimizer("lookback", [w], lr=1.0, rho=0.25)
         for g in (torch.tensor([1.0, 2.0]), torch.tensor([4.0, -4.0])):
@@ -410,7 +411,7 @@ def test_third_party_rule_registers_and_drives_an_optimizer():
         assert torch.equal(w.detach(), -torch.tensor([1.0 + 4.0 + 0.25, 2.0 - 4.0 + 0.5]))
     finally:
         tplimits.unregister_plugin(plugin)
-    assert "lookback" not in optimizers()
+    assert "lookback" not in list_optimizers()
 
 
 def test_later_registration_overrides_a_builtin():

@@ -8,7 +8,9 @@ import attrs
 import pytest
 
 import tplimits as tpl
-from tplimits.core.parametrize import ROLES, classify_program, parameter_roles, uniform
+from tplimits.presets import uniform
+from tplimits.training.classify import classify_program
+from tplimits.training.parametrize import ROLES, parameter_roles
 
 SGD, ADAM = 1, 0  # homogeneity degree of the update function: SGD linear, Adam scale invariant (ε → 0)
 

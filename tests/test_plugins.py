@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import tplimits as tpl
 from tests.conftest import assert_close_tree
-from tplimits.ops.common import coordinatewise
+from tplimits.plugin import coordinatewise
 
 
 @torch.library.custom_op("tplimits_test::scaled_tanh", mutates_args=())
@@ -66,13 +66,13 @@ def third_party():
 
 
 def test_unknown_op_before_plugin():
-    assert "custom-op-net" not in tpl.architectures()
+    assert "custom-op-net" not in tpl.list_architectures()
     with pytest.raises(tpl.UnsupportedOperation, match="tplimits_test.scaled_tanh"):
         tpl.lower(CustomOpNet, example_inputs=(torch.randn(3, 5),), width=16)
 
 
 def test_third_party_architecture_and_lowering(third_party):
-    assert "custom-op-net" in tpl.architectures()
+    assert "custom-op-net" in tpl.list_architectures()
     prog = tpl.lower("custom-op-net")
     assert any("scaled_tanh" in ins.describe() for ins in prog)
     arch = tpl.architecture("custom-op-net")

@@ -4,15 +4,18 @@
 >>> prog = tpl.lower("mlp", depth=2)          # the model as a Tensor Program
 >>> sorted({p.kind for p in prog.parameters.values()})
 ['matrix', 'vector']
+
+The pipeline (docs/architecture.md): :mod:`tplimits.core` (trace, IR, lower, interpret, backprop),
+:mod:`tplimits.training` (parametrizations, classification, instantiation, coordinate checks),
+:mod:`tplimits.limit` (the limit engines), with the public verbs in :mod:`tplimits.api` and everything
+a plugin author needs in :mod:`tplimits.plugin`.
 """
 
+from tplimits.api import classify, coord_check, derive, instantiate, lower, make_optimizer
 from tplimits.core.backprop import TotalProgram, total_program
-from tplimits.core.coordcheck import coord_check
-from tplimits.core.frontend import lower
-from tplimits.core.instantiate import ParametrizedModel, instantiate
+from tplimits.core.frontend import Architecture
 from tplimits.core.interpret import FiniteInterpreter, Interpreter
-from tplimits.core.parametrize import ABCD, Parametrization, Verdict, classify
-from tplimits.core.program import (
+from tplimits.core.ir import (
     Avg,
     Constant,
     Input,
@@ -20,12 +23,12 @@ from tplimits.core.program import (
     Nonlin,
     Parameter,
     ParameterInfo,
-    Program,
     Regroup,
     Width,
     WidthInt,
     WidthPower,
 )
+from tplimits.core.program import Program
 from tplimits.errors import (
     LoweringError,
     NotRepresentable,
@@ -35,24 +38,27 @@ from tplimits.errors import (
     UnsupportedOperation,
     WidthError,
 )
-from tplimits.limit import Limit, Trajectory, derive
-from tplimits.limit.check import CheckReport
-from tplimits.losses import Loss
-from tplimits.optimizers import UpdateRule, make_optimizer, optimizer, optimizers
-from tplimits.plugins import (
-    Architecture,
+from tplimits.limit import CheckReport, Limit, Trajectory
+from tplimits.optimizers.base import TplimitsOptimizer, UpdateRule
+from tplimits.registry.manager import (
     architecture,
-    architectures,
-    hookimpl,
+    list_architectures,
+    list_losses,
+    list_optimizers,
+    list_parametrizations,
     loss,
-    losses,
     lowering_rules,
+    optimizer,
     parametrization,
-    parametrizations,
     plugin_manager,
     register_plugin,
     unregister_plugin,
 )
+from tplimits.registry.specs import hookimpl
+from tplimits.training.classify import Verdict
+from tplimits.training.loss import Loss
+from tplimits.training.model import ParametrizedModel
+from tplimits.training.parametrize import ABCD, Parametrization, ParametrizationFamily
 
 __version__ = "0.1.0"
 
@@ -74,12 +80,14 @@ __all__ = [
     "Parameter",
     "ParameterInfo",
     "Parametrization",
+    "ParametrizationFamily",
     "ParametrizedModel",
     "PluginError",
     "Program",
     "Regroup",
     "TotalProgram",
     "TplimitsError",
+    "TplimitsOptimizer",
     "Trajectory",
     "TraceError",
     "UnsupportedOperation",
@@ -90,21 +98,21 @@ __all__ = [
     "WidthInt",
     "WidthPower",
     "architecture",
-    "architectures",
     "classify",
     "coord_check",
     "derive",
     "hookimpl",
     "instantiate",
+    "list_architectures",
+    "list_losses",
+    "list_optimizers",
+    "list_parametrizations",
     "loss",
-    "losses",
     "lower",
     "lowering_rules",
     "make_optimizer",
     "optimizer",
-    "optimizers",
     "parametrization",
-    "parametrizations",
     "plugin_manager",
     "register_plugin",
     "total_program",

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from tplimits.core.frontend import lower
+from tplimits.api import coord_check, derive, lower
 from tplimits.errors import TplimitsError
-from tplimits.plugins.manager import architectures
+from tplimits.registry.manager import list_architectures
 
 
 def _parse_config(items: list[str]) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def _parse_config(items: list[str]) -> dict[str, Any]:
 def load_object(path: str) -> Any:
     """``package.module:attr`` or ``path/to/file.py:attr`` -> the object."""
     if ":" not in path:
-        raise TplimitsError(f"{path!r} is neither a registered architecture ({sorted(architectures())}) nor a "
+        raise TplimitsError(f"{path!r} is neither a registered architecture ({sorted(list_architectures())}) nor a "
                             "`module:attr` / `file.py:attr` path")
     module_path, attr = path.rsplit(":", 1)
     if module_path.endswith(".py"):
@@ -57,7 +57,7 @@ def inspect_command(args: argparse.Namespace) -> int:
         config["width"] = args.width
     if args.dtype == "float64":
         torch.set_default_dtype(torch.float64)
-    if args.target in architectures():
+    if args.target in list_architectures():
         program = lower(args.target, **config)
     else:
         build = load_object(args.target)
@@ -78,8 +78,6 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 
 def coordcheck_command(args: argparse.Namespace) -> int:
-    from tplimits.core.coordcheck import coord_check
-
     if args.dtype == "float64":
         torch.set_default_dtype(torch.float64)
     report = coord_check(args.target, params=args.param, optimizer=args.optimizer, widths=args.widths,
@@ -100,8 +98,6 @@ def digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_command(args: argparse.Namespace) -> int:
-    from tplimits.limit import derive
-
     X, labels = digits(args.examples)
     config = {"depth": args.depth, "d_in": X.shape[1], "d_out": 10, "activation": args.activation,
               **_parse_config(args.option)}

@@ -1,8 +1,7 @@
 """Built-in losses ``mse`` and ``cross_entropy``, registered through the ``tplimits_losses`` hook.
 
-A :class:`Loss` maps the model's outputs on a batch and their targets to a scalar. The limit
-engine and the finite-width check both use the same function: the limit takes the error signal
-``χ = ∂loss/∂f`` of its deterministic outputs, the finite loop calls ``loss.backward()``.
+A :class:`~tplimits.training.loss.Loss` maps the model's outputs on a batch and their targets to a
+scalar (see :mod:`tplimits.training.loss`).
 
 * ``mse``: ``torch.nn.functional.mse_loss`` with mean reduction, targets reshaped to the outputs;
 * ``cross_entropy``: ``torch.nn.functional.cross_entropy`` with mean reduction over every position
@@ -11,33 +10,10 @@ engine and the finite-width check both use the same function: the limit takes th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import attrs
 import torch
 import torch.nn.functional as F
 
-from tplimits.errors import TplimitsError
-from tplimits.plugins.specs import hookimpl
-
-
-@attrs.frozen
-class Loss:
-    """A named loss ``fn(outputs, targets) -> scalar`` (mean over the batch it is given)."""
-
-    name: str
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    description: str = ""
-
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.fn(outputs, targets)
-
-    def error_signal(self, outputs: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``χ = ∂loss(outputs[rows], targets[rows]) / ∂outputs`` (zero on every other row)."""
-        with torch.enable_grad():
-            f = outputs.detach().requires_grad_(True)
-            (chi,) = torch.autograd.grad(self.fn(f[rows], targets[rows]), f)
-        return chi
+from tplimits.plugin import Loss, TplimitsError, hookimpl
 
 
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

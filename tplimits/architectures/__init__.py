@@ -7,10 +7,6 @@ entry-point group (the same way a third-party plugin registers):
 * ``decorrelated-mlp`` (:mod:`tplimits.architectures.decorrelated`): an MLP whose hidden weights are
   preceded by learnable decorrelation matrices.
 
-This package deliberately imports none of them; they are loaded by the plugin manager.
+This package deliberately imports none of them; they are loaded by the plugin manager, and
+``tpl.list_architectures()`` lists every registered family.
 """
-
-from tplimits.plugins.manager import architectures as _architectures
-from tplimits.plugins.manager import make_package_callable
-
-make_package_callable(__name__, _architectures)  # tpl.architectures() lists every registered family

@@ -28,7 +28,7 @@ from torch import nn
 
 from tplimits.architectures.mlp import DEFAULTS, MLP
 from tplimits.architectures.mlp import example_inputs as mlp_example_inputs
-from tplimits.plugins.specs import Architecture, hookimpl
+from tplimits.plugin import Architecture, hookimpl
 
 
 class DecorrelatedLinear(nn.Linear):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplimits.plugins.specs import Architecture, hookimpl
+from tplimits.plugin import Architecture, hookimpl
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplimits.plugins.specs import Architecture, hookimpl
+from tplimits.plugin import Architecture, hookimpl
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 3,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplimits.plugins.specs import Architecture, hookimpl
+from tplimits.plugin import Architecture, hookimpl
 
 ATTENTION_MODES = ("sdpa", "explicit")
 

@@ -32,7 +32,8 @@ import attrs
 import torch
 from torch.utils import _pytree as pytree
 
-from tplimits.core.program import (
+from tplimits.core.interpret import FiniteInterpreter
+from tplimits.core.ir import (
     Avg,
     Instruction,
     Layout,
@@ -40,7 +41,6 @@ from tplimits.core.program import (
     Nonlin,
     Origin,
     Parameter,
-    Program,
     Ref,
     Regroup,
     Width,
@@ -50,6 +50,7 @@ from tplimits.core.program import (
     format_layout,
     width_axes,
 )
+from tplimits.core.program import Program
 from tplimits.errors import TplimitsError
 
 # --------------------------------------------------------------------------------------------
@@ -84,6 +85,11 @@ class Gradient:
     value: str | None = None  # vector / scalar: the instruction holding dv or dc
     terms: tuple[MatrixGradientTerm, ...] = ()  # matrix: outer-product terms
 
+    def unit(self, n: int) -> float:
+        """The factor from the program's cotangents to ``∂F/∂θ`` at width n: ``1/n`` for matrices
+        (``dh ⊗ x``) and vectors (``dv``), 1 for scalars (``dc``)."""
+        return 1.0 if self.kind == "scalar" else 1.0 / n
+
 
 @attrs.define
 class TotalProgram:
@@ -97,12 +103,9 @@ class TotalProgram:
     def gradients_at(self, model: torch.nn.Module, inputs: tuple, cotangents: tuple) -> dict[str, torch.Tensor]:
         """Finite-width gradients ``∂F/∂θ`` for every trainable parameter (under each of its names, for
         tied weights), with F = Σ ⟨cotangent, output⟩ over the program's outputs."""
-        from tplimits.core.interpret import FiniteInterpreter
-
         interp = FiniteInterpreter.from_model(self.program, model)
         interp.cotangents = tuple(cotangents)
         interp.run(*inputs)
-        n = interp.n
         grads = {}
         for target, grad in self.gradients.items():
             if grad.kind == "matrix":
@@ -110,11 +113,9 @@ class TotalProgram:
                 for term in grad.terms:
                     part = torch.einsum(term.equation, interp.values[term.cotangent], interp.values[term.vector])
                     total = part if total is None else total + part
-                grads[target] = total / n
-            elif grad.kind == "vector":
-                grads[target] = interp.values[grad.value] / n
             else:
-                grads[target] = interp.values[grad.value]
+                total = interp.values[grad.value]
+            grads[target] = total * grad.unit(interp.n)
             for alias in self.program.aliases.get(target, ()):  # tied weights: one gradient, every name
                 grads[alias] = grads[target]
         return grads
@@ -317,11 +318,12 @@ def _pull_function(b: _Builder, ins: Nonlin | Regroup, dy: str, needs: set[str])
         elif per_coordinate:
             ratio = ins.layout[out_axes[0]].ratio
             per = b.emit(Nonlin, base + "_per_coordinate", origin, fn=pull, args=(*leaves, Ref(dy)),
-                         layout=(Width(ratio), *arg_layout))
+                         layout=(Width(ratio), *arg_layout), smooth=ins.smooth)
             name = b.emit(Avg, base, origin, vector=per, axis=0, scale=WidthPower(float(ratio), Fraction(0)),
                           layout=arg_layout)
-        else:
-            name = b.emit(Nonlin, base, origin, fn=pull, args=(*leaves, Ref(dy)), layout=arg_layout)
+        else:  # the derivative of a function with a kink jumps: the pullback inherits the declaration
+            name = b.emit(Nonlin, base, origin, fn=pull, args=(*leaves, Ref(dy)), layout=arg_layout,
+                          smooth=ins.smooth)
         b.contribute(leaf.name, name)
 
 

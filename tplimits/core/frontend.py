@@ -2,40 +2,66 @@
 
 ``arch`` may be
 
-* a registered architecture name (``"mlp"``, ``"transformer"``, …) with its config;
+* an :class:`Architecture` (what a registered name resolves to) with its config;
 * a callable ``width -> nn.Module`` with ``example_inputs``;
 * an ``nn.Module`` with ``base=`` the same architecture at another width, and ``example_inputs``.
+
+Names are resolved to these objects by the public entry points (:mod:`tplimits.api`); the front end
+knows no registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import torch
 
 from tplimits.core.lower import lower_trace
 from tplimits.core.program import Program
 from tplimits.core.trace import ModelPair, build_pair, infer_widths, trace_pair
 from tplimits.errors import TplimitsError
-from tplimits.plugins.manager import architecture, lowering_rules
 
 DEFAULT_WIDTH = 64
 
 
-def resolve(arch: Any, example_inputs: Any = None, base: torch.nn.Module | None = None,
+@attrs.frozen
+class Architecture:
+    """A named model family that can be built at any width.
+
+    ``build(width, **config)`` returns an ``nn.Module`` whose hidden sizes scale with ``width``;
+    ``example_inputs(**config)`` returns a tuple of example inputs (their sizes must not depend
+    on width). ``trace_widths`` are the two widths at which the family is traced to find its
+    width axes; both must be valid widths for every config (e.g. divisible by the head count).
+    ``update_rules`` maps parameter-name patterns to the non-gradient rule that updates them.
+    """
+
+    name: str
+    build: Callable[..., torch.nn.Module]
+    example_inputs: Callable[..., tuple]
+    trace_widths: tuple[int, int] = (32, 64)
+    defaults: Mapping[str, Any] = attrs.field(factory=dict)
+    description: str = ""
+    update_rules: Mapping[str, str] = attrs.field(factory=dict)
+
+
+ArchitectureLike = Architecture | Callable[..., torch.nn.Module] | torch.nn.Module
+"""What the front end lowers (a registered name is resolved to its :class:`Architecture` first)."""
+
+
+def resolve(arch: ArchitectureLike, example_inputs: Any = None, base: torch.nn.Module | None = None,
             **config: Any) -> ModelPair:
     """Turn any accepted form of ``arch`` into a :class:`ModelPair` ready to trace."""
     width = config.pop("width", None)
-    if isinstance(arch, str):
-        spec = architecture(arch)
-        unknown = set(config) - set(spec.defaults)
-        if spec.defaults and unknown:
-            raise TplimitsError(f"architecture {arch!r} has no option(s) {sorted(unknown)}; "
-                                f"its options are {sorted(spec.defaults)}")
-        inputs = example_inputs if example_inputs is not None else spec.example_inputs(**config)
-        n_a, n_b = spec.trace_widths
-        return build_pair(lambda n: spec.build(n, **config), _as_tuple(inputs), n_a, n_b, width or n_a)
+    if isinstance(arch, Architecture):
+        unknown = set(config) - set(arch.defaults)
+        if arch.defaults and unknown:
+            raise TplimitsError(f"architecture {arch.name!r} has no option(s) {sorted(unknown)}; "
+                                f"its options are {sorted(arch.defaults)}")
+        inputs = example_inputs if example_inputs is not None else arch.example_inputs(**config)
+        n_a, n_b = arch.trace_widths
+        return build_pair(lambda n: arch.build(n, **config), as_tuple(inputs), n_a, n_b, width or n_a)
     if isinstance(arch, torch.nn.Module):
         if example_inputs is None:
             raise TplimitsError("lowering an nn.Module needs `example_inputs=` (a tuple of inputs to its forward)")
@@ -47,29 +73,24 @@ def resolve(arch: Any, example_inputs: Any = None, base: torch.nn.Module | None 
                 "architecture at another width, or pass a callable `width -> nn.Module` instead"
             )
         n, n_base = infer_widths(arch, base)
-        return ModelPair(arch, base, _as_tuple(example_inputs), n, n_base, width or n)
+        return ModelPair(arch, base, as_tuple(example_inputs), n, n_base, width or n)
     if callable(arch):
         if example_inputs is None:
             raise TplimitsError("lowering a callable `width -> nn.Module` needs `example_inputs=`")
         n = width or DEFAULT_WIDTH
         build: Callable[[int], torch.nn.Module] = lambda w: arch(w, **config)  # noqa: E731
-        return build_pair(build, _as_tuple(example_inputs), n, 2 * n, n)
+        return build_pair(build, as_tuple(example_inputs), n, 2 * n, n)
     raise TplimitsError(f"cannot lower {type(arch).__name__!r}: pass a registered architecture name, a callable "
                         "`width -> nn.Module`, or an nn.Module with `base=`")
 
 
-def _as_tuple(inputs: Any) -> tuple:
+def as_tuple(inputs: Any) -> tuple:
+    """Example inputs as a tuple (a single tensor becomes a 1-tuple)."""
     return tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
 
 
-def lower(arch: Any, example_inputs: Any = None, base: torch.nn.Module | None = None, **config: Any) -> Program:
-    """Trace ``arch`` at two widths and lower it to a Tensor Program.
-
-    >>> import tplimits as tpl
-    >>> prog = tpl.lower("mlp", depth=2, d_in=4, d_out=1)
-    >>> prog.parameters["layers.1.weight"].kind
-    'matrix'
-    """
+def lower_architecture(arch: ArchitectureLike, rules: Mapping[Any, Callable], example_inputs: Any = None,
+                       base: torch.nn.Module | None = None, **config: Any) -> Program:
+    """Trace ``arch`` at two widths and lower it with ``rules`` to a Tensor Program."""
     pair = resolve(arch, example_inputs, base, **config)
-    traced = trace_pair(pair)
-    return lower_trace(traced, lowering_rules(), width=pair.width)
+    return lower_trace(trace_pair(pair), rules, width=pair.width)

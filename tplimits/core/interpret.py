@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from tplimits.core.program import (
-    Avg,
-    Constant,
-    Input,
-    Instruction,
-    MatMul,
-    Nonlin,
-    Parameter,
-    Program,
-    Regroup,
-    Width,
-    substitute,
-)
+from tplimits.core.ir import Avg, Constant, Input, Instruction, MatMul, Nonlin, Parameter, Regroup, Width, substitute
 from tplimits.errors import TplimitsError
+
+if TYPE_CHECKING:  # the Program replays itself with a FiniteInterpreter
+    from tplimits.core.program import Program
 
 
 class Interpreter:
@@ -40,12 +31,22 @@ class Interpreter:
         self.values: dict[str, Any] = {}
         self.cotangents: tuple = ()  # error signals of the outputs, for total programs
 
-    def run(self, *inputs: Any) -> Any:
-        """Evaluate the program on ``inputs``; returns the outputs in the model's output structure."""
-        self.values = {}
+    def run(self, *inputs: Any, initial_env: Mapping[str, Any] | None = None, stop: int | None = None) -> Any:
+        """Evaluate the program on ``inputs``; returns the outputs in the model's output structure.
+
+        As with ``torch.fx.Interpreter.run(initial_env=...)``, instructions whose value is already in
+        ``initial_env`` are not evaluated again, and ``stop`` ends the walk before instruction ``stop``:
+        a partial run (the forward half of a total program) leaves its values in :attr:`values`, and a
+        second run with ``initial_env=interp.values`` continues where it stopped. The outputs are
+        returned once every one of them has been computed, else ``None``.
+        """
+        self.values = dict(initial_env or {})
         self.flat_inputs = pytree.tree_leaves(inputs)
-        for ins in self.program.instructions:
-            self.values[ins.name] = self.execute(ins)
+        for ins in self.program.instructions[:stop]:
+            if ins.name not in self.values:
+                self.values[ins.name] = self.execute(ins)
+        if any(name not in self.values for name in self.program.outputs):
+            return None
         outputs = [self.values[name] for name in self.program.outputs]
         if self.program.out_spec is not None:
             return pytree.tree_unflatten(outputs, self.program.out_spec)

@@ -19,7 +19,7 @@ import attrs
 import torch
 import torch.fx as fx
 
-from tplimits.core.program import (
+from tplimits.core.ir import (
     Avg,
     Constant,
     Input,
@@ -29,7 +29,6 @@ from tplimits.core.program import (
     Nonlin,
     Origin,
     Parameter,
-    Program,
     Ref,
     Regroup,
     Width,
@@ -40,6 +39,7 @@ from tplimits.core.program import (
     width_axes,
     width_dependent,
 )
+from tplimits.core.program import Program
 from tplimits.core.trace import WidthTrace
 from tplimits.errors import LoweringError, NotRepresentable, UnsupportedOperation
 
@@ -176,11 +176,16 @@ class LoweringContext:
     # -- instructions ----------------------------------------------------------------------------
 
     def nonlin(self, fn: Callable, *args: Any, layout: Layout, kwargs: Mapping[str, Any] | None = None,
-               hint: str | None = None) -> Value:
-        """Emit ``fn(*args, **kwargs)``, applied coordinate by coordinate along the width axis."""
+               hint: str | None = None, smooth: bool = True, width_scale: str | None = None) -> Value:
+        """Emit ``fn(*args, **kwargs)``, applied coordinate by coordinate along the width axis.
+
+        ``smooth=False`` declares that ``fn`` has a kink or a jump; ``width_scale`` that it scales
+        logits by its width-dependent constant (see :class:`~tplimits.core.ir.Nonlin`).
+        """
         self._check_activation(layout)
         refs = self._to_refs(args, kwargs or {})
-        return self.emit(Nonlin, hint=hint, fn=fn, args=refs[0], kwargs=refs[1], layout=layout)
+        return self.emit(Nonlin, hint=hint, fn=fn, args=refs[0], kwargs=refs[1], layout=layout, smooth=smooth,
+                         width_scale=width_scale)
 
     def regroup(self, fn: Callable, *args: Any, layout: Layout, block: Fraction,
                 kwargs: Mapping[str, Any] | None = None, hint: str | None = None) -> Value:

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from tplimits.core.program import Layout, Width, WidthInt, WidthPower
+from tplimits.core.ir import Layout, Width, WidthInt, WidthPower
 from tplimits.errors import TraceError, WidthError
 
 # --------------------------------------------------------------------------------------------

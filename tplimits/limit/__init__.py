@@ -1,5 +1,8 @@
-"""The μ-limit engine: Monte Carlo kets, ``derive(...).train(...)`` and ``Limit.check``."""
+"""The limit engines over shared ket machinery: :mod:`~tplimits.limit.kets` (operators on kets, the
+ket interpreter), :mod:`~tplimits.limit.mu` (the μ-limit's particle system), :mod:`~tplimits.limit.limit`
+(``Limit.train`` → :class:`Trajectory`) and :mod:`~tplimits.limit.check` (against finite training)."""
 
-from tplimits.limit.api import Limit, Trajectory, batch_schedule, derive
+from tplimits.limit.check import CheckReport
+from tplimits.limit.limit import Limit, Trajectory
 
-__all__ = ["Limit", "Trajectory", "batch_schedule", "derive"]
+__all__ = ["CheckReport", "Limit", "Trajectory"]

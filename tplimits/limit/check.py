@@ -20,15 +20,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 
-from tplimits.core.instantiate import instantiate
 from tplimits.errors import TplimitsError
-from tplimits.limit.api import Limit, Trajectory, batch_schedule, default_dtype
-from tplimits.plugins.manager import loss as lookup_loss
+from tplimits.limit.runs import batch_schedule, default_dtype
+from tplimits.registry.manager import loss as lookup_loss
+from tplimits.training.instantiate import instantiate_family
+
+if TYPE_CHECKING:  # the Limit's check method calls this module
+    from tplimits.limit.limit import Limit, Trajectory
 
 
 @attrs.frozen
@@ -122,9 +125,9 @@ def finite_outputs(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int,
     lowering_inputs = Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
     fam = limit.family(lowering_inputs)
     with default_dtype(dtype):
-        model, opt = instantiate(fam, width, param=limit.param, optimizer=limit.optimizer, lr=lr, seed=seed,
-                                 weight_decay=limit.weight_decay, clip=limit.clip,
-                                 optimizer_options=limit.optimizer_options, update_rules=limit.update_rules)
+        model, opt = instantiate_family(fam, width=width, param=limit.param, rule=limit.rule, lr=lr, seed=seed,
+                                        weight_decay=limit.weight_decay, clip=limit.clip,
+                                        optimizer_options=limit.optimizer_options)
     model = model.to(dtype)
     inputs = Z.to(dtype) if Z.is_floating_point() else Z
     targets = y.to(dtype) if y.is_floating_point() else y

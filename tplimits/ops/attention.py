@@ -14,10 +14,19 @@ from fractions import Fraction
 
 import torch
 
-from tplimits.core.lower import LoweringContext, OpNode, Value
-from tplimits.core.program import Width, WidthPower
-from tplimits.ops.common import aten, coordinatewise, fresh_letters, lower_einsum, vector_width_axis
-from tplimits.plugins.specs import hookimpl
+from tplimits.plugin import (
+    LoweringContext,
+    OpNode,
+    Value,
+    Width,
+    WidthPower,
+    aten,
+    coordinatewise,
+    fresh_letters,
+    hookimpl,
+    lower_einsum,
+    vector_width_axis,
+)
 
 
 def _apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -50,10 +59,11 @@ def scaled_dot_product_attention(ctx: LoweringContext, node: OpNode) -> Value:
     batch = fresh_letters(q.ndim - 2, "qkd")
     logits_layout = (*q.layout[:-2], q.layout[-2], k.layout[-2])
     logits = lower_einsum(ctx, f"{batch}qd,{batch}kd->{batch}qk", q, k, logits_layout)
-    if scale is None:
+    width_scale = "model" if isinstance(scale, WidthPower) else None
+    if scale is None:  # sdpa's own 1/√d_head: a parametrization may set this one
         d_head: Width = q.layout[-1]
-        scale = WidthPower(float(d_head.ratio) ** -0.5, Fraction(-1, 2))
-    logits = ctx.nonlin(aten.mul.Tensor, logits, scale, layout=logits_layout)
+        scale, width_scale = WidthPower(float(d_head.ratio) ** -0.5, Fraction(-1, 2)), "default"
+    logits = ctx.nonlin(aten.mul.Tensor, logits, scale, layout=logits_layout, width_scale=width_scale)
     if is_causal:
         tq, tk = q.layout[-2], k.layout[-2]
         causal = ctx.constant(torch.ones(tq, tk, dtype=torch.bool).tril(), hint="causal_mask")

@@ -15,8 +15,8 @@ from typing import Any
 import attrs
 import torch
 
+from tplimits.core.ir import Layout, Width, WidthPower, fn_name, format_layout
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value, is_tensor_value
-from tplimits.core.program import Layout, Width, WidthPower, fn_name, format_layout
 
 aten = torch.ops.aten
 
@@ -91,17 +91,20 @@ def check_broadcast(ctx: LoweringContext, node: OpNode, layout: Layout) -> None:
 
 
 def coordinatewise(ctx: LoweringContext, node: OpNode, fn: Callable | None = None, *,
-                   broadcast: bool = False) -> Value:
+                   broadcast: bool = False, smooth: bool = True, width_scale: str | None = None) -> Value:
     """Lower ``node`` as the op itself applied coordinate by coordinate (a Nonlin).
 
     ``broadcast``: the op broadcasts its arguments elementwise; check their width axes line up.
+    ``smooth=False``: the op has a kink or a jump (relu, abs, comparisons); ``width_scale``: it scales
+    logits by a width-dependent constant argument (see :class:`~tplimits.core.ir.Nonlin`).
     """
     layout = node.layout
     if layout is None or (layout and isinstance(layout[0], tuple)):
         ctx.unsupported(f"op {node.op_name} returns several tensors; lower it with a rule that picks them")
     if broadcast:
         check_broadcast(ctx, node, layout)
-    return ctx.nonlin(fn or node.target, *node.args, layout=layout, kwargs=node.kwargs)
+    return ctx.nonlin(fn or node.target, *node.args, layout=layout, kwargs=node.kwargs, smooth=smooth,
+                      width_scale=width_scale)
 
 
 def vector_width_axis(ctx: LoweringContext, x: Value) -> int | None:
@@ -161,7 +164,7 @@ def lower_einsum(ctx: LoweringContext, equation: str, a: Any, b: Any, out_layout
         ctx.record_fan_in(operand, tuple(i for i, c in enumerate(spec) if c not in out))
     if isinstance(a, MatrixValue):
         return _matmul(ctx, a, b, la, lb, out, out_layout)
-    letters = _letter_axes(ctx, (la, a), (lb, b))
+    letters = letter_axes(ctx, (la, a), (lb, b))
     contracted_width = [c for c in dict.fromkeys(la + lb) if c not in out and isinstance(letters[c], Width)]
     if not contracted_width:
         return ctx.nonlin(contract, f"{la},{lb}->{out}", [a, b], layout=out_layout)
@@ -173,7 +176,7 @@ def lower_einsum(ctx: LoweringContext, equation: str, a: Any, b: Any, out_layout
     return ctx.avg(product, len(out), sum_=True)
 
 
-def _letter_axes(ctx: LoweringContext, *operands: tuple[str, Any]) -> dict[str, Any]:
+def letter_axes(ctx: LoweringContext, *operands: tuple[str, Any]) -> dict[str, Any]:
     letters: dict[str, Any] = {}
     for spec, value in operands:
         if not is_tensor_value(value) or len(spec) != value.ndim:
@@ -189,7 +192,7 @@ def _matmul(ctx: LoweringContext, m: MatrixValue, x: Any, lm: str, lx: str, out:
     if not isinstance(x, Value) or x.width_axis is None:
         ctx.not_representable("a weight matrix multiplied by something that is not a vector (it would give "
                               "an n×n activation)")
-    letters = _letter_axes(ctx, (lm, m), (lx, x))
+    letters = letter_axes(ctx, (lm, m), (lx, x))
     m_width = [c for c, axis in zip(lm, m.layout, strict=True) if isinstance(axis, Width)]
     xw = lx[x.width_axis]
     if xw not in m_width or xw in out:

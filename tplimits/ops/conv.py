@@ -14,10 +14,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
-from tplimits.core.program import Width, WidthInt
-from tplimits.ops.common import aten, coordinatewise, lower_einsum, rule_table
-from tplimits.plugins.specs import hookimpl
+from tplimits.plugin import (
+    LoweringContext,
+    MatrixValue,
+    OpNode,
+    Value,
+    Width,
+    WidthInt,
+    aten,
+    coordinatewise,
+    hookimpl,
+    lower_einsum,
+    rule_table,
+)
 
 
 def _pair(x: Any, dims: int) -> list[int]:

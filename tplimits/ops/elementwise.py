@@ -12,19 +12,24 @@ from typing import Any
 
 import torch
 
-from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
-from tplimits.core.program import Width, width_axes
-from tplimits.ops.common import (
+from tplimits.plugin import (
+    LoweringContext,
+    MatrixValue,
+    OpNode,
     Pick,
+    Value,
+    Width,
+    WidthPower,
     aten,
     coordinatewise,
+    hookimpl,
     identity,
     rule_table,
     scale_matrix,
     tensor_args,
     vector_width_axis,
+    width_axes,
 )
-from tplimits.plugins.specs import hookimpl
 
 ELEMENTWISE = [
     # arithmetic
@@ -43,6 +48,15 @@ ELEMENTWISE = [
     # casts and copies that produce a value
     "_to_copy", "to", "type_as", "clone", "contiguous", "zeros_like", "ones_like", "full_like", "fill",
 ]
+
+# Ops whose derivative jumps (kinks) or that jump themselves (steps, comparisons): declared on their
+# Nonlin as not smooth. ``where`` and ``masked_fill`` are smooth in their values; their condition comes
+# from a comparison, which is declared here.
+KINKED = {"abs", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "clamp", "clamp_min", "clamp_max", "clip",
+          "minimum", "maximum", "fmin", "fmax", "remainder", "fmod", "floor_divide", "relu", "relu6", "leaky_relu",
+          "hardtanh", "hardswish", "hardsigmoid", "threshold", "softshrink", "hardshrink", "prelu",
+          "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "logical_xor",
+          "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor", "isnan", "isinf", "isfinite"}
 
 # Ops that return their input unchanged as far as the program is concerned.
 IDENTITIES = ["alias", "detach", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout",
@@ -63,7 +77,16 @@ def elementwise(ctx: LoweringContext, node: OpNode) -> Any:
     matrices = [a for a in tensor_args(node) if isinstance(a, MatrixValue)]
     if matrices:
         return _on_matrix(ctx, node, name, matrices[0])
-    return coordinatewise(ctx, node, _out_of_place(node.target), broadcast=True)
+    return coordinatewise(ctx, node, _out_of_place(node.target), broadcast=True, smooth=name not in KINKED,
+                          width_scale=_width_scale(node))
+
+
+def _width_scale(node: OpNode) -> str | None:
+    """``"model"`` when the model's own code multiplies scalars (logits) by a negative power of width
+    (an explicit 1/√d_head)."""
+    if width_axes(node.layout or ()) or not any(isinstance(a, WidthPower) and a.power < 0 for a in node.args):
+        return None
+    return "model"
 
 
 def _on_matrix(ctx: LoweringContext, node: OpNode, name: str, m: MatrixValue) -> MatrixValue:
@@ -132,7 +155,9 @@ def factory(ctx: LoweringContext, node: OpNode) -> Value:
                 "Its entries depend on the coordinate along the width axis (e.g. arange over width), unlike "
                 "the iid coordinates a Tensor Program vector has.",
             )
-    return ctx.nonlin(node.target, *node.args, layout=layout, kwargs=node.kwargs)
+    scale = any(isinstance(a, WidthPower) and a.power < 0 for a in node.args) and not width_axes(layout)
+    return ctx.nonlin(node.target, *node.args, layout=layout, kwargs=node.kwargs,
+                      width_scale="model" if scale else None)
 
 
 @hookimpl

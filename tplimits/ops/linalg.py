@@ -10,9 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
-from tplimits.ops.common import aten, check_broadcast, contract, fresh_letters, lower_einsum
-from tplimits.plugins.specs import hookimpl
+from tplimits.plugin import (
+    LoweringContext,
+    MatrixValue,
+    OpNode,
+    Value,
+    aten,
+    check_broadcast,
+    contract,
+    fresh_letters,
+    hookimpl,
+    letter_axes,
+    lower_einsum,
+)
 
 
 def _add_bias(ctx: LoweringContext, node: OpNode, y: Value, bias: Any, *, beta: Any = 1, alpha: Any = 1) -> Value:
@@ -87,12 +97,10 @@ def matmul(ctx: LoweringContext, node: OpNode) -> Value:
 
 def einsum(ctx: LoweringContext, node: OpNode) -> Value:
     equation, operands = node.args[0], node.args[1]
-    if len(operands) == 1:
-        from tplimits.ops.common import _letter_axes  # a one-operand einsum is a permute / sum
-
+    if len(operands) == 1:  # a one-operand einsum is a permute / sum
         x = operands[0]
         lhs, out = equation.replace(" ", "").split("->")
-        letters = _letter_axes(ctx, (lhs, x))
+        letters = letter_axes(ctx, (lhs, x))
         if x.width_axis is not None and lhs[x.width_axis] not in out:
             ctx.unsupported("a one-operand einsum that sums over the width axis")
         return ctx.nonlin(contract, equation, [x], layout=tuple(letters[c] for c in out))

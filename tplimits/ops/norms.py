@@ -11,12 +11,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
-from tplimits.core.program import Width, WidthInt
-from tplimits.ops.common import aten, coordinatewise, reduce_sum_or_mean, rule_table, vector_width_axis
 from tplimits.ops.reductions import biased_variance
 from tplimits.ops.shape import reshape_block
-from tplimits.plugins.specs import hookimpl
+from tplimits.plugin import (
+    LoweringContext,
+    MatrixValue,
+    OpNode,
+    Value,
+    Width,
+    WidthInt,
+    aten,
+    coordinatewise,
+    hookimpl,
+    reduce_sum_or_mean,
+    rule_table,
+    vector_width_axis,
+)
 
 
 def _normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:

@@ -11,18 +11,22 @@ from typing import Any
 
 import torch
 
-from tplimits.core.lower import LoweringContext, OpNode, Value
-from tplimits.core.program import Layout, Width, WidthInt
-from tplimits.ops.common import (
+from tplimits.plugin import (
+    Layout,
+    LoweringContext,
+    OpNode,
     Pick,
+    Value,
+    Width,
+    WidthInt,
     aten,
     coordinatewise,
+    hookimpl,
     normalize_dims,
     reduce_sum_or_mean,
     rule_table,
     vector_width_axis,
 )
-from tplimits.plugins.specs import hookimpl
 
 NOT_OVER_WIDTH = ["amax", "amin", "max", "min", "argmax", "argmin", "aminmax", "prod", "cumsum", "cumprod",
                   "cummax", "cummin", "sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "mode", "all",
@@ -117,8 +121,8 @@ def vector_norm(ctx: LoweringContext, node: OpNode) -> Value:
     x = node.args[0]
     w = vector_width_axis(ctx, x)
     dims = normalize_dims(node.arg(2, "dim", None), x.ndim)
-    if w is None or w not in dims:
-        return coordinatewise(ctx, node)
+    if w is None or w not in dims:  # over fixed axes; orders other than 2 have kinks
+        return coordinatewise(ctx, node, smooth=float(node.arg(1, "ord", 2)) == 2.0)
     if float(node.arg(1, "ord", 2)) != 2.0:
         ctx.not_representable("a vector norm of order other than 2 over the width axis")
     keepdim = bool(node.arg(3, "keepdim", False))
@@ -149,8 +153,14 @@ def not_over_width(ctx: LoweringContext, node: OpNode) -> Any:
             "It depends on individual coordinates (ordering, extremes) rather than on averages; "
             "use a mean or a sum over width instead.",
         )
-    return _maybe_tuple(ctx, node)
+    return _maybe_tuple(ctx, node, smooth=node.target.overloadpacket.__name__ not in KINKED)
 
+
+# Reductions over fixed axes whose result jumps or has kinks (extremes, orderings, counts).
+KINKED = {"amax", "amin", "max", "min", "argmax", "argmin", "aminmax", "cummax", "cummin", "sort", "argsort", "topk",
+          "kthvalue", "median", "nanmedian", "mode", "all", "any", "count_nonzero"}
+MAX_POOLING = {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "adaptive_max_pool1d",
+               "adaptive_max_pool2d"}
 
 POOLING = {"avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3, "adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2,
            "_adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3, "max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3,
@@ -164,15 +174,15 @@ def pooling(ctx: LoweringContext, node: OpNode) -> Any:
     spatial = POOLING[node.target.overloadpacket.__name__]
     if w is not None and w >= x.ndim - spatial:
         ctx.not_representable(f"{node.op_name} over the width axis")
-    return _maybe_tuple(ctx, node)
+    return _maybe_tuple(ctx, node, smooth=node.target.overloadpacket.__name__ not in MAX_POOLING)
 
 
-def _maybe_tuple(ctx: LoweringContext, node: OpNode) -> Any:
+def _maybe_tuple(ctx: LoweringContext, node: OpNode, smooth: bool) -> Any:
     layout = node.layout
     if layout and isinstance(layout[0], tuple):  # (values, indices)
-        return tuple(ctx.nonlin(Pick(node.target, i), *node.args, layout=part, kwargs=node.kwargs)
+        return tuple(ctx.nonlin(Pick(node.target, i), *node.args, layout=part, kwargs=node.kwargs, smooth=smooth)
                      for i, part in enumerate(layout))
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, smooth=smooth)
 
 
 @hookimpl

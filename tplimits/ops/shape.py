@@ -18,10 +18,24 @@ from typing import Any
 import attrs
 import torch
 
-from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value
-from tplimits.core.program import Layout, Width, WidthInt, concrete_shape, width_axes
-from tplimits.ops.common import Pick, aten, coordinatewise, normalize_dims, rule_table, vector_width_axis
-from tplimits.plugins.specs import hookimpl
+from tplimits.plugin import (
+    Layout,
+    LoweringContext,
+    MatrixValue,
+    OpNode,
+    Pick,
+    Value,
+    Width,
+    WidthInt,
+    aten,
+    concrete_shape,
+    coordinatewise,
+    hookimpl,
+    normalize_dims,
+    rule_table,
+    vector_width_axis,
+    width_axes,
+)
 
 # --------------------------------------------------------------------------------------------
 # view / reshape

@@ -12,48 +12,28 @@ third-party plugin registers):
   decorrelation matrices, driven by layer inputs.
 
 This package deliberately imports none of them; they are loaded by the plugin manager.
-``tpl.optimizers()`` lists every registered rule.
+``tpl.list_optimizers()`` lists every registered rule, ``tpl.make_optimizer(name, params, lr=...)``
+builds the finite-width optimizer of one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
-from tplimits.optimizers.base import GROUP_OPTIONS, TplimitsOptimizer, UpdateRule, record_inputs
-from tplimits.plugins.manager import lookup, make_package_callable, registered
-
-
-def optimizers() -> dict[str, UpdateRule]:
-    """Every registered update rule, by name; a later registration overrides an earlier one."""
-    return registered("tplimits_optimizers", UpdateRule)
-
-
-def optimizer(name: str) -> UpdateRule:
-    """The registered update rule ``name``; a clear error listing the known names otherwise."""
-    return lookup(optimizers(), name, "optimizer", "tplimits_optimizers")
-
-
-def make_optimizer(rule: UpdateRule | str, params: Iterable[Any], *, lr: float, **options: Any) -> TplimitsOptimizer:
-    """A :class:`TplimitsOptimizer` for ``rule`` (an :class:`UpdateRule` or a registered name).
-
-    ``params`` are parameters or param groups; ``options`` are the group options
-    (:data:`GROUP_OPTIONS`) and the rule's hyperparameters, e.g.
-    ``make_optimizer("adam", model.parameters(), lr=1e-3, betas=(0.9, 0.99))``.
-    """
-    if isinstance(rule, str):
-        rule = optimizer(rule)
-    return TplimitsOptimizer(params, rule, lr=lr, **options)
-
-
-make_package_callable(__name__, optimizers)
+from tplimits.optimizers.base import (
+    GROUP_OPTIONS,
+    DenseAction,
+    MatrixAction,
+    TplimitsOptimizer,
+    UpdateRule,
+    apply_rule,
+    record_inputs,
+)
 
 __all__ = [
     "GROUP_OPTIONS",
+    "DenseAction",
+    "MatrixAction",
     "TplimitsOptimizer",
     "UpdateRule",
-    "make_optimizer",
-    "optimizer",
-    "optimizers",
+    "apply_rule",
     "record_inputs",
 ]

@@ -15,8 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-from tplimits.optimizers.base import State, UpdateRule, bias_correction, eps_homogeneity, safe_divide
-from tplimits.plugins.specs import hookimpl
+from tplimits.plugin import State, UpdateRule, bias_correction, eps_homogeneity, hookimpl, safe_divide
 
 
 def adam_init(g: torch.Tensor) -> State:

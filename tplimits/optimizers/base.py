@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -32,7 +32,30 @@ GROUP_OPTIONS: Mapping[str, Any] = {
 }
 """Per-group options of :class:`TplimitsOptimizer` besides ``lr``, with their defaults."""
 
-_RESERVED = {"params", "lr", *GROUP_OPTIONS}
+_RESERVED = {"params", "lr", "rule", *GROUP_OPTIONS}
+
+
+class MatrixAction(Protocol):
+    """A matrix ``R`` as a non-gradient rule sees it: applied to the rows of a batch."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``R x`` for each row: [K, n_in] -> [K, n_out]."""
+
+    def transpose(self, z: torch.Tensor) -> torch.Tensor:
+        """``Rᵀ z`` for each row: [K, n_out] -> [K, n_in]."""
+
+
+@attrs.frozen
+class DenseAction:
+    """A finite-width matrix as a :class:`MatrixAction`."""
+
+    matrix: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix.T
+
+    def transpose(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.matrix
 
 
 @attrs.frozen
@@ -50,12 +73,17 @@ class UpdateRule:
     ``linear`` (``Q`` is linear in the gradients, so a limit may keep low-rank factors).
     ``homogeneity_fn(hyper)`` gives the degree at other hyperparameters (e.g. Adam with ``eps = 0``).
 
-    A rule with ``needs_activations=True`` is not driven by gradients: ``signal(param, inputs, hyper)``
-    turns the parameter and the batch of its layer's inputs into the tensor fed to ``update`` in
-    place of a gradient. ``finalize(new_param, old_param, inputs, hyper)``, if given, maps the
-    parameter after the step to its final value (e.g. a rescaling); ``inputs`` is ``None`` for
-    gradient rules. ``option_defaults`` overrides the defaults of the optimizer's group options
-    (:data:`GROUP_OPTIONS`), e.g. a default weight decay.
+    A rule with ``needs_activations=True`` (a non-gradient rule, e.g. decorrelation) is not driven by
+    gradients but by the batch of inputs ``x`` ([K, n_in]) of its matrix's layer.
+    ``signal(R, x, hyper) -> (A, B)`` gives the tensor fed to ``update`` in place of a gradient as a
+    batch average of outer products, ``Aᵀ B / (K·n_out)`` with ``A``: [K, n_out], ``B``: [K, n_in] — the
+    units of a gradient, so the same rule has an infinite-width limit. ``R`` is a :class:`MatrixAction`:
+    the finite optimizer passes the dense matrix, the limit engines an operator on kets, so one
+    definition serves both. ``rescale(z_old, z_new, hyper)``, if given, is a factor the matrix is
+    multiplied by after the step, from the layer's outputs before and after it (``R x``, [K, n_out]);
+    it must be a ratio of averages over coordinates so that it has a limit. ``option_defaults``
+    overrides the defaults of the optimizer's group options (:data:`GROUP_OPTIONS`), e.g. a default
+    weight decay.
     """
 
     name: str
@@ -69,8 +97,8 @@ class UpdateRule:
     description: str = ""
     homogeneity_fn: Callable[[Mapping[str, Any]], float | None] | None = None
     needs_activations: bool = False
-    signal: Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
-    finalize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, Mapping[str, Any]], torch.Tensor] | None = None
+    signal: Callable[[MatrixAction, torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None = None
+    rescale: Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
     option_defaults: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
 
     def __attrs_post_init__(self) -> None:
@@ -87,6 +115,8 @@ class UpdateRule:
             raise PluginError(f"update rule {self.name!r}: stationary requires memoryless (Def 2.1.2)")
         if self.needs_activations and self.signal is None:
             raise PluginError(f"update rule {self.name!r}: needs_activations=True requires a signal function")
+        if self.rescale is not None and not self.needs_activations:
+            raise PluginError(f"update rule {self.name!r}: rescale applies to rules driven by activations only")
         if self.homogeneity_fn is not None and self.homogeneity_fn(self.defaults) != self.homogeneity:
             raise PluginError(
                 f"update rule {self.name!r}: homogeneity={self.homogeneity} disagrees with "
@@ -147,9 +177,11 @@ class TplimitsOptimizer(torch.optim.Optimizer):
     of :data:`GROUP_OPTIONS` and the rule's hyperparameters; each parameter has its own step
     counter ``t``. Parameters whose gradient is ``None`` are skipped.
 
-    For a rule with ``needs_activations=True`` pass the batch of inputs of each parameter's layer,
-    ``step(activations={param: x})`` (``x`` of shape ``[..., fan_in]``); parameters without an entry
-    are skipped and gradients are ignored.
+    A param group may carry its own ``rule`` (another :class:`UpdateRule`, e.g. a non-gradient rule for
+    some matrices); its options then default to that rule's. For a rule with ``needs_activations=True``
+    pass the batch of inputs of each parameter's layer, ``step(activations={param: x})`` (``x`` of shape
+    ``[..., fan_in]``), or let the optimizer record them in every forward pass (:meth:`watch`);
+    parameters without inputs are skipped and their gradients are ignored.
     """
 
     def __init__(self, params: Iterable[Any], rule: UpdateRule, *, lr: float, **options: Any) -> None:
@@ -162,46 +194,75 @@ class TplimitsOptimizer(torch.optim.Optimizer):
                 f"{sorted(['lr', *GROUP_OPTIONS])}, hyperparameters: {sorted(rule.defaults)}"
             )
         self.rule = rule
-        defaults = {"lr": lr, **GROUP_OPTIONS, **rule.option_defaults, **rule.defaults, **options}
+        self._recorded: dict[int, torch.Tensor] = {}
+        self._watched: set[int] = set()
+        defaults = {"lr": lr, **GROUP_OPTIONS, **rule.option_defaults, **rule.defaults, **options, "rule": rule}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        rule = param_group.get("rule", self.rule)
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"a param group's rule must be an UpdateRule, got {type(rule).__name__}")
+        if rule is not self.rule:  # the group's own rule sets its defaults
+            for key, value in {**GROUP_OPTIONS, **rule.option_defaults, **rule.defaults}.items():
+                param_group.setdefault(key, value)
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
 
+    def watch(self, param: torch.Tensor, module: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """Record the first positional input of ``module`` in every forward pass as the layer input of
+        ``param`` (a parameter of an activation-driven group), for the next :meth:`step`."""
+        self._watched.add(id(param))
+        return module.register_forward_pre_hook(functools.partial(_store_input, self._recorded, id(param)))
+
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "rule": self.rule}
+        return {**super().__getstate__(), "rule": self.rule, "_recorded": self._recorded, "_watched": self._watched}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}[{self.rule.name}]" + super().__repr__()[len(type(self).__name__) :]
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus the rule's name (checked by :meth:`load_state_dict`). Rule states
-        are never modified in place, so the result is a snapshot: later steps do not change it."""
+        """torch's state dict with rules by name (checked by :meth:`load_state_dict`). Rule states are
+        never modified in place, so the result is a snapshot: later steps do not change it."""
         packed = super().state_dict()
         state = {
             k: {key: dict(val) if isinstance(val, dict) else val for key, val in v.items()}
             for k, v in packed["state"].items()
         }
-        return {**packed, "state": state, "rule": self.rule.name}
+        groups = [{**g, "rule": g["rule"].name} for g in packed["param_groups"]]
+        return {**packed, "state": state, "param_groups": groups, "rule": self.rule.name}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         saved = state_dict.get("rule", self.rule.name)
         if saved != self.rule.name:
             raise PluginError(f"state dict is for update rule {saved!r}, this optimizer runs {self.rule.name!r}")
-        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for group, own in zip(groups, self.param_groups, strict=False):
+            name = group.get("rule", own["rule"].name)
+            if name != own["rule"].name:
+                raise PluginError(f"state dict has a param group of update rule {name!r} where this optimizer "
+                                  f"runs {own['rule'].name!r}")
+            group["rule"] = own["rule"]
+        super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
 
     def _inputs(self, activations: Mapping[torch.Tensor, torch.Tensor] | None) -> dict[int, torch.Tensor]:
-        if not self.rule.needs_activations:
+        driven = [g for g in self.param_groups if g["rule"].needs_activations]
+        if not driven:
             if activations is not None:
                 raise ValueError(f"update rule {self.rule.name!r} is driven by gradients; it takes no activations")
             return {}
         if activations is None:
-            raise ValueError(
-                f"update rule {self.rule.name!r} needs the inputs of each parameter's layer: "
-                "call step(activations={param: x})"
-            )
-        own = {id(p) for group in self.param_groups for p in group["params"]}
+            if not self._watched:
+                names = sorted({g["rule"].name for g in driven})
+                raise ValueError(f"update rule(s) {names} need the inputs of each parameter's layer: call "
+                                 "step(activations={param: x})")
+            missing = [id(p) for g in driven for p in g["params"] if id(p) in self._watched
+                       and id(p) not in self._recorded]
+            if missing:
+                raise ValueError("a rule-driven parameter's layer has not run since the last step: call the "
+                                 "model before opt.step()")
+            return dict(self._recorded)
+        own = {id(p) for group in driven for p in group["params"]}
         stray = [tuple(k.shape) for k in activations if id(k) not in own]
         if stray:
             raise ValueError(f"activations given for tensors that are not parameters of this optimizer: {stray}")
@@ -222,13 +283,15 @@ class TplimitsOptimizer(torch.optim.Optimizer):
                 loss = closure()
         inputs = self._inputs(activations)
         for group in self.param_groups:
-            hyper = {k: group[k] for k in self.rule.defaults}
+            rule = group["rule"]
+            hyper = {k: group[k] for k in rule.defaults}
             for p in group["params"]:
                 x = inputs.get(id(p))
-                if self.rule.needs_activations:
+                if rule.needs_activations:
                     if x is None:
                         continue
-                    g = self.rule.signal(p.detach(), x.detach(), hyper)
+                    x = _batch_rows(p, x)
+                    g = activation_signal(rule, DenseAction(p.detach()), x, hyper, p.shape[0])
                 else:
                     if p.grad is None:
                         continue
@@ -236,15 +299,37 @@ class TplimitsOptimizer(torch.optim.Optimizer):
                         raise RuntimeError("TplimitsOptimizer does not support sparse gradients")
                     g = p.grad
                 self._update(p, g * group["grad_scale"], x, group, hyper)
+        self._recorded.clear()
         return loss
 
     def _update(
         self, p: torch.Tensor, g: torch.Tensor, x: torch.Tensor | None, group: Mapping[str, Any], hyper: dict
     ) -> None:
-        new, self.state[p] = apply_rule(self.rule, p, g, self.state[p], group, hyper)
-        if self.rule.finalize is not None:
-            new = self.rule.finalize(new, p.clone(), None if x is None else x.detach(), hyper)
+        rule = group["rule"]
+        new, self.state[p] = apply_rule(rule, p, g, self.state[p], group, hyper)
+        if rule.rescale is not None:
+            new = new * rule.rescale(DenseAction(p)(x), DenseAction(new)(x), hyper)
         p.copy_(new)
+
+
+def _batch_rows(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The layer inputs ``x`` of matrix ``R`` as rows ``[K, n_in]`` (leading axes flattened)."""
+    if R.ndim != 2:
+        raise ValueError(f"a matrix driven by layer inputs must be 2-d, got shape {tuple(R.shape)}")
+    if x.shape[-1] != R.shape[1]:
+        raise ValueError(f"layer inputs of shape {tuple(x.shape)} do not match R of shape {tuple(R.shape)}")
+    return x.detach().reshape(-1, R.shape[1])
+
+
+def _store_input(store: dict[int, torch.Tensor], key: int, module: nn.Module, args: tuple) -> None:
+    store[key] = args[0].detach()
+
+
+def activation_signal(rule: UpdateRule, R: MatrixAction, x: torch.Tensor, hyper: Mapping[str, Any],
+                      n_out: int) -> torch.Tensor:
+    """The dense signal ``Aᵀ B / (K·n_out)`` of a non-gradient rule on the batch ``x`` ([K, n_in])."""
+    A, B = rule.signal(R, x, hyper)
+    return A.T @ B / (A.shape[0] * n_out)
 
 
 def apply_rule(rule: UpdateRule, p: torch.Tensor, g: torch.Tensor, state: Mapping[str, Any],
@@ -310,9 +395,12 @@ def eps_homogeneity(*names: str) -> Callable[[Mapping[str, Any]], float | None]:
 
 __all__ = [
     "GROUP_OPTIONS",
+    "DenseAction",
+    "MatrixAction",
     "State",
     "TplimitsOptimizer",
     "UpdateRule",
+    "activation_signal",
     "apply_rule",
     "bias_correction",
     "eps_homogeneity",

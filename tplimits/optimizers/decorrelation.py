@@ -10,8 +10,10 @@ infinite-width limit nontrivial: ``C / n`` acts on a vector ``y`` as ``E_batch[z
 width-normalised inner product ``<z, y> = z . y / n``, which has a width-independent effect.
 
 As an :class:`~tplimits.optimizers.UpdateRule` the rule is plain SGD on the signal ``C R / n`` (what
-the optimizer computes from ``R`` and ``x`` in place of a gradient), followed by ``finalize``,
-which rescales by ``s`` so that ``E_batch ||R x||^2`` is unchanged.
+the optimizer computes from ``R`` and ``x`` in place of a gradient: the batch average of the outer
+products ``z (Rᵀz)ᵀ / n``), followed by ``rescale``, the factor ``s`` that keeps ``E_batch ||R x||^2``.
+Written against a :class:`~tplimits.optimizers.base.MatrixAction`, the same two functions drive the
+finite optimizer and the limit engines.
 """
 
 from __future__ import annotations
@@ -21,29 +23,14 @@ from typing import Any
 
 import torch
 
-from tplimits.optimizers.base import State, UpdateRule
-from tplimits.plugins.specs import hookimpl
+from tplimits.plugin import MatrixAction, State, UpdateRule, hookimpl
 
 
-def _flatten(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if R.ndim != 2:
-        raise ValueError(f"a decorrelation matrix must be 2-d, got shape {tuple(R.shape)}")
-    if x.shape[-1] != R.shape[1]:
-        raise ValueError(f"layer inputs of shape {tuple(x.shape)} do not match R of shape {tuple(R.shape)}")
-    return x.reshape(-1, R.shape[1])
-
-
-def mean_sq_norm(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``E_batch ||R x||^2`` over the rows of ``x`` (leading axes flattened)."""
-    z = _flatten(R, x) @ R.T
-    return z.square().sum(-1).mean()
-
-
-def decorrelation_signal(R: torch.Tensor, x: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
-    """``C R / n`` with ``C = E_batch[z z^T]``, ``z = R x`` and ``n = R.shape[0]``."""
-    z = _flatten(R, x) @ R.T
-    C = z.T @ z / z.shape[0]
-    return C @ R / R.shape[0]
+def decorrelation_signal(R: MatrixAction, x: torch.Tensor, hyper: Mapping[str, Any]) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """``C R / n`` as the batch average of ``z (Rᵀ z)ᵀ / n`` with ``z = R x``: ``(z, Rᵀ z)``."""
+    z = R(x)
+    return z, R.transpose(z)
 
 
 def _no_state(g: torch.Tensor) -> State:
@@ -54,11 +41,9 @@ def _identity(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) -
     return g, state
 
 
-def decorrelation_finalize(
-    R_new: torch.Tensor, R_old: torch.Tensor, x: torch.Tensor | None, hyper: Mapping[str, Any]
-) -> torch.Tensor:
-    """``s R_new`` with ``s = sqrt(E ||R_old x||^2 / E ||R_new x||^2)``."""
-    return R_new * torch.sqrt(mean_sq_norm(R_old, x) / mean_sq_norm(R_new, x))
+def keep_mean_square(z_old: torch.Tensor, z_new: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
+    """``s = sqrt(E ||R_old x||^2 / E ||R_new x||^2)`` from the layer outputs before and after the step."""
+    return torch.sqrt(z_old.square().mean() / z_new.square().mean())
 
 
 DECORRELATION = UpdateRule(
@@ -72,7 +57,7 @@ DECORRELATION = UpdateRule(
     linear=True,
     needs_activations=True,
     signal=decorrelation_signal,
-    finalize=decorrelation_finalize,
+    rescale=keep_mean_square,
     description="R <- s (I - (c/n) C) R with C = E[z z^T], z = R x, s keeping E||R x||^2; driven by the "
     "layer inputs x (step(activations={R: x})), lr = c.",
 )

@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from tplimits.optimizers.base import State, UpdateRule
-from tplimits.plugins.specs import hookimpl
+from tplimits.plugin import State, UpdateRule, hookimpl
 
 
 def _no_state(g: torch.Tensor) -> State:

@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from tplimits.optimizers.base import State, UpdateRule, eps_homogeneity
-from tplimits.plugins.specs import hookimpl
+from tplimits.plugin import State, UpdateRule, eps_homogeneity, hookimpl
 
 
 def _no_state(g: torch.Tensor) -> State:

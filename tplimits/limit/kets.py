@@ -1,4 +1,6 @@
-"""Initial matrices as operators on kets (Def 2.6.5, 2.6.7) and their accumulated updates (Eq. 2.45).
+"""The ket machinery shared by the limit engines: initial matrices as operators on kets (Def 2.6.5,
+2.6.7) with their accumulated updates (Eq. 2.45), and :class:`KetInterpreter`, the program evaluated
+on particles.
 
 Kets are stored as particles: a vector of the program whose width axis has ratio ``r`` becomes a
 tensor whose width axis has ``r·P`` entries, each an iid sample of the ket. Every matrix use is
@@ -23,11 +25,14 @@ matrix is applied to at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from tplimits.core.program import Layout, MatMul, Width
+from tplimits.core.interpret import FiniteInterpreter
+from tplimits.core.ir import Avg, Constant, Input, Layout, MatMul, Width
+from tplimits.core.program import Program
 from tplimits.errors import TplimitsError
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -291,8 +296,14 @@ class MatrixOperator:
 
     # -- applying the operator ------------------------------------------------------------------
     def apply(self, plan: MatMulPlan, x: torch.Tensor) -> torch.Tensor:
-        xc = plan.canonical(x)
-        forward = plan.direction == "forward"
+        """``⟦W⟧`` (or its transpose, as ``plan`` says) on the vector ``x`` of the MatMul's layout."""
+        out = plan.restore(self.apply_canonical(plan.canonical(x), plan.direction == "forward"))
+        if self.dense is not None:
+            out = out + self.scale * torch.einsum(plan.equation, self.dense, x)
+        return out
+
+    def apply_canonical(self, xc: torch.Tensor, forward: bool) -> torch.Tensor:
+        """The initial operator and the low-rank updates on a canonical ``[F, P, K]`` ket (no dense grid)."""
         y = None
         if self.kind == "gaussian":
             own, other = ("forward", "transpose") if forward else ("transpose", "forward")
@@ -309,16 +320,7 @@ class MatrixOperator:
         if y is None:
             p = self.p_out if forward else self.p_in
             y = xc.new_zeros(xc.shape[0], p, xc.shape[2])
-        out = plan.restore(y)
-        if self.dense is not None:
-            out = out + self.scale * torch.einsum(plan.equation, self.dense, x)
-        return out
-
-    def apply_deterministic(self, plan: MatMulPlan, x: torch.Tensor) -> torch.Tensor:
-        """The operator on ``x`` when it has no Gaussian part (identity / zero init plus updates)."""
-        if self.kind == "gaussian":
-            raise TplimitsError(f"parameter {self.name!r}: a non-gradient rule needs a deterministic initialization")
-        return self.apply(plan, x)
+        return y
 
     def _low_rank(self, xc: torch.Tensor, forward: bool) -> torch.Tensor | None:
         A, B = self.out_factors.cat(), self.in_factors.cat()
@@ -394,3 +396,64 @@ class MatrixOperator:
         self._column_steps = None
         self.coefficients = state["coefficients"]
         self.init_scale = state["init_scale"]
+
+
+class OperatorAction:
+    """A deterministic operator (identity or zero initialization plus updates) as the
+    :class:`~tplimits.optimizers.base.MatrixAction` a non-gradient rule is written against: rows
+    ``[K, P]`` of particles in, rows out."""
+
+    def __init__(self, operator: MatrixOperator) -> None:
+        if operator.kind == "gaussian" or operator.n_fixed != 1 or operator.dense is not None:
+            raise TplimitsError(f"parameter {operator.name!r}: a non-gradient rule needs a single matrix with a "
+                                "deterministic initialization (identity or zero), updated by its rule alone")
+        self.operator = operator
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.operator.apply_canonical(x.T[None], True)[0].T
+
+    def transpose(self, z: torch.Tensor) -> torch.Tensor:
+        return self.operator.apply_canonical(z.T[None], False)[0].T
+
+
+class KetInterpreter(FiniteInterpreter):
+    """The program on particles: width ``P``, matrices as operators, Avg deterministic."""
+
+    def __init__(self, program: Program, state: Mapping[str, Any], particles: int, dtype: torch.dtype,
+                 device: torch.device, plans: dict[str, MatMulPlan]) -> None:
+        super().__init__(program, state, particles)
+        self.dtype, self.device = dtype, device
+        self.plans = plans
+
+    def input(self, ins: Input) -> Any:
+        return _cast(super().input(ins), self.dtype, self.device)
+
+    def constant(self, ins: Constant) -> Any:
+        return _cast(ins.value, self.dtype, self.device)
+
+    def avg(self, ins: Avg) -> torch.Tensor:
+        return super().avg(ins).detach()
+
+    def matmul(self, ins: MatMul) -> torch.Tensor:
+        operator = self.values[ins.matrix]
+        if not isinstance(operator, MatrixOperator):
+            raise TplimitsError(f"%{ins.name} multiplies by %{ins.matrix}, which the limit engine holds as a "
+                                "tensor, not an operator")
+        return operator.apply(self.plan(ins), self.values[ins.vector])
+
+    def plan(self, ins: MatMul) -> MatMulPlan:
+        """How ``ins`` brings its vector to the canonical form (cached per instruction: shapes are fixed)."""
+        plan = self.plans.get(ins.name)
+        if plan is None:
+            operator = self.values[ins.matrix]
+            plan = self.plans[ins.name] = MatMulPlan.of(ins, self.program[ins.matrix].layout, operator.in_axis,
+                                                        self.values[ins.vector].shape)
+        return plan
+
+
+def _cast(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        if value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
+        return value.to(device=device)
+    return value

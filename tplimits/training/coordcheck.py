@@ -5,8 +5,8 @@ with a plain torch loop, and the parametrized program is replayed at initializat
 training. Every value of the program is recorded: its coordinate size ``√mean(x²)`` and the size
 of its change from initialization, including values module hooks cannot see (attention logits,
 normalization statistics). A log-log fit over widths gives each value's slope, and the verdict
-compares the hidden-layer change slopes with the theory: 0 in μP (features move Θ(1)), −1/2 in
-NTP, growth flags an unstable parametrization.
+compares the hidden-layer change slopes with the theory: ``-r`` of the parametrization's classification
+(μP: 0, features move Θ(1); NTP: −1/2); growth flags an unstable parametrization.
 
 The spectral diagnostic of seed 001 is reported too: for each weight matrix,
 ``‖ΔW‖₂ / √(fan_out / fan_in)``, width-independent under μP.
@@ -20,14 +20,16 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 
-from tplimits.core.instantiate import Family, effective_state, family, instantiate, parametrized_program
 from tplimits.core.interpret import FiniteInterpreter
-from tplimits.core.program import Avg, MatMul, Nonlin, Parameter, Regroup, Width
-from tplimits.plugins.manager import architecture, parametrization
-
-EXPECTED_CHANGE_SLOPE = {"muP": 0.0, "NTP": -0.5}
+from tplimits.core.ir import Avg, MatMul, Nonlin, Parameter, Regroup, Width
+from tplimits.optimizers.base import UpdateRule
+from tplimits.training.classify import classify_program, optimizer_homogeneity
+from tplimits.training.family import Family
+from tplimits.training.instantiate import instantiate_family
+from tplimits.training.loss import Loss
+from tplimits.training.model import effective_state, parametrized_program
+from tplimits.training.parametrize import Parametrization
 
 
 @attrs.frozen
@@ -116,28 +118,19 @@ def _spectral(before: torch.Tensor, after: torch.Tensor, layout: tuple) -> float
     return float(torch.linalg.matrix_norm(delta, ord=2)) / math.sqrt(delta.shape[0] / delta.shape[1])
 
 
-def coord_check(arch: Any, params: Sequence[Any] = ("SP", "NTP", "muP"), optimizer: Any = "sgd",
-                widths: Sequence[int] = (128, 256, 512, 1024, 2048), steps: int = 3, lr: float = 0.1,
-                seeds: int = 2, example_inputs: Any = None, base: Any = None, tolerance: float = 0.1,
-                **config: Any) -> CoordCheckReport:
-    """Train ``arch`` under each parametrization at each width and report how every value scales."""
-    fam = family(arch, example_inputs, base, **config)
-    inputs = _inputs(arch, example_inputs, config)
+def coord_check_family(fam: Family, inputs: tuple, params: Sequence[Parametrization], rule: UpdateRule, loss: Loss,
+                       widths: Sequence[int] = (128, 256, 512, 1024, 2048), steps: int = 3, lr: float = 0.1,
+                       seeds: int = 2, tolerance: float = 0.1) -> CoordCheckReport:
+    """Train ``fam`` under each parametrization at each width on ``inputs`` (against fixed random targets,
+    with ``loss``) and report how every value scales (see :func:`tplimits.coord_check`)."""
     reports = {}
-    for p in params:
-        param = parametrization(p)
-        reports[param.name] = _check_one(fam, param, optimizer, list(widths), steps, lr, seeds, inputs, tolerance)
+    for param in params:
+        reports[param.name] = _check_one(fam, param, rule, loss, list(widths), steps, lr, seeds, inputs, tolerance)
     return CoordCheckReport(reports)
 
 
-def _inputs(arch: Any, example_inputs: Any, config: dict) -> tuple:
-    if example_inputs is not None:
-        return tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
-    return tuple(architecture(arch).example_inputs(**config))
-
-
-def _check_one(fam: Family, param: Any, optimizer: Any, widths: list[int], steps: int, lr: float, seeds: int,
-               inputs: tuple, tolerance: float) -> ParamReport:
+def _check_one(fam: Family, param: Parametrization, rule: UpdateRule, loss_fn: Loss, widths: list[int], steps: int,
+               lr: float, seeds: int, inputs: tuple, tolerance: float) -> ParamReport:
     program = parametrized_program(fam.program, param)
     recorded = [ins for ins in program if _recorded(ins)]
     matrices = [ins for ins in program if isinstance(ins, Parameter) and ins.kind == "matrix" and ins.trainable]
@@ -146,14 +139,14 @@ def _check_one(fam: Family, param: Any, optimizer: Any, widths: list[int], steps
     losses = [0.0] * len(widths)
     for wi, width in enumerate(widths):
         for seed in range(seeds):
-            model, opt = instantiate(fam, width, param=param, optimizer=optimizer, lr=lr, seed=seed)
+            model, opt = instantiate_family(fam, width=width, param=param, rule=rule, lr=lr, seed=seed)
             target = _targets(model, inputs)
             before = _values(program, model, inputs)
             weights0 = {m.target: effective_state(model.model, program)[m.target].detach().clone() for m in matrices}
             loss = torch.tensor(float("nan"))
             for _ in range(steps):
                 opt.zero_grad()
-                loss = F.mse_loss(model(*inputs), target)
+                loss = loss_fn(model(*inputs), target)
                 loss.backward()
                 opt.step()
             after = _values(program, model, inputs)
@@ -174,8 +167,9 @@ def _check_one(fam: Family, param: Any, optimizer: Any, widths: list[int], steps
     )
     spec = {name: (tuple(values), _slope(widths, values)) for name, values in spectral.items()}
     hidden = tuple(n.change_slope for n in nodes if n.kind == "vector")
+    predicted = classify_program(fam.program, param, homogeneity=optimizer_homogeneity(rule)).feature_change_exponent
     return ParamReport(param.name, tuple(widths), nodes, spec, tuple(losses),
-                       _verdict(param.name, hidden, nodes, tolerance), hidden, tuple(program.outputs))
+                       _verdict(predicted, hidden, nodes, tolerance), hidden, tuple(program.outputs))
 
 
 def _targets(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
@@ -191,13 +185,14 @@ def _values(program: Any, model: Any, inputs: tuple) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in interp.values.items() if torch.is_tensor(v)}
 
 
-def _verdict(name: str, hidden: Sequence[float], nodes: Sequence[NodeRecord], tolerance: float) -> str:
+def _verdict(predicted: Any, hidden: Sequence[float], nodes: Sequence[NodeRecord], tolerance: float) -> str:
+    """The change slopes against the theory's ``-r`` (``predicted``; None where it predicts no limit)."""
     if not hidden:
         return "no vector values to check"
     worst = max(hidden, key=abs)
     growing = [n.name for n in nodes if n.change_slope > tolerance or not math.isfinite(n.change_slope)]
-    if name in EXPECTED_CHANGE_SLOPE:
-        want = EXPECTED_CHANGE_SLOPE[name]
+    if predicted is not None:
+        want = float(predicted)
         off = [s for s in hidden if abs(s - want) > tolerance]
         status = "as predicted" if not off else "OFF PREDICTION"
         return (f"{status}: vector change slopes in [{min(hidden):.3f}, {max(hidden):.3f}], "

@@ -12,7 +12,7 @@ Monte Carlo error.
 
 from __future__ import annotations
 
-import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,35 +20,17 @@ import attrs
 import torch
 
 from tplimits.core.backprop import TotalProgram
-from tplimits.core.instantiate import init_std, multiplier, parameter_groups, rule_lr_scale
-from tplimits.core.interpret import FiniteInterpreter
-from tplimits.core.parametrize import ABCD, Parametrization
-from tplimits.core.program import (
-    Avg,
-    Constant,
-    Input,
-    MatMul,
-    ParameterInfo,
-    Program,
-    Width,
-    concrete_shape,
-    width_axes,
-)
+from tplimits.core.ir import MatMul, ParameterInfo, Width, concrete_shape
+from tplimits.core.program import Program
 from tplimits.errors import TplimitsError
-from tplimits.limit.operators import MatMulPlan, MatrixOperator
+from tplimits.limit.kets import KetInterpreter, MatMulPlan, MatrixOperator, OperatorAction
 from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule
+from tplimits.training.init import InitialValue, init_std, initial_value, multiplier
+from tplimits.training.optim import parameter_groups, rule_groups
+from tplimits.training.parametrize import ABCD, Parametrization
 
 DENSE_TILE_ENTRIES = 2**22
 """Entries of a dense update grid processed at once (32 MiB in float64)."""
-
-
-@attrs.frozen
-class InitialValue:
-    """How a parameter starts: ``random`` (drawn at the parametrization's std), ``constant`` (every
-    entry ``value``), ``identity`` (``value·I``), or ``fixed`` (a tensor that does not depend on width)."""
-
-    kind: str
-    value: Any = None
 
 
 @attrs.frozen
@@ -58,7 +40,7 @@ class LimitSetup:
     total: TotalProgram
     param: Parametrization
     chosen: Mapping[str, ABCD]  # trainable parameter -> its abcd (gradient-trained ones)
-    rules: Mapping[str, str]  # parameter -> non-gradient rule name
+    rules: Mapping[str, UpdateRule]  # parameter -> the non-gradient rule that updates it
     initial: Mapping[str, InitialValue]
     rule: UpdateRule
     hyper: Mapping[str, Any]
@@ -72,73 +54,7 @@ class LimitSetup:
 
 def initial_values(program: Program, model: torch.nn.Module) -> dict[str, InitialValue]:
     """Read from a model at any width how each program parameter is initialized."""
-    import operator as op
-
-    found = {}
-    for name, info in program.parameters.items():
-        tensor = op.attrgetter(name)(model).detach()
-        if not width_axes(info.layout):
-            found[name] = InitialValue("fixed", tensor.clone())
-        elif tensor.numel() > 1 and torch.all(tensor == tensor.flatten()[0]):
-            found[name] = InitialValue("constant", float(tensor.flatten()[0]))
-        elif (info.kind == "matrix" and tensor.ndim == 2 and tensor.shape[0] == tensor.shape[1]
-              and torch.equal(tensor, tensor[0, 0] * torch.eye(tensor.shape[0], dtype=tensor.dtype))):
-            found[name] = InitialValue("identity", float(tensor[0, 0]))
-        else:
-            found[name] = InitialValue("random")
-    return found
-
-
-class KetInterpreter(FiniteInterpreter):
-    """The program on particles: width ``P``, matrices as operators, Avg deterministic."""
-
-    def __init__(self, program: Program, state: Mapping[str, Any], particles: int, dtype: torch.dtype,
-                 device: torch.device, plans: dict[str, MatMulPlan]) -> None:
-        super().__init__(program, state, particles)
-        self.dtype, self.device = dtype, device
-        self.plans = plans
-
-    def input(self, ins: Input) -> Any:
-        return _cast(super().input(ins), self.dtype, self.device)
-
-    def constant(self, ins: Constant) -> Any:
-        return _cast(ins.value, self.dtype, self.device)
-
-    def avg(self, ins: Avg) -> torch.Tensor:
-        return super().avg(ins).detach()
-
-    def matmul(self, ins: MatMul) -> torch.Tensor:
-        operator = self.values[ins.matrix]
-        if not isinstance(operator, MatrixOperator):
-            raise TplimitsError(f"%{ins.name} multiplies by %{ins.matrix}, which the limit engine holds as a "
-                                "tensor, not an operator")
-        x = self.values[ins.vector]
-        plan = self.plans.get(ins.name)
-        if plan is None:
-            plan = self.plans[ins.name] = MatMulPlan.of(ins, self.program[ins.matrix].layout, operator.in_axis,
-                                                        x.shape)
-        return operator.apply(plan, x)
-
-    def run_forward(self, *inputs: Any) -> None:
-        self.values = {}
-        self.flat_inputs = list(inputs)
-        self._position = 0
-        self.advance(self.forward_length)
-
-    def advance(self, stop: int) -> None:
-        for ins in self.program.instructions[self._position:stop]:
-            self.values[ins.name] = self.execute(ins)
-        self._position = stop
-
-    forward_length = 0
-
-
-def _cast(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    if torch.is_tensor(value):
-        if value.is_floating_point():
-            return value.to(device=device, dtype=dtype)
-        return value.to(device=device)
-    return value
+    return {name: initial_value(info, operator.attrgetter(name)(model)) for name, info in program.parameters.items()}
 
 
 class ParticleNetwork:
@@ -162,11 +78,15 @@ class ParticleNetwork:
         self.operators: dict[str, MatrixOperator] = {}
         for name, info in self.infos.items():
             self._build(name, info)
-        self.groups = {g["name"]: {**GROUP_OPTIONS, **setup.rule.option_defaults, **g} for g in parameter_groups(
-            dict.fromkeys(setup.chosen), program, setup.param, setup.chosen, self.P, lr, setup.weight_decay,
-            setup.clip)}
+        groups = parameter_groups(dict.fromkeys(setup.chosen), program, setup.param, setup.chosen, self.P, lr,
+                                  setup.weight_decay, setup.clip)
+        groups += rule_groups(dict.fromkeys(setup.rules), setup.rules, setup.param, self.P, lr)
+        self.groups = {}
+        for g in groups:
+            rule = g.get("rule", setup.rule)
+            self.groups[g["name"]] = {**GROUP_OPTIONS, **rule.option_defaults, **g, "rule": rule}
         self.hyper = setup.rule.hyper(_hyper_overrides(setup))
-        self.update_states: dict[str, dict[str, Any]] = {name: {} for name in setup.chosen}
+        self.update_states: dict[str, dict[str, Any]] = {name: {} for name in self.groups}
 
     # -- construction -----------------------------------------------------------------------
     def _low_rank(self) -> bool:
@@ -227,14 +147,13 @@ class ParticleNetwork:
         return values
 
     def interpreter(self) -> KetInterpreter:
-        interp = KetInterpreter(self.setup.program, self.state_values(), self.P, self.dtype, self.device, self.plans)
-        interp.forward_length = self.setup.total.forward_length
-        return interp
+        return KetInterpreter(self.setup.program, self.state_values(), self.P, self.dtype, self.device, self.plans)
 
     def forward(self, inputs: Sequence[Any]) -> KetInterpreter:
+        """The forward half of the total program on ``inputs``; the interpreter keeps its values."""
         interp = self.interpreter()
         with torch.set_grad_enabled(self.dots == "autograd"):
-            interp.run_forward(*inputs)
+            interp.run(*inputs, stop=self.setup.total.forward_length)
         return interp
 
     def outputs(self, interp: KetInterpreter) -> torch.Tensor:
@@ -249,28 +168,21 @@ class ParticleNetwork:
             raise TplimitsError(f"the particle system was set up for {self.steps} steps")
         interp.cotangents = (chi.to(dtype=self.dtype, device=self.device),)
         with torch.set_grad_enabled(self.dots == "autograd"):
-            interp.advance(len(self.setup.program.instructions))
+            interp.run(*interp.flat_inputs, initial_env=interp.values)
             self._update(interp)
         self.t += 1
 
     def _update(self, interp: KetInterpreter) -> None:
-        total = self.setup.total
         values = interp.values
-        P = self.P
-        rule_driven = []
-        for name, grad in total.gradients.items():
-            if name in self.setup.rules:
-                rule_driven.append(name)
-                continue
+        for name, grad in self.setup.total.gradients.items():
             if name not in self.setup.chosen:
                 continue
-            a = multiplier(self.setup.chosen[name], P)
+            weight = multiplier(self.setup.chosen[name], self.P) * grad.unit(self.P)
             if grad.kind == "matrix":
-                self._matrix_gradient(name, grad.terms, values, a / P)
-                continue
-            g = values[grad.value] * (a / P if grad.kind == "vector" else a)
-            self.tensors[name] = self._step(name, self.tensors[name], g)
-        for name in rule_driven:
+                self._matrix_gradient(name, grad.terms, values, weight)
+            else:
+                self.tensors[name] = self._step(name, self.tensors[name], values[grad.value] * weight)
+        for name in self.setup.rules:
             self._rule_update(name, interp)
 
     def _step(self, name: str, tensor: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -334,19 +246,11 @@ class ParticleNetwork:
         return [ins for ins in program.instructions[: self.setup.total.forward_length]
                 if isinstance(ins, MatMul) and ins.matrix in names]
 
-    def _plan(self, ins: MatMul, values: Mapping[str, Any]) -> MatMulPlan:
-        plan = self.plans.get(ins.name)
-        if plan is None:
-            operator = self.operators[self.setup.program[ins.matrix].target]
-            plan = self.plans[ins.name] = MatMulPlan.of(ins, self.setup.program[ins.matrix].layout, operator.in_axis,
-                                                        values[ins.vector].shape)
-        return plan
-
     def _linear_step(self, name: str, operator: MatrixOperator) -> None:
         """One step of a linear rule on the factor coefficients: ``Q_t = Σ_s κ_{t,s} g_s``, found by running
         the rule on one-hot gradient indicators."""
         group = self.groups[name]
-        rule = self.setup.rule
+        rule = group["rule"]
         operator.ensure_steps(self.steps)
         indicator = operator.coefficients.new_zeros(self.steps)
         indicator[self.t] = group["grad_scale"]
@@ -358,37 +262,35 @@ class ParticleNetwork:
         operator.init_scale *= decay
 
     def _rule_update(self, name: str, interp: KetInterpreter) -> None:
-        """A non-gradient rule on a matrix (the decorrelation rule): ``R ← s (I − (c/n) C) R`` with
-        ``C/n = E_batch[z ⟨z, ·⟩]`` as a low-rank operator and ``s`` restoring ``E‖R x‖²``."""
-        rule_name = self.setup.rules[name]
-        if rule_name != "decorrelation":
-            raise TplimitsError(f"the limit engine knows the non-gradient rule 'decorrelation', not {rule_name!r} "
-                                f"(parameter {name!r})")
-        operator = self.operators[name]
+        """A non-gradient rule on its matrix, through the same ``signal`` / ``rescale`` functions the
+        finite optimizer runs: the signal's outer products become low-rank factors of the operator
+        (``Aᵀ B / (K·P)``), the rule's update runs on their coefficients, and the rescaling multiplies
+        the whole operator."""
+        group = self.groups[name]
+        rule = group["rule"]
+        if not rule.linear:
+            raise TplimitsError(f"parameter {name!r} is updated by the non-gradient rule {rule.name!r}, which is not "
+                                "linear in its signal; the limit engine keeps such updates as low-rank factors and "
+                                "needs a linear rule (linear=True)")
         uses = self._uses(name)
         if len(uses) != 1:
-            raise TplimitsError(f"parameter {name!r} is used {len(uses)} times; the decorrelation rule needs one "
-                                "layer input")
+            raise TplimitsError(f"parameter {name!r} is used {len(uses)} times; its non-gradient rule "
+                                f"{rule.name!r} needs the input of one layer")
+        operator = self.operators[name]
+        action = OperatorAction(operator)
         use = uses[0]
-        values = interp.values
-        plan = self._plan(use, values)
-        x = values[use.vector].detach()
-        z = values[use.name].detach()
-        xc, zc = plan.canonical(x), plan.canonical(z, plan.out_letters)
-        K = xc.shape[2]
-        rate = self.lr * rule_lr_scale(self.setup.param, self.P)
-        # R^T z with the current operator (no hats: R starts deterministic)
-        transpose_plan = _transpose_plan(plan)
-        rt_z = plan.canonical(operator.apply_deterministic(transpose_plan, z), plan.x_letters)
-        old_norm = zc.square().sum() / K
+        plan = interp.plan(use)
+        x = plan.canonical(interp.values[use.vector].detach())[0].T  # rows [K, P]
+        z_old = plan.canonical(interp.values[use.name].detach(), plan.out_letters)[0].T
+        hyper = {k: group[k] for k in rule.defaults}
+        A, B = rule.signal(action, x, hyper)
         operator.ensure_steps(self.steps)
-        operator.add_factor(zc, rt_z / (K * self.P), self.t)
-        operator.coefficients = operator.coefficients.clone()
-        operator.coefficients[self.t] = -rate
-        new_z = operator.apply_deterministic(plan, x)
-        s = torch.sqrt(old_norm / (plan.canonical(new_z, plan.out_letters).square().sum() / K))
-        operator.coefficients = operator.coefficients * s
-        operator.init_scale *= float(s)
+        operator.add_factor(A.T[None], B.T[None] / (A.shape[0] * self.P), self.t)
+        self._linear_step(name, operator)
+        if rule.rescale is not None:
+            s = rule.rescale(z_old, action(x), hyper)
+            operator.coefficients = operator.coefficients * s
+            operator.init_scale *= float(s)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -422,23 +324,5 @@ def _snapshot(value: Any) -> Any:
     return value
 
 
-def _transpose_plan(plan: MatMulPlan) -> MatMulPlan:
-    """The plan of ``Wᵀ`` applied to vectors shaped like the output of ``plan``'s MatMul."""
-    swapped = object.__new__(MatMulPlan)
-    swapped.__dict__.update(plan.__dict__)
-    swapped.x_letters, swapped.out_letters = plan.out_letters, plan.x_letters
-    swapped.a, swapped.b = plan.b, plan.a
-    swapped.direction = "transpose" if plan.direction == "forward" else "forward"
-    swapped.equation = f"{plan.m_letters},{plan.out_letters}->{plan.x_letters}"
-    return swapped
-
-
 def _hyper_overrides(setup: LimitSetup) -> dict[str, Any]:
     return {k: v for k, v in setup.hyper.items() if k in setup.rule.defaults}
-
-
-def standard_error(samples: torch.Tensor) -> torch.Tensor:
-    """The standard error of the mean over the first axis (0 for a single sample)."""
-    if samples.shape[0] < 2:
-        return torch.zeros_like(samples[0])
-    return samples.std(dim=0, unbiased=True) / math.sqrt(samples.shape[0])

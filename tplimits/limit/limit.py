@@ -1,4 +1,5 @@
-"""``tpl.derive``: the μ-limit of training an architecture, as an object that trains and checks itself.
+"""The μ-limit of training an architecture, as an object that trains and checks itself
+(``tpl.derive`` builds it).
 
 >>> import torch, tplimits as tpl
 >>> limit = tpl.derive("mlp", optimizer="sgd", param="muP", depth=2, d_in=4)
@@ -10,10 +11,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -21,20 +21,22 @@ import torch
 from tqdm.auto import tqdm
 
 from tplimits.core.backprop import total_program
-from tplimits.core.instantiate import Family, family, parametrized_program, rule_assignment
-from tplimits.core.parametrize import Parametrization, classify_program, optimizer_homogeneity, parameter_roles
-from tplimits.core.program import MatMul, Width, fn_name, width_axes
+from tplimits.core.frontend import ArchitectureLike
+from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
 from tplimits.errors import TplimitsError
-from tplimits.limit.engine import LimitSetup, ParticleNetwork, initial_values, standard_error
+from tplimits.limit import check as checking
+from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
+from tplimits.limit.runs import batch_schedule, standard_error
 from tplimits.optimizers.base import UpdateRule
-from tplimits.plugins.manager import loss as lookup_loss
-from tplimits.plugins.manager import parametrization
+from tplimits.registry.manager import loss as lookup_loss
+from tplimits.training.classify import classify_program, optimizer_homogeneity
+from tplimits.training.family import Family, lower_family
+from tplimits.training.loss import Loss
+from tplimits.training.model import parametrized_program
+from tplimits.training.optim import rule_assignment
+from tplimits.training.parametrize import Parametrization, parameter_roles
 
 DOTS = ("auto", "autograd", "stein")
-NON_SMOOTH = ("relu", "hardtanh", "clamp", "abs", "sign", "threshold", "max", "min", "leaky", "hardswish",
-              "hardsigmoid", "where", "floor", "round")
-"""Functions whose derivative jumps: autograd sees no change of ψ' across the kink, while the dot-ket's
-expected derivative has a point mass there (Stein's formula keeps it)."""
 AUTOGRAD_MAX_COMPONENTS = 4  # autograd dots cost one backward pass per component of a matrix's input
 
 
@@ -67,47 +69,51 @@ class Trajectory:
         return self.outputs.shape[0] - 1
 
 
-def batch_schedule(n_train: int, batch_size: int | None, steps: int, seed: int) -> list[torch.Tensor]:
-    """The rows trained on at each step: all of them (``batch_size=None``), or consecutive batches of
-    a fresh random permutation per epoch (the last, smaller batch of an epoch included)."""
-    everything = torch.arange(n_train)
-    if batch_size is None or batch_size >= n_train:
-        return [everything] * steps
-    if batch_size < 1:
-        raise TplimitsError(f"batch_size must be >= 1, got {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
-    schedule: list[torch.Tensor] = []
-    while len(schedule) < steps:
-        schedule.extend(torch.randperm(n_train, generator=generator).split(batch_size))
-    return schedule[:steps]
+@attrs.frozen
+class _Run:
+    """One call of :meth:`Limit.train`, its arguments checked and converted."""
 
+    X: torch.Tensor
+    y: torch.Tensor
+    Z: torch.Tensor  # training rows, then test rows
+    n_train: int
+    steps: int
+    lr: float
+    loss: Loss
+    schedule: list[torch.Tensor]
+    particles: int
+    batches: int
+    seed: int
+    dtype: torch.dtype
+    device: torch.device
+    dots: str
+    kernels: tuple[str, ...]
+    tested: bool  # X_test given: its rows follow the training rows in Z
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """``torch.set_default_dtype(dtype)`` for the duration of the block."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
+    @property
+    def per_batch(self) -> int:
+        return self.particles // self.batches
 
 
 @attrs.define
 class Limit:
-    """The μ-limit (Thm 2.9.25 / 2.9.30) of training ``arch`` under ``param`` with ``optimizer``."""
+    """The μ-limit (Thm 2.9.25 / 2.9.30) of training ``arch`` under ``param`` with ``rule``.
 
-    arch: Any
+    ``arch`` is resolved (an Architecture, a callable ``width -> nn.Module`` or a module with ``base``),
+    ``lowering_rules`` the ops' rules, ``update_rules`` the non-gradient rules by parameter pattern.
+    """
+
+    arch: ArchitectureLike
+    lowering_rules: Mapping[Any, Callable]
     param: Parametrization
-    optimizer: str | UpdateRule
     rule: UpdateRule
     config: Mapping[str, Any]
     example_inputs: Any = None
-    base: Any = None
+    base: torch.nn.Module | None = None
     weight_decay: float = 0.0
     clip: float | None = None
     optimizer_options: Mapping[str, Any] = attrs.field(factory=dict)
-    update_rules: Mapping[str, str] = attrs.field(factory=dict)
+    update_rules: Mapping[str, UpdateRule] = attrs.field(factory=dict)
     _families: dict = attrs.field(factory=dict, repr=False)
     _setups: dict = attrs.field(factory=dict, repr=False)
 
@@ -117,10 +123,12 @@ class Limit:
         key = None if inputs is None else (tuple(inputs.shape), inputs.dtype)
         if key not in self._families:
             example = self.example_inputs if inputs is None else (inputs,)
-            self._families[key] = family(self.arch, example, self.base, **dict(self.config))
+            self._families[key] = lower_family(self.arch, self.lowering_rules, example, self.base,
+                                               update_rules=self.update_rules, **dict(self.config))
         return self._families[key]
 
     def setup(self, inputs: torch.Tensor | None = None) -> LimitSetup:
+        """Everything the particle systems need for ``inputs``, after checking the regime."""
         key = None if inputs is None else (tuple(inputs.shape), inputs.dtype)
         if key in self._setups:
             return self._setups[key]
@@ -130,9 +138,10 @@ class Limit:
             raise TplimitsError(
                 f"tpl.derive computes the μ-limit (every layer updated maximally, Thm 2.9.25); {self.param.name} "
                 f"with {self.rule.name} is {verdict.regime} (r = {verdict.r}), stable {verdict.stable}, faithful "
-                f"{verdict.faithful}. Use param='muP' (or a μP variant).\n{verdict}")
+                f"{verdict.faithful}. Use a parametrization in the feature learning regime (μP or a μP variant)."
+                f"\n{verdict}")
         program = parametrized_program(fam.program, self.param)
-        rules = rule_assignment(program, {**fam.update_rules, **dict(self.update_rules)})
+        rules = rule_assignment(program, fam.update_rules)
         roles = parameter_roles(program)
         chosen = {name: self.param.for_parameter(name, role) for name, role in roles.items() if name not in rules}
         reference = fam.model(fam.program.width, seed=0)
@@ -151,11 +160,11 @@ class Limit:
         return setup
 
     # -- training ------------------------------------------------------------------------------
-    def train(self, X: torch.Tensor, y: torch.Tensor, steps: int = 50, lr: float = 0.1, loss: Any = "mse",
-              batch_size: int | None = None, X_test: torch.Tensor | None = None, particles: int = 2**14,
-              seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
-              batches: int = 4, dots: str = "auto", kernels: Sequence[str] = (), checkpoint: str | None = None,
-              checkpoint_every: int = 10, progress: bool = True) -> Trajectory:
+    def train(self, X: torch.Tensor, y: torch.Tensor, steps: int = 50, lr: float = 0.1,
+              loss: str | Loss | Callable = "mse", batch_size: int | None = None, X_test: torch.Tensor | None = None,
+              particles: int = 2**14, seed: int = 0, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float64, batches: int = 4, dots: str = "auto", kernels: Sequence[str] = (),
+              checkpoint: str | None = None, checkpoint_every: int = 10, progress: bool = True) -> Trajectory:
         """Train the limit on ``(X, y)`` for ``steps`` updates at learning rate ``lr`` (the same ``lr`` as
         ``tpl.instantiate(..., lr=lr)``), with ``particles`` particles split into ``batches``
         independent systems (for the standard errors).
@@ -166,75 +175,67 @@ class Limit:
         ``checkpoint_every`` steps and resumed from if it exists (``stein`` dots only: an autograd
         graph cannot be saved).
         """
-        loss_fn = lookup_loss(loss)
-        X = torch.as_tensor(X)
-        y = torch.as_tensor(y)
-        if len(y) != len(X):
-            raise TplimitsError(f"X has {len(X)} rows but y has {len(y)}")
-        n_train = len(X)
-        Z = X if X_test is None else torch.cat([X, torch.as_tensor(X_test).to(X.dtype)])
-        lowering_inputs = Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
-        setup = self.setup(lowering_inputs)
-        dots = self._resolve_dots(dots, setup)
-        if batches < 1 or particles % batches:
-            raise TplimitsError(f"particles ({particles}) must be a positive multiple of batches ({batches})")
-        per_batch = particles // batches
-        _check_particles(setup, per_batch)
-        if checkpoint is not None and dots == "autograd":
-            raise TplimitsError("checkpoints need dots='stein': an autograd graph over the training history "
-                                "cannot be saved")
-        schedule = batch_schedule(n_train, batch_size, steps, seed)
+        run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
+                                   batches, dots, kernels, checkpoint)
         start = time.perf_counter()
         saved = _load_checkpoint(checkpoint, steps, particles, batches, seed)
         finished: list[dict[str, list]] = saved["finished"] if saved else []
         bar = tqdm(total=batches * (steps + 1), disable=not progress, desc="μ-limit", unit="step")
         bar.update(len(finished) * (steps + 1))
         for b in range(len(finished), batches):
-            net = ParticleNetwork(setup, per_batch, seed * 1_000_003 + b, dtype, device, dots, lr, steps)
-            record: dict[str, list] = {"outputs": [], "kernels": {k: [] for k in kernels}}
-            if saved and saved.get("current") is not None:
-                net.load_state_dict(saved["current"]["net"])
-                record = saved["current"]["record"]
-                bar.update(len(record["outputs"]))
-                saved["current"] = None
-            for t in range(len(record["outputs"]), steps + 1):
-                interp = net.forward((Z,))
-                out = net.outputs(interp)
-                record["outputs"].append(out.cpu())
-                for name in kernels:
-                    record["kernels"][name].append(_kernel(setup, interp, name).cpu())
-                if t < steps:
-                    chi = loss_fn.error_signal(out, y.to(device=out.device), schedule[t].to(out.device))
-                    net.backward_and_update(interp, chi)
-                    if checkpoint is not None and (t + 1) % checkpoint_every == 0:
-                        _save_checkpoint(checkpoint, steps, particles, batches, seed, finished,
-                                         {"net": net.state_dict(), "record": record})
-                del interp
-                bar.update(1)
-            finished.append(record)
+            current = saved.pop("current", None) if saved else None
+            finished.append(self._train_system(setup, run, b, current, bar, checkpoint, checkpoint_every, finished))
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, steps, particles, batches, seed, finished, None)
         bar.close()
-        outs = torch.stack([torch.stack(r["outputs"]) for r in finished])  # [batches, steps+1, M, ...]
-        y_cpu = y.to(outs.dtype) if y.is_floating_point() else y
-        train_outs = outs[:, :, :n_train]
-        losses = torch.stack([torch.stack([loss_fn(o, y_cpu) for o in r]) for r in train_outs])
-        mean = train_outs.mean(0)
-        kernel_means = {k: torch.stack([torch.stack(r["kernels"][k]) for r in finished]) for k in kernels}
-        return Trajectory(
-            outputs=mean,
-            outputs_se=standard_error(train_outs),
-            loss=torch.stack([loss_fn(o, y_cpu) for o in mean]),
-            loss_se=standard_error(losses),
-            test_outputs=None if X_test is None else outs[:, :, n_train:].mean(0),
-            test_outputs_se=None if X_test is None else standard_error(outs[:, :, n_train:]),
-            kernels={k: v.mean(0) for k, v in kernel_means.items()},
-            kernels_se={k: standard_error(v) for k, v in kernel_means.items()},
-            particles=particles,
-            batches=batches,
-            dots=dots,
-            seconds=time.perf_counter() - start,
-        )
+        return _trajectory(run, finished, time.perf_counter() - start)
+
+    def _prepare(self, X: Any, y: Any, X_test: Any, steps: int, lr: float, loss: Any, batch_size: int | None,
+                 particles: int, seed: int, device: Any, dtype: torch.dtype, batches: int, dots: str,
+                 kernels: Sequence[str], checkpoint: str | None) -> tuple[_Run, LimitSetup]:
+        loss_fn = lookup_loss(loss)
+        X = torch.as_tensor(X)
+        y = torch.as_tensor(y)
+        if len(y) != len(X):
+            raise TplimitsError(f"X has {len(X)} rows but y has {len(y)}")
+        Z = X if X_test is None else torch.cat([X, torch.as_tensor(X_test).to(X.dtype)])
+        setup = self.setup(Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z)
+        dots = self._resolve_dots(dots, setup)
+        if batches < 1 or particles % batches:
+            raise TplimitsError(f"particles ({particles}) must be a positive multiple of batches ({batches})")
+        _check_particles(setup, particles // batches)
+        if checkpoint is not None and dots == "autograd":
+            raise TplimitsError("checkpoints need dots='stein': an autograd graph over the training history "
+                                "cannot be saved")
+        run = _Run(X, y, Z, len(X), steps, lr, loss_fn, batch_schedule(len(X), batch_size, steps, seed), particles,
+                   batches, seed, dtype, torch.device(device), dots, tuple(kernels), X_test is not None)
+        return run, setup
+
+    def _train_system(self, setup: LimitSetup, run: _Run, b: int, current: dict | None, bar: Any,
+                      checkpoint: str | None, checkpoint_every: int, finished: list) -> dict[str, list]:
+        """Train independent system ``b`` (resuming from ``current``), recording outputs and kernels."""
+        net = ParticleNetwork(setup, run.per_batch, run.seed * 1_000_003 + b, run.dtype, run.device, run.dots,
+                              run.lr, run.steps)
+        record: dict[str, list] = {"outputs": [], "kernels": {k: [] for k in run.kernels}}
+        if current is not None:
+            net.load_state_dict(current["net"])
+            record = current["record"]
+            bar.update(len(record["outputs"]))
+        for t in range(len(record["outputs"]), run.steps + 1):
+            interp = net.forward((run.Z,))
+            out = net.outputs(interp)
+            record["outputs"].append(out.cpu())
+            for name in run.kernels:
+                record["kernels"][name].append(_kernel(setup, interp, name).cpu())
+            if t < run.steps:
+                chi = run.loss.error_signal(out, run.y.to(device=out.device), run.schedule[t].to(out.device))
+                net.backward_and_update(interp, chi)
+                if checkpoint is not None and (t + 1) % checkpoint_every == 0:
+                    _save_checkpoint(checkpoint, run.steps, run.particles, run.batches, run.seed, finished,
+                                     {"net": net.state_dict(), "record": record})
+            del interp
+            bar.update(1)
+        return record
 
     def _resolve_dots(self, dots: str, setup: LimitSetup) -> str:
         if dots not in DOTS:
@@ -255,12 +256,35 @@ class Limit:
         return "autograd" if linear and cheap and not kinks else "stein"
 
     def check(self, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] = (128, 512, 2048), seeds: int = 8,
-              steps: int = 50, lr: float = 0.1, **options: Any) -> Any:
+              steps: int = 50, lr: float = 0.1, **options: Any) -> checking.CheckReport:
         """Train finite-width models at ``widths`` (``seeds`` each) exactly as :meth:`train` trains the
         limit and compare; see :func:`tplimits.limit.check.check`."""
-        from tplimits.limit.check import check
+        return checking.check(self, X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, **options)
 
-        return check(self, X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, **options)
+
+def _trajectory(run: _Run, finished: list[dict[str, list]], seconds: float) -> Trajectory:
+    """Means and standard errors over the independent systems."""
+    outs = torch.stack([torch.stack(r["outputs"]) for r in finished])  # [batches, steps+1, M, ...]
+    y_cpu = run.y.to(outs.dtype) if run.y.is_floating_point() else run.y
+    train_outs = outs[:, :, :run.n_train]
+    losses = torch.stack([torch.stack([run.loss(o, y_cpu) for o in r]) for r in train_outs])
+    mean = train_outs.mean(0)
+    kernel_runs = {k: torch.stack([torch.stack(r["kernels"][k]) for r in finished]) for k in run.kernels}
+    tested = run.tested
+    return Trajectory(
+        outputs=mean,
+        outputs_se=standard_error(train_outs),
+        loss=torch.stack([run.loss(o, y_cpu) for o in mean]),
+        loss_se=standard_error(losses),
+        test_outputs=outs[:, :, run.n_train:].mean(0) if tested else None,
+        test_outputs_se=standard_error(outs[:, :, run.n_train:]) if tested else None,
+        kernels={k: v.mean(0) for k, v in kernel_runs.items()},
+        kernels_se={k: standard_error(v) for k, v in kernel_runs.items()},
+        particles=run.particles,
+        batches=run.batches,
+        dots=run.dots,
+        seconds=seconds,
+    )
 
 
 def _components(setup: LimitSetup) -> int:
@@ -283,13 +307,9 @@ def _components(setup: LimitSetup) -> int:
 
 
 def _non_smooth(setup: LimitSetup) -> list[str]:
-    """The program's instructions (forward and backward) whose function is not smooth."""
-    found = []
-    for ins in setup.program.instructions:
-        fn = getattr(ins, "fn", None)
-        if fn is not None and any(word in fn_name(fn).lower() for word in NON_SMOOTH):
-            found.append(f"%{ins.name} ({fn_name(fn)})")
-    return found
+    """The program's instructions (forward and backward) whose lowering rule declared them not smooth."""
+    return [f"%{ins.name} ({fn_name(ins.fn)})" for ins in setup.program.instructions
+            if isinstance(ins, Nonlin) and not ins.smooth]
 
 
 def _check_particles(setup: LimitSetup, per_batch: int) -> None:
@@ -336,24 +356,3 @@ def _load_checkpoint(path: str | None, steps: int, particles: int, batches: int,
         raise TplimitsError(f"checkpoint {path!r} is of another run ({saved['config']}); remove it or pass the "
                             "same steps / particles / batches / seed")
     return saved
-
-
-def derive(arch: Any, optimizer: Any = "adam", param: Any = "muP", example_inputs: Any = None, base: Any = None,
-           *, weight_decay: float = 0.0, clip: float | None = None, optimizer_options: Mapping | None = None,
-           update_rules: Mapping[str, str] | None = None, **config: Any) -> Limit:
-    """The μ-limit of training ``arch`` (any form ``tpl.lower`` accepts) with ``optimizer`` under ``param``.
-
-    ``weight_decay`` is the decoupled λ of Eq. 2.50, ``optimizer_options`` the update rule's
-    hyperparameters (e.g. ``{"eps": 1e-8}``), ``update_rules`` extra non-gradient rules by parameter
-    pattern, exactly as for :func:`tplimits.instantiate`.
-    """
-    from tplimits.optimizers import optimizer as lookup_rule
-
-    rule = lookup_rule(optimizer) if isinstance(optimizer, str) else optimizer
-    if not isinstance(rule, UpdateRule):
-        raise TplimitsError(f"optimizer must be a registered name or an UpdateRule, got {type(optimizer).__name__}")
-    rule.hyper(optimizer_options)  # unknown hyperparameters fail here, not after lowering
-    limit = Limit(arch=arch, param=parametrization(param), optimizer=optimizer, rule=rule, config=dict(config),
-                  example_inputs=example_inputs, base=base, weight_decay=weight_decay, clip=clip,
-                  optimizer_options=dict(optimizer_options or {}), update_rules=dict(update_rules or {}))
-    return limit

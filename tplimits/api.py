@@ -1,0 +1,156 @@
+"""The public verbs. Each resolves names (architectures, parametrizations, optimizers, losses) to the
+objects the pipeline works with, here and nowhere else, then calls the pipeline:
+
+``lower`` → :mod:`tplimits.core`; ``instantiate``, ``classify``, ``coord_check`` → :mod:`tplimits.training`;
+``derive`` → :mod:`tplimits.limit`. They share their argument order and defaults: the architecture
+first, then keyword-only ``param`` (default μP) and ``optimizer`` (default Adam).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tplimits.core.frontend import Architecture, ArchitectureLike, as_tuple, lower_architecture
+from tplimits.core.program import Program
+from tplimits.errors import TplimitsError
+from tplimits.limit.limit import Limit
+from tplimits.optimizers.base import TplimitsOptimizer, UpdateRule
+from tplimits.registry import manager as registry
+from tplimits.training.classify import Verdict, classify_program, optimizer_homogeneity
+from tplimits.training.coordcheck import CoordCheckReport, coord_check_family
+from tplimits.training.family import Family, lower_family
+from tplimits.training.instantiate import instantiate_family
+from tplimits.training.loss import Loss
+from tplimits.training.model import ParametrizedModel
+from tplimits.training.parametrize import Parametrization
+
+Arch = str | ArchitectureLike | Family
+"""A registered architecture name, an :class:`Architecture`, a callable ``width -> nn.Module``, an
+``nn.Module`` (with ``base=``), or a :class:`Family` lowered before."""
+Rules = Mapping[str, str | UpdateRule]
+
+
+def _architecture(arch: Arch) -> ArchitectureLike | Family:
+    return registry.architecture(arch) if isinstance(arch, str) else arch
+
+
+def _update_rules(arch: ArchitectureLike, extra: Rules | None) -> dict[str, UpdateRule]:
+    """The non-gradient rules by parameter pattern: the architecture's own, then ``extra``."""
+    own = arch.update_rules if isinstance(arch, Architecture) else {}
+    return {pattern: registry.optimizer(rule) for pattern, rule in {**own, **dict(extra or {})}.items()}
+
+
+def lower(arch: Arch, example_inputs: Any = None, base: nn.Module | None = None, **config: Any) -> Program:
+    """Trace ``arch`` at two widths and lower it to a Tensor Program.
+
+    >>> import tplimits as tpl
+    >>> prog = tpl.lower("mlp", depth=2, d_in=4, d_out=1)
+    >>> prog.parameters["layers.1.weight"].kind
+    'matrix'
+    """
+    arch = _architecture(arch)
+    if isinstance(arch, Family):
+        return arch.program
+    return lower_architecture(arch, registry.lowering_rules(), example_inputs, base, **config)
+
+
+def family(arch: Arch, example_inputs: Any = None, base: nn.Module | None = None,
+           update_rules: Rules | None = None, **config: Any) -> Family:
+    """``arch`` lowered once, with how to build it at any width (a :class:`Family` passes through)."""
+    arch = _architecture(arch)
+    if isinstance(arch, Family):
+        return arch
+    return lower_family(arch, registry.lowering_rules(), example_inputs, base,
+                        update_rules=_update_rules(arch, update_rules), **config)
+
+
+def instantiate(arch: Arch, *, width: int, param: str | Parametrization = "muP", optimizer: str | UpdateRule = "adam",
+                lr: float = 1e-2, seed: int = 0, example_inputs: Any = None, base: nn.Module | None = None,
+                center: bool = False, weight_decay: float = 0.0, clip: float | None = None,
+                optimizer_options: Mapping[str, Any] | None = None, update_rules: Rules | None = None,
+                **config: Any) -> tuple[ParametrizedModel, TplimitsOptimizer]:
+    """The architecture at ``width`` under ``param`` and the optimizer that trains it.
+
+    ``update_rules`` (``{pattern: rule}``, added to the architecture's own) names parameters that a
+    non-gradient rule updates instead of ``optimizer`` (decorrelation matrices): they keep their own
+    initialization, their rule's rate is scaled by ``n^-r`` of the hidden role (1 under μP), and the
+    returned optimizer records their layers' inputs.
+
+    >>> model, opt = instantiate("mlp", width=64, param="muP", optimizer="sgd", lr=0.1)
+    >>> type(model).__name__
+    'ParametrizedModel'
+    """
+    param, rule = registry.parametrization(param), registry.optimizer(optimizer)
+    fam = family(arch, example_inputs, base, **config)
+    extra = {pattern: registry.optimizer(r) for pattern, r in dict(update_rules or {}).items()}
+    return instantiate_family(fam, width=width, param=param, rule=rule, lr=lr, seed=seed, center=center,
+                              weight_decay=weight_decay, clip=clip, optimizer_options=optimizer_options,
+                              update_rules=extra)
+
+
+def classify(arch: Arch | Program, *, param: str | Parametrization = "muP", optimizer: str | UpdateRule = "adam",
+             example_inputs: Any = None, base: nn.Module | None = None, **config: Any) -> Verdict:
+    """The classification of training ``arch`` under ``param`` with ``optimizer`` (Sec. 2.8).
+
+    >>> classify("mlp", param="muP", optimizer="sgd").regime
+    'feature learning'
+    """
+    program = arch if isinstance(arch, Program) else lower(arch, example_inputs, base, **config)
+    rule = registry.optimizer(optimizer)
+    return classify_program(program, registry.parametrization(param), homogeneity=optimizer_homogeneity(rule))
+
+
+def coord_check(arch: Arch, *, params: Sequence[str | Parametrization] = ("SP", "NTP", "muP"),
+                optimizer: str | UpdateRule = "sgd", loss: str | Loss | Callable = "mse",
+                widths: Sequence[int] = (128, 256, 512, 1024, 2048), steps: int = 3, lr: float = 0.1,
+                seeds: int = 2, example_inputs: Any = None, base: nn.Module | None = None, tolerance: float = 0.1,
+                **config: Any) -> CoordCheckReport:
+    """Train ``arch`` under each parametrization at each width and report how every value scales, against
+    the slope each parametrization's classification predicts (:mod:`tplimits.training.coordcheck`)."""
+    resolved = _architecture(arch)
+    inputs = example_inputs
+    if inputs is None:
+        if not isinstance(resolved, Architecture):
+            raise TplimitsError("coord_check of a model that is not a registered architecture needs "
+                                "`example_inputs=`")
+        inputs = resolved.example_inputs(**config)
+    fam = family(resolved, example_inputs, base, **config)
+    return coord_check_family(fam, as_tuple(inputs), [registry.parametrization(p) for p in params],
+                              registry.optimizer(optimizer), registry.loss(loss), widths, steps, lr, seeds, tolerance)
+
+
+def derive(arch: Arch, *, param: str | Parametrization = "muP", optimizer: str | UpdateRule = "adam",
+           example_inputs: Any = None, base: nn.Module | None = None, weight_decay: float = 0.0,
+           clip: float | None = None, optimizer_options: Mapping[str, Any] | None = None,
+           update_rules: Rules | None = None, **config: Any) -> Limit:
+    """The μ-limit of training ``arch`` (any form :func:`lower` accepts) with ``optimizer`` under ``param``.
+
+    ``weight_decay`` is the decoupled λ of Eq. 2.50, ``optimizer_options`` the update rule's
+    hyperparameters (e.g. ``{"eps": 1e-8}``), ``update_rules`` extra non-gradient rules by parameter
+    pattern, exactly as for :func:`instantiate`.
+    """
+    rule = registry.optimizer(optimizer)
+    rule.hyper(optimizer_options)  # unknown hyperparameters fail here, not after lowering
+    resolved = _architecture(arch)
+    if isinstance(resolved, Family):
+        raise TplimitsError("derive takes an architecture (name, callable or module), not a lowered Family: the "
+                            "limit lowers it again for each set of inputs")
+    return Limit(arch=resolved, lowering_rules=registry.lowering_rules(), param=registry.parametrization(param),
+                 rule=rule, config=dict(config), example_inputs=example_inputs, base=base, weight_decay=weight_decay,
+                 clip=clip, optimizer_options=dict(optimizer_options or {}),
+                 update_rules=_update_rules(resolved, update_rules))
+
+
+def make_optimizer(rule: str | UpdateRule, params: Iterable[torch.Tensor | dict[str, Any]], *, lr: float,
+                   **options: Any) -> TplimitsOptimizer:
+    """A :class:`TplimitsOptimizer` for ``rule`` (an :class:`UpdateRule` or a registered name).
+
+    ``params`` are parameters or param groups; ``options`` are the group options
+    (``GROUP_OPTIONS``) and the rule's hyperparameters, e.g.
+    ``make_optimizer("adam", model.parameters(), lr=1e-3, betas=(0.9, 0.99))``.
+    """
+    return TplimitsOptimizer(params, registry.optimizer(rule), lr=lr, **options)
