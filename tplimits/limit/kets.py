@@ -73,7 +73,7 @@ class MatMulPlan:
         if in_letter in self.x_letters:
             self.direction, self.a, self.b = "forward", in_letter, out_letter
         else:
-            self.direction, self.a, self.b = "transpose", out_letter, in_letter
+            self.direction, self.a, self.b = "transposed", out_letter, in_letter
         self.fixed = "".join(c for i, c in enumerate(self.m_letters) if i not in width)
         missing = [c for c in self.fixed if c not in self.x_letters]
         if missing:
@@ -286,7 +286,7 @@ class MatrixOperator:
         if self.kind == "gaussian":
             track = dots == "autograd"
             self.families["forward"] = HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track)
-            self.families["transpose"] = HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track)
+            self.families["transposed"] = HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track)
         self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense else None
         self.out_factors = _Columns(dots == "autograd")  # A = [A_s]_s: [F, P_out, Σ k_s]
         self.in_factors = _Columns(dots == "autograd")  # B = [B_s]_s: [F, P_in, Σ k_s]
@@ -306,7 +306,7 @@ class MatrixOperator:
         """The initial operator and the low-rank updates on a canonical ``[F, P, K]`` ket (no dense grid)."""
         y = None
         if self.kind == "gaussian":
-            own, other = ("forward", "transpose") if forward else ("transpose", "forward")
+            own, other = ("forward", "transposed") if forward else ("transposed", "forward")
             y = self.families[own].sample(xc)
             dot = self.families[other].dot(xc, self.dots)
             if dot is not None:

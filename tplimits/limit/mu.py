@@ -280,15 +280,16 @@ class ParticleNetwork:
         action = OperatorAction(operator)
         use = uses[0]
         plan = interp.plan(use)
-        x = plan.canonical(interp.values[use.vector].detach())[0].T  # rows [K, P]
-        z_old = plan.canonical(interp.values[use.name].detach(), plan.out_letters)[0].T
+        # Not detached: with autograd dots, later kets depend on the Gaussians through these factors too.
+        x = plan.canonical(interp.values[use.vector])[0].T  # rows [K, P]
+        z_old = plan.canonical(interp.values[use.name], plan.out_letters)[0].T
         hyper = {k: group[k] for k in rule.defaults}
         A, B = rule.signal(action, x, hyper)
         operator.ensure_steps(self.steps)
         operator.add_factor(A.T[None], B.T[None] / (A.shape[0] * self.P), self.t)
         self._linear_step(name, operator)
         if rule.rescale is not None:
-            s = rule.rescale(z_old, action(x), hyper)
+            s = rule.rescale(z_old, action(x), hyper).detach()  # a ratio of particle means: deterministic
             operator.coefficients = operator.coefficients * s
             operator.init_scale *= float(s)
 
@@ -296,7 +297,7 @@ class ParticleNetwork:
     def state_dict(self) -> dict:
         """A snapshot: later steps (which update dense grids in place) do not change it."""
         return _snapshot({
-            "t": self.t,
+            "step": self.t,
             "tensors": self.tensors,
             "operators": {k: op.state_dict() for k, op in self.operators.items()},
             "update_states": self.update_states,
@@ -305,7 +306,7 @@ class ParticleNetwork:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         state = _snapshot(state)  # the system updates its grids in place; the caller's copy stays as it was
-        self.t = state["t"]
+        self.t = state["step"]
         self.tensors.update(state["tensors"])
         for k, op in self.operators.items():
             op.load_state_dict(state["operators"][k])

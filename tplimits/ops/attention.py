@@ -3,13 +3,16 @@
 With the head dimension as the width axis (fixed head count, d_head ∝ n) attention is
 ``softmax(scale · Σ_d q_d k_d + mask) · v``: the logits are a sum over the width axis (an Avg times
 d_head), the softmax runs over fixed positions, and the product with ``v`` is coordinatewise.
-sdpa's default scale 1/√d_head is width-dependent; it is recorded as an explicit power of width so
-a parametrization can replace it (μP uses 1/d_head). With the head count as the width axis
+sdpa's default scale 1/√d_head is width-dependent; it is recorded as an explicit power of width and
+declared the op's default (``width_scale="default"``) so a parametrization can replace it (μP uses
+1/d_head); so is an explicit ``scale=`` equal to it at every width (models that pass sdpa's default
+themselves). Any other width-dependent scale is the model's own choice (``"model"``) and is kept. With the head count as the width axis
 (d_head fixed) attention is coordinatewise in heads.
 """
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
@@ -40,6 +43,12 @@ def _softmax_last(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=-1)
 
 
+def _equal(scale: object, default: WidthPower) -> bool:
+    """Whether an explicit scale is sdpa's default 1/√d_head at every width (models that pass it themselves)."""
+    return (isinstance(scale, WidthPower) and scale.power == default.power
+            and math.isclose(scale.coef, default.coef, rel_tol=1e-9))
+
+
 def scaled_dot_product_attention(ctx: LoweringContext, node: OpNode) -> Value:
     q, k, v = node.args[:3]
     mask = node.arg(3, "attn_mask")
@@ -59,10 +68,12 @@ def scaled_dot_product_attention(ctx: LoweringContext, node: OpNode) -> Value:
     batch = fresh_letters(q.ndim - 2, "qkd")
     logits_layout = (*q.layout[:-2], q.layout[-2], k.layout[-2])
     logits = lower_einsum(ctx, f"{batch}qd,{batch}kd->{batch}qk", q, k, logits_layout)
-    width_scale = "model" if isinstance(scale, WidthPower) else None
-    if scale is None:  # sdpa's own 1/√d_head: a parametrization may set this one
-        d_head: Width = q.layout[-1]
-        scale, width_scale = WidthPower(float(d_head.ratio) ** -0.5, Fraction(-1, 2)), "default"
+    d_head: Width = q.layout[-1]
+    default = WidthPower(float(d_head.ratio) ** -0.5, Fraction(-1, 2))
+    if scale is None or _equal(scale, default):  # sdpa's own 1/√d_head: a parametrization may set this one
+        scale, width_scale = default, "default"
+    else:
+        width_scale = "model" if isinstance(scale, WidthPower) else None
     logits = ctx.nonlin(aten.mul.Tensor, logits, scale, layout=logits_layout, width_scale=width_scale)
     if is_causal:
         tq, tk = q.layout[-2], k.layout[-2]

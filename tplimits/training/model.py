@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from typing import Any
@@ -48,7 +49,8 @@ class Multiplier(nn.Module):
 
 
 class AttentionScale(TorchFunctionMode):
-    """Gives ``scaled_dot_product_attention`` calls without an explicit scale ``coef · d_head^power``."""
+    """Gives ``scaled_dot_product_attention`` calls with the default scale (none given, or sdpa's own
+    1/√d_head passed explicitly, as the lowering rule declares them) the scale ``coef · d_head^power``."""
 
     def __init__(self, coef: float, power: float) -> None:
         super().__init__()
@@ -56,8 +58,11 @@ class AttentionScale(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func is torch.nn.functional.scaled_dot_product_attention and kwargs.get("scale") is None:
-            kwargs["scale"] = self.coef * float(args[0].shape[-1]) ** self.power
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            d_head = float(args[0].shape[-1])
+            given = kwargs.get("scale")
+            if given is None or math.isclose(given, d_head ** -0.5, rel_tol=1e-9):
+                kwargs["scale"] = self.coef * d_head ** self.power
         return func(*args, **kwargs)
 
 
@@ -184,7 +189,7 @@ def attention_override(program: Program, param: Parametrization) -> tuple[float,
         return None
     warnings.warn(
         f"{param.name} overrides the model's attention scale: scaled_dot_product_attention's default 1/√d_head "
-        f"becomes d_head^{param.attention_power} (recorded in the program as {defaults[0]})",
+        f"(given or not) becomes d_head^{param.attention_power} (recorded in the program as {defaults[0]})",
         stacklevel=4,
     )
     return 1.0, float(param.attention_power)
