@@ -27,8 +27,8 @@ import time
 import torch
 
 import tplimits as tpl
-from tplimits.limit.api import batch_schedule
 from tplimits.limit.check import finite_outputs
+from tplimits.limit.runs import batch_schedule
 
 LR = {"sgd": 0.1, "adam": 0.01}
 MEMORY = {"cpu": "RSS", "cuda": "GPU memory"}

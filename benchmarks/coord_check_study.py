@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from tplimits.core.coordcheck import coord_check
+from tplimits import coord_check
 
 WIDTHS = {"mlp": (128, 256, 512, 1024, 2048), "decorrelated-mlp": (128, 256, 512, 1024, 2048),
           "transformer": (128, 256, 512, 1024, 2048), "resnet": (128, 256, 512, 1024, 2048)}

@@ -14,8 +14,8 @@ import torch
 
 import tplimits as tpl
 from tests.conftest import default_dtype
-from tplimits.cli import main
 from tplimits import coord_check
+from tplimits.cli import main
 
 WIDTHS = (128, 256, 512, 1024, 2048)
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import tplimits as tpl
-from tplimits.training.init import multiplier
 from tplimits.limit import mu as engine
-from tplimits.limit.runs import batch_schedule
-from tplimits.limit.mu import ParticleNetwork
 from tplimits.limit.kets import MatrixOperator
+from tplimits.limit.mu import ParticleNetwork
+from tplimits.limit.runs import batch_schedule
+from tplimits.training.init import multiplier
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from torch import nn
 
 import tplimits
 from tests.conftest import assert_close_tree
-from tplimits.errors import PluginError
 from tplimits import TplimitsOptimizer, UpdateRule, list_optimizers, make_optimizer, optimizer
+from tplimits.errors import PluginError
 from tplimits.optimizers import record_inputs
 
 BUILTINS = ["sgd", "momentum", "signsgd", "lion", "adam", "adamw", "rmsprop", "adagrad", "adamax", "decorrelation"]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tplimits.core.frontend import Architecture, ArchitectureLike, as_tuple, lower_architecture
+from tplimits.core.frontend import Architecture, ArchitectureLike, ExampleInputs, as_tuple, lower_architecture
 from tplimits.core.program import Program
 from tplimits.errors import TplimitsError
 from tplimits.limit.limit import Limit
@@ -44,7 +44,7 @@ def _update_rules(arch: ArchitectureLike, extra: Rules | None) -> dict[str, Upda
     return {pattern: registry.optimizer(rule) for pattern, rule in {**own, **dict(extra or {})}.items()}
 
 
-def lower(arch: Arch, example_inputs: Any = None, base: nn.Module | None = None, **config: Any) -> Program:
+def lower(arch: Arch, example_inputs: ExampleInputs = None, base: nn.Module | None = None, **config: Any) -> Program:
     """Trace ``arch`` at two widths and lower it to a Tensor Program.
 
     >>> import tplimits as tpl
@@ -58,7 +58,7 @@ def lower(arch: Arch, example_inputs: Any = None, base: nn.Module | None = None,
     return lower_architecture(arch, registry.lowering_rules(), example_inputs, base, **config)
 
 
-def family(arch: Arch, example_inputs: Any = None, base: nn.Module | None = None,
+def family(arch: Arch, example_inputs: ExampleInputs = None, base: nn.Module | None = None,
            update_rules: Rules | None = None, **config: Any) -> Family:
     """``arch`` lowered once, with how to build it at any width (a :class:`Family` passes through)."""
     arch = _architecture(arch)
@@ -69,7 +69,7 @@ def family(arch: Arch, example_inputs: Any = None, base: nn.Module | None = None
 
 
 def instantiate(arch: Arch, *, width: int, param: str | Parametrization = "muP", optimizer: str | UpdateRule = "adam",
-                lr: float = 1e-2, seed: int = 0, example_inputs: Any = None, base: nn.Module | None = None,
+                lr: float = 1e-2, seed: int = 0, example_inputs: ExampleInputs = None, base: nn.Module | None = None,
                 center: bool = False, weight_decay: float = 0.0, clip: float | None = None,
                 optimizer_options: Mapping[str, Any] | None = None, update_rules: Rules | None = None,
                 **config: Any) -> tuple[ParametrizedModel, TplimitsOptimizer]:
@@ -93,7 +93,7 @@ def instantiate(arch: Arch, *, width: int, param: str | Parametrization = "muP",
 
 
 def classify(arch: Arch | Program, *, param: str | Parametrization = "muP", optimizer: str | UpdateRule = "adam",
-             example_inputs: Any = None, base: nn.Module | None = None, **config: Any) -> Verdict:
+             example_inputs: ExampleInputs = None, base: nn.Module | None = None, **config: Any) -> Verdict:
     """The classification of training ``arch`` under ``param`` with ``optimizer`` (Sec. 2.8).
 
     >>> classify("mlp", param="muP", optimizer="sgd").regime
@@ -107,8 +107,8 @@ def classify(arch: Arch | Program, *, param: str | Parametrization = "muP", opti
 def coord_check(arch: Arch, *, params: Sequence[str | Parametrization] = ("SP", "NTP", "muP"),
                 optimizer: str | UpdateRule = "sgd", loss: str | Loss | Callable = "mse",
                 widths: Sequence[int] = (128, 256, 512, 1024, 2048), steps: int = 3, lr: float = 0.1,
-                seeds: int = 2, example_inputs: Any = None, base: nn.Module | None = None, tolerance: float = 0.1,
-                **config: Any) -> CoordCheckReport:
+                seeds: int = 2, example_inputs: ExampleInputs = None, base: nn.Module | None = None,
+                tolerance: float = 0.1, **config: Any) -> CoordCheckReport:
     """Train ``arch`` under each parametrization at each width and report how every value scales, against
     the slope each parametrization's classification predicts (:mod:`tplimits.training.coordcheck`)."""
     resolved = _architecture(arch)
@@ -124,7 +124,7 @@ def coord_check(arch: Arch, *, params: Sequence[str | Parametrization] = ("SP", 
 
 
 def derive(arch: Arch, *, param: str | Parametrization = "muP", optimizer: str | UpdateRule = "adam",
-           example_inputs: Any = None, base: nn.Module | None = None, weight_decay: float = 0.0,
+           example_inputs: ExampleInputs = None, base: nn.Module | None = None, weight_decay: float = 0.0,
            clip: float | None = None, optimizer_options: Mapping[str, Any] | None = None,
            update_rules: Rules | None = None, **config: Any) -> Limit:
     """The μ-limit of training ``arch`` (any form :func:`lower` accepts) with ``optimizer`` under ``param``.

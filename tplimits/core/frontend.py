@@ -49,8 +49,11 @@ class Architecture:
 ArchitectureLike = Architecture | Callable[..., torch.nn.Module] | torch.nn.Module
 """What the front end lowers (a registered name is resolved to its :class:`Architecture` first)."""
 
+ExampleInputs = torch.Tensor | tuple | list | None
+"""The positional arguments of the model's forward (one tensor, or a tuple of them)."""
 
-def resolve(arch: ArchitectureLike, example_inputs: Any = None, base: torch.nn.Module | None = None,
+
+def resolve(arch: ArchitectureLike, example_inputs: ExampleInputs = None, base: torch.nn.Module | None = None,
             **config: Any) -> ModelPair:
     """Turn any accepted form of ``arch`` into a :class:`ModelPair` ready to trace."""
     width = config.pop("width", None)
@@ -84,12 +87,12 @@ def resolve(arch: ArchitectureLike, example_inputs: Any = None, base: torch.nn.M
                         "`width -> nn.Module`, or an nn.Module with `base=`")
 
 
-def as_tuple(inputs: Any) -> tuple:
+def as_tuple(inputs: ExampleInputs) -> tuple:
     """Example inputs as a tuple (a single tensor becomes a 1-tuple)."""
     return tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
 
 
-def lower_architecture(arch: ArchitectureLike, rules: Mapping[Any, Callable], example_inputs: Any = None,
+def lower_architecture(arch: ArchitectureLike, rules: Mapping[Any, Callable], example_inputs: ExampleInputs = None,
                        base: torch.nn.Module | None = None, **config: Any) -> Program:
     """Trace ``arch`` at two widths and lower it with ``rules`` to a Tensor Program."""
     pair = resolve(arch, example_inputs, base, **config)

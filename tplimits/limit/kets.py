@@ -285,8 +285,10 @@ class MatrixOperator:
         self.families: dict[str, HatFamily] = {}
         if self.kind == "gaussian":
             track = dots == "autograd"
-            self.families["forward"] = HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track)
-            self.families["transposed"] = HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track)
+            self.families = {
+                "forward": HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track),
+                "transposed": HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track),
+            }
         self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense else None
         self.out_factors = _Columns(dots == "autograd")  # A = [A_s]_s: [F, P_out, Σ k_s]
         self.in_factors = _Columns(dots == "autograd")  # B = [B_s]_s: [F, P_in, Σ k_s]

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tplimits.core.backprop import total_program
-from tplimits.core.frontend import ArchitectureLike
+from tplimits.core.frontend import ArchitectureLike, ExampleInputs
 from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
 from tplimits.errors import TplimitsError
 from tplimits.limit import check as checking
@@ -108,7 +108,7 @@ class Limit:
     param: Parametrization
     rule: UpdateRule
     config: Mapping[str, Any]
-    example_inputs: Any = None
+    example_inputs: ExampleInputs = None
     base: torch.nn.Module | None = None
     weight_decay: float = 0.0
     clip: float | None = None

@@ -6,8 +6,8 @@ d_head), the softmax runs over fixed positions, and the product with ``v`` is co
 sdpa's default scale 1/√d_head is width-dependent; it is recorded as an explicit power of width and
 declared the op's default (``width_scale="default"``) so a parametrization can replace it (μP uses
 1/d_head); so is an explicit ``scale=`` equal to it at every width (models that pass sdpa's default
-themselves). Any other width-dependent scale is the model's own choice (``"model"``) and is kept. With the head count as the width axis
-(d_head fixed) attention is coordinatewise in heads.
+themselves). Any other width-dependent scale is the model's own choice (``"model"``) and is kept.
+With the head count as the width axis (d_head fixed) attention is coordinatewise in heads.
 """
 
 from __future__ import annotations

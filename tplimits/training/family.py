@@ -11,7 +11,7 @@ import attrs
 import torch
 from torch import nn
 
-from tplimits.core.frontend import Architecture, ArchitectureLike, lower_architecture
+from tplimits.core.frontend import Architecture, ArchitectureLike, ExampleInputs, lower_architecture
 from tplimits.core.program import Program
 from tplimits.errors import TplimitsError
 from tplimits.optimizers.base import UpdateRule
@@ -39,7 +39,7 @@ class Family:
             return self.build(width)
 
 
-def lower_family(arch: ArchitectureLike, rules: Mapping[Any, Callable], example_inputs: Any = None,
+def lower_family(arch: ArchitectureLike, rules: Mapping[Any, Callable], example_inputs: ExampleInputs = None,
                  base: nn.Module | None = None, update_rules: Mapping[str, UpdateRule] | None = None,
                  **config: Any) -> Family:
     """Lower ``arch`` (an :class:`Architecture`, a callable ``width -> nn.Module`` or a module with ``base=``)
