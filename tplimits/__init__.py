@@ -30,6 +30,8 @@ from tplimits.core.ir import (
 )
 from tplimits.core.program import Program
 from tplimits.errors import (
+    CheckpointError,
+    Diverged,
     LoweringError,
     NotRepresentable,
     PluginError,
@@ -67,8 +69,10 @@ __all__ = [
     "Architecture",
     "Avg",
     "CheckReport",
+    "CheckpointError",
     "Constant",
     "FiniteInterpreter",
+    "Diverged",
     "Input",
     "Interpreter",
     "Limit",

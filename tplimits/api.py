@@ -111,6 +111,9 @@ def coord_check(arch: Arch, *, params: Sequence[str | Parametrization] = ("SP", 
                 tolerance: float = 0.1, **config: Any) -> CoordCheckReport:
     """Train ``arch`` under each parametrization at each width and report how every value scales, against
     the slope each parametrization's classification predicts (:mod:`tplimits.training.coordcheck`)."""
+    if any(not isinstance(w, int) or w < 1 for w in widths) or len(set(widths)) < 2:
+        raise TplimitsError(f"widths={list(widths)}: a coordinate check fits slopes over at least two distinct "
+                            "positive widths")
     resolved = _architecture(arch)
     inputs = example_inputs
     if inputs is None:

@@ -54,6 +54,8 @@ def load_object(path: str) -> Any:
 def inspect_command(args: argparse.Namespace) -> int:
     config = _parse_config(args.option)
     if args.width is not None:
+        if args.width < 1:
+            raise TplimitsError(f"--width must be a positive integer, got {args.width}")
         config["width"] = args.width
     if args.dtype == "float64":
         torch.set_default_dtype(torch.float64)
@@ -91,6 +93,9 @@ def digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
+    if not 1 <= n <= len(data.target):
+        raise TplimitsError(f"--examples must be in [1, {len(data.target)}] (scikit-learn's digits has "
+                            f"{len(data.target)} images), got {n}")
     order = torch.randperm(len(data.target), generator=torch.Generator().manual_seed(seed))[:n]
     X = torch.as_tensor(data.data, dtype=torch.float64)[order]
     X = (X - X.mean(0)) / X.std(0).clamp_min(1e-8)

@@ -27,3 +27,22 @@ class NotRepresentable(LoweringError):
 
 class UnsupportedOperation(LoweringError):
     """No lowering rule is registered for an op."""
+
+
+class Diverged(TplimitsError):
+    """A training run (the limit's or a finite model's) blew up: a non-finite value, or outputs beyond
+    the bound of :func:`tplimits.limit.runs.explosion_bound`.
+
+    ``step`` is the step at which it was seen, ``value`` the program value (or model output) that blew up
+    first, ``trajectory`` what was computed before it (a :class:`~tplimits.Trajectory` of the system
+    that diverged, when the limit diverged; else None).
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, value: str | None = None,
+                 trajectory: object = None) -> None:
+        super().__init__(message)
+        self.step, self.value, self.trajectory = step, value, trajectory
+
+
+class CheckpointError(TplimitsError):
+    """A checkpoint file cannot be read, or was written by another run than the one asked for."""

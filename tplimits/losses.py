@@ -23,9 +23,18 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(outputs, targets.reshape(outputs.shape).to(outputs.dtype))
 
 
+IGNORED = -100  # torch's ignore_index: such a label contributes nothing
+
+
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if targets.is_floating_point():
         raise TplimitsError("cross_entropy takes integer class labels as targets")
+    classes, counted = outputs.shape[-1], targets[targets != IGNORED]
+    if not counted.numel():
+        raise TplimitsError(f"cross_entropy: every label of the batch is {IGNORED} (ignored); the loss has no term")
+    if counted.min() < 0 or counted.max() >= classes:
+        raise TplimitsError(f"cross_entropy: labels must be in [0, {classes - 1}] for {classes} outputs (or {IGNORED} "
+                            f"to ignore a row); got labels from {int(counted.min())} to {int(counted.max())}")
     return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
 
 

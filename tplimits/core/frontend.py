@@ -57,6 +57,8 @@ def resolve(arch: ArchitectureLike, example_inputs: ExampleInputs = None, base: 
             **config: Any) -> ModelPair:
     """Turn any accepted form of ``arch`` into a :class:`ModelPair` ready to trace."""
     width = config.pop("width", None)
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
+        raise TplimitsError(f"width must be a positive integer, got {width!r}")
     if isinstance(arch, Architecture):
         unknown = set(config) - set(arch.defaults)
         if arch.defaults and unknown:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from tplimits.errors import TplimitsError
-from tplimits.limit.runs import batch_schedule, default_dtype
+from tplimits.errors import Diverged, TplimitsError
+from tplimits.limit.runs import batch_schedule, blown_up, check_outputs, default_dtype, digest, explosion_bound
 from tplimits.registry.manager import loss as lookup_loss
 from tplimits.training.instantiate import instantiate_family
 
@@ -131,9 +131,11 @@ def finite_outputs(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int,
     model = model.to(dtype)
     inputs = Z.to(dtype) if Z.is_floating_point() else Z
     targets = y.to(dtype) if y.is_floating_point() else y
+    bound = explosion_bound(y[:n_train])
     outputs = []
     for t in range(steps + 1):
         out = model(inputs)
+        check_outputs(out[:n_train], bound, t, f"the finite model of width {width} (seed {seed})")
         outputs.append(out.detach())
         if t < steps:
             opt.zero_grad()
@@ -143,21 +145,48 @@ def finite_outputs(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int,
     return torch.stack(outputs)[:, :n_train]
 
 
+def _check_widths(widths: Sequence[int], seeds: int) -> None:
+    """Before any work: at least two distinct positive widths and two seeds."""
+    if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+        raise TplimitsError(f"widths must be positive integers, got {list(widths)}")
+    if len(set(widths)) < 2 or len(set(widths)) != len(list(widths)):
+        raise TplimitsError(f"widths={list(widths)}: a check needs at least two distinct widths (for a slope), "
+                            "each once")
+    if not isinstance(seeds, int) or seeds < 2:
+        raise TplimitsError(f"seeds={seeds!r}: a check needs at least two seeds per width (for standard errors)")
+
+
+def _check_trajectory(trajectory: Trajectory, X: torch.Tensor, y: torch.Tensor, X_test: Any, steps: int, lr: float,
+                      loss: Any) -> None:
+    """A trajectory handed to :func:`check` must be of the run the check trains the finite models on."""
+    if trajectory.batches < 2:
+        raise TplimitsError("the trajectory given has no standard errors (batches=1); train it with batches >= 2")
+    expected = {"steps": repr(steps), "lr": repr(lr), "loss": loss.name, "X": digest(X), "y": digest(y),
+                "X_test": digest(X[:0] if X_test is None else torch.as_tensor(X_test).to(X.dtype))}
+    differing = sorted(k for k, v in expected.items() if trajectory.identity.get(k) != v)
+    if differing:
+        raise TplimitsError(f"the trajectory given is of another run: its {', '.join(differing)} differ from this "
+                            "check's arguments; train it with the same ones, or let check train the limit")
+
+
 def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] = (128, 512, 2048), seeds: int = 8,
           steps: int = 50, lr: float = 0.1, loss: Any = "mse", batch_size: int | None = None,
           X_test: torch.Tensor | None = None, dtype: torch.dtype = torch.float64, max_slope: float = -0.4,
           tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True,
           **train_options: Any) -> CheckReport:
     """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare."""
+    _check_widths(widths, seeds)
     widths = tuple(sorted(widths))
-    if len(widths) < 2 or seeds < 2:
-        raise TplimitsError("a check needs at least two widths and two seeds (for a slope and standard errors)")
     X, y = torch.as_tensor(X), torch.as_tensor(y)
     if trajectory is None:
         trajectory = limit.train(X, y, steps=steps, lr=lr, loss=loss, batch_size=batch_size, X_test=X_test,
                                  seed=0, dtype=dtype, progress=progress, **train_options)
-    elif trajectory.steps != steps:
-        raise TplimitsError(f"the trajectory given has {trajectory.steps} steps, not {steps}")
+    else:
+        _check_trajectory(trajectory, X, y, X_test, steps, lr, lookup_loss(loss))
+    bad = [t for t in range(steps + 1) if blown_up(trajectory.outputs[t], explosion_bound(y))]
+    if bad:
+        raise Diverged(f"the trajectory given diverged at step {bad[0]} (non-finite or exploding outputs); no verdict "
+                       "can be drawn from it", step=bad[0], value="outputs", trajectory=trajectory)
     Z = X if X_test is None else torch.cat([X, torch.as_tensor(X_test).to(X.dtype)])
     schedule = batch_schedule(len(X), batch_size, steps, 0)
     start = time.perf_counter()

@@ -33,7 +33,8 @@ import torch
 from tplimits.core.interpret import FiniteInterpreter
 from tplimits.core.ir import Avg, Constant, Input, Layout, MatMul, Width
 from tplimits.core.program import Program
-from tplimits.errors import TplimitsError
+from tplimits.errors import Diverged, TplimitsError
+from tplimits.limit.runs import EXPLOSION
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -422,10 +423,11 @@ class KetInterpreter(FiniteInterpreter):
     """The program on particles: width ``P``, matrices as operators, Avg deterministic."""
 
     def __init__(self, program: Program, state: Mapping[str, Any], particles: int, dtype: torch.dtype,
-                 device: torch.device, plans: dict[str, MatMulPlan]) -> None:
+                 device: torch.device, plans: dict[str, MatMulPlan], step: int = 0) -> None:
         super().__init__(program, state, particles)
         self.dtype, self.device = dtype, device
         self.plans = plans
+        self.step = step  # the training step, for the error of a run that diverges
 
     def input(self, ins: Input) -> Any:
         return _cast(super().input(ins), self.dtype, self.device)
@@ -441,7 +443,36 @@ class KetInterpreter(FiniteInterpreter):
         if not isinstance(operator, MatrixOperator):
             raise TplimitsError(f"%{ins.name} multiplies by %{ins.matrix}, which the limit engine holds as a "
                                 "tensor, not an operator")
-        return operator.apply(self.plan(ins), self.values[ins.vector])
+        x = self.values[ins.vector]
+        if _overflowing(x):  # before the hat's Gram matrix turns it into a linear-algebra failure
+            self.raise_diverged(self.first_blown_up())
+        return operator.apply(self.plan(ins), x)
+
+    def scales(self) -> dict[str, float]:
+        """The RMS of every tensor value computed so far (a reference for :meth:`first_blown_up`)."""
+        return {name: _rms(v) for name, v in self.values.items() if torch.is_tensor(v)}
+
+    def first_blown_up(self, reference: Mapping[str, float] | None = None) -> str | None:
+        """The first value, in program order, that is not finite (or overflowing), or else whose RMS exceeds
+        ``EXPLOSION`` times its RMS in ``reference``."""
+        for ins in self.program.instructions:
+            value = self.values.get(ins.name)
+            if not torch.is_tensor(value):
+                continue
+            if _overflowing(value):
+                return ins.name
+        for ins in self.program.instructions:
+            value, before = self.values.get(ins.name), (reference or {}).get(ins.name, 0.0)
+            if torch.is_tensor(value) and before > 0 and _rms(value) > EXPLOSION * before:
+                return ins.name
+        return None
+
+    def raise_diverged(self, name: str | None, trajectory: object = None) -> None:
+        where = "an output" if name is None else f"%{name} ({self.program[name].origin.describe() or 'the program'})"
+        raise Diverged(f"the limit diverged at step {self.step}: {where} is the first value that blew up (non-finite, "
+                       f"or {EXPLOSION:g} times its size at initialization). Try a smaller lr; see docs/limit.md, "
+                       "'Divergence'.", step=self.step, value=name, trajectory=trajectory)
+
 
     def plan(self, ins: MatMul) -> MatMulPlan:
         """How ``ins`` brings its vector to the canonical form (cached per instruction: shapes are fixed)."""
@@ -459,3 +490,15 @@ def _cast(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
             return value.to(device=device, dtype=dtype)
         return value.to(device=device)
     return value
+
+
+def _rms(x: torch.Tensor) -> float:
+    return float(x.detach().double().square().mean().sqrt()) if x.numel() else 0.0
+
+
+def _overflowing(x: torch.Tensor) -> bool:
+    """Non-finite entries, or entries whose square sums would overflow the dtype (a diverged ket)."""
+    x = x.detach()
+    if not x.is_floating_point() or not x.numel():
+        return False
+    return not bool(torch.isfinite(x).all()) or float(x.abs().max()) > torch.finfo(x.dtype).max ** 0.25

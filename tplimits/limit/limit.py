@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
+import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,10 +26,10 @@ from tqdm.auto import tqdm
 from tplimits.core.backprop import total_program
 from tplimits.core.frontend import ArchitectureLike, ExampleInputs
 from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
-from tplimits.errors import TplimitsError
+from tplimits.errors import CheckpointError, Diverged, TplimitsError
 from tplimits.limit import check as checking
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
-from tplimits.limit.runs import batch_schedule, standard_error
+from tplimits.limit.runs import batch_schedule, blown_up, digest, explosion_bound, standard_error
 from tplimits.optimizers.base import UpdateRule
 from tplimits.registry.manager import loss as lookup_loss
 from tplimits.training.classify import classify_program, optimizer_homogeneity
@@ -48,7 +51,8 @@ class Trajectory:
     initialization, ``t = steps`` after the last update); ``loss[t]`` the loss on all training
     inputs; ``test_outputs`` the same on ``X_test`` (carried with zero error signal); ``kernels``
     the feature kernels ``⟨x|x⟩`` of the requested program values, ``[steps+1, K, K]`` over their
-    ``K`` components. Standard errors come from ``batches`` independent particle systems.
+    ``K`` components. Standard errors come from ``batches`` independent particle systems (NaN with one
+    system: there is none). ``identity`` records everything that determined the run (as a checkpoint does).
     """
 
     outputs: torch.Tensor
@@ -63,6 +67,7 @@ class Trajectory:
     batches: int
     dots: str
     seconds: float
+    identity: Mapping[str, str] = attrs.field(factory=dict)
 
     @property
     def steps(self) -> int:
@@ -89,6 +94,7 @@ class _Run:
     dots: str
     kernels: tuple[str, ...]
     tested: bool  # X_test given: its rows follow the training rows in Z
+    bound: float  # the outputs' RMS beyond which the run counts as diverged
 
     @property
     def per_batch(self) -> int:
@@ -178,17 +184,19 @@ class Limit:
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
                                    batches, dots, kernels, checkpoint)
         start = time.perf_counter()
-        saved = _load_checkpoint(checkpoint, steps, particles, batches, seed)
+        identity = self._identity(run, setup)
+        saved = _load_checkpoint(checkpoint, identity)
         finished: list[dict[str, list]] = saved["finished"] if saved else []
         bar = tqdm(total=batches * (steps + 1), disable=not progress, desc="μ-limit", unit="step")
         bar.update(len(finished) * (steps + 1))
         for b in range(len(finished), batches):
             current = saved.pop("current", None) if saved else None
-            finished.append(self._train_system(setup, run, b, current, bar, checkpoint, checkpoint_every, finished))
+            finished.append(self._train_system(setup, run, b, current, bar, (checkpoint, checkpoint_every, identity),
+                                               finished))
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, steps, particles, batches, seed, finished, None)
+                _save_checkpoint(checkpoint, identity, finished, None)
         bar.close()
-        return _trajectory(run, finished, time.perf_counter() - start)
+        return attrs.evolve(_trajectory(run, finished, time.perf_counter() - start), identity=identity)
 
     def _prepare(self, X: Any, y: Any, X_test: Any, steps: int, lr: float, loss: Any, batch_size: int | None,
                  particles: int, seed: int, device: Any, dtype: torch.dtype, batches: int, dots: str,
@@ -207,13 +215,18 @@ class Limit:
         if checkpoint is not None and dots == "autograd":
             raise TplimitsError("checkpoints need dots='stein': an autograd graph over the training history "
                                 "cannot be saved")
-        run = _Run(X, y, Z, len(X), steps, lr, loss_fn, batch_schedule(len(X), batch_size, steps, seed), particles,
-                   batches, seed, dtype, torch.device(device), dots, tuple(kernels), X_test is not None)
+        if checkpoint is not None and not os.path.isdir(os.path.dirname(os.path.abspath(checkpoint))):
+            raise TplimitsError(f"checkpoint={checkpoint!r}: its directory does not exist; create it first")
+        schedule = batch_schedule(len(X), batch_size, steps, seed)
+        run = _Run(X, y, Z, len(X), steps, lr, loss_fn, schedule, particles, batches, seed, dtype, torch.device(device),
+                   dots, tuple(kernels), X_test is not None, explosion_bound(y))
         return run, setup
 
     def _train_system(self, setup: LimitSetup, run: _Run, b: int, current: dict | None, bar: Any,
-                      checkpoint: str | None, checkpoint_every: int, finished: list) -> dict[str, list]:
-        """Train independent system ``b`` (resuming from ``current``), recording outputs and kernels."""
+                      saving: tuple[str | None, int, dict], finished: list) -> dict[str, list]:
+        """Train independent system ``b`` (resuming from ``current``), recording outputs and kernels;
+        ``saving`` is (checkpoint path, every how many steps, the run's identity)."""
+        checkpoint, checkpoint_every, identity = saving
         net = ParticleNetwork(setup, run.per_batch, run.seed * 1_000_003 + b, run.dtype, run.device, run.dots,
                               run.lr, run.steps)
         record: dict[str, list] = {"outputs": [], "kernels": {k: [] for k in run.kernels}}
@@ -221,9 +234,17 @@ class Limit:
             net.load_state_dict(current["net"])
             record = current["record"]
             bar.update(len(record["outputs"]))
+        reference = None
         for t in range(len(record["outputs"]), run.steps + 1):
-            interp = net.forward((run.Z,))
+            try:
+                interp = net.forward((run.Z,))
+            except Diverged as error:  # seen inside the forward pass: add what was computed before it
+                raise Diverged(str(error), step=error.step, value=error.value,
+                               trajectory=_partial(run, record)) from None
             out = net.outputs(interp)
+            reference = interp.scales() if reference is None else reference
+            if blown_up(out, run.bound):
+                interp.raise_diverged(interp.first_blown_up(reference), _partial(run, record))
             record["outputs"].append(out.cpu())
             for name in run.kernels:
                 record["kernels"][name].append(_kernel(setup, interp, name).cpu())
@@ -231,11 +252,36 @@ class Limit:
                 chi = run.loss.error_signal(out, run.y.to(device=out.device), run.schedule[t].to(out.device))
                 net.backward_and_update(interp, chi)
                 if checkpoint is not None and (t + 1) % checkpoint_every == 0:
-                    _save_checkpoint(checkpoint, run.steps, run.particles, run.batches, run.seed, finished,
-                                     {"net": net.state_dict(), "record": record})
+                    _save_checkpoint(checkpoint, identity, finished, {"net": net.state_dict(), "record": record})
             del interp
             bar.update(1)
         return record
+
+    def _identity(self, run: _Run, setup: LimitSetup) -> dict[str, str]:
+        """Everything that determines a run, as text: what a checkpoint must have been written by."""
+        return {
+            "library": importlib.metadata.version("tplimits"),
+            "program": hashlib.sha256(setup.total.program.format().encode()).hexdigest(),
+            "param": repr(self.param),
+            "optimizer": self.rule.name,
+            "optimizer_options": repr(sorted(self.optimizer_options.items())),
+            "weight_decay": repr(self.weight_decay),
+            "clip": repr(self.clip),
+            "update_rules": repr(sorted((k, v.name) for k, v in setup.rules.items())),
+            "lr": repr(run.lr),
+            "loss": run.loss.name,
+            "X": digest(run.X),
+            "y": digest(run.y),
+            "X_test": digest(run.Z[run.n_train:]),
+            "schedule": digest(torch.cat(run.schedule)) if run.schedule else "",
+            "steps": repr(run.steps),
+            "particles": repr(run.particles),
+            "batches": repr(run.batches),
+            "seed": repr(run.seed),
+            "dtype": str(run.dtype),
+            "dots": run.dots,
+            "kernels": repr(run.kernels),
+        }
 
     def _resolve_dots(self, dots: str, setup: LimitSetup) -> str:
         if dots not in DOTS:
@@ -260,6 +306,13 @@ class Limit:
         """Train finite-width models at ``widths`` (``seeds`` each) exactly as :meth:`train` trains the
         limit and compare; see :func:`tplimits.limit.check.check`."""
         return checking.check(self, X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, **options)
+
+
+def _partial(run: _Run, record: dict[str, list]) -> Trajectory | None:
+    """The steps one system computed before it diverged (no standard errors: one system)."""
+    if not record["outputs"]:
+        return None
+    return _trajectory(attrs.evolve(run, particles=run.per_batch, batches=1), [record], 0.0)
 
 
 def _trajectory(run: _Run, finished: list[dict[str, list]], seconds: float) -> Trajectory:
@@ -336,23 +389,26 @@ def _kernel(setup: LimitSetup, interp: Any, name: str) -> torch.Tensor:
     return x @ x.T / x.shape[-1]
 
 
-def _fingerprint(steps: int, particles: int, batches: int, seed: int) -> dict:
-    return {"steps": steps, "particles": particles, "batches": batches, "seed": seed}
-
-
-def _save_checkpoint(path: str, steps: int, particles: int, batches: int, seed: int, finished: list,
-                     current: dict | None) -> None:
+def _save_checkpoint(path: str, identity: dict, finished: list, current: dict | None) -> None:
     tmp = f"{path}.tmp"
-    torch.save({"config": _fingerprint(steps, particles, batches, seed), "finished": finished, "current": current},
-               tmp)
+    torch.save({"identity": identity, "finished": finished, "current": current}, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: str | None, steps: int, particles: int, batches: int, seed: int) -> dict | None:
+def _load_checkpoint(path: str | None, identity: dict) -> dict | None:
+    """The saved run at ``path`` (None if there is none), after checking it is this run's."""
     if path is None or not os.path.exists(path):
         return None
-    saved = torch.load(path, weights_only=False)
-    if saved["config"] != _fingerprint(steps, particles, batches, seed):
-        raise TplimitsError(f"checkpoint {path!r} is of another run ({saved['config']}); remove it or pass the "
-                            "same steps / particles / batches / seed")
+    try:
+        saved = torch.load(path, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as error:
+        raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(error).__name__}: {error}); it is "
+                              "truncated, corrupt or not a checkpoint: remove it to start afresh") from None
+    if not isinstance(saved, dict) or not {"identity", "finished", "current"} <= set(saved):
+        raise CheckpointError(f"checkpoint {path!r} is not a tplimits checkpoint of Limit.train (or one from an "
+                              "older version); remove it to start afresh")
+    differing = sorted(k for k in {**identity, **saved["identity"]} if saved["identity"].get(k) != identity.get(k))
+    if differing:
+        raise CheckpointError(f"checkpoint {path!r} is of another run: {', '.join(differing)} differ from this "
+                              "call's; remove it, or call with the arguments it was written with")
     return saved

@@ -147,7 +147,8 @@ class ParticleNetwork:
         return values
 
     def interpreter(self) -> KetInterpreter:
-        return KetInterpreter(self.setup.program, self.state_values(), self.P, self.dtype, self.device, self.plans)
+        return KetInterpreter(self.setup.program, self.state_values(), self.P, self.dtype, self.device, self.plans,
+                              self.t)
 
     def forward(self, inputs: Sequence[Any]) -> KetInterpreter:
         """The forward half of the total program on ``inputs``; the interpreter keeps its values."""

@@ -1,15 +1,25 @@
 """What a run of the limit and the finite-width runs it is checked against share: the schedule of
-training rows, the default dtype during instantiation, and standard errors over independent runs."""
+training rows, the default dtype during instantiation, standard errors over independent runs, and
+when a run counts as diverged.
+
+Divergence (the same criterion for the limit and for every finite run): at some step the outputs
+have a non-finite entry, or their root mean square exceeds :data:`EXPLOSION` times the targets'
+scale (``max(1, RMS(y))`` for real targets, 1 for class labels). Trained outputs live on the targets'
+scale; a thousandfold excursion beyond it is a blow-up, never a result.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterator
 
 import torch
 
-from tplimits.errors import TplimitsError
+from tplimits.errors import Diverged, TplimitsError
+
+EXPLOSION = 1e3
 
 
 def batch_schedule(n_train: int, batch_size: int | None, steps: int, seed: int) -> list[torch.Tensor]:
@@ -39,7 +49,37 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def standard_error(samples: torch.Tensor) -> torch.Tensor:
-    """The standard error of the mean over the first axis (0 for a single sample)."""
+    """The standard error of the mean over the first axis; NaN for a single sample, which has none."""
     if samples.shape[0] < 2:
-        return torch.zeros_like(samples[0])
+        return torch.full_like(samples[0], float("nan"))
     return samples.std(dim=0, unbiased=True) / math.sqrt(samples.shape[0])
+
+
+def explosion_bound(targets: torch.Tensor) -> float:
+    """The largest RMS of the outputs a run may reach before it counts as diverged."""
+    scale = 1.0
+    if targets.is_floating_point() and targets.numel():
+        scale = max(1.0, float(targets.double().square().mean().sqrt()))
+    return EXPLOSION * scale
+
+
+def blown_up(x: torch.Tensor, bound: float) -> bool:
+    """Whether ``x`` has a non-finite entry or an RMS beyond ``bound``."""
+    x = x.detach()
+    return not bool(torch.isfinite(x).all()) or float(x.double().square().mean().sqrt()) > bound
+
+
+def check_outputs(outputs: torch.Tensor, bound: float, step: int, what: str) -> None:
+    """Raise :class:`Diverged` when the outputs of ``what`` at ``step`` have blown up."""
+    outputs = outputs.detach()
+    if blown_up(outputs, bound):
+        kind = "non-finite values" if not bool(torch.isfinite(outputs).all()) else (
+            f"RMS {float(outputs.double().square().mean().sqrt()):.3g} > {bound:.3g}")
+        raise Diverged(f"{what} diverged at step {step}: its outputs have {kind}. Try a smaller lr (or fewer "
+                       "steps); see docs/limit.md, 'Divergence'.", step=step, value="outputs")
+
+
+def digest(t: torch.Tensor) -> str:
+    """A tensor's dtype, shape and a hash of its entries: its identity in a checkpoint or a trajectory."""
+    t = t.detach().cpu().contiguous()
+    return f"{t.dtype}{tuple(t.shape)}:" + hashlib.sha256(t.numpy().tobytes()).hexdigest()
