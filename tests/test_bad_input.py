@@ -81,3 +81,79 @@ def test_cli_refuses(argv, match, capsys):
 def test_lower_width_must_be_positive():
     with pytest.raises(tpl.TplimitsError, match="width must be a positive integer, got 0"):
         tpl.lower("mlp", width=0)
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("steps", -1, "steps must be an integer >= 0"), ("steps", 2.5, "steps must be an integer"),
+    ("particles", 512.0, "particles must be an integer"), ("batch_size", 1.5, "batch_size must be an integer"),
+    ("checkpoint_every", 0, "checkpoint_every must be an integer >= 1"), ("lr", float("nan"), "lr must be a finite"),
+    ("lr", float("inf"), "lr must be a finite"), ("dtype", torch.float16, "dtype=torch.float16"),
+    ("dtype", torch.int64, "dtype=torch.int64"), ("device", "tpu9", "device='tpu9'"),
+])
+def test_train_options_are_checked_before_any_work(limit, data, option, value, match):
+    options = {"steps": 1, "particles": 256, "progress": False, option: value}
+    with pytest.raises(tpl.TplimitsError, match=match):
+        limit.train(*data, **options)
+
+
+def test_cuda_without_cuda(limit, data):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(tpl.TplimitsError, match="CUDA is not available"):
+        limit.train(*data, steps=1, particles=256, device="cuda", progress=False)
+
+
+@pytest.mark.parametrize("which", ["X", "y", "X_test"])
+def test_non_finite_data(limit, data, which):
+    X, y = data
+    values = {"X": X.clone(), "y": y.clone(), "X_test": X[:2].clone()}
+    values[which][0, 0] = float("nan")
+    with pytest.raises(tpl.TplimitsError, match=f"{which} has non-finite entries"):
+        limit.train(values["X"], values["y"], X_test=values["X_test"], steps=1, particles=256, progress=False)
+
+
+def test_x_test_with_other_features(limit, data):
+    with pytest.raises(tpl.TplimitsError, match=r"X_test has rows of shape \(5,\), X of \(3,\)"):
+        limit.train(*data, X_test=torch.randn(2, 5), steps=1, particles=256, progress=False)
+
+
+def test_memory_is_estimated_before_allocating(data):
+    adam = tpl.derive("mlp", optimizer="adam", depth=2, d_in=3)
+    with pytest.raises(tpl.TplimitsError, match=r"dense grids of Q values need about .* GiB.*at most about \d+"):
+        adam.train(*data, steps=1, particles=2**22, progress=False)
+
+
+def test_a_callable_must_build_a_module():
+    with pytest.raises(tpl.TplimitsError, match="built a int, not an nn.Module"):
+        tpl.lower(lambda width: width, example_inputs=(torch.randn(2, 3),))
+
+
+def test_architecture_options_are_named_errors():
+    with pytest.raises(tpl.ConfigError, match="tanhh"):
+        tpl.lower("mlp", activation="tanhh")
+    with pytest.raises(tpl.ConfigError, match="depth must be a positive integer"):
+        tpl.lower("mlp", depth=0)
+    with pytest.raises(tpl.TplimitsError, match="UP_s needs a number"):
+        tpl.parametrization("UP_abc")
+
+
+def test_cli_plot_in_a_missing_directory(capsys, tmp_path):
+    assert main(["check", "--plot", str(tmp_path / "missing" / "x.png")]) == 2
+    assert "directory does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source, match", [("def broken(:\n", "SyntaxError"), ("import no_such_module_xyz\n",
+                                                                             "ModuleNotFoundError")])
+def test_cli_user_file_errors_are_one_line(tmp_path, capsys, source, match):
+    path = tmp_path / "user_model.py"
+    path.write_text(source)
+    assert main(["inspect", f"{path}:make", "--inputs", f"{path}:inputs"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_debug_shows_the_error(tmp_path):
+    path = tmp_path / "user_model.py"
+    path.write_text("def broken(:\n")
+    with pytest.raises(tpl.TplimitsError, match="SyntaxError"):
+        main(["--debug", "inspect", f"{path}:make", "--inputs", f"{path}:inputs"])

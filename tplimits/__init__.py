@@ -31,6 +31,7 @@ from tplimits.core.ir import (
 from tplimits.core.program import Program
 from tplimits.errors import (
     CheckpointError,
+    ConfigError,
     Diverged,
     LoweringError,
     NotRepresentable,
@@ -70,6 +71,7 @@ __all__ = [
     "Avg",
     "CheckReport",
     "CheckpointError",
+    "ConfigError",
     "Constant",
     "FiniteInterpreter",
     "Diverged",

@@ -36,19 +36,27 @@ def load_object(path: str) -> Any:
         raise TplimitsError(f"{path!r} is neither a registered architecture ({sorted(list_architectures())}) nor a "
                             "`module:attr` / `file.py:attr` path")
     module_path, attr = path.rsplit(":", 1)
-    if module_path.endswith(".py"):
-        file = Path(module_path)
-        if not file.exists():
-            raise TplimitsError(f"no file {module_path!r}")
-        spec = importlib.util.spec_from_file_location(file.stem, file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[file.stem] = module
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_path)
+    try:
+        module = _import_user_module(module_path)
+    except (ImportError, SyntaxError) as error:  # the user's own file or module, not tplimits'
+        raise TplimitsError(f"cannot import {module_path!r}: {type(error).__name__}: {error} "
+                            "(rerun with --debug for the traceback)") from error
     if not hasattr(module, attr):
         raise TplimitsError(f"{module_path!r} has no attribute {attr!r}")
     return getattr(module, attr)
+
+
+def _import_user_module(module_path: str) -> Any:
+    if not module_path.endswith(".py"):
+        return importlib.import_module(module_path)
+    file = Path(module_path)
+    if not file.exists():
+        raise TplimitsError(f"no file {module_path!r}")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[file.stem] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def inspect_command(args: argparse.Namespace) -> int:
@@ -103,6 +111,8 @@ def digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_command(args: argparse.Namespace) -> int:
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise TplimitsError(f"--plot {args.plot!r}: its directory does not exist")
     X, labels = digits(args.examples)
     config = {"depth": args.depth, "d_in": X.shape[1], "d_out": 10, "activation": args.activation,
               **_parse_config(args.option)}
@@ -156,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     limit.add_argument("--plot", default="tplimits-check.png", help="where to save the PNG ('' for none)")
     limit.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE")
     limit.add_argument("--quiet", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     try:
         if args.command == "coordcheck":
@@ -164,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return check_command(args)
         return inspect_command(args)
     except TplimitsError as error:
+        if args.debug:
+            raise
         print(f"tplimits: error: {error}", file=sys.stderr)
         return 2
 

@@ -46,3 +46,8 @@ class Diverged(TplimitsError):
 
 class CheckpointError(TplimitsError):
     """A checkpoint file cannot be read, or was written by another run than the one asked for."""
+
+
+class ConfigError(TplimitsError, ValueError):
+    """An option has a value that cannot be used (an architecture's activation, depth, head count, …).
+    Also a ``ValueError``, which is what such a value is."""

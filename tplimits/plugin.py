@@ -22,7 +22,14 @@ The built-in plugins (``tplimits.ops.*``, ``tplimits.architectures.*``, ``tplimi
 from tplimits.core.frontend import Architecture
 from tplimits.core.ir import Layout, Width, WidthInt, WidthPower, concrete_shape, fn_name, width_axes
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value, is_tensor_value
-from tplimits.errors import LoweringError, NotRepresentable, PluginError, TplimitsError, UnsupportedOperation
+from tplimits.errors import (
+    ConfigError,
+    LoweringError,
+    NotRepresentable,
+    PluginError,
+    TplimitsError,
+    UnsupportedOperation,
+)
 from tplimits.ops.common import (
     Pick,
     aten,
@@ -57,6 +64,7 @@ __all__ = [
     "ABCD",
     "ROLES",
     "Architecture",
+    "ConfigError",
     "Layout",
     "Loss",
     "LoweringContext",

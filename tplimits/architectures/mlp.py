@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplimits.plugin import Architecture, hookimpl
+from tplimits.plugin import Architecture, ConfigError, hookimpl
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -44,16 +44,16 @@ DEFAULTS: dict[str, Any] = {
 
 
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The elementwise nonlinearity called ``name``; a ``ValueError`` listing the known ones otherwise."""
+    """The elementwise nonlinearity called ``name``; a ``ConfigError`` listing the known ones otherwise."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; known activations: {sorted(ACTIVATIONS)}")
+        raise ConfigError(f"unknown activation {name!r}; known activations: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
 def check_depth(depth: int) -> int:
     """Validate the number of hidden layers."""
     if int(depth) != depth or depth < 1:
-        raise ValueError(f"depth must be a positive integer (number of hidden layers), got {depth!r}")
+        raise ConfigError(f"depth must be a positive integer (number of hidden layers), got {depth!r}")
     return int(depth)
 
 

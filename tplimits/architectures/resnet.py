@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplimits.plugin import Architecture, hookimpl
+from tplimits.plugin import Architecture, ConfigError, hookimpl
 
 DEFAULTS: dict[str, Any] = {
     "in_channels": 3,
@@ -75,7 +75,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         if stages < 1 or blocks < 1:
-            raise ValueError(f"resnet needs stages, blocks >= 1, got stages={stages}, blocks={blocks}")
+            raise ConfigError(f"resnet needs stages, blocks >= 1, got stages={stages}, blocks={blocks}")
         self.stem_conv = conv3x3(in_channels, width)
         self.stem_bn = nn.BatchNorm2d(width)
         stage_list = []

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplimits.plugin import Architecture, hookimpl
+from tplimits.plugin import Architecture, ConfigError, hookimpl
 
 ATTENTION_MODES = ("sdpa", "explicit")
 
@@ -45,9 +45,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, attention: str = "sdpa") -> None:
         super().__init__()
         if attention not in ATTENTION_MODES:
-            raise ValueError(f"unknown attention mode {attention!r}; known modes: {list(ATTENTION_MODES)}")
+            raise ConfigError(f"unknown attention mode {attention!r}; known modes: {list(ATTENTION_MODES)}")
         if n_heads < 1 or d_model % n_heads != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"width (d_model) {d_model} must be divisible by n_heads={n_heads}; "
                 "pick a width that is a multiple of the head count"
             )
@@ -121,7 +121,7 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+            raise ConfigError(f"n_layers must be >= 1, got {n_layers}")
         self.tied = bool(tied)
         self.tok_emb = nn.Embedding(vocab, width)
         self.pos_emb = nn.Embedding(seq_len, width)

@@ -66,7 +66,8 @@ def resolve(arch: ArchitectureLike, example_inputs: ExampleInputs = None, base: 
                                 f"its options are {sorted(arch.defaults)}")
         inputs = example_inputs if example_inputs is not None else arch.example_inputs(**config)
         n_a, n_b = arch.trace_widths
-        return build_pair(lambda n: arch.build(n, **config), as_tuple(inputs), n_a, n_b, width or n_a)
+        return build_pair(lambda n: _module(arch.build(n, **config), arch.name), as_tuple(inputs), n_a, n_b,
+                          width or n_a)
     if isinstance(arch, torch.nn.Module):
         if example_inputs is None:
             raise TplimitsError("lowering an nn.Module needs `example_inputs=` (a tuple of inputs to its forward)")
@@ -83,10 +84,17 @@ def resolve(arch: ArchitectureLike, example_inputs: ExampleInputs = None, base: 
         if example_inputs is None:
             raise TplimitsError("lowering a callable `width -> nn.Module` needs `example_inputs=`")
         n = width or DEFAULT_WIDTH
-        build: Callable[[int], torch.nn.Module] = lambda w: arch(w, **config)  # noqa: E731
-        return build_pair(build, as_tuple(example_inputs), n, 2 * n, n)
+        return build_pair(lambda w: _module(arch(w, **config), arch), as_tuple(example_inputs), n, 2 * n, n)
     raise TplimitsError(f"cannot lower {type(arch).__name__!r}: pass a registered architecture name, a callable "
                         "`width -> nn.Module`, or an nn.Module with `base=`")
+
+
+def _module(model: Any, source: Any) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module):
+        name = getattr(source, "__name__", source)
+        raise TplimitsError(f"{name!r} built a {type(model).__name__}, not an nn.Module: a callable "
+                            "`width -> nn.Module` must return the model at that width")
+    return model
 
 
 def as_tuple(inputs: ExampleInputs) -> tuple:

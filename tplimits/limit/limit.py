@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
 import os
 import pickle
 import time
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from tplimits.core.backprop import total_program
 from tplimits.core.frontend import ArchitectureLike, ExampleInputs
-from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
+from tplimits.core.ir import MatMul, Nonlin, Width, concrete_shape, fn_name, width_axes
 from tplimits.errors import CheckpointError, Diverged, TplimitsError
 from tplimits.limit import check as checking
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
@@ -182,7 +183,7 @@ class Limit:
         graph cannot be saved).
         """
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
-                                   batches, dots, kernels, checkpoint)
+                                   batches, dots, kernels, checkpoint, checkpoint_every)
         start = time.perf_counter()
         identity = self._identity(run, setup)
         saved = _load_checkpoint(checkpoint, identity)
@@ -200,18 +201,27 @@ class Limit:
 
     def _prepare(self, X: Any, y: Any, X_test: Any, steps: int, lr: float, loss: Any, batch_size: int | None,
                  particles: int, seed: int, device: Any, dtype: torch.dtype, batches: int, dots: str,
-                 kernels: Sequence[str], checkpoint: str | None) -> tuple[_Run, LimitSetup]:
+                 kernels: Sequence[str], checkpoint: str | None, checkpoint_every: int) -> tuple[_Run, LimitSetup]:
+        """Every argument checked (before any lowering or training), converted, and the setup for the inputs."""
         loss_fn = lookup_loss(loss)
-        X = torch.as_tensor(X)
-        y = torch.as_tensor(y)
+        _check_numbers(steps=steps, lr=lr, batch_size=batch_size, particles=particles, batches=batches, seed=seed,
+                       checkpoint_every=checkpoint_every)
+        _check_dtype_device(dtype, device)
+        X, y = _data("X", X), _data("y", y)
         if len(y) != len(X):
             raise TplimitsError(f"X has {len(X)} rows but y has {len(y)}")
-        Z = X if X_test is None else torch.cat([X, torch.as_tensor(X_test).to(X.dtype)])
+        Z = X
+        if X_test is not None:
+            X_test = _data("X_test", X_test)
+            if X_test.shape[1:] != X.shape[1:]:
+                raise TplimitsError(f"X_test has rows of shape {tuple(X_test.shape[1:])}, X of {tuple(X.shape[1:])}")
+            Z = torch.cat([X, X_test.to(X.dtype)])
         setup = self.setup(Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z)
         dots = self._resolve_dots(dots, setup)
         if batches < 1 or particles % batches:
             raise TplimitsError(f"particles ({particles}) must be a positive multiple of batches ({batches})")
         _check_particles(setup, particles // batches)
+        self._check_memory(setup, particles, batches, dtype, torch.device(device))
         if checkpoint is not None and dots == "autograd":
             raise TplimitsError("checkpoints need dots='stein': an autograd graph over the training history "
                                 "cannot be saved")
@@ -256,6 +266,25 @@ class Limit:
             del interp
             bar.update(1)
         return record
+
+    def _check_memory(self, setup: LimitSetup, particles: int, batches: int, dtype: torch.dtype,
+                      device: torch.device) -> None:
+        """Refuse, before allocating, dense [P, P] grids (nonlinear rules) that cannot fit in memory."""
+        if self.rule.linear and self.param.update == "plain" and self.clip is None:
+            return
+        grids = 1 + sum(torch.is_tensor(v) for v in self.rule.init_state(torch.zeros(1)).values())
+        per_particle_squared = sum(math.prod(concrete_shape(setup.program.parameters[name].layout, 1))
+                                   for name, abcd in setup.chosen.items()
+                                   if setup.program.parameters[name].kind == "matrix")
+        unit = grids * per_particle_squared * torch.empty((), dtype=dtype).element_size()
+        need = unit * (particles // batches) ** 2
+        have = _memory(device)
+        if unit and need > have:
+            fits = batches * int(math.isqrt(int(have // unit)))
+            raise TplimitsError(f"particles={particles}: {self.rule.name}'s dense grids of Q values need about "
+                                f"{need / 2**30:.3g} GiB per system ({grids} grids per hidden matrix, "
+                                f"{particles // batches} particles per system), more than the {have / 2**30:.3g} GiB "
+                                f"of {device.type} memory here; at most about {fits} particles fit")
 
     def _identity(self, run: _Run, setup: LimitSetup) -> dict[str, str]:
         """Everything that determines a run, as text: what a checkpoint must have been written by."""
@@ -306,6 +335,59 @@ class Limit:
         """Train finite-width models at ``widths`` (``seeds`` each) exactly as :meth:`train` trains the
         limit and compare; see :func:`tplimits.limit.check.check`."""
         return checking.check(self, X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, **options)
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _memory(device: torch.device) -> int:
+    """Bytes of memory the device has (all of it: the estimate it is compared with is a lower bound)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_numbers(**values: Any) -> None:
+    """The numeric arguments of a run: whole numbers where counts are meant, finite and in range."""
+    counts = {"steps": 0, "particles": 16, "batches": 1, "checkpoint_every": 1, "batch_size": 1}
+    for name, minimum in counts.items():
+        value = values[name]
+        if value is None and name == "batch_size":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise TplimitsError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    lr = values["lr"]
+    if not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        raise TplimitsError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not isinstance(values["seed"], int):
+        raise TplimitsError(f"seed must be an integer, got {values['seed']!r}")
+
+
+def _check_dtype_device(dtype: Any, device: Any) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TplimitsError(f"dtype={dtype!r}: the limit engine runs in {[str(d) for d in FLOAT_DTYPES]} "
+                            "(half precision cannot hold the Gram matrices of the hats)")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TplimitsError(f"device={device!r} is not a torch device (use 'cpu' or 'cuda')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TplimitsError(f"device={str(device)!r}, but CUDA is not available here; use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise TplimitsError(f"device={str(device)!r}: the limit engine runs on 'cpu' or 'cuda'")
+
+
+def _data(name: str, value: Any) -> torch.Tensor:
+    """``value`` as a tensor with at least one row and only finite entries."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TplimitsError(f"{name} must be a tensor (or array) of numbers, got {type(value).__name__}") from None
+    if t.ndim == 0 or len(t) == 0:
+        raise TplimitsError(f"{name} has no rows (shape {tuple(t.shape)})")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise TplimitsError(f"{name} has non-finite entries (NaN or inf): clean the data first")
+    return t
 
 
 def _partial(run: _Run, record: dict[str, list]) -> Trajectory | None:
