@@ -157,3 +157,45 @@ def test_cli_debug_shows_the_error(tmp_path):
     path.write_text("def broken(:\n")
     with pytest.raises(tpl.TplimitsError, match="SyntaxError"):
         main(["--debug", "inspect", f"{path}:make", "--inputs", f"{path}:inputs"])
+
+
+class _Branchy(torch.nn.Module):
+    """Adds a layer once its width reaches 1000: both trace widths take the other branch."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(3, width), torch.nn.Linear(width, 1)
+        self.extra = torch.nn.Linear(width, width) if width >= 1000 else None
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if h.shape[-1] >= 1000:
+            h = torch.tanh(self.extra(h))
+        return self.out(h)
+
+
+class _Reuse(torch.nn.Module):
+    """Applies its hidden layer twice once its width reaches 1000 (same parameters, another program)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.hid, self.out = (torch.nn.Linear(3, width), torch.nn.Linear(width, width),
+                                        torch.nn.Linear(width, 1))
+
+    def forward(self, x):
+        h = torch.tanh(self.hid(torch.tanh(self.inp(x))))
+        if h.shape[-1] >= 1000:
+            h = torch.tanh(self.hid(h))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("model, match", [(_Branchy, "it has parameters \\['extra.bias', 'extra.weight'\\]"),
+                                          (_Reuse, "its outputs differ from the program's")])
+def test_an_architecture_that_changes_with_width_is_refused(model, match):
+    x = torch.randn(4, 3)
+    tpl.instantiate(model, width=256, example_inputs=(x,), param="muP", optimizer="sgd")
+    with pytest.raises(tpl.WidthError, match=f"width 1024 is not the one lowered at widths \\(64, 128\\): {match}"):
+        tpl.instantiate(model, width=1024, example_inputs=(x,), param="muP", optimizer="sgd")
+    limit = tpl.derive(model, optimizer="sgd", example_inputs=(x,))
+    with pytest.raises(tpl.WidthError, match="width 1024"):
+        limit.check(x, torch.randn(4, 1), widths=[256, 1024], seeds=2, steps=1, particles=256, progress=False)

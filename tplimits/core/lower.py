@@ -483,4 +483,4 @@ def _prune(program: Program, aliases: Mapping[str, tuple[str, ...]]) -> Program:
     if unused:
         notes.append(f"parameters the forward does not use: {unused}")
     used_aliases = {t: aliases[t] for t in targets if t in aliases}
-    return attrs.evolve(program, instructions=kept, notes=notes, aliases=used_aliases)
+    return attrs.evolve(program, instructions=kept, notes=notes, aliases=used_aliases, unused=tuple(unused))

@@ -63,6 +63,7 @@ class Program:
     notes: list[str] = attrs.field(factory=list)
     fan_in: dict[str, tuple[int, ...]] = attrs.field(factory=dict)  # parameter -> axes summed against inputs
     aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)  # tied parameter -> its other names
+    unused: tuple[str, ...] = ()  # trainable parameters of the model that its forward never reads
     _by_name: dict[str, Instruction] = attrs.field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
