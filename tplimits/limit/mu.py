@@ -1,7 +1,7 @@
 """The μ-limit of training on Monte Carlo particles (Thm 2.9.25, 2.9.30; MATH.md §6.3, §9, §11).
 
 The ket assignment is the finite-width one at width ``P`` with one change: every initial matrix
-is an operator (:class:`~tplimits.limit.operators.MatrixOperator`, hat + dot + accumulated
+is an operator (:class:`~tplimits.limit.kets.MatrixOperator`, hat + dot + accumulated
 updates) instead of a dense random matrix. A vector becomes ``[..., r·P, ...]`` particles, Avg a
 particle mean (deterministic: detached), Nonlin and Regroup act per particle exactly as at finite
 width, and vector and scalar parameters are trained by the very optimizer the finite model uses,
