@@ -468,11 +468,11 @@ class KetInterpreter(FiniteInterpreter):
         return None
 
     def raise_diverged(self, name: str | None, trajectory: object = None) -> None:
+        """Raise :class:`Diverged` at this step, naming value ``name`` (None: an output)."""
         where = "an output" if name is None else f"%{name} ({self.program[name].origin.describe() or 'the program'})"
         raise Diverged(f"the limit diverged at step {self.step}: {where} is the first value that blew up (non-finite, "
                        f"or {EXPLOSION:g} times its size at initialization). Try a smaller lr; see docs/limit.md, "
                        "'Divergence'.", step=self.step, value=name, trajectory=trajectory)
-
 
     def plan(self, ins: MatMul) -> MatMulPlan:
         """How ``ins`` brings its vector to the canonical form (cached per instruction: shapes are fixed)."""
