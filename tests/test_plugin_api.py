@@ -150,3 +150,21 @@ def test_mup_sets_the_attention_scale_a_model_passes_to_sdpa():
     torch.testing.assert_close(replayed, model(ids), rtol=1e-10, atol=1e-12)
     plain = tpl.api.family(GPT2Logits, example_inputs=(ids,)).model(64, seed=0)
     assert not torch.allclose(model.model(ids) * model.output_scale, plain(ids))
+
+
+def test_watch_names_its_arguments():
+    R = torch.nn.Parameter(torch.eye(3))
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = tpl.make_optimizer("sgd", [{"params": [w]}, {"params": [R], "rule": tpl.optimizer("decorrelation")}],
+                             lr=0.1)
+    with pytest.raises(tpl.ConfigError, match="module must be an nn.Module, got str"):
+        opt.watch(R, "layer")
+    with pytest.raises(tpl.ConfigError, match="param is not a parameter of this optimizer's groups driven by"):
+        opt.watch(w, torch.nn.Linear(3, 3))
+    layer = torch.nn.Linear(3, 3)
+    opt.watch(R, layer)
+    with pytest.raises(ValueError, match="has not run since the last step"):
+        opt.step()
+    layer(torch.randn(4, 3))
+    opt.step()
+    assert not torch.equal(R.detach(), torch.eye(3))

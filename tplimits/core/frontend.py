@@ -102,8 +102,12 @@ def as_tuple(inputs: ExampleInputs) -> tuple:
     return tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
 
 
+def lower_pair(pair: ModelPair, rules: Mapping[Any, Callable]) -> Program:
+    """Trace the two models of ``pair`` and lower them with ``rules`` to a Tensor Program."""
+    return lower_trace(trace_pair(pair), rules, width=pair.width)
+
+
 def lower_architecture(arch: ArchitectureLike, rules: Mapping[Any, Callable], example_inputs: ExampleInputs = None,
                        base: torch.nn.Module | None = None, **config: Any) -> Program:
     """Trace ``arch`` at two widths and lower it with ``rules`` to a Tensor Program."""
-    pair = resolve(arch, example_inputs, base, **config)
-    return lower_trace(trace_pair(pair), rules, width=pair.width)
+    return lower_pair(resolve(arch, example_inputs, base, **config), rules)

@@ -34,7 +34,7 @@ from tplimits.core.interpret import FiniteInterpreter
 from tplimits.core.ir import Avg, Constant, Input, Layout, MatMul, Width
 from tplimits.core.program import Program
 from tplimits.errors import Diverged, TplimitsError
-from tplimits.limit.runs import EXPLOSION
+from tplimits.limit.runs import EXPLOSION, rms
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -450,7 +450,7 @@ class KetInterpreter(FiniteInterpreter):
 
     def scales(self) -> dict[str, float]:
         """The RMS of every tensor value computed so far (a reference for :meth:`first_blown_up`)."""
-        return {name: _rms(v) for name, v in self.values.items() if torch.is_tensor(v)}
+        return {name: rms(v) for name, v in self.values.items() if torch.is_tensor(v)}
 
     def first_blown_up(self, reference: Mapping[str, float] | None = None) -> str | None:
         """The first value, in program order, that is not finite (or overflowing), or else whose RMS exceeds
@@ -463,7 +463,7 @@ class KetInterpreter(FiniteInterpreter):
                 return ins.name
         for ins in self.program.instructions:
             value, before = self.values.get(ins.name), (reference or {}).get(ins.name, 0.0)
-            if torch.is_tensor(value) and before > 0 and _rms(value) > EXPLOSION * before:
+            if torch.is_tensor(value) and before > 0 and rms(value) > EXPLOSION * before:
                 return ins.name
         return None
 
@@ -492,13 +492,9 @@ def _cast(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
     return value
 
 
-def _rms(x: torch.Tensor) -> float:
-    return float(x.detach().double().square().mean().sqrt()) if x.numel() else 0.0
-
-
 def _overflowing(x: torch.Tensor) -> bool:
-    """Non-finite entries, or entries whose square sums would overflow the dtype (a diverged ket)."""
-    x = x.detach()
+    """Non-finite entries, or entries whose square sums would overflow the dtype (a diverged ket); one
+    reduction (a NaN maximum compares false)."""
     if not x.is_floating_point() or not x.numel():
         return False
-    return not bool(torch.isfinite(x).all()) or float(x.abs().max()) > torch.finfo(x.dtype).max ** 0.25
+    return not float(x.detach().abs().amax()) <= torch.finfo(x.dtype).max ** 0.25

@@ -55,26 +55,27 @@ def standard_error(samples: torch.Tensor) -> torch.Tensor:
     return samples.std(dim=0, unbiased=True) / math.sqrt(samples.shape[0])
 
 
+def rms(x: torch.Tensor) -> float:
+    """The root mean square of ``x`` (non-finite if an entry is; 0 for an empty tensor), in one pass."""
+    return float(x.detach().double().square().mean().sqrt()) if x.numel() else 0.0
+
+
 def explosion_bound(targets: torch.Tensor) -> float:
     """The largest RMS of the outputs a run may reach before it counts as diverged."""
-    scale = 1.0
-    if targets.is_floating_point() and targets.numel():
-        scale = max(1.0, float(targets.double().square().mean().sqrt()))
+    scale = max(1.0, rms(targets)) if targets.is_floating_point() else 1.0
     return EXPLOSION * scale
 
 
 def blown_up(x: torch.Tensor, bound: float) -> bool:
-    """Whether ``x`` has a non-finite entry or an RMS beyond ``bound``."""
-    x = x.detach()
-    return not bool(torch.isfinite(x).all()) or float(x.double().square().mean().sqrt()) > bound
+    """Whether ``x`` has a non-finite entry or an RMS beyond ``bound`` (a NaN compares false: blown up)."""
+    return not rms(x) <= bound
 
 
 def check_outputs(outputs: torch.Tensor, bound: float, step: int, what: str) -> None:
     """Raise :class:`Diverged` when the outputs of ``what`` at ``step`` have blown up."""
-    outputs = outputs.detach()
-    if blown_up(outputs, bound):
-        kind = "non-finite values" if not bool(torch.isfinite(outputs).all()) else (
-            f"RMS {float(outputs.double().square().mean().sqrt()):.3g} > {bound:.3g}")
+    size = rms(outputs)
+    if not size <= bound:
+        kind = f"RMS {size:.3g} > {bound:.3g}" if math.isfinite(size) else "non-finite values"
         raise Diverged(f"{what} diverged at step {step}: its outputs have {kind}. Try a smaller lr (or fewer "
                        "steps); see docs/limit.md, 'Divergence'.", step=step, value="outputs")
 

@@ -18,7 +18,7 @@ import attrs
 import torch
 from torch import nn
 
-from tplimits.errors import PluginError
+from tplimits.errors import ConfigError, PluginError
 
 State = dict[str, torch.Tensor]
 UpdateFn = Callable[[State, torch.Tensor, int, Mapping[str, Any]], tuple[torch.Tensor, State]]
@@ -212,6 +212,12 @@ class TplimitsOptimizer(torch.optim.Optimizer):
     def watch(self, param: torch.Tensor, module: nn.Module) -> torch.utils.hooks.RemovableHandle:
         """Record the first positional input of ``module`` in every forward pass as the layer input of
         ``param`` (a parameter of an activation-driven group), for the next :meth:`step`."""
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"watch(param, module): module must be an nn.Module, got {type(module).__name__}")
+        driven = {id(p) for g in self.param_groups if g["rule"].needs_activations for p in g["params"]}
+        if id(param) not in driven:
+            raise ConfigError("watch(param, module): param is not a parameter of this optimizer's groups driven by "
+                              "layer inputs (a non-gradient rule)")
         self._watched.add(id(param))
         return module.register_forward_pre_hook(functools.partial(_store_input, self._recorded, id(param)))
 

@@ -13,11 +13,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from tplimits.core.frontend import Architecture, ArchitectureLike, ExampleInputs, resolve
+from tplimits.core.frontend import Architecture, ArchitectureLike, ExampleInputs, lower_pair, resolve
 from tplimits.core.interpret import FiniteInterpreter
-from tplimits.core.lower import lower_trace
 from tplimits.core.program import Program
-from tplimits.core.trace import trace_pair
 from tplimits.errors import TplimitsError, WidthError
 from tplimits.optimizers.base import UpdateRule
 
@@ -84,7 +82,7 @@ def lower_family(arch: ArchitectureLike, rules: Mapping[Any, Callable], example_
     with the lowering ``rules`` once, and keep how to build it at other widths."""
     config.pop("width", None)
     pair = resolve(arch, example_inputs, base, **config)
-    program = lower_trace(trace_pair(pair), rules, width=pair.width)
+    program = lower_pair(pair, rules)
     common = {"update_rules": dict(update_rules or {}), "inputs": pair.inputs, "trace_widths": (pair.n, pair.n_other)}
     if isinstance(arch, nn.Module):
         return Family(program, None, arch, **common)
