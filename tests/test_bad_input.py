@@ -131,7 +131,7 @@ def test_a_callable_must_build_a_module():
 def test_architecture_options_are_named_errors():
     with pytest.raises(tpl.ConfigError, match="tanhh"):
         tpl.lower("mlp", activation="tanhh")
-    with pytest.raises(tpl.ConfigError, match="depth must be a positive integer"):
+    with pytest.raises(tpl.ConfigError, match="depth=0 must be a positive integer"):
         tpl.lower("mlp", depth=0)
     with pytest.raises(tpl.TplimitsError, match="UP_s needs a number"):
         tpl.parametrization("UP_abc")
@@ -199,3 +199,75 @@ def test_an_architecture_that_changes_with_width_is_refused(model, match):
     limit = tpl.derive(model, optimizer="sgd", example_inputs=(x,))
     with pytest.raises(tpl.WidthError, match="width 1024"):
         limit.check(x, torch.randn(4, 1), widths=[256, 1024], seeds=2, steps=1, particles=256, progress=False)
+
+
+# Found by the property suite (tests/test_properties.py): each raised a raw TypeError/RuntimeError before.
+def test_options_a_callable_does_not_take():
+    with pytest.raises(tpl.ConfigError, match=r"cannot be called as .*\(width, \*\*\{'d_in': 3\}\)"):
+        tpl.lower(lambda width: torch.nn.Linear(3, width), example_inputs=(torch.randn(2, 3),), d_in=3)
+
+
+@pytest.mark.parametrize("key, value, match", [("d_in", {"a": 1}, "d_in=\\{'a': 1\\} must be a positive integer"),
+                                               ("d_in", -1, "d_in=-1 must be a positive integer"),
+                                               ("activation", 3, "activation=3 must be str"),
+                                               ("bias", 1, "bias=1 must be bool")])
+def test_architecture_options_keep_the_kind_of_their_default(key, value, match):
+    with pytest.raises(tpl.ConfigError, match=f"architecture 'mlp': {match}"):
+        tpl.lower("mlp", **{key: value})
+
+
+def test_make_optimizer_options():
+    params = list(torch.nn.Linear(3, 2).parameters())
+    with pytest.raises(tpl.errors.OptionError, match=r"unknown option\(s\) \['betas'\] for update rule 'signsgd'"):
+        tpl.make_optimizer("signsgd", params, lr=0.1, betas=(0.9, 0.99))
+    with pytest.raises(tpl.ConfigError, match="lr must be a finite number >= 0, got \\{'a': 1\\}"):
+        tpl.make_optimizer("sgd", params, lr={"a": 1})
+    with pytest.raises(tpl.ConfigError, match="update rule 'adam': betas=3 must be tuple"):
+        tpl.make_optimizer("adam", params, lr=0.1, betas=3)
+    with pytest.raises(tpl.errors.OptionError, match="params must be an iterable of parameters"):
+        tpl.make_optimizer("sgd", 3, lr=0.1)
+    with pytest.raises(tpl.ConfigError, match="params is empty"):
+        tpl.make_optimizer("sgd", [], lr=0.1)
+
+
+def test_check_data_must_be_numbers(limit, data):
+    with pytest.raises(tpl.TplimitsError, match="X must be a tensor \\(or array\\) of numbers, got function"):
+        limit.check(lambda: 0, data[1], widths=[8, 16], seeds=2, steps=1, particles=64, progress=False)
+    with pytest.raises(tpl.TplimitsError, match="tolerance must be a finite number >= 0, got nan"):
+        limit.check(*data, widths=[8, 16], seeds=2, steps=1, tolerance=float("nan"), particles=64, progress=False)
+    with pytest.raises(tpl.TplimitsError, match="trajectory must be a Trajectory returned by Limit.train, got int"):
+        limit.check(*data, widths=[8, 16], seeds=2, steps=1, trajectory=3, particles=64, progress=False)
+
+
+@pytest.mark.parametrize("option, value, match", [("params", None, "params must be a non-empty sequence"),
+                                                  ("steps", 0, "steps must be an integer >= 1"),
+                                                  ("seeds", 0, "seeds must be an integer >= 1"),
+                                                  ("lr", float("inf"), "lr must be a finite number")])
+def test_coord_check_arguments(option, value, match):
+    with pytest.raises(tpl.TplimitsError, match=match):
+        tpl.coord_check("mlp", widths=(8, 16), **{option: value})
+
+
+@pytest.mark.parametrize("option, value, match", [("width", True, "width must be an integer >= 1, got True"),
+                                                  ("seed", 1.5, "seed must be an integer"),
+                                                  ("clip", "x", "clip must be a finite number"),
+                                                  ("optimizer_options", {"momentum": "x"},
+                                                   "update rule 'momentum': momentum='x' must be a finite number")])
+def test_instantiate_arguments(option, value, match):
+    options = {"width": 16, "optimizer": "momentum", option: value}
+    with pytest.raises(tpl.TplimitsError, match=match):
+        tpl.instantiate("mlp", d_in=3, **options)
+
+
+def test_derive_refuses_what_train_could_not_use():
+    with pytest.raises(tpl.TplimitsError, match="weight_decay must be a finite number >= 0, got \\[9, 5\\]"):
+        tpl.derive("mlp", weight_decay=[9, 5])
+    with pytest.raises(tpl.TplimitsError, match="weight_decay is the decoupled lambda of Eq. 2.50, in \\[0, 1\\]"):
+        tpl.derive("mlp", weight_decay=2.0)
+
+
+@pytest.mark.parametrize("kernels, match", [(None, "kernels must be a sequence"), (["nope"], "no program value %nope"),
+                                            (["linear_1_2"], "%linear_1_2 is not a vector")])
+def test_train_kernels_are_checked_before_training(limit, data, kernels, match):
+    with pytest.raises(tpl.TplimitsError, match=f"kernels: {match}" if kernels else match):
+        limit.train(*data, steps=1, particles=64, kernels=kernels, progress=False)

@@ -8,6 +8,7 @@ first, then keyword-only ``param`` (default μP) and ``optimizer`` (default Adam
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from tplimits.core.frontend import Architecture, ArchitectureLike, ExampleInputs, as_tuple, lower_architecture
 from tplimits.core.program import Program
-from tplimits.errors import TplimitsError
+from tplimits.errors import NoWidthWarning, TplimitsError, check_count, check_real
 from tplimits.limit.limit import Limit
 from tplimits.optimizers.base import TplimitsOptimizer, UpdateRule
 from tplimits.registry import manager as registry
@@ -55,7 +56,13 @@ def lower(arch: Arch, example_inputs: ExampleInputs = None, base: nn.Module | No
     arch = _architecture(arch)
     if isinstance(arch, Family):
         return arch.program
-    return lower_architecture(arch, registry.lowering_rules(), example_inputs, base, **config)
+    program = lower_architecture(arch, registry.lowering_rules(), example_inputs, base, **config)
+    if not program.scales_with_width():
+        warnings.warn(NoWidthWarning(
+            "nothing in this model scales with width: the two traces agree on every shape, so its Tensor Program "
+            "(and its limit) is the model itself; pass the width to its layers (a callable `width -> nn.Module` "
+            "that uses it, or `base=` with a module of another width)"), stacklevel=2)
+    return program
 
 
 def family(arch: Arch, example_inputs: ExampleInputs = None, base: nn.Module | None = None,
@@ -84,7 +91,15 @@ def instantiate(arch: Arch, *, width: int, param: str | Parametrization = "muP",
     >>> type(model).__name__
     'ParametrizedModel'
     """
+    check_count("width", width, 1)
+    check_real("lr", lr, 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TplimitsError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(center, bool):
+        raise TplimitsError(f"center must be True or False, got {center!r}")
+    _check_update_options(weight_decay, clip)
     param, rule = registry.parametrization(param), registry.optimizer(optimizer)
+    rule.hyper(optimizer_options)  # unknown or ill-typed hyperparameters fail here, before lowering
     fam = family(arch, example_inputs, base, **config)
     extra = {pattern: registry.optimizer(r) for pattern, r in dict(update_rules or {}).items()}
     return instantiate_family(fam, width=width, param=param, rule=rule, lr=lr, seed=seed, center=center,
@@ -111,9 +126,7 @@ def coord_check(arch: Arch, *, params: Sequence[str | Parametrization] = ("SP", 
                 tolerance: float = 0.1, **config: Any) -> CoordCheckReport:
     """Train ``arch`` under each parametrization at each width and report how every value scales, against
     the slope each parametrization's classification predicts (:mod:`tplimits.training.coordcheck`)."""
-    if any(not isinstance(w, int) or w < 1 for w in widths) or len(set(widths)) < 2:
-        raise TplimitsError(f"widths={list(widths)}: a coordinate check fits slopes over at least two distinct "
-                            "positive widths")
+    _check_coord_check(params, widths, steps, lr, seeds, tolerance)
     resolved = _architecture(arch)
     inputs = example_inputs
     if inputs is None:
@@ -126,6 +139,33 @@ def coord_check(arch: Arch, *, params: Sequence[str | Parametrization] = ("SP", 
                               registry.optimizer(optimizer), registry.loss(loss), widths, steps, lr, seeds, tolerance)
 
 
+def _check_update_options(weight_decay: Any, clip: Any) -> None:
+    """The options every update shares (Eq. 2.50's decoupled λ, Eq. 2.54's threshold θ)."""
+    check_real("weight_decay", weight_decay, 0)
+    if weight_decay > 1:
+        raise TplimitsError(f"weight_decay is the decoupled lambda of Eq. 2.50, in [0, 1]; got {weight_decay!r}")
+    if clip is not None:
+        check_real("clip", clip, 0)
+        if clip == 0:
+            raise TplimitsError("clip (the threshold theta of Eq. 2.54) must be > 0, or None for no clipping")
+
+
+def _check_coord_check(params: Any, widths: Any, steps: Any, lr: Any, seeds: Any, tolerance: Any) -> None:
+    """coord_check's own arguments, before anything is lowered or trained."""
+    if not isinstance(params, Sequence) or isinstance(params, str) or not params:
+        raise TplimitsError(f"params must be a non-empty sequence of parametrizations (e.g. ['SP', 'muP']), got "
+                            f"{params!r}")
+    if (not isinstance(widths, Sequence) or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths)
+            or len(set(widths)) < 2):
+        shown = list(widths) if isinstance(widths, Sequence) else widths
+        raise TplimitsError(f"widths={shown!r}: a coordinate check fits slopes over at least two distinct "
+                            "positive integer widths")
+    check_count("steps", steps, 1)
+    check_count("seeds", seeds, 1)
+    check_real("lr", lr, 0)
+    check_real("tolerance", tolerance, 0)
+
+
 def derive(arch: Arch, *, param: str | Parametrization = "muP", optimizer: str | UpdateRule = "adam",
            example_inputs: ExampleInputs = None, base: nn.Module | None = None, weight_decay: float = 0.0,
            clip: float | None = None, optimizer_options: Mapping[str, Any] | None = None,
@@ -136,8 +176,9 @@ def derive(arch: Arch, *, param: str | Parametrization = "muP", optimizer: str |
     hyperparameters (e.g. ``{"eps": 1e-8}``), ``update_rules`` extra non-gradient rules by parameter
     pattern, exactly as for :func:`instantiate`.
     """
+    _check_update_options(weight_decay, clip)
     rule = registry.optimizer(optimizer)
-    rule.hyper(optimizer_options)  # unknown hyperparameters fail here, not after lowering
+    rule.hyper(optimizer_options)  # unknown or ill-typed hyperparameters fail here, not after lowering
     resolved = _architecture(arch)
     if isinstance(resolved, Family):
         raise TplimitsError("derive takes an architecture (name, callable or module), not a lowered Family: the "

@@ -1,4 +1,11 @@
-"""Errors tplimits raises. Every message names the node / parameter / option and what to do."""
+"""Errors tplimits raises. Every message names the node / parameter / option and what to do.
+
+Also the one check every named option goes through (an architecture's options, an update rule's
+hyperparameters): :func:`check_option`, a value must be of the kind of its default.
+"""
+
+import math
+from typing import Any
 
 
 class TplimitsError(Exception):
@@ -51,3 +58,50 @@ class CheckpointError(TplimitsError):
 class ConfigError(TplimitsError, ValueError):
     """An option has a value that cannot be used (an architecture's activation, depth, head count, …).
     Also a ``ValueError``, which is what such a value is."""
+
+
+class NoWidthWarning(UserWarning):
+    """A model lowered to a program in which nothing scales with width: its "limit" is the model itself.
+    Usually the width is not passed to the layers (a callable ignoring ``width``, or a fixed ``nn.Module``)."""
+
+
+class OptionError(ConfigError, TypeError):
+    """An option that does not exist (an unknown hyperparameter of an update rule, an unknown optimizer
+    option). Also a ``TypeError``, which is what ``torch.optim`` raises for one."""
+
+
+def _conforms(value: Any, default: Any) -> bool:
+    """Whether ``value`` can stand where ``default`` does: the same kind (a positive count stays a
+    positive integer, a real number stays finite, a tuple keeps its length)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool) and (default <= 0 or value > 0)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, tuple | list):
+        return (isinstance(value, tuple | list) and len(value) == len(default)
+                and all(_conforms(v, d) for v, d in zip(value, default, strict=True)))
+    return default is None or isinstance(value, type(default))
+
+
+def check_option(owner: str, key: str, value: Any, default: Any) -> None:
+    """Raise :class:`ConfigError` naming ``owner`` and ``key`` unless ``value`` is of ``default``'s kind."""
+    if not _conforms(value, default):
+        kind = ("a positive integer" if isinstance(default, int) and not isinstance(default, bool) and default > 0
+                else "a finite number" if isinstance(default, float) else type(default).__name__)
+        raise ConfigError(f"{owner}: {key}={value!r} must be {kind} like its default ({default!r})")
+
+
+def check_count(name: str, value: Any, minimum: int) -> None:
+    """Raise :class:`TplimitsError` naming ``name`` unless ``value`` is an integer >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise TplimitsError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_real(name: str, value: Any, minimum: float | None = None) -> None:
+    """Raise :class:`TplimitsError` naming ``name`` unless ``value`` is a finite number (>= ``minimum``)."""
+    if (not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
+            or minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise TplimitsError(f"{name} must be a finite number{bound}, got {value!r}")

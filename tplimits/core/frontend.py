@@ -12,6 +12,7 @@ knows no registry.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from tplimits.core.lower import lower_trace
 from tplimits.core.program import Program
 from tplimits.core.trace import ModelPair, build_pair, infer_widths, trace_pair
-from tplimits.errors import TplimitsError
+from tplimits.errors import ConfigError, TplimitsError, check_option
 
 DEFAULT_WIDTH = 64
 
@@ -60,10 +61,7 @@ def resolve(arch: ArchitectureLike, example_inputs: ExampleInputs = None, base: 
     if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
         raise TplimitsError(f"width must be a positive integer, got {width!r}")
     if isinstance(arch, Architecture):
-        unknown = set(config) - set(arch.defaults)
-        if arch.defaults and unknown:
-            raise TplimitsError(f"architecture {arch.name!r} has no option(s) {sorted(unknown)}; "
-                                f"its options are {sorted(arch.defaults)}")
+        _check_options(arch, config)
         inputs = example_inputs if example_inputs is not None else arch.example_inputs(**config)
         n_a, n_b = arch.trace_widths
         return build_pair(lambda n: _module(arch.build(n, **config), arch.name), as_tuple(inputs), n_a, n_b,
@@ -83,10 +81,36 @@ def resolve(arch: ArchitectureLike, example_inputs: ExampleInputs = None, base: 
     if callable(arch):
         if example_inputs is None:
             raise TplimitsError("lowering a callable `width -> nn.Module` needs `example_inputs=`")
+        _check_signature(arch, config)
         n = width or DEFAULT_WIDTH
         return build_pair(lambda w: _module(arch(w, **config), arch), as_tuple(example_inputs), n, 2 * n, n)
     raise TplimitsError(f"cannot lower {type(arch).__name__!r}: pass a registered architecture name, a callable "
                         "`width -> nn.Module`, or an nn.Module with `base=`")
+
+
+def _check_options(arch: Architecture, config: Mapping[str, Any]) -> None:
+    """An architecture's options are its own and of the kind of their defaults (a count stays a positive
+    integer), so that a wrong value is named here rather than failing inside the model's constructor."""
+    unknown = set(config) - set(arch.defaults)
+    if arch.defaults and unknown:
+        raise TplimitsError(f"architecture {arch.name!r} has no option(s) {sorted(unknown)}; "
+                            f"its options are {sorted(arch.defaults)}")
+    for key, value in config.items():
+        check_option(f"architecture {arch.name!r}", key, value, arch.defaults.get(key))
+
+
+def _check_signature(build: Callable, config: Mapping[str, Any]) -> None:
+    """A callable ``width -> nn.Module`` must take the options it is given."""
+    try:
+        signature = inspect.signature(build)
+    except (TypeError, ValueError):  # a builtin or extension callable: nothing to check up front
+        return
+    try:
+        signature.bind(DEFAULT_WIDTH, **config)
+    except TypeError as error:
+        name = getattr(build, "__name__", repr(build))
+        raise ConfigError(f"{name}{signature} cannot be called as {name}(width, **{dict(config)!r}): {error}; "
+                          "options apply to a callable only if it takes them") from None
 
 
 def _module(model: Any, source: Any) -> torch.nn.Module:

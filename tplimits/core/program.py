@@ -40,7 +40,7 @@ import networkx as nx
 import torch
 
 from tplimits.core.interpret import FiniteInterpreter
-from tplimits.core.ir import Input, Instruction, Parameter, ParameterInfo, concrete_shape, format_layout
+from tplimits.core.ir import Input, Instruction, Parameter, ParameterInfo, concrete_shape, format_layout, width_axes
 
 # --------------------------------------------------------------------------------------------
 # The program
@@ -130,6 +130,10 @@ class Program:
         for ins in self.instructions:
             out[type(ins).__name__] = out.get(type(ins).__name__, 0) + 1
         return out
+
+    def scales_with_width(self) -> bool:
+        """Whether any value of the program has a width axis (else it is the same at every width)."""
+        return any(width_axes(getattr(ins, "layout", ())) for ins in self.instructions)
 
     # -- evaluation ----------------------------------------------------------------------------
 

@@ -19,14 +19,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 
-from tplimits.errors import Diverged, TplimitsError
-from tplimits.limit.runs import batch_schedule, blown_up, check_outputs, default_dtype, digest, explosion_bound
+from tplimits.errors import Diverged, TplimitsError, check_real
+from tplimits.limit.runs import (
+    batch_schedule,
+    blown_up,
+    check_dtype_device,
+    check_outputs,
+    data,
+    default_dtype,
+    digest,
+    explosion_bound,
+)
 from tplimits.registry.manager import loss as lookup_loss
 from tplimits.training.instantiate import instantiate_family
 
@@ -145,8 +154,13 @@ def finite_outputs(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int,
     return torch.stack(outputs)[:, :n_train]
 
 
-def _check_widths(widths: Sequence[int], seeds: int) -> None:
-    """Before any work: at least two distinct positive widths and two seeds."""
+def _check_arguments(widths: Sequence[int], seeds: int, max_slope: float, tolerance: float, trajectory: Any,
+                     dtype: torch.dtype) -> None:
+    """Before any work: at least two distinct positive widths and two seeds, finite thresholds, a trajectory
+    of :meth:`Limit.train` if one is given (the rest is checked by :meth:`Limit.train` or against the
+    trajectory's identity)."""
+    if not isinstance(widths, Sequence) or isinstance(widths, str):
+        raise TplimitsError(f"widths must be a sequence of positive integers, got {widths!r}")
     if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
         raise TplimitsError(f"widths must be positive integers, got {list(widths)}")
     if len(set(widths)) < 2 or len(set(widths)) != len(list(widths)):
@@ -154,6 +168,11 @@ def _check_widths(widths: Sequence[int], seeds: int) -> None:
                             "each once")
     if not isinstance(seeds, int) or seeds < 2:
         raise TplimitsError(f"seeds={seeds!r}: a check needs at least two seeds per width (for standard errors)")
+    check_real("max_slope", max_slope)
+    check_real("tolerance", tolerance, 0)
+    if trajectory is not None and not isinstance(getattr(trajectory, "identity", None), Mapping):
+        raise TplimitsError(f"trajectory must be a Trajectory returned by Limit.train, got {type(trajectory).__name__}")
+    check_dtype_device(dtype, "cpu")
 
 
 def _check_trajectory(trajectory: Trajectory, X: torch.Tensor, y: torch.Tensor, X_test: Any, steps: int, lr: float,
@@ -175,9 +194,9 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
           tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True,
           **train_options: Any) -> CheckReport:
     """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare."""
-    _check_widths(widths, seeds)
+    _check_arguments(widths, seeds, max_slope, tolerance, trajectory, dtype)
     widths = tuple(sorted(widths))
-    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    X, y = data("X", X), data("y", y)
     if trajectory is None:
         trajectory = limit.train(X, y, steps=steps, lr=lr, loss=loss, batch_size=batch_size, X_test=X_test,
                                  seed=0, dtype=dtype, progress=progress, **train_options)

@@ -27,10 +27,18 @@ from tqdm.auto import tqdm
 from tplimits.core.backprop import total_program
 from tplimits.core.frontend import ArchitectureLike, ExampleInputs
 from tplimits.core.ir import MatMul, Nonlin, Width, concrete_shape, fn_name, width_axes
-from tplimits.errors import CheckpointError, Diverged, TplimitsError
+from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
-from tplimits.limit.runs import batch_schedule, blown_up, digest, explosion_bound, standard_error
+from tplimits.limit.runs import (
+    batch_schedule,
+    blown_up,
+    check_dtype_device,
+    data,
+    digest,
+    explosion_bound,
+    standard_error,
+)
 from tplimits.optimizers.base import UpdateRule
 from tplimits.registry.manager import loss as lookup_loss
 from tplimits.training.classify import classify_program, optimizer_homogeneity
@@ -206,13 +214,13 @@ class Limit:
         loss_fn = lookup_loss(loss)
         _check_numbers(steps=steps, lr=lr, batch_size=batch_size, particles=particles, batches=batches, seed=seed,
                        checkpoint_every=checkpoint_every)
-        _check_dtype_device(dtype, device)
-        X, y = _data("X", X), _data("y", y)
+        check_dtype_device(dtype, device)
+        X, y = data("X", X), data("y", y)
         if len(y) != len(X):
             raise TplimitsError(f"X has {len(X)} rows but y has {len(y)}")
         Z = X
         if X_test is not None:
-            X_test = _data("X_test", X_test)
+            X_test = data("X_test", X_test)
             if X_test.shape[1:] != X.shape[1:]:
                 raise TplimitsError(f"X_test has rows of shape {tuple(X_test.shape[1:])}, X of {tuple(X.shape[1:])}")
             Z = torch.cat([X, X_test.to(X.dtype)])
@@ -222,6 +230,9 @@ class Limit:
             raise TplimitsError(f"particles ({particles}) must be a positive multiple of batches ({batches})")
         _check_particles(setup, particles // batches)
         self._check_memory(setup, particles, batches, dtype, torch.device(device))
+        kernels = _check_kernels(kernels, setup)
+        if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+            raise TplimitsError(f"checkpoint must be a file path (or None), got {type(checkpoint).__name__}")
         if checkpoint is not None and dots == "autograd":
             raise TplimitsError("checkpoints need dots='stein': an autograd graph over the training history "
                                 "cannot be saved")
@@ -229,7 +240,7 @@ class Limit:
             raise TplimitsError(f"checkpoint={checkpoint!r}: its directory does not exist; create it first")
         schedule = batch_schedule(len(X), batch_size, steps, seed)
         run = _Run(X, y, Z, len(X), steps, lr, loss_fn, schedule, particles, batches, seed, dtype, torch.device(device),
-                   dots, tuple(kernels), X_test is not None, explosion_bound(y))
+                   dots, kernels, X_test is not None, explosion_bound(y))
         return run, setup
 
     def _train_system(self, setup: LimitSetup, run: _Run, b: int, current: dict | None, bar: Any,
@@ -337,9 +348,6 @@ class Limit:
         return checking.check(self, X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, **options)
 
 
-FLOAT_DTYPES = (torch.float32, torch.float64)
-
-
 def _memory(device: torch.device) -> int:
     """Bytes of memory the device has (all of it: the estimate it is compared with is a lower bound)."""
     if device.type == "cuda":
@@ -351,43 +359,11 @@ def _check_numbers(**values: Any) -> None:
     """The numeric arguments of a run: whole numbers where counts are meant, finite and in range."""
     counts = {"steps": 0, "particles": 16, "batches": 1, "checkpoint_every": 1, "batch_size": 1}
     for name, minimum in counts.items():
-        value = values[name]
-        if value is None and name == "batch_size":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise TplimitsError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    lr = values["lr"]
-    if not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
-        raise TplimitsError(f"lr must be a finite number >= 0, got {lr!r}")
-    if not isinstance(values["seed"], int):
+        if values[name] is not None or name != "batch_size":
+            check_count(name, values[name], minimum)
+    check_real("lr", values["lr"], 0)
+    if not isinstance(values["seed"], int) or isinstance(values["seed"], bool):
         raise TplimitsError(f"seed must be an integer, got {values['seed']!r}")
-
-
-def _check_dtype_device(dtype: Any, device: Any) -> None:
-    if dtype not in FLOAT_DTYPES:
-        raise TplimitsError(f"dtype={dtype!r}: the limit engine runs in {[str(d) for d in FLOAT_DTYPES]} "
-                            "(half precision cannot hold the Gram matrices of the hats)")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise TplimitsError(f"device={device!r} is not a torch device (use 'cpu' or 'cuda')") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TplimitsError(f"device={str(device)!r}, but CUDA is not available here; use device='cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise TplimitsError(f"device={str(device)!r}: the limit engine runs on 'cpu' or 'cuda'")
-
-
-def _data(name: str, value: Any) -> torch.Tensor:
-    """``value`` as a tensor with at least one row and only finite entries."""
-    try:
-        t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TplimitsError(f"{name} must be a tensor (or array) of numbers, got {type(value).__name__}") from None
-    if t.ndim == 0 or len(t) == 0:
-        raise TplimitsError(f"{name} has no rows (shape {tuple(t.shape)})")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise TplimitsError(f"{name} has non-finite entries (NaN or inf): clean the data first")
-    return t
 
 
 def _partial(run: _Run, record: dict[str, list]) -> Trajectory | None:
@@ -457,14 +433,23 @@ def _check_particles(setup: LimitSetup, per_batch: int) -> None:
         raise TplimitsError(f"{per_batch} particles per batch is too few for a Monte Carlo limit")
 
 
+def _check_kernels(kernels: Any, setup: LimitSetup) -> tuple[str, ...]:
+    """The names of the program's vectors (values with one width axis) whose kernels are recorded."""
+    if isinstance(kernels, str) or not isinstance(kernels, Sequence):
+        raise TplimitsError(f"kernels must be a sequence of program value names, got {kernels!r}")
+    names = {ins.name for ins in setup.program.instructions}
+    for name in kernels:
+        if not isinstance(name, str) or name not in names:
+            raise TplimitsError(f"kernels: no program value %{name}; see `tpl.lower(...).format()` for the names")
+        layout = setup.program[name].layout
+        if len(width_axes(layout)) != 1:
+            raise TplimitsError(f"kernels: %{name} is not a vector (one width axis); it has layout {layout}")
+    return tuple(kernels)
+
+
 def _kernel(setup: LimitSetup, interp: Any, name: str) -> torch.Tensor:
     """``⟨x|x⟩`` of program value ``name`` over its components: [K, K]."""
-    if name not in interp.values:
-        raise TplimitsError(f"no program value %{name}; see `tpl.lower(...).format()` for the names")
-    layout = setup.program[name].layout
-    axes = width_axes(layout)
-    if len(axes) != 1:
-        raise TplimitsError(f"%{name} is not a vector (one width axis); it has layout {layout}")
+    axes = width_axes(setup.program[name].layout)
     x = interp.values[name].detach()
     x = x.movedim(axes[0], -1)
     x = x.reshape(-1, x.shape[-1])

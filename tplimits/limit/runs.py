@@ -14,12 +14,14 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from tplimits.errors import Diverged, TplimitsError
 
 EXPLOSION = 1e3
+FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def batch_schedule(n_train: int, batch_size: int | None, steps: int, seed: int) -> list[torch.Tensor]:
@@ -84,3 +86,31 @@ def digest(t: torch.Tensor) -> str:
     """A tensor's dtype, shape and a hash of its entries: its identity in a checkpoint or a trajectory."""
     t = t.detach().cpu().contiguous()
     return f"{t.dtype}{tuple(t.shape)}:" + hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+def data(name: str, value: Any) -> torch.Tensor:
+    """``value`` as a tensor with at least one row and only finite entries."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TplimitsError(f"{name} must be a tensor (or array) of numbers, got {type(value).__name__}") from None
+    if t.ndim == 0 or len(t) == 0:
+        raise TplimitsError(f"{name} has no rows (shape {tuple(t.shape)})")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise TplimitsError(f"{name} has non-finite entries (NaN or inf): clean the data first")
+    return t
+
+
+def check_dtype_device(dtype: Any, device: Any) -> None:
+    """A dtype and a device a run (the limit or a finite model) can use, or a named error."""
+    if dtype not in FLOAT_DTYPES:
+        raise TplimitsError(f"dtype={dtype!r}: the limit engine runs in {[str(d) for d in FLOAT_DTYPES]} "
+                            "(half precision cannot hold the Gram matrices of the hats)")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TplimitsError(f"device={device!r} is not a torch device (use 'cpu' or 'cuda')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TplimitsError(f"device={str(device)!r}, but CUDA is not available here; use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise TplimitsError(f"device={str(device)!r}: the limit engine runs on 'cpu' or 'cuda'")

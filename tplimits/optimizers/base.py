@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -18,7 +19,7 @@ import attrs
 import torch
 from torch import nn
 
-from tplimits.errors import ConfigError, PluginError
+from tplimits.errors import ConfigError, OptionError, PluginError, check_option
 
 State = dict[str, torch.Tensor]
 UpdateFn = Callable[[State, torch.Tensor, int, Mapping[str, Any]], tuple[torch.Tensor, State]]
@@ -127,13 +128,19 @@ class UpdateRule:
         return self
 
     def hyper(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The defaults updated with ``overrides``; unknown names raise ``TypeError``."""
+        """The defaults updated with ``overrides``; unknown names raise :class:`OptionError` (a ``TypeError``),
+        values not of their default's kind :class:`ConfigError`."""
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ConfigError(f"update rule {self.name!r}: hyperparameters must be a mapping {{name: value}}, got "
+                              f"{type(overrides).__name__}")
         overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - set(self.defaults))
+        unknown = sorted(set(overrides) - set(self.defaults), key=repr)
         if unknown:
-            raise TypeError(
+            raise OptionError(
                 f"update rule {self.name!r} has no hyperparameter(s) {unknown}; known: {sorted(self.defaults)}"
             )
+        for key, value in overrides.items():
+            check_option(f"update rule {self.name!r}", key, value, self.defaults[key])
         return {**self.defaults, **overrides}
 
     def homogeneity_for(self, hyper: Mapping[str, Any] | None = None) -> float | None:
@@ -154,17 +161,42 @@ class UpdateRule:
         return q
 
 
+def _param_list(params: Any) -> list:
+    """``params`` as a non-empty list of tensors or param-group dicts (what ``torch.optim`` accepts)."""
+    if isinstance(params, torch.Tensor) or not isinstance(params, Iterable) or isinstance(params, str | Mapping):
+        raise OptionError(f"params must be an iterable of parameters or param-group dicts (e.g. "
+                          f"model.parameters()), got {type(params).__name__}")
+    params = list(params)
+    if not params:
+        raise ConfigError("params is empty: the optimizer has no parameter to update")
+    bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor | dict)]
+    if bad:
+        raise OptionError(f"params must hold tensors or param-group dicts, got {sorted(set(bad))}")
+    return params
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_group(group: Mapping[str, Any]) -> None:
-    if group["lr"] < 0:
-        raise ValueError(f"lr must be >= 0, got {group['lr']}")
-    if group["lr_scale"] < 0:
-        raise ValueError(f"lr_scale (the n^-c factor) must be >= 0, got {group['lr_scale']}")
-    if group["grad_scale"] <= 0:
-        raise ValueError(f"grad_scale (the n^d factor) must be > 0, got {group['grad_scale']}")
-    if not 0 <= group["weight_decay"] <= 1:
-        raise ValueError(f"weight_decay is the decoupled lambda of Eq. 2.50, in [0, 1]; got {group['weight_decay']}")
-    if group["clip"] is not None and group["clip"] <= 0:
-        raise ValueError(f"clip (the threshold theta of Eq. 2.54) must be > 0 or None, got {group['clip']}")
+    """A param group's options, each a finite number in its range (``ConfigError``, also a ``ValueError``)."""
+    if not _real(group["lr"]) or group["lr"] < 0:
+        raise ConfigError(f"lr must be a finite number >= 0, got {group['lr']!r}")
+    if not _real(group["lr_scale"]) or group["lr_scale"] < 0:
+        raise ConfigError(f"lr_scale (the n^-c factor) must be a finite number >= 0, got {group['lr_scale']!r}")
+    if not _real(group["grad_scale"]) or group["grad_scale"] <= 0:
+        raise ConfigError(f"grad_scale (the n^d factor) must be a finite number > 0, got {group['grad_scale']!r}")
+    if not _real(group["weight_decay"]) or not 0 <= group["weight_decay"] <= 1:
+        raise ConfigError(f"weight_decay is the decoupled lambda of Eq. 2.50, in [0, 1]; got {group['weight_decay']!r}")
+    if group["clip"] is not None and (not _real(group["clip"]) or group["clip"] <= 0):
+        raise ConfigError(f"clip (the threshold theta of Eq. 2.54) must be a finite number > 0 or None, got "
+                          f"{group['clip']!r}")
+    if not isinstance(group["normalize"], bool):
+        raise ConfigError(f"normalize must be True or False, got {group['normalize']!r}")
+    rule = group["rule"]
+    for key, default in rule.defaults.items():
+        check_option(f"update rule {rule.name!r}", key, group[key], default)
 
 
 class TplimitsOptimizer(torch.optim.Optimizer):
@@ -186,10 +218,11 @@ class TplimitsOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], rule: UpdateRule, *, lr: float, **options: Any) -> None:
         if not isinstance(rule, UpdateRule):
-            raise TypeError(f"expected an UpdateRule, got {type(rule).__name__}; use make_optimizer for names")
+            raise OptionError(f"expected an UpdateRule, got {type(rule).__name__}; use make_optimizer for names")
+        params = _param_list(params)
         unknown = sorted(set(options) - _RESERVED - set(rule.defaults))
         if unknown:
-            raise TypeError(
+            raise OptionError(
                 f"unknown option(s) {unknown} for update rule {rule.name!r}; options: "
                 f"{sorted(['lr', *GROUP_OPTIONS])}, hyperparameters: {sorted(rule.defaults)}"
             )
@@ -202,7 +235,7 @@ class TplimitsOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         rule = param_group.get("rule", self.rule)
         if not isinstance(rule, UpdateRule):
-            raise TypeError(f"a param group's rule must be an UpdateRule, got {type(rule).__name__}")
+            raise OptionError(f"a param group's rule must be an UpdateRule, got {type(rule).__name__}")
         if rule is not self.rule:  # the group's own rule sets its defaults
             for key, value in {**GROUP_OPTIONS, **rule.option_defaults, **rule.defaults}.items():
                 param_group.setdefault(key, value)
@@ -255,23 +288,23 @@ class TplimitsOptimizer(torch.optim.Optimizer):
         driven = [g for g in self.param_groups if g["rule"].needs_activations]
         if not driven:
             if activations is not None:
-                raise ValueError(f"update rule {self.rule.name!r} is driven by gradients; it takes no activations")
+                raise ConfigError(f"update rule {self.rule.name!r} is driven by gradients; it takes no activations")
             return {}
         if activations is None:
             if not self._watched:
                 names = sorted({g["rule"].name for g in driven})
-                raise ValueError(f"update rule(s) {names} need the inputs of each parameter's layer: call "
+                raise ConfigError(f"update rule(s) {names} need the inputs of each parameter's layer: call "
                                  "step(activations={param: x})")
             missing = [id(p) for g in driven for p in g["params"] if id(p) in self._watched
                        and id(p) not in self._recorded]
             if missing:
-                raise ValueError("a rule-driven parameter's layer has not run since the last step: call the "
+                raise ConfigError("a rule-driven parameter's layer has not run since the last step: call the "
                                  "model before opt.step()")
             return dict(self._recorded)
         own = {id(p) for group in driven for p in group["params"]}
         stray = [tuple(k.shape) for k in activations if id(k) not in own]
         if stray:
-            raise ValueError(f"activations given for tensors that are not parameters of this optimizer: {stray}")
+            raise ConfigError(f"activations given for tensors that are not parameters of this optimizer: {stray}")
         return {id(p): x for p, x in activations.items()}
 
     @torch.no_grad()
@@ -321,9 +354,9 @@ class TplimitsOptimizer(torch.optim.Optimizer):
 def _batch_rows(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The layer inputs ``x`` of matrix ``R`` as rows ``[K, n_in]`` (leading axes flattened)."""
     if R.ndim != 2:
-        raise ValueError(f"a matrix driven by layer inputs must be 2-d, got shape {tuple(R.shape)}")
+        raise ConfigError(f"a matrix driven by layer inputs must be 2-d, got shape {tuple(R.shape)}")
     if x.shape[-1] != R.shape[1]:
-        raise ValueError(f"layer inputs of shape {tuple(x.shape)} do not match R of shape {tuple(R.shape)}")
+        raise ConfigError(f"layer inputs of shape {tuple(x.shape)} do not match R of shape {tuple(R.shape)}")
     return x.detach().reshape(-1, R.shape[1])
 
 
