@@ -271,3 +271,54 @@ def test_derive_refuses_what_train_could_not_use():
 def test_train_kernels_are_checked_before_training(limit, data, kernels, match):
     with pytest.raises(tpl.TplimitsError, match=f"kernels: {match}" if kernels else match):
         limit.train(*data, steps=1, particles=64, kernels=kernels, progress=False)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("tplimits: error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["inspect", "mlp", "--bogus", "3"], "unrecognized arguments: --bogus 3"),
+    (["check", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["check", "--loss", "hinge"], "argument --loss: invalid choice: 'hinge'"),
+    ([], "a command is required"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_cli_bad_options_are_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    assert match in _one_line_error(capsys)
+
+
+def test_cli_missing_module_is_one_line(capsys):
+    assert main(["inspect", "no_such_module_xyz:make", "--inputs", "no_such_module_xyz:inputs"]) == 2
+    assert "ModuleNotFoundError" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("source, where", [
+    ("import torch\ndef make(width):\n    raise ValueError('width too odd')\ninputs = (torch.randn(2, 3),)\n", "make"),
+    ("undefined_name + 1\n", "<module>"),
+])
+def test_cli_errors_raised_in_user_code_are_one_line(tmp_path, capsys, source, where):
+    path = tmp_path / "user_model.py"
+    path.write_text(source)
+    assert main(["inspect", f"{path}:make", "--inputs", f"{path}:inputs"]) == 2
+    err = _one_line_error(capsys)
+    assert f"(raised at {path}:" in err and f"in {where};" in err and "--debug" in err
+    assert ("ValueError: width too odd" if where == "make" else "NameError") in err
+    with pytest.raises(ValueError if where == "make" else NameError):
+        main(["--debug", "inspect", f"{path}:make", "--inputs", f"{path}:inputs"])
+
+
+def test_a_model_without_width_warns(tmp_path, capsys):
+    x = torch.randn(2, 3)
+    with pytest.warns(tpl.NoWidthWarning, match="nothing in this model scales with width"):
+        program = tpl.lower(lambda width: torch.nn.Linear(3, 2), example_inputs=(x,))
+    assert not program.scales_with_width() and tpl.lower("mlp", depth=1).scales_with_width()
+    path = tmp_path / "fixed.py"
+    path.write_text("import torch\ndef make(width):\n    return torch.nn.Linear(3, 2)\ninputs = (torch.randn(2, 3),)\n")
+    assert main(["inspect", f"{path}:make", "--inputs", f"{path}:inputs"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("tplimits: warning: nothing in this model scales with width") and len(err.splitlines()) == 1

@@ -7,14 +7,19 @@ import ast
 import importlib
 import importlib.util
 import sys
+import traceback
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from tplimits.api import coord_check, derive, lower
-from tplimits.errors import TplimitsError
+from tplimits.core.program import Program
+from tplimits.errors import NoWidthWarning, TplimitsError
 from tplimits.registry.manager import list_architectures
+
+_USER_FILES: set[str] = set()  # files of the modules `module:attr` / `file.py:attr` arguments were loaded from
 
 
 def _parse_config(items: list[str]) -> dict[str, Any]:
@@ -48,11 +53,15 @@ def load_object(path: str) -> Any:
 
 def _import_user_module(module_path: str) -> Any:
     if not module_path.endswith(".py"):
+        spec = importlib.util.find_spec(module_path)
+        if spec is not None and spec.origin:
+            _USER_FILES.add(spec.origin)
         return importlib.import_module(module_path)
     file = Path(module_path)
     if not file.exists():
         raise TplimitsError(f"no file {module_path!r}")
     spec = importlib.util.spec_from_file_location(file.stem, file)
+    _USER_FILES.add(spec.origin)
     module = importlib.util.module_from_spec(spec)
     sys.modules[file.stem] = module
     spec.loader.exec_module(module)
@@ -67,16 +76,14 @@ def inspect_command(args: argparse.Namespace) -> int:
         config["width"] = args.width
     if args.dtype == "float64":
         torch.set_default_dtype(torch.float64)
-    if args.target in list_architectures():
-        program = lower(args.target, **config)
-    else:
-        build = load_object(args.target)
-        if args.inputs is None:
-            raise TplimitsError("a `module:attr` model needs --inputs `module:attr` (a tuple of example inputs, "
-                                "or a callable returning one)")
-        inputs = load_object(args.inputs)
-        inputs = inputs() if callable(inputs) else inputs
-        program = lower(build, example_inputs=inputs, **config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoWidthWarning)
+        program = _lower_target(args, config)
+    for warning in caught:
+        if issubclass(warning.category, NoWidthWarning):
+            print(f"tplimits: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print(program.format(origins=args.origins))
     print()
     print(program.parameter_table())
@@ -85,6 +92,18 @@ def inspect_command(args: argparse.Namespace) -> int:
     for note in program.notes:
         print("note:", note)
     return 0
+
+
+def _lower_target(args: argparse.Namespace, config: dict[str, Any]) -> Program:
+    if args.target in list_architectures():
+        return lower(args.target, **config)
+    build = load_object(args.target)
+    if args.inputs is None:
+        raise TplimitsError("a `module:attr` model needs --inputs `module:attr` (a tuple of example inputs, "
+                            "or a callable returning one)")
+    inputs = load_object(args.inputs)
+    inputs = inputs() if callable(inputs) else inputs
+    return lower(build, example_inputs=inputs, **config)
 
 
 def coordcheck_command(args: argparse.Namespace) -> int:
@@ -129,9 +148,18 @@ def check_command(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tplimits", description="Infinite-width limits of PyTorch models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are user errors like any other: one line, status 2 (not argparse's usage
+    block and ``SystemExit``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise TplimitsError(f"{message} (see `{self.prog} --help`)")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="tplimits", description="Infinite-width limits of PyTorch models.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command")  # checked after parsing, so that `tplimits --bogus` names --bogus
     inspect = sub.add_parser("inspect", help="lower a model and print its Tensor Program and parameter table")
     inspect.add_argument("target", nargs="?", default="transformer",
                          help="a registered architecture name, or `module:attr` / `file.py:attr` giving a "
@@ -152,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--steps", type=int, default=3)
     check.add_argument("--seeds", type=int, default=2)
     check.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    _check_parser(sub)
+    return parser
+
+
+def _check_parser(sub: Any) -> None:
     limit = sub.add_parser("check", help="the μ-limit of an MLP on scikit-learn's digits against finite widths")
     limit.add_argument("--optimizer", default="sgd")
     limit.add_argument("--lr", type=float, default=0.5)
@@ -166,18 +199,48 @@ def main(argv: list[str] | None = None) -> int:
     limit.add_argument("--plot", default="tplimits-check.png", help="where to save the PNG ('' for none)")
     limit.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE")
     limit.add_argument("--quiet", action="store_true")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    args = parser.parse_args(argv)
+
+
+def _parse(parser: _Parser, argv: list[str]) -> argparse.Namespace:
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error("a command is required: inspect, coordcheck or check")
+    return args
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "coordcheck":
+        return coordcheck_command(args)
+    if args.command == "check":
+        return check_command(args)
+    return inspect_command(args)
+
+
+def _user_frame(error: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of ``error``'s traceback in a file the user gave the CLI (None: not raised there)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename in _USER_FILES]
+    return frames[-1] if frames else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
-        if args.command == "coordcheck":
-            return coordcheck_command(args)
-        if args.command == "check":
-            return check_command(args)
-        return inspect_command(args)
+        return _run(_parse(_parser(), argv))
     except TplimitsError as error:
-        if args.debug:
+        if debug:
             raise
         print(f"tplimits: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        # Only an error raised in the user's own file is the user's (a bug of tplimits keeps its traceback).
+        frame = _user_frame(error)
+        if debug or frame is None:
+            raise
+        print(f"tplimits: error: {type(error).__name__}: {error} (raised at {frame.filename}:{frame.lineno} in "
+              f"{frame.name}; rerun with --debug for the traceback)", file=sys.stderr)
         return 2
 
 
