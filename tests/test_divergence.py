@@ -4,6 +4,8 @@ refused by name (see docs/limit.md, 'Divergence' and 'Checkpoints')."""
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch
 import tplimits as tpl
 from tplimits.cli import main
 from tplimits.errors import CheckpointError, Diverged
-from tplimits.limit.check import finite_outputs
+from tplimits.limit.check import compare, finite_outputs
+from tplimits.limit.limit import Trajectory
 from tplimits.limit.runs import batch_schedule
 
 
@@ -95,3 +98,54 @@ def test_unreadable_checkpoints_are_named(tmp_path, data):
     with pytest.raises(tpl.TplimitsError, match="checkpoint=.*directory does not exist"):
         limit.train(X, y, steps=2, particles=256, dots="stein", checkpoint=str(tmp_path / "no" / "run.pt"),
                     progress=False)
+
+
+# -- gaps judged against the trajectory's own scale (docs/limit.md, "Verdict") ---------------------------------------
+WIDTHS = (64, 256, 1024)
+
+
+def _synthetic(scale: float, noise: float, seeds: int = 4, seed: int = 0) -> tuple[torch.Tensor, Trajectory]:
+    """A limit trajectory of size ``scale`` and finite runs around it whose deviations shrink as ``width^-1/2``
+    from ``noise * scale`` at the smallest width."""
+    g = torch.Generator().manual_seed(seed)
+    lim = scale * torch.randn(4, 5, generator=g, dtype=torch.float64)
+    runs = torch.stack([torch.stack([lim + noise * scale * (w / WIDTHS[0]) ** -0.5 * torch.randn(4, 5, generator=g,
+                                                                                                 dtype=torch.float64)
+                                     for _ in range(seeds)]) for w in WIDTHS])
+    zeros = torch.zeros_like(lim)
+    traj = Trajectory(outputs=lim, outputs_se=zeros, loss=zeros[:, 0], loss_se=zeros[:, 0], test_outputs=None,
+                      test_outputs_se=None, kernels={}, kernels_se={}, particles=1024, batches=4, dots="stein",
+                      seconds=0.0)
+    return runs, traj
+
+
+def test_the_verdict_does_not_depend_on_the_units_of_the_outputs():
+    runs, traj = _synthetic(1.0, 0.2)
+    lim = traj.outputs
+    expected_scale = max(float(lim.square().mean().sqrt()), float((lim - lim[0]).square().mean().sqrt()))
+    expected = (runs.mean(1) - lim).flatten(1).square().mean(1).sqrt() / expected_scale
+    for c in (1e-12, 1.0, 1e12):
+        report = compare(c * runs, attrs.evolve(traj, outputs=c * lim), WIDTHS)
+        assert report.passed and not report.exact, report.format()
+        assert report.scale == pytest.approx(c * expected_scale, rel=1e-12)
+        torch.testing.assert_close(report.relative_mean_gap, expected, rtol=1e-9, atol=0)
+        assert report.slope == pytest.approx(compare(runs, traj, WIDTHS).slope, rel=1e-9)
+
+
+def test_runs_equal_to_the_limit_up_to_rounding_pass():
+    """Gaps of zero (or rounding) used to give a NaN or meaningless slope and FAILED; they are agreement."""
+    for noise in (0.0, 1e-13):
+        runs, traj = _synthetic(1e-9, noise)
+        report = compare(runs, traj, WIDTHS)
+        assert report.exact and report.passed and math.isfinite(report.slope), report.format()
+        assert "exact agreement" in report.format()
+
+
+def test_noise_as_large_as_the_outputs_cannot_pass():
+    """Finite runs whose seed mean is off by the trajectory's whole scale, with standard errors as large: within
+    3 standard errors and a slope of -1/2, which passed before — but nothing was resolved."""
+    runs, traj = _synthetic(1e6, 8.0)
+    report = compare(runs, traj, WIDTHS)
+    assert report.mean_gap[-1] <= report.tolerance * report.mean_gap_se[-1] and report.slope <= report.max_slope
+    assert report.relative_mean_gap[-1] > report.max_relative_gap
+    assert not report.agrees and not report.passed and "FAILED" in report.format()

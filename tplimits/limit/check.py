@@ -13,6 +13,14 @@ Two numbers per width, both with standard errors over seeds:
 * ``mean_gap``: the RMS distance between the seed-averaged outputs and the limit, against
   ``mean_gap_se``, the RMS of their combined standard error (seeds and particles). At the largest
   width the limit must agree with the seed average within ``3`` of those.
+
+Both are also judged against the trajectory's own scale ``S`` (:func:`trajectory_scale`: the RMS of
+the limit's outputs or of their movement from initialization, whichever is larger), so that the
+verdict does not depend on the units of the outputs: at the largest width the seed average must also
+be within ``max_relative_gap · S`` of the limit (agreeing "within 3 standard errors" says nothing
+when the standard errors are as large as the outputs themselves), and gaps below the numerical
+resolution ``√eps · S`` are agreement (finite runs that equal the limit to rounding pass, with a
+finite slope, instead of fitting a slope to rounding errors).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from tplimits.limit.runs import (
     default_dtype,
     digest,
     explosion_bound,
+    rms,
 )
 from tplimits.registry.manager import loss as lookup_loss
 from tplimits.training.instantiate import instantiate_family
@@ -60,16 +69,38 @@ class CheckReport:
     max_slope: float
     tolerance: float
     seconds_finite: float
+    scale: float = 1.0  # the trajectory's own scale S (trajectory_scale)
+    resolution: float = 0.0  # gaps at or below it are rounding: sqrt(eps) * S
+    max_relative_gap: float = 0.5
+
+    @property
+    def relative_gap(self) -> torch.Tensor:
+        """``gap / S``: the gap per width in units of the trajectory's own scale."""
+        return _relative(self.gap, self.scale)
+
+    @property
+    def relative_mean_gap(self) -> torch.Tensor:
+        """``mean_gap / S``."""
+        return _relative(self.mean_gap, self.scale)
+
+    @property
+    def exact(self) -> bool:
+        """Every finite run equals the limit to numerical resolution (there is no gap to fit a slope to)."""
+        return bool((self.gap <= self.resolution).all())
 
     @property
     def agrees(self) -> bool:
-        """The seed-averaged largest-width outputs are within ``tolerance`` standard errors of the limit."""
-        return bool(self.mean_gap[-1] <= self.tolerance * self.mean_gap_se[-1])
+        """The seed-averaged largest-width outputs are within ``tolerance`` standard errors of the limit,
+        and within ``max_relative_gap`` of the trajectory's scale."""
+        if self.exact:
+            return True
+        within_se = bool(self.mean_gap[-1] <= self.tolerance * self.mean_gap_se[-1])
+        return within_se and bool(self.relative_mean_gap[-1] <= self.max_relative_gap)
 
     @property
     def converges(self) -> bool:
         """The gap shrinks with width at least as fast as ``width^max_slope``."""
-        return self.slope <= self.max_slope
+        return self.exact or self.slope <= self.max_slope
 
     @property
     def passed(self) -> bool:
@@ -82,6 +113,9 @@ class CheckReport:
                          f"{self.mean_gap_se[i]:>9.4f}")
         lines.append(f"fitted slope of the gap: {self.slope:.3f} (pass: <= {self.max_slope}); largest width within "
                      f"{self.mean_gap[-1] / self.mean_gap_se[-1]:.2f} standard errors (pass: <= {self.tolerance})")
+        lines.append(f"trajectory scale {self.scale:.4g}: largest width's mean gap {self.relative_mean_gap[-1]:.3g} "
+                     f"of it (pass: <= {self.max_relative_gap})"
+                     + ("; every gap is below the numerical resolution: exact agreement" if self.exact else ""))
         lines.append(f"limit: {self.limit.particles} particles in {self.limit.batches} batches, {self.limit.dots} "
                      f"dots, {self.limit.seconds:.1f} s; finite widths {self.seconds_finite:.1f} s")
         lines.append("PASSED" if self.passed else "FAILED")
@@ -192,9 +226,10 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
           steps: int = 50, lr: float = 0.1, loss: Any = "mse", batch_size: int | None = None,
           X_test: torch.Tensor | None = None, dtype: torch.dtype = torch.float64, max_slope: float = -0.4,
           tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True,
-          **train_options: Any) -> CheckReport:
-    """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare."""
+          max_relative_gap: float = 0.5, **train_options: Any) -> CheckReport:
+    """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare (:func:`compare`)."""
     _check_arguments(widths, seeds, max_slope, tolerance, trajectory, dtype)
+    check_real("max_relative_gap", max_relative_gap, 0)
     widths = tuple(sorted(widths))
     X, y = data("X", X), data("y", y)
     if trajectory is None:
@@ -215,19 +250,44 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
         for w in widths
     ])  # [widths, seeds, steps+1, M, ...]
     seconds = time.perf_counter() - start
+    return compare(runs, trajectory, widths, max_slope=max_slope, tolerance=tolerance,
+                   max_relative_gap=max_relative_gap, seconds_finite=seconds)
+
+
+def trajectory_scale(outputs: torch.Tensor) -> float:
+    """The scale ``S`` a trajectory's gaps are judged against: the RMS over steps and outputs of
+    ``outputs`` ``[steps+1, ...]`` or of their movement from step 0, whichever is larger (outputs that
+    start at zero are measured by how far they move)."""
+    return max(rms(outputs), rms(outputs - outputs[:1]))
+
+
+def compare(runs: torch.Tensor, trajectory: Trajectory, widths: tuple[int, ...], max_slope: float = -0.4,
+            tolerance: float = 3.0, max_relative_gap: float = 0.5, seconds_finite: float = 0.0) -> CheckReport:
+    """The report of finite ``runs`` ``[widths, seeds, steps+1, ...]`` against the limit's ``trajectory``."""
+    seeds = runs.shape[1]
     lim = trajectory.outputs.to(runs.dtype)
     lim_se = trajectory.outputs_se.to(runs.dtype)
-    diff = runs - lim
-    per_seed = diff.flatten(2).square().mean(-1).sqrt()  # [widths, seeds]
+    per_seed = (runs - lim).flatten(2).square().mean(-1).sqrt()  # [widths, seeds]
     gap = per_seed.mean(1)
     gap_se = per_seed.std(1) / math.sqrt(seeds)
     finite_mean = runs.mean(1)
     finite_se = runs.std(1) / math.sqrt(seeds)
     mean_gap = (finite_mean - lim).flatten(1).square().mean(-1).sqrt()
     mean_gap_se = (finite_se.square() + lim_se.square()).flatten(1).mean(-1).sqrt()
+    scale = trajectory_scale(lim)
+    resolution = math.sqrt(torch.finfo(runs.dtype).eps) * scale
     logw = torch.tensor(widths, dtype=torch.float64).log()
-    logg = gap.to(torch.float64).log()
+    # rounding-level gaps are clamped to the resolution (a log of 0 has no slope)
+    logg = gap.to(torch.float64).clamp_min(max(resolution, torch.finfo(torch.float64).tiny)).log()
     slope = float(((logw - logw.mean()) * (logg - logg.mean())).sum() / (logw - logw.mean()).square().sum())
     return CheckReport(widths=widths, seeds=seeds, limit=trajectory, finite_mean=finite_mean, finite_se=finite_se,
                        gap=gap, gap_se=gap_se, mean_gap=mean_gap, mean_gap_se=mean_gap_se, slope=slope,
-                       max_slope=max_slope, tolerance=tolerance, seconds_finite=seconds)
+                       max_slope=max_slope, tolerance=tolerance, seconds_finite=seconds_finite, scale=scale,
+                       resolution=resolution, max_relative_gap=max_relative_gap)
+
+
+def _relative(gap: torch.Tensor, scale: float) -> torch.Tensor:
+    """``gap / scale``; with no scale at all a zero gap is 0 and any other infinite."""
+    if scale > 0:
+        return gap / scale
+    return torch.where(gap > 0, torch.inf, 0.0).to(gap.dtype)
