@@ -144,7 +144,7 @@ def test_runs_equal_to_the_limit_up_to_rounding_pass():
 def test_noise_as_large_as_the_outputs_cannot_pass():
     """Finite runs whose seed mean is off by the trajectory's whole scale, with standard errors as large: within
     3 standard errors and a slope of -1/2, which passed before — but nothing was resolved."""
-    runs, traj = _synthetic(1e6, 8.0)
+    runs, traj = _synthetic(1e6, 16.0)
     report = compare(runs, traj, WIDTHS)
     assert report.mean_gap[-1] <= report.tolerance * report.mean_gap_se[-1] and report.slope <= report.max_slope
     assert report.relative_mean_gap[-1] > report.max_relative_gap

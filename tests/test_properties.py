@@ -165,8 +165,10 @@ def test_derive(arch, kwargs, config):
 
 
 TRAIN = {
-    "X": X, "y": Y, "steps": st.integers(0, 2), "lr": st.sampled_from([0.0, 0.1, 0.5]),
-    "loss": st.sampled_from(["mse", lambda out, y: (out - y).square().mean()]),
+    "X": st.sampled_from([X, X.float(), X.tolist()]),
+    "y": st.sampled_from([Y, Y.float(), Y.tolist(), Y[:3], Y.squeeze(1), torch.tensor([0, 1, 0, 1])]),
+    "steps": st.integers(0, 2), "lr": st.sampled_from([0.0, 0.1, 0.5]),
+    "loss": st.sampled_from(["mse", "cross_entropy", lambda out, y: (out - y).square().mean()]),
     "batch_size": st.sampled_from([None, 1, 2, 4, 9]), "X_test": st.sampled_from([None, X[:2]]),
     "particles": st.sampled_from([64, 128]), "seed": st.integers(0, 3), "device": "cpu",
     "dtype": st.sampled_from([torch.float32, torch.float64]), "batches": st.sampled_from([1, 2, 4]),

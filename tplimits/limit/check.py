@@ -71,7 +71,7 @@ class CheckReport:
     seconds_finite: float
     scale: float = 1.0  # the trajectory's own scale S (trajectory_scale)
     resolution: float = 0.0  # gaps at or below it are rounding: sqrt(eps) * S
-    max_relative_gap: float = 0.5
+    max_relative_gap: float = 1.0
 
     @property
     def relative_gap(self) -> torch.Tensor:
@@ -226,7 +226,7 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
           steps: int = 50, lr: float = 0.1, loss: Any = "mse", batch_size: int | None = None,
           X_test: torch.Tensor | None = None, dtype: torch.dtype = torch.float64, max_slope: float = -0.4,
           tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True,
-          max_relative_gap: float = 0.5, **train_options: Any) -> CheckReport:
+          max_relative_gap: float = 1.0, **train_options: Any) -> CheckReport:
     """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare (:func:`compare`)."""
     _check_arguments(widths, seeds, max_slope, tolerance, trajectory, dtype)
     check_real("max_relative_gap", max_relative_gap, 0)
@@ -262,7 +262,7 @@ def trajectory_scale(outputs: torch.Tensor) -> float:
 
 
 def compare(runs: torch.Tensor, trajectory: Trajectory, widths: tuple[int, ...], max_slope: float = -0.4,
-            tolerance: float = 3.0, max_relative_gap: float = 0.5, seconds_finite: float = 0.0) -> CheckReport:
+            tolerance: float = 3.0, max_relative_gap: float = 1.0, seconds_finite: float = 0.0) -> CheckReport:
     """The report of finite ``runs`` ``[widths, seeds, steps+1, ...]`` against the limit's ``trajectory``."""
     seeds = runs.shape[1]
     lim = trajectory.outputs.to(runs.dtype)
