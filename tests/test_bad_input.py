@@ -322,3 +322,11 @@ def test_a_model_without_width_warns(tmp_path, capsys):
     assert main(["inspect", f"{path}:make", "--inputs", f"{path}:inputs"]) == 0
     err = capsys.readouterr().err
     assert err.startswith("tplimits: warning: nothing in this model scales with width") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("verb", [tpl.derive, lambda arch, **kw: tpl.instantiate(arch, width=16, **kw)])
+def test_update_rules_must_be_a_mapping(verb):
+    with pytest.raises(tpl.TplimitsError, match="update_rules must be a mapping \\{parameter pattern: rule\\}.*got 3"):
+        verb("mlp", update_rules=3)
+    with pytest.raises(tpl.PluginError, match="optimizer must be a registered name or an UpdateRule, got int"):
+        verb("mlp", update_rules={"*.weight": 3})

@@ -42,7 +42,17 @@ def _architecture(arch: Arch) -> ArchitectureLike | Family:
 def _update_rules(arch: ArchitectureLike, extra: Rules | None) -> dict[str, UpdateRule]:
     """The non-gradient rules by parameter pattern: the architecture's own, then ``extra``."""
     own = arch.update_rules if isinstance(arch, Architecture) else {}
-    return {pattern: registry.optimizer(rule) for pattern, rule in {**own, **dict(extra or {})}.items()}
+    return {pattern: registry.optimizer(rule) for pattern, rule in {**own, **_rules(extra)}.items()}
+
+
+def _rules(update_rules: Any) -> dict[str, str | UpdateRule]:
+    """``update_rules`` checked: a mapping from parameter-name patterns to rules (names or UpdateRules)."""
+    if update_rules is None:
+        return {}
+    if not isinstance(update_rules, Mapping) or not all(isinstance(k, str) for k in update_rules):
+        raise TplimitsError(f"update_rules must be a mapping {{parameter pattern: rule}}, e.g. "
+                            f"{{'*.decorrelation': 'decorrelation'}}, got {update_rules!r}")
+    return dict(update_rules)
 
 
 def lower(arch: Arch, example_inputs: ExampleInputs = None, base: nn.Module | None = None, **config: Any) -> Program:
@@ -101,7 +111,7 @@ def instantiate(arch: Arch, *, width: int, param: str | Parametrization = "muP",
     param, rule = registry.parametrization(param), registry.optimizer(optimizer)
     rule.hyper(optimizer_options)  # unknown or ill-typed hyperparameters fail here, before lowering
     fam = family(arch, example_inputs, base, **config)
-    extra = {pattern: registry.optimizer(r) for pattern, r in dict(update_rules or {}).items()}
+    extra = {pattern: registry.optimizer(r) for pattern, r in _rules(update_rules).items()}
     return instantiate_family(fam, width=width, param=param, rule=rule, lr=lr, seed=seed, center=center,
                               weight_decay=weight_decay, clip=clip, optimizer_options=optimizer_options,
                               update_rules=extra)
