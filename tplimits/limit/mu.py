@@ -46,6 +46,7 @@ class LimitSetup:
     hyper: Mapping[str, Any]
     weight_decay: float
     clip: float | None
+    regime: str = "feature learning"  # or "operator": the NT limit (tplimits.limit.nt)
 
     @property
     def program(self) -> Program:
@@ -61,8 +62,9 @@ class ParticleNetwork:
     """One independent particle system of ``particles`` particles, trained step by step."""
 
     def __init__(self, setup: LimitSetup, particles: int, seed: int, dtype: torch.dtype, device: str | torch.device,
-                 dots: str, lr: float, steps: int) -> None:
+                 dots: str, lr: float, steps: int, frozen: bool = False) -> None:
         self.setup = setup
+        self.frozen = frozen  # the kets at initialization only (NT limit): no operator keeps its updates
         self.P = particles
         self.dtype = dtype
         self.device = torch.device(device)
@@ -122,7 +124,7 @@ class ParticleNetwork:
             else:
                 raise TplimitsError(f"parameter {name!r}: a matrix initialized to the constant {init.value} is "
                                     "not an operator of bounded norm; initialize it randomly, to zero or to c·I")
-            dense = name in self.setup.chosen and not self._low_rank()
+            dense = name in self.setup.chosen and not self._low_rank() and not self.frozen
             self.operators[name] = MatrixOperator(name, shape, in_axis, out_axis, op_init, scale, dense,
                                                   self.generator, self.dtype, self.device, self.dots)
             return
