@@ -191,3 +191,30 @@ def test_centered_mu_limit_agrees_with_centered_training():
                          progress=False)
     assert torch.count_nonzero(report.limit.outputs[0]) == 0
     assert report.passed, report.format()
+
+
+def test_mse_closed_form_equals_the_kernel_recursion():
+    """Eigendecomposition against stepping f_{t+1} = f_t − lr·K·χ_t with the same kernel; flow at small lr
+    against many small steps."""
+    X, y = _data(3, 5, outputs=2)
+    limit = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=1, d_in=3, d_out=2, activation="tanh")
+    K = limit.kernel(X, particles=2**10, batches=2)
+    flat = K.value.permute(0, 2, 1, 3).reshape(10, 10)
+    f, loss, rows = torch.zeros(5, 2), tpl.loss("mse"), torch.arange(5)
+    stepped = [f]
+    for _ in range(7):
+        f = f - 0.3 * (flat @ loss.error_signal(f, y, rows).reshape(-1)).reshape(5, 2)
+        stepped.append(f)
+    assert torch.allclose(K.mse_outputs(y, 0.3, 7), torch.stack(stepped), rtol=1e-10, atol=1e-12)
+    fine = K.mse_outputs(y, 1e-3, 3000)[-1]
+    assert torch.allclose(K.mse_outputs(y, 1.0, 3, flow=True)[-1], fine, rtol=1e-3, atol=1e-4)
+
+
+def test_nt_limit_of_sgd_equals_its_kernel_closed_form():
+    """train() and the closed form with the kernel of the same systems (same seed): the same outputs."""
+    X, y = _data(3, 4)
+    limit = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=3, activation="tanh")
+    traj = limit.train(X, y, steps=5, lr=0.2, particles=2**9, batches=1, center=True, dots="stein",
+                       progress=False)
+    K = limit.kernel(X, particles=2**9, batches=1, dots="stein")
+    assert torch.allclose(traj.outputs, K.mse_outputs(y, 0.2, 5), rtol=1e-8, atol=1e-10)

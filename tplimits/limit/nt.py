@@ -62,6 +62,30 @@ class Kernel:
     def shape(self) -> torch.Size:
         return self.value.shape
 
+    def mse_outputs(self, y: torch.Tensor, lr: float, steps: int, f0: torch.Tensor | None = None,
+                    flow: bool = False) -> torch.Tensor:
+        """The closed form of full-batch training by SGD on the ``mse`` loss (mean over rows and outputs) with
+        this NTK of the training inputs: the residual ``r = f − y`` obeys ``r_{t+1} = (I − A) r_t`` with
+        ``A = 2·lr·K / (N·e)``, solved through the eigendecomposition of ``K``; ``flow=True`` gives gradient
+        flow at times ``t·lr``, ``r(t) = exp(−A t) r_0``. ``f0``: the initial outputs (default 0, centered).
+        Returns ``[steps+1, N, e]`` (``[steps+1, N]`` for a one-dimensional ``y``)."""
+        if self.kind != "ntk" or self.value.shape[0] != self.value.shape[1]:
+            raise TplimitsError("mse_outputs needs the NTK of the training inputs with themselves "
+                                "(limit.kernel(X, kind='ntk'))")
+        targets = y.reshape(self.value.shape[0], -1).to(self.value.dtype)
+        e = targets.shape[1]
+        K = self.value if self.value.ndim == 2 else self.value.permute(0, 2, 1, 3)
+        K = K.reshape(targets.numel(), targets.numel())
+        evals, evecs = torch.linalg.eigh((K + K.T) / 2)
+        rate = 2 * lr * evals / targets.numel()
+        start = torch.zeros_like(targets) if f0 is None else f0.reshape(targets.shape).to(targets.dtype)
+        r0 = evecs.T @ (start - targets).reshape(-1)
+        times = torch.arange(steps + 1, dtype=rate.dtype)[:, None]
+        decay = torch.exp(-rate * times) if flow else (1 - rate) ** times
+        outputs = (decay * r0) @ evecs.T + targets.reshape(-1)
+        return outputs.reshape(steps + 1, *y.shape) if e == 1 and y.ndim == 1 else outputs.reshape(
+            steps + 1, -1, e)
+
 
 @attrs.frozen
 class MatrixTangent:
