@@ -218,3 +218,23 @@ def test_nt_limit_of_sgd_equals_its_kernel_closed_form():
                        progress=False)
     K = limit.kernel(X, particles=2**9, batches=1, dots="stein")
     assert torch.allclose(traj.outputs, K.mse_outputs(y, 0.2, 5), rtol=1e-8, atol=1e-10)
+
+
+def test_resnet_sgd_agrees_with_ntp_training():
+    limit = tpl.derive("resnet", optimizer="sgd", param="NTP", stages=1, image_size=4, batch=2, num_classes=3)
+    X = tpl.architecture("resnet").example_inputs(image_size=4, batch=2)[0]
+    y = torch.tensor([0, 2])
+    report = limit.check(X, y, widths=[16, 64, 256], seeds=6, steps=3, lr=0.5, loss="cross_entropy", center=True,
+                         particles=2**12, progress=False)
+    assert report.passed, report.format()
+
+
+def test_transformer_adam_agrees_with_ntp_training():
+    config = dict(n_layers=1, n_heads=2, vocab=4, seq_len=2, batch=2)
+    limit = tpl.derive("transformer", optimizer="adam", param="NTP", **config)
+    X = tpl.architecture("transformer").example_inputs(**config)[0]
+    y = torch.randint(0, 4, (2, 2), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="attention scale"):
+        report = limit.check(X, y, widths=[32, 128, 512], seeds=6, steps=3, lr=0.02, loss="cross_entropy",
+                             center=True, particles=2**12, progress=False)
+    assert report.passed, report.format()
