@@ -98,7 +98,7 @@ class ParticleNetwork:
         init = self.setup.initial[name]
         shape = concrete_shape(info.layout, self.P)
         if init.kind == "fixed":
-            self.tensors[name] = init.value.to(device=self.device, dtype=self.dtype)
+            self.tensors[name] = init.value.to(device=self.device, dtype=init.dtype_in(self.dtype))
             return
         trainable = info.trainable
         abcd = self.setup.chosen.get(name)
@@ -127,7 +127,7 @@ class ParticleNetwork:
                                                   self.generator, self.dtype, self.device, self.dots)
             return
         if init.kind == "constant":
-            tensor = torch.full(shape, init.value, dtype=self.dtype, device=self.device)
+            tensor = torch.full(shape, init.value, dtype=init.dtype_in(self.dtype), device=self.device)
         elif abcd is None:
             raise TplimitsError(f"buffer {name!r} grows with width and is not constant; the limit engine cannot "
                                 "sample it")
@@ -142,7 +142,8 @@ class ParticleNetwork:
         values: dict[str, Any] = {}
         for name, tensor in self.tensors.items():
             abcd = self.setup.chosen.get(name)
-            values[name] = tensor * (multiplier(abcd, self.P) if abcd is not None else 1.0)
+            # no multiplier, no product: ``tensor * 1.0`` would turn an integer buffer (token-type ids) into floats
+            values[name] = tensor * multiplier(abcd, self.P) if abcd is not None else tensor.clone()
         values.update(self.operators)
         return values
 

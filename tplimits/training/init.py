@@ -23,10 +23,19 @@ KINDS = ("random", "constant", "identity", "fixed")
 
 @attrs.frozen
 class InitialValue:
-    """``kind`` (one of :data:`KINDS`) and its ``value``: the constant, the factor of ``I``, or the fixed tensor."""
+    """``kind`` (one of :data:`KINDS`) and its ``value``: the constant, the factor of ``I``, or the fixed tensor.
+
+    ``dtype`` is the tensor's own dtype when it is not floating point (token-type ids, index buffers,
+    masks): such a tensor keeps it in the limit engines, which run everything else in their float dtype.
+    """
 
     kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
     value: Any = None
+    dtype: torch.dtype | None = None
+
+    def dtype_in(self, float_dtype: torch.dtype) -> torch.dtype:
+        """The dtype this tensor has in an engine that computes in ``float_dtype``."""
+        return float_dtype if self.dtype is None else self.dtype
 
     @property
     def redrawn(self) -> bool:
@@ -37,13 +46,14 @@ class InitialValue:
 def initial_value(info: ParameterInfo, tensor: torch.Tensor) -> InitialValue:
     """How ``tensor`` (parameter ``info`` at any width) is initialized."""
     tensor = tensor.detach()
+    dtype = None if tensor.is_floating_point() or tensor.is_complex() else tensor.dtype
     if tensor.numel() <= 1 or torch.all(tensor == tensor.flatten()[0]):
-        return InitialValue("constant", float(tensor.flatten()[0]) if tensor.numel() else 0.0)
+        return InitialValue("constant", float(tensor.flatten()[0]) if tensor.numel() else 0.0, dtype)
     if (info.kind == "matrix" and tensor.ndim == 2 and tensor.shape[0] == tensor.shape[1]
             and torch.equal(tensor, tensor[0, 0] * torch.eye(tensor.shape[0], dtype=tensor.dtype))):
         return InitialValue("identity", float(tensor[0, 0]))
     if not width_axes(info.layout):
-        return InitialValue("fixed", tensor.clone())
+        return InitialValue("fixed", tensor.clone(), dtype)
     return InitialValue("random")
 
 

@@ -1,0 +1,48 @@
+"""The μ-limit of models nobody on the team wrote (``transformers`` from configs): it runs, stays finite
+and trains. Integer tensors (token ids, token-type ids, position ids, index buffers) must stay integer
+inside the limit engine, which computes everything else in its float dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tplimits as tpl
+
+
+class _Classifier(torch.nn.Module):
+    """A tiny ``transformers`` sequence classifier built from a config, returning its logits."""
+
+    def __init__(self, width: int, family: str) -> None:
+        super().__init__()
+        hf = pytest.importorskip("transformers")
+        if family == "bert":
+            config = hf.BertConfig(hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=2 * width, vocab_size=16, max_position_embeddings=8,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+            self.model = hf.BertForSequenceClassification(config)
+        else:
+            config = hf.DistilBertConfig(dim=width, n_layers=1, n_heads=2, hidden_dim=2 * width, vocab_size=16,
+                                         max_position_embeddings=8, dropout=0.0, attention_dropout=0.0,
+                                         seq_classif_dropout=0.0, num_labels=3)
+            self.model = hf.DistilBertForSequenceClassification(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_encoder_limit_trains_with_integer_buffers(family):
+    pytest.importorskip("transformers")
+    ids = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2])
+    limit = tpl.derive(lambda width: _Classifier(width, family), example_inputs=(ids,))
+    integer = {name: init.dtype for name, init in limit.setup(ids).initial.items() if init.dtype is not None}
+    if family == "bert":  # position ids (fixed) and token-type ids (constant zeros) are int64 buffers
+        assert set(integer.values()) == {torch.int64} and len(integer) == 2, integer
+    trajectory = limit.train(ids, y, steps=2, lr=0.1, loss="cross_entropy", particles=2**9, batches=2,
+                             progress=False)
+    assert trajectory.outputs.shape == (3, 2, 3)
+    assert torch.isfinite(trajectory.outputs).all() and torch.isfinite(trajectory.loss).all()
+    assert trajectory.outputs.dtype == torch.float64
+    assert trajectory.loss[-1] < trajectory.loss[0], trajectory.loss
