@@ -1,6 +1,6 @@
-"""The μ-limit of models nobody on the team wrote (``transformers`` from configs): it runs, stays finite
-and trains. Integer tensors (token ids, token-type ids, position ids, index buffers) must stay integer
-inside the limit engine, which computes everything else in its float dtype."""
+"""The μ-limit of models nobody on the team wrote (``transformers`` from configs, torch's own layers): it
+runs, stays finite and trains. Integer tensors (token ids, token-type ids, position ids, index buffers)
+must stay integer inside the limit engine, which computes everything else in its float dtype."""
 
 from __future__ import annotations
 
@@ -45,4 +45,31 @@ def test_encoder_limit_trains_with_integer_buffers(family):
     assert trajectory.outputs.shape == (3, 2, 3)
     assert torch.isfinite(trajectory.outputs).all() and torch.isfinite(trajectory.loss).all()
     assert trajectory.outputs.dtype == torch.float64
+    assert trajectory.loss[-1] < trajectory.loss[0], trajectory.loss
+
+
+class _CrossAttention(torch.nn.Module):
+    """``nn.MultiheadAttention`` with keys and values of another width (kdim = vdim = width/2)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.query, self.memory = torch.nn.Linear(5, width), torch.nn.Linear(5, width // 2)
+        self.attention = torch.nn.MultiheadAttention(width, 2, kdim=width // 2, vdim=width // 2, batch_first=True)
+        self.out = torch.nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = self.memory(x)
+        return self.out(self.attention(self.query(x), memory, memory, need_weights=False)[0])
+
+
+def test_multihead_attention_with_kdim_vdim():
+    """Its head split is a view of a ket the matrix operators lay out with strided particles."""
+    x = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1))
+    limit = tpl.derive(_CrossAttention, example_inputs=(x,))
+    model = _CrossAttention(48)
+    torch.testing.assert_close(tpl.lower(_CrossAttention, example_inputs=(x,)).replay(model, x), model(x),
+                               rtol=1e-10, atol=1e-12)
+    trajectory = limit.train(x, y, steps=2, lr=0.1, loss="mse", particles=2**9, batches=2, progress=False)
+    assert torch.isfinite(trajectory.outputs).all() and trajectory.outputs.shape == (3, 2, 4, 3)
     assert trajectory.loss[-1] < trajectory.loss[0], trajectory.loss
