@@ -152,12 +152,15 @@ class Limit:
         roles = parameter_roles(program)
         chosen = {name: self.param.for_parameter(name, role) for name, role in roles.items() if name not in rules}
         reference = fam.model(fam.program.width, seed=0)
+        # a coordinate law is checked at the two traced widths and a third
+        law_widths = sorted({*fam.trace_widths, sum(fam.trace_widths)} - {fam.program.width})
         setup = LimitSetup(
             total=total_program(program),
             param=self.param,
             chosen=chosen,
             rules=rules,
-            initial=initial_values(program, reference),
+            initial=initial_values(program, reference,
+                                   lambda: [fam.model(w, seed=0) for w in law_widths] if fam.build else []),
             rule=self.rule,
             hyper=dict(self.optimizer_options),
             weight_decay=self.weight_decay,
