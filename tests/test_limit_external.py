@@ -73,3 +73,30 @@ def test_multihead_attention_with_kdim_vdim():
     trajectory = limit.train(x, y, steps=2, lr=0.1, loss="mse", particles=2**9, batches=2, progress=False)
     assert torch.isfinite(trajectory.outputs).all() and trajectory.outputs.shape == (3, 2, 4, 3)
     assert trajectory.loss[-1] < trajectory.loss[0], trajectory.loss
+
+
+class _Swin(torch.nn.Module):
+    """A tiny ``transformers`` Swin: its relative-position index buffer is an int64 index into a table."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        hf = pytest.importorskip("transformers")
+        config = hf.SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=width, depths=[1], num_heads=[2],
+                               window_size=2, mlp_ratio=2.0, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3)
+        self.model = hf.SwinForImageClassification(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def test_swin_limit_indexes_with_integer_buffers():
+    pytest.importorskip("transformers")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    limit = tpl.derive(_Swin, example_inputs=(x,))
+    integer = [name for name, init in limit.setup(x).initial.items() if init.dtype == torch.int64]
+    assert any(name.endswith("relative_position_index") for name in integer), integer
+    trajectory = limit.train(x, torch.tensor([0, 2]), steps=2, lr=0.1, loss="cross_entropy", particles=2**9,
+                             batches=2, progress=False)
+    assert torch.isfinite(trajectory.outputs).all()
+    assert trajectory.loss[-1] < trajectory.loss[0], trajectory.loss
