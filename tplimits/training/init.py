@@ -88,9 +88,8 @@ class CoordinateLaw:
         return self(u).to(device=device, dtype=dtype)
 
     def describe(self) -> str:
-        a, b = self.alpha.flatten()[0].item(), self.beta.flatten()[0].item()
-        law = f"{a:.6g} + {b:.6g}·u" if self.family == "affine" else f"{self.sign.flatten()[0].item():+.0f}·" \
-            f"{math.exp(a):.6g}·{math.exp(b):.6g}^u"
+        a, b, sign = (t.flatten()[0].item() for t in (self.alpha, self.beta, self.sign))
+        law = f"{a:.6g} + {b:.6g}·u" if self.family == "affine" else f"{sign * math.exp(a):.6g}·{math.exp(b):.6g}^u"
         more = " (first row)" if self.alpha.numel() > 1 else ""
         return f"{self.family}: f(u) = {law}{more}, u = i/m along axis {self.axis}"
 
