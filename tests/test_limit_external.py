@@ -100,3 +100,44 @@ def test_swin_limit_indexes_with_integer_buffers():
                              batches=2, progress=False)
     assert torch.isfinite(trajectory.outputs).all()
     assert trajectory.loss[-1] < trajectory.loss[0], trajectory.loss
+
+
+def _rope_model(family: str, width: int) -> torch.nn.Module:
+    hf = pytest.importorskip("transformers")
+    common = {"vocab_size": 16, "max_position_embeddings": 16, "attn_implementation": "sdpa", "use_cache": False,
+              "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 1, "num_attention_heads": 2}
+    if family == "mistral":  # grouped-query attention
+        return hf.MistralForCausalLM(hf.MistralConfig(num_key_value_heads=1, head_dim=width // 2, **common))
+    if family == "qwen2":  # biased q/k/v projections
+        return hf.Qwen2ForCausalLM(hf.Qwen2Config(num_key_value_heads=1, **common))
+    if family == "gpt-neox":  # rotary on half of each head, fused qkv
+        return hf.GPTNeoXForCausalLM(hf.GPTNeoXConfig(rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0,
+                                                      **common))
+    return hf.PhiForCausalLM(hf.PhiConfig(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0,
+                                          attention_dropout=0.0, **common))
+
+
+class _RopeLogits(torch.nn.Module):
+    def __init__(self, width: int, family: str) -> None:
+        super().__init__()
+        self.model = _rope_model(family, width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gpt-neox", "phi"])
+def test_rope_families_replay_and_limit(family):
+    """Rotary models: replay to 1e-10, and a μ-limit whose ``inv_freq`` is sampled by its coordinate law."""
+    pytest.importorskip("transformers")
+    ids = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(1))
+    limit = tpl.derive(lambda width: _RopeLogits(width, family), example_inputs=(ids,), optimizer="sgd")
+    model = _RopeLogits(40, family)
+    torch.testing.assert_close(limit.family(ids).program.replay(model, ids), model(ids), rtol=1e-10, atol=1e-12)
+    laws = [init.value.family for init in limit.setup(ids).initial.values() if init.kind == "coordinate"]
+    assert laws == ["geometric"]
+    trajectory = limit.train(ids, y, steps=2, lr=0.1, loss="cross_entropy", particles=2**8, batches=2,
+                             progress=False)
+    assert torch.isfinite(trajectory.outputs).all()
+    assert trajectory.loss[-1] < trajectory.loss[0], trajectory.loss
