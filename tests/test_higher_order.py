@@ -1,6 +1,7 @@
 """Higher-order ops that torch.export emits for ordinary Python: ``@torch.no_grad()`` forwards, autocast
 regions, ``torch.cond``. Their bodies are inlined; replay must reproduce the model to 1e-10 and the total
-program must reproduce autograd, which cuts gradients at a grad-disabled region's outputs."""
+program must reproduce autograd, which cuts gradients at a grad-disabled region's outputs and at
+``.detach()``."""
 
 from __future__ import annotations
 
@@ -44,13 +45,39 @@ class _Regions(nn.Module):
 def test_no_grad_and_autocast_regions_replay_and_match_autograd():
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     prog = tpl.lower(_Regions, example_inputs=(x,), width=32)
-    cut = [ins for ins in prog if isinstance(ins, tpl.Nonlin) and ins.fn is torch.ops.aten.detach.default]
+    cut = [ins for ins in prog if isinstance(ins, tpl.Nonlin) and not ins.differentiable]
     assert len(cut) == 3, prog.format()  # cos, sin and the gate leave grad-disabled regions
     for width in (32, 48):
         torch.manual_seed(width)
         model = _Regions(width)
         assert_close_tree(prog.replay(model, x), model(x))
         check_gradients(prog, model, (x,))
+
+
+class _Detached(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, width), nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(h.detach() + 0.5 * h)
+
+
+def test_detach_cuts_gradients_and_keeps_the_limit_running():
+    """``.detach()`` is the identity in value but stops backpropagation, in the program as in autograd."""
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    prog = tpl.lower(_Detached, example_inputs=(x,), width=32)
+    assert "(no gradient)" in prog.format()
+    for width in (32, 48):
+        torch.manual_seed(width)
+        model = _Detached(width)
+        assert_close_tree(prog.replay(model, x), model(x))
+        check_gradients(prog, model, (x,))
+    limit = tpl.derive(_Detached, example_inputs=(x,), optimizer="sgd")
+    trajectory = limit.train(x, torch.randn(5, 3, generator=torch.Generator().manual_seed(3)), steps=2, lr=0.5,
+                             particles=2**9, batches=2, progress=False)
+    assert torch.isfinite(trajectory.outputs).all() and trajectory.loss[-1] < trajectory.loss[0]
 
 
 class _Autocast(nn.Module):

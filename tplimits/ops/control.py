@@ -5,8 +5,8 @@ and ``torch.cond`` reach the traced graph as higher-order ops whose bodies are s
 code is inlined into the program (``ctx.inline``), with the region's meaning applied at its
 boundary:
 
-* grad mode off: the outputs are cut from backpropagation (an explicit ``detach`` Nonlin, whose
-  pullback is zero), as autograd cuts them; folded constants need no cut;
+* grad mode off: the outputs are cut from backpropagation (``stop_gradient``: an identity Nonlin
+  declared not differentiable), as autograd cuts them; folded constants need no cut;
 * autocast off: the body runs in the model's dtype, exactly as written. An enabled autocast region
   would compute in a lower precision that the program does not model, and is refused;
 * ``torch.cond``: a predicate fixed when the model is traced (a folded constant, the same at every
@@ -16,11 +16,9 @@ boundary:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from tplimits.plugin import LoweringContext, MatrixValue, OpNode, Value, aten, hookimpl
+from tplimits.plugin import LoweringContext, OpNode, Value, hookimpl, stop_gradient
 
 higher_order = torch.ops.higher_order
 
@@ -28,15 +26,7 @@ higher_order = torch.ops.higher_order
 def grad_mode_region(ctx: LoweringContext, node: OpNode) -> tuple:
     enabled, body, *operands = node.args
     outputs = ctx.inline(body, operands)
-    return outputs if enabled else tuple(_stop_gradient(ctx, value) for value in outputs)
-
-
-def _stop_gradient(ctx: LoweringContext, value: Any) -> Any:
-    if isinstance(value, MatrixValue):
-        ctx.unsupported("a weight matrix returned from a region with gradients disabled (torch.no_grad())")
-    if not isinstance(value, Value) or value.const is not None:
-        return value
-    return ctx.nonlin(aten.detach.default, value, layout=value.layout, hint=f"{value.name}_no_grad")
+    return outputs if enabled else tuple(stop_gradient(ctx, value) for value in outputs)
 
 
 def autocast_region(ctx: LoweringContext, node: OpNode) -> tuple:
