@@ -56,9 +56,6 @@ class GraphTrace:
     out_spec: Any
     tracer: str
 
-    def call_nodes(self) -> list[fx.Node]:
-        return _call_nodes(self.graph_module)
-
 
 def export_trace(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
     """``torch.export.export(model, inputs, strict=False)`` as a :class:`GraphTrace`."""
