@@ -117,3 +117,27 @@ def test_llama_from_config_sgd():
         report = limit.check(ids, y, widths=[32, 128, 512], seeds=4, steps=3, lr=0.5, loss="cross_entropy",
                              particles=2**12, progress=False)
     assert report.passed, report.format()
+
+
+class BertLogits(torch.nn.Module):
+    """A tiny ``transformers`` BERT classifier: int64 position and token-type buffers, post-LayerNorm, GELU."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        hf = pytest.importorskip("transformers")
+        self.model = hf.BertForSequenceClassification(hf.BertConfig(
+            hidden_size=width, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * width, vocab_size=16,
+            max_position_embeddings=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
+
+def test_bert_from_config_sgd():
+    ids = torch.randint(0, 16, (4, 4), generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 1, 0])
+    limit = tpl.derive(BertLogits, optimizer="sgd", example_inputs=(ids,))
+    with pytest.warns(UserWarning, match="attention scale"):
+        report = limit.check(ids, y, widths=[32, 128, 512], seeds=8, steps=3, lr=0.5, loss="cross_entropy",
+                             particles=2**14, progress=False)
+    assert report.passed, report.format()
