@@ -109,12 +109,13 @@ class LlamaLogits(torch.nn.Module):
         return self.model(ids).logits
 
 
-def test_llama_from_config_sgd():
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.5), ("adam", 0.02)])
+def test_llama_from_config(optimizer, lr):
     ids = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(1))
-    limit = tpl.derive(LlamaLogits, optimizer="sgd", example_inputs=(ids,))
+    limit = tpl.derive(LlamaLogits, optimizer=optimizer, example_inputs=(ids,))
     with pytest.warns(UserWarning, match="attention scale"):
-        report = limit.check(ids, y, widths=[32, 128, 512], seeds=4, steps=3, lr=0.5, loss="cross_entropy",
+        report = limit.check(ids, y, widths=[32, 128, 512], seeds=4, steps=3, lr=lr, loss="cross_entropy",
                              particles=2**12, progress=False)
     assert report.passed, report.format()
 
