@@ -297,11 +297,14 @@ def total_program(program: Program) -> TotalProgram:
 
 
 def _needs_gradient(program: Program) -> set[str]:
-    """Instructions that depend on a trainable parameter (everything else has no cotangent)."""
+    """Instructions that depend on a trainable parameter through differentiable paths (everything else has
+    no cotangent: a Nonlin declared not differentiable, a ``.detach()``, cuts the path)."""
     needs: set[str] = set()
     for ins in program.instructions:
         if isinstance(ins, Parameter) and ins.trainable:
             needs.add(ins.name)
+        elif isinstance(ins, Nonlin) and not ins.differentiable:
+            continue
         elif any(name in needs for name in ins.inputs):
             needs.add(ins.name)
     return needs

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from tplimits.core.backprop import total_program
 from tplimits.core.frontend import ArchitectureLike, ExampleInputs
-from tplimits.core.ir import MatMul, Nonlin, Width, concrete_shape, fn_name, width_axes
+from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
 from tplimits.errors import CheckpointError, Diverged, TplimitsError
 from tplimits.limit import check as checking
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
@@ -149,12 +149,15 @@ class Limit:
         roles = parameter_roles(program)
         chosen = {name: self.param.for_parameter(name, role) for name, role in roles.items() if name not in rules}
         reference = fam.model(fam.program.width, seed=0)
+        # a coordinate law is checked at the two traced widths and a third
+        law_widths = sorted({*fam.trace_widths, sum(fam.trace_widths)} - {fam.program.width})
         setup = LimitSetup(
             total=total_program(program),
             param=self.param,
             chosen=chosen,
             rules=rules,
-            initial=initial_values(program, reference),
+            initial=initial_values(program, reference,
+                                   lambda: [fam.model(w, seed=0) for w in law_widths] if fam.build else []),
             rule=self.rule,
             hyper=dict(self.optimizer_options),
             weight_decay=self.weight_decay,
@@ -370,7 +373,9 @@ class Limit:
         if self.rule.linear and self.param.update == "plain" and self.clip is None:
             return
         grids = 1 + sum(torch.is_tensor(v) for v in self.rule.init_state(torch.zeros(1)).values())
-        per_particle_squared = sum(math.prod(concrete_shape(setup.program.parameters[name].layout, 1))
+        # per particle²: a width axis of ratio r holds r·P particles (GQA's k/v projections: r = 1/2)
+        per_particle_squared = sum(math.prod(float(a.ratio) if isinstance(a, Width) else a
+                                             for a in setup.program.parameters[name].layout)
                                    for name, abcd in setup.chosen.items()
                                    if setup.program.parameters[name].kind == "matrix")
         unit = grids * per_particle_squared * torch.empty((), dtype=dtype).element_size()
