@@ -91,3 +91,54 @@ def test_gpt2_from_config(optimizer, lr, particles):
         report = limit.check(ids, y, widths=[32, 128, 512], seeds=6, steps=3, lr=lr, loss="cross_entropy",
                              particles=particles, progress=False)
     assert report.passed, report.format()
+
+
+class LlamaLogits(torch.nn.Module):
+    """A tiny ``transformers`` Llama: RoPE (a float32 ``inv_freq`` buffer, a geometric coordinate law),
+    grouped-query attention (one key/value head for two query heads), SwiGLU, RMSNorm, bias-free."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        hf = pytest.importorskip("transformers")
+        self.model = hf.LlamaForCausalLM(hf.LlamaConfig(
+            hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, vocab_size=16, max_position_embeddings=16, attn_implementation="sdpa",
+            use_cache=False))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.5), ("adam", 0.02)])
+def test_llama_from_config(optimizer, lr):
+    ids = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(1))
+    limit = tpl.derive(LlamaLogits, optimizer=optimizer, example_inputs=(ids,))
+    with pytest.warns(UserWarning, match="attention scale"):
+        report = limit.check(ids, y, widths=[32, 128, 512], seeds=4, steps=3, lr=lr, loss="cross_entropy",
+                             particles=2**12, progress=False)
+    assert report.passed, report.format()
+
+
+class BertLogits(torch.nn.Module):
+    """A tiny ``transformers`` BERT classifier: int64 position and token-type buffers, post-LayerNorm, GELU."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        hf = pytest.importorskip("transformers")
+        self.model = hf.BertForSequenceClassification(hf.BertConfig(
+            hidden_size=width, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * width, vocab_size=16,
+            max_position_embeddings=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
+
+def test_bert_from_config_sgd():
+    ids = torch.randint(0, 16, (4, 4), generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 1, 0])
+    limit = tpl.derive(BertLogits, optimizer="sgd", example_inputs=(ids,))
+    with pytest.warns(UserWarning, match="attention scale"):
+        report = limit.check(ids, y, widths=[32, 128, 512], seeds=8, steps=3, lr=0.5, loss="cross_entropy",
+                             particles=2**14, progress=False)
+    assert report.passed, report.format()

@@ -3,6 +3,8 @@ layers, a pytorchcv CIFAR ResNet. Replay must reproduce each to 1e-10 in float64
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 import torch
 import torch.nn as nn
@@ -75,6 +77,23 @@ def test_bert_hidden_states(hf):
     ids = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(2))
     _check(make, (ids,), (16, 40), pick=lambda o: o["last_hidden_state"] if isinstance(o, dict)
            else o.last_hidden_state)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_llama(hf, attn):
+    """RoPE (a float32 ``inv_freq`` buffer of d_head/2 frequencies), grouped-query attention (one key/value
+    head for two query heads), SwiGLU and RMSNorm, bias-free."""
+
+    def make(width):
+        config = hf.LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, vocab_size=16,
+                                max_position_embeddings=16, attn_implementation=attn, use_cache=False)
+        return hf.LlamaForCausalLM(config)
+
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
+    prog = _check(make, (ids,), (32, 48), pick=_logits)
+    assert prog.parameters["model.layers.0.self_attn.k_proj.weight"].layout == (tpl.Width(Fraction(1, 2)), tpl.Width(1))
+    assert prog.parameters["model.rotary_emb.inv_freq"].layout == (tpl.Width(Fraction(1, 4)),)
 
 
 class _Encoder(nn.Module):

@@ -44,6 +44,7 @@ from tplimits.ops.common import (
     reduce_sum_or_mean,
     rule_table,
     scale_matrix,
+    stop_gradient,
     tensor_args,
     vector_width_axis,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "rule_table",
     "safe_divide",
     "scale_matrix",
+    "stop_gradient",
     "tensor_args",
     "unregister_plugin",
     "vector_width_axis",

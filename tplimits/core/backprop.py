@@ -99,6 +99,9 @@ class TotalProgram:
     forward_length: int
     gradients: dict[str, Gradient]
     cotangent_layouts: tuple[Layout, ...]
+    cotangents: dict[str, str] = attrs.field(factory=dict)
+    """Forward value -> the instruction holding its total cotangent (values that depend on a trainable
+    parameter and reach an output)."""
 
     def gradients_at(self, model: torch.nn.Module, inputs: tuple, cotangents: tuple) -> dict[str, torch.Tensor]:
         """Finite-width gradients ``∂F/∂θ`` for every trainable parameter (under each of its names, for
@@ -258,6 +261,7 @@ def total_program(program: Program) -> TotalProgram:
     needs = _needs_gradient(program)
     b = _Builder(program)
     cotangent_layouts = []
+    cotangents: dict[str, str] = {}
     for i, name in enumerate(program.outputs):
         cot = b.emit(Cotangent, f"cotangent{i}", Origin(name, "cotangent"), index=i, layout=program[name].layout)
         b.contribute(name, cot)
@@ -268,6 +272,7 @@ def total_program(program: Program) -> TotalProgram:
         dy = b.cotangent_of(ins.name)
         if dy is None:
             continue
+        cotangents[ins.name] = dy
         if isinstance(ins, Nonlin | Regroup):
             _pull_function(b, ins, dy, needs)
         elif isinstance(ins, MatMul):
@@ -288,15 +293,18 @@ def total_program(program: Program) -> TotalProgram:
             gradients[ins.target] = Gradient(ins.kind, value=total)
     outputs = list(program.outputs)
     total = attrs.evolve(program, instructions=b.instructions, outputs=outputs)
-    return TotalProgram(total, len(program.instructions), gradients, tuple(cotangent_layouts))
+    return TotalProgram(total, len(program.instructions), gradients, tuple(cotangent_layouts), cotangents)
 
 
 def _needs_gradient(program: Program) -> set[str]:
-    """Instructions that depend on a trainable parameter (everything else has no cotangent)."""
+    """Instructions that depend on a trainable parameter through differentiable paths (everything else has
+    no cotangent: a Nonlin declared not differentiable, a ``.detach()``, cuts the path)."""
     needs: set[str] = set()
     for ins in program.instructions:
         if isinstance(ins, Parameter) and ins.trainable:
             needs.add(ins.name)
+        elif isinstance(ins, Nonlin) and not ins.differentiable:
+            continue
         elif any(name in needs for name in ins.inputs):
             needs.add(ins.name)
     return needs

@@ -118,11 +118,17 @@ class FiniteInterpreter(Interpreter):
             raise TplimitsError(f"the model has no parameter or buffer {ins.target!r} that the program uses") from None
 
     def nonlin(self, ins: Nonlin) -> torch.Tensor:
+        value = self.apply(ins)
+        # where the model cuts gradients (``.detach()``, ``torch.no_grad()``), so does its replay
+        return value if ins.differentiable else value.detach()
+
+    def apply(self, ins: Nonlin | Regroup) -> Any:
+        """``ins.fn`` on the values of its arguments."""
         args = substitute(ins.args, self.values, self.n)
         kwargs = substitute(dict(ins.kwargs), self.values, self.n)
         return ins.fn(*args, **kwargs)
 
-    regroup = nonlin
+    regroup = apply
 
     def avg(self, ins: Avg) -> torch.Tensor:
         out = self.values[ins.vector].mean(dim=ins.axis, keepdim=ins.keepdim)

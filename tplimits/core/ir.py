@@ -263,6 +263,9 @@ class Nonlin(Instruction):
     * ``width_scale``: the instruction multiplies scalars (attention logits) by its width-dependent
       constant argument. ``"default"``: the op's own default (sdpa's 1/√d_head), which a
       parametrization may set; ``"model"``: a constant written in the model's code, kept as it is.
+    * ``differentiable``: ``False`` where the model cuts gradients (``.detach()``, the outputs of a
+      ``torch.no_grad()`` region). ``fn`` is then the identity: the value, and how it depends on earlier
+      values (which the limit's dots differentiate), are unchanged; only backpropagation stops here.
     """
 
     fn: Callable = attrs.field(eq=False)
@@ -270,13 +273,15 @@ class Nonlin(Instruction):
     kwargs: Mapping[str, Any] = attrs.field(factory=dict)
     smooth: bool = True
     width_scale: str | None = attrs.field(default=None, validator=attrs.validators.in_((None, "default", "model")))
+    differentiable: bool = True
 
     @property
     def inputs(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(refs_in((self.args, self.kwargs))))
 
     def describe(self) -> str:
-        return f"nonlin {format_call(self.fn, self.args, self.kwargs)}"
+        cut = "" if self.differentiable else "  (no gradient)"
+        return f"nonlin {format_call(self.fn, self.args, self.kwargs)}{cut}"
 
 
 @attrs.frozen(kw_only=True)

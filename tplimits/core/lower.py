@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -40,7 +40,7 @@ from tplimits.core.ir import (
     width_dependent,
 )
 from tplimits.core.program import Program
-from tplimits.core.trace import WidthTrace
+from tplimits.core.trace import WidthTrace, graph_attribute, subgraph_prefix
 from tplimits.errors import LoweringError, NotRepresentable, UnsupportedOperation
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +104,18 @@ class MatrixValue:
         return len(self.axes)
 
 
+@attrs.frozen
+class Subgraph:
+    """The body of a higher-order op (a ``torch.no_grad()`` or autocast region, a branch of ``torch.cond``).
+
+    A rule lowers it in place with :meth:`LoweringContext.inline`; ``prefix`` keys its nodes in the
+    compared traces.
+    """
+
+    module: fx.GraphModule = attrs.field(eq=False)
+    prefix: str
+
+
 def is_tensor_value(x: Any) -> bool:
     return isinstance(x, Value | MatrixValue)
 
@@ -151,6 +163,7 @@ class LoweringContext:
         self.node: OpNode | None = None
         self.notes: list[str] = []
         self.fan_in: dict[str, tuple[int, ...]] = {}
+        self.lower_subgraph: Callable[[Subgraph, tuple], tuple] | None = None  # set by the driver
 
     # -- naming and emission ---------------------------------------------------------------------
 
@@ -176,16 +189,18 @@ class LoweringContext:
     # -- instructions ----------------------------------------------------------------------------
 
     def nonlin(self, fn: Callable, *args: Any, layout: Layout, kwargs: Mapping[str, Any] | None = None,
-               hint: str | None = None, smooth: bool = True, width_scale: str | None = None) -> Value:
+               hint: str | None = None, smooth: bool = True, width_scale: str | None = None,
+               differentiable: bool = True) -> Value:
         """Emit ``fn(*args, **kwargs)``, applied coordinate by coordinate along the width axis.
 
         ``smooth=False`` declares that ``fn`` has a kink or a jump; ``width_scale`` that it scales
-        logits by its width-dependent constant (see :class:`~tplimits.core.ir.Nonlin`).
+        logits by its width-dependent constant; ``differentiable=False`` that backpropagation stops at
+        this identity ``fn`` (see :class:`~tplimits.core.ir.Nonlin`).
         """
         self._check_activation(layout)
         refs = self._to_refs(args, kwargs or {})
         return self.emit(Nonlin, hint=hint, fn=fn, args=refs[0], kwargs=refs[1], layout=layout, smooth=smooth,
-                         width_scale=width_scale)
+                         width_scale=width_scale, differentiable=differentiable)
 
     def regroup(self, fn: Callable, *args: Any, layout: Layout, block: Fraction,
                 kwargs: Mapping[str, Any] | None = None, hint: str | None = None) -> Value:
@@ -237,6 +252,19 @@ class LoweringContext:
             result = self.nonlin(torch.ops.aten.mul.Tensor, result, scale, layout=layout)
         return result
 
+    def inline(self, body: Subgraph, operands: Sequence[Any]) -> tuple:
+        """Lower the subgraph ``body`` of a higher-order op on ``operands``; its outputs' program values.
+
+        The subgraph's instructions join the program in place, as if its code had been written inline.
+        """
+        if not isinstance(body, Subgraph) or self.lower_subgraph is None:
+            raise LoweringError(f"{self.where()}: {body!r} is not a subgraph of the traced model")
+        node = self.node
+        try:
+            return self.lower_subgraph(body, tuple(operands))
+        finally:
+            self.node = node  # the rule goes on emitting for its own node
+
     def record_fan_in(self, value: Any, axes: tuple[int, ...]) -> None:
         """Note that ``value``'s axes ``axes`` are summed against an input, if it is a parameter.
 
@@ -262,8 +290,9 @@ class LoweringContext:
             msg += " " + hint
         raise NotRepresentable(msg)
 
-    def unsupported(self, what: str) -> None:
-        raise UnsupportedOperation(f"{self.where()}: {what}. " + REGISTER_HINT)
+    def unsupported(self, what: str, hint: str | None = None) -> None:
+        """Raise :class:`UnsupportedOperation`; ``hint`` replaces the advice to register a rule."""
+        raise UnsupportedOperation(f"{self.where()}: {what}. " + (REGISTER_HINT if hint is None else hint))
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -319,19 +348,14 @@ def rule_for(target: Any, rules: Mapping[Any, Callable]) -> Callable | None:
 def lower_trace(wt: WidthTrace, rules: Mapping[Any, Callable], width: int) -> Program:
     """Lower the compared traces ``wt`` with ``rules``; the program is reported at ``width``."""
     ctx = LoweringContext(wt.n)
-    env: dict[str, Any] = {}
     trace = wt.trace
     gm = trace.graph_module
-    live = _live_nodes(gm, trace.outputs)
+    env: dict[str, Any] = {}
     for node in gm.graph.nodes:
-        if node.name not in live and node.op != "placeholder":
-            continue
         if node.op == "placeholder":
             env[node.name] = _lower_placeholder(ctx, node, wt)
-        elif node.op == "get_attr":
-            env[node.name] = ctx.constant(getattr(gm, node.target).detach(), hint=node.name)
-        elif node.op == "call_function":
-            env[node.name] = _lower_call(ctx, node, wt, env, rules)
+    ctx.lower_subgraph = lambda body, operands: _lower_subgraph(ctx, wt, rules, body, operands)
+    _lower_nodes(ctx, wt, rules, gm, "", env, _live_nodes(gm, trace.outputs))
     outputs = []
     for out in trace.outputs:
         value = env.get(out.name) if isinstance(out, fx.Node) else None
@@ -341,6 +365,35 @@ def lower_trace(wt: WidthTrace, rules: Mapping[Any, Callable], width: int) -> Pr
     program = Program(ctx.instructions, outputs, width=width, out_spec=trace.out_spec, tracer=trace.tracer,
                       notes=ctx.notes, fan_in=ctx.fan_in)
     return _prune(program, wt.aliases)
+
+
+def _lower_nodes(ctx: LoweringContext, wt: WidthTrace, rules: Mapping[Any, Callable], gm: fx.GraphModule,
+                 prefix: str, env: dict[str, Any], live: set[str]) -> None:
+    """Lower the live ops of ``gm`` (the traced graph, or a subgraph whose nodes are keyed by ``prefix``)
+    into ``env``, whose placeholders are already bound."""
+    for node in gm.graph.nodes:
+        if node.name not in live:
+            continue
+        if node.op == "get_attr":
+            attr = graph_attribute(gm, node.target)
+            if isinstance(attr, fx.GraphModule):
+                env[node.name] = Subgraph(attr, subgraph_prefix(prefix, node.target))
+            else:
+                env[node.name] = ctx.constant(attr.detach(), hint=node.name)
+        elif node.op == "call_function":
+            env[node.name] = _lower_call(ctx, node, wt, env, rules, prefix)
+
+
+def _lower_subgraph(ctx: LoweringContext, wt: WidthTrace, rules: Mapping[Any, Callable], body: Subgraph,
+                    operands: tuple) -> tuple:
+    placeholders = [node for node in body.module.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(operands):
+        raise LoweringError(f"{ctx.where()}: a subgraph with {len(placeholders)} inputs called with "
+                            f"{len(operands)} operands")
+    env = {node.name: value for node, value in zip(placeholders, operands, strict=True)}
+    outputs = torch.utils._pytree.tree_leaves(body.module.graph.output_node().args[0])
+    _lower_nodes(ctx, wt, rules, body.module, body.prefix, env, _live_nodes(body.module, tuple(outputs)))
+    return tuple(env[out.name] if isinstance(out, fx.Node) else out for out in outputs)
 
 
 def _lower_placeholder(ctx: LoweringContext, node: fx.Node, wt: WidthTrace) -> Any:
@@ -370,13 +423,14 @@ def _lower_placeholder(ctx: LoweringContext, node: fx.Node, wt: WidthTrace) -> A
 
 
 def _lower_call(ctx: LoweringContext, node: fx.Node, wt: WidthTrace, env: dict[str, Any],
-                rules: Mapping[Any, Callable]) -> Any:
-    raw_args, raw_kwargs = wt.args[node.name]
+                rules: Mapping[Any, Callable], prefix: str = "") -> Any:
+    raw_args, raw_kwargs = wt.args[prefix + node.name]
     args = fx.node.map_arg(raw_args, lambda a: env[a.name])
     kwargs = fx.node.map_arg(raw_kwargs, lambda a: env[a.name])
     op = op_display_name(node.target)
-    origin = Origin(node.name, op, user_source(node))
-    ctx.node = OpNode(node.name, node.target, tuple(args), dict(kwargs), wt.layouts.get(node.name), origin)
+    origin = Origin(node.name, op, user_source(node) or _body_source(args))
+    layout = wt.layouts.get(prefix + node.name)
+    ctx.node = OpNode(node.name, node.target, tuple(args), dict(kwargs), layout, origin)
     if node.target is operator.getitem:
         return _getitem(ctx, args)
     if (_is_constant_computation(args, kwargs) and not width_dependent((args, kwargs))
@@ -419,6 +473,8 @@ def _getitem(ctx: LoweringContext, args: tuple) -> Any:
 def _is_constant_computation(args: Any, kwargs: Any) -> bool:
     """True when no argument is a program value other than a folded constant."""
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    if any(isinstance(x, Subgraph) for x in leaves):  # a higher-order op: its rule inlines the body
+        return False
     return all(not is_tensor_value(x) or (isinstance(x, Value) and x.const is not None) for x in leaves)
 
 
@@ -453,12 +509,22 @@ def user_source(node: fx.Node) -> str:
     trace = node.meta.get("stack_trace") or ""
     frames = _FRAME.findall(trace)
     for path, line, func, code in reversed(frames):
-        if "/torch/" in path or "/site-packages/torch" in path:
+        if "/torch/" in path or "/site-packages/torch" in path or path.startswith("<"):  # torch, generated code
             continue
         return f"{path}:{line} in {func}: {code.strip()}"
     if frames:
         path, line, func, code = frames[-1]
         return f"{path}:{line} in {func}: {code.strip()}"
+    return ""
+
+
+def _body_source(args: tuple) -> str:
+    """The user's source line of a higher-order op, which torch.export records only inside its body."""
+    for arg in args:
+        if isinstance(arg, Subgraph):
+            for node in arg.module.graph.nodes:
+                if source := user_source(node):
+                    return source
     return ""
 
 

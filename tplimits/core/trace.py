@@ -56,9 +56,6 @@ class GraphTrace:
     out_spec: Any
     tracer: str
 
-    def call_nodes(self) -> list[fx.Node]:
-        return [n for n in self.graph_module.graph.nodes if n.op in ("call_function", "get_attr")]
-
 
 def export_trace(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
     """``torch.export.export(model, inputs, strict=False)`` as a :class:`GraphTrace`."""
@@ -168,11 +165,13 @@ class WidthTrace:
 
 
 def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTrace:
-    """Compare two traces of the same model family at widths ``n_a`` and ``n_b``."""
+    """Compare two traces of the same model family at widths ``n_a`` and ``n_b``.
+
+    The subgraphs of higher-order ops (a ``torch.no_grad()`` or autocast region) are compared too;
+    their nodes are keyed by :func:`subgraph_prefix` + node name.
+    """
     if n_a == n_b:
         raise WidthError(f"the two traces have the same width {n_a}; trace at two different widths")
-    nodes_a, nodes_b = a.call_nodes(), b.call_nodes()
-    check_aligned(nodes_a, nodes_b, n_a, n_b)
     layouts: dict[str, Any] = {}
     args: dict[str, tuple[tuple, dict]] = {}
     ph_b = {(p.role, p.target, p.index): name for name, p in b.placeholders.items()}
@@ -189,16 +188,52 @@ def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTra
         layout = _layout(_value_shape(node, a), _value_shape(other, b), n_a, n_b, node.name)
         layouts[node.name] = layout
         placeholder_layouts[node.name] = layout
+    _compare_calls(a.graph_module, b.graph_module, "", (n_a, n_b), layouts, args)
+    return WidthTrace(a, n_a, layouts, args, placeholder_layouts)
+
+
+def subgraph_prefix(prefix: str, target: str) -> str:
+    """The key prefix of the nodes of subgraph ``target`` of the graph whose nodes have ``prefix``."""
+    return f"{prefix}{target}/"
+
+
+def graph_attribute(gm: fx.GraphModule, target: str) -> Any:
+    """What a ``get_attr`` node of ``gm`` reads: a tensor, or a subgraph (``fx.GraphModule``)."""
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _call_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op in ("call_function", "get_attr")]
+
+
+def _compare_calls(gm_a: fx.GraphModule, gm_b: fx.GraphModule, prefix: str, widths: tuple[int, int],
+                   layouts: dict[str, Any], args: dict[str, tuple[tuple, dict]]) -> None:
+    """Layouts and width-dependent arguments of the ops of ``gm_a`` (and, recursively, its subgraphs)."""
+    n_a, n_b = widths
+    nodes_a, nodes_b = _call_nodes(gm_a), _call_nodes(gm_b)
+    check_aligned(nodes_a, nodes_b, n_a, n_b)
     for node_a, node_b in zip(nodes_a, nodes_b, strict=True):
-        layouts[node_a.name] = _layout(_value_shape(node_a, a), _value_shape(node_b, b), n_a, n_b, node_a.name)
+        key = prefix + node_a.name
+        if node_a.op == "get_attr":
+            value_a, value_b = graph_attribute(gm_a, node_a.target), graph_attribute(gm_b, node_b.target)
+            if isinstance(value_a, fx.GraphModule) and isinstance(value_b, fx.GraphModule):
+                layouts[key] = None
+                _compare_calls(value_a, value_b, subgraph_prefix(prefix, node_a.target), widths, layouts, args)
+                continue
+            shapes = _shape_of(value_a), _shape_of(value_b)
+        else:
+            shapes = _shape_of(_meta_value(node_a)), _shape_of(_meta_value(node_b))
+        layouts[key] = _layout(*shapes, n_a, n_b, key)
         if node_a.op == "call_function":
-            where = f"node {node_a.name!r} ({_target_name(node_a.target)})"
+            where = f"node {key!r} ({_target_name(node_a.target)})"
             (args_a, kwargs_a), (args_b, kwargs_b) = _with_defaults(node_a, node_b)
-            args[node_a.name] = (
+            args[key] = (
                 _merge_args(args_a, args_b, n_a, n_b, where),
                 _merge_args(kwargs_a, kwargs_b, n_a, n_b, where),
             )
-    return WidthTrace(a, n_a, layouts, args, placeholder_layouts)
 
 
 def check_aligned(nodes_a: Sequence[fx.Node], nodes_b: Sequence[fx.Node], n_a: int, n_b: int) -> None:
@@ -254,14 +289,14 @@ def _target_name(target: Any) -> str:
 
 
 def _value_shape(node: fx.Node, trace: GraphTrace) -> Any:
-    """Shape of a node's value: a tuple of ints, a tuple of shapes for multi-output, or None."""
-    if node.op == "get_attr":
-        value = getattr(trace.graph_module, node.target)
-    elif node.op == "placeholder" and trace.placeholders[node.name].value is not None:
-        value = trace.placeholders[node.name].value
-    else:
-        value = node.meta.get("val", node.meta.get("example_value"))
-    return _shape_of(value)
+    """Shape of a placeholder's value: a tuple of ints, or None."""
+    if trace.placeholders[node.name].value is not None:
+        return _shape_of(trace.placeholders[node.name].value)
+    return _shape_of(_meta_value(node))
+
+
+def _meta_value(node: fx.Node) -> Any:
+    return node.meta.get("val", node.meta.get("example_value"))
 
 
 def _shape_of(value: Any) -> Any:

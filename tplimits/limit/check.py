@@ -162,14 +162,16 @@ class CheckReport:
 
 
 def finite_outputs(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, width: int, seed: int, steps: int,
-                   lr: float, loss: Any, schedule: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Outputs ``[steps+1, len(Z), ...]`` of one finite-width model trained by the plain torch loop."""
+                   lr: float, loss: Any, schedule: Sequence[torch.Tensor], dtype: torch.dtype,
+                   center: bool = False) -> torch.Tensor:
+    """Outputs ``[steps+1, len(Z), ...]`` of one finite-width model trained by the plain torch loop
+    (``center``: of ``f − f_0``, as ``tpl.instantiate(..., center=True)``)."""
     loss_fn = lookup_loss(loss)
     lowering_inputs = Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
     fam = limit.family(lowering_inputs)
     with default_dtype(dtype):
         model, opt = instantiate_family(fam, width=width, param=limit.param, rule=limit.rule, lr=lr, seed=seed,
-                                        weight_decay=limit.weight_decay, clip=limit.clip,
+                                        center=center, weight_decay=limit.weight_decay, clip=limit.clip,
                                         optimizer_options=limit.optimizer_options)
     model = model.to(dtype)
     inputs = Z.to(dtype) if Z.is_floating_point() else Z
@@ -210,11 +212,12 @@ def _check_arguments(widths: Sequence[int], seeds: int, max_slope: float, tolera
 
 
 def _check_trajectory(trajectory: Trajectory, X: torch.Tensor, y: torch.Tensor, X_test: Any, steps: int, lr: float,
-                      loss: Any) -> None:
+                      loss: Any, center: bool = False) -> None:
     """A trajectory handed to :func:`check` must be of the run the check trains the finite models on."""
     if trajectory.batches < 2:
         raise TplimitsError("the trajectory given has no standard errors (batches=1); train it with batches >= 2")
     expected = {"steps": repr(steps), "lr": repr(lr), "loss": loss.name, "X": digest(X), "y": digest(y),
+                "center": repr(center),
                 "X_test": digest(X[:0] if X_test is None else torch.as_tensor(X_test).to(X.dtype))}
     differing = sorted(k for k, v in expected.items() if trajectory.identity.get(k) != v)
     if differing:
@@ -225,18 +228,19 @@ def _check_trajectory(trajectory: Trajectory, X: torch.Tensor, y: torch.Tensor, 
 def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] = (128, 512, 2048), seeds: int = 8,
           steps: int = 50, lr: float = 0.1, loss: Any = "mse", batch_size: int | None = None,
           X_test: torch.Tensor | None = None, dtype: torch.dtype = torch.float64, max_slope: float = -0.4,
-          tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True,
+          tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True, center: bool = False,
           max_relative_gap: float = 1.0, **train_options: Any) -> CheckReport:
-    """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare (:func:`compare`)."""
+    """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare (:func:`compare`).
+    ``center`` trains both sides on ``f − f_0``."""
     _check_arguments(widths, seeds, max_slope, tolerance, trajectory, dtype)
     check_real("max_relative_gap", max_relative_gap, 0)
     widths = tuple(sorted(widths))
     X, y = data("X", X), data("y", y)
     if trajectory is None:
         trajectory = limit.train(X, y, steps=steps, lr=lr, loss=loss, batch_size=batch_size, X_test=X_test,
-                                 seed=0, dtype=dtype, progress=progress, **train_options)
+                                 seed=0, dtype=dtype, progress=progress, center=center, **train_options)
     else:
-        _check_trajectory(trajectory, X, y, X_test, steps, lr, lookup_loss(loss))
+        _check_trajectory(trajectory, X, y, X_test, steps, lr, lookup_loss(loss), center)
     bad = [t for t in range(steps + 1) if blown_up(trajectory.outputs[t], explosion_bound(y))]
     if bad:
         raise Diverged(f"the trajectory given diverged at step {bad[0]} (non-finite or exploding outputs); no verdict "
@@ -245,7 +249,7 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
     schedule = batch_schedule(len(X), batch_size, steps, 0)
     start = time.perf_counter()
     runs = torch.stack([
-        torch.stack([finite_outputs(limit, Z, y, len(X), w, seed, steps, lr, loss, schedule, dtype)
+        torch.stack([finite_outputs(limit, Z, y, len(X), w, seed, steps, lr, loss, schedule, dtype, center)
                      for seed in range(seeds)])
         for w in widths
     ])  # [widths, seeds, steps+1, M, ...]

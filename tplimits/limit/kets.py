@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from tplimits.core.interpret import FiniteInterpreter
-from tplimits.core.ir import Avg, Constant, Input, Layout, MatMul, Width
+from tplimits.core.ir import Avg, Constant, Input, Layout, MatMul, Nonlin, Width
 from tplimits.core.program import Program
 from tplimits.errors import Diverged, TplimitsError
 from tplimits.limit.runs import EXPLOSION, rms
@@ -437,6 +437,11 @@ class KetInterpreter(FiniteInterpreter):
 
     def avg(self, ins: Avg) -> torch.Tensor:
         return super().avg(ins).detach()
+
+    def nonlin(self, ins: Nonlin) -> torch.Tensor:
+        # no cut on kets: a cut gradient (``.detach()``) leaves the value's dependence on earlier kets, which
+        # autograd dots differentiate, as it is; the backward half of the total program has no path through it
+        return self.apply(ins)
 
     def matmul(self, ins: MatMul) -> torch.Tensor:
         operator = self.values[ins.matrix]

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from tplimits.core.backprop import total_program
 from tplimits.core.frontend import ArchitectureLike, ExampleInputs
-from tplimits.core.ir import MatMul, Nonlin, Width, concrete_shape, fn_name, width_axes
+from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
 from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
+from tplimits.limit.nt import Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
 from tplimits.limit.runs import (
     batch_schedule,
     blown_up,
@@ -104,6 +105,8 @@ class _Run:
     kernels: tuple[str, ...]
     tested: bool  # X_test given: its rows follow the training rows in Z
     bound: float  # the outputs' RMS beyond which the run counts as diverged
+    center: bool = False  # train f - f_0 (the initial function subtracted), as instantiate(center=True)
+    copies: int | None = None  # NT limit, nonlinear rules: the copy population of the hidden matrices' grids
 
     @property
     def per_batch(self) -> int:
@@ -148,41 +151,61 @@ class Limit:
         if key in self._setups:
             return self._setups[key]
         fam = self.family(inputs)
-        verdict = classify_program(fam.program, self.param, homogeneity=optimizer_homogeneity(self.rule))
-        if verdict.regime != "feature learning" or not (verdict.stable and verdict.faithful):
-            raise TplimitsError(
-                f"tpl.derive computes the μ-limit (every layer updated maximally, Thm 2.9.25); {self.param.name} "
-                f"with {self.rule.name} is {verdict.regime} (r = {verdict.r}), stable {verdict.stable}, faithful "
-                f"{verdict.faithful}. Use a parametrization in the feature learning regime (μP or a μP variant)."
-                f"\n{verdict}")
+        regime = self.regime(inputs)
         program = parametrized_program(fam.program, self.param)
         rules = rule_assignment(program, fam.update_rules)
         roles = parameter_roles(program)
         chosen = {name: self.param.for_parameter(name, role) for name, role in roles.items() if name not in rules}
         reference = fam.model(fam.program.width, seed=0)
+        # a coordinate law is checked at the two traced widths and a third
+        law_widths = sorted({*fam.trace_widths, sum(fam.trace_widths)} - {fam.program.width})
         setup = LimitSetup(
             total=total_program(program),
             param=self.param,
             chosen=chosen,
             rules=rules,
-            initial=initial_values(program, reference),
+            initial=initial_values(program, reference,
+                                   lambda: [fam.model(w, seed=0) for w in law_widths] if fam.build else []),
             rule=self.rule,
             hyper=dict(self.optimizer_options),
             weight_decay=self.weight_decay,
             clip=self.clip,
+            regime=regime,
         )
+        if regime == "operator":
+            check_operator_program(setup, self.weight_decay, reference, fam.inputs)
         self._setups[key] = setup
         return setup
+
+    def regime(self, inputs: torch.Tensor | None = None) -> str:
+        """Which limit this is, by the classification (Sec. 2.8): ``"feature learning"`` (the μ-limit,
+        Thm 2.9.25) or ``"operator"`` (the NT limit, Thm 2.9.19 / 2.9.23); any other verdict (unstable,
+        trivial, unfaithful) has no limit to compute and is refused with its reasons."""
+        verdict = classify_program(self.family(inputs).program, self.param,
+                                   homogeneity=optimizer_homogeneity(self.rule))
+        if verdict.regime not in ("feature learning", "operator") or not (verdict.stable and verdict.faithful):
+            raise TplimitsError(
+                f"{self.param.name} with {self.rule.name} is {verdict.regime} (r = {verdict.r}), stable "
+                f"{verdict.stable}, faithful {verdict.faithful}: neither the μ-limit (feature learning, Thm 2.9.25) "
+                f"nor the NT limit (operator regime, Thm 2.9.19) exists. Use μP or NTP (or a variant).\n{verdict}")
+        return verdict.regime
 
     # -- training ------------------------------------------------------------------------------
     def train(self, X: torch.Tensor, y: torch.Tensor, steps: int = 50, lr: float = 0.1,
               loss: str | Loss | Callable = "mse", batch_size: int | None = None, X_test: torch.Tensor | None = None,
               particles: int = 2**14, seed: int = 0, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float64, batches: int = 4, dots: str = "auto", kernels: Sequence[str] = (),
-              checkpoint: str | None = None, checkpoint_every: int = 10, progress: bool = True) -> Trajectory:
+              checkpoint: str | None = None, checkpoint_every: int = 10, progress: bool = True, center: bool = False,
+              copies: int | None = None) -> Trajectory:
         """Train the limit on ``(X, y)`` for ``steps`` updates at learning rate ``lr`` (the same ``lr`` as
         ``tpl.instantiate(..., lr=lr)``), with ``particles`` particles split into ``batches``
         independent systems (for the standard errors).
+
+        The limit is the μ-limit or the NT limit as the classification of the parametrization says
+        (:meth:`regime`). ``center=True`` trains ``f − f_0`` (the initial function subtracted, the paper's
+        Ch. 5 protocol; ``tpl.instantiate(..., center=True)`` is its finite counterpart). ``copies``: NT
+        limit under a nonlinear rule only, the copy population of each hidden matrix's grid of ``Q``
+        values (default: the system's particles, at most ``tplimits.limit.nt.DEFAULT_COPIES``).
 
         ``dots``: ``"autograd"`` (per-particle derivatives; linear update rules only), ``"stein"``
         (Gaussian integration by parts; any rule, no autograd graph) or ``"auto"`` (autograd where it
@@ -191,12 +214,13 @@ class Limit:
         graph cannot be saved).
         """
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
-                                   batches, dots, kernels, checkpoint, checkpoint_every)
+                                   batches, dots, kernels, checkpoint, checkpoint_every, center, copies)
         start = time.perf_counter()
         identity = self._identity(run, setup)
         saved = _load_checkpoint(checkpoint, identity)
         finished: list[dict[str, list]] = saved["finished"] if saved else []
-        bar = tqdm(total=batches * (steps + 1), disable=not progress, desc="μ-limit", unit="step")
+        desc = "NT limit" if setup.regime == "operator" else "μ-limit"
+        bar = tqdm(total=batches * (steps + 1), disable=not progress, desc=desc, unit="step")
         bar.update(len(finished) * (steps + 1))
         for b in range(len(finished), batches):
             current = saved.pop("current", None) if saved else None
@@ -209,11 +233,16 @@ class Limit:
 
     def _prepare(self, X: Any, y: Any, X_test: Any, steps: int, lr: float, loss: Any, batch_size: int | None,
                  particles: int, seed: int, device: Any, dtype: torch.dtype, batches: int, dots: str,
-                 kernels: Sequence[str], checkpoint: str | None, checkpoint_every: int) -> tuple[_Run, LimitSetup]:
+                 kernels: Sequence[str], checkpoint: str | None, checkpoint_every: int, center: bool = False,
+                 copies: int | None = None) -> tuple[_Run, LimitSetup]:
         """Every argument checked (before any lowering or training), converted, and the setup for the inputs."""
         loss_fn = lookup_loss(loss)
         _check_numbers(steps=steps, lr=lr, batch_size=batch_size, particles=particles, batches=batches, seed=seed,
                        checkpoint_every=checkpoint_every)
+        if not isinstance(center, bool):
+            raise TplimitsError(f"center must be True or False, got {center!r}")
+        if copies is not None and (not isinstance(copies, int) or isinstance(copies, bool) or copies < 1):
+            raise TplimitsError(f"copies must be a positive integer (or None), got {copies!r}")
         check_dtype_device(dtype, device)
         X, y = data("X", X), data("y", y)
         if len(y) != len(X):
@@ -229,10 +258,13 @@ class Limit:
         if batches < 1 or particles % batches:
             raise TplimitsError(f"particles ({particles}) must be a positive multiple of batches ({batches})")
         _check_particles(setup, particles // batches)
-        self._check_memory(setup, particles, batches, dtype, torch.device(device))
+        self._check_memory(setup, particles, batches, dtype, torch.device(device), copies)
         kernels = _check_kernels(kernels, setup)
         if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
             raise TplimitsError(f"checkpoint must be a file path (or None), got {type(checkpoint).__name__}")
+        if checkpoint is not None and setup.regime == "operator":
+            raise TplimitsError("checkpoints are not implemented for the NT limit yet (its runs keep no hats to "
+                                "save and are short); call without checkpoint=")
         if checkpoint is not None and dots == "autograd":
             raise TplimitsError("checkpoints need dots='stein': an autograd graph over the training history "
                                 "cannot be saved")
@@ -240,13 +272,15 @@ class Limit:
             raise TplimitsError(f"checkpoint={checkpoint!r}: its directory does not exist; create it first")
         schedule = batch_schedule(len(X), batch_size, steps, seed)
         run = _Run(X, y, Z, len(X), steps, lr, loss_fn, schedule, particles, batches, seed, dtype, torch.device(device),
-                   dots, kernels, X_test is not None, explosion_bound(y))
+                   dots, kernels, X_test is not None, explosion_bound(y), center, copies)
         return run, setup
 
     def _train_system(self, setup: LimitSetup, run: _Run, b: int, current: dict | None, bar: Any,
                       saving: tuple[str | None, int, dict], finished: list) -> dict[str, list]:
         """Train independent system ``b`` (resuming from ``current``), recording outputs and kernels;
         ``saving`` is (checkpoint path, every how many steps, the run's identity)."""
+        if setup.regime == "operator":
+            return self._train_tangent_system(setup, run, b, bar)
         checkpoint, checkpoint_every, identity = saving
         net = ParticleNetwork(setup, run.per_batch, run.seed * 1_000_003 + b, run.dtype, run.device, run.dots,
                               run.lr, run.steps)
@@ -263,6 +297,9 @@ class Limit:
                 raise Diverged(str(error), step=error.step, value=error.value,
                                trajectory=_partial(run, record)) from None
             out = net.outputs(interp)
+            if run.center:  # the initial function, kept in the record (a resumed run subtracts the same one)
+                record.setdefault("initial", out)
+                out = out - record["initial"]
             reference = interp.scales() if reference is None else reference
             if blown_up(out, run.bound):
                 interp.raise_diverged(interp.first_blown_up(reference), _partial(run, record))
@@ -278,17 +315,84 @@ class Limit:
             bar.update(1)
         return record
 
+    def _train_tangent_system(self, setup: LimitSetup, run: _Run, b: int, bar: Any) -> dict[str, list]:
+        """Train independent system ``b`` of the NT limit: its tangents once, then the outputs by its dynamics
+        (the feature kernels are those at initialization at every step: the kets do not move)."""
+        system = TangentSystem(setup, run.per_batch, run.seed * 1_000_003 + b, run.dtype, run.device, run.dots, run.lr)
+        tangents = system.tangents(run.Z)
+        f0 = tangents.outputs.new_zeros(tangents.outputs.shape) if run.center else tangents.outputs
+        dynamics = system.dynamics(tangents, run.copies, run.steps)
+        kernels = {name: _kernel(setup, tangents.interp, name).cpu() for name in run.kernels}
+        record: dict[str, list] = {"outputs": [], "kernels": {k: [] for k in run.kernels}}
+        out = f0
+        for t in range(run.steps + 1):
+            if blown_up(out, run.bound):
+                raise Diverged(f"the NT limit diverged at step {t}: its outputs are non-finite or beyond {run.bound:g}"
+                               " (RMS). Try a smaller lr; see docs/limit.md, 'Divergence'.", step=t, value="outputs",
+                               trajectory=_partial(run, record))
+            record["outputs"].append(out.cpu())
+            for name in run.kernels:
+                record["kernels"][name].append(kernels[name])
+            if t < run.steps:
+                chi = run.loss.error_signal(out, run.y.to(device=out.device), run.schedule[t].to(out.device))
+                out = f0 + dynamics.step(chi).reshape(f0.shape)
+            bar.update(1)
+        return record
+
+    def kernel(self, X: torch.Tensor, kind: str = "ntk", X2: torch.Tensor | None = None, particles: int = 2**14,
+               batches: int = 4, seed: int = 0, dtype: torch.dtype = torch.float64,
+               device: str | torch.device = "cpu", dots: str = "auto") -> Kernel:
+        """The NT limit's kernel at initialization between ``X`` and ``X2`` (default ``X``): ``kind="ntk"``,
+        the neural tangent kernel with the parametrization's per-parameter learning-rate and gradient
+        scales — one SGD step at learning rate ``lr`` of the finite models moves their outputs by
+        ``−lr·K·χ`` in the limit — or ``kind="nngp"``, the covariance of the initial outputs. ``[N, N2]``
+        for one output, ``[N, N2, e, e]`` for ``e``; with Monte Carlo standard errors over ``batches``
+        independent systems of ``particles / batches`` particles."""
+        if kind not in ("ntk", "nngp"):
+            raise TplimitsError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
+        _check_numbers(steps=0, lr=0.0, batch_size=None, particles=particles, batches=batches, seed=seed,
+                       checkpoint_every=1)
+        check_dtype_device(dtype, device)
+        X = data("X", X)
+        X2 = X if X2 is None else data("X2", X2)
+        if X2.shape[1:] != X.shape[1:]:
+            raise TplimitsError(f"X2 has rows of shape {tuple(X2.shape[1:])}, X of {tuple(X.shape[1:])}")
+        same = X2 is X
+        Z = X if same else torch.cat([X, X2.to(X.dtype)])
+        setup = self.setup(Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z)
+        if setup.regime != "operator":
+            raise TplimitsError(f"{self.param.name} with {self.rule.name} is in the feature learning regime: its "
+                                "limit (the μ-limit) has no fixed kernel. Kernels are the NT limit's: use NTP.")
+        if batches < 1 or particles % batches:
+            raise TplimitsError(f"particles ({particles}) must be a positive multiple of batches ({batches})")
+        _check_particles(setup, particles // batches)
+        dots = self._resolve_dots(dots, setup)
+        values = []
+        for b in range(batches):
+            system = TangentSystem(setup, particles // batches, seed * 1_000_003 + b, dtype, torch.device(device),
+                                   dots, 0.0)
+            tangents = system.tangents(Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device))
+            value = system.ntk(tangents) if kind == "ntk" else system.nngp(tangents)
+            outputs = tangents.outputs.shape[1:]
+            values.append(output_kernel(value, len(X), 0 if same else len(X2), outputs).cpu())
+        stacked = torch.stack(values)
+        return Kernel(stacked.mean(0), standard_error(stacked), kind, "monte carlo", particles, batches)
+
     def _check_memory(self, setup: LimitSetup, particles: int, batches: int, dtype: torch.dtype,
-                      device: torch.device) -> None:
+                      device: torch.device, copies: int | None = None) -> None:
         """Refuse, before allocating, dense [P, P] grids (nonlinear rules) that cannot fit in memory."""
         if self.rule.linear and self.param.update == "plain" and self.clip is None:
             return
         grids = 1 + sum(torch.is_tensor(v) for v in self.rule.init_state(torch.zeros(1)).values())
-        per_particle_squared = sum(math.prod(concrete_shape(setup.program.parameters[name].layout, 1))
+        # per particle²: a width axis of ratio r holds r·P particles (GQA's k/v projections: r = 1/2)
+        per_particle_squared = sum(math.prod(float(a.ratio) if isinstance(a, Width) else a
+                                             for a in setup.program.parameters[name].layout)
                                    for name, abcd in setup.chosen.items()
                                    if setup.program.parameters[name].kind == "matrix")
         unit = grids * per_particle_squared * torch.empty((), dtype=dtype).element_size()
         need = unit * (particles // batches) ** 2
+        if setup.regime == "operator":  # grids against the copy population only
+            need = grids * grid_entries(setup, particles // batches, copies) * torch.empty((), dtype=dtype).itemsize
         have = _memory(device)
         if unit and need > have:
             fits = batches * int(math.isqrt(int(have // unit)))
@@ -321,12 +425,15 @@ class Limit:
             "dtype": str(run.dtype),
             "dots": run.dots,
             "kernels": repr(run.kernels),
+            "center": repr(run.center),
+            "copies": repr(run.copies),
         }
 
     def _resolve_dots(self, dots: str, setup: LimitSetup) -> str:
         if dots not in DOTS:
             raise TplimitsError(f"dots must be one of {DOTS}, got {dots!r}")
-        linear = self.rule.linear and self.param.update == "plain" and self.clip is None
+        # The NT limit takes dots once, at initialization, whatever its rule: a linear rule is not needed.
+        linear = setup.regime == "operator" or (self.rule.linear and self.param.update == "plain" and self.clip is None)
         if dots == "autograd" and not linear:
             raise TplimitsError(
                 f"dots='autograd' needs a linear update rule with plain updates; {self.rule.name} keeps a dense "

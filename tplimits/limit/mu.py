@@ -13,7 +13,7 @@ Monte Carlo error.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -22,10 +22,10 @@ import torch
 from tplimits.core.backprop import TotalProgram
 from tplimits.core.ir import MatMul, ParameterInfo, Width, concrete_shape
 from tplimits.core.program import Program
-from tplimits.errors import TplimitsError
+from tplimits.errors import NotRepresentable, TplimitsError
 from tplimits.limit.kets import KetInterpreter, MatMulPlan, MatrixOperator, OperatorAction
 from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule
-from tplimits.training.init import InitialValue, init_std, initial_value, multiplier
+from tplimits.training.init import InitialValue, coordinate_law, init_std, initial_value, multiplier
 from tplimits.training.optim import parameter_groups, rule_groups
 from tplimits.training.parametrize import ABCD, Parametrization
 
@@ -46,23 +46,46 @@ class LimitSetup:
     hyper: Mapping[str, Any]
     weight_decay: float
     clip: float | None
+    regime: str = "feature learning"  # or "operator": the NT limit (tplimits.limit.nt)
 
     @property
     def program(self) -> Program:
         return self.total.program
 
 
-def initial_values(program: Program, model: torch.nn.Module) -> dict[str, InitialValue]:
-    """Read from a model at any width how each program parameter is initialized."""
-    return {name: initial_value(info, operator.attrgetter(name)(model)) for name, info in program.parameters.items()}
+def initial_values(program: Program, model: torch.nn.Module,
+                   other_widths: Callable[[], Sequence[torch.nn.Module]] = tuple) -> dict[str, InitialValue]:
+    """Read from a model at any width how each program parameter is initialized.
+
+    A buffer that grows with width and is not constant must follow a coordinate law (RoPE's ``inv_freq``),
+    checked against the same buffer in the models ``other_widths()`` builds (called only for such a buffer).
+    """
+    values = {name: initial_value(info, operator.attrgetter(name)(model)) for name, info in program.parameters.items()}
+    others: Sequence[torch.nn.Module] | None = None
+    for name, info in program.parameters.items():
+        if values[name].kind != "random" or info.trainable:
+            continue
+        others = other_widths() if others is None else others
+        tensors = [operator.attrgetter(name)(m) for m in (model, *others)]
+        law = coordinate_law(info, tensors)
+        if law is None:
+            sizes = sorted({int(t.shape[info.width_axes[0]]) for t in tensors})
+            raise NotRepresentable(
+                f"buffer {name!r} grows with width, is not constant, and its coordinates are no function f(i/m) of "
+                f"their relative position that is the same at every width (checked, affine and geometric laws, at "
+                f"sizes {sizes}); the limit has no initial ket for it. Make it a parameter (drawn by the "
+                "parametrization), or a buffer of fixed size")
+        values[name] = InitialValue("coordinate", law)
+    return values
 
 
 class ParticleNetwork:
     """One independent particle system of ``particles`` particles, trained step by step."""
 
     def __init__(self, setup: LimitSetup, particles: int, seed: int, dtype: torch.dtype, device: str | torch.device,
-                 dots: str, lr: float, steps: int) -> None:
+                 dots: str, lr: float, steps: int, frozen: bool = False) -> None:
         self.setup = setup
+        self.frozen = frozen  # the kets at initialization only (NT limit): no operator keeps its updates
         self.P = particles
         self.dtype = dtype
         self.device = torch.device(device)
@@ -98,7 +121,7 @@ class ParticleNetwork:
         init = self.setup.initial[name]
         shape = concrete_shape(info.layout, self.P)
         if init.kind == "fixed":
-            self.tensors[name] = init.value.to(device=self.device, dtype=self.dtype)
+            self.tensors[name] = init.value.to(device=self.device, dtype=init.dtype_in(self.dtype))
             return
         trainable = info.trainable
         abcd = self.setup.chosen.get(name)
@@ -122,12 +145,14 @@ class ParticleNetwork:
             else:
                 raise TplimitsError(f"parameter {name!r}: a matrix initialized to the constant {init.value} is "
                                     "not an operator of bounded norm; initialize it randomly, to zero or to c·I")
-            dense = name in self.setup.chosen and not self._low_rank()
+            dense = name in self.setup.chosen and not self._low_rank() and not self.frozen
             self.operators[name] = MatrixOperator(name, shape, in_axis, out_axis, op_init, scale, dense,
                                                   self.generator, self.dtype, self.device, self.dots)
             return
         if init.kind == "constant":
-            tensor = torch.full(shape, init.value, dtype=self.dtype, device=self.device)
+            tensor = torch.full(shape, init.value, dtype=init.dtype_in(self.dtype), device=self.device)
+        elif init.kind == "coordinate":  # f(U), U ~ Uniform(0, 1) once per particle
+            tensor = init.value.sample(shape[init.value.axis], self.generator, self.dtype, self.device)
         elif abcd is None:
             raise TplimitsError(f"buffer {name!r} grows with width and is not constant; the limit engine cannot "
                                 "sample it")
@@ -142,7 +167,8 @@ class ParticleNetwork:
         values: dict[str, Any] = {}
         for name, tensor in self.tensors.items():
             abcd = self.setup.chosen.get(name)
-            values[name] = tensor * (multiplier(abcd, self.P) if abcd is not None else 1.0)
+            # no multiplier, no product: ``tensor * 1.0`` would turn an integer buffer (token-type ids) into floats
+            values[name] = tensor * multiplier(abcd, self.P) if abcd is not None else tensor.clone()
         values.update(self.operators)
         return values
 

@@ -52,6 +52,17 @@ def identity(node: OpNode) -> Any:
     return node.args[0]
 
 
+def stop_gradient(ctx: LoweringContext, value: Any) -> Any:
+    """``value`` with backpropagation cut (``.detach()``, a grad-disabled region's output): the identity,
+    declared not differentiable. Folded constants and non-tensors need no cut."""
+    if isinstance(value, MatrixValue):
+        ctx.unsupported("cutting the gradient of a weight matrix (a detached weight used in a product)")
+    if not isinstance(value, Value) or value.const is not None:
+        return value
+    return ctx.nonlin(aten.alias.default, value, layout=value.layout, hint=f"{value.name}_detached",
+                      differentiable=False)
+
+
 def tensor_args(node: OpNode) -> list[Any]:
     return [a for a in torch.utils._pytree.tree_leaves((node.args, dict(node.kwargs))) if is_tensor_value(a)]
 

@@ -26,6 +26,7 @@ from tplimits.plugin import (
     identity,
     rule_table,
     scale_matrix,
+    stop_gradient,
     tensor_args,
     vector_width_axis,
     width_axes,
@@ -59,14 +60,14 @@ KINKED = {"abs", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "clam
           "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor", "isnan", "isinf", "isfinite"}
 
 # Ops that return their input unchanged as far as the program is concerned.
-IDENTITIES = ["alias", "detach", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout",
+IDENTITIES = ["alias", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout",
               "feature_alpha_dropout", "_assert_tensor_metadata"]
 
 # Ops that multiply a matrix-shaped parameter by a scalar factor.
 SCALINGS = {"mul": False, "div": True, "true_divide": True}
 
 # Ops a weight matrix may pass through unchanged on its way to a product (casts, copies).
-MATRIX_PASSTHROUGH = {"_to_copy", "to", "type_as", "clone", "alias", "detach", "contiguous", "lift_fresh_copy"}
+MATRIX_PASSTHROUGH = {"_to_copy", "to", "type_as", "clone", "alias", "contiguous", "lift_fresh_copy"}
 
 FACTORIES = ["full", "ones", "zeros", "scalar_tensor", "arange", "tensor", "empty", "new_ones", "new_zeros",
              "new_full", "eye", "linspace"]
@@ -143,6 +144,11 @@ def identity_rule(ctx: LoweringContext, node: OpNode) -> Any:
     return identity(node)
 
 
+def detach(ctx: LoweringContext, node: OpNode) -> Any:
+    """The same value, with backpropagation cut where the model cuts it."""
+    return stop_gradient(ctx, node.args[0])
+
+
 def factory(ctx: LoweringContext, node: OpNode) -> Value:
     """A constant built in forward. Width-independent ones were folded already; what reaches here
     either has a width-dependent value (HF's ``full([], sqrt(d_head))``) or a width-sized shape."""
@@ -165,6 +171,7 @@ def tplimits_lowering_rules() -> dict:
     rules = rule_table([*ELEMENTWISE, *(name + "_" for name in ELEMENTWISE)], elementwise)
     rules.update(rule_table(IDENTITIES, identity_rule))
     rules.update(rule_table(FACTORIES, factory))
+    rules.update(rule_table(["detach", "detach_"], detach))
     # nn.Dropout(inplace=True) and friends
     rules[aten.dropout_] = identity_rule
     rules[aten.glu] = glu

@@ -42,14 +42,21 @@ from tplimits.plugin import (
 # --------------------------------------------------------------------------------------------
 
 
+# A view computes what reshape computes. The program's values need not be laid out as torch laid the
+# model's tensors out (kets come out of matrix operators with strided particle axes), so a view is
+# emitted as reshape, which copies where a view cannot.
+VIEWS = (aten.view, aten._unsafe_view, aten.view_copy)
+
+
 def reshape(ctx: LoweringContext, node: OpNode) -> Value:
     x = node.args[0]
     if isinstance(x, MatrixValue):
         ctx.not_representable("reshaping a weight matrix")
+    fn = aten.reshape.default if node.target.overloadpacket in VIEWS else node.target
     block = reshape_block(ctx, x.layout, node.layout)
     if block is None:
-        return coordinatewise(ctx, node)
-    return ctx.regroup(node.target, *node.args, layout=node.layout, block=block, kwargs=node.kwargs)
+        return coordinatewise(ctx, node, fn)
+    return ctx.regroup(fn, *node.args, layout=node.layout, block=block, kwargs=node.kwargs)
 
 
 def reshape_block(ctx: LoweringContext, src: Layout, dst: Layout) -> Fraction | None:
