@@ -91,6 +91,7 @@ def assert_finite(result) -> None:
 
 
 LIMIT = tpl.derive("mlp", optimizer="sgd", depth=1, d_in=D_IN)  # lowered once, at its first use
+NT_LIMIT = tpl.derive("mlp", param="NTP", optimizer="sgd", depth=1, d_in=D_IN)
 
 
 ARCH = st.sampled_from(["mlp", "nope", "", 3, None, torch.nn.Linear(3, 4), lambda width: torch.nn.Linear(D_IN, width),
@@ -178,7 +179,7 @@ TRAIN = {
     "particles": st.sampled_from([64, 128]), "seed": st.integers(0, 3), "device": "cpu",
     "dtype": st.sampled_from([torch.float32, torch.float64]), "batches": st.sampled_from([1, 2, 4]),
     "dots": st.sampled_from(["auto", "stein", "autograd"]), "kernels": st.sampled_from([(), ("nope",)]),
-    "checkpoint_every": st.integers(1, 3), "checkpoint": None,
+    "checkpoint_every": st.integers(1, 3), "checkpoint": None, "center": st.booleans(),
 }
 
 
@@ -193,12 +194,24 @@ def test_train(kwargs):
     "X": X, "y": Y, "widths": st.sampled_from([(8, 16), (16, 8), (4, 8, 16)]), "seeds": st.integers(2, 3),
     "steps": st.integers(0, 2), "lr": st.sampled_from([0.0, 0.1]), "loss": "mse", "dtype": torch.float64,
     "max_slope": -0.4, "tolerance": 3.0, "trajectory": None, "batch_size": st.sampled_from([None, 2]),
-    "X_test": st.sampled_from([None, X[:2]]), "particles": 64,
+    "X_test": st.sampled_from([None, X[:2]]), "particles": 64, "center": st.booleans(),
 }))
 def test_check(kwargs):
     report = call(LIMIT.check, progress=False, **kwargs)
     assert report is None or isinstance(report, CheckReport)
     assert_finite(report)
+
+
+@SETTINGS
+@given(kwargs=arguments({"X": X, "kind": st.sampled_from(["ntk", "nngp"]), "X2": st.sampled_from([None, X[:2]]),
+                         "particles": st.sampled_from([64, 128]), "batches": st.sampled_from([2, 4]),
+                         "seed": st.integers(0, 2), "dtype": st.sampled_from([torch.float32, torch.float64]),
+                         "device": "cpu", "dots": st.sampled_from(["auto", "stein"])}),
+       limit=st.sampled_from([NT_LIMIT, NT_LIMIT, LIMIT]))
+def test_kernel(kwargs, limit):
+    kernel = call(limit.kernel, **kwargs)
+    if kernel is not None:
+        assert_finite(kernel.value)
 
 
 @SETTINGS
