@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from tplimits.core.backprop import total_program
 from tplimits.core.frontend import ArchitectureLike, ExampleInputs
 from tplimits.core.ir import MatMul, Nonlin, Width, concrete_shape, fn_name, width_axes
+from tplimits.core.program import Program
 from tplimits.errors import CheckpointError, Diverged, TplimitsError
 from tplimits.limit import check as checking
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.runs import batch_schedule, blown_up, digest, explosion_bound, standard_error
 from tplimits.optimizers.base import UpdateRule
 from tplimits.registry.manager import loss as lookup_loss
-from tplimits.training.classify import classify_program, optimizer_homogeneity
+from tplimits.training.classify import bottleneck_message, bottlenecks, classify_program, optimizer_homogeneity
 from tplimits.training.family import Family, lower_family
 from tplimits.training.loss import Loss
 from tplimits.training.model import parametrized_program
@@ -147,6 +148,7 @@ class Limit:
                 f"with {self.rule.name} is {verdict.regime} (r = {verdict.r}), stable {verdict.stable}, faithful "
                 f"{verdict.faithful}. Use a parametrization in the feature learning regime (μP or a μP variant)."
                 f"\n{verdict}")
+        _refuse_random_sums(fam.program, self.param)
         program = parametrized_program(fam.program, self.param)
         rules = rule_assignment(program, fam.update_rules)
         roles = parameter_roles(program)
@@ -338,6 +340,16 @@ class Limit:
 
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _refuse_random_sums(program: Program, param: Parametrization) -> None:
+    """The engine takes every Avg as a deterministic number: a bottleneck's sum must have a + b >= 1 (with
+    a + b = 1/2 it is stable but stays a random Θ(1) scalar in the limit)."""
+    for name, fed in bottlenecks(program).items():
+        abcd = param.for_parameter(name, "output")
+        if abcd.a + abcd.b < 1:
+            raise TplimitsError(f"tpl.derive computes the μ-limit, where every average over the width axis is a "
+                                f"deterministic number; {bottleneck_message(program, name, fed, abcd)}")
 
 
 def _memory(device: torch.device) -> int:
