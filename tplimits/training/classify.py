@@ -110,7 +110,7 @@ def bottlenecks(program: Program, roles: Mapping[str, str] | None = None) -> dic
     roles = parameter_roles(program) if roles is None else roles
     views: dict[str, str] = {}  # program value -> the output-role parameter it is, or a view of
     found: dict[str, str] = {}
-    reached: dict[str, str] = {}  # program value -> the bottleneck parameter whose sum it depends on
+    reached: dict[str, set[str]] = {}  # program value -> the parameters whose sums it depends on
     for ins in program.instructions:
         if isinstance(ins, Parameter) and roles.get(ins.target) == "output":
             views[ins.name] = ins.target
@@ -118,16 +118,17 @@ def bottlenecks(program: Program, roles: Mapping[str, str] | None = None) -> dic
             views[ins.name] = views[ins.inputs[0]]
         elif isinstance(ins, Avg) and ins.scale is not None and ins.scale.power > 0:
             product = program[ins.vector]
-            owners = [views[i] for i in product.inputs if i in views] if isinstance(product, Nonlin) else []
+            owners = {views[i] for i in product.inputs if i in views} if isinstance(product, Nonlin) else set()
             if owners:
-                reached[ins.name] = owners[0]
+                reached[ins.name] = owners
                 continue
-        sources = [reached[i] for i in ins.inputs if i in reached]
+        sources = set().union(*(reached[i] for i in ins.inputs if i in reached))
         if not sources or _renormalizes(ins):
             continue
-        reached[ins.name] = sources[0]
-        if width_axes(ins.layout) and sources[0] not in found:
-            found[sources[0]] = ins.name
+        reached[ins.name] = sources
+        if width_axes(ins.layout):
+            for name in sorted(sources - set(found)):
+                found[name] = ins.name
     return found
 
 
