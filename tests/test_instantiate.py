@@ -113,6 +113,30 @@ def test_initialization_scales(mlp):
     assert abs(trained.std().item() - 1) < 0.05
 
 
+
+def test_first_convolution_is_initialized_by_its_fan_in():
+    """A first-layer (or depthwise) convolution sums its input channels over the kernel, like a first
+    Linear sums its inputs: under μP it starts with variance 1/(C_in·kh·kw), 1/(kh·kw) when depthwise (a
+    ViT patch embedding drew N(0, 1) weights: pre-activations √48 times too large)."""
+
+    class Convs(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, width, 4, stride=4)
+            self.depthwise = torch.nn.Conv2d(width, width, 3, padding=1, groups=width)
+            self.out = torch.nn.Linear(width, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.depthwise(self.patch(x)).mean((2, 3)))
+
+    x = torch.randn(2, 3, 8, 8)
+    prog = tpl.lower(Convs, example_inputs=(x,))
+    assert prog.parameters["patch.weight"].fan_in_axes == (1, 2, 3)
+    model, _ = tpl.instantiate(Convs, width=512, param="muP", optimizer="sgd", lr=0.1, example_inputs=(x,))
+    patch, depthwise = model.model.patch.weight, model.model.depthwise.weight
+    assert abs(patch.std().item() * (3 * 4 * 4) ** 0.5 - 1) < 0.05
+    assert abs(depthwise.std().item() * 3 - 1) < 0.05
+
 def test_learning_rate_and_gradient_scales(mlp):
     width = 256
     _, opt = tpl.instantiate(mlp, width=width, param="muP", optimizer="adam", lr=0.01)

@@ -155,8 +155,8 @@ def test_options_converge_to_their_limit(data, options):
 
 def test_errors(data):
     X, y = data
-    with pytest.raises(tpl.TplimitsError, match="μ-limit"):
-        tpl.derive("mlp", optimizer="sgd", param="NTP", d_in=3).train(X, y, steps=1, particles=256, progress=False)
+    with pytest.raises(tpl.TplimitsError, match="neither the μ-limit.*nor the NT limit"):  # SP + Adam, depth 3
+        tpl.derive("mlp", optimizer="adam", param="SP", d_in=3).train(X, y, steps=1, particles=256, progress=False)
     limit = tpl.derive("mlp", optimizer="sgd", d_in=3)
     with pytest.raises(tpl.TplimitsError, match="multiple of batches"):
         limit.train(X, y, steps=1, particles=1001, progress=False)

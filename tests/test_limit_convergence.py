@@ -142,3 +142,57 @@ def test_bert_from_config_sgd():
         report = limit.check(ids, y, widths=[32, 128, 512], seeds=8, steps=3, lr=0.5, loss="cross_entropy",
                              particles=2**14, progress=False)
     assert report.passed, report.format()
+
+
+class ViTCLS(torch.nn.Module):
+    """A ``transformers`` ViT built from a config (8×8 images, patch 4: a CLS token, position embeddings, a
+    convolutional patch embedding, pre-LN with eps 1e-12, bidirectional sdpa), read out by a Linear on the
+    CLS token. Its MLP hidden size grows with the width: left at the config's constant it would be a
+    fixed-size layer with no μ-limit (tests/test_bottleneck.py)."""
+
+    layers = 1
+    heads = 2
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        hf = pytest.importorskip("transformers")
+        self.vit = hf.ViTModel(hf.ViTConfig(
+            hidden_size=width, num_hidden_layers=self.layers, num_attention_heads=self.heads,
+            intermediate_size=4 * width, image_size=8, patch_size=4, num_channels=3, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, attn_implementation="sdpa"), add_pooling_layer=False)
+        self.head = torch.nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit(pixel_values=x).last_hidden_state[:, 0])
+
+
+class ViTCLSDeep(ViTCLS):
+    layers = 2
+
+
+def _images() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 2, generator=g)
+
+
+def _check_vit(make: type[ViTCLS], optimizer: str, lr: float, widths: list[int], steps: int,
+               particles: int) -> None:
+    X, y = _images()
+    limit = tpl.derive(make, optimizer=optimizer, example_inputs=(X,))
+    with pytest.warns(UserWarning, match="attention scale"):
+        report = limit.check(X, y, widths=widths, seeds=6, steps=steps, lr=lr, particles=particles, progress=False)
+    assert report.passed, report.format()
+
+
+def test_vit_from_config_sgd():
+    _check_vit(ViTCLS, "sgd", 0.1, [64, 256, 1024], 4, 2**12)
+
+
+@pytest.mark.slow
+def test_vit_from_config_adam():  # 35 s to 2.5 min on 2 shared cores
+    _check_vit(ViTCLS, "adam", 0.01, [64, 256, 1024], 4, 2**12)
+
+
+@pytest.mark.slow
+def test_vit_two_layers_sgd():  # about 4 min on 2 shared cores
+    _check_vit(ViTCLSDeep, "sgd", 0.1, [256, 1024], 5, 2**13)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from tplimits.core.backprop import total_program
 from tplimits.core.frontend import ArchitectureLike, ExampleInputs
 from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
+from tplimits.core.program import Program
 from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
@@ -42,7 +43,7 @@ from tplimits.limit.runs import (
 )
 from tplimits.optimizers.base import UpdateRule
 from tplimits.registry.manager import loss as lookup_loss
-from tplimits.training.classify import classify_program, optimizer_homogeneity
+from tplimits.training.classify import bottleneck_message, bottlenecks, classify_program, optimizer_homogeneity
 from tplimits.training.family import Family, lower_family
 from tplimits.training.loss import Loss
 from tplimits.training.model import parametrized_program
@@ -152,6 +153,7 @@ class Limit:
             return self._setups[key]
         fam = self.family(inputs)
         regime = self.regime(inputs)
+        _refuse_random_sums(fam.program, self.param)
         program = parametrized_program(fam.program, self.param)
         rules = rule_assignment(program, fam.update_rules)
         roles = parameter_roles(program)
@@ -453,6 +455,16 @@ class Limit:
         """Train finite-width models at ``widths`` (``seeds`` each) exactly as :meth:`train` trains the
         limit and compare; see :func:`tplimits.limit.check.check`."""
         return checking.check(self, X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, **options)
+
+
+def _refuse_random_sums(program: Program, param: Parametrization) -> None:
+    """The engine takes every Avg as a deterministic number: a bottleneck's sum must have a + b >= 1 (with
+    a + b = 1/2 it is stable but stays a random Θ(1) scalar in the limit)."""
+    for name, fed in bottlenecks(program).items():
+        abcd = param.for_parameter(name, "output")
+        if abcd.a + abcd.b < 1:
+            raise TplimitsError(f"the limit engines take every average over the width axis as a deterministic "
+                                f"number; {bottleneck_message(program, name, fed, abcd)}")
 
 
 def _memory(device: torch.device) -> int:

@@ -53,7 +53,8 @@ def convolution(ctx: LoweringContext, node: OpNode) -> Value:
     if name in ("convolution", "_convolution"):
         stride, padding, dilation, transposed, _, groups = node.args[3:9]
         if transposed:
-            return _coordinatewise_or_refuse(ctx, node, "a transposed convolution mixing growing channels")
+            return _coordinatewise_or_refuse(ctx, node, "a transposed convolution mixing growing channels",
+                                             transposed=True)
     else:
         stride = node.arg(3, "stride", 1)
         padding = node.arg(4, "padding", 0)
@@ -102,13 +103,15 @@ def convolution(ctx: LoweringContext, node: OpNode) -> Value:
     return y
 
 
-def _coordinatewise_or_refuse(ctx: LoweringContext, node: OpNode, what: str) -> Value:
+def _coordinatewise_or_refuse(ctx: LoweringContext, node: OpNode, what: str, transposed: bool = False) -> Value:
     weight = node.args[1]
     if isinstance(weight, MatrixValue):
         ctx.not_representable(what + " whose weight has two width axes")
     out_channels = node.layout[1]
     if not isinstance(out_channels, Width) and isinstance(node.args[0], Value) and node.args[0].width_axis is not None:
         ctx.not_representable(what + " that sums over growing channels")
+    if not transposed:  # [out, in/groups, *kernel]: each output sums its input channels over the kernel
+        ctx.record_fan_in(weight, tuple(range(1, weight.ndim)))
     return coordinatewise(ctx, node)
 
 

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from fractions import Fraction
 
 import attrs
+from torch.utils import _pytree as pytree
 
-from tplimits.core.ir import WidthPower
+from tplimits.core.ir import Avg, Nonlin, Parameter, WidthPower, width_axes
 from tplimits.core.program import Program
 from tplimits.errors import TplimitsError
 from tplimits.optimizers.base import UpdateRule
@@ -65,6 +66,7 @@ class _Table:
     out: ABCD
     a_l1: Fraction  # a_{L+1}: the output multiplier folded in (Remark 2.9.8)
     b_l1: Fraction
+    internal: Mapping[str, str]  # output-role parameters summed into the network, not into an output
     reasons: list[str] = attrs.field(factory=list)
 
     @property
@@ -91,8 +93,60 @@ def _table(program: Program, param: Parametrization, homogeneity: float | None) 
     if not by_role["output"]:
         raise TplimitsError("the program has no readout (no vector summed over its width axis into an output); "
                             "the classification needs one")
-    out_name, out = max(by_role["output"], key=lambda kv: kv[1].a + kv[1].b)
-    return _Table(param, program, homogeneity, roles, by_role, out_name, out, param.a_out + out.a, out.b)
+    internal = bottlenecks(program, roles)
+    readouts = [kv for kv in by_role["output"] if kv[0] not in internal] or by_role["output"]
+    out_name, out = max(readouts, key=lambda kv: kv[1].a + kv[1].b)
+    return _Table(param, program, homogeneity, roles, by_role, out_name, out, param.a_out + out.a, out.b,
+                  internal)
+
+
+def bottlenecks(program: Program, roles: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Vector parameters summed over the width axis into a value that feeds a vector of the network (a
+    fixed-size bottleneck, e.g. a transformer MLP whose hidden size does not grow with width), each with
+    the first vector it feeds. The output multiplier ``n^{-a_out}`` scales readouts only, so such a sum is
+    ``Θ(n^{1/2-a-b})`` at initialization instead of a deterministic number, and no limit of the network exists
+    unless its own a + b is at least 1. A width-dependent scale applied to the sum (attention's 1/d_head) is
+    the model renormalizing it, and ends the search."""
+    roles = parameter_roles(program) if roles is None else roles
+    views: dict[str, str] = {}  # program value -> the output-role parameter it is, or a view of
+    found: dict[str, str] = {}
+    reached: dict[str, set[str]] = {}  # program value -> the parameters whose sums it depends on
+    for ins in program.instructions:
+        if isinstance(ins, Parameter) and roles.get(ins.target) == "output":
+            views[ins.name] = ins.target
+        elif isinstance(ins, Nonlin) and len(ins.inputs) == 1 and ins.inputs[0] in views:
+            views[ins.name] = views[ins.inputs[0]]
+        elif isinstance(ins, Avg) and ins.scale is not None and ins.scale.power > 0:
+            product = program[ins.vector]
+            owners = {views[i] for i in product.inputs if i in views} if isinstance(product, Nonlin) else set()
+            if owners:
+                reached[ins.name] = owners
+                continue
+        sources = set().union(*(reached[i] for i in ins.inputs if i in reached))
+        if not sources or _renormalizes(ins):
+            continue
+        reached[ins.name] = sources
+        if width_axes(ins.layout):
+            for name in sorted(sources - set(found)):
+                found[name] = ins.name
+    return found
+
+
+def bottleneck_message(program: Program, name: str, fed: str, abcd: ABCD) -> str:
+    """Why the sum of bottleneck parameter ``name`` (feeding ``fed``) has no deterministic limit."""
+    node = program[fed].origin.describe() or f"%{fed}"
+    return (f"{name!r} is summed over the width axis into the network ({node}), not into an output, and no "
+            f"output multiplier scales it: the sum grows like n^{{{Fraction(1, 2) - abcd.a - abcd.b}}} at "
+            f"initialization (a+b = {abcd.a + abcd.b}). A layer whose size stays fixed while the width grows "
+            "(e.g. an MLP hidden size left at a constant) has no μ-limit; let its size grow with width")
+
+
+def _renormalizes(ins: object) -> bool:
+    """An instruction that multiplies by a negative power of width (attention's 1/d_head on its logits)."""
+    if not isinstance(ins, Nonlin):
+        return False
+    leaves = pytree.tree_leaves((ins.args, dict(ins.kwargs)))
+    return any(isinstance(c, WidthPower) and c.power < 0 for c in leaves)
 
 
 def _stable_at_init(t: _Table) -> bool:
@@ -108,6 +162,11 @@ def _stable_at_init(t: _Table) -> bool:
     if t.base < Fraction(1, 2):
         stable = False
         t.reasons.append(f"unstable at init (Lemma 2.8.10): output {t.out_name!r} has a_out+a+b = {t.base} < 1/2")
+    for name, fed in t.internal.items():
+        abcd = t.param.for_parameter(name, "output")
+        if abcd.a + abcd.b < Fraction(1, 2):  # no output multiplier scales a sum that feeds the network
+            stable = False
+            t.reasons.append(f"unstable at init (Lemma 2.8.10): {bottleneck_message(t.program, name, fed, abcd)}")
     return stable
 
 
