@@ -238,3 +238,13 @@ def test_transformer_adam_agrees_with_ntp_training():
         report = limit.check(X, y, widths=[32, 128, 512], seeds=6, steps=3, lr=0.02, loss="cross_entropy",
                              center=True, particles=2**12, progress=False)
     assert report.passed, report.format()
+
+
+def test_mse_closed_form_refuses_targets_of_another_shape():
+    X, y = _data(3, 4)
+    K = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=1, d_in=3).kernel(X, particles=2**8, batches=2)
+    with pytest.raises(tpl.TplimitsError, match="y must hold 4 rows of 1 real targets"):
+        K.mse_outputs(y[:3], 0.1, 2)
+    with pytest.raises(tpl.TplimitsError, match="mse_outputs needs the NTK"):
+        tpl.derive("mlp", optimizer="sgd", param="NTP", depth=1, d_in=3).kernel(
+            X, kind="nngp", particles=2**8, batches=2).mse_outputs(y, 0.1, 2)

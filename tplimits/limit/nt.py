@@ -72,8 +72,14 @@ class Kernel:
         if self.kind != "ntk" or self.value.shape[0] != self.value.shape[1]:
             raise TplimitsError("mse_outputs needs the NTK of the training inputs with themselves "
                                 "(limit.kernel(X, kind='ntk'))")
-        targets = y.reshape(self.value.shape[0], -1).to(self.value.dtype)
-        e = targets.shape[1]
+        e = 1 if self.value.ndim == 2 else self.value.shape[-1]
+        y = torch.as_tensor(y)
+        if y.numel() != self.value.shape[0] * e or not y.is_floating_point():
+            raise TplimitsError(f"y must hold {self.value.shape[0]} rows of {e} real targets (this kernel's), got "
+                                f"shape {tuple(y.shape)} of {y.dtype}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0 or not math.isfinite(float(lr)):
+            raise TplimitsError(f"steps must be an integer >= 0 and lr a finite number, got {steps!r}, {lr!r}")
+        targets = y.reshape(self.value.shape[0], e).to(self.value.dtype)
         K = self.value if self.value.ndim == 2 else self.value.permute(0, 2, 1, 3)
         K = K.reshape(targets.numel(), targets.numel())
         evals, evecs = torch.linalg.eigh((K + K.T) / 2)
