@@ -109,7 +109,7 @@ def _slope(widths, gaps) -> float:
 
 @pytest.mark.parametrize("optimizer, activation, lr, particles, widths, seeds", [
     ("sgd", "tanh", 0.2, 2**13, [64, 256, 1024], 6), ("adam", "relu", 0.05, 2**13, [64, 256, 1024], 6),
-    ("momentum", "tanh", 0.05, 2**14, [32, 128, 512], 10)])
+    ("momentum", "tanh", 0.05, 2**14, [32, 128, 512], 10), ("signsgd", "tanh", 0.05, 2**14, [256, 1024, 4096], 6)])
 def test_dynamics_agree_with_ntp_training(optimizer, activation, lr, particles, widths, seeds):
     X, y = _data(4, 6)
     limit = tpl.derive("mlp", optimizer=optimizer, param="NTP", depth=2, d_in=4, activation=activation)
