@@ -248,3 +248,21 @@ def test_mse_closed_form_refuses_targets_of_another_shape():
     with pytest.raises(tpl.TplimitsError, match="mse_outputs needs the NTK"):
         tpl.derive("mlp", optimizer="sgd", param="NTP", depth=1, d_in=3).kernel(
             X, kind="nngp", particles=2**8, batches=2).mse_outputs(y, 0.1, 2)
+
+
+def test_bad_arguments_of_the_nt_limit_are_named():
+    X, y = _data(3, 4)
+    limit = tpl.derive("mlp", optimizer="adam", param="NTP", depth=1, d_in=3)
+    with pytest.raises(tpl.TplimitsError, match="kind must be 'ntk' or 'nngp'"):
+        limit.kernel(X, kind="ntkk", particles=256)
+    with pytest.raises(tpl.TplimitsError, match=r"X2 has rows of shape \(2,\)"):
+        limit.kernel(X, X2=torch.randn(2, 2), particles=256)
+    with pytest.raises(tpl.TplimitsError, match="center must be True or False"):
+        limit.train(X, y, steps=1, particles=256, center="yes", progress=False)
+    with pytest.raises(tpl.TplimitsError, match="copies must be a positive integer"):
+        limit.train(X, y, steps=1, particles=256, copies=0, progress=False)
+    with pytest.raises(tpl.TplimitsError, match="checkpoints are not implemented for the NT limit"):
+        limit.train(X, y, steps=1, particles=256, checkpoint="run.pt", progress=False)
+    with pytest.raises(tpl.TplimitsError, match="weight_decay=0.1.*not implemented yet"):
+        tpl.derive("mlp", optimizer="adamw", param="NTP", depth=1, d_in=3, weight_decay=0.1).train(
+            X, y, steps=1, particles=256, progress=False)

@@ -179,6 +179,10 @@ class Limit:
         self._setups[key] = setup
         return setup
 
+    def _setup_for(self, Z: torch.Tensor) -> LimitSetup:
+        """The setup for data rows ``Z`` (lowered in the default dtype; integer inputs as they are)."""
+        return self.setup(Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z)
+
     def regime(self, inputs: torch.Tensor | None = None) -> str:
         """Which limit this is, by the classification (Sec. 2.8): ``"feature learning"`` (the μ-limit,
         Thm 2.9.25) or ``"operator"`` (the NT limit, Thm 2.9.19 / 2.9.23); any other verdict (unstable,
@@ -249,17 +253,10 @@ class Limit:
         X, y = data("X", X), data("y", y)
         if len(y) != len(X):
             raise TplimitsError(f"X has {len(X)} rows but y has {len(y)}")
-        Z = X
-        if X_test is not None:
-            X_test = data("X_test", X_test)
-            if X_test.shape[1:] != X.shape[1:]:
-                raise TplimitsError(f"X_test has rows of shape {tuple(X_test.shape[1:])}, X of {tuple(X.shape[1:])}")
-            Z = torch.cat([X, X_test.to(X.dtype)])
-        setup = self.setup(Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z)
+        Z = X if X_test is None else _joined(X, "X_test", X_test)
+        setup = self._setup_for(Z)
         dots = self._resolve_dots(dots, setup)
-        if batches < 1 or particles % batches:
-            raise TplimitsError(f"particles ({particles}) must be a positive multiple of batches ({batches})")
-        _check_particles(setup, particles // batches)
+        _check_particles(setup, particles, batches)
         self._check_memory(setup, particles, batches, dtype, torch.device(device), copies)
         kernels = _check_kernels(kernels, setup)
         if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
@@ -284,7 +281,7 @@ class Limit:
         if setup.regime == "operator":
             return self._train_tangent_system(setup, run, b, bar)
         checkpoint, checkpoint_every, identity = saving
-        net = ParticleNetwork(setup, run.per_batch, run.seed * 1_000_003 + b, run.dtype, run.device, run.dots,
+        net = ParticleNetwork(setup, run.per_batch, _system_seed(run.seed, b), run.dtype, run.device, run.dots,
                               run.lr, run.steps)
         record: dict[str, list] = {"outputs": [], "kernels": {k: [] for k in run.kernels}}
         if current is not None:
@@ -320,7 +317,8 @@ class Limit:
     def _train_tangent_system(self, setup: LimitSetup, run: _Run, b: int, bar: Any) -> dict[str, list]:
         """Train independent system ``b`` of the NT limit: its tangents once, then the outputs by its dynamics
         (the feature kernels are those at initialization at every step: the kets do not move)."""
-        system = TangentSystem(setup, run.per_batch, run.seed * 1_000_003 + b, run.dtype, run.device, run.dots, run.lr)
+        system = TangentSystem(setup, run.per_batch, _system_seed(run.seed, b), run.dtype, run.device, run.dots,
+                               run.lr)
         tangents = system.tangents(run.Z)
         f0 = tangents.outputs.new_zeros(tangents.outputs.shape) if run.center else tangents.outputs
         dynamics = system.dynamics(tangents, run.copies, run.steps)
@@ -356,28 +354,25 @@ class Limit:
                        checkpoint_every=1)
         check_dtype_device(dtype, device)
         X = data("X", X)
-        X2 = X if X2 is None else data("X2", X2)
-        if X2.shape[1:] != X.shape[1:]:
-            raise TplimitsError(f"X2 has rows of shape {tuple(X2.shape[1:])}, X of {tuple(X.shape[1:])}")
-        same = X2 is X
-        Z = X if same else torch.cat([X, X2.to(X.dtype)])
-        setup = self.setup(Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z)
+        Z = X if X2 is None else _joined(X, "X2", X2)
+        setup = self._setup_for(Z)
         if setup.regime != "operator":
             raise TplimitsError(f"{self.param.name} with {self.rule.name} is in the feature learning regime: its "
                                 "limit (the μ-limit) has no fixed kernel. Kernels are the NT limit's: use NTP.")
-        if batches < 1 or particles % batches:
-            raise TplimitsError(f"particles ({particles}) must be a positive multiple of batches ({batches})")
-        _check_particles(setup, particles // batches)
+        _check_particles(setup, particles, batches)
         dots = self._resolve_dots(dots, setup)
         values = []
         for b in range(batches):
-            system = TangentSystem(setup, particles // batches, seed * 1_000_003 + b, dtype, torch.device(device),
+            system = TangentSystem(setup, particles // batches, _system_seed(seed, b), dtype, torch.device(device),
                                    dots, 0.0)
             tangents = system.tangents(Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device))
             value = system.ntk(tangents) if kind == "ntk" else system.nngp(tangents)
             outputs = tangents.outputs.shape[1:]
-            values.append(output_kernel(value, len(X), 0 if same else len(X2), outputs).cpu())
+            values.append(output_kernel(value, len(X), len(Z) - len(X), outputs).cpu())
         stacked = torch.stack(values)
+        if not bool(torch.isfinite(stacked).all()):
+            raise Diverged(f"the {kind.upper()} has non-finite entries: the kets overflowed at initialization (inputs "
+                           "or parameters too large for the dtype); use float64 or smaller inputs", value=kind)
         return Kernel(stacked.mean(0), standard_error(stacked), kind, "monte carlo", particles, batches)
 
     def _check_memory(self, setup: LimitSetup, particles: int, batches: int, dtype: torch.dtype,
@@ -542,7 +537,23 @@ def _non_smooth(setup: LimitSetup) -> list[str]:
             if isinstance(ins, Nonlin) and not ins.smooth]
 
 
-def _check_particles(setup: LimitSetup, per_batch: int) -> None:
+def _system_seed(seed: int, system: int) -> int:
+    """The random seed of independent particle system ``system`` of a run (or kernel) with ``seed``."""
+    return seed * 1_000_003 + system
+
+
+def _joined(X: torch.Tensor, name: str, other: Any) -> torch.Tensor:
+    """``X`` followed by the rows of ``other`` (argument ``name``), which must be rows of the same shape."""
+    other = data(name, other)
+    if other.shape[1:] != X.shape[1:]:
+        raise TplimitsError(f"{name} has rows of shape {tuple(other.shape[1:])}, X of {tuple(X.shape[1:])}")
+    return torch.cat([X, other.to(X.dtype)])
+
+
+def _check_particles(setup: LimitSetup, particles: int, batches: int) -> None:
+    if batches < 1 or particles % batches:
+        raise TplimitsError(f"particles ({particles}) must be a positive multiple of batches ({batches})")
+    per_batch = particles // batches
     for ins in setup.program.instructions:
         for spec in getattr(ins, "layout", ()):
             if isinstance(spec, Width) and (spec.ratio * per_batch).denominator != 1:
