@@ -266,3 +266,10 @@ def test_bad_arguments_of_the_nt_limit_are_named():
     with pytest.raises(tpl.TplimitsError, match="weight_decay=0.1.*not implemented yet"):
         tpl.derive("mlp", optimizer="adamw", param="NTP", depth=1, d_in=3, weight_decay=0.1).train(
             X, y, steps=1, particles=256, progress=False)
+
+
+def test_an_overflowing_kernel_is_an_error_not_a_number():
+    X, _ = _data(3, 4)
+    limit = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=3, activation="identity")
+    with pytest.raises(tpl.Diverged):
+        limit.kernel(X * 1e160, particles=256, batches=2)
