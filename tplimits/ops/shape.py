@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from tplimits.core.lower import common_block
+from tplimits.ops.common import common_block
 from tplimits.plugin import (
     Layout,
     LoweringContext,
