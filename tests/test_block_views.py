@@ -129,3 +129,19 @@ class _SingleRow(nn.Module):
 def test_a_fixed_number_of_rows_is_refused_by_name():
     with pytest.raises(tpl.NotRepresentable, match="slice of a weight matrix that is not a whole block"):
         tpl.lower(_SingleRow, example_inputs=_inputs())
+
+
+class _UnflattenedWeight(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.packed, self.out = nn.Linear(5, width), nn.Linear(width, 3 * width), nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query_weight = self.packed.weight.unflatten(0, (3, -1))[0]
+        return self.out(F.linear(torch.tanh(self.inp(x)), query_weight))
+
+
+def test_an_unflattened_weight_is_refused_as_not_supported_yet():
+    """Representable (it is a row block), but only split / chunk / slice / narrow lower to blocks today."""
+    with pytest.raises(tpl.UnsupportedOperation, match="reshaping a weight matrix into blocks.*not supported yet"):
+        tpl.lower(_UnflattenedWeight, example_inputs=_inputs())

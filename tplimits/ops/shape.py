@@ -52,7 +52,11 @@ VIEWS = (aten.view, aten._unsafe_view, aten.view_copy)
 def reshape(ctx: LoweringContext, node: OpNode) -> Value:
     x = node.args[0]
     if isinstance(x, MatrixValue):
-        ctx.not_representable("reshaping a weight matrix")
+        if len(width_axes(node.layout)) == 2:  # its width axes cut into fixed numbers of blocks
+            ctx.unsupported("reshaping a weight matrix into blocks (view / unflatten) before its product: not "
+                            "supported yet", "Split it along its width axis with chunk / split / narrow instead: "
+                            "those lower to sub-matrices.")
+        ctx.not_representable("reshaping a weight matrix so that its width axes merge or vanish")
     fn = aten.reshape.default if node.target.overloadpacket in VIEWS else node.target
     block = reshape_block(ctx, x.layout, node.layout)
     if block is None:
