@@ -129,6 +129,23 @@ class TorchAttention(nn.Module):
         return self.out(self.layer(h, memory, memory, need_weights=False)[0])
 
 
+class GroupNormNet(nn.Module):
+    """GroupNorm with 4 channels per group (width/4 groups), a grouped convolution with 2 groups, and GroupNorm
+    with 2 groups."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.norm = nn.GroupNorm(width // 4, width)
+        self.mix = nn.Conv2d(width, 2 * width, 3, groups=2, bias=False)
+        self.fixed_groups = nn.GroupNorm(2, 2 * width)
+        self.out = nn.Linear(2 * width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fixed_groups(self.mix(torch.relu(self.norm(self.stem(x)))))
+        return self.out(torch.tanh(h).mean((2, 3)))
+
+
 def _hf(name: str, width: int) -> nn.Module:
     import transformers as hf
 
@@ -214,6 +231,7 @@ def cases() -> dict[str, Case]:
         out[f"pytorchcv-{name}"] = Case(lambda w, name=name: _pytorchcv(name, w), **image,
                                         width=32 if name == "se-resnet" else 8,  # squeeze to width/16 channels
                                         check_widths=(16, 64, 256), needs="pytorchcv")
+    out["torch-groupnorm"] = Case(GroupNormNet, **image, check_widths=(16, 64, 256))
     for name in ("encoder", "decoder", "mha-self", "mha-cross", "mha-kdim"):
         out[f"torch-{name}"] = Case(lambda w, name=name: TorchAttention(w, name), **sequence)
     for kind in ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell"):
