@@ -97,6 +97,19 @@ def test_channel_structures_mu_limit_runs(name):
     assert trajectory.loss[-1] < trajectory.loss[0], trajectory.loss
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LIMIT_CASES)
+def test_channel_structures_mu_limit_against_training_sgd(name):
+    """Expected values from finite models trained at widths 16/64/256 (4 seeds); a few minutes each, loaded."""
+    if name in NEEDS_PYTORCHCV:
+        pytest.importorskip("pytorchcv")
+    x = _images(8, seed=1)
+    limit = tpl.derive(LIMIT_CASES[name], example_inputs=(x,), optimizer="sgd")
+    report = limit.check(x, torch.tensor([0, 2]), widths=[16, 64, 256], seeds=4, steps=3, lr=0.1,
+                         loss="cross_entropy", particles=2**12, progress=False)
+    assert report.passed, report.format()
+
+
 class _FractionalGroups(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
