@@ -107,7 +107,7 @@ class _LastStep(nn.Module):
 
 
 def test_lstm_mu_limit_against_training_sgd():
-    """Expected values from finite LSTMs trained at widths 64/256/1024 (8 seeds); about 15 s loaded."""
+    """Expected values from finite LSTMs trained at widths 64/256/1024 (8 seeds); 12-36 s on the loaded machine."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 3, 3, generator=g), torch.randn(4, 1, generator=g)
     limit = tpl.derive(_LastStep, example_inputs=(x,), optimizer="sgd")
