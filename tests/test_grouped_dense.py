@@ -100,7 +100,7 @@ def test_channel_structures_mu_limit_runs(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LIMIT_CASES)
 def test_channel_structures_mu_limit_against_training_sgd(name):
-    """Expected values from finite models trained at widths 16/64/256 (4 seeds); a few minutes each, loaded."""
+    """Expected values from finite models trained at widths 16/64/256 (4 seeds); 33-150 s each, loaded."""
     if name in NEEDS_PYTORCHCV:
         pytest.importorskip("pytorchcv")
     x = _images(8, seed=1)
