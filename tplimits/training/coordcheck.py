@@ -88,34 +88,68 @@ class CoordCheckReport:
         return "\n".join(lines)
 
 
-def _slope(widths: Sequence[int], values: Sequence[float]) -> float:
+def fit_slope(widths: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
+    """The least-squares slope of ``log value`` against ``log width`` over the positive finite points (a
+    width may repeat: one point per seed), and its standard error from the residuals (NaN with fewer than
+    three points, or when the points are on one line at two widths only). ``(0, nan)`` when fewer than two
+    points are positive and all are finite (nothing moves), ``(nan, nan)`` when a value is not finite."""
     pts = [(math.log(w), math.log(v)) for w, v in zip(widths, values, strict=True) if v > 0 and math.isfinite(v)]
-    if len(pts) < 2:
-        return float("nan") if any(not math.isfinite(v) for v in values) else 0.0
+    if len({x for x, _ in pts}) < 2:
+        return (float("nan") if any(not math.isfinite(v) for v in values) else 0.0), float("nan")
     mx = sum(p[0] for p in pts) / len(pts)
     my = sum(p[1] for p in pts) / len(pts)
-    num = sum((x - mx) * (y - my) for x, y in pts)
-    den = sum((x - mx) ** 2 for x, _ in pts)
-    return num / den
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    if len(pts) < 3:
+        return slope, float("nan")
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in pts)
+    return slope, math.sqrt(residual / (len(pts) - 2) / sxx)
 
 
-def _rms(x: torch.Tensor) -> float:
+def _slope(widths: Sequence[int], values: Sequence[float]) -> float:
+    return fit_slope(widths, values)[0]
+
+
+def coordinate_size(x: torch.Tensor) -> float:
     """Coordinate size √mean(x²) over the finite entries (masked attention logits are −inf)."""
     x = x.detach().double()
     x = x[torch.isfinite(x)]
     return float(x.pow(2).mean().sqrt()) if x.numel() else 0.0
 
 
-def _recorded(ins: Any) -> bool:
+def recorded(ins: Any) -> bool:
+    """Whether the check records this instruction's value (every computed value, not inputs or parameters)."""
     return isinstance(ins, Nonlin | MatMul | Avg | Regroup)
 
 
-def _spectral(before: torch.Tensor, after: torch.Tensor, layout: tuple) -> float:
-    """‖ΔW‖₂ / √(fan_out / fan_in) with the matrix flattened to [fan_out, fan_in (× kernel)]."""
+def spectral_norm(matrix: torch.Tensor, iterations: int = 200, rtol: float = 1e-7) -> float:
+    """‖matrix‖₂ of a 2-D tensor: exact (LAPACK) while its smaller side is at most 256, by power iteration on
+    ``MᵀM`` from a fixed start otherwise (no SVD of a large matrix), to a relative change below ``rtol``."""
+    m = matrix.detach().double()
+    if min(m.shape) <= 256:
+        return float(torch.linalg.matrix_norm(m, ord=2))
+    v = torch.randn(m.shape[1], generator=torch.Generator().manual_seed(0), dtype=m.dtype).to(m.device)
+    sigma = 0.0
+    for _ in range(iterations):
+        u = m @ v
+        size = float(u.norm())
+        if size == 0.0:
+            return 0.0
+        w = m.T @ (u / size)
+        previous, sigma = sigma, float(w.norm())
+        v = w / sigma
+        if abs(sigma - previous) <= rtol * sigma:
+            break
+    return sigma
+
+
+def spectral_ratio(before: torch.Tensor, after: torch.Tensor, layout: tuple) -> float:
+    """‖ΔW‖₂ / √(fan_out / fan_in) with the matrix flattened to [fan_out, fan_in (× kernel)] (seed 001's
+    spectral condition: Θ(1) under μP)."""
     delta = (after - before).detach().double()
     out_axis = next(i for i, a in enumerate(layout) if isinstance(a, Width))
     delta = delta.movedim(out_axis, 0).reshape(delta.shape[out_axis], -1)
-    return float(torch.linalg.matrix_norm(delta, ord=2)) / math.sqrt(delta.shape[0] / delta.shape[1])
+    return spectral_norm(delta) / math.sqrt(delta.shape[0] / delta.shape[1])
 
 
 def coord_check_family(fam: Family, inputs: tuple, params: Sequence[Parametrization], rule: UpdateRule, loss: Loss,
@@ -132,7 +166,7 @@ def coord_check_family(fam: Family, inputs: tuple, params: Sequence[Parametrizat
 def _check_one(fam: Family, param: Parametrization, rule: UpdateRule, loss_fn: Loss, widths: list[int], steps: int,
                lr: float, seeds: int, inputs: tuple, tolerance: float) -> ParamReport:
     program = parametrized_program(fam.program, param)
-    recorded = [ins for ins in program if _recorded(ins)]
+    recorded = [ins for ins in program if recorded(ins)]
     matrices = [ins for ins in program if isinstance(ins, Parameter) and ins.kind == "matrix" and ins.trainable]
     sums = {key: [[0.0] * len(widths) for _ in recorded] for key in ("init", "final", "change")}
     spectral = {m.target: [0.0] * len(widths) for m in matrices}
@@ -141,7 +175,7 @@ def _check_one(fam: Family, param: Parametrization, rule: UpdateRule, loss_fn: L
         for seed in range(seeds):
             model, opt = instantiate_family(fam, width=width, param=param, rule=rule, lr=lr, seed=seed)
             target = _targets(model, inputs)
-            before = _values(program, model, inputs)
+            before = program_values(program, model, inputs)
             weights0 = {m.target: effective_state(model.model, program)[m.target].detach().clone() for m in matrices}
             loss = torch.tensor(float("nan"))
             for _ in range(steps):
@@ -149,17 +183,17 @@ def _check_one(fam: Family, param: Parametrization, rule: UpdateRule, loss_fn: L
                 loss = loss_fn(model(*inputs), target)
                 loss.backward()
                 opt.step()
-            after = _values(program, model, inputs)
+            after = program_values(program, model, inputs)
             state = effective_state(model.model, program)
             losses[wi] += float(loss.detach()) / seeds
             for k, ins in enumerate(recorded):
-                sums["init"][k][wi] += _rms(before[ins.name]) / seeds
-                sums["final"][k][wi] += _rms(after[ins.name]) / seeds
+                sums["init"][k][wi] += coordinate_size(before[ins.name]) / seeds
+                sums["final"][k][wi] += coordinate_size(after[ins.name]) / seeds
                 finite = torch.isfinite(before[ins.name]) & torch.isfinite(after[ins.name])
                 change = torch.where(finite, after[ins.name] - before[ins.name], 0.0)
-                sums["change"][k][wi] += _rms(change) / seeds
+                sums["change"][k][wi] += coordinate_size(change) / seeds
             for m in matrices:
-                spectral[m.target][wi] += _spectral(weights0[m.target], state[m.target], m.layout) / seeds
+                spectral[m.target][wi] += spectral_ratio(weights0[m.target], state[m.target], m.layout) / seeds
     nodes = tuple(
         NodeRecord(ins.name, ins.kind, ins.origin.op, tuple(sums["init"][k]), tuple(sums["final"][k]),
                    tuple(sums["change"][k]), _slope(widths, sums["init"][k]), _slope(widths, sums["change"][k]))
@@ -178,7 +212,8 @@ def _targets(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(1234), dtype=out.dtype)
 
 
-def _values(program: Any, model: Any, inputs: tuple) -> dict[str, torch.Tensor]:
+def program_values(program: Any, model: Any, inputs: tuple) -> dict[str, torch.Tensor]:
+    """Every value of ``program`` (a parametrized program) replayed with ``model``'s effective parameters."""
     interp = FiniteInterpreter.from_model(program, model.model)
     with torch.no_grad():
         interp.run(*inputs)

@@ -1,0 +1,58 @@
+"""Derivatives of a function of parameters without materializing them whole: the empirical neural
+tangent kernel, chunked over output coordinates, and the weak-correlation statistic of the second
+derivative along the first (a forward-over-forward product, never a Hessian).
+
+``fn`` is a function ``θ -> output`` of a dict of tensors (e.g. :meth:`LinearizedModel.function`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from tplimits.errors import check_count
+
+Params = dict[str, torch.Tensor]
+
+
+def empirical_ntk(fn: Callable[[Params], torch.Tensor], params: Params, weights: Mapping[str, float] | None = None,
+                  chunk: int = 16) -> torch.Tensor:
+    """``K = J P Jᵀ`` over the flattened output coordinates, ``J = ∂fn/∂θ`` at ``params`` and ``P`` the
+    diagonal of per-parameter ``weights`` (1 where not given; an SGD step moves ``f`` by ``-lr·K·χ`` when
+    they are the optimizer's ``lr_scale·grad_scale``).
+
+    Each block of ``chunk`` columns is ``chunk`` vector-Jacobian products (vmapped) followed by their
+    Jacobian-vector products: memory ``chunk`` times the parameters, never the Jacobian of every output.
+    """
+    check_count("chunk", chunk, 1)
+    weights = dict(weights or {})
+    out, pullback = vjp(fn, params)
+    m = out.numel()
+    basis = torch.eye(m, dtype=out.dtype, device=out.device).reshape(m, *out.shape)
+
+    def column(grad: Params) -> torch.Tensor:
+        scaled = {k: g * weights.get(k, 1.0) for k, g in grad.items()}
+        return jvp(fn, (params,), (scaled,))[1].reshape(m)
+
+    blocks = [vmap(column)(vmap(pullback)(block)[0]) for block in basis.split(chunk)]
+    kernel = torch.cat(blocks)
+    return (kernel + kernel.T) / 2  # exact symmetry; the two triangles differ by rounding only
+
+
+def weak_correlation(fn: Callable[[Params], torch.Tensor], params: Params, direction: Params) -> float:
+    """``RMS(½ ∂²f[u, u]) / RMS(∂f[u])`` over the output coordinates, ``u`` = ``direction``: the second-order
+    change of ``f`` along a step relative to its first-order change.
+
+    With ``u`` an SGD step, ``u = -η Σ_b χ_b ∇f(x_b)``, the numerator is
+    ``η²/2 Σ_{b,c} χ_b χ_c ∂²f(x_a)[∇f(x_b), ∇f(x_c)]`` and the denominator ``η Σ_b χ_b K(x_a, x_b)``:
+    the second derivative contracted with first derivatives, normalized by them (seed 000's weak
+    correlation), which falls like n^-1/2 where training is linear. Computed as ``jvp`` of ``jvp``.
+    """
+    def first(p: Params) -> torch.Tensor:
+        return jvp(fn, (p,), (direction,))[1]
+
+    linear, second = jvp(first, (params,), (direction,))
+    return float(0.5 * second.detach().double().square().mean().sqrt()
+                 / linear.detach().double().square().mean().sqrt())
