@@ -233,18 +233,18 @@ def diagnose(arch: Arch, X: Any, y: Any, *,
              param: str | Parametrization | Sequence[str | Parametrization] = ("NTP", "muP"),
              optimizer: str | UpdateRule = "sgd", widths: Sequence[int] = (64, 128, 256, 512), seeds: int = 2,
              steps: int = 5, lr: float = 0.1, loss: str | Loss | Callable = "mse", example_inputs: ExampleInputs = None,
-             base: nn.Module | None = None, optimizer_options: Mapping[str, Any] | None = None, chunk: int = 16,
+             base: nn.Module | None = None, optimizer_options: Mapping[str, Any] | None = None, columns: int = 16,
              progress: bool = False, **config: Any) -> Diagnosis:
     """Lazy or rich: train ``arch`` under each parametrization of ``param`` at each width (``seeds`` runs,
     ``steps`` full-batch steps on ``X``, ``y``) next to its linearization, and report the linearization
     gap, kernel drift, weak correlation, feature movement and spectral ratios with their fitted width
     exponents and a verdict (:mod:`tplimits.diagnostics.diagnose`). ``X`` is the model's one input
-    (``example_inputs`` defaults to ``(X,)``); ``chunk`` is the number of NTK columns computed at once."""
+    (``example_inputs`` defaults to ``(X,)``); ``columns`` is the number of NTK columns computed at once."""
     params = [param] if isinstance(param, str | Parametrization) else param
     if not isinstance(params, Sequence) or not params:
         raise TplimitsError(f"param must be a parametrization or a non-empty sequence of them, got {param!r}")
     _check_coord_check(list(params), widths, steps, lr, seeds, 0.0)
-    check_count("chunk", chunk, 1)
+    check_count("columns", columns, 1)
     X, y = runs.data("X", X), runs.data("y", y)
     if len(X) != len(y):
         raise TplimitsError(f"X has {len(X)} rows but y has {len(y)}: one target per input")
@@ -259,5 +259,5 @@ def diagnose(arch: Arch, X: Any, y: Any, *,
                             "Diagnose a gradient-based optimizer.")
     inputs = as_tuple(example_inputs) if example_inputs is not None else (X,)
     fam = family(arch, inputs, base, **config)
-    return diagnose_family(fam, (X,), y, resolved_params, rule, loss_fn, list(widths), seeds, steps, lr, chunk,
+    return diagnose_family(fam, (X,), y, resolved_params, rule, loss_fn, list(widths), seeds, steps, lr, columns,
                            dict(optimizer_options or {}), progress)

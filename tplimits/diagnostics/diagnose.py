@@ -240,7 +240,7 @@ class Setup:
     loss: Loss
     steps: int
     lr: float
-    chunk: int
+    columns: int
     optimizer_options: dict[str, Any]
 
 
@@ -277,7 +277,7 @@ def _one_run(setup: Setup, param: Parametrization, width: int, seed: int) -> dic
     lin = linearize(model)
     lin_opt = lin.optimizer_like(opt)
     fn, theta0, weights = lin.function(*setup.inputs), lin.point(), _kernel_weights(model, opt)
-    kernel0 = empirical_ntk(fn, theta0, weights, setup.chunk).detach()
+    kernel0 = empirical_ntk(fn, theta0, weights, setup.columns).detach()
     program = parametrized_program(setup.fam.program, param)
     values0 = program_values(program, model, setup.inputs)
     state0 = {k: v.detach().clone() for k, v in effective_state(model.model, program).items()}
@@ -292,7 +292,7 @@ def _one_run(setup: Setup, param: Parametrization, width: int, seed: int) -> dic
         f_t = _output(model, setup, t + 1, "the model")
         gap = max(gap, rms(f_t - _output(lin, setup, t + 1, "its linearization")))
         moved = max(moved, rms(f_t - f0))
-    kernel = empirical_ntk(fn, _parameters(model), weights, setup.chunk).detach()
+    kernel = empirical_ntk(fn, _parameters(model), weights, setup.columns).detach()
     values = program_values(program, model, setup.inputs)
     features = {ins.name: coordinate_size(values[ins.name] - values0[ins.name])
                 for ins in program if recorded(ins) and ins.kind == "vector" and ins.name in values}
@@ -348,11 +348,11 @@ def _summarize(param: Parametrization, rule: UpdateRule, fam: Family, widths: li
 
 def diagnose_family(fam: Family, inputs: tuple, targets: torch.Tensor, params: Sequence[Parametrization],
                     rule: UpdateRule, loss: Loss, widths: Sequence[int], seeds: int, steps: int, lr: float,
-                    chunk: int = 16, optimizer_options: dict[str, Any] | None = None,
+                    columns: int = 16, optimizer_options: dict[str, Any] | None = None,
                     progress: bool = False) -> Diagnosis:
     """Diagnose ``fam`` trained on ``inputs`` against ``targets`` under each parametrization at each width
     (see :func:`tplimits.diagnose`, which checks the arguments)."""
-    setup = Setup(fam, inputs, targets, rule, loss, steps, lr, chunk, dict(optimizer_options or {}))
+    setup = Setup(fam, inputs, targets, rule, loss, steps, lr, columns, dict(optimizer_options or {}))
     jobs = [(p, w, s) for p in params for w in widths for s in range(seeds)]
     bar = tqdm(total=len(jobs), disable=not progress, desc="diagnose", unit="run")
     runs: dict[str, list[tuple[int, dict[str, Any]]]] = {p.name: [] for p in params}

@@ -1,5 +1,5 @@
 """Derivatives of a function of parameters without materializing them whole: the empirical neural
-tangent kernel, chunked over output coordinates, and the weak-correlation statistic of the second
+tangent kernel, a block of columns at a time, and the weak-correlation statistic of the second
 derivative along the first (a forward-over-forward product, never a Hessian).
 
 ``fn`` is a function ``θ -> output`` of a dict of tensors (e.g. :meth:`LinearizedModel.function`).
@@ -18,15 +18,15 @@ Params = dict[str, torch.Tensor]
 
 
 def empirical_ntk(fn: Callable[[Params], torch.Tensor], params: Params, weights: Mapping[str, float] | None = None,
-                  chunk: int = 16) -> torch.Tensor:
+                  columns: int = 16) -> torch.Tensor:
     """``K = J P Jᵀ`` over the flattened output coordinates, ``J = ∂fn/∂θ`` at ``params`` and ``P`` the
     diagonal of per-parameter ``weights`` (1 where not given; an SGD step moves ``f`` by ``-lr·K·χ`` when
     they are the optimizer's ``lr_scale·grad_scale``).
 
-    Each block of ``chunk`` columns is ``chunk`` vector-Jacobian products (vmapped) followed by their
-    Jacobian-vector products: memory ``chunk`` times the parameters, never the Jacobian of every output.
+    Each block of ``columns`` columns is as many vector-Jacobian products (vmapped) followed by their
+    Jacobian-vector products: memory ``columns`` times the parameters, never the Jacobian of every output.
     """
-    check_count("chunk", chunk, 1)
+    check_count("columns", columns, 1)
     weights = dict(weights or {})
     out, pullback = vjp(fn, params)
     m = out.numel()
@@ -36,7 +36,7 @@ def empirical_ntk(fn: Callable[[Params], torch.Tensor], params: Params, weights:
         scaled = {k: g * weights.get(k, 1.0) for k, g in grad.items()}
         return jvp(fn, (params,), (scaled,))[1].reshape(m)
 
-    blocks = [vmap(column)(vmap(pullback)(block)[0]) for block in basis.split(chunk)]
+    blocks = [vmap(column)(vmap(pullback)(rows)[0]) for rows in basis.split(columns)]
     kernel = torch.cat(blocks)
     return (kernel + kernel.T) / 2  # exact symmetry; the two triangles differ by rounding only
 
