@@ -39,8 +39,8 @@ from tplimits.training.classify import classify_program, optimizer_homogeneity
 from tplimits.training.coordcheck import (
     coordinate_size,
     fit_slope,
+    is_recorded,
     program_values,
-    recorded,
     spectral_ratio,
 )
 from tplimits.training.family import Family
@@ -295,7 +295,7 @@ def _one_run(setup: Setup, param: Parametrization, width: int, seed: int) -> dic
     kernel = empirical_ntk(fn, _parameters(model), weights, setup.columns).detach()
     values = program_values(program, model, setup.inputs)
     features = {ins.name: coordinate_size(values[ins.name] - values0[ins.name])
-                for ins in program if recorded(ins) and ins.kind == "vector" and ins.name in values}
+                for ins in program if is_recorded(ins) and ins.kind == "vector" and ins.name in values}
     return {"linearization gap": gap / moved if moved > 0 else 0.0,
             "kernel drift": float((kernel - kernel0).norm() / kernel0.norm()),
             "weak correlation": correlation,

@@ -44,6 +44,7 @@ class NodeRecord:
     change: tuple[float, ...]
     init_slope: float
     change_slope: float
+    change_by_step: tuple[tuple[float, ...], ...] = ()  # [step][width]: the change after each step
 
 
 @attrs.frozen
@@ -87,6 +88,36 @@ class CoordCheckReport:
                 lines.append(f"  spectral ‖ΔW‖/√(out/in) {matrix:<24} slope {slope:.3f}")
         return "\n".join(lines)
 
+    def plot(self, path: str) -> str:
+        """mup-style coordinate check: per parametrization (rows), the size at initialization and the change
+        after each step (columns) of every program value against width, log-log. Returns ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        reports = list(self.reports.values())
+        steps = max(len(n.change_by_step) for r in reports for n in r.nodes)
+        fig, axes = plt.subplots(len(reports), steps + 1, figsize=(3.2 * (steps + 1), 2.8 * len(reports)),
+                                 squeeze=False, sharex=True)
+        for i, rep in enumerate(reports):
+            panels = [("size at init", [n.init for n in rep.nodes])]
+            panels += [(f"change after step {t + 1}", [n.change_by_step[t] for n in rep.nodes]) for t in range(steps)]
+            for j, (title, series) in enumerate(panels):
+                ax = axes[i][j]
+                for values in series:
+                    if all(v > 0 for v in values):
+                        ax.plot(rep.widths, values, "o-", markersize=2, linewidth=0.8)
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_title(f"{rep.parametrization}: {title}", fontsize=9)
+                if i == len(reports) - 1:
+                    ax.set_xlabel("width n")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return path
+
 
 def fit_slope(widths: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
     """The least-squares slope of ``log value`` against ``log width`` over the positive finite points (a
@@ -117,7 +148,7 @@ def coordinate_size(x: torch.Tensor) -> float:
     return float(x.pow(2).mean().sqrt()) if x.numel() else 0.0
 
 
-def recorded(ins: Any) -> bool:
+def is_recorded(ins: Any) -> bool:
     """Whether the check records this instruction's value (every computed value, not inputs or parameters)."""
     return isinstance(ins, Nonlin | MatMul | Avg | Regroup)
 
@@ -166,10 +197,11 @@ def coord_check_family(fam: Family, inputs: tuple, params: Sequence[Parametrizat
 def _check_one(fam: Family, param: Parametrization, rule: UpdateRule, loss_fn: Loss, widths: list[int], steps: int,
                lr: float, seeds: int, inputs: tuple, tolerance: float) -> ParamReport:
     program = parametrized_program(fam.program, param)
-    recorded = [ins for ins in program if recorded(ins)]
+    recorded = [ins for ins in program if is_recorded(ins)]
     matrices = [ins for ins in program if isinstance(ins, Parameter) and ins.kind == "matrix" and ins.trainable]
     sums = {key: [[0.0] * len(widths) for _ in recorded] for key in ("init", "final", "change")}
     spectral = {m.target: [0.0] * len(widths) for m in matrices}
+    by_step = [[[0.0] * len(widths) for _ in range(steps)] for _ in recorded]
     losses = [0.0] * len(widths)
     for wi, width in enumerate(widths):
         for seed in range(seeds):
@@ -178,25 +210,26 @@ def _check_one(fam: Family, param: Parametrization, rule: UpdateRule, loss_fn: L
             before = program_values(program, model, inputs)
             weights0 = {m.target: effective_state(model.model, program)[m.target].detach().clone() for m in matrices}
             loss = torch.tensor(float("nan"))
-            for _ in range(steps):
+            for t in range(steps):
                 opt.zero_grad()
                 loss = loss_fn(model(*inputs), target)
                 loss.backward()
                 opt.step()
-            after = program_values(program, model, inputs)
+                after = program_values(program, model, inputs)
+                for k, ins in enumerate(recorded):
+                    by_step[k][t][wi] += coordinate_size(_change(before[ins.name], after[ins.name])) / seeds
             state = effective_state(model.model, program)
             losses[wi] += float(loss.detach()) / seeds
             for k, ins in enumerate(recorded):
                 sums["init"][k][wi] += coordinate_size(before[ins.name]) / seeds
                 sums["final"][k][wi] += coordinate_size(after[ins.name]) / seeds
-                finite = torch.isfinite(before[ins.name]) & torch.isfinite(after[ins.name])
-                change = torch.where(finite, after[ins.name] - before[ins.name], 0.0)
-                sums["change"][k][wi] += coordinate_size(change) / seeds
+                sums["change"][k][wi] += coordinate_size(_change(before[ins.name], after[ins.name])) / seeds
             for m in matrices:
                 spectral[m.target][wi] += spectral_ratio(weights0[m.target], state[m.target], m.layout) / seeds
     nodes = tuple(
         NodeRecord(ins.name, ins.kind, ins.origin.op, tuple(sums["init"][k]), tuple(sums["final"][k]),
-                   tuple(sums["change"][k]), _slope(widths, sums["init"][k]), _slope(widths, sums["change"][k]))
+                   tuple(sums["change"][k]), _slope(widths, sums["init"][k]), _slope(widths, sums["change"][k]),
+                   tuple(tuple(step) for step in by_step[k]))
         for k, ins in enumerate(recorded)
     )
     spec = {name: (tuple(values), _slope(widths, values)) for name, values in spectral.items()}
@@ -204,6 +237,12 @@ def _check_one(fam: Family, param: Parametrization, rule: UpdateRule, loss_fn: L
     predicted = classify_program(fam.program, param, homogeneity=optimizer_homogeneity(rule)).feature_change_exponent
     return ParamReport(param.name, tuple(widths), nodes, spec, tuple(losses),
                        _verdict(predicted, hidden, nodes, tolerance), hidden, tuple(program.outputs))
+
+
+def _change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``after − before`` where both are finite (masked attention logits stay −inf), 0 elsewhere."""
+    finite = torch.isfinite(before) & torch.isfinite(after)
+    return torch.where(finite, after - before, 0.0)
 
 
 def _targets(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
