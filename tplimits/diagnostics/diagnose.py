@@ -53,6 +53,7 @@ LAZY_SLOPE = -0.4
 """A slope at or below this: the quantity vanishes with width like the NT limit's n^-1/2 (or faster)."""
 FLAT_SLOPE = 0.15
 """A slope within ±this: the quantity is Θ(1), as in the feature-learning limit."""
+
 EXACT = 1e-12
 """A relative quantity at most this in every run is zero to rounding (a model linear in its parameters)."""
 
@@ -60,10 +61,13 @@ HEADLINE = ("linearization gap", "kernel drift", "weak correlation", "feature mo
 _EXPECTED = {"operator": "lazy", "feature learning": "rich"}
 
 
-def regime_of(slope: float) -> str:
-    """The regime a fitted slope points to (see the module's docstring)."""
+def regime_of(slope: float, slope_se: float = 0.0) -> str:
+    """The regime a fitted slope points to (see the module's docstring); ``uncertain`` when both 0 and −1/2
+    are within two standard errors of it (the fit cannot tell the regimes apart)."""
     if not math.isfinite(slope):
         return "undetermined"
+    if abs(slope) < 2 * slope_se and abs(slope + 0.5) < 2 * slope_se:
+        return "uncertain"
     if slope <= LAZY_SLOPE:
         return "lazy"
     if abs(slope) <= FLAT_SLOPE:
@@ -100,7 +104,8 @@ class Measure:
         if max(abs(v) for v in values) <= EXACT:
             return cls(name, tuple(widths), tuple(mean), tuple(se), tuple(runs), float("nan"), float("nan"), "exact")
         slope, slope_se = fit_slope([w for w, _ in runs], values)
-        return cls(name, tuple(widths), tuple(mean), tuple(se), tuple(runs), slope, slope_se, regime_of(slope))
+        return cls(name, tuple(widths), tuple(mean), tuple(se), tuple(runs), slope, slope_se,
+                   regime_of(slope, slope_se))
 
     def describe(self) -> str:
         if self.regime == "exact":
@@ -142,16 +147,21 @@ def _judge(measures: dict[str, Measure], predicted: str) -> tuple[str, tuple[str
     """The regime the headline measures point to together, and every contradiction (between measures,
     with the classification)."""
     kinds = {name: ("lazy" if m.regime == "exact" else m.regime) for name, m in measures.items()}
+    noisy = [name for name, kind in kinds.items() if kind in ("uncertain", "undetermined")]
+    kinds = {name: kind for name, kind in kinds.items() if name not in noisy}
     found = set(kinds.values())
-    regime = found.pop() if len(found) == 1 else "mixed"
+    regime = found.pop() if len(found) == 1 else "mixed" if found else "uncertain"
     contradictions = []
+    if noisy:
+        contradictions.append(f"too noisy to judge: {', '.join(noisy)} (0 and -1/2 both within two standard errors "
+                              "of the slope); use more seeds or a wider range of widths")
     if regime == "mixed":
         groups: dict[str, list[str]] = {}
         for name, kind in kinds.items():
             groups.setdefault(kind, []).append(name)
         contradictions.append("the measures disagree: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items()))
     expected = _EXPECTED.get(predicted)
-    if expected is not None and regime != expected:
+    if expected is not None and regime not in (expected, "uncertain"):
         off = [name for name, kind in kinds.items() if kind != expected]
         contradictions.append(f"the classification predicts {predicted} ({expected}), but {', '.join(off)} "
                               f"{'does' if len(off) == 1 else 'do'} not point there")
