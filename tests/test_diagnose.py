@@ -138,3 +138,13 @@ def test_a_diverging_run_raises():
     X, y = _data()
     with pytest.raises(Diverged, match="diverged"):
         tpl.diagnose("mlp", X, y, param="SP", widths=[256, 512], seeds=1, steps=6, lr=50.0, **MLP)
+
+
+def test_the_nt_limit_next_to_the_linearization():
+    """Under NTP the width-n trajectory (centered) nears the NT limit like n^-1/2; μP has no NT limit to show."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+    report = tpl.diagnose("mlp", X, y, param=["NTP", "muP"], widths=[64, 256], seeds=2, steps=3, lr=0.5, limit=True,
+                          depth=2, d_in=4, d_out=1)
+    assert report["NTP"].limit_check.slope <= -0.4 and report["muP"].limit_check is None
+    assert "distance to the NT limit" in report.format()

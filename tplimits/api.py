@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -234,12 +235,16 @@ def diagnose(arch: Arch, X: Any, y: Any, *,
              optimizer: str | UpdateRule = "sgd", widths: Sequence[int] = (64, 128, 256, 512), seeds: int = 2,
              steps: int = 5, lr: float = 0.1, loss: str | Loss | Callable = "mse", example_inputs: ExampleInputs = None,
              base: nn.Module | None = None, optimizer_options: Mapping[str, Any] | None = None, columns: int = 16,
-             progress: bool = False, **config: Any) -> Diagnosis:
+             limit: bool = False, progress: bool = False, **config: Any) -> Diagnosis:
     """Lazy or rich: train ``arch`` under each parametrization of ``param`` at each width (``seeds`` runs,
     ``steps`` full-batch steps on ``X``, ``y``) next to its linearization, and report the linearization
     gap, kernel drift, weak correlation, feature movement and spectral ratios with their fitted width
     exponents and a verdict (:mod:`tplimits.diagnostics.diagnose`). ``X`` is the model's one input
-    (``example_inputs`` defaults to ``(X,)``); ``columns`` is the number of NTK columns computed at once."""
+    (``example_inputs`` defaults to ``(X,)``); ``columns`` is the number of NTK columns computed at once.
+    With ``limit=True``, each parametrization in the NT regime is also checked against its NT limit
+    (:meth:`Limit.check` at the same widths, seeds, steps and lr, on ``f − f₀``: under NTP ``f₀`` is a
+    random Θ(1) function the limit does not follow): the distance of the width-n trajectory to the
+    limit's, next to the linearization gap."""
     params = [param] if isinstance(param, str | Parametrization) else param
     if not isinstance(params, Sequence) or not params:
         raise TplimitsError(f"param must be a parametrization or a non-empty sequence of them, got {param!r}")
@@ -259,5 +264,16 @@ def diagnose(arch: Arch, X: Any, y: Any, *,
                             "Diagnose a gradient-based optimizer.")
     inputs = as_tuple(example_inputs) if example_inputs is not None else (X,)
     fam = family(arch, inputs, base, **config)
-    return diagnose_family(fam, (X,), y, resolved_params, rule, loss_fn, list(widths), seeds, steps, lr, columns,
-                           dict(optimizer_options or {}), progress)
+    report = diagnose_family(fam, (X,), y, resolved_params, rule, loss_fn, list(widths), seeds, steps, lr, columns,
+                             dict(optimizer_options or {}), progress)
+    if not limit:
+        return report
+    results = dict(report.results)
+    for p in resolved_params:
+        if results[p.name].predicted == "operator":  # the regime whose limit is the NT limit
+            nt = derive(arch, param=p, optimizer=rule, example_inputs=example_inputs, base=base,
+                        optimizer_options=optimizer_options, **config)
+            check = nt.check(X, y, widths=list(widths), seeds=max(seeds, 2), steps=steps, lr=lr, loss=loss_fn,
+                             progress=progress, center=True)
+            results[p.name] = attrs.evolve(results[p.name], limit_check=check)
+    return Diagnosis(results)

@@ -131,6 +131,7 @@ class ParamDiagnosis:
     features: dict[str, Measure]
     regime: str
     contradictions: tuple[str, ...]
+    limit_check: Any = None  # the NT limit against the same widths (a CheckReport), when asked for and it exists
 
     def __getitem__(self, name: str) -> Measure:
         if name not in self.measures:
@@ -191,6 +192,10 @@ class Diagnosis:
             for name, per in diag.parameters.items():
                 parts = [f"{k} {m.describe()}" for k, m in per.items()]
                 lines.append(f"  {name}: " + "; ".join(parts))
+            if diag.limit_check is not None:
+                gaps = ", ".join(f"{g:.3g}" for g in diag.limit_check.relative_gap.tolist())
+                lines.append(f"  distance to the NT limit (relative to its scale) per width: {gaps}; slope "
+                             f"{diag.limit_check.slope:+.2f}")
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:

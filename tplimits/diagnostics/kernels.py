@@ -33,8 +33,10 @@ def empirical_ntk(fn: Callable[[Params], torch.Tensor], params: Params, weights:
     basis = torch.eye(m, dtype=out.dtype, device=out.device).reshape(m, *out.shape)
 
     def column(grad: Params) -> torch.Tensor:
-        scaled = {k: g * weights.get(k, 1.0) for k, g in grad.items()}
-        return jvp(fn, (params,), (scaled,))[1].reshape(m)
+        for name, g in grad.items():  # in place: a second copy of every gradient would double the memory
+            if weights.get(name, 1.0) != 1.0:
+                g.mul_(weights[name])
+        return jvp(fn, (params,), (grad,))[1].reshape(m)
 
     blocks = [vmap(column)(vmap(pullback)(rows)[0]) for rows in basis.split(columns)]
     kernel = torch.cat(blocks)
