@@ -213,10 +213,12 @@ def plot_diagnosis(diagnosis: Diagnosis, path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     columns = list(diagnosis.results.values())
+    # one y scale per row: a flat μP line next to a falling NTP line is the contrast to see
     fig, axes = plt.subplots(len(HEADLINE), len(columns), figsize=(4.2 * len(columns), 2.6 * len(HEADLINE)),
-                             squeeze=False, sharex=True)
+                             squeeze=False, sharex=True, sharey="row")
     for j, diag in enumerate(columns):
         axes[0][j].set_title(f"{diag.parametrization} ({diag.optimizer})")
         for i, name in enumerate(HEADLINE):
@@ -238,6 +240,8 @@ def plot_diagnosis(diagnosis: Diagnosis, path: str) -> str:
                         label=f"slope {m.slope:+.2f} ± {_fmt(m.slope_se)}")
                 ax.legend(fontsize=8)
         axes[-1][j].set_xlabel("width n")
+        axes[-1][j].set_xticks(diag.widths, [str(w) for w in diag.widths])
+        axes[-1][j].xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
