@@ -74,17 +74,20 @@ def performance(width: int = 4096, depth: int = 3, rows: int = 64) -> None:
     fn, point = lin.function(X), lin.point()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     parameters = sum(p.numel() for p in point.values())
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     kernel = empirical_ntk(fn, point, columns=8)
-    ntk_s = time.perf_counter() - start
+    ntk_s, ntk_cpu = time.perf_counter() - start, time.process_time() - cpu
     direction = {k: torch.randn_like(v) * 1e-3 for k, v in point.items()}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     rho = weak_correlation(fn, point, direction)
-    weak_s = time.perf_counter() - start
+    weak_s, weak_cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # CPU seconds are what the process used whatever else runs: on a loaded machine they, not the wall
+    # clock, estimate the time on idle cores (divided by the threads it could use)
     print(f"width {width}, depth {depth}, {parameters / 1e6:.1f}M parameters, {rows} inputs, "
-          f"{torch.get_num_threads()} threads: NTK {tuple(kernel.shape)} in {ntk_s:.1f} s, weak correlation "
-          f"({rho:.3g}) in {weak_s:.1f} s; peak resident memory {peak:.2f} GiB (model and copies: {base:.2f} GiB)")
+          f"{torch.get_num_threads()} threads: NTK {tuple(kernel.shape)} in {ntk_s:.1f} s wall / {ntk_cpu:.1f} s CPU, "
+          f"weak correlation ({rho:.3g}) in {weak_s:.1f} s wall / {weak_cpu:.1f} s CPU; peak resident memory "
+          f"{peak:.2f} GiB (before: {base:.2f} GiB)")
 
 
 def main() -> None:
