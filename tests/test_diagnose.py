@@ -130,6 +130,10 @@ def test_bad_arguments_are_named_before_training():
         tpl.diagnose("mlp", X, y, param=["NTP", "NTP"], widths=[8, 16], **MLP)
     with pytest.raises(TplimitsError, match="driven by layer inputs"):
         tpl.diagnose("mlp", X, y, optimizer="decorrelation", widths=[8, 16], **MLP)
+    with pytest.raises(TplimitsError, match=r"do not match outputs of shape \(16, 1\)"):
+        tpl.diagnose("mlp", X, torch.randn(16, 5), widths=[8, 16], **MLP)
+    with pytest.raises(TplimitsError, match=r"cannot compare the model's outputs \(shape \(16, 1\)\) with y"):
+        tpl.diagnose("mlp", X, y, loss=lambda out, target: (out @ target).mean(), widths=[8, 16], **MLP)
     with pytest.raises(TplimitsError, match="non-finite"):
         tpl.diagnose("mlp", X.masked_fill(X > 2, float("nan")), y, widths=[8, 16], **MLP)
 

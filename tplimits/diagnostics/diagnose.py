@@ -365,6 +365,18 @@ def _summarize(param: Parametrization, rule: UpdateRule, fam: Family, widths: li
                           regime, contradictions)
 
 
+def _check_targets(setup: Setup, param: Parametrization, width: int) -> None:
+    """The loss accepts the model's outputs and the targets (checked once, at the smallest width)."""
+    model, _ = instantiate_family(setup.fam, width=width, param=param, rule=setup.rule, lr=setup.lr)
+    with torch.no_grad():
+        out = model(*setup.inputs)
+        try:
+            setup.loss(out, setup.targets)
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise TplimitsError(f"the loss {setup.loss.name!r} cannot compare the model's outputs (shape "
+                                f"{tuple(out.shape)}) with y (shape {tuple(setup.targets.shape)}): {error}") from None
+
+
 def diagnose_family(fam: Family, inputs: tuple, targets: torch.Tensor, params: Sequence[Parametrization],
                     rule: UpdateRule, loss: Loss, widths: Sequence[int], seeds: int, steps: int, lr: float,
                     columns: int = 16, optimizer_options: dict[str, Any] | None = None,
@@ -372,6 +384,7 @@ def diagnose_family(fam: Family, inputs: tuple, targets: torch.Tensor, params: S
     """Diagnose ``fam`` trained on ``inputs`` against ``targets`` under each parametrization at each width
     (see :func:`tplimits.diagnose`, which checks the arguments)."""
     setup = Setup(fam, inputs, targets, rule, loss, steps, lr, columns, dict(optimizer_options or {}))
+    _check_targets(setup, params[0], min(widths))
     jobs = [(p, w, s) for p in params for w in widths for s in range(seeds)]
     bar = tqdm(total=len(jobs), disable=not progress, desc="diagnose", unit="run")
     runs: dict[str, list[tuple[int, dict[str, Any]]]] = {p.name: [] for p in params}
