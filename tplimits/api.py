@@ -232,8 +232,8 @@ def linearize(model: nn.Module) -> LinearizedModel:
 
 def diagnose(arch: Arch, X: Any, y: Any, *,
              param: str | Parametrization | Sequence[str | Parametrization] = ("NTP", "muP"),
-             optimizer: str | UpdateRule = "sgd", widths: Sequence[int] = (64, 128, 256, 512), seeds: int = 2,
-             steps: int = 5, lr: float = 0.1, loss: str | Loss | Callable = "mse", example_inputs: ExampleInputs = None,
+             optimizer: str | UpdateRule = "sgd", widths: Sequence[int] = (64, 256, 1024), seeds: int = 2,
+             steps: int = 5, lr: float = 0.5, loss: str | Loss | Callable = "mse", example_inputs: ExampleInputs = None,
              base: nn.Module | None = None, optimizer_options: Mapping[str, Any] | None = None, columns: int = 16,
              limit: bool = False, progress: bool = False, **config: Any) -> Diagnosis:
     """Lazy or rich: train ``arch`` under each parametrization of ``param`` at each width (``seeds`` runs,
