@@ -370,6 +370,9 @@ def _check_targets(setup: Setup, param: Parametrization, width: int) -> None:
     model, _ = instantiate_family(setup.fam, width=width, param=param, rule=setup.rule, lr=setup.lr)
     with torch.no_grad():
         out = model(*setup.inputs)
+        if not torch.is_tensor(out):
+            raise TplimitsError(f"diagnose needs a model whose output is a tensor, got {type(out).__name__}: wrap "
+                                "the model so that its forward returns the tensor to train (e.g. the logits)")
         try:
             setup.loss(out, setup.targets)
         except (RuntimeError, ValueError, IndexError) as error:
