@@ -56,5 +56,8 @@ def weak_correlation(fn: Callable[[Params], torch.Tensor], params: Params, direc
         return jvp(fn, (p,), (direction,))[1]
 
     linear, second = jvp(first, (params,), (direction,))
-    return float(0.5 * second.detach().double().square().mean().sqrt()
-                 / linear.detach().double().square().mean().sqrt())
+    numerator = 0.5 * float(second.detach().double().square().mean().sqrt())
+    denominator = float(linear.detach().double().square().mean().sqrt())
+    if denominator == 0.0:  # a step that does not move f: no second-order change relative to it either
+        return 0.0 if numerator == 0.0 else float("inf")
+    return numerator / denominator
