@@ -47,6 +47,7 @@ from tplimits.limit.runs import (
     student_t_quantile,
 )
 from tplimits.registry.manager import loss as lookup_loss
+from tplimits.training.coordcheck import fit_slope
 from tplimits.training.instantiate import instantiate_family
 
 if TYPE_CHECKING:  # the Limit's check method calls this module
@@ -343,12 +344,12 @@ def compare(runs: torch.Tensor, trajectory: Trajectory, widths: tuple[int, ...],
     tiny = max(resolution, torch.finfo(torch.float64).tiny)  # rounding-level gaps: a log of 0 has no slope
     g = gap.to(torch.float64)
     excess = (g.square() - floor**2).clamp_min(0).sqrt().clamp_min(tiny)
+    slope = fit_slope(widths, excess.tolist())[0]
+    raw_slope = fit_slope(widths, g.clamp_min(tiny).tolist())[0]
+    # the slope is Σ_i c_i log(excess_i); d log(excess) = gap · d gap / excess²
     logw = torch.tensor(widths, dtype=torch.float64).log()
-    weights = (logw - logw.mean()) / (logw - logw.mean()).square().sum()
-    slope = float((weights * excess.log()).sum())
-    # d log(excess) = gap · d gap / excess²
-    slope_se = float((weights.square() * (g * gap_se.to(torch.float64) / excess.square()).square()).sum().sqrt())
-    raw_slope = float((weights * g.clamp_min(tiny).log()).sum())
+    c = (logw - logw.mean()) / (logw - logw.mean()).square().sum()
+    slope_se = float((c.square() * (g * gap_se.to(torch.float64) / excess.square()).square()).sum().sqrt())
     return CheckReport(widths=widths, seeds=seeds, limit=trajectory, finite_mean=finite_mean, finite_se=finite_se,
                        gap=gap, gap_se=gap_se, mean_gap=mean_gap, mean_gap_se=mean_gap_se, slope=slope,
                        max_slope=max_slope, tolerance=tolerance, seconds_finite=seconds_finite, scale=scale,

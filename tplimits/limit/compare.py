@@ -39,6 +39,7 @@ from tplimits.errors import TplimitsError, check_real
 from tplimits.limit.check import finite_steps
 from tplimits.limit.mu import LimitSetup
 from tplimits.limit.runs import standard_error, student_t_tail
+from tplimits.training.coordcheck import fit_slope
 
 if TYPE_CHECKING:  # the Limit's compare method calls this module
     from tplimits.limit.limit import Limit
@@ -322,10 +323,8 @@ def _width_independent(widths: tuple[int, ...], finite_scale: torch.Tensor) -> t
     the particles' version of it is that value at ``n = P``, not a limit to compare with."""
     if len(widths) < 2:
         return torch.ones(finite_scale.shape[1], dtype=torch.bool)
-    logw = torch.tensor(widths, dtype=torch.float64).log()
-    logs = finite_scale.clamp_min(torch.finfo(torch.float64).tiny).log()
-    slope = ((logw - logw.mean())[:, None] * (logs - logs.mean(0))).sum(0) / (logw - logw.mean()).square().sum()
-    return slope.abs() <= SCALE_SLOPE
+    slopes = [fit_slope(widths, finite_scale[:, v].tolist())[0] for v in range(finite_scale.shape[1])]
+    return torch.tensor([abs(slope) <= SCALE_SLOPE for slope in slopes])
 
 
 def _check_arguments(widths: Sequence[int], seeds: int, alpha: float, min_relative: float) -> None:
