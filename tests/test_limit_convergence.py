@@ -74,7 +74,7 @@ def test_transformer(optimizer, lr, particles):
     assert report.passed, report.format()
 
 
-@pytest.mark.parametrize("optimizer, lr, particles", [("sgd", 0.5, 2**15), ("adam", 0.02, 2**14)])
+@pytest.mark.parametrize("optimizer, lr, particles", [("sgd", 0.5, 2**15), ("adam", 0.02, 2**13)])
 def test_decorrelated_mlp(optimizer, lr, particles):
     limit = tpl.derive("decorrelated-mlp", optimizer=optimizer, depth=2, d_in=4)
     X, y = _regression(4)
