@@ -108,7 +108,9 @@ class FidelityReport:
 
     @property
     def z(self) -> torch.Tensor:
-        return self.distance / self.resolution.clamp_min(torch.finfo(self.resolution.dtype).tiny)
+        """``D / R``, with ``R`` at least the rounding level of the value (deterministic values, equal on both
+        sides up to rounding, have ``R = 0``)."""
+        return self.distance / _resolved(self.resolution, self.scale)
 
     @property
     def departures(self) -> list[Departure]:
@@ -307,13 +309,19 @@ def _report(watched: list[Watched], widths: tuple[int, ...], seeds: int, particl
             dof[i, :, v] = torch.where(denominator > 0, (var_f + var_l).square() / denominator.clamp_min(1e-300),
                                        float(seeds + batches - 2))
     determined = _width_independent(widths, finite_scale)
-    z = distance[-1] / resolution[-1].clamp_min(torch.finfo(torch.float64).tiny)
+    z = distance[-1] / _resolved(resolution[-1], scale)
     p_value = torch.ones(steps, len(watched), dtype=torch.float64)
     for t, v in (z > 1).nonzero().tolist():
         p_value[t, v] = 2 * student_t_tail(min(float(z[t, v]), 1e6), max(1.0, float(dof[-1, t, v])))
     return FidelityReport(tuple(watched), widths, seeds, particles, batches, distance, resolution, dof, p_value,
                           scale, determined, alpha / (steps * int(determined.sum().clamp_min(1))), alpha,
                           min_relative, seconds)
+
+
+def _resolved(resolution: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``R`` floored at the rounding level ``√eps · scale`` (and above zero)."""
+    floor = (math.sqrt(torch.finfo(torch.float64).eps) * scale).clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.maximum(resolution, floor)
 
 
 def _width_independent(widths: tuple[int, ...], finite_scale: torch.Tensor) -> torch.Tensor:
