@@ -1,0 +1,698 @@
+"""Exact NNGP and NTK of the NT limit by Gaussian integrals, where closed forms (or quadrature) exist.
+
+At initialization every vector of a program whose matrices are each used once in the forward pass is
+a function of jointly Gaussian kets (Def 2.4.2): the outputs of the matrix products and the randomly
+initialized vector parameters. :class:`ExactInterpreter` runs the forward half of the program on laws
+instead of particles, at a width ``n`` that only enters through the abcd factors and the program's
+width-dependent constants:
+
+* a **Gaussian** vector is its mean and its coefficients on the independent standard Gaussian sources
+  created so far (the width axis of its layout holds the sources), so sums and affine maps of
+  Gaussians stay exact, correlations included;
+* a declared **law** of one Gaussian (``Nonlin.gaussian``: arc-cosine for relu, its powers, the step and
+  sign; the error function; Gauss–Hermite quadrature for any other smooth function) has the closed-form
+  moments of Cho & Saul and Williams, or two-dimensional quadrature;
+* a **product** of two independent vectors by a bilinear function (a readout ``x ⊙ v``) has its moments
+  from factors of the two second-moment matrices;
+* a **matrix product** ``h = W x`` starts new sources with covariance ``n_in·s²·E[x xᵀ]``.
+
+Alongside, every vector carries its tangent: for each trained parameter and each place it entered, a
+factor of the Gram ``Σ_e κ ∂z/∂θ_e ∂z/∂θ_e`` of a coordinate (``κ = lr_scale·grad_scale·multiplier²``),
+the forward-mode recursion of the NTK (``Θ_h = κ_W n_in E[x xᵀ] + s² n_in Θ_x``, ``Θ_φ(g) = E[φ'φ']⊙Θ_g``).
+Averages over width are readouts: their fluctuation ``√n`` times the mean of ``x ⊙ v`` gives the NNGP,
+and the outputs' Jacobian in them (autograd through the scalar tail) gives the kernels of the outputs.
+
+Anything else (attention, softmax, normalizations, regroupings, a matrix used twice, a nonlinear function
+of a non-Gaussian vector) raises :class:`NotGaussian` naming the instruction; ``limit.kernel(path="auto")``
+then takes the Monte Carlo path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from tplimits.core.interpret import Interpreter
+from tplimits.core.ir import Avg, Constant, Instruction, MatMul, Nonlin, Parameter, Ref, Regroup, Width, refs_in
+from tplimits.core.ir import substitute, width_axes
+from tplimits.errors import TplimitsError
+from tplimits.training.init import init_std, multiplier
+from tplimits.training.optim import parameter_groups
+
+QUADRATURE_NODES = 48
+"""Gauss–Hermite nodes per dimension for functions without a closed form."""
+
+PROBE_TOLERANCE = 1e-9
+
+
+class NotGaussian(TplimitsError):
+    """The exact kernel path cannot integrate an instruction of the program (``instruction`` names it)."""
+
+    def __init__(self, message: str, instruction: str = "") -> None:
+        super().__init__(message)
+        self.instruction = instruction
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class Gauss:
+    """A Gaussian vector: ``mean`` (its layout, width axis of size 1) plus ``coef`` (the width axis holds the
+    sources) applied to independent standard Gaussians; ``tangent`` maps a channel (parameter, origin) to a
+    deterministic factor of its Gram (the width axis holds the factor's columns)."""
+
+    mean: torch.Tensor
+    coef: torch.Tensor
+    tangent: dict[tuple[str, str], torch.Tensor]
+    axis: int
+
+
+@attrs.define
+class Mapped:
+    """``law(g)`` coordinate by coordinate for a Gaussian ``g``; ``fn`` the function on a tensor (quadrature)."""
+
+    law: tuple
+    fn: Callable[[torch.Tensor], torch.Tensor] | None
+    arg: Gauss
+    axis: int
+    differentiable: bool = True
+
+
+@attrs.define
+class Product:
+    """``fn(x, y)`` bilinear in two independent vectors (positions ``slots`` of its arguments)."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    x: Any
+    y: Any
+    axis: int
+    shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
+    differentiable: bool = True
+
+
+Random = Gauss | Mapped | Product
+
+
+def _fixed_flat(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``[F, columns]``: the fixed entries of a layout-shaped tensor by the columns on its width axis."""
+    moved = t.movedim(axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _unflat(flat: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    """The inverse of :func:`_fixed_flat` for a layout of sizes ``shape`` (width axis entry ignored)."""
+    fixed = [s for i, s in enumerate(shape) if i != axis]
+    return flat.reshape(*fixed, flat.shape[-1]).movedim(-1, axis)
+
+
+def _factor(M: torch.Tensor) -> torch.Tensor:
+    """``Φ`` with ``Φ Φᵀ = M`` for a positive semi-definite ``M`` (negative rounding noise dropped)."""
+    M = (M + M.T) / 2
+    evals, evecs = torch.linalg.eigh(M)
+    return evecs * evals.clamp_min(0).sqrt()
+
+
+def _pad(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    if t.shape[axis] == size:
+        return t
+    pad = list(t.shape)
+    pad[axis] = size - t.shape[axis]
+    return torch.cat([t, t.new_zeros(pad)], dim=axis)
+
+
+def _sources(value: Random) -> set[int]:
+    """The Gaussian sources a value depends on (nonzero coefficient columns)."""
+    if isinstance(value, Gauss):
+        used = _fixed_flat(value.coef, value.axis).abs().sum(0) > 0
+        return set(torch.nonzero(used).flatten().tolist())
+    if isinstance(value, Mapped):
+        return _sources(value.arg)
+    return _sources(value.x) | _sources(value.y)
+
+
+def _channels(value: Random) -> set[tuple[str, str]]:
+    if isinstance(value, Gauss):
+        return set(value.tangent)
+    if isinstance(value, Mapped):
+        return set(value.arg.tangent) if value.differentiable else set()
+    return _channels(value.x) | _channels(value.y) if value.differentiable else set()
+
+
+# --------------------------------------------------------------------------------------------
+# Moments
+# --------------------------------------------------------------------------------------------
+
+
+def mean_of(value: Random) -> torch.Tensor:
+    """``E[z]`` over the fixed entries, ``[F]``."""
+    if isinstance(value, Gauss):
+        return _fixed_flat(value.mean, value.axis)[:, 0]
+    if isinstance(value, Mapped):
+        g = value.arg
+        mu, S = mean_of(g), _covariance(g)
+        return law_mean(value.law, value.fn, mu, S.diagonal())
+    return _product_flat(value, mean_of(value.x)[:, None], mean_of(value.y)[:, None])[:, 0]
+
+
+def _covariance(g: Gauss) -> torch.Tensor:
+    C = _fixed_flat(g.coef, g.axis)
+    return C @ C.T
+
+
+def second_moment(value: Random) -> torch.Tensor:
+    """``E[z(a) z(b)]`` over the fixed entries, ``[F, F]`` (not centered)."""
+    if isinstance(value, Gauss):
+        mu = mean_of(value)
+        return torch.outer(mu, mu) + _covariance(value)
+    if isinstance(value, Mapped):
+        g = value.arg
+        return law_moment(value.law, value.fn, mean_of(g), _covariance(g))
+    Phi = _product_flat(value, _uncentered_factor(value.x), _uncentered_factor(value.y))
+    return Phi @ Phi.T
+
+
+def _uncentered_factor(value: Random) -> torch.Tensor:
+    return _factor(second_moment(value))
+
+
+def _product_flat(value: Product, fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+    """``fn`` on every pair of columns of the flat factors ``fx [Fx, K]`` and ``fy [Fy, L]``: ``[F, K·L]``."""
+    K, L = fx.shape[1], fy.shape[1]
+    x = _unflat(fx.repeat_interleave(L, dim=1), _layout_shape(value.x), value.x.axis)
+    y = _unflat(fy.repeat(1, K), _layout_shape(value.y), value.y.axis)
+    return _fixed_flat(value.fn(x, y), value.axis)
+
+
+def _layout_shape(value: Random) -> tuple[int, ...]:
+    if isinstance(value, Gauss):
+        return tuple(value.mean.shape)
+    if isinstance(value, Mapped):
+        return tuple(value.arg.mean.shape)
+    return value.shape
+
+
+def tangent_grams(value: Random) -> dict[str, torch.Tensor]:
+    """``E Σ_θ-channel κ ⟨∂z(a)/∂θ, ∂z(b)/∂θ⟩`` per trained parameter, ``[F, F]`` each."""
+    out: dict[str, torch.Tensor] = {}
+    for (param, _), gram in _channel_grams(value).items():
+        out[param] = out[param] + gram if param in out else gram
+    return out
+
+
+def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
+    if isinstance(value, Gauss):
+        return {key: (lambda T: T @ T.T)(_fixed_flat(T, value.axis)) for key, T in value.tangent.items()}
+    if not value.differentiable:
+        return {}
+    if isinstance(value, Mapped):
+        g = value.arg
+        weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g))
+        return {key: weight * gram for key, gram in _channel_grams(g).items()}
+    grams = {}
+    for own, other, first in ((value.x, value.y, True), (value.y, value.x, False)):
+        other_factor = _uncentered_factor(other)
+        for key, gram in _channel_grams(own).items():
+            f = _factor(gram)
+            Phi = _product_flat(value, f, other_factor) if first else _product_flat(value, other_factor, f)
+            grams[key] = Phi @ Phi.T
+    return grams
+
+
+# --------------------------------------------------------------------------------------------
+# Laws of one Gaussian
+# --------------------------------------------------------------------------------------------
+
+
+def derivative(law: tuple) -> tuple:
+    kind = law[0]
+    if kind == "arc-cosine":
+        _, k, scale, _ = law
+        return ("zero",) if k == 0 else ("arc-cosine", k - 1, scale * k, 0.0)
+    if kind == "error function":
+        return ("bump", 2 / math.sqrt(math.pi))
+    if kind == "quadrature":
+        return ("quadrature",)
+    raise TplimitsError(f"no derivative law for {law}")  # pragma: no cover - laws above are closed
+
+
+def _derivative_fn(fn: Callable | None) -> Callable | None:
+    if fn is None:
+        return None
+
+    def grad(t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = t.detach().requires_grad_(True)
+            return torch.autograd.grad(fn(x).sum(), x)[0]
+    return grad
+
+
+def _arc_cosine_raw(k: int, S: torch.Tensor) -> torch.Tensor:
+    """``E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul)."""
+    d = S.diagonal().clamp_min(0).sqrt()
+    norms = torch.outer(d, d)
+    # θ by atan2 of (|u||v| sin θ, u·v): arccos(1 - ε) ≈ √(2ε) would lose half the digits near θ = 0
+    var = S.diagonal().clamp_min(0)
+    theta = torch.atan2((torch.outer(var, var) - S**2).clamp_min(0).sqrt(), S)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    J = {0: math.pi - theta,
+         1: sin + (math.pi - theta) * cos,
+         2: 3 * sin * cos + (math.pi - theta) * (1 + 2 * cos**2)}
+    if k not in J:
+        raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
+    value = norms**k * J[k] / (2 * math.pi)
+    if k == 0:  # a zero-variance side is 0, whose step is 0
+        value = torch.where(norms > 0, value, torch.zeros_like(value))
+    return value
+
+
+def _arc_cosine_mean(k: int, var: torch.Tensor) -> torch.Tensor:
+    """``E[max(u,0)^k]``, u ~ N(0, var)."""
+    sd = var.clamp_min(0).sqrt()
+    base = {0: 0.5, 1: 1 / math.sqrt(2 * math.pi), 2: 0.5}[k]
+    return torch.where(sd > 0, sd**k * base, torch.zeros_like(sd))
+
+
+def law_mean(law: tuple, fn: Callable | None, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``E[φ(g)]`` for g ~ N(mu, var) entrywise."""
+    kind = law[0]
+    centered = bool((mu == 0).all())
+    if kind == "arc-cosine" and centered:
+        _, k, scale, shift = law
+        return scale * _arc_cosine_mean(k, var) + shift
+    if kind == "error function" and centered:
+        return torch.zeros_like(var)
+    if kind == "bump" and centered:
+        return law[1] / torch.sqrt(1 + 2 * var)
+    if kind == "zero":
+        return torch.zeros_like(var)
+    return _quadrature_mean(_need_fn(law, fn), mu, var)
+
+
+def law_moment(law: tuple, fn: Callable | None, mu: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``E[φ(g(a)) φ(g(b))]`` for g ~ N(mu, S), ``[F, F]``."""
+    kind = law[0]
+    centered = bool((mu == 0).all())
+    if kind == "arc-cosine" and centered:
+        _, k, scale, shift = law
+        m = _arc_cosine_mean(k, S.diagonal())
+        return scale**2 * _arc_cosine_raw(k, S) + scale * shift * (m[:, None] + m[None, :]) + shift**2
+    d = 1 + 2 * S.diagonal()
+    if kind == "error function" and centered:
+        return 2 / math.pi * torch.arcsin((2 * S / torch.sqrt(torch.outer(d, d))).clamp(-1, 1))
+    if kind == "bump" and centered:
+        return law[1] ** 2 / torch.sqrt(torch.outer(d, d) - 4 * S**2)
+    if kind == "zero":
+        return torch.zeros_like(S)
+    return _quadrature_moment(_need_fn(law, fn), mu, S)
+
+
+def _need_fn(law: tuple, fn: Callable | None) -> Callable:
+    if fn is None:
+        raise NotGaussian(f"the law {law} has no closed form for a Gaussian with a nonzero mean, and no function "
+                          "to integrate numerically")
+    return fn
+
+
+def _nodes(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilists' Gauss–Hermite nodes and weights for E over N(0, 1)."""
+    x, w = np.polynomial.hermite_e.hermegauss(QUADRATURE_NODES)
+    return (torch.tensor(x, dtype=dtype, device=device),
+            torch.tensor(w / math.sqrt(2 * math.pi), dtype=dtype, device=device))
+
+
+def _quadrature_mean(fn: Callable, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    z, w = _nodes(var.dtype, var.device)
+    return (fn(mu[:, None] + var.clamp_min(0).sqrt()[:, None] * z) * w).sum(-1)
+
+
+def _quadrature_moment(fn: Callable, mu: torch.Tensor, S: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Two-dimensional Gauss–Hermite: u = μa + L11 z1, v = μb + L21 z1 + L22 z2 per pair (a, b)."""
+    z, w = _nodes(S.dtype, S.device)
+    sd = S.diagonal().clamp_min(0).sqrt()
+    fu = fn(mu[:, None] + sd[:, None] * z)  # [F, Q]
+    out = torch.empty_like(S)
+    for start in range(0, S.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        safe = torch.where(sd[rows] > 0, sd[rows], torch.ones_like(sd[rows]))
+        l21 = torch.where(sd[rows, None] > 0, S[rows] / safe[:, None], torch.zeros_like(S[rows]))  # [c, F]
+        l22 = (S.diagonal()[None, :] - l21**2).clamp_min(0).sqrt()
+        v = mu[None, :, None, None] + l21[..., None, None] * z[:, None] + l22[..., None, None] * z[None, :]
+        fv = fn(v)  # [c, F, Q1, Q2]
+        inner = (fv * w[None, :]).sum(-1)  # over z2: [c, F, Q1]
+        out[rows] = torch.einsum("aq,abq,q->ab", fu[rows], inner, w)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The interpreter
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ReadoutLaw:
+    """An average over width read out by the outputs: its value (a leaf the outputs are differentiated in),
+    the covariance of its fluctuation and the Grams of its tangent, over its entries."""
+
+    leaf: torch.Tensor
+    covariance: torch.Tensor
+    grams: Mapping[str, torch.Tensor]
+
+
+class ExactInterpreter(Interpreter):
+    """The forward program on Gaussian laws at width ``n`` (see the module docstring)."""
+
+    def __init__(self, setup: Any, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(setup.program)
+        self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
+        self.sources = 0
+        self.readouts: dict[str, ReadoutLaw] = {}
+        self.scalar_leaves: dict[str, torch.Tensor] = {}
+        groups = parameter_groups(dict.fromkeys(setup.chosen), setup.program, setup.param, setup.chosen, n, 0.0)
+        self.rates = {g["name"]: g["lr_scale"] * g["grad_scale"] for g in groups}
+        forward = setup.program.instructions[: setup.total.forward_length]
+        self.uses: dict[str, int] = {}
+        for ins in forward:
+            if isinstance(ins, MatMul):
+                self.uses[ins.matrix] = self.uses.get(ins.matrix, 0) + 1
+
+    def refuse(self, ins: Instruction, why: str) -> NotGaussian:
+        return NotGaussian(f"the exact kernel path cannot integrate %{ins.name} ({ins.describe()}"
+                           f"{', ' + ins.origin.describe() if ins.origin.describe() else ''}): {why}", ins.name)
+
+    # -- sources ------------------------------------------------------------------------------
+    def _new_sources(self, count: int) -> int:
+        start = self.sources
+        self.sources += count
+        return start
+
+    def _kappa(self, name: str) -> float:
+        abcd = self.setup.chosen[name]
+        return self.rates[name] * multiplier(abcd, self.n) ** 2
+
+    # -- instructions ---------------------------------------------------------------------------
+    def constant(self, ins: Constant) -> Any:
+        if width_axes(ins.layout):
+            raise self.refuse(ins, "a width-sized constant")
+        return ins.value.to(self.dtype) if ins.value.is_floating_point() else ins.value
+
+    def input(self, ins: Any) -> Any:
+        value = super().input(ins)
+        return value.to(self.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    def parameter(self, ins: Parameter) -> Any:
+        info = self.program.parameters[ins.target]
+        init = self.setup.initial[ins.target]
+        abcd = self.setup.chosen.get(ins.target)
+        if info.kind == "matrix":
+            if init.kind != "random" or abcd is None:
+                raise self.refuse(ins, f"a matrix initialized as {init.kind} (only random trained matrices)")
+            if len(info.layout) != 2 or self.uses.get(ins.name, 0) != 1:
+                raise self.refuse(ins, "a matrix with fixed axes, or used more than once in the forward pass")
+            return ins  # read by matmul
+        mult = multiplier(abcd, self.n) if abcd is not None else 1.0
+        axes = width_axes(info.layout)
+        if not axes:
+            if init.kind != "constant":
+                raise self.refuse(ins, f"a scalar parameter initialized as {init.kind}")
+            shape = tuple(info.shape)
+            value = torch.full(shape, float(init.value) * mult, dtype=self.dtype, device=self.device)
+            if abcd is not None:
+                value.requires_grad_(True)
+                self.scalar_leaves[ins.target] = value
+            return value
+        axis = axes[0]
+        shape = tuple(1 if i == axis else s for i, s in enumerate(info.layout))
+        F = math.prod(s for i, s in enumerate(shape) if i != axis)
+        if init.kind == "constant":
+            mean = torch.full(shape, float(init.value) * mult, dtype=self.dtype, device=self.device)
+            coef = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        elif init.kind == "random" and abcd is not None:
+            std = init_std(info, abcd, self.n) * mult
+            start = self._new_sources(F)
+            eye = torch.eye(F, dtype=self.dtype, device=self.device) * std
+            flat = torch.cat([torch.zeros(F, start, dtype=self.dtype, device=self.device), eye], dim=1)
+            coef = _unflat(flat, shape, axis)
+            mean = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        else:
+            raise self.refuse(ins, f"a vector initialized as {init.kind}")
+        tangent = {}
+        if abcd is not None:
+            own = torch.eye(F, dtype=self.dtype, device=self.device) * math.sqrt(self._kappa(ins.target))
+            tangent[(ins.target, ins.name)] = _unflat(own, shape, axis)
+        return Gauss(mean, coef, tangent, axis)
+
+    def regroup(self, ins: Regroup) -> Any:
+        raise self.refuse(ins, "regrouping width axes is not integrated exactly yet")
+
+    def matmul(self, ins: MatMul) -> Gauss:
+        x = self.values[ins.vector]
+        matrix = self.values[ins.matrix]
+        if not isinstance(x, Gauss | Mapped | Product):
+            raise self.refuse(ins, "the vector is not random")
+        info = self.program.parameters[matrix.target]
+        abcd = self.setup.chosen[matrix.target]
+        ratio = self.program[ins.vector].layout[x.axis].ratio
+        n_in = float(ratio) * self.n
+        s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
+        shape = _layout_shape(x)
+        out_axis = width_axes(ins.layout)[0]
+
+        def mapped(gram: torch.Tensor) -> torch.Tensor:
+            factor = _unflat(_factor(gram), shape, x.axis)
+            eye = torch.eye(factor.shape[x.axis], dtype=self.dtype, device=self.device)
+            return torch.einsum(ins.equation, eye, factor)
+
+        M = second_moment(x)
+        new = mapped(s2 * n_in * M)
+        start = self._new_sources(new.shape[out_axis])
+        coef = torch.cat([new.new_zeros(*[start if i == out_axis else s for i, s in enumerate(new.shape)]), new],
+                         dim=out_axis)
+        mean = torch.zeros(*[1 if i == out_axis else s for i, s in enumerate(new.shape)], dtype=self.dtype,
+                           device=self.device)
+        tangent = {(matrix.target, ins.name): mapped(self._kappa(matrix.target) * n_in * M)}
+        for param, gram in tangent_grams(x).items():
+            tangent[(param, ins.name)] = mapped(s2 * n_in * gram)
+        return Gauss(mean, coef, tangent, out_axis)
+
+    def avg(self, ins: Avg) -> torch.Tensor:
+        u = self.values[ins.vector]
+        if not isinstance(u, Product) or not _zero_mean_factor(u):
+            raise self.refuse(ins, "only readouts (the average of x ⊙ v for a zero-mean Gaussian v independent of "
+                                   "x) are integrated exactly; other averages over width are not")
+        ratio = self.program[ins.vector].layout[ins.axis].ratio
+        scale = ins.scale.resolve(self.n) if ins.scale is not None else 1.0
+        phi2 = scale**2 / (float(ratio) * self.n)
+        shape = [s for i, s in enumerate(self.program[ins.vector].layout) if i != ins.axis]
+        if ins.keepdim:
+            shape.insert(ins.axis, 1)
+        leaf = torch.zeros(shape, dtype=self.dtype, device=self.device, requires_grad=True)
+        grams = {p: phi2 * g for p, g in tangent_grams(u).items()}
+        self.readouts[ins.name] = ReadoutLaw(leaf, phi2 * second_moment(u), grams)
+        return leaf
+
+    def nonlin(self, ins: Nonlin) -> Any:
+        if any(isinstance(self.values[n], Parameter) for n in ins.inputs):
+            raise self.refuse(ins, "a weight matrix used outside a matrix product")
+        try:
+            return self._law(ins)
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            raise self.refuse(ins, f"its function does not apply to the laws' tensors ({error})") from None
+
+    def _law(self, ins: Nonlin) -> Any:
+        names = [n for n in ins.inputs if isinstance(self.values[n], Gauss | Mapped | Product)]
+        if not names:
+            return self._apply(ins, self.values)
+        law = ins.gaussian or self._probe(ins, names)
+        out_axis = width_axes(ins.layout)[0] if width_axes(ins.layout) else None
+        if out_axis is None:
+            raise self.refuse(ins, "a function of vectors that leaves the width axis")
+        kind = law[0] if law else None
+        values = [self.values[n] for n in names]
+        if kind == "affine" or (kind == "multilinear" and len(names) == 1):
+            if not all(isinstance(v, Gauss) for v in values):
+                raise self.refuse(ins, "an affine function of a non-Gaussian vector")
+            return self._affine(ins, names, out_axis)
+        if kind == "multilinear" and len(names) == 2:
+            return self._product(ins, names, out_axis)
+        if kind in ("arc-cosine", "error function", "quadrature") and len(names) == 1:
+            g = values[0]
+            if not isinstance(g, Gauss) or not _first_arg_is(ins, names[0]):
+                raise self.refuse(ins, "a nonlinear function of a non-Gaussian vector")
+            return Mapped(law, self._bound(ins, names[0]), g, out_axis, ins.differentiable)
+        raise self.refuse(ins, "no Gaussian law is declared for this function of random vectors"
+                          + ("" if law is None else f" that applies here ({law})"))
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _apply(self, ins: Nonlin, values: Mapping[str, Any]) -> Any:
+        args = substitute(ins.args, values, self.n)
+        kwargs = substitute(dict(ins.kwargs), values, self.n)
+        return ins.fn(*args, **kwargs)
+
+    def _bound(self, ins: Nonlin, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return self._apply(ins, {**self.values, name: t})
+        return fn
+
+    def _affine(self, ins: Nonlin, names: list[str], axis: int) -> Gauss:
+        values = {n: self.values[n] for n in names}
+        width = max(v.coef.shape[v.axis] for v in values.values())
+        mean = self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
+        coef = self._linear_part(ins, {n: _pad(v.coef, v.axis, width) for n, v in values.items()})
+        tangent = {}
+        if ins.differentiable:
+            for key in set().union(*(v.tangent for v in values.values())):
+                cols = next(v.tangent[key].shape[v.axis] for v in values.values() if key in v.tangent)
+                parts = {}
+                for n, v in values.items():
+                    t = v.tangent.get(key)
+                    parts[n] = t if t is not None else _pad(v.mean.new_zeros(v.mean.shape), v.axis, cols) * 0
+                tangent[key] = self._linear_part(ins, parts)
+        return Gauss(mean, coef, tangent, axis)
+
+    def _linear_part(self, ins: Nonlin, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        zeros = {n: torch.zeros_like(t) for n, t in parts.items()}
+        return self._apply(ins, {**self.values, **parts}) - self._apply(ins, {**self.values, **zeros})
+
+    def _product(self, ins: Nonlin, names: list[str], axis: int) -> Product:
+        x, y = (self.values[n] for n in names)
+        if _sources(x) & _sources(y) or _channels(x) & _channels(y):
+            raise self.refuse(ins, "a product of two dependent random vectors")
+
+        def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self._apply(ins, {**self.values, names[0]: a, names[1]: b})
+        shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
+        return Product(fn, x, y, axis, shape, ins.differentiable)
+
+    def _probe(self, ins: Nonlin, names: list[str]) -> tuple | None:
+        """For a function without a declared law: is it jointly affine in its random arguments, or affine in
+        each separately? Checked on random tensors of their layouts (a secant test, exact for einsums,
+        additions and views; a nonlinear function fails it)."""
+        g = torch.Generator().manual_seed(0)
+
+        def draw(name: str) -> torch.Tensor:
+            layout = self.program[name].layout
+            shape = [3 if isinstance(s, Width) else s for s in layout]
+            return torch.randn(shape, generator=g, dtype=torch.float64)
+
+        def run(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            rest = {k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v)
+                    for k, v in self.values.items() if not isinstance(v, Gauss | Mapped | Product | Parameter)}
+            return torch.as_tensor(self._apply(ins, {**rest, **parts}), dtype=torch.float64)
+
+        def affine(moving: list[str]) -> bool:
+            base = {n: draw(n) for n in names}
+            a = {**base, **{n: draw(n) for n in moving}}
+            b = {**base, **{n: draw(n) for n in moving}}
+            alpha = -1.7
+            mixed = {**base, **{n: alpha * a[n] + (1 - alpha) * b[n] for n in moving}}
+            try:
+                lhs, rhs = run(mixed), alpha * run(a) + (1 - alpha) * run(b)
+            except (RuntimeError, TypeError, ValueError):
+                return False
+            return bool(torch.allclose(lhs, rhs, rtol=PROBE_TOLERANCE, atol=PROBE_TOLERANCE * (1 + rhs.abs().max())))
+
+        def vanishes(name: str) -> bool:  # no affine part: zero when one factor is
+            parts = {n: draw(n) for n in names}
+            try:
+                return bool(run({**parts, name: torch.zeros_like(parts[name])}).abs().max() == 0)
+            except (RuntimeError, TypeError, ValueError):
+                return False
+
+        if affine(names):
+            return ("affine", None)
+        if all(affine([n]) for n in names) and all(vanishes(n) for n in names):
+            return ("multilinear", None)
+        return None
+
+
+def _first_arg_is(ins: Nonlin, name: str) -> bool:
+    refs = list(refs_in((ins.args, ins.kwargs)))
+    return bool(ins.args) and isinstance(ins.args[0], Ref) and ins.args[0].name == name and refs.count(name) == 1
+
+
+def _zero_mean_factor(u: Product) -> bool:
+    """One factor is a zero-mean Gaussian: the cross-coordinate terms of the average vanish."""
+    return any(isinstance(f, Gauss) and bool((f.mean == 0).all()) for f in (u.x, u.y))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels of the outputs
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ExactKernels:
+    """The output NNGP ``[J, J]`` and each trained parameter's NTK contribution ``[J, J]`` at width ``n``."""
+
+    nngp: torch.Tensor
+    ntk: Mapping[str, torch.Tensor]
+    outputs: tuple[int, ...]
+
+
+def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> ExactKernels:
+    """Run :class:`ExactInterpreter` on ``Z`` at width ``n``; the outputs' kernels through their Jacobian in
+    the readouts (and in the trained scalars)."""
+    interp = ExactInterpreter(setup, n, dtype, device)
+    interp.run(Z, stop=setup.total.forward_length)
+    outputs = [interp.values[name] for name in setup.program.outputs]
+    for name, value in zip(setup.program.outputs, outputs, strict=True):
+        if not torch.is_tensor(value) or width_axes(setup.program[name].layout):
+            raise NotGaussian(f"output %{name} is not a function of averages over width", name)
+    f = torch.cat([o.reshape(-1) for o in outputs])
+    if not f.requires_grad:
+        raise NotGaussian("the outputs do not depend on any average over width or trained scalar")
+    leaves = [r.leaf for r in interp.readouts.values()]
+    scalars = list(interp.scalar_leaves.items())
+    rows = []
+    for j in range(f.numel()):
+        grads = torch.autograd.grad(f[j], leaves + [s for _, s in scalars], retain_graph=True, allow_unused=True)
+        rows.append([torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves + [s for _, s in scalars],
+                                                                               strict=True)])
+    J = f.numel()
+    nngp = f.new_zeros(J, J).detach()
+    ntk: dict[str, torch.Tensor] = {}
+    for i, law in enumerate(interp.readouts.values()):
+        jac = torch.stack([r[i].reshape(-1) for r in rows]).detach()  # [J, F]
+        nngp = nngp + jac @ law.covariance @ jac.T
+        for param, gram in law.grams.items():
+            ntk[param] = ntk.get(param, 0) + jac @ gram @ jac.T
+    for k, (param, _) in enumerate(scalars):
+        g = torch.stack([r[len(leaves) + k].reshape(-1) for r in rows]).detach()
+        ntk[param] = ntk.get(param, 0) + interp._kappa(param) * (g @ g.T)
+    return ExactKernels(nngp, ntk, tuple(outputs[0].shape[1:]))
+
+
+EXACT_WIDTHS = (2**10, 2**20)
+
+
+def exact_kernel(setup: Any, Z: torch.Tensor, kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The limit ``n → ∞`` of the output kernel ``[J, J]``: each contribution is a power of ``n`` (the abcd
+    factors and the program's width-dependent constants); taken at two widths, a constant one is kept, a
+    decaying one (an output bias under NTP) vanishes, and a growing one is refused."""
+    small, large = (kernels_at(setup, Z, n, dtype, device) for n in EXACT_WIDTHS)
+    if kind == "nngp":
+        return _limit_of("the NNGP", small.nngp, large.nngp)
+    total = None
+    for param in sorted(set(small.ntk) | set(large.ntk)):
+        part = _limit_of(f"the NTK of {param!r}", small.ntk.get(param, 0 * large.nngp), large.ntk.get(param, 0 *
+                                                                                                     large.nngp))
+        total = part if total is None else total + part
+    return total if total is not None else large.nngp * 0
+
+
+def _limit_of(what: str, small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
+    scale = float(large.abs().max())
+    if float((large - small).abs().max()) <= 1e-9 * max(scale, float(small.abs().max()), 1e-300):
+        return large
+    if float(large.abs().max()) <= 1e-3 * float(small.abs().max()):
+        return torch.zeros_like(large)
+    raise NotGaussian(f"{what} is not a power of the width that converges (max {float(small.abs().max()):.3g} at "
+                      f"n = {EXACT_WIDTHS[0]}, {scale:.3g} at n = {EXACT_WIDTHS[1]})")
