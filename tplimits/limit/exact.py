@@ -34,12 +34,23 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-import numpy as np
 import torch
 
 from tplimits.core.interpret import Interpreter
-from tplimits.core.ir import Avg, Constant, Instruction, MatMul, Nonlin, Parameter, Ref, Regroup, Width, refs_in
-from tplimits.core.ir import substitute, width_axes
+from tplimits.core.ir import (
+    Avg,
+    Constant,
+    Instruction,
+    MatMul,
+    Nonlin,
+    Parameter,
+    Ref,
+    Regroup,
+    Width,
+    refs_in,
+    substitute,
+    width_axes,
+)
 from tplimits.errors import TplimitsError
 from tplimits.training.init import init_std, multiplier
 from tplimits.training.optim import parameter_groups
@@ -322,10 +333,11 @@ def _need_fn(law: tuple, fn: Callable | None) -> Callable:
 
 
 def _nodes(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilists' Gauss–Hermite nodes and weights for E over N(0, 1)."""
-    x, w = np.polynomial.hermite_e.hermegauss(QUADRATURE_NODES)
-    return (torch.tensor(x, dtype=dtype, device=device),
-            torch.tensor(w / math.sqrt(2 * math.pi), dtype=dtype, device=device))
+    """Gauss–Hermite nodes and weights for E over N(0, 1) (Golub–Welsch: the eigenvalues of the Jacobi matrix of
+    the probabilists' Hermite polynomials, the weights the squared first components of its eigenvectors)."""
+    off = torch.arange(1, QUADRATURE_NODES, dtype=torch.float64).sqrt()
+    nodes, vectors = torch.linalg.eigh(torch.diag(off, 1) + torch.diag(off, -1))
+    return nodes.to(dtype=dtype, device=device), (vectors[0] ** 2).to(dtype=dtype, device=device)
 
 
 def _quadrature_mean(fn: Callable, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ import attrs
 import torch
 
 from tplimits.core.ir import Nonlin
-
 from tplimits.plugin import (
     LoweringContext,
     MatrixValue,
