@@ -432,10 +432,14 @@ class ExactInterpreter(Interpreter):
         mult = multiplier(abcd, self.n) if abcd is not None else 1.0
         axes = width_axes(info.layout)
         if not axes:
-            if init.kind != "constant":
+            if init.kind == "constant":
+                value = torch.full(tuple(info.shape), float(init.value) * mult, dtype=self.dtype, device=self.device)
+            elif init.kind == "fixed":
+                value = init.value.to(device=self.device, dtype=init.dtype_in(self.dtype)) * mult
+            else:
                 raise self.refuse(ins, f"a scalar parameter initialized as {init.kind}")
-            shape = tuple(info.shape)
-            value = torch.full(shape, float(init.value) * mult, dtype=self.dtype, device=self.device)
+            if not value.is_floating_point():
+                return value
             if abcd is not None:
                 value.requires_grad_(True)
                 self.scalar_leaves[ins.target] = value
@@ -685,19 +689,20 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
 EXACT_WIDTHS = (2**10, 2**20)
 
 
-def exact_kernel(setup: Any, Z: torch.Tensor, kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The limit ``n → ∞`` of the output kernel ``[J, J]``: each contribution is a power of ``n`` (the abcd
-    factors and the program's width-dependent constants); taken at two widths, a constant one is kept, a
-    decaying one (an output bias under NTP) vanishes, and a growing one is refused."""
+def exact_kernel(setup: Any, Z: torch.Tensor, kind: str, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The limit ``n → ∞`` of the output kernel ``[J, J]`` and the outputs' shape per row. Each contribution
+    is a power of ``n`` (the abcd factors and the program's width-dependent constants); taken at two widths,
+    a constant one is kept, a decaying one (an output bias under NTP) vanishes, and a growing one is refused."""
     small, large = (kernels_at(setup, Z, n, dtype, device) for n in EXACT_WIDTHS)
     if kind == "nngp":
-        return _limit_of("the NNGP", small.nngp, large.nngp)
+        return _limit_of("the NNGP", small.nngp, large.nngp), large.outputs
     total = None
     for param in sorted(set(small.ntk) | set(large.ntk)):
         part = _limit_of(f"the NTK of {param!r}", small.ntk.get(param, 0 * large.nngp), large.ntk.get(param, 0 *
                                                                                                      large.nngp))
         total = part if total is None else total + part
-    return total if total is not None else large.nngp * 0
+    return (total if total is not None else large.nngp * 0), large.outputs
 
 
 def _limit_of(what: str, small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
