@@ -55,8 +55,11 @@ from tplimits.errors import TplimitsError
 from tplimits.training.init import init_std, multiplier
 from tplimits.training.optim import parameter_groups
 
-QUADRATURE_NODES = 48
-"""Gauss–Hermite nodes per dimension for functions without a closed form."""
+QUADRATURE_NODES = 96
+"""Gauss–Hermite nodes per dimension for functions without a closed form: the error function's moments to
+4e-12 at pre-activation variance 2 (48 nodes: 6e-7; 128: 1e-15)."""
+QUADRATURE_CHUNK = 2**24
+"""Function evaluations per block of the two-dimensional quadrature (128 MiB in float64)."""
 
 PROBE_TOLERANCE = 1e-9
 
@@ -345,12 +348,13 @@ def _quadrature_mean(fn: Callable, mu: torch.Tensor, var: torch.Tensor) -> torch
     return (fn(mu[:, None] + var.clamp_min(0).sqrt()[:, None] * z) * w).sum(-1)
 
 
-def _quadrature_moment(fn: Callable, mu: torch.Tensor, S: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def _quadrature_moment(fn: Callable, mu: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """Two-dimensional Gauss–Hermite: u = μa + L11 z1, v = μb + L21 z1 + L22 z2 per pair (a, b)."""
     z, w = _nodes(S.dtype, S.device)
     sd = S.diagonal().clamp_min(0).sqrt()
     fu = fn(mu[:, None] + sd[:, None] * z)  # [F, Q]
     out = torch.empty_like(S)
+    chunk = max(1, QUADRATURE_CHUNK // (S.shape[0] * z.numel() ** 2))
     for start in range(0, S.shape[0], chunk):
         rows = slice(start, start + chunk)
         safe = torch.where(sd[rows] > 0, sd[rows], torch.ones_like(sd[rows]))
