@@ -51,7 +51,7 @@ from tplimits.core.ir import (
     substitute,
     width_axes,
 )
-from tplimits.errors import TplimitsError
+from tplimits.errors import Diverged, TplimitsError
 from tplimits.training.init import init_std, multiplier
 from tplimits.training.optim import parameter_groups
 
@@ -129,6 +129,9 @@ def _unflat(flat: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tens
 
 def _factor(M: torch.Tensor) -> torch.Tensor:
     """``Φ`` with ``Φ Φᵀ = M`` for a positive semi-definite ``M`` (negative rounding noise dropped)."""
+    if not bool(torch.isfinite(M).all()):
+        raise Diverged("the exact kernel path met non-finite second moments at initialization (inputs or "
+                       "parameters too large for the dtype); use float64 or smaller inputs", value="kernel")
     M = (M + M.T) / 2
     evals, evecs = torch.linalg.eigh(M)
     return evecs * evals.clamp_min(0).sqrt()

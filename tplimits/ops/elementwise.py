@@ -13,7 +13,6 @@ from typing import Any
 import attrs
 import torch
 
-from tplimits.core.ir import Nonlin
 from tplimits.plugin import (
     LoweringContext,
     MatrixValue,
@@ -102,9 +101,10 @@ def elementwise(ctx: LoweringContext, node: OpNode) -> Any:
 
 
 def _declare_gaussian(ctx: LoweringContext, value: Any, law: tuple | None) -> None:
-    """Record on the Nonlin just emitted for ``value`` what its op does to Gaussian arguments."""
+    """Record on the Nonlin just emitted for ``value`` what its op does to Gaussian arguments (the context's
+    ``nonlin`` takes no such declaration yet, so it is set on the emitted instruction)."""
     emitted = ctx.instructions[-1] if ctx.instructions else None
-    if law is not None and isinstance(emitted, Nonlin) and emitted.name == getattr(value, "name", None):
+    if law is not None and hasattr(emitted, "gaussian") and emitted.name == getattr(value, "name", None):
         ctx.instructions[-1] = attrs.evolve(emitted, gaussian=law)
 
 
