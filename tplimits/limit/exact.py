@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Any
 
 import attrs
@@ -47,6 +48,7 @@ from tplimits.core.ir import (
     Ref,
     Regroup,
     Width,
+    WidthInt,
     refs_in,
     substitute,
     width_axes,
@@ -112,7 +114,19 @@ class Product:
     differentiable: bool = True
 
 
-Random = Gauss | Mapped | Product
+@attrs.define
+class Linear:
+    """``fn(x)`` linear in one non-Gaussian vector ``x`` (pooling a nonlinearity's output, unfolding patches)."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    arg: Any
+    axis: int
+    shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
+    differentiable: bool = True
+
+
+Random = Gauss | Mapped | Product | Linear
+RANDOM = (Gauss, Mapped, Product, Linear)
 
 
 def _fixed_flat(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -150,7 +164,7 @@ def _sources(value: Random) -> set[int]:
     if isinstance(value, Gauss):
         used = _fixed_flat(value.coef, value.axis).abs().sum(0) > 0
         return set(torch.nonzero(used).flatten().tolist())
-    if isinstance(value, Mapped):
+    if isinstance(value, Mapped | Linear):
         return _sources(value.arg)
     return _sources(value.x) | _sources(value.y)
 
@@ -160,6 +174,8 @@ def _channels(value: Random) -> set[tuple[str, str]]:
         return set(value.tangent)
     if isinstance(value, Mapped):
         return set(value.arg.tangent) if value.differentiable else set()
+    if isinstance(value, Linear):
+        return _channels(value.arg) if value.differentiable else set()
     return _channels(value.x) | _channels(value.y) if value.differentiable else set()
 
 
@@ -176,6 +192,8 @@ def mean_of(value: Random) -> torch.Tensor:
         g = value.arg
         mu, S = mean_of(g), _covariance(g)
         return law_mean(value.law, value.fn, mu, S.diagonal())
+    if isinstance(value, Linear):
+        return _linear_flat(value, mean_of(value.arg)[:, None])[:, 0]
     return _product_flat(value, mean_of(value.x)[:, None], mean_of(value.y)[:, None])[:, 0]
 
 
@@ -192,6 +210,9 @@ def second_moment(value: Random) -> torch.Tensor:
     if isinstance(value, Mapped):
         g = value.arg
         return law_moment(value.law, value.fn, mean_of(g), _covariance(g))
+    if isinstance(value, Linear):
+        Phi = _linear_flat(value, _uncentered_factor(value.arg))
+        return Phi @ Phi.T
     Phi = _product_flat(value, _uncentered_factor(value.x), _uncentered_factor(value.y))
     return Phi @ Phi.T
 
@@ -206,6 +227,11 @@ def _product_flat(value: Product, fx: torch.Tensor, fy: torch.Tensor) -> torch.T
     x = _unflat(fx.repeat_interleave(L, dim=1), _layout_shape(value.x), value.x.axis)
     y = _unflat(fy.repeat(1, K), _layout_shape(value.y), value.y.axis)
     return _fixed_flat(value.fn(x, y), value.axis)
+
+
+def _linear_flat(value: Linear, f: torch.Tensor) -> torch.Tensor:
+    """``fn`` on the columns of the flat factor ``f [F_arg, K]``: ``[F, K]``."""
+    return _fixed_flat(value.fn(_unflat(f, _layout_shape(value.arg), value.arg.axis)), value.axis)
 
 
 def _layout_shape(value: Random) -> tuple[int, ...]:
@@ -233,6 +259,9 @@ def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
         g = value.arg
         weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g))
         return {key: weight * gram for key, gram in _channel_grams(g).items()}
+    if isinstance(value, Linear):
+        return {key: (lambda P: P @ P.T)(_linear_flat(value, _factor(gram)))
+                for key, gram in _channel_grams(value.arg).items()}
     grams = {}
     for own, other, first in ((value.x, value.y, True), (value.y, value.x, False)):
         other_factor = _uncentered_factor(other)
@@ -433,8 +462,8 @@ class ExactInterpreter(Interpreter):
         if info.kind == "matrix":
             if init.kind != "random" or abcd is None:
                 raise self.refuse(ins, f"a matrix initialized as {init.kind} (only random trained matrices)")
-            if len(info.layout) != 2 or self.uses.get(ins.name, 0) != 1:
-                raise self.refuse(ins, "a matrix with fixed axes, or used more than once in the forward pass")
+            if self.uses.get(ins.name, 0) != 1:
+                raise self.refuse(ins, "a matrix used more than once in the forward pass (shared weights)")
             return ins  # read by matmul
         mult = multiplier(abcd, self.n) if abcd is not None else 1.0
         axes = width_axes(info.layout)
@@ -478,7 +507,7 @@ class ExactInterpreter(Interpreter):
     def matmul(self, ins: MatMul) -> Gauss:
         x = self.values[ins.vector]
         matrix = self.values[ins.matrix]
-        if not isinstance(x, Gauss | Mapped | Product):
+        if not isinstance(x, RANDOM):
             raise self.refuse(ins, "the vector is not random")
         info = self.program.parameters[matrix.target]
         abcd = self.setup.chosen[matrix.target]
@@ -487,11 +516,15 @@ class ExactInterpreter(Interpreter):
         s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
         shape = _layout_shape(x)
         out_axis = width_axes(ins.layout)[0]
+        same_offset = self._same_offset(ins, info.layout, shape, x.axis)
 
         def mapped(gram: torch.Tensor) -> torch.Tensor:
-            factor = _unflat(_factor(gram), shape, x.axis)
-            eye = torch.eye(factor.shape[x.axis], dtype=self.dtype, device=self.device)
-            return torch.einsum(ins.equation, eye, factor)
+            factor = _unflat(_factor(gram * same_offset), shape, x.axis)
+            columns = factor.shape[x.axis]
+            eye = torch.eye(columns, dtype=self.dtype, device=self.device)
+            unit = eye.reshape(columns, columns, *[1] * (len(info.layout) - 2)).expand(
+                *[columns if isinstance(a, Width) else a for a in info.layout])
+            return torch.einsum(ins.equation, unit, factor)
 
         M = second_moment(x)
         new = mapped(s2 * n_in * M)
@@ -504,6 +537,26 @@ class ExactInterpreter(Interpreter):
         for param, gram in tangent_grams(x).items():
             tangent[(param, ins.name)] = mapped(s2 * n_in * gram)
         return Gauss(mean, coef, tangent, out_axis)
+
+    def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+        """``[F, F]``: 1 where two fixed entries of the vector meet the same matrix. A matrix with fixed axes
+        (a convolution's kernel offsets) is one independent matrix per offset, batched over the vector's axes
+        of the same letters: entries at different offsets are multiplied by independent matrices."""
+        specs, _ = ins.equation.split("->")
+        m_spec, x_spec = specs.split(",")
+        offsets = [m_spec[i] for i, a in enumerate(layout) if not isinstance(a, Width)]
+        F = math.prod(s for i, s in enumerate(shape) if i != axis)
+        if not offsets:
+            return torch.ones(F, F, dtype=self.dtype, device=self.device)
+        if any(letter not in x_spec for letter in offsets):
+            raise self.refuse(ins, "a matrix with fixed axes that do not batch the vector")
+        fixed = [i for i in range(len(shape)) if i != axis]
+        grids = torch.meshgrid(*[torch.arange(shape[i], device=self.device) for i in fixed], indexing="ij")
+        key = torch.zeros(F, dtype=torch.long, device=self.device)
+        for letter in offsets:
+            position = fixed.index(x_spec.index(letter))
+            key = key * shape[fixed[position]] + grids[position].reshape(-1)
+        return (key[:, None] == key[None, :]).to(self.dtype)
 
     def avg(self, ins: Avg) -> torch.Tensor:
         u = self.values[ins.vector]
@@ -530,7 +583,7 @@ class ExactInterpreter(Interpreter):
             raise self.refuse(ins, f"its function does not apply to the laws' tensors ({error})") from None
 
     def _law(self, ins: Nonlin) -> Any:
-        names = [n for n in ins.inputs if isinstance(self.values[n], Gauss | Mapped | Product)]
+        names = [n for n in ins.inputs if isinstance(self.values[n], RANDOM)]
         if not names:
             return self._apply(ins, self.values)
         law = ins.gaussian or self._probe(ins, names)
@@ -540,9 +593,11 @@ class ExactInterpreter(Interpreter):
         kind = law[0] if law else None
         values = [self.values[n] for n in names]
         if kind == "affine" or (kind == "multilinear" and len(names) == 1):
-            if not all(isinstance(v, Gauss) for v in values):
-                raise self.refuse(ins, "an affine function of a non-Gaussian vector")
-            return self._affine(ins, names, out_axis)
+            if all(isinstance(v, Gauss) for v in values):
+                return self._affine(ins, names, out_axis)
+            if len(names) == 1:
+                return self._linear(ins, names[0], out_axis)
+            raise self.refuse(ins, "an affine function of several vectors, not all Gaussian")
         if kind == "multilinear" and len(names) == 2:
             return self._product(ins, names, out_axis)
         if kind in ("arc-cosine", "error function", "quadrature") and len(names) == 1:
@@ -555,9 +610,16 @@ class ExactInterpreter(Interpreter):
 
     # -- helpers ----------------------------------------------------------------------------------
     def _apply(self, ins: Nonlin, values: Mapping[str, Any]) -> Any:
-        args = substitute(ins.args, values, self.n)
-        kwargs = substitute(dict(ins.kwargs), values, self.n)
-        return ins.fn(*args, **kwargs)
+        """``ins.fn`` on ``values``. Width-dependent sizes (a reshape to ``[B, n, H, W]``) take the size of the
+        width axis of the tensors given (sources, factor columns); width-dependent constants are at ``n``."""
+        columns = None
+        for name in ins.inputs:
+            value, axes = values.get(name), width_axes(self.program[name].layout)
+            if torch.is_tensor(value) and axes and value.ndim == len(self.program[name].layout):
+                columns = value.shape[axes[0]] / self.program[name].layout[axes[0]].ratio
+                break
+        args, kwargs = _sizes(ins.args, columns), _sizes(dict(ins.kwargs), columns)
+        return ins.fn(*substitute(args, values, self.n), **substitute(kwargs, values, self.n))
 
     def _bound(self, ins: Nonlin, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(t: torch.Tensor) -> torch.Tensor:
@@ -579,6 +641,17 @@ class ExactInterpreter(Interpreter):
                     parts[n] = t if t is not None else _pad(v.mean.new_zeros(v.mean.shape), v.axis, cols) * 0
                 tangent[key] = self._linear_part(ins, parts)
         return Gauss(mean, coef, tangent, axis)
+
+    def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
+        probe = self._apply(ins, {**self.values, name: torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype,
+                                                                  device=self.device)})
+        if bool(torch.as_tensor(probe).abs().max() > 0):
+            raise self.refuse(ins, "an affine function with a constant part of a non-Gaussian vector")
+
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return self._apply(ins, {**self.values, name: t})
+        shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
+        return Linear(fn, self.values[name], axis, shape, ins.differentiable)
 
     def _linear_part(self, ins: Nonlin, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         zeros = {n: torch.zeros_like(t) for n, t in parts.items()}
@@ -607,7 +680,7 @@ class ExactInterpreter(Interpreter):
 
         def run(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
             rest = {k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v)
-                    for k, v in self.values.items() if not isinstance(v, Gauss | Mapped | Product | Parameter)}
+                    for k, v in self.values.items() if not isinstance(v, (*RANDOM, Parameter))}
             return torch.as_tensor(self._apply(ins, {**rest, **parts}), dtype=torch.float64)
 
         def affine(moving: list[str]) -> bool:
@@ -634,6 +707,23 @@ class ExactInterpreter(Interpreter):
         if all(affine([n]) for n in names) and all(vanishes(n) for n in names):
             return ("multilinear", None)
         return None
+
+
+def _sizes(args: Any, columns: float | None) -> Any:
+    """``args`` with every width-dependent size (:class:`WidthInt`) replaced by its value when the width axis
+    holds ``columns`` entries (unchanged when ``columns`` is None)."""
+    if columns is None:
+        return args
+    if isinstance(args, WidthInt):
+        size = args.ratio * Fraction(columns).limit_denominator(2**20)
+        if size.denominator != 1:
+            raise ValueError(f"a width-dependent size {args} of {columns} columns is not whole")
+        return int(size)
+    if isinstance(args, list | tuple):
+        return type(args)(_sizes(a, columns) for a in args)
+    if isinstance(args, dict):
+        return {k: _sizes(v, columns) for k, v in args.items()}
+    return args
 
 
 def _first_arg_is(ins: Nonlin, name: str) -> bool:
