@@ -143,3 +143,29 @@ def test_exact_path_refuses_what_it_cannot_integrate_and_auto_falls_back():
     assert K.path == "monte carlo" and K.se.abs().sum() > 0
     with pytest.raises(TplimitsError, match="path must be one of"):
         limit.kernel(ids, path="closed form")
+
+
+class _SmallCNN(nn.Module):
+    """A first convolution (fixed input channels), a hidden 3x3 convolution (one matrix per offset), relu,
+    global average pooling and a linear readout."""
+
+    def __init__(self, width: int, c_in: int = 2) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_small_cnn_exact_path_agrees_with_monte_carlo():
+    X = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    limit = tpl.derive(_SmallCNN, optimizer="sgd", param="NTP", example_inputs=(X.float(),))
+    for kind in ("nngp", "ntk"):
+        exact = limit.kernel(X, kind=kind)
+        assert exact.path == "exact"
+        mc = limit.kernel(X, kind=kind, path="monte carlo", particles=2**12, batches=16)
+        z = ((mc.value - exact.value) / mc.se).abs()
+        assert z.max() < 3.0, (kind, z)
