@@ -169,3 +169,21 @@ def test_small_cnn_exact_path_agrees_with_monte_carlo():
         mc = limit.kernel(X, kind=kind, path="monte carlo", particles=2**12, batches=16)
         z = ((mc.value - exact.value) / mc.se).abs()
         assert z.max() < 3.0, (kind, z)
+
+
+class _SquashedReadout(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(3, width)
+        self.readout = nn.Linear(width, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.readout(torch.relu(self.hidden(x))))
+
+
+def test_outputs_nonlinear_in_the_readout_are_not_gaussian():
+    """tanh of a Gaussian readout is not Gaussian (and tanh'' vanishes at 0, so a value test would miss it)."""
+    X = _inputs(3, d_in=3)
+    limit = tpl.derive(_SquashedReadout, optimizer="sgd", param="NTP", example_inputs=(X.float(),))
+    with pytest.raises(NotGaussian, match="nonlinear function of the averages"):
+        limit.kernel(X, path="exact")

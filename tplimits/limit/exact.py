@@ -764,23 +764,34 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
         raise NotGaussian("the outputs do not depend on any average over width or trained scalar")
     leaves = [r.leaf for r in interp.readouts.values()]
     scalars = list(interp.scalar_leaves.items())
-    rows = []
-    for j in range(f.numel()):
-        grads = torch.autograd.grad(f[j], leaves + [s for _, s in scalars], retain_graph=True, allow_unused=True)
-        rows.append([torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves + [s for _, s in scalars],
-                                                                               strict=True)])
+    jacobians = _jacobians(f, leaves, [s for _, s in scalars])
     J = f.numel()
     nngp = f.new_zeros(J, J).detach()
     ntk: dict[str, torch.Tensor] = {}
-    for i, law in enumerate(interp.readouts.values()):
-        jac = torch.stack([r[i].reshape(-1) for r in rows]).detach()  # [J, F]
+    for jac, law in zip(jacobians, interp.readouts.values(), strict=False):
         nngp = nngp + jac @ law.covariance @ jac.T
         for param, gram in law.grams.items():
             ntk[param] = ntk.get(param, 0) + jac @ gram @ jac.T
-    for k, (param, _) in enumerate(scalars):
-        g = torch.stack([r[len(leaves) + k].reshape(-1) for r in rows]).detach()
-        ntk[param] = ntk.get(param, 0) + interp._kappa(param) * (g @ g.T)
+    for jac, (param, _) in zip(jacobians[len(leaves):], scalars, strict=True):
+        ntk[param] = ntk.get(param, 0) + interp._kappa(param) * (jac @ jac.T)
     return ExactKernels(nngp, ntk, tuple(outputs[0].shape[1:]))
+
+
+def _jacobians(f: torch.Tensor, readouts: list[torch.Tensor], scalars: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``∂f/∂leaf`` as ``[J, leaf entries]`` for every leaf; the outputs must be affine in the readouts (a
+    nonlinear function of a Gaussian readout is not Gaussian: its covariance is not ``J Σ Jᵀ``)."""
+    leaves = readouts + scalars
+    rows = []
+    for j in range(f.numel()):
+        grads = torch.autograd.grad(f[j], leaves, retain_graph=True, allow_unused=True, create_graph=True)
+        for g in grads[: len(readouts)]:
+            if g is not None and g.requires_grad:
+                second = torch.autograd.grad(g.sum(), readouts, retain_graph=True, allow_unused=True)
+                if any(s is not None for s in second):  # connected, even if zero here (an odd function at 0)
+                    raise NotGaussian("the outputs are a nonlinear function of the averages over width; their law "
+                                      "at initialization is not Gaussian")
+        rows.append([torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, leaves, strict=True)])
+    return [torch.stack([r[i].reshape(-1) for r in rows]) for i in range(len(leaves))]
 
 
 EXACT_WIDTHS = (2**10, 2**20)
