@@ -80,15 +80,29 @@ class NotGaussian(TplimitsError):
 
 
 @attrs.define
+class Metrics:
+    """The covariances of the Gaussian source families (``(start, size, block)``: the sources ``start ..
+    start + size`` have covariance ``block``; ``None`` for the identity) and of the tangent channels (the
+    same per channel). Families are independent; a matrix product's family is ``n_in·s²·E[x xᵀ]`` over the
+    vector's entries, so no value needs a square root of a covariance (only a readout factors its small side)."""
+
+    sources: list[tuple[int, int, torch.Tensor | None]] = attrs.field(factory=list)  # start, size, covariance
+    channels: dict[tuple[str, str], torch.Tensor | None] = attrs.field(factory=dict)
+
+
+@attrs.define
 class Gauss:
     """A Gaussian vector: ``mean`` (its layout, width axis of size 1) plus ``coef`` (the width axis holds the
-    sources) applied to independent standard Gaussians; ``tangent`` maps a channel (parameter, origin) to a
-    deterministic factor of its Gram (the width axis holds the factor's columns)."""
+    sources) applied to the source families of ``metrics``; ``tangent`` maps a channel (parameter, origin) to
+    the map from the channel's space to the value's entries (the width axis holds the channel's space), its
+    Gram ``T·metric·Tᵀ``."""
 
     mean: torch.Tensor
     coef: torch.Tensor
     tangent: dict[tuple[str, str], torch.Tensor]
     axis: int
+    metrics: Metrics
+    cache: dict[str, Any] = attrs.field(factory=dict, repr=False)  # its covariance and Grams, computed once
 
 
 @attrs.define
@@ -190,16 +204,37 @@ def mean_of(value: Random) -> torch.Tensor:
         return _fixed_flat(value.mean, value.axis)[:, 0]
     if isinstance(value, Mapped):
         g = value.arg
-        mu, S = mean_of(g), _covariance(g)
-        return law_mean(value.law, value.fn, mu, S.diagonal())
+        return law_mean(value.law, value.fn, mean_of(g), _covariance(g).diagonal())
     if isinstance(value, Linear):
-        return _linear_flat(value, mean_of(value.arg)[:, None])[:, 0]
-    return _product_flat(value, mean_of(value.x)[:, None], mean_of(value.y)[:, None])[:, 0]
+        return _fixed_flat(value.fn(_unflat(mean_of(value.arg)[:, None], _layout_shape(value.arg),
+                                            value.arg.axis)), value.axis)[:, 0]
+    x = _unflat(mean_of(value.x)[:, None], _layout_shape(value.x), value.x.axis)
+    y = _unflat(mean_of(value.y)[:, None], _layout_shape(value.y), value.y.axis)
+    return _fixed_flat(value.fn(x, y), value.axis)[:, 0]
+
+
+def _metric_gram(T: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
+    """``T metric Tᵀ`` (``T Tᵀ`` for the identity metric); a matrix product's own families have ``T = I``."""
+    if metric is None:
+        return T @ T.T
+    if T.shape[0] == T.shape[1] and bool((T == torch.eye(T.shape[0], dtype=T.dtype, device=T.device)).all()):
+        return metric
+    return T @ metric @ T.T
 
 
 def _covariance(g: Gauss) -> torch.Tensor:
+    if "covariance" not in g.cache:
+        g.cache["covariance"] = _covariance_of(g)
+    return g.cache["covariance"]
+
+
+def _covariance_of(g: Gauss) -> torch.Tensor:
     C = _fixed_flat(g.coef, g.axis)
-    return C @ C.T
+    S = C.new_zeros(C.shape[0], C.shape[0])
+    for start, size, block in g.metrics.sources:
+        if start < C.shape[1]:
+            S = S + _metric_gram(C[:, start: start + size], block)
+    return S
 
 
 def second_moment(value: Random) -> torch.Tensor:
@@ -211,27 +246,38 @@ def second_moment(value: Random) -> torch.Tensor:
         g = value.arg
         return law_moment(value.law, value.fn, mean_of(g), _covariance(g))
     if isinstance(value, Linear):
-        Phi = _linear_flat(value, _uncentered_factor(value.arg))
-        return Phi @ Phi.T
-    Phi = _product_flat(value, _uncentered_factor(value.x), _uncentered_factor(value.y))
-    return Phi @ Phi.T
+        return _sandwich(value.fn, second_moment(value.arg), value.arg, value.axis)
+    return _bilinear(value, second_moment(value.x), second_moment(value.y))
 
 
-def _uncentered_factor(value: Random) -> torch.Tensor:
-    return _factor(second_moment(value))
+def _sandwich(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor, arg: Random, axis: int) -> torch.Tensor:
+    """``L M Lᵀ`` for the linear map ``L = fn`` from ``arg``'s entries to the result's (width axis ``axis``):
+    ``fn`` on the columns of ``M``, then on the columns of the transpose."""
+    shape = _layout_shape(arg)
+    half = _fixed_flat(fn(_unflat(M, shape, arg.axis)), axis)
+    return _fixed_flat(fn(_unflat(half.T.contiguous(), shape, arg.axis)), axis)
 
 
-def _product_flat(value: Product, fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
-    """``fn`` on every pair of columns of the flat factors ``fx [Fx, K]`` and ``fy [Fy, L]``: ``[F, K·L]``."""
-    K, L = fx.shape[1], fy.shape[1]
-    x = _unflat(fx.repeat_interleave(L, dim=1), _layout_shape(value.x), value.x.axis)
-    y = _unflat(fy.repeat(1, K), _layout_shape(value.y), value.y.axis)
-    return _fixed_flat(value.fn(x, y), value.axis)
+def _bilinear(value: Product, Mx: torch.Tensor, My: torch.Tensor) -> torch.Tensor:
+    """``E[fn(x, y)(a) fn(x, y)(b)]`` for independent x, y with second moments (or Grams) ``Mx``, ``My``: the
+    side with fewer entries is factored, ``Σ_l L_l M L_lᵀ`` over its factor's columns on the other side."""
+    x_small = Mx.shape[0] < My.shape[0]
+    small, big, big_value, small_value = (Mx, My, value.y, value.x) if x_small else (My, Mx, value.x, value.y)
+    factor = _factor(small)
+    columns = big.shape[0]
+    total = None
+    for column in range(factor.shape[1]):
+        fixed = _unflat(factor[:, column: column + 1], _layout_shape(small_value), small_value.axis)
+        fixed = fixed.expand(*[columns if i == small_value.axis else s for i, s in enumerate(fixed.shape)])
 
-
-def _linear_flat(value: Linear, f: torch.Tensor) -> torch.Tensor:
-    """``fn`` on the columns of the flat factor ``f [F_arg, K]``: ``[F, K]``."""
-    return _fixed_flat(value.fn(_unflat(f, _layout_shape(value.arg), value.arg.axis)), value.axis)
+        def fn(t: torch.Tensor, fixed: torch.Tensor = fixed) -> torch.Tensor:
+            if t.shape[big_value.axis] != fixed.shape[small_value.axis]:
+                fixed = fixed.narrow(small_value.axis, 0, 1).expand(
+                    *[t.shape[big_value.axis] if i == small_value.axis else s for i, s in enumerate(fixed.shape)])
+            return value.fn(fixed, t) if x_small else value.fn(t, fixed)
+        part = _sandwich(fn, big, big_value, value.axis)
+        total = part if total is None else total + part
+    return total if total is not None else Mx.new_zeros(1, 1)
 
 
 def _layout_shape(value: Random) -> tuple[int, ...]:
@@ -252,7 +298,10 @@ def tangent_grams(value: Random) -> dict[str, torch.Tensor]:
 
 def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
     if isinstance(value, Gauss):
-        return {key: (lambda T: T @ T.T)(_fixed_flat(T, value.axis)) for key, T in value.tangent.items()}
+        if "grams" not in value.cache:
+            value.cache["grams"] = {key: _metric_gram(_fixed_flat(T, value.axis), value.metrics.channels.get(key))
+                                    for key, T in value.tangent.items()}
+        return value.cache["grams"]
     if not value.differentiable:
         return {}
     if isinstance(value, Mapped):
@@ -260,15 +309,14 @@ def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
         weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g))
         return {key: weight * gram for key, gram in _channel_grams(g).items()}
     if isinstance(value, Linear):
-        return {key: (lambda P: P @ P.T)(_linear_flat(value, _factor(gram)))
+        return {key: _sandwich(value.fn, gram, value.arg, value.axis)
                 for key, gram in _channel_grams(value.arg).items()}
     grams = {}
-    for own, other, first in ((value.x, value.y, True), (value.y, value.x, False)):
-        other_factor = _uncentered_factor(other)
-        for key, gram in _channel_grams(own).items():
-            f = _factor(gram)
-            Phi = _product_flat(value, f, other_factor) if first else _product_flat(value, other_factor, f)
-            grams[key] = Phi @ Phi.T
+    Mx, My = second_moment(value.x), second_moment(value.y)
+    for key, gram in _channel_grams(value.x).items():
+        grams[key] = _bilinear(value, gram, My)
+    for key, gram in _channel_grams(value.y).items():
+        grams[key] = _bilinear(value, Mx, gram)
     return grams
 
 
@@ -417,10 +465,12 @@ class ReadoutLaw:
 class ExactInterpreter(Interpreter):
     """The forward program on Gaussian laws at width ``n`` (see the module docstring)."""
 
-    def __init__(self, setup: Any, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, setup: Any, n: int, dtype: torch.dtype, device: torch.device, tangents: bool = True) -> None:
         super().__init__(setup.program)
         self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
         self.sources = 0
+        self.metrics = Metrics()
+        self.tangents = tangents  # False: the NNGP alone, no tangent is carried
         self.readouts: dict[str, ReadoutLaw] = {}
         self.scalar_leaves: dict[str, torch.Tensor] = {}
         groups = parameter_groups(dict.fromkeys(setup.chosen), setup.program, setup.param, setup.chosen, n, 0.0)
@@ -436,9 +486,10 @@ class ExactInterpreter(Interpreter):
                            f"{', ' + ins.origin.describe() if ins.origin.describe() else ''}): {why}", ins.name)
 
     # -- sources ------------------------------------------------------------------------------
-    def _new_sources(self, count: int) -> int:
+    def _new_sources(self, count: int, covariance: torch.Tensor | None) -> int:
         start = self.sources
         self.sources += count
+        self.metrics.sources.append((start, count, covariance))
         return start
 
     def _kappa(self, name: str) -> float:
@@ -488,7 +539,7 @@ class ExactInterpreter(Interpreter):
             coef = torch.zeros(shape, dtype=self.dtype, device=self.device)
         elif init.kind == "random" and abcd is not None:
             std = init_std(info, abcd, self.n) * mult
-            start = self._new_sources(F)
+            start = self._new_sources(F, None)
             eye = torch.eye(F, dtype=self.dtype, device=self.device) * std
             flat = torch.cat([torch.zeros(F, start, dtype=self.dtype, device=self.device), eye], dim=1)
             coef = _unflat(flat, shape, axis)
@@ -496,10 +547,10 @@ class ExactInterpreter(Interpreter):
         else:
             raise self.refuse(ins, f"a vector initialized as {init.kind}")
         tangent = {}
-        if abcd is not None:
+        if abcd is not None and self.tangents:
             own = torch.eye(F, dtype=self.dtype, device=self.device) * math.sqrt(self._kappa(ins.target))
             tangent[(ins.target, ins.name)] = _unflat(own, shape, axis)
-        return Gauss(mean, coef, tangent, axis)
+        return Gauss(mean, coef, tangent, axis, self.metrics)
 
     def regroup(self, ins: Regroup) -> Any:
         raise self.refuse(ins, "regrouping width axes is not integrated exactly yet")
@@ -518,25 +569,25 @@ class ExactInterpreter(Interpreter):
         out_axis = width_axes(ins.layout)[0]
         same_offset = self._same_offset(ins, info.layout, shape, x.axis)
 
-        def mapped(gram: torch.Tensor) -> torch.Tensor:
-            factor = _unflat(_factor(gram * same_offset), shape, x.axis)
-            columns = factor.shape[x.axis]
-            eye = torch.eye(columns, dtype=self.dtype, device=self.device)
-            unit = eye.reshape(columns, columns, *[1] * (len(info.layout) - 2)).expand(
-                *[columns if isinstance(a, Width) else a for a in info.layout])
-            return torch.einsum(ins.equation, unit, factor)
-
+        columns = same_offset.shape[0]
+        eye = torch.eye(columns, dtype=self.dtype, device=self.device)
+        unit = eye.reshape(columns, columns, *[1] * (len(info.layout) - 2)).expand(
+            *[columns if isinstance(a, Width) else a for a in info.layout])
+        # every family of h (its sources, each channel) lives on x's entries: h = W x maps them one to one
+        mapped = torch.einsum(ins.equation, unit, _unflat(eye, shape, x.axis))
         M = second_moment(x)
-        new = mapped(s2 * n_in * M)
-        start = self._new_sources(new.shape[out_axis])
-        coef = torch.cat([new.new_zeros(*[start if i == out_axis else s for i, s in enumerate(new.shape)]), new],
-                         dim=out_axis)
-        mean = torch.zeros(*[1 if i == out_axis else s for i, s in enumerate(new.shape)], dtype=self.dtype,
+        start = self._new_sources(columns, s2 * n_in * M * same_offset)
+        coef = torch.cat([mapped.new_zeros(*[start if i == out_axis else s for i, s in enumerate(mapped.shape)]),
+                          mapped], dim=out_axis)
+        mean = torch.zeros(*[1 if i == out_axis else s for i, s in enumerate(mapped.shape)], dtype=self.dtype,
                            device=self.device)
-        tangent = {(matrix.target, ins.name): mapped(self._kappa(matrix.target) * n_in * M)}
-        for param, gram in tangent_grams(x).items():
-            tangent[(param, ins.name)] = mapped(s2 * n_in * gram)
-        return Gauss(mean, coef, tangent, out_axis)
+        channels = {}
+        if self.tangents:
+            channels[(matrix.target, ins.name)] = self._kappa(matrix.target) * n_in * M * same_offset
+            for param, gram in tangent_grams(x).items():
+                channels[(param, ins.name)] = s2 * n_in * gram * same_offset
+        self.metrics.channels.update(channels)
+        return Gauss(mean, coef, dict.fromkeys(channels, mapped), out_axis, self.metrics)
 
     def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor:
         """``[F, F]``: 1 where two fixed entries of the vector meet the same matrix. A matrix with fixed axes
@@ -570,7 +621,7 @@ class ExactInterpreter(Interpreter):
         if ins.keepdim:
             shape.insert(ins.axis, 1)
         leaf = torch.zeros(shape, dtype=self.dtype, device=self.device, requires_grad=True)
-        grams = {p: phi2 * g for p, g in tangent_grams(u).items()}
+        grams = {p: phi2 * g for p, g in tangent_grams(u).items()} if self.tangents else {}
         self.readouts[ins.name] = ReadoutLaw(leaf, phi2 * second_moment(u), grams)
         return leaf
 
@@ -640,7 +691,7 @@ class ExactInterpreter(Interpreter):
                     t = v.tangent.get(key)
                     parts[n] = t if t is not None else _pad(v.mean.new_zeros(v.mean.shape), v.axis, cols) * 0
                 tangent[key] = self._linear_part(ins, parts)
-        return Gauss(mean, coef, tangent, axis)
+        return Gauss(mean, coef, tangent, axis, self.metrics)
 
     def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
         probe = self._apply(ins, {**self.values, name: torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype,
@@ -750,10 +801,11 @@ class ExactKernels:
     outputs: tuple[int, ...]
 
 
-def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> ExactKernels:
+def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device,
+               tangents: bool = True) -> ExactKernels:
     """Run :class:`ExactInterpreter` on ``Z`` at width ``n``; the outputs' kernels through their Jacobian in
-    the readouts (and in the trained scalars)."""
-    interp = ExactInterpreter(setup, n, dtype, device)
+    the readouts (and in the trained scalars; ``tangents=False``: the NNGP alone)."""
+    interp = ExactInterpreter(setup, n, dtype, device, tangents)
     interp.run(Z, stop=setup.total.forward_length)
     outputs = [interp.values[name] for name in setup.program.outputs]
     for name, value in zip(setup.program.outputs, outputs, strict=True):
@@ -802,7 +854,7 @@ def exact_kernel(setup: Any, Z: torch.Tensor, kind: str, dtype: torch.dtype,
     """The limit ``n → ∞`` of the output kernel ``[J, J]`` and the outputs' shape per row. Each contribution
     is a power of ``n`` (the abcd factors and the program's width-dependent constants); taken at two widths,
     a constant one is kept, a decaying one (an output bias under NTP) vanishes, and a growing one is refused."""
-    small, large = (kernels_at(setup, Z, n, dtype, device) for n in EXACT_WIDTHS)
+    small, large = (kernels_at(setup, Z, n, dtype, device, tangents=kind == "ntk") for n in EXACT_WIDTHS)
     if kind == "nngp":
         return _limit_of("the NNGP", small.nngp, large.nngp), large.outputs
     total = None
