@@ -6,18 +6,20 @@ initialized vector parameters. :class:`ExactInterpreter` runs the forward half o
 instead of particles, at a width ``n`` that only enters through the abcd factors and the program's
 width-dependent constants:
 
-* a **Gaussian** vector is its mean and its coefficients on the independent standard Gaussian sources
-  created so far (the width axis of its layout holds the sources), so sums and affine maps of
-  Gaussians stay exact, correlations included;
+* a **Gaussian** vector is its mean and its coefficients on the independent Gaussian source families
+  created so far (the width axis of its layout holds the sources; :class:`Metrics` their covariances), so
+  sums and affine maps of Gaussians stay exact, correlations included;
 * a declared **law** of one Gaussian (``Nonlin.gaussian``: arc-cosine for relu, its powers, the step and
   sign; the error function; Gauss–Hermite quadrature for any other smooth function) has the closed-form
   moments of Cho & Saul and Williams, or two-dimensional quadrature;
 * a **product** of two independent vectors by a bilinear function (a readout ``x ⊙ v``) has its moments
-  from factors of the two second-moment matrices;
-* a **matrix product** ``h = W x`` starts new sources with covariance ``n_in·s²·E[x xᵀ]``.
+  from the two second-moment matrices (the smaller one factored);
+* a **linear map** of a non-Gaussian vector over its fixed axes (pooling, unfolding patches) has ``L M Lᵀ``;
+* a **matrix product** ``h = W x`` starts a source family with covariance ``n_in·s²·E[x xᵀ]``; a matrix
+  with fixed axes (a convolution's offsets) is one independent matrix per offset.
 
-Alongside, every vector carries its tangent: for each trained parameter and each place it entered, a
-factor of the Gram ``Σ_e κ ∂z/∂θ_e ∂z/∂θ_e`` of a coordinate (``κ = lr_scale·grad_scale·multiplier²``),
+Alongside, every vector carries its tangent: for each trained parameter and each place it entered, the
+Gram ``Σ_e κ ∂z/∂θ_e ∂z/∂θ_e`` of a coordinate (``κ = lr_scale·grad_scale·multiplier²``),
 the forward-mode recursion of the NTK (``Θ_h = κ_W n_in E[x xᵀ] + s² n_in Θ_x``, ``Θ_φ(g) = E[φ'φ']⊙Θ_g``).
 Averages over width are readouts: their fluctuation ``√n`` times the mean of ``x ⊙ v`` gives the NNGP,
 and the outputs' Jacobian in them (autograd through the scalar tail) gives the kernels of the outputs.
@@ -118,7 +120,7 @@ class Mapped:
 
 @attrs.define
 class Product:
-    """``fn(x, y)`` bilinear in two independent vectors (positions ``slots`` of its arguments)."""
+    """``fn(x, y)`` bilinear in two independent vectors."""
 
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     x: Any
