@@ -187,3 +187,28 @@ def test_outputs_nonlinear_in_the_readout_are_not_gaussian():
     limit = tpl.derive(_SquashedReadout, optimizer="sgd", param="NTP", example_inputs=(X.float(),))
     with pytest.raises(NotGaussian, match="nonlinear function of the averages"):
         limit.kernel(X, path="exact")
+
+
+class _Residual(nn.Module):
+    """h + W tanh(h): the residual sum of two independent Gaussians (quadrature inside), relu, a readout."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, width)
+        self.block = nn.Linear(width, width)
+        self.readout = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.readout(torch.relu(h + self.block(torch.tanh(h))))
+
+
+def test_residual_block_exact_path_agrees_with_monte_carlo():
+    X = _inputs(3, d_in=3)
+    limit = tpl.derive(_Residual, optimizer="sgd", param="NTP", example_inputs=(X.float(),))
+    for kind in ("nngp", "ntk"):
+        exact = limit.kernel(X, kind=kind)
+        assert exact.path == "exact"
+        mc = limit.kernel(X, kind=kind, path="monte carlo", particles=2**13, batches=16)
+        z = ((mc.value - exact.value) / mc.se).abs()
+        assert z.max() < 3.0, (kind, z)

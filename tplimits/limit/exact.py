@@ -644,6 +644,8 @@ class ExactInterpreter(Interpreter):
         if out_axis is None:
             raise self.refuse(ins, "a function of vectors that leaves the width axis")
         kind = law[0] if law else None
+        if kind in ("affine", "multilinear") and law[1] is not None and not _only_at(ins, names, law[1]):
+            raise self.refuse(ins, f"a random vector where the function is not {kind} (it is in arguments {law[1]})")
         values = [self.values[n] for n in names]
         if kind == "affine" or (kind == "multilinear" and len(names) == 1):
             if all(isinstance(v, Gauss) for v in values):
@@ -777,6 +779,13 @@ def _sizes(args: Any, columns: float | None) -> Any:
     if isinstance(args, dict):
         return {k: _sizes(v, columns) for k, v in args.items()}
     return args
+
+
+def _only_at(ins: Nonlin, names: list[str], positions: tuple[int, ...]) -> bool:
+    """Every reference to ``names`` is a positional argument at one of ``positions``."""
+    allowed = [ins.args[i] for i in positions if i < len(ins.args)]
+    everywhere = list(refs_in((ins.args, ins.kwargs)))
+    return all(everywhere.count(n) == sum(isinstance(a, Ref) and a.name == n for a in allowed) for n in names)
 
 
 def _first_arg_is(ins: Nonlin, name: str) -> bool:
