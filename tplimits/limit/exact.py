@@ -56,6 +56,7 @@ from tplimits.core.ir import (
     width_axes,
 )
 from tplimits.errors import Diverged, TplimitsError
+from tplimits.limit.runs import digest
 from tplimits.training.init import init_std, multiplier
 from tplimits.training.optim import parameter_groups
 
@@ -865,7 +866,7 @@ def exact_kernel(setup: Any, Z: torch.Tensor, kind: str, dtype: torch.dtype,
     """The limit ``n → ∞`` of the output kernel ``[J, J]`` and the outputs' shape per row. Each contribution
     is a power of ``n`` (the abcd factors and the program's width-dependent constants); taken at two widths,
     a constant one is kept, a decaying one (an output bias under NTP) vanishes, and a growing one is refused."""
-    small, large = (kernels_at(setup, Z, n, dtype, device, tangents=kind == "ntk") for n in EXACT_WIDTHS)
+    small, large = _at_both_widths(setup, Z, dtype, device, tangents=kind == "ntk")
     if kind == "nngp":
         return _limit_of("the NNGP", small.nngp, large.nngp), large.outputs
     total = None
@@ -876,13 +877,26 @@ def exact_kernel(setup: Any, Z: torch.Tensor, kind: str, dtype: torch.dtype,
     return (total if total is not None else large.nngp * 0), large.outputs
 
 
+_LAST: list = []  # the last inputs' kernels at both widths: the NNGP after the NTK of the same rows is free
+
+
+def _at_both_widths(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                    tangents: bool) -> tuple[ExactKernels, ExactKernels]:
+    key = (digest(Z), dtype, str(device))
+    if _LAST and _LAST[0] is setup and _LAST[1] == key and (_LAST[2] or not tangents):
+        return _LAST[3]
+    both = tuple(kernels_at(setup, Z, n, dtype, device, tangents) for n in EXACT_WIDTHS)
+    _LAST[:] = [setup, key, tangents, both]
+    return both
+
+
 def _limit_of(what: str, small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
     """``large`` where the two widths agree (to rounding of the dtype), zero where it decays at least like
     ``n^-1/2`` between them; a contribution that grows, or changes otherwise, has no limit here."""
     top = max(float(large.abs().max()), float(small.abs().max()), 1e-300)
     tolerance = max(1e-9, 1e4 * torch.finfo(large.dtype).eps)
     if float((large - small).abs().max()) <= tolerance * top:
-        return large
+        return large.clone()  # not the cached tensor itself
     if float(large.abs().max()) <= (EXACT_WIDTHS[0] / EXACT_WIDTHS[1]) ** 0.5 * float(small.abs().max()):
         return torch.zeros_like(large)
     raise NotGaussian(f"{what} is not a power of the width that converges (max {float(small.abs().max()):.3g} at "
