@@ -11,7 +11,8 @@ against the Monte Carlo path and against the empirical NTK of instantiated NTP n
 (torch.func: one vjp per row and one jvp per column, with each parameter's lr_scale·grad_scale), time
 and relative Frobenius gap; then the exact path at 512 inputs, and, with ``--nt-python`` (a separate
 virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2: never a dependency of
-tplimits), its analytic ``stax`` kernels on the same inputs, time and largest difference. The conversion:
+tplimits), its analytic ``stax`` kernels on the same inputs (jitted, compiled on them before timing), time
+and largest difference. The conversion:
 the first ``Dense`` in ``parameterization="standard"`` (NTP trains the first layer's N(0, 1/d) entries
 directly, so its weight term is ``x·x'`` without ``1/d``), hidden ``Dense(W_std=1, b_std=1)``, the readout
 ``Dense(W_std=1, b_std=0)`` (the output bias enters times n^-1/2 and leaves no limit term).
@@ -90,8 +91,10 @@ X, depth = np.load(sys.argv[1]), int(sys.argv[2])
 layers = [stax.Dense(1, W_std=1.0, b_std=1.0, parameterization="standard"), stax.Relu()]
 for _ in range(depth - 1):
     layers += [stax.Dense(1, W_std=1.0, b_std=1.0), stax.Relu()]
+import jax
 _, _, kernel_fn = stax.serial(*layers, stax.Dense(1, W_std=1.0, b_std=0.0))
-kernel_fn(X[:2], None, ("nngp", "ntk"))  # compile, not timed
+kernel_fn = jax.jit(kernel_fn, static_argnames="get")
+kernel_fn(X, None, ("nngp", "ntk")).ntk.block_until_ready()  # compile for these inputs, not timed
 start = time.perf_counter()
 k = kernel_fn(X, None, ("nngp", "ntk"))
 k.ntk.block_until_ready()
@@ -129,7 +132,8 @@ def kernels(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     X = torch.randn(args.rows, 10, generator=g)
     limit = tpl.derive("mlp", optimizer="sgd", param="NTP", **config)
-    limit.kernel(X, path="exact")  # lowering, not timed
+    X_big = torch.randn(args.big_rows, 10, generator=g)
+    limit.setup(X), limit.setup(X_big)  # lowering for both row counts, not timed
     start = time.perf_counter()
     exact = limit.kernel(X, path="exact")
     print(f"exact NTK, {args.rows} inputs: {time.perf_counter() - start:.3f} s (path {exact.path})")
@@ -145,7 +149,6 @@ def kernels(args: argparse.Namespace) -> None:
         K = empirical_ntk(model, opt, X)
         print(f"empirical NTK, width {args.width}, seed {seed}: {time.perf_counter() - start:.1f} s; relative gap "
               f"{_gap(K, exact.value):.4f}")
-    X_big = torch.randn(args.big_rows, 10, generator=g)
     start = time.perf_counter()
     ntk = limit.kernel(X_big, kind="ntk", path="exact").value
     nngp = limit.kernel(X_big, kind="nngp", path="exact").value  # from the same run
