@@ -65,7 +65,7 @@ KINKED = {"abs", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "clam
 QUADRATURE = ["tanh", "gelu", "silu", "softplus", "sigmoid", "mish", "elu", "selu", "celu", "sin", "cos", "atan",
               "asinh", "sinh", "cosh", "exp", "erfc"]
 GAUSSIAN = {
-    **dict.fromkeys(["add", "sub", "rsub", "neg", "clone", "contiguous", "_to_copy", "to"], ("affine", None)),
+    **dict.fromkeys(["add", "sub", "rsub", "neg", "clone", "contiguous"], ("affine", None)),
     **dict.fromkeys(["div", "true_divide", "type_as"], ("affine", (0,))),
     "mul": ("multilinear", None),
     "relu": ("arc-cosine", 1, 1.0, 0.0),
