@@ -108,15 +108,16 @@ def test_erf_mlp_matches_its_closed_form():
 
 
 def test_quadrature_matches_closed_forms():
-    """Two-dimensional Gauss–Hermite on erf and on the smooth bump erf' against their closed forms, at
-    pre-activation variances up to 1 (the accuracy falls with the variance: 1e-10 at 2 for the bump)."""
+    """The two-dimensional quadrature on erf and on the smooth bump erf' against their closed forms, at
+    pre-activation variances from 1 to 30."""
     A = _inputs(5)
-    S = A @ A.T / 8
     mu = torch.zeros(5, dtype=torch.float64)
-    closed, closed_prime = _erf_duals(S)
-    assert (law_moment(("quadrature",), torch.erf, mu, S) - closed).abs().max() < 1e-10
     bump = lambda t: 2 / math.sqrt(math.pi) * torch.exp(-t**2)  # noqa: E731
-    assert (law_moment(("quadrature",), bump, mu, S) - closed_prime).abs().max() < 1e-10
+    for scale in (0.25, 1.0, 4.0):
+        S = A @ A.T * scale
+        closed, closed_prime = _erf_duals(S)
+        assert (law_moment(("quadrature",), torch.erf, mu, S) - closed).abs().max() < 1e-12
+        assert (law_moment(("quadrature",), bump, mu, S) - closed_prime).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])

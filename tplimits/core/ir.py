@@ -271,7 +271,7 @@ class Nonlin(Instruction):
       in the arguments at ``positions`` (``None``: every argument); ``("multilinear", positions)``: affine
       in each of them separately; ``("arc-cosine", k, scale, shift)``: ``scale·max(x, 0)^k + shift`` of its
       first argument (k = 0 is the unit step); ``("error function",)``; ``("quadrature",)``: a smooth
-      function of its first argument alone, integrated by Gauss–Hermite quadrature.
+      function of its first argument alone, integrated numerically (quadrature).
     """
 
     fn: Callable = attrs.field(eq=False)

@@ -10,7 +10,7 @@ width-dependent constants:
   created so far (the width axis of its layout holds the sources; :class:`Metrics` their covariances), so
   sums and affine maps of Gaussians stay exact, correlations included;
 * a declared **law** of one Gaussian (``Nonlin.gaussian``: arc-cosine for relu, its powers, the step and
-  sign; the error function; Gauss–Hermite quadrature for any other smooth function) has the closed-form
+  sign; the error function; quadrature for any other smooth function) has the closed-form
   moments of Cho & Saul and Williams, or two-dimensional quadrature;
 * a **product** of two independent vectors by a bilinear function (a readout ``x ⊙ v``) has its moments
   from the two second-moment matrices (the smaller one factored);
