@@ -354,7 +354,8 @@ class Limit:
         and quadrature, ``se`` zero; a program it cannot integrate raises :class:`~tplimits.limit.exact.NotGaussian`
         naming the instruction), ``"monte carlo"``, particles with standard errors over ``batches`` independent
         systems of ``particles / batches`` particles, or ``"auto"``: exact where the program allows, else Monte
-        Carlo. ``Kernel.path`` says which was taken."""
+        Carlo (``particles``, ``batches``, ``seed`` and ``dots`` are the Monte Carlo path's). ``Kernel.path`` says
+        which was taken."""
         if kind not in ("ntk", "nngp"):
             raise TplimitsError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
         if path not in KERNEL_PATHS:
