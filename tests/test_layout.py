@@ -97,6 +97,8 @@ LAYERS = {
     "tplimits.training": {"tplimits.core", "tplimits.training", "tplimits.optimizers.base", "tplimits.errors"},
     "tplimits.limit": {"tplimits.core", "tplimits.training", "tplimits.limit", "tplimits.optimizers.base",
                        "tplimits.registry", "tplimits.errors"},
+    "tplimits.diagnostics": {"tplimits.core", "tplimits.training", "tplimits.optimizers.base", "tplimits.limit",
+                             "tplimits.diagnostics", "tplimits.errors"},
     "tplimits.registry": {"tplimits.core", "tplimits.training", "tplimits.optimizers.base", "tplimits.registry",
                           "tplimits.errors"},
 }
@@ -165,7 +167,7 @@ def _code_strings(path: pathlib.Path) -> list[tuple[int, str]]:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skipped]
 
 
-@pytest.mark.parametrize("package", ["core", "training", "limit", "registry"])
+@pytest.mark.parametrize("package", ["core", "training", "limit", "registry", "diagnostics"])
 def test_no_op_or_plugin_names_outside_the_plugins(package):
     """Facts about ops (smooth, which argument is a scale) and predictions of parametrizations are declared
     where they are registered; the framework never recognizes an op or a plugin by its name."""

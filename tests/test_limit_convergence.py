@@ -43,7 +43,7 @@ class GPT2Logits(torch.nn.Module):
 MLP_CASES = [(1, "gelu"), (2, "relu"), (3, "tanh")]
 
 
-@pytest.mark.parametrize("optimizer, lr, particles", [("sgd", 0.5, 2**15), ("adam", 0.02, 2**13)])
+@pytest.mark.parametrize("optimizer, lr, particles", [("sgd", 0.5, 2**15), ("adam", 0.02, 2**14)])
 @pytest.mark.parametrize("depth, activation", MLP_CASES)
 def test_mlp(depth, activation, optimizer, lr, particles):
     limit = tpl.derive("mlp", optimizer=optimizer, depth=depth, d_in=4, activation=activation)

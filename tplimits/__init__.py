@@ -11,7 +11,7 @@ The pipeline (docs/architecture.md): :mod:`tplimits.core` (trace, IR, lower, int
 a plugin author needs in :mod:`tplimits.plugin`.
 """
 
-from tplimits.api import classify, coord_check, derive, instantiate, lower, make_optimizer
+from tplimits.api import classify, coord_check, derive, diagnose, instantiate, linearize, lower, make_optimizer
 from tplimits.core.backprop import TotalProgram, total_program
 from tplimits.core.frontend import Architecture
 from tplimits.core.interpret import FiniteInterpreter, Interpreter
@@ -29,6 +29,8 @@ from tplimits.core.ir import (
     WidthPower,
 )
 from tplimits.core.program import Program
+from tplimits.diagnostics.diagnose import Diagnosis, Measure, ParamDiagnosis
+from tplimits.diagnostics.linearize import LinearizedModel
 from tplimits.errors import (
     CheckpointError,
     ConfigError,
@@ -75,16 +77,20 @@ __all__ = [
     "ConfigError",
     "Constant",
     "FiniteInterpreter",
+    "Diagnosis",
     "Diverged",
     "Input",
     "Interpreter",
     "Limit",
+    "LinearizedModel",
     "Loss",
     "LoweringError",
     "MatMul",
+    "Measure",
     "Nonlin",
     "NotRepresentable",
     "NoWidthWarning",
+    "ParamDiagnosis",
     "Parameter",
     "ParameterInfo",
     "Parametrization",
@@ -109,8 +115,10 @@ __all__ = [
     "classify",
     "coord_check",
     "derive",
+    "diagnose",
     "hookimpl",
     "instantiate",
+    "linearize",
     "list_architectures",
     "list_losses",
     "list_optimizers",

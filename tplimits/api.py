@@ -2,8 +2,9 @@
 objects the pipeline works with, here and nowhere else, then calls the pipeline:
 
 ``lower`` → :mod:`tplimits.core`; ``instantiate``, ``classify``, ``coord_check`` → :mod:`tplimits.training`;
-``derive`` → :mod:`tplimits.limit`. They share their argument order and defaults: the architecture
-first, then keyword-only ``param`` (default μP) and ``optimizer`` (default Adam).
+``derive`` → :mod:`tplimits.limit`; ``linearize``, ``diagnose`` → :mod:`tplimits.diagnostics`. They share
+their argument order and defaults: the architecture first, then keyword-only ``param`` (default μP) and
+``optimizer`` (default Adam); ``diagnose`` compares parametrizations (default NTP and μP) under SGD.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
 from tplimits.core.frontend import Architecture, ArchitectureLike, ExampleInputs, as_tuple, lower_architecture
 from tplimits.core.program import Program
+from tplimits.diagnostics.diagnose import Diagnosis, diagnose_family
+from tplimits.diagnostics.linearize import LinearizedModel
+from tplimits.diagnostics.linearize import linearize as _linearize
 from tplimits.errors import NoWidthWarning, TplimitsError, check_count, check_real
+from tplimits.limit import runs
 from tplimits.limit.limit import Limit
 from tplimits.optimizers.base import TplimitsOptimizer, UpdateRule
 from tplimits.registry import manager as registry
@@ -208,3 +214,66 @@ def make_optimizer(rule: str | UpdateRule, params: Iterable[torch.Tensor | dict[
     ``make_optimizer("adam", model.parameters(), lr=1e-3, betas=(0.9, 0.99))``.
     """
     return TplimitsOptimizer(params, registry.optimizer(rule), lr=lr, **options)
+
+
+def linearize(model: nn.Module) -> LinearizedModel:
+    """The first-order Taylor model of ``model`` in its trainable parameters around their current values, an
+    ``nn.Module`` whose parameters are the displacements; ``lin.optimizer_like(opt)`` trains it with the
+    param groups of ``opt`` (the optimizer :func:`instantiate` returned): one loop, two models.
+
+    >>> model, opt = instantiate("mlp", width=32, param="NTP", optimizer="sgd", d_in=3, d_out=1)
+    >>> lin = linearize(model)
+    >>> x = torch.randn(4, 3)
+    >>> bool(torch.allclose(lin(x), model(x)))
+    True
+    """
+    return _linearize(model)
+
+
+def diagnose(arch: Arch, X: Any, y: Any, *,
+             param: str | Parametrization | Sequence[str | Parametrization] = ("NTP", "muP"),
+             optimizer: str | UpdateRule = "sgd", widths: Sequence[int] = (64, 256, 1024), seeds: int = 2,
+             steps: int = 5, lr: float = 0.5, loss: str | Loss | Callable = "mse", example_inputs: ExampleInputs = None,
+             base: nn.Module | None = None, optimizer_options: Mapping[str, Any] | None = None, columns: int = 16,
+             limit: bool = False, progress: bool = False, **config: Any) -> Diagnosis:
+    """Lazy or rich: train ``arch`` under each parametrization of ``param`` at each width (``seeds`` runs,
+    ``steps`` full-batch steps on ``X``, ``y``) next to its linearization, and report the linearization
+    gap, kernel drift, weak correlation, feature movement and spectral ratios with their fitted width
+    exponents and a verdict (:mod:`tplimits.diagnostics.diagnose`). ``X`` is the model's one input
+    (``example_inputs`` defaults to ``(X,)``); ``columns`` is the number of NTK columns computed at once.
+    With ``limit=True``, each parametrization in the NT regime is also checked against its NT limit
+    (:meth:`Limit.check` at the same widths, seeds, steps and lr, on ``f − f₀``: under NTP ``f₀`` is a
+    random Θ(1) function the limit does not follow): the distance of the width-n trajectory to the
+    limit's, next to the linearization gap."""
+    params = [param] if isinstance(param, str | Parametrization) else param
+    if not isinstance(params, Sequence) or not params:
+        raise TplimitsError(f"param must be a parametrization or a non-empty sequence of them, got {param!r}")
+    _check_coord_check(list(params), widths, steps, lr, seeds, 0.0)
+    check_count("columns", columns, 1)
+    X, y = runs.data("X", X), runs.data("y", y)
+    if len(X) != len(y):
+        raise TplimitsError(f"X has {len(X)} rows but y has {len(y)}: one target per input")
+    resolved_params = [registry.parametrization(p) for p in params]
+    names = [p.name for p in resolved_params]
+    if len(set(names)) != len(names):
+        raise TplimitsError(f"param lists a parametrization twice: {names}")
+    rule, loss_fn = registry.optimizer(optimizer), registry.loss(loss)
+    rule.hyper(optimizer_options)
+    if rule.needs_activations:
+        raise TplimitsError(f"optimizer {rule.name!r} is driven by layer inputs; a linearized model has none. "
+                            "Diagnose a gradient-based optimizer.")
+    inputs = as_tuple(example_inputs) if example_inputs is not None else (X,)
+    fam = family(arch, inputs, base, **config)
+    report = diagnose_family(fam, (X,), y, resolved_params, rule, loss_fn, list(widths), seeds, steps, lr, columns,
+                             dict(optimizer_options or {}), progress)
+    if not limit:
+        return report
+    results = dict(report.results)
+    for p in resolved_params:
+        if results[p.name].predicted == "operator":  # the regime whose limit is the NT limit
+            nt = derive(arch, param=p, optimizer=rule, example_inputs=example_inputs, base=base,
+                        optimizer_options=optimizer_options, **config)
+            check = nt.check(X, y, widths=list(widths), seeds=max(seeds, 2), steps=steps, lr=lr, loss=loss_fn,
+                             progress=progress, center=True)
+            results[p.name] = attrs.evolve(results[p.name], limit_check=check)
+    return Diagnosis(results)

@@ -9,6 +9,7 @@ program value(s) the node stands for. The rules carry the policy; this module kn
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from tplimits.core.ir import (
     Ref,
     Regroup,
     Width,
+    WidthInt,
     WidthPower,
     format_layout,
     layout_kind,
@@ -90,10 +92,22 @@ class MatrixValue:
     param: Value
     axes: tuple[int, ...]
     scales: tuple[Any, ...] = ()
+    blocks: tuple[tuple[int, Fraction, Fraction], ...] = ()
+    """Sub-matrix views: ``(parameter axis, start, stop)`` along width axes, in units of the width n (the
+    rows ``[n, 3n)`` of a packed ``[3n, n]`` projection are ``(0, 1, 3)``)."""
 
     @property
     def layout(self) -> Layout:
-        return tuple(self.param.layout[a] for a in self.axes)
+        sizes = {axis: Width(stop - start) for axis, start, stop in self.blocks}
+        return tuple(sizes.get(a, self.param.layout[a]) for a in self.axes)
+
+    def block(self, axis: int, start: Fraction, stop: Fraction) -> MatrixValue:
+        """The sub-matrix of coordinates ``[start·n, stop·n)`` along this view's width axis ``axis``."""
+        param_axis = self.axes[axis]
+        blocks = dict((a, (lo, hi)) for a, lo, hi in self.blocks)
+        offset = blocks.get(param_axis, (Fraction(0), None))[0]
+        blocks[param_axis] = (offset + start, offset + stop)
+        return attrs.evolve(self, blocks=tuple((a, lo, hi) for a, (lo, hi) in sorted(blocks.items())))
 
     @property
     def kind(self) -> str:
@@ -245,12 +259,44 @@ class LoweringContext:
         width_param_axes = width_axes(matrix.param.layout)
         transposed = contracted[0] == width_param_axes[0]  # contracting the output (first) axis: Wᵀ x
         self._check_activation(layout)
+        vector, full_layout, narrows = self._unblock(matrix, vector, param_letters, v_letters, out, layout)
         result = self.emit(MatMul, hint=hint, matrix=matrix.param.name, vector=vector.name,
                            equation=f"{''.join(param_letters)},{v_letters}->{out}", transposed=transposed,
-                           layout=layout)
+                           layout=full_layout)
+        for axis, start, stop, full in narrows:
+            result = self._narrow(result, axis, start, stop, full)
         for scale in matrix.scales:
             result = self.nonlin(torch.ops.aten.mul.Tensor, result, scale, layout=layout)
         return result
+
+    def _unblock(self, matrix: MatrixValue, vector: Value, param_letters: list[str], v_letters: str, out: str,
+                 layout: Layout) -> tuple[Value, Layout, list[tuple]]:
+        """A sub-matrix product as a product with the whole parameter: ``W[rows] x = (W x)[rows]`` (the
+        narrowing left to the caller) and ``W[:, cols] x = W [0; x; 0]`` (the vector padded with zeros)."""
+        full_layout = list(layout)
+        narrows = []
+        for axis, start, stop in matrix.blocks:
+            full = matrix.param.layout[axis]
+            letter = param_letters[axis]
+            if letter in out:
+                position = out.index(letter)
+                full_layout[position] = full
+                narrows.append((position, start, stop, full.ratio))
+            elif letter in v_letters:
+                vector = self._pad(vector, v_letters.index(letter), start, stop, full.ratio)
+        return vector, tuple(full_layout), narrows
+
+    def _pad(self, x: Value, axis: int, start: Fraction, stop: Fraction, full: Fraction) -> Value:
+        pad = [0] * (2 * (x.ndim - axis))
+        pad[-2:] = [_width_int(start), _width_int(full - stop)]
+        layout = tuple(Width(full) if i == axis else a for i, a in enumerate(x.layout))
+        return self.regroup(torch.ops.aten.constant_pad_nd.default, x, pad, layout=layout,
+                            block=common_block(start, stop, full))
+
+    def _narrow(self, y: Value, axis: int, start: Fraction, stop: Fraction, full: Fraction) -> Value:
+        layout = tuple(Width(stop - start) if i == axis else a for i, a in enumerate(y.layout))
+        return self.regroup(torch.ops.aten.narrow.default, y, axis, _width_int(start), _width_int(stop - start),
+                            layout=layout, block=common_block(start, stop, full))
 
     def inline(self, body: Subgraph, operands: Sequence[Any]) -> tuple:
         """Lower the subgraph ``body`` of a higher-order op on ``operands``; its outputs' program values.
@@ -322,6 +368,20 @@ class LoweringContext:
             return x
 
         return convert(tuple(args)), convert(dict(kwargs))
+
+
+def _width_int(ratio: Fraction) -> WidthInt | int:
+    return WidthInt(ratio) if ratio else 0
+
+
+def common_block(*ratios: Fraction) -> Fraction:
+    """The largest width ratio of which every one of ``ratios`` is a whole multiple."""
+    block = Fraction(0)
+    for r in ratios:
+        r = Fraction(r)
+        block = Fraction(math.gcd(block.numerator * r.denominator, r.numerator * block.denominator),
+                         block.denominator * r.denominator)
+    return block
 
 
 REGISTER_HINT = (

@@ -30,6 +30,7 @@ from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
 from tplimits.core.program import Program
 from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
+from tplimits.limit import compare as fidelity
 from tplimits.limit.exact import NotGaussian, exact_kernel
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.nt import Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
@@ -277,9 +278,11 @@ class Limit:
         return run, setup
 
     def _train_system(self, setup: LimitSetup, run: _Run, b: int, current: dict | None, bar: Any,
-                      saving: tuple[str | None, int, dict], finished: list) -> dict[str, list]:
+                      saving: tuple[str | None, int, dict], finished: list,
+                      observe: Callable[[int, Any], None] | None = None) -> dict[str, list]:
         """Train independent system ``b`` (resuming from ``current``), recording outputs and kernels;
-        ``saving`` is (checkpoint path, every how many steps, the run's identity)."""
+        ``saving`` is (checkpoint path, every how many steps, the run's identity). ``observe(t, interp)`` is
+        called after each update's backward pass, with the values of the whole total program at step ``t``."""
         if setup.regime == "operator":
             return self._train_tangent_system(setup, run, b, bar)
         checkpoint, checkpoint_every, identity = saving
@@ -310,6 +313,8 @@ class Limit:
             if t < run.steps:
                 chi = run.loss.error_signal(out, run.y.to(device=out.device), run.schedule[t].to(out.device))
                 net.backward_and_update(interp, chi)
+                if observe is not None:
+                    observe(t, interp)
                 if checkpoint is not None and (t + 1) % checkpoint_every == 0:
                     _save_checkpoint(checkpoint, identity, finished, {"net": net.state_dict(), "record": record})
             del interp
@@ -464,6 +469,12 @@ class Limit:
         """Train finite-width models at ``widths`` (``seeds`` each) exactly as :meth:`train` trains the
         limit and compare; see :func:`tplimits.limit.check.check`."""
         return checking.check(self, X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, **options)
+
+    def compare(self, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] = (256, 1024), seeds: int = 8,
+                steps: int = 5, lr: float = 0.1, **options: Any) -> fidelity.FidelityReport:
+        """Train finite models and the limit side by side and find the first program value (and step) where
+        they part: the fidelity debugger, see :func:`tplimits.limit.compare.compare_values`."""
+        return fidelity.compare_values(self, X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, **options)
 
 
 def _refuse_random_sums(program: Program, param: Parametrization) -> None:

@@ -57,6 +57,43 @@ def standard_error(samples: torch.Tensor) -> torch.Tensor:
     return samples.std(dim=0, unbiased=True) / math.sqrt(samples.shape[0])
 
 
+def student_t_tail(x: float, df: float) -> float:
+    """``P(T > x)`` for Student's t with ``df`` degrees of freedom (``x >= 0``), by Simpson's rule on an
+    incomplete beta integral (torch has no ``betainc``). With ``w = df / (df + x²)`` and ``s = r²``:
+    ``P(T > x) = ½ I_w(df/2, ½)``, whose integrand ``2 r^{df-1} / √(1 - r²)`` is smooth unless ``w`` is
+    near 1; there ``½ − ½ I_{1-w}(½, df/2)`` is used, unless that difference is too small to be exact."""
+    if not (df > 0 and x >= 0):
+        raise TplimitsError(f"student_t_tail needs x >= 0 and df > 0, got x={x!r}, df={df!r}")
+    beta = math.exp(math.lgamma(df / 2) + math.lgamma(0.5) - math.lgamma(df / 2 + 0.5))
+    w = df / (df + x * x)
+    if w > 0.5:
+        tail = 0.5 - 0.5 * _simpson(lambda r: 2 * (1 - r.square()).pow(df / 2 - 1), math.sqrt(1 - w)) / beta
+        if tail > 1e-3:
+            return tail
+    return 0.5 * _simpson(lambda r: 2 * r.pow(df - 1) / (1 - r.square()).sqrt(), math.sqrt(w), 40000) / beta
+
+
+def _simpson(fn: Any, upper: float, intervals: int = 4000) -> float:
+    """``∫_0^upper fn(r) dr`` by Simpson's rule (``intervals`` even)."""
+    r = torch.linspace(0.0, upper, intervals + 1, dtype=torch.float64)
+    weights = torch.ones_like(r)
+    weights[1:-1:2], weights[2:-1:2] = 4, 2
+    return float((weights * fn(r)).sum()) * upper / (3 * intervals)
+
+
+def student_t_quantile(tail: float, df: float) -> float:
+    """The ``x >= 0`` with ``P(T > x) = tail`` for Student's t with ``df`` degrees of freedom (bisection)."""
+    if not 0 < tail < 0.5:
+        raise TplimitsError(f"student_t_quantile needs 0 < tail < 0.5, got {tail!r}")
+    low, high = 0.0, 1.0
+    while student_t_tail(high, df) > tail:
+        low, high = high, high * 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if student_t_tail(mid, df) > tail else (low, mid)
+    return (low + high) / 2
+
+
 def rms(x: torch.Tensor) -> float:
     """The root mean square of ``x`` (non-finite if an entry is; 0 for an empty tensor), in one pass."""
     return float(x.detach().double().square().mean().sqrt()) if x.numel() else 0.0

@@ -17,6 +17,7 @@ import torch
 
 from tplimits.core.ir import Layout, Width, WidthPower, fn_name, format_layout
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value, is_tensor_value
+from tplimits.core.lower import common_block as common_block  # re-exported for the shape and conv rules
 
 aten = torch.ops.aten
 

@@ -129,13 +129,17 @@ def group_norm(ctx: LoweringContext, x: Value, weight: Value | None, bias: Value
     w = vector_width_axis(ctx, x)
     if w is not None and w != 1:
         ctx.not_representable("group normalization whose channel axis is not the width axis")
-    if w is None or isinstance(groups, WidthInt):
-        if w is not None and groups.ratio != x.layout[1].ratio:
-            ctx.unsupported("group normalization with a growing number of groups of several channels each")
+    if w is None or (isinstance(groups, WidthInt) and groups.ratio == x.layout[1].ratio):
         # no width axis, or one channel per group: statistics over fixed axes only
         return ctx.nonlin(aten.group_norm.default, x, groups, weight, bias, eps, layout=x.layout)
     channel = x.layout[1]
-    grouped_layout = (x.layout[0], groups, Width(channel.ratio / groups), *x.layout[2:])
+    if isinstance(groups, WidthInt):  # groups of a fixed size: a growing number of them, like heads
+        size = channel.ratio / groups.ratio
+        if size.denominator != 1:
+            ctx.not_representable("group normalization whose groups hold a fraction of a channel")
+        grouped_layout = (x.layout[0], Width(groups.ratio), int(size), *x.layout[2:])
+    else:  # a fixed number of groups: each a block of the channel axis
+        grouped_layout = (x.layout[0], groups, Width(channel.ratio / groups), *x.layout[2:])
     block = reshape_block(ctx, x.layout, grouped_layout)
     grouped = ctx.regroup(aten.reshape.default, x, [x.layout[0], groups, -1, *x.layout[2:]], layout=grouped_layout,
                           block=block)

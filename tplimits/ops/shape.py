@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import torch
 
+from tplimits.ops.common import common_block
 from tplimits.plugin import (
     Layout,
     LoweringContext,
@@ -51,7 +52,11 @@ VIEWS = (aten.view, aten._unsafe_view, aten.view_copy)
 def reshape(ctx: LoweringContext, node: OpNode) -> Value:
     x = node.args[0]
     if isinstance(x, MatrixValue):
-        ctx.not_representable("reshaping a weight matrix")
+        if len(width_axes(node.layout)) == 2:  # its width axes cut into fixed numbers of blocks
+            ctx.unsupported("reshaping a weight matrix into blocks (view / unflatten) before its product: not "
+                            "supported yet", "Split it along its width axis with chunk / split / narrow instead: "
+                            "those lower to sub-matrices.")
+        ctx.not_representable("reshaping a weight matrix so that its width axes merge or vanish")
     fn = aten.reshape.default if node.target.overloadpacket in VIEWS else node.target
     block = reshape_block(ctx, x.layout, node.layout)
     if block is None:
@@ -87,10 +92,6 @@ def reshape_block(ctx: LoweringContext, src: Layout, dst: Layout) -> Fraction | 
     return block
 
 
-def _fraction_gcd(x: Fraction, y: Fraction) -> Fraction:
-    return Fraction(math.gcd(x.numerator * y.denominator, y.numerator * x.denominator), x.denominator * y.denominator)
-
-
 def _group_block(ctx: LoweringContext, src: list, dst: list) -> Fraction | None:
     """The block space of one reshape group (consecutive axes whose sizes multiply to the same total).
 
@@ -109,7 +110,7 @@ def _group_block(ctx: LoweringContext, src: list, dst: list) -> Fraction | None:
         ctx.not_representable("a reshape that moves part of a width axis into a fixed axis unevenly")
     if src == dst:
         return None
-    common = _fraction_gcd(src[ws[0]].ratio, dst[wd[0]].ratio)
+    common = common_block(src[ws[0]].ratio, dst[wd[0]].ratio)
     fixed = math.prod(a for a in (*src, *dst) if not isinstance(a, Width))
     for d in (d for d in range(1, fixed + 1) if fixed % d == 0):  # largest block space first
         block = common / d
@@ -245,71 +246,100 @@ def select(ctx: LoweringContext, node: OpNode) -> Value:
     return coordinatewise(ctx, node)
 
 
-def slice_(ctx: LoweringContext, node: OpNode) -> Value:
+def slice_(ctx: LoweringContext, node: OpNode) -> Any:
     x = node.args[0]
-    w = vector_width_axis(ctx, x)
     dim = node.arg(1, "dim", 0) % x.ndim
-    if w is None or dim != w:
-        return coordinatewise(ctx, node)
     start = node.arg(2, "start", None) or 0
     end = node.arg(3, "end", None)
     step = node.arg(4, "step", 1)
+    full_end = end is None or (isinstance(end, int) and end >= sys.maxsize // 2)
+    if isinstance(x, MatrixValue):
+        if step != 1 or not _block_aligned(start) or not (full_end or _block_aligned(end)):
+            ctx.not_representable("a slice of a weight matrix that is not a whole block of its width axis")
+        return _matrix_block(ctx, node, x, dim, start, node.layout[dim])
+    w = vector_width_axis(ctx, x)
+    if w is None or dim != w:
+        return coordinatewise(ctx, node)
     in_ratio = x.layout[w].ratio
     out_axis = node.layout[w]
-    full_end = end is None or (isinstance(end, int) and end >= sys.maxsize // 2)
     if step == 1 and start == 0 and (full_end or end == WidthInt(in_ratio)):
         return x  # the whole axis
-    if step != 1 or not isinstance(out_axis, Width):
+    if step != 1 or not isinstance(out_axis, Width) or not _block_aligned(start):
         ctx.not_representable("a slice of the width axis that is not a whole block of it")
-    block = out_axis.ratio
-    if not _block_aligned(start, block) or not (full_end or _block_aligned(end, block)):
-        ctx.not_representable("a slice of the width axis that is not a whole block of it")
-    if (in_ratio / block).denominator != 1:
-        ctx.not_representable("a slice of the width axis into blocks of unequal width")
+    block = common_block(_ratio(start), out_axis.ratio, in_ratio)
     return ctx.regroup(node.target, *node.args, layout=node.layout, block=block, kwargs=node.kwargs)
 
 
-def _block_aligned(position: Any, block: Fraction) -> bool:
-    if position == 0:
-        return True
-    return isinstance(position, WidthInt) and (position.ratio / block).denominator == 1
+def _block_aligned(position: Any) -> bool:
+    """Whether a position along a width axis is a whole number of width units (0 or r·n)."""
+    return position == 0 or isinstance(position, WidthInt)
 
 
-def narrow(ctx: LoweringContext, node: OpNode) -> Value:
+def _ratio(position: Any) -> Fraction:
+    return position.ratio if isinstance(position, WidthInt) else Fraction(0)
+
+
+def _matrix_block(ctx: LoweringContext, node: OpNode, m: MatrixValue, dim: int, start: Any, size: Any) -> MatrixValue:
+    """The sub-matrix of ``m`` of ``size`` coordinates from ``start`` along its axis ``dim``."""
+    if not isinstance(m.layout[dim], Width):
+        ctx.unsupported(f"{node.op_name} of a weight matrix along a fixed axis: not supported yet")
+    if not isinstance(size, Width):
+        ctx.not_representable(f"{node.op_name} of a weight matrix into pieces that are not width-sized")
+    return m.block(dim, _ratio(start), _ratio(start) + size.ratio)
+
+
+def narrow(ctx: LoweringContext, node: OpNode) -> Any:
     x = node.args[0]
-    w = vector_width_axis(ctx, x)
-    if w is None or node.arg(1, "dim") % x.ndim != w:
-        return coordinatewise(ctx, node)
+    dim = node.arg(1, "dim") % x.ndim
     start, length = node.arg(2, "start"), node.arg(3, "length")
-    out_axis = node.layout[w]
-    if (not isinstance(out_axis, Width) or not isinstance(length, WidthInt)
-            or not _block_aligned(start, out_axis.ratio)):
-        ctx.not_representable("narrowing the width axis to something that is not a whole block of it")
-    if (x.layout[w].ratio / out_axis.ratio).denominator != 1:
-        ctx.not_representable("narrowing the width axis into blocks of unequal width")
-    return ctx.regroup(node.target, *node.args, layout=node.layout, block=out_axis.ratio, kwargs=node.kwargs)
-
-
-def split(ctx: LoweringContext, node: OpNode) -> tuple[Value, ...]:
-    """split / split_with_sizes / chunk / unbind / tensor_split: one instruction per piece."""
-    x = node.args[0]
+    if isinstance(x, MatrixValue):
+        if not _block_aligned(start) or not isinstance(length, WidthInt):
+            ctx.not_representable("narrowing a weight matrix to something that is not a whole block of its width axis")
+        return _matrix_block(ctx, node, x, dim, start, node.layout[dim])
     w = vector_width_axis(ctx, x)
+    if w is None or dim != w:
+        return coordinatewise(ctx, node)
+    out_axis = node.layout[w]
+    if not isinstance(out_axis, Width) or not isinstance(length, WidthInt) or not _block_aligned(start):
+        ctx.not_representable("narrowing the width axis to something that is not a whole block of it")
+    block = common_block(_ratio(start), out_axis.ratio, x.layout[w].ratio)
+    return ctx.regroup(node.target, *node.args, layout=node.layout, block=block, kwargs=node.kwargs)
+
+
+def split(ctx: LoweringContext, node: OpNode) -> tuple[Any, ...]:
+    """split / split_with_sizes / chunk / unbind / tensor_split: one instruction per piece (a weight
+    matrix: one sub-matrix view per piece)."""
+    x = node.args[0]
     name = node.target.overloadpacket.__name__
-    default_dim = 0
-    dim = node.arg(1 if name == "unbind" else 2, "dim", default_dim) % max(x.ndim, 1)
+    dim = node.arg(1 if name == "unbind" else 2, "dim", 0) % max(x.ndim, 1)
     layouts = node.layout
+    if isinstance(x, MatrixValue):
+        if name == "unbind":
+            ctx.not_representable("unbinding a weight matrix along a width axis into single coordinates")
+        starts = _starts(layouts, dim)
+        return tuple(_matrix_block(ctx, node, x, dim, start, part[dim]) for start, part in zip(starts, layouts,
+                                                                                                strict=True))
+    w = vector_width_axis(ctx, x)
+    if w is not None and dim == w and (name == "unbind" or any(not isinstance(p[w], Width) for p in layouts)):
+        ctx.not_representable(f"{node.op_name} of the width axis into pieces that are not width-sized")
+    block = common_block(*(p[w].ratio for p in layouts)) if w is not None and dim == w else None
     pieces = []
     for i, part in enumerate(layouts):
         fn = Pick(node.target, i)
-        if w is None or dim != w:
+        if block is None:
             pieces.append(ctx.nonlin(fn, *node.args, layout=part, kwargs=node.kwargs))
-            continue
-        if name == "unbind" or not isinstance(part[w], Width):
-            ctx.not_representable(f"{node.op_name} of the width axis into pieces that are not width-sized")
-        if (x.layout[w].ratio / part[w].ratio).denominator != 1 or any(p[w] != part[w] for p in layouts):
-            ctx.unsupported(f"{node.op_name} of the width axis into pieces of unequal width")
-        pieces.append(ctx.regroup(fn, *node.args, layout=part, block=part[w].ratio, kwargs=node.kwargs))
+        else:
+            pieces.append(ctx.regroup(fn, *node.args, layout=part, block=block, kwargs=node.kwargs))
     return tuple(pieces)
+
+
+def _starts(layouts: Any, dim: int) -> list[Any]:
+    """Where each piece of a split begins along axis ``dim`` (0 or a width position)."""
+    starts, position = [], Fraction(0)
+    for part in layouts:
+        starts.append(WidthInt(position) if position else 0)
+        position += part[dim].ratio if isinstance(part[dim], Width) else 0
+    return starts
 
 
 def cat(ctx: LoweringContext, node: OpNode) -> Value:
@@ -320,9 +350,11 @@ def cat(ctx: LoweringContext, node: OpNode) -> Value:
     if not isinstance(layout[dim], Width):
         return coordinatewise(ctx, node)
     parts = [t.layout[dim] if isinstance(t, Value) else None for t in tensors]
-    if any(not isinstance(p, Width) for p in parts) or len(set(parts)) != 1:
-        ctx.unsupported("concatenating pieces of unequal width along the width axis")
-    return ctx.regroup(node.target, *node.args, layout=layout, block=parts[0].ratio, kwargs=node.kwargs)
+    if any(not isinstance(p, Width) for p in parts):
+        ctx.not_representable("concatenating a fixed-size piece to a width axis",
+                              "It gives single coordinates of the width axis a role of their own.")
+    return ctx.regroup(node.target, *node.args, layout=layout, block=common_block(*(p.ratio for p in parts)),
+                       kwargs=node.kwargs)
 
 
 def stack(ctx: LoweringContext, node: OpNode) -> Value:

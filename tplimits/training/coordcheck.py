@@ -44,6 +44,7 @@ class NodeRecord:
     change: tuple[float, ...]
     init_slope: float
     change_slope: float
+    change_by_step: tuple[tuple[float, ...], ...] = ()  # [step][width]: the change after each step
 
 
 @attrs.frozen
@@ -87,35 +88,99 @@ class CoordCheckReport:
                 lines.append(f"  spectral ‖ΔW‖/√(out/in) {matrix:<24} slope {slope:.3f}")
         return "\n".join(lines)
 
+    def plot(self, path: str) -> str:
+        """mup-style coordinate check: per parametrization (rows), the size at initialization and the change
+        after each step (columns) of every program value against width, log-log. Returns ``path``."""
+        import matplotlib
 
-def _slope(widths: Sequence[int], values: Sequence[float]) -> float:
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        reports = list(self.reports.values())
+        steps = max(len(n.change_by_step) for r in reports for n in r.nodes)
+        fig, axes = plt.subplots(len(reports), steps + 1, figsize=(3.2 * (steps + 1), 2.8 * len(reports)),
+                                 squeeze=False, sharex=True)
+        for i, rep in enumerate(reports):
+            panels = [("size at init", [n.init for n in rep.nodes])]
+            panels += [(f"change after step {t + 1}", [n.change_by_step[t] for n in rep.nodes]) for t in range(steps)]
+            for j, (title, series) in enumerate(panels):
+                ax = axes[i][j]
+                for values in series:
+                    if all(v > 0 for v in values):
+                        ax.plot(rep.widths, values, "o-", markersize=2, linewidth=0.8)
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_title(f"{rep.parametrization}: {title}", fontsize=9)
+                if i == len(reports) - 1:
+                    ax.set_xlabel("width n")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return path
+
+
+def fit_slope(widths: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
+    """The least-squares slope of ``log value`` against ``log width`` over the positive finite points (a
+    width may repeat: one point per seed), and its standard error from the residuals (NaN with fewer than
+    three points, or when the points are on one line at two widths only). ``(0, nan)`` when fewer than two
+    points are positive and all are finite (nothing moves), ``(nan, nan)`` when a value is not finite."""
     pts = [(math.log(w), math.log(v)) for w, v in zip(widths, values, strict=True) if v > 0 and math.isfinite(v)]
-    if len(pts) < 2:
-        return float("nan") if any(not math.isfinite(v) for v in values) else 0.0
+    if len({x for x, _ in pts}) < 2:
+        return (float("nan") if any(not math.isfinite(v) for v in values) else 0.0), float("nan")
     mx = sum(p[0] for p in pts) / len(pts)
     my = sum(p[1] for p in pts) / len(pts)
-    num = sum((x - mx) * (y - my) for x, y in pts)
-    den = sum((x - mx) ** 2 for x, _ in pts)
-    return num / den
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    if len(pts) < 3:
+        return slope, float("nan")
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in pts)
+    return slope, math.sqrt(residual / (len(pts) - 2) / sxx)
 
 
-def _rms(x: torch.Tensor) -> float:
+def _slope(widths: Sequence[int], values: Sequence[float]) -> float:
+    return fit_slope(widths, values)[0]
+
+
+def coordinate_size(x: torch.Tensor) -> float:
     """Coordinate size √mean(x²) over the finite entries (masked attention logits are −inf)."""
     x = x.detach().double()
     x = x[torch.isfinite(x)]
     return float(x.pow(2).mean().sqrt()) if x.numel() else 0.0
 
 
-def _recorded(ins: Any) -> bool:
+def is_recorded(ins: Any) -> bool:
+    """Whether the check records this instruction's value (every computed value, not inputs or parameters)."""
     return isinstance(ins, Nonlin | MatMul | Avg | Regroup)
 
 
-def _spectral(before: torch.Tensor, after: torch.Tensor, layout: tuple) -> float:
-    """‖ΔW‖₂ / √(fan_out / fan_in) with the matrix flattened to [fan_out, fan_in (× kernel)]."""
+def spectral_norm(matrix: torch.Tensor, iterations: int = 200, rtol: float = 1e-7) -> float:
+    """‖matrix‖₂ of a 2-D tensor: exact (LAPACK) while its smaller side is at most 256, by power iteration on
+    ``MᵀM`` from a fixed start otherwise (no SVD of a large matrix), to a relative change below ``rtol``."""
+    m = matrix.detach().double()
+    if min(m.shape) <= 256:
+        return float(torch.linalg.matrix_norm(m, ord=2))
+    v = torch.randn(m.shape[1], generator=torch.Generator().manual_seed(0), dtype=m.dtype).to(m.device)
+    sigma = 0.0
+    for _ in range(iterations):
+        u = m @ v
+        size = float(u.norm())
+        if size == 0.0:
+            return 0.0
+        w = m.T @ (u / size)
+        previous, sigma = sigma, float(w.norm())
+        v = w / sigma
+        if abs(sigma - previous) <= rtol * sigma:
+            break
+    return sigma
+
+
+def spectral_ratio(before: torch.Tensor, after: torch.Tensor, layout: tuple) -> float:
+    """‖ΔW‖₂ / √(fan_out / fan_in) with the matrix flattened to [fan_out, fan_in (× kernel)] (seed 001's
+    spectral condition: Θ(1) under μP)."""
     delta = (after - before).detach().double()
     out_axis = next(i for i, a in enumerate(layout) if isinstance(a, Width))
     delta = delta.movedim(out_axis, 0).reshape(delta.shape[out_axis], -1)
-    return float(torch.linalg.matrix_norm(delta, ord=2)) / math.sqrt(delta.shape[0] / delta.shape[1])
+    return spectral_norm(delta) / math.sqrt(delta.shape[0] / delta.shape[1])
 
 
 def coord_check_family(fam: Family, inputs: tuple, params: Sequence[Parametrization], rule: UpdateRule, loss: Loss,
@@ -132,37 +197,39 @@ def coord_check_family(fam: Family, inputs: tuple, params: Sequence[Parametrizat
 def _check_one(fam: Family, param: Parametrization, rule: UpdateRule, loss_fn: Loss, widths: list[int], steps: int,
                lr: float, seeds: int, inputs: tuple, tolerance: float) -> ParamReport:
     program = parametrized_program(fam.program, param)
-    recorded = [ins for ins in program if _recorded(ins)]
+    recorded = [ins for ins in program if is_recorded(ins)]
     matrices = [ins for ins in program if isinstance(ins, Parameter) and ins.kind == "matrix" and ins.trainable]
     sums = {key: [[0.0] * len(widths) for _ in recorded] for key in ("init", "final", "change")}
     spectral = {m.target: [0.0] * len(widths) for m in matrices}
+    by_step = [[[0.0] * len(widths) for _ in range(steps)] for _ in recorded]
     losses = [0.0] * len(widths)
     for wi, width in enumerate(widths):
         for seed in range(seeds):
             model, opt = instantiate_family(fam, width=width, param=param, rule=rule, lr=lr, seed=seed)
             target = _targets(model, inputs)
-            before = _values(program, model, inputs)
+            before = program_values(program, model, inputs)
             weights0 = {m.target: effective_state(model.model, program)[m.target].detach().clone() for m in matrices}
             loss = torch.tensor(float("nan"))
-            for _ in range(steps):
+            for t in range(steps):
                 opt.zero_grad()
                 loss = loss_fn(model(*inputs), target)
                 loss.backward()
                 opt.step()
-            after = _values(program, model, inputs)
+                after = program_values(program, model, inputs)
+                for k, ins in enumerate(recorded):
+                    by_step[k][t][wi] += coordinate_size(_change(before[ins.name], after[ins.name])) / seeds
             state = effective_state(model.model, program)
             losses[wi] += float(loss.detach()) / seeds
             for k, ins in enumerate(recorded):
-                sums["init"][k][wi] += _rms(before[ins.name]) / seeds
-                sums["final"][k][wi] += _rms(after[ins.name]) / seeds
-                finite = torch.isfinite(before[ins.name]) & torch.isfinite(after[ins.name])
-                change = torch.where(finite, after[ins.name] - before[ins.name], 0.0)
-                sums["change"][k][wi] += _rms(change) / seeds
+                sums["init"][k][wi] += coordinate_size(before[ins.name]) / seeds
+                sums["final"][k][wi] += coordinate_size(after[ins.name]) / seeds
+                sums["change"][k][wi] += coordinate_size(_change(before[ins.name], after[ins.name])) / seeds
             for m in matrices:
-                spectral[m.target][wi] += _spectral(weights0[m.target], state[m.target], m.layout) / seeds
+                spectral[m.target][wi] += spectral_ratio(weights0[m.target], state[m.target], m.layout) / seeds
     nodes = tuple(
         NodeRecord(ins.name, ins.kind, ins.origin.op, tuple(sums["init"][k]), tuple(sums["final"][k]),
-                   tuple(sums["change"][k]), _slope(widths, sums["init"][k]), _slope(widths, sums["change"][k]))
+                   tuple(sums["change"][k]), _slope(widths, sums["init"][k]), _slope(widths, sums["change"][k]),
+                   tuple(tuple(step) for step in by_step[k]))
         for k, ins in enumerate(recorded)
     )
     spec = {name: (tuple(values), _slope(widths, values)) for name, values in spectral.items()}
@@ -172,13 +239,20 @@ def _check_one(fam: Family, param: Parametrization, rule: UpdateRule, loss_fn: L
                        _verdict(predicted, hidden, nodes, tolerance), hidden, tuple(program.outputs))
 
 
+def _change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``after − before`` where both are finite (masked attention logits stay −inf), 0 elsewhere."""
+    finite = torch.isfinite(before) & torch.isfinite(after)
+    return torch.where(finite, after - before, 0.0)
+
+
 def _targets(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
     with torch.no_grad():
         out = model(*inputs)
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(1234), dtype=out.dtype)
 
 
-def _values(program: Any, model: Any, inputs: tuple) -> dict[str, torch.Tensor]:
+def program_values(program: Any, model: Any, inputs: tuple) -> dict[str, torch.Tensor]:
+    """Every value of ``program`` (a parametrized program) replayed with ``model``'s effective parameters."""
     interp = FiniteInterpreter.from_model(program, model.model)
     with torch.no_grad():
         interp.run(*inputs)

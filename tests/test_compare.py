@@ -1,0 +1,78 @@
+"""``Limit.compare``, the fidelity debugger: it names the first program value where the limit and finite
+training part, and nothing when they agree. The fault is injected into a copy of the limit's setup (the
+finite models are untouched); the expected answer is where the fault was put, never something the engine
+computed."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+
+import tplimits as tpl
+from tplimits.limit.compare import summaries, watched_values
+from tplimits.limit.mu import ParticleNetwork
+
+SIZES = dict(widths=[256, 1024], seeds=8, steps=3, lr=2.0, particles=2**13, batches=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    return tpl.derive("mlp", optimizer="sgd", param="muP", depth=3, d_in=6), X, y
+
+
+def test_a_reversed_matrix_update_is_named_first(mlp):
+    """The hidden matrix layers.1.weight moves against its gradient in the limit (its learning-rate constant
+    set to -1, a sign error of the kind a wrong update rule makes): the first departure is the value that
+    matrix computes, %linear_1_1, at step 1 — the first forward pass after the first update — with the user's
+    source line."""
+    limit, X, y = mlp
+    setup = limit.setup(X)
+    chosen = dict(setup.chosen)
+    chosen["layers.1.weight"] = attrs.evolve(chosen["layers.1.weight"], c_const=-1.0)
+    report = limit.compare(X, y, setup=attrs.evolve(setup, chosen=chosen), **SIZES)
+    first = report.first
+    assert first is not None, report.format()
+    uses = [ins.name for ins in setup.program.instructions
+            if getattr(ins, "matrix", None) in {p.name for p in setup.program.instructions
+                                                 if getattr(p, "target", None) == "layers.1.weight"}]
+    assert first.value.name == uses[0] and first.step == 1, report.format()
+    assert "mlp.py" in first.value.source and "FIRST DEPARTURE: %" + uses[0] in report.format()
+
+
+def test_a_correct_limit_names_nothing(mlp, tmp_path):
+    limit, X, y = mlp
+    report = limit.compare(X, y, **SIZES)
+    assert report.first is None, report.format()
+    assert "no program value departs" in report.format()
+    # values whose finite size changes with width are not compared (the output bias under μP's 1/n)
+    assert not report.determined.all() and report.determined.sum() > 20
+    assert report.plot(str(tmp_path / "fidelity.png"), limit.setup(X).program).endswith(".png")
+
+
+def test_the_limits_values_are_read_like_the_finite_ones(mlp):
+    """The same function reads both sides: on particles, the kernel of a forward value is the particle mean of
+    x_a x_b over its width axis, computed here by hand."""
+    limit, X, y = mlp
+    setup = limit.setup(X)
+    net = ParticleNetwork(setup, 256, 0, torch.float64, "cpu", "stein", 0.1, 1)
+    interp = net.forward((X,))
+    watched = [w for w in watched_values(setup) if w.name == "tanh_1"]
+    (kernel,) = summaries(setup.program, watched, interp.values)
+    x = interp.values["tanh_1"]
+    torch.testing.assert_close(kernel, (x @ x.T / x.shape[1]).flatten(), rtol=1e-12, atol=0)
+
+
+def test_bad_arguments_are_named(mlp):
+    limit, X, y = mlp
+    with pytest.raises(tpl.TplimitsError, match="seeds=1"):
+        limit.compare(X, y, seeds=1)
+    with pytest.raises(tpl.TplimitsError, match="widths"):
+        limit.compare(X, y, widths=[256, 256])
+    with pytest.raises(tpl.TplimitsError, match="alpha"):
+        limit.compare(X, y, alpha=2.0)
+    ntk = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=6)
+    with pytest.raises(tpl.TplimitsError, match="operator regime"):
+        ntk.compare(X, y, widths=[64], seeds=2, steps=1, particles=256, progress=False)
