@@ -8,7 +8,8 @@
 
 Kernels: depth-3 relu MLP under NTP, d_in 10, one output, float64. The exact path (Gaussian integrals)
 against the Monte Carlo path and against the empirical NTK of instantiated NTP networks at width 4096
-(torch.func: one vjp per row and one jvp per column, with each parameter's lr_scale·grad_scale), time
+(``tplimits.diagnostics.kernels.empirical_ntk``: torch.func, a vjp and a jvp per column, with each
+parameter's lr_scale·grad_scale), time
 and relative Frobenius gap; then the exact path at 512 inputs, and, with ``--nt-python`` (a separate
 virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2: never a dependency of
 tplimits), its analytic ``stax`` kernels on the same inputs (jitted, compiled on them before timing), time
@@ -35,6 +36,7 @@ import time
 import torch
 
 import tplimits as tpl
+from tplimits.diagnostics.kernels import empirical_ntk as weighted_ntk
 
 
 def protocol(args: argparse.Namespace) -> None:
@@ -105,21 +107,13 @@ print(seconds)
 
 
 def empirical_ntk(model: torch.nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor) -> torch.Tensor:
-    """``Σ_θ lr_scale·grad_scale·∂f/∂θ ∂f/∂θ`` of one finite network by torch.func: per row b the gradient of
-    ``f(x_b)`` (a vjp on that row), scaled by each parameter's rate, then one jvp over all rows gives column b."""
+    """``Σ_θ lr_scale·grad_scale·∂f/∂θ ∂f/∂θ`` of one finite network (``tplimits.diagnostics.kernels``: one
+    vjp and one jvp per column, by torch.func; one column at a time to hold one copy of the parameters)."""
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     ids = {id(p): name for name, p in model.named_parameters()}
     rate = {ids[id(p)]: g["lr_scale"] * g["grad_scale"] for g in opt.param_groups for p in g["params"]}
-    K = X.new_zeros(len(X), len(X))
-    for b in range(len(X)):
-        row = X[b: b + 1]
-        _, pull = torch.func.vjp(lambda ps, row=row: torch.func.functional_call(model, ps, (row,)).sum(), params)
-        (grad,) = pull(torch.ones((), dtype=X.dtype))
-        direction = {name: grad[name] * rate[name] for name in params}
-        _, column = torch.func.jvp(lambda ps: torch.func.functional_call(model, ps, (X,)).reshape(-1),
-                                   (params,), (direction,))
-        K[:, b] = column
-    return K
+    return weighted_ntk(lambda ps: torch.func.functional_call(model, ps, (X,)).reshape(-1), params,
+                        rate, columns=1)
 
 
 def _relu_ntk_diagonal(X: torch.Tensor, depth: int) -> torch.Tensor:
