@@ -3,6 +3,20 @@
     python benchmarks/bench_nt.py protocol          # limit vs finite NTP widths, PNG nt-adam-protocol.png
     python benchmarks/bench_nt.py cost              # seconds per step against the step and against copies
     python benchmarks/bench_nt.py protocol --samples 100 --widths 64 512 4096 --seeds 10 --steps 20
+    python benchmarks/bench_nt.py kernels           # exact vs Monte Carlo vs empirical NTK (torch.func)
+    python benchmarks/bench_nt.py kernels --nt-python /tmp/ntvenv/bin/python   # and neural-tangents
+
+Kernels: depth-3 relu MLP under NTP, d_in 10, one output, float64. The exact path (Gaussian integrals)
+against the Monte Carlo path and against the empirical NTK of instantiated NTP networks at width 4096
+(``tplimits.diagnostics.kernels.empirical_ntk``: torch.func, a vjp and a jvp per column, with each
+parameter's lr_scale·grad_scale), time
+and relative Frobenius gap; then the exact path at 512 inputs, and, with ``--nt-python`` (a separate
+virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2: never a dependency of
+tplimits), its analytic ``stax`` kernels on the same inputs (jitted, compiled on them before timing), time
+and largest difference. The conversion:
+the first ``Dense`` in ``parameterization="standard"`` (NTP trains the first layer's N(0, 1/d) entries
+directly, so its weight term is ``x·x'`` without ``1/d``), hidden ``Dense(W_std=1, b_std=1)``, the readout
+``Dense(W_std=1, b_std=0)`` (the output bias enters times n^-1/2 and leaves no limit term).
 
 Protocol (Tensor Programs IVb, Ch. 5; MATH.md §10): relu MLP with 4 hidden layers under NTP, inputs
 in R^10, one output, mse on random targets, Adam (lr 0.2, eps 1e-4), full batch, the initial function
@@ -14,11 +28,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import tempfile
 import time
 
 import torch
 
 import tplimits as tpl
+from tplimits.diagnostics.kernels import empirical_ntk as weighted_ntk
 
 
 def protocol(args: argparse.Namespace) -> None:
@@ -66,9 +84,108 @@ def cost(args: argparse.Namespace) -> None:
           f"expected about 1; {math.log2(particles)} = log2 of the largest count)")
 
 
+NT_REFERENCE = """
+import sys, time, numpy as np
+from jax import config
+config.update("jax_enable_x64", True)
+from neural_tangents import stax
+X, depth = np.load(sys.argv[1]), int(sys.argv[2])
+layers = [stax.Dense(1, W_std=1.0, b_std=1.0, parameterization="standard"), stax.Relu()]
+for _ in range(depth - 1):
+    layers += [stax.Dense(1, W_std=1.0, b_std=1.0), stax.Relu()]
+import jax
+_, _, kernel_fn = stax.serial(*layers, stax.Dense(1, W_std=1.0, b_std=0.0))
+kernel_fn = jax.jit(kernel_fn, static_argnames="get")
+kernel_fn(X, None, ("nngp", "ntk")).ntk.block_until_ready()  # compile for these inputs, not timed
+start = time.perf_counter()
+k = kernel_fn(X, None, ("nngp", "ntk"))
+k.ntk.block_until_ready()
+seconds = time.perf_counter() - start
+np.save(sys.argv[3], np.stack([np.asarray(k.nngp), np.asarray(k.ntk)]))
+print(seconds)
+"""
+
+
+def empirical_ntk(model: torch.nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor) -> torch.Tensor:
+    """``Σ_θ lr_scale·grad_scale·∂f/∂θ ∂f/∂θ`` of one finite network (``tplimits.diagnostics.kernels``: one
+    vjp and one jvp per column, by torch.func; one column at a time to hold one copy of the parameters)."""
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    ids = {id(p): name for name, p in model.named_parameters()}
+    rate = {ids[id(p)]: g["lr_scale"] * g["grad_scale"] for g in opt.param_groups for p in g["params"]}
+    return weighted_ntk(lambda ps: torch.func.functional_call(model, ps, (X,)).reshape(-1), params,
+                        rate, columns=1)
+
+
+def _relu_ntk_diagonal(X: torch.Tensor, depth: int) -> torch.Tensor:
+    """K(x, x) of the NTP relu MLP with unit biases: E[relu(u)²] = σ²/2 and E[relu'(u)²] = 1/2 exactly."""
+    norms = (X * X).sum(1)
+    var, ntk = norms / X.shape[1] + 1, norms + 1  # the first layer's pre-activation and its tangent
+    for _ in range(depth - 1):
+        var, ntk = var / 2 + 1, var / 2 + 1 + ntk / 2
+    return var / 2 + ntk / 2  # the readout
+
+
+def _gap(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return float(torch.linalg.norm(value - exact) / torch.linalg.norm(exact))
+
+
+def kernels(args: argparse.Namespace) -> None:
+    torch.set_default_dtype(torch.float64)
+    config = {"depth": 3, "d_in": 10, "activation": "relu"}
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(args.rows, 10, generator=g)
+    limit = tpl.derive("mlp", optimizer="sgd", param="NTP", **config)
+    X_big = torch.randn(args.big_rows, 10, generator=g)
+    limit.setup(X), limit.setup(X_big)  # lowering for both row counts, not timed
+    start = time.perf_counter()
+    exact = limit.kernel(X, path="exact")
+    print(f"exact NTK, {args.rows} inputs: {time.perf_counter() - start:.3f} s (path {exact.path})")
+    start = time.perf_counter()
+    mc = limit.kernel(X, path="monte carlo", particles=args.particles, batches=4)
+    z = ((mc.value - exact.value) / mc.se).abs()
+    print(f"Monte Carlo NTK, {args.particles} particles in 4 systems: {time.perf_counter() - start:.2f} s; relative "
+          f"gap {_gap(mc.value, exact.value):.4f}, |z| mean {float(z.mean()):.2f} max {float(z.max()):.2f}")
+    for width in args.width:
+        kernels_of_seeds = []
+        for seed in range(args.seeds):
+            model, opt = tpl.instantiate("mlp", width=width, param="NTP", optimizer="sgd", lr=0.1, seed=seed,
+                                         example_inputs=None, **config)
+            start = time.perf_counter()
+            kernels_of_seeds.append(empirical_ntk(model, opt, X))
+            print(f"empirical NTK, width {width}, seed {seed}: {time.perf_counter() - start:.1f} s; relative gap "
+                  f"{_gap(kernels_of_seeds[-1], exact.value):.4f}")
+        if len(kernels_of_seeds) > 1:
+            print(f"  width {width}: gap of the seed-averaged kernel "
+                  f"{_gap(torch.stack(kernels_of_seeds).mean(0), exact.value):.4f}")
+    start = time.perf_counter()
+    ntk = limit.kernel(X_big, kind="ntk", path="exact").value
+    nngp = limit.kernel(X_big, kind="nngp", path="exact").value  # from the same run
+    ours = time.perf_counter() - start
+    print(f"exact NNGP and NTK, {args.big_rows} inputs: {ours:.2f} s")
+    if args.nt_python:
+        with tempfile.TemporaryDirectory() as tmp:
+            inputs, out = os.path.join(tmp, "X.npy"), os.path.join(tmp, "K.npy")
+            import numpy as np  # only to hand the inputs to the other environment
+
+            np.save(inputs, X_big.numpy())
+            done = subprocess.run([args.nt_python, "-c", NT_REFERENCE, inputs, str(config["depth"]), out],
+                                  capture_output=True, text=True, check=True)
+            theirs = float(done.stdout.strip().splitlines()[-1])
+            reference = torch.from_numpy(np.load(out))
+        off = ~torch.eye(args.big_rows, dtype=torch.bool)
+        gaps = [(k - r).abs() for k, r in ((nngp, reference[0]), (ntk, reference[1]))]
+        print(f"neural-tangents stax, {args.big_rows} inputs: {theirs:.2f} s; largest difference off the diagonal "
+              f"NNGP {float(gaps[0][off].max()):.2e}, NTK {float(gaps[1][off].max()):.2e}; on the diagonal NNGP "
+              f"{float(gaps[0].diagonal().max()):.2e}, NTK {float(gaps[1].diagonal().max()):.2e}")
+        # on the diagonal the relu kernels are known in closed form: E[relu'(u)²] = 1/2 exactly
+        diagonal = _relu_ntk_diagonal(X_big, config["depth"])
+        print(f"  NTK diagonal against its closed form: ours {float((ntk.diagonal() - diagonal).abs().max()):.2e}, "
+              f"neural-tangents {float((reference[1].diagonal() - diagonal).abs().max()):.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["protocol", "cost"], nargs="+")
+    parser.add_argument("what", choices=["protocol", "cost", "kernels"], nargs="+")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 512, 4096])
     parser.add_argument("--seeds", type=int, default=6)
@@ -76,9 +193,13 @@ def main() -> None:
     parser.add_argument("--particles", type=int, default=2**13)
     parser.add_argument("--copies", type=int, default=None)
     parser.add_argument("--plot", default="nt-adam-protocol.png")
+    parser.add_argument("--rows", type=int, default=32, help="kernels: inputs of the three-way comparison")
+    parser.add_argument("--width", type=int, nargs="+", default=[4096], help="kernels: widths of the empirical NTK")
+    parser.add_argument("--big-rows", type=int, default=512, help="kernels: inputs of the exact-path timing")
+    parser.add_argument("--nt-python", default=None, help="kernels: python of a venv with neural-tangents 0.6.5")
     args = parser.parse_args()
     for what in args.what:
-        {"protocol": protocol, "cost": cost}[what](args)
+        {"protocol": protocol, "cost": cost, "kernels": kernels}[what](args)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_monte_carlo_kernels_match_the_arc_cosine_recursion(bias):
     limit = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=4, activation="relu", bias=bias)
     nngp, ntk = _ntp_relu_mlp(X, 2, bias)
     for kind, expected in (("ntk", ntk), ("nngp", nngp)):
-        K = limit.kernel(X, kind=kind, particles=2**14, batches=4)
+        K = limit.kernel(X, kind=kind, particles=2**14, batches=4, path="monte carlo")
         assert K.path == "monte carlo" and K.shape == (5, 5)
         z = ((K.value - expected) / K.se).abs()
         assert z.max() < 4.0, (kind, z.max(), K.value, expected)
@@ -66,9 +66,9 @@ def test_kernel_between_two_sets_and_outputs():
     X, _ = _data(4, 3)
     X2, _ = _data(4, 2, seed=1)
     limit = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=1, d_in=4, d_out=2, activation="relu")
-    K = limit.kernel(X, X2=X2, particles=2**12, batches=2)
+    K = limit.kernel(X, X2=X2, particles=2**12, batches=2, path="monte carlo")
     assert K.shape == (3, 2, 2, 2) and torch.isfinite(K.se).all()
-    whole = limit.kernel(torch.cat([X, X2]), particles=2**12, batches=2)
+    whole = limit.kernel(torch.cat([X, X2]), particles=2**12, batches=2, path="monte carlo")
     assert torch.allclose(whole.value[:3, 3:], K.value)  # the same systems: the same numbers
 
 
@@ -216,7 +216,7 @@ def test_nt_limit_of_sgd_equals_its_kernel_closed_form():
     limit = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=3, activation="tanh")
     traj = limit.train(X, y, steps=5, lr=0.2, particles=2**9, batches=1, center=True, dots="stein",
                        progress=False)
-    K = limit.kernel(X, particles=2**9, batches=1, dots="stein")
+    K = limit.kernel(X, particles=2**9, batches=1, dots="stein", path="monte carlo")
     assert torch.allclose(traj.outputs, K.mse_outputs(y, 0.2, 5), rtol=1e-8, atol=1e-10)
 
 

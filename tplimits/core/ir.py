@@ -266,6 +266,12 @@ class Nonlin(Instruction):
     * ``differentiable``: ``False`` where the model cuts gradients (``.detach()``, the outputs of a
       ``torch.no_grad()`` region). ``fn`` is then the identity: the value, and how it depends on earlier
       values (which the limit's dots differentiate), are unchanged; only backpropagation stops here.
+    * ``gaussian``: what ``fn`` does to Gaussian arguments, for the exact kernels of the NT limit
+      (:mod:`tplimits.limit.exact`); ``None`` when undeclared. ``("affine", positions)``: jointly affine
+      in the arguments at ``positions`` (``None``: every argument); ``("multilinear", positions)``: affine
+      in each of them separately; ``("arc-cosine", k, scale, shift)``: ``scale·max(x, 0)^k + shift`` of its
+      first argument (k = 0 is the unit step); ``("error function",)``; ``("quadrature",)``: a smooth
+      function of its first argument alone, integrated numerically (quadrature).
     """
 
     fn: Callable = attrs.field(eq=False)
@@ -274,6 +280,7 @@ class Nonlin(Instruction):
     smooth: bool = True
     width_scale: str | None = attrs.field(default=None, validator=attrs.validators.in_((None, "default", "model")))
     differentiable: bool = True
+    gaussian: tuple | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from tplimits.core.program import Program
 from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
 from tplimits.limit import compare as fidelity
+from tplimits.limit.exact import NotGaussian, exact_kernel
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.nt import Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
 from tplimits.limit.runs import (
@@ -52,6 +53,7 @@ from tplimits.training.optim import rule_assignment
 from tplimits.training.parametrize import Parametrization, parameter_roles
 
 DOTS = ("auto", "autograd", "stein")
+KERNEL_PATHS = ("auto", "exact", "monte carlo")
 AUTOGRAD_MAX_COMPONENTS = 4  # autograd dots cost one backward pass per component of a matrix's input
 
 
@@ -346,15 +348,23 @@ class Limit:
 
     def kernel(self, X: torch.Tensor, kind: str = "ntk", X2: torch.Tensor | None = None, particles: int = 2**14,
                batches: int = 4, seed: int = 0, dtype: torch.dtype = torch.float64,
-               device: str | torch.device = "cpu", dots: str = "auto") -> Kernel:
+               device: str | torch.device = "cpu", dots: str = "auto", path: str = "auto") -> Kernel:
         """The NT limit's kernel at initialization between ``X`` and ``X2`` (default ``X``): ``kind="ntk"``,
         the neural tangent kernel with the parametrization's per-parameter learning-rate and gradient
         scales — one SGD step at learning rate ``lr`` of the finite models moves their outputs by
         ``−lr·K·χ`` in the limit — or ``kind="nngp"``, the covariance of the initial outputs. ``[N, N2]``
-        for one output, ``[N, N2, e, e]`` for ``e``; with Monte Carlo standard errors over ``batches``
-        independent systems of ``particles / batches`` particles."""
+        for one output, ``[N, N2, e, e]`` for ``e``.
+
+        ``path``: ``"exact"``, Gaussian integrals through the program (:mod:`tplimits.limit.exact`: closed forms
+        and quadrature, ``se`` zero; a program it cannot integrate raises :class:`~tplimits.limit.exact.NotGaussian`
+        naming the instruction), ``"monte carlo"``, particles with standard errors over ``batches`` independent
+        systems of ``particles / batches`` particles, or ``"auto"``: exact where the program allows, else Monte
+        Carlo (``particles``, ``batches``, ``seed`` and ``dots`` are the Monte Carlo path's). ``Kernel.path`` says
+        which was taken."""
         if kind not in ("ntk", "nngp"):
             raise TplimitsError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
+        if path not in KERNEL_PATHS:
+            raise TplimitsError(f"path must be one of {KERNEL_PATHS}, got {path!r}")
         _check_numbers(steps=0, lr=0.0, batch_size=None, particles=particles, batches=batches, seed=seed,
                        checkpoint_every=1)
         check_dtype_device(dtype, device)
@@ -366,6 +376,10 @@ class Limit:
                                 "limit (the μ-limit) has no fixed kernel. Kernels are the NT limit's: use NTP.")
         _check_particles(setup, particles, batches)
         dots = self._resolve_dots(dots, setup)
+        if path != "monte carlo":
+            exact = _exact_kernel(setup, X, Z, kind, dtype, torch.device(device), required=path == "exact")
+            if exact is not None:
+                return exact
         values = []
         for b in range(batches):
             system = TangentSystem(setup, particles // batches, _system_seed(seed, b), dtype, torch.device(device),
@@ -471,6 +485,24 @@ def _refuse_random_sums(program: Program, param: Parametrization) -> None:
         if abcd.a + abcd.b < 1:
             raise TplimitsError(f"the limit engines take every average over the width axis as a deterministic "
                                 f"number; {bottleneck_message(program, name, fed, abcd)}")
+
+
+def _exact_kernel(setup: LimitSetup, X: torch.Tensor, Z: torch.Tensor, kind: str, dtype: torch.dtype,
+                  device: torch.device, required: bool) -> Kernel | None:
+    """The kernel by Gaussian integrals; ``None`` where the program has an instruction they cannot integrate
+    (unless ``required``: then that instruction's :class:`NotGaussian` error)."""
+    rows = Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device)
+    try:
+        value, outputs = exact_kernel(setup, rows, kind, dtype, device)
+    except NotGaussian:
+        if required:
+            raise
+        return None
+    value = output_kernel(value, len(X), len(Z) - len(X), outputs).cpu()
+    if not bool(torch.isfinite(value).all()):
+        raise Diverged(f"the exact {kind.upper()} has non-finite entries: inputs or parameters too large for the "
+                       "dtype; use float64 or smaller inputs", value=kind)
+    return Kernel(value, torch.zeros_like(value), kind, "exact", 0, 0)
 
 
 def _memory(device: torch.device) -> int:

@@ -48,8 +48,9 @@ system up to this many (the same-population grid of the finite formula), a rando
 class Kernel:
     """A kernel of the NT limit between two sets of inputs: ``value`` ``[N, N2]`` for one output, else
     ``[N, N2, e, e]``; ``se`` its Monte Carlo standard error (NaN with one particle system); ``kind``
-    ``"ntk"`` or ``"nngp"``; ``path`` how it was computed (``"monte carlo"``: particles, with their
-    standard errors)."""
+    ``"ntk"`` or ``"nngp"``; ``path`` how it was computed: ``"monte carlo"``, particles with their standard
+    errors, or ``"exact"``, Gaussian integrals through the program (:mod:`tplimits.limit.exact`; ``se`` zero,
+    ``particles`` and ``batches`` 0)."""
 
     value: torch.Tensor
     se: torch.Tensor

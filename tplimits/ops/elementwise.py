@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 
 from tplimits.plugin import (
@@ -59,6 +60,21 @@ KINKED = {"abs", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "clam
           "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "logical_xor",
           "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor", "isnan", "isinf", "isfinite"}
 
+# What each op does to Gaussian arguments (the exact kernels of the NT limit; see ``Nonlin.gaussian``).
+# Smooth activations are integrated by quadrature; relu and sign have arc-cosine closed forms.
+QUADRATURE = ["tanh", "gelu", "silu", "softplus", "sigmoid", "mish", "elu", "selu", "celu", "sin", "cos", "atan",
+              "asinh", "sinh", "cosh", "exp", "erfc"]
+GAUSSIAN = {
+    **dict.fromkeys(["add", "sub", "rsub", "neg", "clone", "contiguous"], ("affine", None)),
+    **dict.fromkeys(["div", "true_divide", "type_as"], ("affine", (0,))),
+    "mul": ("multilinear", None),
+    "relu": ("arc-cosine", 1, 1.0, 0.0),
+    "sign": ("arc-cosine", 0, 2.0, -1.0),
+    "sgn": ("arc-cosine", 0, 2.0, -1.0),
+    "erf": ("error function",),
+    **dict.fromkeys(QUADRATURE, ("quadrature",)),
+}
+
 # Ops that return their input unchanged as far as the program is concerned.
 IDENTITIES = ["alias", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout",
               "feature_alpha_dropout", "_assert_tensor_metadata"]
@@ -78,8 +94,18 @@ def elementwise(ctx: LoweringContext, node: OpNode) -> Any:
     matrices = [a for a in tensor_args(node) if isinstance(a, MatrixValue)]
     if matrices:
         return _on_matrix(ctx, node, name, matrices[0])
-    return coordinatewise(ctx, node, _out_of_place(node.target), broadcast=True, smooth=name not in KINKED,
-                          width_scale=_width_scale(node))
+    value = coordinatewise(ctx, node, _out_of_place(node.target), broadcast=True, smooth=name not in KINKED,
+                           width_scale=_width_scale(node))
+    _declare_gaussian(ctx, value, GAUSSIAN.get(name))
+    return value
+
+
+def _declare_gaussian(ctx: LoweringContext, value: Any, law: tuple | None) -> None:
+    """Record on the Nonlin just emitted for ``value`` what its op does to Gaussian arguments (the context's
+    ``nonlin`` takes no such declaration yet, so it is set on the emitted instruction)."""
+    emitted = ctx.instructions[-1] if ctx.instructions else None
+    if law is not None and hasattr(emitted, "gaussian") and emitted.name == getattr(value, "name", None):
+        ctx.instructions[-1] = attrs.evolve(emitted, gaussian=law)
 
 
 def _width_scale(node: OpNode) -> str | None:

@@ -1,0 +1,910 @@
+"""Exact NNGP and NTK of the NT limit by Gaussian integrals, where closed forms (or quadrature) exist.
+
+At initialization every vector of a program whose matrices are each used once in the forward pass is
+a function of jointly Gaussian kets (Def 2.4.2): the outputs of the matrix products and the randomly
+initialized vector parameters. :class:`ExactInterpreter` runs the forward half of the program on laws
+instead of particles, at a width ``n`` that only enters through the abcd factors and the program's
+width-dependent constants:
+
+* a **Gaussian** vector is its mean and its coefficients on the independent Gaussian source families
+  created so far (the width axis of its layout holds the sources; :class:`Metrics` their covariances), so
+  sums and affine maps of Gaussians stay exact, correlations included;
+* a declared **law** of one Gaussian (``Nonlin.gaussian``: arc-cosine for relu, its powers, the step and
+  sign; the error function; quadrature for any other smooth function) has the closed-form
+  moments of Cho & Saul and Williams, or two-dimensional quadrature;
+* a **product** of two independent vectors by a bilinear function (a readout ``x ⊙ v``) has its moments
+  from the two second-moment matrices (the smaller one factored);
+* a **linear map** of a non-Gaussian vector over its fixed axes (pooling, unfolding patches) has ``L M Lᵀ``;
+* a **matrix product** ``h = W x`` starts a source family with covariance ``n_in·s²·E[x xᵀ]``; a matrix
+  with fixed axes (a convolution's offsets) is one independent matrix per offset.
+
+Alongside, every vector carries its tangent: for each trained parameter and each place it entered, the
+Gram ``Σ_e κ ∂z/∂θ_e ∂z/∂θ_e`` of a coordinate (``κ = lr_scale·grad_scale·multiplier²``),
+the forward-mode recursion of the NTK (``Θ_h = κ_W n_in E[x xᵀ] + s² n_in Θ_x``, ``Θ_φ(g) = E[φ'φ']⊙Θ_g``).
+Averages over width are readouts: their fluctuation ``√n`` times the mean of ``x ⊙ v`` gives the NNGP,
+and the outputs' Jacobian in them (autograd through the scalar tail) gives the kernels of the outputs.
+
+Anything else (attention, softmax, normalizations, regroupings, a matrix used twice, a nonlinear function
+of a non-Gaussian vector) raises :class:`NotGaussian` naming the instruction; ``limit.kernel(path="auto")``
+then takes the Monte Carlo path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from fractions import Fraction
+from typing import Any
+
+import attrs
+import torch
+
+from tplimits.core.interpret import Interpreter
+from tplimits.core.ir import (
+    Avg,
+    Constant,
+    Instruction,
+    MatMul,
+    Nonlin,
+    Parameter,
+    Ref,
+    Regroup,
+    Width,
+    WidthInt,
+    refs_in,
+    substitute,
+    width_axes,
+)
+from tplimits.errors import Diverged, TplimitsError
+from tplimits.limit.runs import digest
+from tplimits.training.init import init_std, multiplier
+from tplimits.training.optim import parameter_groups
+
+QUADRATURE_RANGE = 9.0
+"""The trapezoidal rule integrates over ``|z| ≤ 9`` standard deviations (the Gaussian weight beyond: 1e-18)."""
+QUADRATURE_MAX_NODES = 601
+QUADRATURE_CHUNK = 2**24
+"""Function evaluations per block of the two-dimensional quadrature (128 MiB in float64)."""
+
+PROBE_TOLERANCE = 1e-9
+
+
+class NotGaussian(TplimitsError):
+    """The exact kernel path cannot integrate an instruction of the program (``instruction`` names it)."""
+
+    def __init__(self, message: str, instruction: str = "") -> None:
+        super().__init__(message)
+        self.instruction = instruction
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class Metrics:
+    """The covariances of the Gaussian source families (``(start, size, block)``: the sources ``start ..
+    start + size`` have covariance ``block``; ``None`` for the identity) and of the tangent channels (the
+    same per channel). Families are independent; a matrix product's family is ``n_in·s²·E[x xᵀ]`` over the
+    vector's entries, so no value needs a square root of a covariance (only a readout factors its small side)."""
+
+    sources: list[tuple[int, int, torch.Tensor | None]] = attrs.field(factory=list)  # start, size, covariance
+    channels: dict[tuple[str, str], torch.Tensor | None] = attrs.field(factory=dict)
+
+
+@attrs.define
+class Gauss:
+    """A Gaussian vector: ``mean`` (its layout, width axis of size 1) plus ``coef`` (the width axis holds the
+    sources) applied to the source families of ``metrics``; ``tangent`` maps a channel (parameter, origin) to
+    the map from the channel's space to the value's entries (the width axis holds the channel's space), its
+    Gram ``T·metric·Tᵀ``."""
+
+    mean: torch.Tensor
+    coef: torch.Tensor
+    tangent: dict[tuple[str, str], torch.Tensor]
+    axis: int
+    metrics: Metrics
+    cache: dict[str, Any] = attrs.field(factory=dict, repr=False)  # its covariance and Grams, computed once
+
+
+@attrs.define
+class Mapped:
+    """``law(g)`` coordinate by coordinate for a Gaussian ``g``; ``fn`` the function on a tensor (quadrature)."""
+
+    law: tuple
+    fn: Callable[[torch.Tensor], torch.Tensor] | None
+    arg: Gauss
+    axis: int
+    differentiable: bool = True
+
+
+@attrs.define
+class Product:
+    """``fn(x, y)`` bilinear in two independent vectors."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    x: Any
+    y: Any
+    axis: int
+    shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
+    differentiable: bool = True
+
+
+@attrs.define
+class Linear:
+    """``fn(x)`` linear in one non-Gaussian vector ``x`` (pooling a nonlinearity's output, unfolding patches)."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    arg: Any
+    axis: int
+    shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
+    differentiable: bool = True
+
+
+Random = Gauss | Mapped | Product | Linear
+RANDOM = (Gauss, Mapped, Product, Linear)
+
+
+def _fixed_flat(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``[F, columns]``: the fixed entries of a layout-shaped tensor by the columns on its width axis."""
+    moved = t.movedim(axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _unflat(flat: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    """The inverse of :func:`_fixed_flat` for a layout of sizes ``shape`` (width axis entry ignored)."""
+    fixed = [s for i, s in enumerate(shape) if i != axis]
+    return flat.reshape(*fixed, flat.shape[-1]).movedim(-1, axis)
+
+
+def _factor(M: torch.Tensor) -> torch.Tensor:
+    """``Φ`` with ``Φ Φᵀ = M`` for a positive semi-definite ``M`` (negative rounding noise dropped)."""
+    if not bool(torch.isfinite(M).all()):
+        raise Diverged("the exact kernel path met non-finite second moments at initialization (inputs or "
+                       "parameters too large for the dtype); use float64 or smaller inputs", value="kernel")
+    M = (M + M.T) / 2
+    evals, evecs = torch.linalg.eigh(M)
+    return evecs * evals.clamp_min(0).sqrt()
+
+
+def _pad(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    if t.shape[axis] == size:
+        return t
+    pad = list(t.shape)
+    pad[axis] = size - t.shape[axis]
+    return torch.cat([t, t.new_zeros(pad)], dim=axis)
+
+
+def _sources(value: Random) -> set[int]:
+    """The Gaussian sources a value depends on (nonzero coefficient columns)."""
+    if isinstance(value, Gauss):
+        used = _fixed_flat(value.coef, value.axis).abs().sum(0) > 0
+        return set(torch.nonzero(used).flatten().tolist())
+    if isinstance(value, Mapped | Linear):
+        return _sources(value.arg)
+    return _sources(value.x) | _sources(value.y)
+
+
+def _channels(value: Random) -> set[tuple[str, str]]:
+    if isinstance(value, Gauss):
+        return set(value.tangent)
+    if isinstance(value, Mapped):
+        return set(value.arg.tangent) if value.differentiable else set()
+    if isinstance(value, Linear):
+        return _channels(value.arg) if value.differentiable else set()
+    return _channels(value.x) | _channels(value.y) if value.differentiable else set()
+
+
+# --------------------------------------------------------------------------------------------
+# Moments
+# --------------------------------------------------------------------------------------------
+
+
+def mean_of(value: Random) -> torch.Tensor:
+    """``E[z]`` over the fixed entries, ``[F]``."""
+    if isinstance(value, Gauss):
+        return _fixed_flat(value.mean, value.axis)[:, 0]
+    if isinstance(value, Mapped):
+        g = value.arg
+        return law_mean(value.law, value.fn, mean_of(g), _covariance(g).diagonal())
+    if isinstance(value, Linear):
+        return _fixed_flat(value.fn(_unflat(mean_of(value.arg)[:, None], _layout_shape(value.arg),
+                                            value.arg.axis)), value.axis)[:, 0]
+    x = _unflat(mean_of(value.x)[:, None], _layout_shape(value.x), value.x.axis)
+    y = _unflat(mean_of(value.y)[:, None], _layout_shape(value.y), value.y.axis)
+    return _fixed_flat(value.fn(x, y), value.axis)[:, 0]
+
+
+def _metric_gram(T: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
+    """``T metric Tᵀ`` (``T Tᵀ`` for the identity metric); a matrix product's own families have ``T = I``."""
+    if metric is None:
+        return T @ T.T
+    if T.shape[0] == T.shape[1] and bool((T == torch.eye(T.shape[0], dtype=T.dtype, device=T.device)).all()):
+        return metric
+    return T @ metric @ T.T
+
+
+def _covariance(g: Gauss) -> torch.Tensor:
+    if "covariance" not in g.cache:
+        g.cache["covariance"] = _covariance_of(g)
+    return g.cache["covariance"]
+
+
+def _covariance_of(g: Gauss) -> torch.Tensor:
+    C = _fixed_flat(g.coef, g.axis)
+    S = C.new_zeros(C.shape[0], C.shape[0])
+    for start, size, block in g.metrics.sources:
+        if start < C.shape[1]:
+            S = S + _metric_gram(C[:, start: start + size], block)
+    return S
+
+
+def second_moment(value: Random) -> torch.Tensor:
+    """``E[z(a) z(b)]`` over the fixed entries, ``[F, F]`` (not centered)."""
+    if isinstance(value, Gauss):
+        mu = mean_of(value)
+        return torch.outer(mu, mu) + _covariance(value)
+    if isinstance(value, Mapped):
+        g = value.arg
+        return law_moment(value.law, value.fn, mean_of(g), _covariance(g))
+    if isinstance(value, Linear):
+        return _sandwich(value.fn, second_moment(value.arg), value.arg, value.axis)
+    return _bilinear(value, second_moment(value.x), second_moment(value.y))
+
+
+def _sandwich(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor, arg: Random, axis: int) -> torch.Tensor:
+    """``L M Lᵀ`` for the linear map ``L = fn`` from ``arg``'s entries to the result's (width axis ``axis``):
+    ``fn`` on the columns of ``M``, then on the columns of the transpose."""
+    shape = _layout_shape(arg)
+    half = _fixed_flat(fn(_unflat(M, shape, arg.axis)), axis)
+    return _fixed_flat(fn(_unflat(half.T.contiguous(), shape, arg.axis)), axis)
+
+
+def _bilinear(value: Product, Mx: torch.Tensor, My: torch.Tensor) -> torch.Tensor:
+    """``E[fn(x, y)(a) fn(x, y)(b)]`` for independent x, y with second moments (or Grams) ``Mx``, ``My``: the
+    side with fewer entries is factored, ``Σ_l L_l M L_lᵀ`` over its factor's columns on the other side."""
+    x_small = Mx.shape[0] < My.shape[0]
+    small, big, big_value, small_value = (Mx, My, value.y, value.x) if x_small else (My, Mx, value.x, value.y)
+    factor = _factor(small)
+    columns = big.shape[0]
+    total = None
+    for column in range(factor.shape[1]):
+        fixed = _unflat(factor[:, column: column + 1], _layout_shape(small_value), small_value.axis)
+        fixed = fixed.expand(*[columns if i == small_value.axis else s for i, s in enumerate(fixed.shape)])
+
+        def fn(t: torch.Tensor, fixed: torch.Tensor = fixed) -> torch.Tensor:
+            if t.shape[big_value.axis] != fixed.shape[small_value.axis]:
+                fixed = fixed.narrow(small_value.axis, 0, 1).expand(
+                    *[t.shape[big_value.axis] if i == small_value.axis else s for i, s in enumerate(fixed.shape)])
+            return value.fn(fixed, t) if x_small else value.fn(t, fixed)
+        part = _sandwich(fn, big, big_value, value.axis)
+        total = part if total is None else total + part
+    return total if total is not None else Mx.new_zeros(1, 1)
+
+
+def _layout_shape(value: Random) -> tuple[int, ...]:
+    if isinstance(value, Gauss):
+        return tuple(value.mean.shape)
+    if isinstance(value, Mapped):
+        return tuple(value.arg.mean.shape)
+    return value.shape
+
+
+def tangent_grams(value: Random) -> dict[str, torch.Tensor]:
+    """``E Σ_θ-channel κ ⟨∂z(a)/∂θ, ∂z(b)/∂θ⟩`` per trained parameter, ``[F, F]`` each."""
+    out: dict[str, torch.Tensor] = {}
+    for (param, _), gram in _channel_grams(value).items():
+        out[param] = out[param] + gram if param in out else gram
+    return out
+
+
+def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
+    if isinstance(value, Gauss):
+        if "grams" not in value.cache:
+            value.cache["grams"] = {key: _metric_gram(_fixed_flat(T, value.axis), value.metrics.channels.get(key))
+                                    for key, T in value.tangent.items()}
+        return value.cache["grams"]
+    if not value.differentiable:
+        return {}
+    if isinstance(value, Mapped):
+        g = value.arg
+        weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g))
+        return {key: weight * gram for key, gram in _channel_grams(g).items()}
+    if isinstance(value, Linear):
+        return {key: _sandwich(value.fn, gram, value.arg, value.axis)
+                for key, gram in _channel_grams(value.arg).items()}
+    grams = {}
+    Mx, My = second_moment(value.x), second_moment(value.y)
+    for key, gram in _channel_grams(value.x).items():
+        grams[key] = _bilinear(value, gram, My)
+    for key, gram in _channel_grams(value.y).items():
+        grams[key] = _bilinear(value, Mx, gram)
+    return grams
+
+
+# --------------------------------------------------------------------------------------------
+# Laws of one Gaussian
+# --------------------------------------------------------------------------------------------
+
+
+def derivative(law: tuple) -> tuple:
+    kind = law[0]
+    if kind == "arc-cosine":
+        _, k, scale, _ = law
+        return ("zero",) if k == 0 else ("arc-cosine", k - 1, scale * k, 0.0)
+    if kind == "error function":
+        return ("bump", 2 / math.sqrt(math.pi))
+    if kind == "quadrature":
+        return ("quadrature",)
+    raise TplimitsError(f"no derivative law for {law}")  # pragma: no cover - laws above are closed
+
+
+def _derivative_fn(fn: Callable | None) -> Callable | None:
+    if fn is None:
+        return None
+
+    def grad(t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = t.detach().requires_grad_(True)
+            return torch.autograd.grad(fn(x).sum(), x)[0]
+    return grad
+
+
+def _arc_cosine_raw(k: int, S: torch.Tensor) -> torch.Tensor:
+    """``E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul)."""
+    d = S.diagonal().clamp_min(0).sqrt()
+    norms = torch.outer(d, d)
+    # θ by atan2 of (|u||v| sin θ, u·v): arccos(1 - ε) ≈ √(2ε) would lose half the digits near θ = 0
+    var = S.diagonal().clamp_min(0)
+    theta = torch.atan2((torch.outer(var, var) - S**2).clamp_min(0).sqrt(), S)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    J = {0: math.pi - theta,
+         1: sin + (math.pi - theta) * cos,
+         2: 3 * sin * cos + (math.pi - theta) * (1 + 2 * cos**2)}
+    if k not in J:
+        raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
+    value = norms**k * J[k] / (2 * math.pi)
+    if k == 0:  # a zero-variance side is 0, whose step is 0
+        value = torch.where(norms > 0, value, torch.zeros_like(value))
+    return value
+
+
+def _arc_cosine_mean(k: int, var: torch.Tensor) -> torch.Tensor:
+    """``E[max(u,0)^k]``, u ~ N(0, var)."""
+    sd = var.clamp_min(0).sqrt()
+    base = {0: 0.5, 1: 1 / math.sqrt(2 * math.pi), 2: 0.5}[k]
+    return torch.where(sd > 0, sd**k * base, torch.zeros_like(sd))
+
+
+def law_mean(law: tuple, fn: Callable | None, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``E[φ(g)]`` for g ~ N(mu, var) entrywise."""
+    kind = law[0]
+    centered = bool((mu == 0).all())
+    if kind == "arc-cosine" and centered:
+        _, k, scale, shift = law
+        return scale * _arc_cosine_mean(k, var) + shift
+    if kind == "error function" and centered:
+        return torch.zeros_like(var)
+    if kind == "bump" and centered:
+        return law[1] / torch.sqrt(1 + 2 * var)
+    if kind == "zero":
+        return torch.zeros_like(var)
+    return _quadrature_mean(_need_fn(law, fn), mu, var)
+
+
+def law_moment(law: tuple, fn: Callable | None, mu: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``E[φ(g(a)) φ(g(b))]`` for g ~ N(mu, S), ``[F, F]``."""
+    kind = law[0]
+    centered = bool((mu == 0).all())
+    if kind == "arc-cosine" and centered:
+        _, k, scale, shift = law
+        m = _arc_cosine_mean(k, S.diagonal())
+        return scale**2 * _arc_cosine_raw(k, S) + scale * shift * (m[:, None] + m[None, :]) + shift**2
+    d = 1 + 2 * S.diagonal()
+    if kind == "error function" and centered:
+        return 2 / math.pi * torch.arcsin((2 * S / torch.sqrt(torch.outer(d, d))).clamp(-1, 1))
+    if kind == "bump" and centered:
+        return law[1] ** 2 / torch.sqrt(torch.outer(d, d) - 4 * S**2)
+    if kind == "zero":
+        return torch.zeros_like(S)
+    return _quadrature_moment(_need_fn(law, fn), mu, S)
+
+
+def _need_fn(law: tuple, fn: Callable | None) -> Callable:
+    if fn is None:
+        raise NotGaussian(f"the law {law} has no closed form for a Gaussian with a nonzero mean, and no function "
+                          "to integrate numerically")
+    return fn
+
+
+def _nodes(sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights for E over N(0, 1) of ``f(σ z)``, σ up to ``max(sd)``: the trapezoidal rule, which
+    converges like ``exp(-2π d / h)`` for a function analytic in a strip of half-width ``d`` (Gauss–Hermite
+    converges slowly when poles are near: tanh's at ``iπ/2σ``). The step makes that ``exp(-36)`` for poles at
+    ``π/(2σ)`` (tanh, sigmoid; softplus and silu are farther, entire functions better)."""
+    sigma = max(float(sd.max()) if sd.numel() else 1.0, 1e-3)
+    step = min(0.25, math.pi**2 / (36 * sigma))
+    count = min(QUADRATURE_MAX_NODES, 2 * math.ceil(QUADRATURE_RANGE / step) + 1)
+    z = torch.linspace(-QUADRATURE_RANGE, QUADRATURE_RANGE, count, dtype=sd.dtype, device=sd.device)
+    w = torch.exp(-z**2 / 2)
+    return z, w / w.sum()
+
+
+def _quadrature_mean(fn: Callable, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    sd = var.clamp_min(0).sqrt()
+    z, w = _nodes(sd)
+    return (fn(mu[:, None] + sd[:, None] * z) * w).sum(-1)
+
+
+def _quadrature_moment(fn: Callable, mu: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """Two-dimensional quadrature: u = μa + L11 z1, v = μb + L21 z1 + L22 z2 per pair (a, b); the result is
+    symmetrized (the two orders of a pair differ by the rule's error)."""
+    sd = S.diagonal().clamp_min(0).sqrt()
+    z, w = _nodes(sd)
+    fu = fn(mu[:, None] + sd[:, None] * z)  # [F, Q]
+    out = torch.empty_like(S)
+    chunk = max(1, QUADRATURE_CHUNK // (S.shape[0] * z.numel() ** 2))
+    for start in range(0, S.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        safe = torch.where(sd[rows] > 0, sd[rows], torch.ones_like(sd[rows]))
+        l21 = torch.where(sd[rows, None] > 0, S[rows] / safe[:, None], torch.zeros_like(S[rows]))  # [c, F]
+        l22 = (S.diagonal()[None, :] - l21**2).clamp_min(0).sqrt()
+        v = mu[None, :, None, None] + l21[..., None, None] * z[:, None] + l22[..., None, None] * z[None, :]
+        fv = fn(v)  # [c, F, Q1, Q2]
+        inner = (fv * w[None, :]).sum(-1)  # over z2: [c, F, Q1]
+        out[rows] = torch.einsum("aq,abq,q->ab", fu[rows], inner, w)
+    return (out + out.T) / 2
+
+
+# --------------------------------------------------------------------------------------------
+# The interpreter
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ReadoutLaw:
+    """An average over width read out by the outputs: its value (a leaf the outputs are differentiated in),
+    the covariance of its fluctuation and the Grams of its tangent, over its entries."""
+
+    leaf: torch.Tensor
+    covariance: torch.Tensor
+    grams: Mapping[str, torch.Tensor]
+
+
+class ExactInterpreter(Interpreter):
+    """The forward program on Gaussian laws at width ``n`` (see the module docstring)."""
+
+    def __init__(self, setup: Any, n: int, dtype: torch.dtype, device: torch.device, tangents: bool = True) -> None:
+        super().__init__(setup.program)
+        self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
+        self.sources = 0
+        self.metrics = Metrics()
+        self.tangents = tangents  # False: the NNGP alone, no tangent is carried
+        self.readouts: dict[str, ReadoutLaw] = {}
+        self.scalar_leaves: dict[str, torch.Tensor] = {}
+        groups = parameter_groups(dict.fromkeys(setup.chosen), setup.program, setup.param, setup.chosen, n, 0.0)
+        self.rates = {g["name"]: g["lr_scale"] * g["grad_scale"] for g in groups}
+        forward = setup.program.instructions[: setup.total.forward_length]
+        self.uses: dict[str, int] = {}
+        for ins in forward:
+            if isinstance(ins, MatMul):
+                self.uses[ins.matrix] = self.uses.get(ins.matrix, 0) + 1
+
+    def refuse(self, ins: Instruction, why: str) -> NotGaussian:
+        return NotGaussian(f"the exact kernel path cannot integrate %{ins.name} ({ins.describe()}"
+                           f"{', ' + ins.origin.describe() if ins.origin.describe() else ''}): {why}", ins.name)
+
+    # -- sources ------------------------------------------------------------------------------
+    def _new_sources(self, count: int, covariance: torch.Tensor | None) -> int:
+        start = self.sources
+        self.sources += count
+        self.metrics.sources.append((start, count, covariance))
+        return start
+
+    def _kappa(self, name: str) -> float:
+        abcd = self.setup.chosen[name]
+        return self.rates[name] * multiplier(abcd, self.n) ** 2
+
+    # -- instructions ---------------------------------------------------------------------------
+    def constant(self, ins: Constant) -> Any:
+        if width_axes(ins.layout):
+            raise self.refuse(ins, "a width-sized constant")
+        return ins.value.to(self.dtype) if ins.value.is_floating_point() else ins.value
+
+    def input(self, ins: Any) -> Any:
+        value = super().input(ins)
+        return value.to(self.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    def parameter(self, ins: Parameter) -> Any:
+        info = self.program.parameters[ins.target]
+        init = self.setup.initial[ins.target]
+        abcd = self.setup.chosen.get(ins.target)
+        if info.kind == "matrix":
+            if init.kind != "random" or abcd is None:
+                raise self.refuse(ins, f"a matrix initialized as {init.kind} (only random trained matrices)")
+            if self.uses.get(ins.name, 0) != 1:
+                raise self.refuse(ins, "a matrix used more than once in the forward pass (shared weights)")
+            return ins  # read by matmul
+        mult = multiplier(abcd, self.n) if abcd is not None else 1.0
+        axes = width_axes(info.layout)
+        if not axes:
+            if init.kind == "constant":
+                value = torch.full(tuple(info.shape), float(init.value) * mult, dtype=self.dtype, device=self.device)
+            elif init.kind == "fixed":
+                value = init.value.to(device=self.device, dtype=init.dtype_in(self.dtype)) * mult
+            else:
+                raise self.refuse(ins, f"a scalar parameter initialized as {init.kind}")
+            if not value.is_floating_point():
+                return value
+            if abcd is not None:
+                value.requires_grad_(True)
+                self.scalar_leaves[ins.target] = value
+            return value
+        axis = axes[0]
+        shape = tuple(1 if i == axis else s for i, s in enumerate(info.layout))
+        F = math.prod(s for i, s in enumerate(shape) if i != axis)
+        if init.kind == "constant":
+            mean = torch.full(shape, float(init.value) * mult, dtype=self.dtype, device=self.device)
+            coef = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        elif init.kind == "random" and abcd is not None:
+            std = init_std(info, abcd, self.n) * mult
+            start = self._new_sources(F, None)
+            eye = torch.eye(F, dtype=self.dtype, device=self.device) * std
+            flat = torch.cat([torch.zeros(F, start, dtype=self.dtype, device=self.device), eye], dim=1)
+            coef = _unflat(flat, shape, axis)
+            mean = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        else:
+            raise self.refuse(ins, f"a vector initialized as {init.kind}")
+        tangent = {}
+        if abcd is not None and self.tangents:
+            own = torch.eye(F, dtype=self.dtype, device=self.device) * math.sqrt(self._kappa(ins.target))
+            tangent[(ins.target, ins.name)] = _unflat(own, shape, axis)
+        return Gauss(mean, coef, tangent, axis, self.metrics)
+
+    def regroup(self, ins: Regroup) -> Any:
+        raise self.refuse(ins, "regrouping width axes is not integrated exactly yet")
+
+    def matmul(self, ins: MatMul) -> Gauss:
+        x = self.values[ins.vector]
+        matrix = self.values[ins.matrix]
+        if not isinstance(x, RANDOM):
+            raise self.refuse(ins, "the vector is not random")
+        info = self.program.parameters[matrix.target]
+        abcd = self.setup.chosen[matrix.target]
+        ratio = self.program[ins.vector].layout[x.axis].ratio
+        n_in = float(ratio) * self.n
+        s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
+        shape = _layout_shape(x)
+        out_axis = width_axes(ins.layout)[0]
+        same_offset = self._same_offset(ins, info.layout, shape, x.axis)
+
+        columns = same_offset.shape[0]
+        eye = torch.eye(columns, dtype=self.dtype, device=self.device)
+        unit = eye.reshape(columns, columns, *[1] * (len(info.layout) - 2)).expand(
+            *[columns if isinstance(a, Width) else a for a in info.layout])
+        # every family of h (its sources, each channel) lives on x's entries: h = W x maps them one to one
+        mapped = torch.einsum(ins.equation, unit, _unflat(eye, shape, x.axis))
+        M = second_moment(x)
+        start = self._new_sources(columns, s2 * n_in * M * same_offset)
+        coef = torch.cat([mapped.new_zeros(*[start if i == out_axis else s for i, s in enumerate(mapped.shape)]),
+                          mapped], dim=out_axis)
+        mean = torch.zeros(*[1 if i == out_axis else s for i, s in enumerate(mapped.shape)], dtype=self.dtype,
+                           device=self.device)
+        channels = {}
+        if self.tangents:
+            channels[(matrix.target, ins.name)] = self._kappa(matrix.target) * n_in * M * same_offset
+            for param, gram in tangent_grams(x).items():
+                channels[(param, ins.name)] = s2 * n_in * gram * same_offset
+        self.metrics.channels.update(channels)
+        return Gauss(mean, coef, dict.fromkeys(channels, mapped), out_axis, self.metrics)
+
+    def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+        """``[F, F]``: 1 where two fixed entries of the vector meet the same matrix. A matrix with fixed axes
+        (a convolution's kernel offsets) is one independent matrix per offset, batched over the vector's axes
+        of the same letters: entries at different offsets are multiplied by independent matrices."""
+        specs, _ = ins.equation.split("->")
+        m_spec, x_spec = specs.split(",")
+        offsets = [m_spec[i] for i, a in enumerate(layout) if not isinstance(a, Width)]
+        F = math.prod(s for i, s in enumerate(shape) if i != axis)
+        if not offsets:
+            return torch.ones(F, F, dtype=self.dtype, device=self.device)
+        if any(letter not in x_spec for letter in offsets):
+            raise self.refuse(ins, "a matrix with fixed axes that do not batch the vector")
+        fixed = [i for i in range(len(shape)) if i != axis]
+        grids = torch.meshgrid(*[torch.arange(shape[i], device=self.device) for i in fixed], indexing="ij")
+        key = torch.zeros(F, dtype=torch.long, device=self.device)
+        for letter in offsets:
+            position = fixed.index(x_spec.index(letter))
+            key = key * shape[fixed[position]] + grids[position].reshape(-1)
+        return (key[:, None] == key[None, :]).to(self.dtype)
+
+    def avg(self, ins: Avg) -> torch.Tensor:
+        u = self.values[ins.vector]
+        if not isinstance(u, Product) or not _zero_mean_factor(u):
+            raise self.refuse(ins, "only readouts (the average of x ⊙ v for a zero-mean Gaussian v independent of "
+                                   "x) are integrated exactly; other averages over width are not")
+        ratio = self.program[ins.vector].layout[ins.axis].ratio
+        scale = ins.scale.resolve(self.n) if ins.scale is not None else 1.0
+        phi2 = scale**2 / (float(ratio) * self.n)
+        shape = [s for i, s in enumerate(self.program[ins.vector].layout) if i != ins.axis]
+        if ins.keepdim:
+            shape.insert(ins.axis, 1)
+        leaf = torch.zeros(shape, dtype=self.dtype, device=self.device, requires_grad=True)
+        grams = {p: phi2 * g for p, g in tangent_grams(u).items()} if self.tangents else {}
+        self.readouts[ins.name] = ReadoutLaw(leaf, phi2 * second_moment(u), grams)
+        return leaf
+
+    def nonlin(self, ins: Nonlin) -> Any:
+        if any(isinstance(self.values[n], Parameter) for n in ins.inputs):
+            raise self.refuse(ins, "a weight matrix used outside a matrix product")
+        try:
+            return self._law(ins)
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            raise self.refuse(ins, f"its function does not apply to the laws' tensors ({error})") from None
+
+    def _law(self, ins: Nonlin) -> Any:
+        names = [n for n in ins.inputs if isinstance(self.values[n], RANDOM)]
+        if not names:
+            return self._apply(ins, self.values)
+        law = ins.gaussian or self._probe(ins, names)
+        out_axis = width_axes(ins.layout)[0] if width_axes(ins.layout) else None
+        if out_axis is None:
+            raise self.refuse(ins, "a function of vectors that leaves the width axis")
+        kind = law[0] if law else None
+        if kind in ("affine", "multilinear") and law[1] is not None and not _only_at(ins, names, law[1]):
+            raise self.refuse(ins, f"a random vector where the function is not {kind} (it is in arguments {law[1]})")
+        values = [self.values[n] for n in names]
+        if kind == "affine" or (kind == "multilinear" and len(names) == 1):
+            if all(isinstance(v, Gauss) for v in values):
+                return self._affine(ins, names, out_axis)
+            if len(names) == 1:
+                return self._linear(ins, names[0], out_axis)
+            raise self.refuse(ins, "an affine function of several vectors, not all Gaussian")
+        if kind == "multilinear" and len(names) == 2:
+            return self._product(ins, names, out_axis)
+        if kind in ("arc-cosine", "error function", "quadrature") and len(names) == 1:
+            g = values[0]
+            if not isinstance(g, Gauss) or not _first_arg_is(ins, names[0]):
+                raise self.refuse(ins, "a nonlinear function of a non-Gaussian vector")
+            return Mapped(law, self._bound(ins, names[0]), g, out_axis, ins.differentiable)
+        raise self.refuse(ins, "no Gaussian law is declared for this function of random vectors"
+                          + ("" if law is None else f" that applies here ({law})"))
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _apply(self, ins: Nonlin, values: Mapping[str, Any]) -> Any:
+        """``ins.fn`` on ``values``. Width-dependent sizes (a reshape to ``[B, n, H, W]``) take the size of the
+        width axis of the tensors given (sources, factor columns); width-dependent constants are at ``n``."""
+        columns = None
+        for name in ins.inputs:
+            value, axes = values.get(name), width_axes(self.program[name].layout)
+            if torch.is_tensor(value) and axes and value.ndim == len(self.program[name].layout):
+                columns = value.shape[axes[0]] / self.program[name].layout[axes[0]].ratio
+                break
+        args, kwargs = _sizes(ins.args, columns), _sizes(dict(ins.kwargs), columns)
+        return ins.fn(*substitute(args, values, self.n), **substitute(kwargs, values, self.n))
+
+    def _bound(self, ins: Nonlin, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return self._apply(ins, {**self.values, name: t})
+        return fn
+
+    def _affine(self, ins: Nonlin, names: list[str], axis: int) -> Gauss:
+        values = {n: self.values[n] for n in names}
+        width = max(v.coef.shape[v.axis] for v in values.values())
+        mean = self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
+        coef = self._linear_part(ins, {n: _pad(v.coef, v.axis, width) for n, v in values.items()})
+        tangent = {}
+        if ins.differentiable:
+            for key in set().union(*(v.tangent for v in values.values())):
+                cols = next(v.tangent[key].shape[v.axis] for v in values.values() if key in v.tangent)
+                parts = {}
+                for n, v in values.items():
+                    t = v.tangent.get(key)
+                    parts[n] = t if t is not None else _pad(v.mean.new_zeros(v.mean.shape), v.axis, cols) * 0
+                tangent[key] = self._linear_part(ins, parts)
+        return Gauss(mean, coef, tangent, axis, self.metrics)
+
+    def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
+        probe = self._apply(ins, {**self.values, name: torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype,
+                                                                  device=self.device)})
+        if bool(torch.as_tensor(probe).abs().max() > 0):
+            raise self.refuse(ins, "an affine function with a constant part of a non-Gaussian vector")
+
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return self._apply(ins, {**self.values, name: t})
+        shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
+        return Linear(fn, self.values[name], axis, shape, ins.differentiable)
+
+    def _linear_part(self, ins: Nonlin, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        zeros = {n: torch.zeros_like(t) for n, t in parts.items()}
+        return self._apply(ins, {**self.values, **parts}) - self._apply(ins, {**self.values, **zeros})
+
+    def _product(self, ins: Nonlin, names: list[str], axis: int) -> Product:
+        x, y = (self.values[n] for n in names)
+        if _sources(x) & _sources(y) or _channels(x) & _channels(y):
+            raise self.refuse(ins, "a product of two dependent random vectors")
+
+        def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self._apply(ins, {**self.values, names[0]: a, names[1]: b})
+        shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
+        return Product(fn, x, y, axis, shape, ins.differentiable)
+
+    def _probe(self, ins: Nonlin, names: list[str]) -> tuple | None:
+        """For a function without a declared law: is it jointly affine in its random arguments, or affine in
+        each separately? Checked on random tensors of their layouts (a secant test, exact for einsums,
+        additions and views; a nonlinear function fails it)."""
+        g = torch.Generator().manual_seed(0)
+
+        def draw(name: str) -> torch.Tensor:
+            layout = self.program[name].layout
+            shape = [3 if isinstance(s, Width) else s for s in layout]
+            return torch.randn(shape, generator=g, dtype=torch.float64)
+
+        def run(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            rest = {k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v)
+                    for k, v in self.values.items() if not isinstance(v, (*RANDOM, Parameter))}
+            return torch.as_tensor(self._apply(ins, {**rest, **parts}), dtype=torch.float64)
+
+        def affine(moving: list[str]) -> bool:
+            base = {n: draw(n) for n in names}
+            a = {**base, **{n: draw(n) for n in moving}}
+            b = {**base, **{n: draw(n) for n in moving}}
+            alpha = -1.7
+            mixed = {**base, **{n: alpha * a[n] + (1 - alpha) * b[n] for n in moving}}
+            try:
+                lhs, rhs = run(mixed), alpha * run(a) + (1 - alpha) * run(b)
+            except (RuntimeError, TypeError, ValueError):
+                return False
+            return bool(torch.allclose(lhs, rhs, rtol=PROBE_TOLERANCE, atol=PROBE_TOLERANCE * (1 + rhs.abs().max())))
+
+        def vanishes(name: str) -> bool:  # no affine part: zero when one factor is
+            parts = {n: draw(n) for n in names}
+            try:
+                return bool(run({**parts, name: torch.zeros_like(parts[name])}).abs().max() == 0)
+            except (RuntimeError, TypeError, ValueError):
+                return False
+
+        if affine(names):
+            return ("affine", None)
+        if all(affine([n]) for n in names) and all(vanishes(n) for n in names):
+            return ("multilinear", None)
+        return None
+
+
+def _sizes(args: Any, columns: float | None) -> Any:
+    """``args`` with every width-dependent size (:class:`WidthInt`) replaced by its value when the width axis
+    holds ``columns`` entries (unchanged when ``columns`` is None)."""
+    if columns is None:
+        return args
+    if isinstance(args, WidthInt):
+        size = args.ratio * Fraction(columns).limit_denominator(2**20)
+        if size.denominator != 1:
+            raise ValueError(f"a width-dependent size {args} of {columns} columns is not whole")
+        return int(size)
+    if isinstance(args, list | tuple):
+        return type(args)(_sizes(a, columns) for a in args)
+    if isinstance(args, dict):
+        return {k: _sizes(v, columns) for k, v in args.items()}
+    return args
+
+
+def _only_at(ins: Nonlin, names: list[str], positions: tuple[int, ...]) -> bool:
+    """Every reference to ``names`` is a positional argument at one of ``positions``."""
+    allowed = [ins.args[i] for i in positions if i < len(ins.args)]
+    everywhere = list(refs_in((ins.args, ins.kwargs)))
+    return all(everywhere.count(n) == sum(isinstance(a, Ref) and a.name == n for a in allowed) for n in names)
+
+
+def _first_arg_is(ins: Nonlin, name: str) -> bool:
+    refs = list(refs_in((ins.args, ins.kwargs)))
+    return bool(ins.args) and isinstance(ins.args[0], Ref) and ins.args[0].name == name and refs.count(name) == 1
+
+
+def _zero_mean_factor(u: Product) -> bool:
+    """One factor is a zero-mean Gaussian: the cross-coordinate terms of the average vanish."""
+    return any(isinstance(f, Gauss) and bool((f.mean == 0).all()) for f in (u.x, u.y))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels of the outputs
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ExactKernels:
+    """The output NNGP ``[J, J]`` and each trained parameter's NTK contribution ``[J, J]`` at width ``n``."""
+
+    nngp: torch.Tensor
+    ntk: Mapping[str, torch.Tensor]
+    outputs: tuple[int, ...]
+
+
+def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device,
+               tangents: bool = True) -> ExactKernels:
+    """Run :class:`ExactInterpreter` on ``Z`` at width ``n``; the outputs' kernels through their Jacobian in
+    the readouts (and in the trained scalars; ``tangents=False``: the NNGP alone)."""
+    interp = ExactInterpreter(setup, n, dtype, device, tangents)
+    interp.run(Z, stop=setup.total.forward_length)
+    outputs = [interp.values[name] for name in setup.program.outputs]
+    for name, value in zip(setup.program.outputs, outputs, strict=True):
+        if not torch.is_tensor(value) or width_axes(setup.program[name].layout):
+            raise NotGaussian(f"output %{name} is not a function of averages over width", name)
+    f = torch.cat([o.reshape(-1) for o in outputs])
+    if not f.requires_grad:
+        raise NotGaussian("the outputs do not depend on any average over width or trained scalar")
+    leaves = [r.leaf for r in interp.readouts.values()]
+    scalars = list(interp.scalar_leaves.items())
+    jacobians = _jacobians(f, leaves, [s for _, s in scalars])
+    J = f.numel()
+    nngp = f.new_zeros(J, J).detach()
+    ntk: dict[str, torch.Tensor] = {}
+    for jac, law in zip(jacobians, interp.readouts.values(), strict=False):
+        nngp = nngp + jac @ law.covariance @ jac.T
+        for param, gram in law.grams.items():
+            ntk[param] = ntk.get(param, 0) + jac @ gram @ jac.T
+    for jac, (param, _) in zip(jacobians[len(leaves):], scalars, strict=True):
+        ntk[param] = ntk.get(param, 0) + interp._kappa(param) * (jac @ jac.T)
+    return ExactKernels(nngp, ntk, tuple(outputs[0].shape[1:]))
+
+
+def _jacobians(f: torch.Tensor, readouts: list[torch.Tensor], scalars: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``∂f/∂leaf`` as ``[J, leaf entries]`` for every leaf; the outputs must be affine in the readouts (a
+    nonlinear function of a Gaussian readout is not Gaussian: its covariance is not ``J Σ Jᵀ``)."""
+    leaves = readouts + scalars
+    rows = []
+    for j in range(f.numel()):
+        grads = torch.autograd.grad(f[j], leaves, retain_graph=True, allow_unused=True, create_graph=True)
+        for g in grads[: len(readouts)]:
+            if g is not None and g.requires_grad:
+                second = torch.autograd.grad(g.sum(), readouts, retain_graph=True, allow_unused=True)
+                if any(s is not None for s in second):  # connected, even if zero here (an odd function at 0)
+                    raise NotGaussian("the outputs are a nonlinear function of the averages over width; their law "
+                                      "at initialization is not Gaussian")
+        rows.append([torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, leaves, strict=True)])
+    return [torch.stack([r[i].reshape(-1) for r in rows]) for i in range(len(leaves))]
+
+
+EXACT_WIDTHS = (2**10, 2**20)
+
+
+def exact_kernel(setup: Any, Z: torch.Tensor, kind: str, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The limit ``n → ∞`` of the output kernel ``[J, J]`` and the outputs' shape per row. Each contribution
+    is a power of ``n`` (the abcd factors and the program's width-dependent constants); taken at two widths,
+    a constant one is kept, a decaying one (an output bias under NTP) vanishes, and a growing one is refused."""
+    small, large = _at_both_widths(setup, Z, dtype, device, tangents=kind == "ntk")
+    if kind == "nngp":
+        return _limit_of("the NNGP", small.nngp, large.nngp), large.outputs
+    total = None
+    for param in sorted(set(small.ntk) | set(large.ntk)):
+        zero = torch.zeros_like(large.nngp)
+        part = _limit_of(f"the NTK of {param!r}", small.ntk.get(param, zero), large.ntk.get(param, zero))
+        total = part if total is None else total + part
+    return (total if total is not None else large.nngp * 0), large.outputs
+
+
+_LAST: list = []  # the last inputs' kernels at both widths: the NNGP after the NTK of the same rows is free
+
+
+def _at_both_widths(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                    tangents: bool) -> tuple[ExactKernels, ExactKernels]:
+    key = (digest(Z), dtype, str(device))
+    if _LAST and _LAST[0] is setup and _LAST[1] == key and (_LAST[2] or not tangents):
+        return _LAST[3]
+    both = tuple(kernels_at(setup, Z, n, dtype, device, tangents) for n in EXACT_WIDTHS)
+    _LAST[:] = [setup, key, tangents, both]
+    return both
+
+
+def _limit_of(what: str, small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
+    """``large`` where the two widths agree (to rounding of the dtype), zero where it decays at least like
+    ``n^-1/2`` between them; a contribution that grows, or changes otherwise, has no limit here."""
+    top = max(float(large.abs().max()), float(small.abs().max()), 1e-300)
+    tolerance = max(1e-9, 1e4 * torch.finfo(large.dtype).eps)
+    if float((large - small).abs().max()) <= tolerance * top:
+        return large.clone()  # not the cached tensor itself
+    if float(large.abs().max()) <= (EXACT_WIDTHS[0] / EXACT_WIDTHS[1]) ** 0.5 * float(small.abs().max()):
+        return torch.zeros_like(large)
+    raise NotGaussian(f"{what} is not a power of the width that converges (max {float(small.abs().max()):.3g} at "
+                      f"n = {EXACT_WIDTHS[0]}, {float(large.abs().max()):.3g} at n = {EXACT_WIDTHS[1]})")
