@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 import torch
 
 from tplimits.plugin import (
@@ -94,18 +93,8 @@ def elementwise(ctx: LoweringContext, node: OpNode) -> Any:
     matrices = [a for a in tensor_args(node) if isinstance(a, MatrixValue)]
     if matrices:
         return _on_matrix(ctx, node, name, matrices[0])
-    value = coordinatewise(ctx, node, _out_of_place(node.target), broadcast=True, smooth=name not in KINKED,
-                           width_scale=_width_scale(node))
-    _declare_gaussian(ctx, value, GAUSSIAN.get(name))
-    return value
-
-
-def _declare_gaussian(ctx: LoweringContext, value: Any, law: tuple | None) -> None:
-    """Record on the Nonlin just emitted for ``value`` what its op does to Gaussian arguments (the context's
-    ``nonlin`` takes no such declaration yet, so it is set on the emitted instruction)."""
-    emitted = ctx.instructions[-1] if ctx.instructions else None
-    if law is not None and hasattr(emitted, "gaussian") and emitted.name == getattr(value, "name", None):
-        ctx.instructions[-1] = attrs.evolve(emitted, gaussian=law)
+    return coordinatewise(ctx, node, _out_of_place(node.target), broadcast=True, smooth=name not in KINKED,
+                          width_scale=_width_scale(node), gaussian=GAUSSIAN.get(name))
 
 
 def _width_scale(node: OpNode) -> str | None:
