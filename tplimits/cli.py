@@ -191,12 +191,19 @@ def _targets(y: torch.Tensor, loss: str) -> tuple[torch.Tensor, int]:
     return torch.nn.functional.one_hot(y.long(), classes).double(), classes
 
 
-def coordcheck_command(args: argparse.Namespace) -> int:
+def _study_target(args: argparse.Namespace) -> tuple[dict, Any, tuple | None]:
+    """What a study command (coordcheck, diagnose) starts from: the dtype set, the plot path checked, the
+    ``--option`` config, the architecture and its example inputs."""
     if args.dtype == "float64":
         torch.set_default_dtype(torch.float64)
     _check_plot(args.plot)
     config = _parse_config(args.option)
     arch, inputs = _target(args)
+    return config, arch, inputs
+
+
+def coordcheck_command(args: argparse.Namespace) -> int:
+    config, arch, inputs = _study_target(args)
     if args.data is not None:
         X, y = load_data(args.data, args.examples)
         X = X.to(torch.get_default_dtype()) if X.is_floating_point() else X
@@ -211,11 +218,7 @@ def coordcheck_command(args: argparse.Namespace) -> int:
 
 
 def diagnose_command(args: argparse.Namespace) -> int:
-    if args.dtype == "float64":
-        torch.set_default_dtype(torch.float64)
-    _check_plot(args.plot)
-    config = _parse_config(args.option)
-    arch, inputs = _target(args)
+    config, arch, inputs = _study_target(args)
     if args.data is not None:
         X, labels = load_data(args.data, args.examples)
         y, outputs = _targets(labels, args.loss)
