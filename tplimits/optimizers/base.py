@@ -372,15 +372,18 @@ def activation_signal(rule: UpdateRule, R: MatrixAction, x: torch.Tensor, hyper:
 
 
 def apply_rule(rule: UpdateRule, p: torch.Tensor, g: torch.Tensor, state: Mapping[str, Any],
-               group: Mapping[str, Any], hyper: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+               group: Mapping[str, Any], hyper: Mapping[str, Any],
+               norm_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
     """One update of ``p`` by ``rule`` with the options of ``group`` (Eqs. 2.4, 2.50, 2.54), as a pure
     function: returns the new tensor and the new state (``{}`` before the first step). ``g`` is the
-    already scaled gradient. The limit engine runs it on particles, keeping the autograd graph."""
+    already scaled gradient. The limit engine runs it on particles, keeping the autograd graph; where ``p``
+    holds a sample of a larger tensor's entries (a copy population), the norm of normalized / clipped
+    updates is the larger tensor's, estimated as ``norm_scale`` times the sample's."""
     if not state:
         state = {"step": 0, "q_state": rule.init_state(g)}
     q, q_state = rule.update(state["q_state"], g, state["step"], hyper)
     if group["normalize"] or group["clip"] is not None:
-        nu = torch.linalg.vector_norm(q)
+        nu = torch.linalg.vector_norm(q) * norm_scale
         if group["clip"] is not None:
             nu = nu.clamp(max=group["clip"])
         q = q / nu.clamp_min(torch.finfo(q.dtype).tiny)
