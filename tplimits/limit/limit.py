@@ -29,6 +29,7 @@ from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
 from tplimits.core.program import Program
 from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
+from tplimits.limit.distributed import owned_systems, process_group, spread
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.mu import grid_entries as mu_grid_entries
 from tplimits.limit.nt import DEFAULT_COPIES, Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
@@ -202,7 +203,7 @@ class Limit:
               particles: int = 2**14, seed: int = 0, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float64, batches: int = 4, dots: str = "auto", kernels: Sequence[str] = (),
               checkpoint: str | None = None, checkpoint_every: int = 10, progress: bool = True, center: bool = False,
-              copies: int | None = None) -> Trajectory:
+              copies: int | None = None, distributed: bool | None = None) -> Trajectory:
         """Train the limit on ``(X, y)`` for ``steps`` updates at learning rate ``lr`` (the same ``lr`` as
         ``tpl.instantiate(..., lr=lr)``), with ``particles`` particles split into ``batches``
         independent systems (for the standard errors).
@@ -220,14 +221,30 @@ class Limit:
         applies and is affordable). ``checkpoint``: a file the run is saved to every
         ``checkpoint_every`` steps and resumed from if it exists (``stein`` dots only: an autograd
         graph cannot be saved).
+
+        ``distributed``: under an initialized ``torch.distributed`` process group (``None``, the default, or
+        ``True``, which requires one) the ``batches`` independent systems are spread over the ranks and every
+        rank returns the whole trajectory, bit-identical on CPU to the single-process run with the same seed
+        (:mod:`tplimits.limit.distributed`); ``False`` runs every system in this process.
         """
+        rank, size = process_group(distributed)
+        if size > 1 and checkpoint is not None:
+            raise TplimitsError("checkpoint= is for runs in one process; a run spread over a process group "
+                                "(distributed) keeps no checkpoint: pass distributed=False or no checkpoint")
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
                                    batches, dots, kernels, checkpoint, checkpoint_every, center, copies)
         start = time.perf_counter()
         identity = self._identity(run, setup)
+        desc = "NT limit" if setup.regime == "operator" else "μ-limit"
+        if size > 1:
+            bar = tqdm(total=len(owned_systems(batches, rank, size)) * (steps + 1), disable=not progress or rank != 0,
+                       desc=f"{desc} (rank 0 of {size})", unit="step")
+            finished = spread(batches, lambda b: self._train_system(setup, run, b, None, bar,
+                                                                    (None, checkpoint_every, identity), []), rank, size)
+            bar.close()
+            return attrs.evolve(_trajectory(run, finished, time.perf_counter() - start), identity=identity)
         saved = _load_checkpoint(checkpoint, identity)
         finished: list[dict[str, list]] = saved["finished"] if saved else []
-        desc = "NT limit" if setup.regime == "operator" else "μ-limit"
         bar = tqdm(total=batches * (steps + 1), disable=not progress, desc=desc, unit="step")
         bar.update(len(finished) * (steps + 1))
         for b in range(len(finished), batches):
