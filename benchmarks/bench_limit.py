@@ -4,6 +4,8 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py                            # everything (about 6 minutes on 2 CPU cores)
     python benchmarks/bench_limit.py reference                  # only the reference case
     python benchmarks/bench_limit.py reference scaling --device cuda
+    python benchmarks/bench_limit.py copies                     # Adam's grids against a copy population
+    python benchmarks/bench_limit.py optimizer                  # the finite optimizer step against torch.optim
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -23,11 +25,13 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
 import tplimits as tpl
 from tplimits.limit.check import finite_outputs
+from tplimits.limit.mu import ParticleNetwork
 from tplimits.limit.runs import batch_schedule
 
 LR = {"sgd": 0.1, "adam": 0.01}
@@ -111,6 +115,77 @@ def scaling() -> None:
                   f"{runs[0]['baseline_mb']:.0f} MB)")
 
 
+class TimedGrids(ParticleNetwork):
+    """A particle system that adds up the time its hidden matrices' gradient updates take."""
+
+    grid_seconds = 0.0
+
+    def _matrix_gradient(self, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        super()._matrix_gradient(*args, **kwargs)
+        self.grid_seconds += time.perf_counter() - start
+
+
+def grid_run(particles: int, copies: int | None, steps: int = 10) -> tuple[float, float]:
+    """Seconds of ``steps`` Adam steps of one system, and of its grid updates alone."""
+    X, y = data()
+    limit = limit_for("adam")
+    setup = limit.setup(X.float())  # lowered in the default dtype, as train lowers it
+    loss = tpl.loss("mse")
+    net = TimedGrids(setup, particles, 0, torch.float64, DEVICE, "stein", LR["adam"], steps, copies=copies)
+    start = time.perf_counter()
+    for _ in range(steps):
+        interp = net.forward((X.to(DEVICE),))
+        out = net.outputs(interp)
+        net.backward_and_update(interp, loss.error_signal(out, y.to(out.device), torch.arange(len(X))))
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, net.grid_seconds
+
+
+def copies_scaling() -> None:
+    """Adam (depth-3 MLP, 10 steps, one system) against particles per system: the grids against a fixed copy
+    population (cost ∝ P·P′: exponent 1 expected), at a fixed ratio P′ = P/16 (∝ P²: exponent 2) and
+    the dense same-population grid (P²)."""
+    grid_run(1024, 64, 1)  # lowering and warm-up, untimed
+    sizes = [2**11, 2**12, 2**13, 2**14]
+    for label, copies_of in (("copies 256", lambda p: 256), ("copies P/16", lambda p: p // 16),
+                             ("dense grid", lambda p: None)):
+        runs = [grid_run(p, copies_of(p)) for p in sizes[: 3 if copies_of(1) is None else 4]]
+        xs = sizes[: len(runs)]
+        total, grids = [r[0] for r in runs], [r[1] for r in runs]
+        print(f"adam, {label}: particles per system {xs}: total {', '.join(f'{t:.2f}' for t in total)} s "
+              f"(exponent {slope(xs, total):.2f}); grid updates {', '.join(f'{t:.2f}' for t in grids)} s "
+              f"(exponent {slope(xs, grids):.2f})")
+
+
+def optimizer_step(width: int = 4096, steps: int = 10) -> None:
+    """One optimizer step of a depth-3 MLP at ``width`` (μP groups): TplimitsOptimizer against
+    ``torch.optim.Adam(foreach=True)`` / ``SGD(foreach=True)`` on the same parameters and gradients."""
+    from tplimits.optimizers import TplimitsOptimizer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Tanh(), torch.nn.Linear(width, width),
+                                torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh(),
+                                torch.nn.Linear(width, 1)).to(DEVICE)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    rules = {"adam": (tpl.optimizer("adam"), torch.optim.Adam), "sgd": (tpl.optimizer("sgd"), torch.optim.SGD)}
+    for name, (rule, reference) in rules.items():
+        timings = {}
+        for label, opt in (("tplimits", TplimitsOptimizer(model.parameters(), rule, lr=1e-6)),
+                           ("torch foreach", reference(model.parameters(), lr=1e-6, foreach=True))):
+            opt.step()  # state allocated, untimed
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            if DEVICE != "cpu":
+                torch.cuda.synchronize()
+            timings[label] = (time.perf_counter() - start) / steps
+        ours, theirs = timings["tplimits"], timings["torch foreach"]
+        print(f"{name} step at width {width} on {DEVICE}: tplimits {ours * 1e3:.1f} ms, torch foreach "
+              f"{theirs * 1e3:.1f} ms, ratio {ours / theirs:.2f}")
+
+
 def cost_at_accuracy(target: float = 0.01, steps: int = 20) -> None:
     """Time for the limit to reach Monte Carlo standard error ``target`` (RMS over steps and outputs) vs
     time for finite-width seed ensembles to get within ``target`` (RMS) of it."""
@@ -145,7 +220,7 @@ def cost_at_accuracy(target: float = 0.01, steps: int = 20) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", help="reference, scaling, accuracy (default: all)")
+    parser.add_argument("parts", nargs="*", help="reference, scaling, accuracy, copies, optimizer (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--target", type=float, default=0.01, help="accuracy of the cost-at-accuracy comparison")
     args = parser.parse_args()
@@ -153,10 +228,14 @@ if __name__ == "__main__":
     if args.parts[:1] == ["one"]:
         one(*args.parts[1:4])
         sys.exit()
-    which = args.parts or ["reference", "scaling", "accuracy"]
+    which = args.parts or ["reference", "scaling", "accuracy", "copies", "optimizer"]
     if "reference" in which:
         reference()
     if "scaling" in which:
         scaling()
     if "accuracy" in which:
         cost_at_accuracy(args.target)
+    if "copies" in which:
+        copies_scaling()
+    if "optimizer" in which:
+        optimizer_step()
