@@ -337,18 +337,22 @@ class TplimitsOptimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError("TplimitsOptimizer does not support sparse gradients")
                     g = p.grad
-                self._update(p, g * group["grad_scale"], x, group, hyper)
+                self._update(p, g * group["grad_scale"] if group["grad_scale"] != 1 else g, x, group, hyper)
         self._recorded.clear()
         return loss
 
     def _update(
         self, p: torch.Tensor, g: torch.Tensor, x: torch.Tensor | None, group: Mapping[str, Any], hyper: dict
     ) -> None:
+        # in place: a fresh tensor of the parameter's size per step costs as much as the rule on CPU
         rule = group["rule"]
-        new, self.state[p] = apply_rule(rule, p, g, self.state[p], group, hyper)
+        q, self.state[p] = rule_direction(rule, g, self.state[p], group, hyper)
+        z_old = DenseAction(p)(x) if rule.rescale is not None else None
+        if group["weight_decay"]:
+            p.mul_(1 - group["weight_decay"])
+        p.add_(q, alpha=-(group["lr"] * group["lr_scale"]))
         if rule.rescale is not None:
-            new = new * rule.rescale(DenseAction(p)(x), DenseAction(new)(x), hyper)
-        p.copy_(new)
+            p.mul_(rule.rescale(z_old, DenseAction(p)(x), hyper))
 
 
 def _batch_rows(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -379,6 +383,15 @@ def apply_rule(rule: UpdateRule, p: torch.Tensor, g: torch.Tensor, state: Mappin
     already scaled gradient. The limit engine runs it on particles, keeping the autograd graph; where ``p``
     holds a sample of a larger tensor's entries (a copy population), the norm of normalized / clipped
     updates is the larger tensor's, estimated as ``norm_scale`` times the sample's."""
+    q, new_state = rule_direction(rule, g, state, group, hyper, norm_scale)
+    new = p * (1 - group["weight_decay"]) if group["weight_decay"] else p
+    return new - (group["lr"] * group["lr_scale"]) * q, new_state
+
+
+def rule_direction(rule: UpdateRule, g: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any],
+                   hyper: Mapping[str, Any], norm_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``Q_t / ν`` of :func:`apply_rule` (the rule's output, normalized or clipped as ``group`` says) and the
+    new state: the update is ``p ← (1 − weight_decay) p − lr · lr_scale · Q_t / ν``."""
     if not state:
         state = {"step": 0, "q_state": rule.init_state(g)}
     q, q_state = rule.update(state["q_state"], g, state["step"], hyper)
@@ -387,9 +400,7 @@ def apply_rule(rule: UpdateRule, p: torch.Tensor, g: torch.Tensor, state: Mappin
         if group["clip"] is not None:
             nu = nu.clamp(max=group["clip"])
         q = q / nu.clamp_min(torch.finfo(q.dtype).tiny)
-    new = p * (1 - group["weight_decay"]) if group["weight_decay"] else p
-    new = new - (group["lr"] * group["lr_scale"]) * q
-    return new, {"step": state["step"] + 1, "q_state": q_state}
+    return q, {"step": state["step"] + 1, "q_state": q_state}
 
 
 @contextlib.contextmanager
@@ -423,7 +434,8 @@ def bias_correction(beta: float, t: int) -> float:
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator`` with ``0`` where the denominator is ``0`` (e.g. ``eps = 0`` and a
     gradient history of zeros)."""
-    return torch.where(denominator > 0, numerator / denominator, numerator.new_zeros(()))
+    # in place on the fresh quotient: one tensor of the result's size, not two
+    return (numerator / denominator).masked_fill_(~(denominator > 0), 0)
 
 
 def _zero_degree_when_zero(names: tuple[str, ...], hyper: Mapping[str, Any]) -> float | None:
@@ -447,5 +459,6 @@ __all__ = [
     "bias_correction",
     "eps_homogeneity",
     "record_inputs",
+    "rule_direction",
     "safe_divide",
 ]
