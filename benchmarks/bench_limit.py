@@ -5,6 +5,7 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py reference                  # only the reference case
     python benchmarks/bench_limit.py reference scaling --device cuda
     python benchmarks/bench_limit.py copies                     # Adam's grids against a copy population
+    python benchmarks/bench_limit.py reference-adam             # the reference case under Adam, by copies
     python benchmarks/bench_limit.py optimizer                  # the finite optimizer step against torch.optim
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
@@ -53,14 +54,15 @@ def limit_for(optimizer: str) -> tpl.Limit:
     return tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=16)
 
 
-def train(optimizer: str, particles: int, steps: int, device: str = "cpu") -> tuple[float, tpl.Trajectory]:
+def train(optimizer: str, particles: int, steps: int, device: str = "cpu",
+          copies: int | None = None) -> tuple[float, tpl.Trajectory]:
     """One timed run, after a small untimed one that lowers the model and warms the device up."""
     X, y = data()
     limit = limit_for(optimizer)
     limit.train(X, y, steps=1, lr=LR[optimizer], particles=1024, batches=4, device=device, progress=False)
     start = time.perf_counter()
     traj = limit.train(X, y, steps=steps, lr=LR[optimizer], particles=particles, batches=4, device=device,
-                       progress=False)
+                       progress=False, copies=copies)
     if device != "cpu":
         torch.cuda.synchronize()
     return time.perf_counter() - start, traj
@@ -69,16 +71,16 @@ def train(optimizer: str, particles: int, steps: int, device: str = "cpu") -> tu
 DEVICE = "cpu"
 
 
-def measure(optimizer: str, particles: int, steps: int) -> dict:
+def measure(optimizer: str, particles: int, steps: int, copies: int | None = None) -> dict:
     """Time, peak memory and largest output standard error of one run, in a fresh process."""
-    done = subprocess.run([sys.executable, __file__, "--device", DEVICE, "one", optimizer, str(particles), str(steps)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, __file__, "--device", DEVICE, "one", optimizer, str(particles), str(steps),
+                           str(copies or 0)], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def one(optimizer: str, particles: str, steps: str) -> None:
+def one(optimizer: str, particles: str, steps: str, copies: str = "0") -> None:
     before = peak_mb()
-    seconds, traj = train(optimizer, int(particles), int(steps), DEVICE)
+    seconds, traj = train(optimizer, int(particles), int(steps), DEVICE, int(copies) or None)
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if DEVICE != "cpu" else 0.0
     print(json.dumps({"seconds": seconds, "peak_mb": gpu_mb if DEVICE != "cpu" else peak_mb(), "baseline_mb": before,
                       "max_se": float(traj.outputs_se.max()), "dots": traj.dots}))
@@ -99,6 +101,15 @@ def reference() -> None:
     print(f"reference on {DEVICE}: depth-3 tanh MLP, 16 inputs, 50 steps, 2^16 particles (4 systems of 2^14), SGD "
           f"lr 0.1: {r['seconds']:.1f} s ({r['dots']} dots), max output se {r['max_se']:.4f}, peak {MEMORY[DEVICE]} "
           f"{r['peak_mb']:.0f} MB")
+
+
+def reference_adam(copies: tuple[int, ...] = (1024, 4096, 2**14)) -> None:
+    """The reference case under Adam (lr 0.01) with copy populations of each system's 2^14 particles (2^14:
+    the dense same-population grid, the engine before copy populations)."""
+    for c in copies:
+        r = measure("adam", 2**16, 50, c)
+        print(f"reference on {DEVICE}, Adam, copies {c}: {r['seconds']:.1f} s, max output se {r['max_se']:.4f}, "
+              f"peak {MEMORY[DEVICE]} {r['peak_mb']:.0f} MB")
 
 
 def scaling() -> None:
@@ -148,7 +159,7 @@ def copies_scaling() -> None:
     population (cost ∝ P·P′: exponent 1 expected), at a fixed ratio P′ = P/16 (∝ P²: exponent 2) and
     the dense same-population grid (P²)."""
     grid_run(1024, 64, 1)  # lowering and warm-up, untimed
-    sizes = [2**11, 2**12, 2**13, 2**14]
+    sizes = [2**10, 2**11, 2**12, 2**13]
     for label, copies_of in (("copies 256", lambda p: 256), ("copies P/16", lambda p: p // 16),
                              ("dense grid", lambda p: None)):
         runs = [grid_run(p, copies_of(p)) for p in sizes[: 3 if copies_of(1) is None else 4]]
@@ -220,17 +231,20 @@ def cost_at_accuracy(target: float = 0.01, steps: int = 20) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", help="reference, scaling, accuracy, copies, optimizer (default: all)")
+    parser.add_argument("parts", nargs="*",
+                        help="reference, reference-adam, scaling, accuracy, copies, optimizer (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--target", type=float, default=0.01, help="accuracy of the cost-at-accuracy comparison")
     args = parser.parse_args()
     DEVICE = args.device
     if args.parts[:1] == ["one"]:
-        one(*args.parts[1:4])
+        one(*args.parts[1:5])
         sys.exit()
-    which = args.parts or ["reference", "scaling", "accuracy", "copies", "optimizer"]
+    which = args.parts or ["reference", "reference-adam", "scaling", "accuracy", "copies", "optimizer"]
     if "reference" in which:
         reference()
+    if "reference-adam" in which:
+        reference_adam()
     if "scaling" in which:
         scaling()
     if "accuracy" in which:
