@@ -6,6 +6,7 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py reference scaling --device cuda
     python benchmarks/bench_limit.py copies                     # Adam's grids against a copy population
     python benchmarks/bench_limit.py reference-adam             # the reference case under Adam, by copies
+    python benchmarks/bench_limit.py copies-accuracy            # copy populations against the dense grid
     python benchmarks/bench_limit.py optimizer                  # the finite optimizer step against torch.optim
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
@@ -170,6 +171,23 @@ def copies_scaling() -> None:
               f"(exponent {slope(xs, grids):.2f})")
 
 
+def copies_accuracy(per_system: int = 2**12, batches: int = 8, steps: int = 10) -> None:
+    """Adam (depth-3 MLP, 16 inputs) with copy populations against the dense same-population grid of the
+    same seed: the RMS standard error of the outputs, and their RMS difference in combined standard errors."""
+    X, y = data()
+    limit = limit_for("adam")
+    options = dict(steps=steps, lr=LR["adam"], particles=per_system * batches, batches=batches, progress=False)
+    dense = limit.train(X, y, copies=per_system, **options)
+    print(f"adam, {batches} systems of {per_system} particles, {steps} steps: dense grid RMS se "
+          f"{float(dense.outputs_se.square().mean().sqrt()):.4f}, {dense.seconds:.1f} s")
+    for copies in (per_system // 64, per_system // 16, per_system // 4):
+        cut = limit.train(X, y, copies=copies, **options)
+        z = (cut.outputs - dense.outputs) / (cut.outputs_se.square() + dense.outputs_se.square()).sqrt()
+        print(f"  copies {copies} (P/{per_system // copies}): RMS se {float(cut.outputs_se.square().mean().sqrt()):.4f}"
+              f", RMS difference to the dense grid {float(z.square().mean().sqrt()):.2f} se (max "
+              f"{float(z.abs().max()):.2f}), {cut.seconds:.1f} s")
+
+
 def optimizer_step(width: int = 4096, steps: int = 10) -> None:
     """One optimizer step of a depth-3 MLP at ``width`` (μP groups): TplimitsOptimizer against
     ``torch.optim.Adam(foreach=True)`` / ``SGD(foreach=True)`` on the same parameters and gradients."""
@@ -232,7 +250,8 @@ def cost_at_accuracy(target: float = 0.01, steps: int = 20) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
-                        help="reference, reference-adam, scaling, accuracy, copies, optimizer (default: all)")
+                        help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer "
+                             "(default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--target", type=float, default=0.01, help="accuracy of the cost-at-accuracy comparison")
     args = parser.parse_args()
@@ -240,7 +259,8 @@ if __name__ == "__main__":
     if args.parts[:1] == ["one"]:
         one(*args.parts[1:5])
         sys.exit()
-    which = args.parts or ["reference", "reference-adam", "scaling", "accuracy", "copies", "optimizer"]
+    which = args.parts or ["reference", "reference-adam", "scaling", "accuracy", "copies", "copies-accuracy",
+                           "optimizer"]
     if "reference" in which:
         reference()
     if "reference-adam" in which:
@@ -251,5 +271,7 @@ if __name__ == "__main__":
         cost_at_accuracy(args.target)
     if "copies" in which:
         copies_scaling()
+    if "copies-accuracy" in which:
+        copies_accuracy()
     if "optimizer" in which:
         optimizer_step()
