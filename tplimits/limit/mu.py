@@ -25,13 +25,14 @@ from tplimits.core.ir import MatMul, ParameterInfo, Width, concrete_shape
 from tplimits.core.program import Program
 from tplimits.errors import NotRepresentable, TplimitsError
 from tplimits.limit.kets import KetInterpreter, MatMulPlan, MatrixOperator, OperatorAction
-from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule
+from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule, apply_rule_in_place, tile_entries
 from tplimits.training.init import InitialValue, coordinate_law, init_std, initial_value, multiplier
 from tplimits.training.optim import parameter_groups, rule_groups
 from tplimits.training.parametrize import ABCD, Parametrization
 
 DENSE_TILE_ENTRIES = 2**22
-"""Entries of a dense update grid processed at once (32 MiB in float64)."""
+"""At most this many entries of a grid of ``Q`` values are updated at once (32 MiB in float64); on CPU the
+optimizer's smaller tile (:data:`~tplimits.optimizers.base.CPU_TILE_ENTRIES`) applies."""
 
 
 @attrs.frozen
@@ -274,30 +275,19 @@ class ParticleNetwork:
                    gradient: Callable[[slice], torch.Tensor],
                    norm_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
         """The rule on a grid of ``Q`` values (§11.4) whose gradient's entries ``rows`` along ``axis`` are
-        ``gradient(rows)``, a tile of rows at a time, in place: memory is the grid and its optimizer state
-        plus one tile, not the several grid-sized temporaries of a whole-grid update. Normalized / clipped
-        updates need the norm of the whole update first (``norm_scale`` times the grid's: a copy grid holds
-        a sample of the dense grid's entries), and a rule whose state is not entrywise cannot be cut into
-        tiles: those take the whole grid at once. Returns the grid (the same tensor, unless the whole grid
-        was replaced) and its new state."""
+        ``gradient(rows)``, a tile of rows at a time, in place (:func:`apply_rule_in_place`): memory is the
+        grid and its optimizer state plus one tile. Normalized / clipped updates, whose norm is the whole
+        update's (``norm_scale`` times the grid's: a copy grid holds a sample of the dense grid's entries),
+        and a state that is not entrywise take the whole grid at once. Returns the grid (the same tensor,
+        unless the whole grid was replaced) and its new state."""
         group = self.groups[name]
         scale = group["grad_scale"]
-        if not state:
-            state = {"step": 0, "q_state": self.setup.rule.init_state(grid)}
-        entrywise = all(torch.is_tensor(v) and v.shape == grid.shape for v in state["q_state"].values())
-        if group["normalize"] or group["clip"] is not None or not entrywise or torch.is_grad_enabled():
-            return apply_rule(self.setup.rule, grid, gradient(slice(None)) * scale, state, group, self.hyper,
-                              norm_scale)
-        rows_per_tile = max(1, DENSE_TILE_ENTRIES * grid.shape[axis] // max(grid.numel(), 1))
-        for start in range(0, grid.shape[axis], rows_per_tile):
-            rows = slice(start, start + rows_per_tile)
-            index = (slice(None),) * axis + (rows,)
-            tile_state = {"step": state["step"], "q_state": {k: v[index] for k, v in state["q_state"].items()}}
-            grid[index], new_state = apply_rule(self.setup.rule, grid[index], gradient(rows) * scale, tile_state,
-                                                group, self.hyper)
-            for key, value in new_state["q_state"].items():
-                state["q_state"][key][index] = value
-        return grid, {"step": state["step"] + 1, "q_state": state["q_state"]}
+        tile = min(DENSE_TILE_ENTRIES, tile_entries(grid.device))
+        new_state = None if torch.is_grad_enabled() else apply_rule_in_place(
+            self.setup.rule, grid, lambda rows: gradient(rows) * scale, state, group, self.hyper, axis, tile)
+        if new_state is not None:
+            return grid, new_state
+        return apply_rule(self.setup.rule, grid, gradient(slice(None)) * scale, state, group, self.hyper, norm_scale)
 
     def _uses(self, target: str) -> list[MatMul]:
         """The forward MatMul instructions that multiply by parameter ``target``."""

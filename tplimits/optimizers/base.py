@@ -261,13 +261,10 @@ class TplimitsOptimizer(torch.optim.Optimizer):
         return f"{type(self).__name__}[{self.rule.name}]" + super().__repr__()[len(type(self).__name__) :]
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict with rules by name (checked by :meth:`load_state_dict`). Rule states are
-        never modified in place, so the result is a snapshot: later steps do not change it."""
+        """torch's state dict with rules by name (checked by :meth:`load_state_dict`), a snapshot: steps
+        update the rule states in place, so their tensors are copied."""
         packed = super().state_dict()
-        state = {
-            k: {key: dict(val) if isinstance(val, dict) else val for key, val in v.items()}
-            for k, v in packed["state"].items()
-        }
+        state = _copied_states(packed["state"])
         groups = [{**g, "rule": g["rule"].name} for g in packed["param_groups"]]
         return {**packed, "state": state, "param_groups": groups, "rule": self.rule.name}
 
@@ -282,7 +279,7 @@ class TplimitsOptimizer(torch.optim.Optimizer):
                 raise PluginError(f"state dict has a param group of update rule {name!r} where this optimizer "
                                   f"runs {own['rule'].name!r}")
             group["rule"] = own["rule"]
-        super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+        super().load_state_dict({"state": _copied_states(state_dict["state"]), "param_groups": groups})
 
     def _inputs(self, activations: Mapping[torch.Tensor, torch.Tensor] | None) -> dict[int, torch.Tensor]:
         driven = [g for g in self.param_groups if g["rule"].needs_activations]
@@ -344,15 +341,41 @@ class TplimitsOptimizer(torch.optim.Optimizer):
     def _update(
         self, p: torch.Tensor, g: torch.Tensor, x: torch.Tensor | None, group: Mapping[str, Any], hyper: dict
     ) -> None:
-        # in place: a fresh tensor of the parameter's size per step costs as much as the rule on CPU
+        # in place, in tiles: a fresh tensor of the parameter's size per step costs as much as the rule on CPU
         rule = group["rule"]
-        q, self.state[p] = rule_direction(rule, g, self.state[p], group, hyper)
         z_old = DenseAction(p)(x) if rule.rescale is not None else None
-        if group["weight_decay"]:
-            p.mul_(1 - group["weight_decay"])
-        p.add_(q, alpha=-(group["lr"] * group["lr_scale"]))
+        flat_p, flat_g = p.view(-1) if p.is_contiguous() else None, g.reshape(-1)
+        state = None
+        if flat_p is not None:
+            state = apply_rule_in_place(rule, flat_p, flat_g.__getitem__, _flat_state(self.state[p]), group, hyper)
+        if state is not None:
+            self.state[p] = _shaped_state(state, p.shape)
+        else:
+            q, self.state[p] = rule_direction(rule, g, self.state[p], group, hyper)
+            if group["weight_decay"]:
+                p.mul_(1 - group["weight_decay"])
+            p.add_(q, alpha=-(group["lr"] * group["lr_scale"]))
         if rule.rescale is not None:
             p.mul_(rule.rescale(z_old, DenseAction(p)(x), hyper))
+
+
+def _copied_states(states: Mapping[Any, Mapping[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """Per-parameter optimizer states with their rule-state tensors copied (steps update them in place)."""
+    return {k: {key: {n: t.clone() if torch.is_tensor(t) else t for n, t in val.items()} if isinstance(val, dict)
+                else val for key, val in v.items()}
+            for k, v in states.items()}
+
+
+def _flat_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer state with its tensors as flat views (the same storage)."""
+    if not state:
+        return {}
+    return {**state, "q_state": {k: v.view(-1) if torch.is_tensor(v) and v.is_contiguous() else v
+                                 for k, v in state["q_state"].items()}}
+
+
+def _shaped_state(state: Mapping[str, Any], shape: torch.Size) -> dict[str, Any]:
+    return {**state, "q_state": {k: v.view(shape) for k, v in state["q_state"].items()}}
 
 
 def _batch_rows(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -386,6 +409,43 @@ def apply_rule(rule: UpdateRule, p: torch.Tensor, g: torch.Tensor, state: Mappin
     q, new_state = rule_direction(rule, g, state, group, hyper, norm_scale)
     new = p * (1 - group["weight_decay"]) if group["weight_decay"] else p
     return new - (group["lr"] * group["lr_scale"]) * q, new_state
+
+
+CPU_TILE_ENTRIES = 2**18
+"""Entries a CPU update takes at once (2 MiB in float64): its temporaries stay in cache and below the
+allocator's threshold for fresh pages (a parameter-sized temporary costs a page fault per 4 KiB)."""
+GPU_TILE_ENTRIES = 2**22
+"""Entries an accelerator update takes at once (fewer, larger kernel launches)."""
+
+
+def tile_entries(device: torch.device) -> int:
+    """How many entries :func:`apply_rule_in_place` updates at once on ``device``."""
+    return CPU_TILE_ENTRIES if device.type == "cpu" else GPU_TILE_ENTRIES
+
+
+def apply_rule_in_place(rule: UpdateRule, p: torch.Tensor, gradient: Callable[[slice], torch.Tensor],
+                        state: Mapping[str, Any], group: Mapping[str, Any], hyper: Mapping[str, Any], axis: int = 0,
+                        tile: int | None = None) -> dict[str, Any] | None:
+    """:func:`apply_rule` on ``p`` and its state in place, a tile of ``tile`` entries (rows along ``axis``) at a
+    time, the gradient of rows ``rows`` being ``gradient(rows)`` (already scaled): memory is ``p`` and its
+    state plus one tile, not several ``p``-sized temporaries. Returns the new state (its tensors are the old
+    ones, updated), or None without touching anything when the update cannot be cut into tiles: a
+    normalized or clipped update needs the norm of the whole update, and a state that is not entrywise
+    (one tensor per entry of ``p``) belongs to the whole tensor."""
+    state = state or {"step": 0, "q_state": rule.init_state(p)}
+    entrywise = all(torch.is_tensor(v) and v.shape == p.shape for v in state["q_state"].values())
+    if group["normalize"] or group["clip"] is not None or not entrywise:
+        return None
+    tile = tile_entries(p.device) if tile is None else tile
+    rows_per_tile = max(1, tile * p.shape[axis] // max(p.numel(), 1))
+    for start in range(0, p.shape[axis], rows_per_tile):
+        rows = slice(start, start + rows_per_tile)
+        index = (slice(None),) * axis + (rows,)
+        tile_state = {"step": state["step"], "q_state": {k: v[index] for k, v in state["q_state"].items()}}
+        p[index], new_state = apply_rule(rule, p[index], gradient(rows), tile_state, group, hyper)
+        for key, value in new_state["q_state"].items():
+            state["q_state"][key][index] = value
+    return {"step": state["step"] + 1, "q_state": state["q_state"]}
 
 
 def rule_direction(rule: UpdateRule, g: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any],
@@ -456,6 +516,7 @@ __all__ = [
     "UpdateRule",
     "activation_signal",
     "apply_rule",
+    "apply_rule_in_place",
     "bias_correction",
     "eps_homogeneity",
     "record_inputs",
