@@ -352,9 +352,7 @@ class TplimitsOptimizer(torch.optim.Optimizer):
             self.state[p] = _shaped_state(state, p.shape)
         else:
             q, self.state[p] = rule_direction(rule, g, self.state[p], group, hyper)
-            if group["weight_decay"]:
-                p.mul_(1 - group["weight_decay"])
-            p.add_(q, alpha=-(group["lr"] * group["lr_scale"]))
+            _descend(p, q, group)
         if rule.rescale is not None:
             p.mul_(rule.rescale(z_old, DenseAction(p)(x), hyper))
 
@@ -442,10 +440,18 @@ def apply_rule_in_place(rule: UpdateRule, p: torch.Tensor, gradient: Callable[[s
         rows = slice(start, start + rows_per_tile)
         index = (slice(None),) * axis + (rows,)
         tile_state = {"step": state["step"], "q_state": {k: v[index] for k, v in state["q_state"].items()}}
-        p[index], new_state = apply_rule(rule, p[index], gradient(rows), tile_state, group, hyper)
+        q, new_state = rule_direction(rule, gradient(rows), tile_state, group, hyper)
+        _descend(p[index], q, group)
         for key, value in new_state["q_state"].items():
             state["q_state"][key][index] = value
     return {"step": state["step"] + 1, "q_state": state["q_state"]}
+
+
+def _descend(p: torch.Tensor, q: torch.Tensor, group: Mapping[str, Any]) -> None:
+    """``p ← (1 − weight_decay) p − lr · lr_scale · q`` in place."""
+    if group["weight_decay"]:
+        p.mul_(1 - group["weight_decay"])
+    p.add_(q, alpha=-(group["lr"] * group["lr_scale"]))
 
 
 def rule_direction(rule: UpdateRule, g: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any],
