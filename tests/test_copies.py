@@ -134,10 +134,15 @@ def test_adam_with_a_sixteenth_of_the_particles_as_copies_matches_finite_width(a
 
 
 @pytest.mark.slow
-def test_adam_copies_at_larger_sizes_match_finite_width():  # about 2 min on 2 shared cores
+def test_adam_copies_at_larger_sizes_match_finite_width():  # about 8 min on 2 shared cores
+    """P′ = P/16 at 2^16 particles: the seed average at width 4096 within 3 standard errors of the limit, and
+    the gap shrinking like width^-1/2 from 256 to 1024. From 1024 to 4096 it flattens (measured: 0.0120 ±
+    0.0020, then 0.0107 ± 0.0021): at width 4096 the finite models' fluctuations fall below the limit's own
+    Monte Carlo error, which no copy count changes (benchmarks/bench_limit.py copies-accuracy)."""
     limit = tpl.derive("mlp", optimizer="adam", depth=3, d_in=4, activation="tanh")
     X, y = _regression(rows=8)
     particles = 2**16
     report = limit.check(X, y, widths=[256, 1024, 4096], seeds=8, steps=10, lr=0.02, particles=particles,
                          copies=particles // 4 // 16, progress=False)
-    assert report.passed, report.format()
+    assert report.agrees, report.format()
+    assert float(report.gap[1] / report.gap[0]) <= 4**-0.4, report.format()
