@@ -8,6 +8,7 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py reference-adam             # the reference case under Adam, by copies
     python benchmarks/bench_limit.py copies-accuracy            # copy populations against the dense grid
     python benchmarks/bench_limit.py optimizer                  # the finite optimizer step against torch.optim
+    python benchmarks/bench_limit.py processes                  # 1 and 2 gloo processes (torchrun)
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -191,6 +192,34 @@ def copies_accuracy(per_system: int = 2**12, batches: int = 8, steps: int = 10) 
               f"{float(z.abs().max()):.2f}), {cut.seconds:.1f} s")
 
 
+def spread_one(steps: int = 20, particles: int = 2**16) -> None:
+    """One SGD run of the reference task (4 systems) on the ranks torchrun started, one thread each."""
+    import os
+
+    import torch.distributed as dist
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    X, y = data()
+    limit = limit_for("sgd")
+    limit.train(X, y, steps=1, lr=LR["sgd"], particles=1024, batches=4, progress=False)  # lowering, untimed
+    start = time.perf_counter()
+    traj = limit.train(X, y, steps=steps, lr=LR["sgd"], particles=particles, batches=4, progress=False)
+    seconds = time.perf_counter() - start
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({"seconds": seconds, "loss": traj.loss[-1].item()}))
+
+
+def spread_scaling() -> None:
+    """Strong scaling of the independent systems over 1 and 2 gloo processes (torchrun), one thread each."""
+    for n in (1, 2):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), __file__,
+                               "spread-one"], capture_output=True, text=True, check=True)
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"sgd, 2^16 particles in 4 systems, 20 steps, {n} process(es): {r['seconds']:.1f} s, final loss "
+              f"{r['loss']!r}")
+
+
 def optimizer_step(width: int = 4096, steps: int = 10) -> None:
     """One optimizer step of a depth-3 MLP at ``width`` (μP groups): TplimitsOptimizer against
     ``torch.optim.Adam(foreach=True)`` / ``SGD(foreach=True)`` on the same parameters and gradients."""
@@ -253,8 +282,8 @@ def cost_at_accuracy(target: float = 0.01, steps: int = 20) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
-                        help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer "
-                             "(default: all)")
+                        help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
+                             "processes (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
                         help="copies / optimizer: time by this process's CPU seconds, one thread (a shared machine)")
@@ -264,11 +293,14 @@ if __name__ == "__main__":
     if args.cpu_time:
         CLOCK = time.process_time
         torch.set_num_threads(1)
+    if args.parts[:1] == ["spread-one"]:
+        spread_one()
+        sys.exit()
     if args.parts[:1] == ["one"]:
         one(*args.parts[1:5])
         sys.exit()
     which = args.parts or ["reference", "reference-adam", "scaling", "accuracy", "copies", "copies-accuracy",
-                           "optimizer"]
+                           "optimizer", "processes"]
     if "reference" in which:
         reference()
     if "reference-adam" in which:
@@ -283,3 +315,5 @@ if __name__ == "__main__":
         copies_accuracy()
     if "optimizer" in which:
         optimizer_step()
+    if "processes" in which:
+        spread_scaling()
