@@ -4,6 +4,11 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py                            # everything (about 6 minutes on 2 CPU cores)
     python benchmarks/bench_limit.py reference                  # only the reference case
     python benchmarks/bench_limit.py reference scaling --device cuda
+    python benchmarks/bench_limit.py copies                     # Adam's grids against a copy population
+    python benchmarks/bench_limit.py reference-adam             # the reference case under Adam, by copies
+    python benchmarks/bench_limit.py copies-accuracy            # copy populations against the dense grid
+    python benchmarks/bench_limit.py optimizer                  # the finite optimizer step against torch.optim
+    python benchmarks/bench_limit.py processes                  # 1 and 2 gloo processes (torchrun)
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -23,11 +28,13 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
 import tplimits as tpl
 from tplimits.limit.check import finite_outputs
+from tplimits.limit.mu import ParticleNetwork
 from tplimits.limit.runs import batch_schedule
 
 LR = {"sgd": 0.1, "adam": 0.01}
@@ -49,14 +56,15 @@ def limit_for(optimizer: str) -> tpl.Limit:
     return tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=16)
 
 
-def train(optimizer: str, particles: int, steps: int, device: str = "cpu") -> tuple[float, tpl.Trajectory]:
+def train(optimizer: str, particles: int, steps: int, device: str = "cpu",
+          copies: int | None = None) -> tuple[float, tpl.Trajectory]:
     """One timed run, after a small untimed one that lowers the model and warms the device up."""
     X, y = data()
     limit = limit_for(optimizer)
     limit.train(X, y, steps=1, lr=LR[optimizer], particles=1024, batches=4, device=device, progress=False)
     start = time.perf_counter()
     traj = limit.train(X, y, steps=steps, lr=LR[optimizer], particles=particles, batches=4, device=device,
-                       progress=False)
+                       progress=False, copies=copies)
     if device != "cpu":
         torch.cuda.synchronize()
     return time.perf_counter() - start, traj
@@ -65,16 +73,16 @@ def train(optimizer: str, particles: int, steps: int, device: str = "cpu") -> tu
 DEVICE = "cpu"
 
 
-def measure(optimizer: str, particles: int, steps: int) -> dict:
+def measure(optimizer: str, particles: int, steps: int, copies: int | None = None) -> dict:
     """Time, peak memory and largest output standard error of one run, in a fresh process."""
-    done = subprocess.run([sys.executable, __file__, "--device", DEVICE, "one", optimizer, str(particles), str(steps)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, __file__, "--device", DEVICE, "one", optimizer, str(particles), str(steps),
+                           str(copies or 0)], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def one(optimizer: str, particles: str, steps: str) -> None:
+def one(optimizer: str, particles: str, steps: str, copies: str = "0") -> None:
     before = peak_mb()
-    seconds, traj = train(optimizer, int(particles), int(steps), DEVICE)
+    seconds, traj = train(optimizer, int(particles), int(steps), DEVICE, int(copies) or None)
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if DEVICE != "cpu" else 0.0
     print(json.dumps({"seconds": seconds, "peak_mb": gpu_mb if DEVICE != "cpu" else peak_mb(), "baseline_mb": before,
                       "max_se": float(traj.outputs_se.max()), "dots": traj.dots}))
@@ -97,6 +105,15 @@ def reference() -> None:
           f"{r['peak_mb']:.0f} MB")
 
 
+def reference_adam(copies: tuple[int, ...] = (1024, 4096, 2**14)) -> None:
+    """The reference case under Adam (lr 0.01) with copy populations of each system's 2^14 particles (2^14:
+    the dense same-population grid, the engine before copy populations)."""
+    for c in copies:
+        r = measure("adam", 2**16, 50, c)
+        print(f"reference on {DEVICE}, Adam, copies {c}: {r['seconds']:.1f} s, max output se {r['max_se']:.4f}, "
+              f"peak {MEMORY[DEVICE]} {r['peak_mb']:.0f} MB")
+
+
 def scaling() -> None:
     for optimizer, (sizes, fixed_steps, step_counts, fixed_particles) in SCALING[DEVICE].items():
         for label, xs, runs in (
@@ -109,6 +126,125 @@ def scaling() -> None:
                   f"exponent {slope(xs, seconds):.2f}; peak {MEMORY[DEVICE]} "
                   f"{', '.join(str(round(r['peak_mb'])) for r in runs)} MB (RSS after imports "
                   f"{runs[0]['baseline_mb']:.0f} MB)")
+
+
+CLOCK = time.perf_counter  # --cpu-time: time.process_time, this process's CPU seconds (robust to a shared machine)
+
+
+class TimedGrids(ParticleNetwork):
+    """A particle system that adds up the time its hidden matrices' gradient updates take."""
+
+    grid_seconds = 0.0
+
+    def _matrix_gradient(self, *args: Any, **kwargs: Any) -> None:
+        start = CLOCK()
+        super()._matrix_gradient(*args, **kwargs)
+        self.grid_seconds += CLOCK() - start
+
+
+def grid_run(particles: int, copies: int | None, steps: int = 10) -> tuple[float, float]:
+    """Seconds of ``steps`` Adam steps of one system, and of its grid updates alone."""
+    X, y = data()
+    limit = limit_for("adam")
+    setup = limit.setup(X.float())  # lowered in the default dtype, as train lowers it
+    loss = tpl.loss("mse")
+    net = TimedGrids(setup, particles, 0, torch.float64, DEVICE, "stein", LR["adam"], steps, copies=copies)
+    start = CLOCK()
+    for _ in range(steps):
+        interp = net.forward((X.to(DEVICE),))
+        out = net.outputs(interp)
+        net.backward_and_update(interp, loss.error_signal(out, y.to(out.device), torch.arange(len(X))))
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+    return CLOCK() - start, net.grid_seconds
+
+
+def copies_scaling() -> None:
+    """Adam (depth-3 MLP, 10 steps, one system) against particles per system: the grids against a fixed copy
+    population (cost ∝ P·P′: exponent 1 expected), at a fixed ratio P′ = P/16 (∝ P²: exponent 2) and
+    the dense same-population grid (P²)."""
+    grid_run(1024, 64, 1)  # lowering and warm-up, untimed
+    sizes = [2**10, 2**11, 2**12, 2**13]
+    for label, copies_of in (("copies 256", lambda p: 256), ("copies P/16", lambda p: p // 16),
+                             ("dense grid", lambda p: None)):
+        runs = [grid_run(p, copies_of(p)) for p in sizes[: 3 if copies_of(1) is None else 4]]
+        xs = sizes[: len(runs)]
+        total, grids = [r[0] for r in runs], [r[1] for r in runs]
+        print(f"adam, {label}: particles per system {xs}: total {', '.join(f'{t:.2f}' for t in total)} s "
+              f"(exponent {slope(xs, total):.2f}); grid updates {', '.join(f'{t:.2f}' for t in grids)} s "
+              f"(exponent {slope(xs, grids):.2f})")
+
+
+def copies_accuracy(per_system: int = 2**12, batches: int = 8, steps: int = 10) -> None:
+    """Adam (depth-3 MLP, 16 inputs) with copy populations against the dense same-population grid of the
+    same seed: the RMS standard error of the outputs, and their RMS difference in combined standard errors."""
+    X, y = data()
+    limit = limit_for("adam")
+    options = dict(steps=steps, lr=LR["adam"], particles=per_system * batches, batches=batches, progress=False)
+    dense = limit.train(X, y, copies=per_system, **options)
+    print(f"adam, {batches} systems of {per_system} particles, {steps} steps: dense grid RMS se "
+          f"{float(dense.outputs_se.square().mean().sqrt()):.4f}, {dense.seconds:.1f} s")
+    for copies in (per_system // 64, per_system // 16, per_system // 4):
+        cut = limit.train(X, y, copies=copies, **options)
+        z = (cut.outputs - dense.outputs) / (cut.outputs_se.square() + dense.outputs_se.square()).sqrt()
+        print(f"  copies {copies} (P/{per_system // copies}): RMS se {float(cut.outputs_se.square().mean().sqrt()):.4f}"
+              f", RMS difference to the dense grid {float(z.square().mean().sqrt()):.2f} se (max "
+              f"{float(z.abs().max()):.2f}), {cut.seconds:.1f} s")
+
+
+def spread_one(steps: int = 20, particles: int = 2**16) -> None:
+    """One SGD run of the reference task (4 systems) on the ranks torchrun started, one thread each."""
+    import os
+
+    import torch.distributed as dist
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    X, y = data()
+    limit = limit_for("sgd")
+    limit.train(X, y, steps=1, lr=LR["sgd"], particles=1024, batches=4, progress=False)  # lowering, untimed
+    start = time.perf_counter()
+    traj = limit.train(X, y, steps=steps, lr=LR["sgd"], particles=particles, batches=4, progress=False)
+    seconds = time.perf_counter() - start
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({"seconds": seconds, "loss": traj.loss[-1].item()}))
+
+
+def spread_scaling() -> None:
+    """Strong scaling of the independent systems over 1 and 2 gloo processes (torchrun), one thread each."""
+    for n in (1, 2):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), __file__,
+                               "spread-one"], capture_output=True, text=True, check=True)
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"sgd, 2^16 particles in 4 systems, 20 steps, {n} process(es): {r['seconds']:.1f} s, final loss "
+              f"{r['loss']!r}")
+
+
+def optimizer_step(width: int = 4096, steps: int = 10) -> None:
+    """One optimizer step of a depth-3 MLP at ``width`` (μP groups): TplimitsOptimizer against
+    ``torch.optim.Adam(foreach=True)`` / ``SGD(foreach=True)`` on the same parameters and gradients."""
+    from tplimits.optimizers import TplimitsOptimizer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Tanh(), torch.nn.Linear(width, width),
+                                torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh(),
+                                torch.nn.Linear(width, 1)).to(DEVICE)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    rules = {"adam": (tpl.optimizer("adam"), torch.optim.Adam), "sgd": (tpl.optimizer("sgd"), torch.optim.SGD)}
+    for name, (rule, reference) in rules.items():
+        timings = {}
+        for label, opt in (("tplimits", TplimitsOptimizer(model.parameters(), rule, lr=1e-6)),
+                           ("torch foreach", reference(model.parameters(), lr=1e-6, foreach=True))):
+            opt.step()  # state allocated, untimed
+            start = CLOCK()
+            for _ in range(steps):
+                opt.step()
+            if DEVICE != "cpu":
+                torch.cuda.synchronize()
+            timings[label] = (CLOCK() - start) / steps
+        ours, theirs = timings["tplimits"], timings["torch foreach"]
+        print(f"{name} step at width {width} on {DEVICE}: tplimits {ours * 1e3:.1f} ms, torch foreach "
+              f"{theirs * 1e3:.1f} ms, ratio {ours / theirs:.2f}")
 
 
 def cost_at_accuracy(target: float = 0.01, steps: int = 20) -> None:
@@ -145,18 +281,39 @@ def cost_at_accuracy(target: float = 0.01, steps: int = 20) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", help="reference, scaling, accuracy (default: all)")
+    parser.add_argument("parts", nargs="*",
+                        help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
+                             "processes (default: all)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="copies / optimizer: time by this process's CPU seconds, one thread (a shared machine)")
     parser.add_argument("--target", type=float, default=0.01, help="accuracy of the cost-at-accuracy comparison")
     args = parser.parse_args()
     DEVICE = args.device
-    if args.parts[:1] == ["one"]:
-        one(*args.parts[1:4])
+    if args.cpu_time:
+        CLOCK = time.process_time
+        torch.set_num_threads(1)
+    if args.parts[:1] == ["spread-one"]:
+        spread_one()
         sys.exit()
-    which = args.parts or ["reference", "scaling", "accuracy"]
+    if args.parts[:1] == ["one"]:
+        one(*args.parts[1:5])
+        sys.exit()
+    which = args.parts or ["reference", "reference-adam", "scaling", "accuracy", "copies", "copies-accuracy",
+                           "optimizer", "processes"]
     if "reference" in which:
         reference()
+    if "reference-adam" in which:
+        reference_adam()
     if "scaling" in which:
         scaling()
     if "accuracy" in which:
         cost_at_accuracy(args.target)
+    if "copies" in which:
+        copies_scaling()
+    if "copies-accuracy" in which:
+        copies_accuracy()
+    if "optimizer" in which:
+        optimizer_step()
+    if "processes" in which:
+        spread_scaling()

@@ -119,7 +119,7 @@ def test_x_test_with_other_features(limit, data):
 
 def test_memory_is_estimated_before_allocating(data):
     adam = tpl.derive("mlp", optimizer="adam", depth=2, d_in=3)
-    with pytest.raises(tpl.TplimitsError, match=r"dense grids of Q values need about .* GiB.*at most about \d+"):
+    with pytest.raises(tpl.TplimitsError, match=r"grids of Q values need about .* GiB.*at most about \d+"):
         adam.train(*data, steps=1, particles=2**22, progress=False)
 
 

@@ -19,8 +19,10 @@ matrix is applied to at once.
   Gaussians (every expectation detached); ``dots="stein"`` uses Gaussian integration by parts,
   ``E[∂x/∂G] = E[G x]`` (Remark 2.6.6), which needs no graph and works for any function;
 * updates: ``linear`` rules (SGD, momentum) keep low-rank factors ``(A_s, B_s)`` with one
-  coefficient per step; other rules keep the dense ``[P_out, P_in]`` grid of ``Q`` values
-  against the same particle population (§11.4), trained by the finite-width optimizer itself.
+  coefficient per step; other rules keep grids of ``Q`` values trained by the finite-width optimizer
+  itself (§11.4): the dense ``[P_out, P_in]`` grid against the same particle population, or
+  (:class:`PairGrids`) two rectangular grids against a fixed copy population of ``P′`` particles,
+  ``O(P·P′)`` instead of ``O(P²)``.
 """
 
 from __future__ import annotations
@@ -258,17 +260,62 @@ class HatFamily:
         return torch.cat(blocks, dim=1).detach()
 
 
+class PairGrids:
+    """The accumulated update of one matrix under a nonlinear rule against a copy population (§11.1, §11.4):
+    the first ``c_in`` input particles and the first ``c_out`` output particles (particles are iid, so these
+    are a random subset, and the same ones at every step: the copy index stays fixed over time).
+
+    ``W x`` sums over input particles: ``forward[f, i, c]`` pairs every output particle ``i`` with input copy
+    ``c``, and ``(W x)[i] ≈ (P_in / c_in) Σ_c forward[f, i, c] x[c]``. ``Wᵀ z`` sums over output particles, so
+    it has its own grid ``transposed[f, c, j]`` of output copies ``c`` against every input particle ``j``.
+    Each grid carries its own optimizer state (the caller's); both see the same gradient entries as the
+    dense grid ``[P_out, P_in]`` has at those pairs, so the copy grids are columns and rows of it until the
+    first update they feed back through. Canonical ``[F, ·, ·]`` layout.
+    """
+
+    def __init__(self, n_fixed: int, p_out: int, p_in: int, copies: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.p_out, self.p_in = p_out, p_in
+        self.c_out, self.c_in = min(copies, p_out), min(copies, p_in)
+        self.forward = torch.zeros(n_fixed, p_out, self.c_in, dtype=dtype, device=device)
+        self.transposed = torch.zeros(n_fixed, self.c_out, p_in, dtype=dtype, device=device)
+
+    def apply(self, xc: torch.Tensor, forward: bool) -> torch.Tensor:
+        """The accumulated update (trained units) on a canonical ket: ``[F, P_in, K] -> [F, P_out, K]``
+        forward, ``[F, P_out, K] -> [F, P_in, K]`` transposed."""
+        if forward:
+            return self.forward @ xc[:, : self.c_in] * (self.p_in / self.c_in)
+        return self.transposed.mT @ xc[:, : self.c_out] * (self.p_out / self.c_out)
+
+    def gradient(self, which: str, out_factor: torch.Tensor, in_factor: torch.Tensor,
+                 rows: slice = slice(None)) -> torch.Tensor:
+        """Rows ``rows`` of grid ``which``'s gradient ``out_factor · in_factorᵀ`` at its pairs (canonical factors
+        ``[F, P_out, K]`` and ``[F, P_in, K]``, every term's components joined along ``K``)."""
+        if which == "forward":
+            return out_factor[:, rows] @ in_factor[:, : self.c_in].mT
+        return out_factor[:, : self.c_out][:, rows] @ in_factor.mT
+
+    def norm_scale(self, which: str) -> float:
+        """The dense grid's norm over the norm of grid ``which`` (its sample of the dense grid's entries)."""
+        return (self.p_in / self.c_in if which == "forward" else self.p_out / self.c_out) ** 0.5
+
+    def grids(self) -> dict[str, torch.Tensor]:
+        return {"forward": self.forward, "transposed": self.transposed}
+
+
 class MatrixOperator:
     """``⟦W_t⟧`` for one matrix parameter: its initial operator plus the updates accumulated so far.
 
     ``init`` is ``("gaussian", std)`` (the effective entry standard deviation at width P),
     ``("identity", c)`` or ``("zero", 0)``. ``scale`` is the abcd multiplier between the trained tensor
-    and the matrix the model uses; updates are kept in trained units.
+    and the matrix the model uses; updates are kept in trained units. ``dense``: a nonlinear rule's grids of
+    ``Q`` values are kept, against every particle (the dense grid) or, with ``copies`` fewer than the
+    particles of an axis, against that copy population (:class:`PairGrids`).
     """
 
     def __init__(self, name: str, shape: Sequence[int], in_axis: int, out_axis: int, init: tuple[str, float],
                  scale: float, dense: bool, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
-                 dots: str) -> None:
+                 dots: str, copies: int | None = None) -> None:
         self.name = name
         self.shape = tuple(shape)
         self.in_axis, self.out_axis = in_axis, out_axis
@@ -290,7 +337,9 @@ class MatrixOperator:
                 "forward": HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track),
                 "transposed": HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track),
             }
-        self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense else None
+        paired = dense and copies is not None and copies < max(self.p_in, self.p_out)
+        self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense and not paired else None
+        self.pairs = PairGrids(self.n_fixed, self.p_out, self.p_in, copies, dtype, device) if paired else None
         self.out_factors = _Columns(dots == "autograd")  # A = [A_s]_s: [F, P_out, Σ k_s]
         self.in_factors = _Columns(dots == "autograd")  # B = [B_s]_s: [F, P_in, Σ k_s]
         self.factor_steps: list[int] = []  # the step of each column of A and B
@@ -300,7 +349,11 @@ class MatrixOperator:
     # -- applying the operator ------------------------------------------------------------------
     def apply(self, plan: MatMulPlan, x: torch.Tensor) -> torch.Tensor:
         """``⟦W⟧`` (or its transpose, as ``plan`` says) on the vector ``x`` of the MatMul's layout."""
-        out = plan.restore(self.apply_canonical(plan.canonical(x), plan.direction == "forward"))
+        xc, forward = plan.canonical(x), plan.direction == "forward"
+        yc = self.apply_canonical(xc, forward)
+        if self.pairs is not None:
+            yc = yc + self.scale * self.pairs.apply(xc.detach(), forward)
+        out = plan.restore(yc)
         if self.dense is not None:
             out = out + self.scale * torch.einsum(plan.equation, self.dense, x)
         return out
@@ -376,7 +429,8 @@ class MatrixOperator:
 
         return {"families": {k: {"basis": joined(f.basis), "gaussians": joined(f.gaussians)}
                              for k, f in self.families.items()},
-                "dense": self.dense, "out_factors": joined(self.out_factors), "in_factors": joined(self.in_factors),
+                "dense": self.dense, "pairs": None if self.pairs is None else self.pairs.grids(),
+                "out_factors": joined(self.out_factors), "in_factors": joined(self.in_factors),
                 "factor_steps": list(self.factor_steps), "coefficients": self.coefficients,
                 "init_scale": self.init_scale}
 
@@ -392,6 +446,8 @@ class MatrixOperator:
             f.basis = columns(saved["basis"], f.track_grad)
             f.gaussians = columns(saved["gaussians"], f.track_grad)
         self.dense = state["dense"]
+        if self.pairs is not None:
+            self.pairs.forward, self.pairs.transposed = state["pairs"]["forward"], state["pairs"]["transposed"]
         differentiable = self.dots == "autograd"
         self.out_factors = columns(state["out_factors"], differentiable)
         self.in_factors = columns(state["in_factors"], differentiable)
@@ -407,7 +463,8 @@ class OperatorAction:
     ``[K, P]`` of particles in, rows out."""
 
     def __init__(self, operator: MatrixOperator) -> None:
-        if operator.kind == "gaussian" or operator.n_fixed != 1 or operator.dense is not None:
+        if operator.kind == "gaussian" or operator.n_fixed != 1 or operator.dense is not None \
+                or operator.pairs is not None:
             raise TplimitsError(f"parameter {operator.name!r}: a non-gradient rule needs a single matrix with a "
                                 "deterministic initialization (identity or zero), updated by its rule alone")
         self.operator = operator

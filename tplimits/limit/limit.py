@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import math
 import os
 import pickle
 import time
@@ -31,9 +30,11 @@ from tplimits.core.program import Program
 from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
 from tplimits.limit import compare as fidelity
+from tplimits.limit.distributed import owned_systems, process_group, spread
 from tplimits.limit.exact import NotGaussian, exact_kernel
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
-from tplimits.limit.nt import Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
+from tplimits.limit.mu import grid_entries as mu_grid_entries
+from tplimits.limit.nt import DEFAULT_COPIES, Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
 from tplimits.limit.runs import (
     batch_schedule,
     blown_up,
@@ -110,7 +111,7 @@ class _Run:
     tested: bool  # X_test given: its rows follow the training rows in Z
     bound: float  # the outputs' RMS beyond which the run counts as diverged
     center: bool = False  # train f - f_0 (the initial function subtracted), as instantiate(center=True)
-    copies: int | None = None  # NT limit, nonlinear rules: the copy population of the hidden matrices' grids
+    copies: int | None = None  # nonlinear rules: the copy population of the hidden matrices' grids
 
     @property
     def per_batch(self) -> int:
@@ -205,30 +206,48 @@ class Limit:
               particles: int = 2**14, seed: int = 0, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float64, batches: int = 4, dots: str = "auto", kernels: Sequence[str] = (),
               checkpoint: str | None = None, checkpoint_every: int = 10, progress: bool = True, center: bool = False,
-              copies: int | None = None) -> Trajectory:
+              copies: int | None = None, distributed: bool | None = None) -> Trajectory:
         """Train the limit on ``(X, y)`` for ``steps`` updates at learning rate ``lr`` (the same ``lr`` as
         ``tpl.instantiate(..., lr=lr)``), with ``particles`` particles split into ``batches``
         independent systems (for the standard errors).
 
         The limit is the μ-limit or the NT limit as the classification of the parametrization says
         (:meth:`regime`). ``center=True`` trains ``f − f_0`` (the initial function subtracted, the paper's
-        Ch. 5 protocol; ``tpl.instantiate(..., center=True)`` is its finite counterpart). ``copies``: NT
-        limit under a nonlinear rule only, the copy population of each hidden matrix's grid of ``Q``
-        values (default: the system's particles, at most ``tplimits.limit.nt.DEFAULT_COPIES``).
+        Ch. 5 protocol; ``tpl.instantiate(..., center=True)`` is its finite counterpart). ``copies``: under
+        a nonlinear rule (Adam, SignSGD, Lion, normalized or clipped updates), the copy population of each
+        hidden matrix's grids of ``Q`` values, so a step costs ``O(P·copies)`` instead of ``O(P²)``
+        (default: the system's particles, at most ``tplimits.limit.nt.DEFAULT_COPIES``; with at least as
+        many copies as particles the μ-limit keeps the dense same-population grid).
 
         ``dots``: ``"autograd"`` (per-particle derivatives; linear update rules only), ``"stein"``
         (Gaussian integration by parts; any rule, no autograd graph) or ``"auto"`` (autograd where it
         applies and is affordable). ``checkpoint``: a file the run is saved to every
         ``checkpoint_every`` steps and resumed from if it exists (``stein`` dots only: an autograd
         graph cannot be saved).
+
+        ``distributed``: under an initialized ``torch.distributed`` process group (``None``, the default, or
+        ``True``, which requires one) the ``batches`` independent systems are spread over the ranks and every
+        rank returns the whole trajectory, bit-identical on CPU to the single-process run with the same seed
+        (:mod:`tplimits.limit.distributed`); ``False`` runs every system in this process.
         """
+        rank, size = process_group(distributed)
+        if size > 1 and checkpoint is not None:
+            raise TplimitsError("checkpoint= is for runs in one process; a run spread over a process group "
+                                "(distributed) keeps no checkpoint: pass distributed=False or no checkpoint")
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
                                    batches, dots, kernels, checkpoint, checkpoint_every, center, copies)
         start = time.perf_counter()
         identity = self._identity(run, setup)
+        desc = "NT limit" if setup.regime == "operator" else "μ-limit"
+        if size > 1:
+            bar = tqdm(total=len(owned_systems(batches, rank, size)) * (steps + 1), disable=not progress or rank != 0,
+                       desc=f"{desc} (rank 0 of {size})", unit="step")
+            finished = spread(batches, lambda b: self._train_system(setup, run, b, None, bar,
+                                                                    (None, checkpoint_every, identity), []), rank, size)
+            bar.close()
+            return attrs.evolve(_trajectory(run, finished, time.perf_counter() - start), identity=identity)
         saved = _load_checkpoint(checkpoint, identity)
         finished: list[dict[str, list]] = saved["finished"] if saved else []
-        desc = "NT limit" if setup.regime == "operator" else "μ-limit"
         bar = tqdm(total=batches * (steps + 1), disable=not progress, desc=desc, unit="step")
         bar.update(len(finished) * (steps + 1))
         for b in range(len(finished), batches):
@@ -287,7 +306,7 @@ class Limit:
             return self._train_tangent_system(setup, run, b, bar)
         checkpoint, checkpoint_every, identity = saving
         net = ParticleNetwork(setup, run.per_batch, _system_seed(run.seed, b), run.dtype, run.device, run.dots,
-                              run.lr, run.steps)
+                              run.lr, run.steps, copies=run.copies or DEFAULT_COPIES)
         record: dict[str, list] = {"outputs": [], "kernels": {k: [] for k in run.kernels}}
         if current is not None:
             net.load_state_dict(current["net"])
@@ -396,26 +415,27 @@ class Limit:
 
     def _check_memory(self, setup: LimitSetup, particles: int, batches: int, dtype: torch.dtype,
                       device: torch.device, copies: int | None = None) -> None:
-        """Refuse, before allocating, dense [P, P] grids (nonlinear rules) that cannot fit in memory."""
+        """Refuse, before allocating, grids of ``Q`` values (nonlinear rules) that cannot fit in memory."""
         if self.rule.linear and self.param.update == "plain" and self.clip is None:
             return
         grids = 1 + sum(torch.is_tensor(v) for v in self.rule.init_state(torch.zeros(1)).values())
-        # per particle²: a width axis of ratio r holds r·P particles (GQA's k/v projections: r = 1/2)
-        per_particle_squared = sum(math.prod(float(a.ratio) if isinstance(a, Width) else a
-                                             for a in setup.program.parameters[name].layout)
-                                   for name, abcd in setup.chosen.items()
-                                   if setup.program.parameters[name].kind == "matrix")
-        unit = grids * per_particle_squared * torch.empty((), dtype=dtype).element_size()
-        need = unit * (particles // batches) ** 2
-        if setup.regime == "operator":  # grids against the copy population only
-            need = grids * grid_entries(setup, particles // batches, copies) * torch.empty((), dtype=dtype).itemsize
-        have = _memory(device)
-        if unit and need > have:
-            fits = batches * int(math.isqrt(int(have // unit)))
-            raise TplimitsError(f"particles={particles}: {self.rule.name}'s dense grids of Q values need about "
-                                f"{need / 2**30:.3g} GiB per system ({grids} grids per hidden matrix, "
-                                f"{particles // batches} particles per system), more than the {have / 2**30:.3g} GiB "
-                                f"of {device.type} memory here; at most about {fits} particles fit")
+        size = grids * torch.empty((), dtype=dtype).element_size()
+
+        def need(per_batch: int) -> int:
+            if setup.regime == "operator":  # grids against the copy population only
+                return size * grid_entries(setup, per_batch, copies)
+            return size * mu_grid_entries(setup, per_batch, copies or DEFAULT_COPIES)
+
+        per_batch, have = particles // batches, _memory(device)
+        if need(per_batch) > have:
+            low, high = 0, per_batch  # the most particles per system that fit, by bisection
+            while high - low > 1:
+                low, high = ((low + high) // 2, high) if need((low + high) // 2) <= have else (low, (low + high) // 2)
+            raise TplimitsError(f"particles={particles}: {self.rule.name}'s grids of Q values need about "
+                                f"{need(per_batch) / 2**30:.3g} GiB per system ({grids} grids per hidden matrix, "
+                                f"{per_batch} particles per system, copies={copies}), more than the "
+                                f"{have / 2**30:.3g} GiB of {device.type} memory here; at most about {batches * low} "
+                                "particles fit (or pass fewer copies)")
 
     def _identity(self, run: _Run, setup: LimitSetup) -> dict[str, str]:
         """Everything that determines a run, as text: what a checkpoint must have been written by."""

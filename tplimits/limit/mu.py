@@ -12,6 +12,7 @@ Monte Carlo error.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,13 +25,14 @@ from tplimits.core.ir import MatMul, ParameterInfo, Width, concrete_shape
 from tplimits.core.program import Program
 from tplimits.errors import NotRepresentable, TplimitsError
 from tplimits.limit.kets import KetInterpreter, MatMulPlan, MatrixOperator, OperatorAction
-from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule
+from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule, apply_rule_in_place, tile_entries
 from tplimits.training.init import InitialValue, coordinate_law, init_std, initial_value, multiplier
 from tplimits.training.optim import parameter_groups, rule_groups
 from tplimits.training.parametrize import ABCD, Parametrization
 
 DENSE_TILE_ENTRIES = 2**22
-"""Entries of a dense update grid processed at once (32 MiB in float64)."""
+"""At most this many entries of a grid of ``Q`` values are updated at once (32 MiB in float64); on CPU the
+optimizer's smaller tile (:data:`~tplimits.optimizers.base.CPU_TILE_ENTRIES`) applies."""
 
 
 @attrs.frozen
@@ -80,11 +82,15 @@ def initial_values(program: Program, model: torch.nn.Module,
 
 
 class ParticleNetwork:
-    """One independent particle system of ``particles`` particles, trained step by step."""
+    """One independent particle system of ``particles`` particles, trained step by step. Under a nonlinear
+    rule each hidden matrix keeps its accumulated update as grids of ``Q`` values: the dense grid against
+    every particle, or with ``copies`` fewer than the particles two rectangular grids against that copy
+    population (:class:`~tplimits.limit.kets.PairGrids`)."""
 
     def __init__(self, setup: LimitSetup, particles: int, seed: int, dtype: torch.dtype, device: str | torch.device,
-                 dots: str, lr: float, steps: int, frozen: bool = False) -> None:
+                 dots: str, lr: float, steps: int, frozen: bool = False, copies: int | None = None) -> None:
         self.setup = setup
+        self.copies = copies  # a nonlinear rule's copy population (None: every particle, the dense grid)
         self.frozen = frozen  # the kets at initialization only (NT limit): no operator keeps its updates
         self.P = particles
         self.dtype = dtype
@@ -147,7 +153,7 @@ class ParticleNetwork:
                                     "not an operator of bounded norm; initialize it randomly, to zero or to c·I")
             dense = name in self.setup.chosen and not self._low_rank() and not self.frozen
             self.operators[name] = MatrixOperator(name, shape, in_axis, out_axis, op_init, scale, dense,
-                                                  self.generator, self.dtype, self.device, self.dots)
+                                                  self.generator, self.dtype, self.device, self.dots, self.copies)
             return
         if init.kind == "constant":
             tensor = torch.full(shape, init.value, dtype=init.dtype_in(self.dtype), device=self.device)
@@ -224,47 +230,64 @@ class ParticleNetwork:
         operator = self.operators[name]
         if operator.dense is not None:
             parts = [(term.equation, values[term.cotangent], values[term.vector]) for term in terms]
-            self._dense_step(name, operator, parts, weight)
-            operator.init_scale *= 1 - self.groups[name]["weight_decay"]
+            operator.dense, self.update_states[name] = self._grid_step(
+                name, operator.dense, self.update_states[name], operator.out_axis,
+                lambda rows: operator.dense_gradient(parts, rows) * weight)
+        elif operator.pairs is not None:
+            self._pair_step(name, operator, self._gradient_factors(name, operator, terms, values, weight))
+        else:
+            for out_factor, in_factor in self._gradient_factors(name, operator, terms, values, weight):
+                operator.add_factor(out_factor, in_factor, self.t)
+            self._linear_step(name, operator)
             return
+        operator.init_scale *= 1 - self.groups[name]["weight_decay"]
+
+    def _gradient_factors(self, name: str, operator: MatrixOperator, terms: Sequence[Any], values: Mapping[str, Any],
+                          weight: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each gradient term as canonical factors ``(out [F, P_out, K], in [F, P_in, K])``: the term is
+        ``out · inᵀ``, its cotangent side multiplied by ``weight``."""
         layout = self.infos[name].layout
+        factors = []
         for term in terms:
             plan = MatMulPlan.of_gradient_term(term.equation, name, layout, operator.in_axis,
                                                values[term.vector].shape)
             dh = plan.canonical(values[term.cotangent], plan.out_letters) * weight
             x = plan.canonical(values[term.vector])
-            if plan.direction == "forward":
-                operator.add_factor(dh, x, self.t)
-            else:
-                operator.add_factor(x, dh, self.t)
-        self._linear_step(name, operator)
+            factors.append((dh, x) if plan.direction == "forward" else (x, dh))
+        return factors
 
-    def _dense_step(self, name: str, operator: MatrixOperator, parts: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
-                    weight: float) -> None:
-        """The rule on the dense grid of ``Q`` values (§11.4), a tile of rows at a time, in place: memory is
-        the grid and its optimizer state plus one tile, not the several grid-sized temporaries of a
-        whole-grid update. Normalized / clipped updates need the norm of the whole update first, and a rule
-        whose state is not entrywise cannot be cut into tiles: those take the whole grid at once."""
+    def _pair_step(self, name: str, operator: MatrixOperator,
+                   factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The rule on both grids of a copy population (:class:`~tplimits.limit.kets.PairGrids`), each with
+        its own optimizer state; the terms' components are joined so each tile is one product."""
+        pairs = operator.pairs
+        out_factor = torch.cat([o.detach() for o, _ in factors], dim=2)
+        in_factor = torch.cat([i.detach() for _, i in factors], dim=2)
+        states = self.update_states[name] or {"forward": {}, "transposed": {}}
+        for which, grid in pairs.grids().items():
+            new, states[which] = self._grid_step(
+                name, grid, states[which], 1,
+                lambda rows, which=which: pairs.gradient(which, out_factor, in_factor, rows), pairs.norm_scale(which))
+            setattr(pairs, which, new)
+        self.update_states[name] = states
+
+    def _grid_step(self, name: str, grid: torch.Tensor, state: Mapping[str, Any], axis: int,
+                   gradient: Callable[[slice], torch.Tensor],
+                   norm_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The rule on a grid of ``Q`` values (§11.4) whose gradient's entries ``rows`` along ``axis`` are
+        ``gradient(rows)``, a tile of rows at a time, in place (:func:`apply_rule_in_place`): memory is the
+        grid and its optimizer state plus one tile. Normalized / clipped updates, whose norm is the whole
+        update's (``norm_scale`` times the grid's: a copy grid holds a sample of the dense grid's entries),
+        and a state that is not entrywise take the whole grid at once. Returns the grid (the same tensor,
+        unless the whole grid was replaced) and its new state."""
         group = self.groups[name]
-        grid = operator.dense
-        if not self.update_states[name]:  # the whole-grid path below starts from this state too
-            self.update_states[name] = {"step": 0, "q_state": self.setup.rule.init_state(grid)}
-        state = self.update_states[name]
-        entrywise = all(torch.is_tensor(v) and v.shape == grid.shape for v in state["q_state"].values())
-        if group["normalize"] or group["clip"] is not None or not entrywise or torch.is_grad_enabled():
-            operator.dense = self._step(name, grid, operator.dense_gradient(parts) * weight)
-            return
-        axis = operator.out_axis
-        rows_per_tile = max(1, DENSE_TILE_ENTRIES * grid.shape[axis] // grid.numel())
-        for start in range(0, grid.shape[axis], rows_per_tile):
-            rows = slice(start, start + rows_per_tile)
-            index = (slice(None),) * axis + (rows,)
-            tile_state = {"step": state["step"], "q_state": {k: v[index] for k, v in state["q_state"].items()}}
-            g = operator.dense_gradient(parts, rows) * (weight * group["grad_scale"])
-            grid[index], new_state = apply_rule(self.setup.rule, grid[index], g, tile_state, group, self.hyper)
-            for key, value in new_state["q_state"].items():
-                state["q_state"][key][index] = value
-        self.update_states[name] = {"step": state["step"] + 1, "q_state": state["q_state"]}
+        scale = group["grad_scale"]
+        tile = min(DENSE_TILE_ENTRIES, tile_entries(grid.device))
+        new_state = None if torch.is_grad_enabled() else apply_rule_in_place(
+            self.setup.rule, grid, lambda rows: gradient(rows) * scale, state, group, self.hyper, axis, tile)
+        if new_state is not None:
+            return grid, new_state
+        return apply_rule(self.setup.rule, grid, gradient(slice(None)) * scale, state, group, self.hyper, norm_scale)
 
     def _uses(self, target: str) -> list[MatMul]:
         """The forward MatMul instructions that multiply by parameter ``target``."""
@@ -339,6 +362,25 @@ class ParticleNetwork:
             op.load_state_dict(state["operators"][k])
         self.update_states = dict(state["update_states"])
         self.generator.set_state(state["generator"])
+
+
+def grid_entries(setup: LimitSetup, particles: int, copies: int | None) -> int:
+    """Entries of the grids of ``Q`` values one system of ``particles`` keeps under a nonlinear rule (one
+    grid's worth; the rule's state holds as many again per state tensor): the dense ``P_out·P_in`` per hidden
+    matrix, or with ``copies`` fewer than the particles of an axis, ``P_out·c_in + c_out·P_in``."""
+    total = 0
+    for name in setup.chosen:
+        info = setup.program.parameters[name]
+        if info.kind != "matrix":
+            continue
+        sizes = concrete_shape(info.layout, particles)
+        p_a, p_b = (sizes[a] for a in info.width_axes[:2])
+        fixed = math.prod(sizes) // (p_a * p_b)
+        if copies is None or copies >= max(p_a, p_b):
+            total += fixed * p_a * p_b
+        else:
+            total += fixed * (p_a * min(copies, p_b) + p_b * min(copies, p_a))
+    return total
 
 
 def _snapshot(value: Any) -> Any:

@@ -27,13 +27,15 @@ def adam_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any])
     ``eps_inside``."""
     beta1, beta2 = hyper["betas"]
     eps = hyper["eps"]
+    # In-place steps only on fresh results of ops whose backward does not read their output: the rule
+    # stays pure and differentiable, with fewer parameter-sized temporaries (each costs a pass on CPU).
     m = torch.lerp(state["exp_avg"], g, 1 - beta1)
-    v = torch.addcmul(state["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
+    v = (state["exp_avg_sq"] * beta2).addcmul_(g, g, value=1 - beta2)
     m_hat = m / bias_correction(beta1, t)
     if hyper["eps_inside"]:
-        denom = torch.sqrt(v / bias_correction(beta2, t) + eps**2)
+        denom = (v / bias_correction(beta2, t)).add_(eps**2).sqrt_()
     else:
-        denom = v.sqrt() / math.sqrt(bias_correction(beta2, t)) + eps
+        denom = (v.sqrt() / math.sqrt(bias_correction(beta2, t))).add_(eps)
     return safe_divide(m_hat, denom), {"exp_avg": m, "exp_avg_sq": v}
 
 

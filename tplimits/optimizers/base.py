@@ -261,13 +261,10 @@ class TplimitsOptimizer(torch.optim.Optimizer):
         return f"{type(self).__name__}[{self.rule.name}]" + super().__repr__()[len(type(self).__name__) :]
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict with rules by name (checked by :meth:`load_state_dict`). Rule states are
-        never modified in place, so the result is a snapshot: later steps do not change it."""
+        """torch's state dict with rules by name (checked by :meth:`load_state_dict`), a snapshot: steps
+        update the rule states in place, so their tensors are copied."""
         packed = super().state_dict()
-        state = {
-            k: {key: dict(val) if isinstance(val, dict) else val for key, val in v.items()}
-            for k, v in packed["state"].items()
-        }
+        state = _copied_states(packed["state"])
         groups = [{**g, "rule": g["rule"].name} for g in packed["param_groups"]]
         return {**packed, "state": state, "param_groups": groups, "rule": self.rule.name}
 
@@ -282,7 +279,7 @@ class TplimitsOptimizer(torch.optim.Optimizer):
                 raise PluginError(f"state dict has a param group of update rule {name!r} where this optimizer "
                                   f"runs {own['rule'].name!r}")
             group["rule"] = own["rule"]
-        super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+        super().load_state_dict({"state": _copied_states(state_dict["state"]), "param_groups": groups})
 
     def _inputs(self, activations: Mapping[torch.Tensor, torch.Tensor] | None) -> dict[int, torch.Tensor]:
         driven = [g for g in self.param_groups if g["rule"].needs_activations]
@@ -337,18 +334,46 @@ class TplimitsOptimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError("TplimitsOptimizer does not support sparse gradients")
                     g = p.grad
-                self._update(p, g * group["grad_scale"], x, group, hyper)
+                self._update(p, g * group["grad_scale"] if group["grad_scale"] != 1 else g, x, group, hyper)
         self._recorded.clear()
         return loss
 
     def _update(
         self, p: torch.Tensor, g: torch.Tensor, x: torch.Tensor | None, group: Mapping[str, Any], hyper: dict
     ) -> None:
+        # in place, in tiles: a fresh tensor of the parameter's size per step costs as much as the rule on CPU
         rule = group["rule"]
-        new, self.state[p] = apply_rule(rule, p, g, self.state[p], group, hyper)
+        z_old = DenseAction(p)(x) if rule.rescale is not None else None
+        flat_p, flat_g = p.view(-1) if p.is_contiguous() else None, g.reshape(-1)
+        state = None
+        if flat_p is not None:
+            state = apply_rule_in_place(rule, flat_p, flat_g.__getitem__, _flat_state(self.state[p]), group, hyper)
+        if state is not None:
+            self.state[p] = _shaped_state(state, p.shape)
+        else:
+            q, self.state[p] = rule_direction(rule, g, self.state[p], group, hyper)
+            _descend(p, q, group)
         if rule.rescale is not None:
-            new = new * rule.rescale(DenseAction(p)(x), DenseAction(new)(x), hyper)
-        p.copy_(new)
+            p.mul_(rule.rescale(z_old, DenseAction(p)(x), hyper))
+
+
+def _copied_states(states: Mapping[Any, Mapping[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """Per-parameter optimizer states with their rule-state tensors copied (steps update them in place)."""
+    return {k: {key: {n: t.clone() if torch.is_tensor(t) else t for n, t in val.items()} if isinstance(val, dict)
+                else val for key, val in v.items()}
+            for k, v in states.items()}
+
+
+def _flat_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer state with its tensors as flat views (the same storage)."""
+    if not state:
+        return {}
+    return {**state, "q_state": {k: v.view(-1) if torch.is_tensor(v) and v.is_contiguous() else v
+                                 for k, v in state["q_state"].items()}}
+
+
+def _shaped_state(state: Mapping[str, Any], shape: torch.Size) -> dict[str, Any]:
+    return {**state, "q_state": {k: v.view(shape) for k, v in state["q_state"].items()}}
 
 
 def _batch_rows(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -372,21 +397,76 @@ def activation_signal(rule: UpdateRule, R: MatrixAction, x: torch.Tensor, hyper:
 
 
 def apply_rule(rule: UpdateRule, p: torch.Tensor, g: torch.Tensor, state: Mapping[str, Any],
-               group: Mapping[str, Any], hyper: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+               group: Mapping[str, Any], hyper: Mapping[str, Any],
+               norm_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
     """One update of ``p`` by ``rule`` with the options of ``group`` (Eqs. 2.4, 2.50, 2.54), as a pure
     function: returns the new tensor and the new state (``{}`` before the first step). ``g`` is the
-    already scaled gradient. The limit engine runs it on particles, keeping the autograd graph."""
+    already scaled gradient. The limit engine runs it on particles, keeping the autograd graph; where ``p``
+    holds a sample of a larger tensor's entries (a copy population), the norm of normalized / clipped
+    updates is the larger tensor's, estimated as ``norm_scale`` times the sample's."""
+    q, new_state = rule_direction(rule, g, state, group, hyper, norm_scale)
+    new = p * (1 - group["weight_decay"]) if group["weight_decay"] else p
+    return new - (group["lr"] * group["lr_scale"]) * q, new_state
+
+
+CPU_TILE_ENTRIES = 2**18
+"""Entries a CPU update takes at once (2 MiB in float64): its temporaries stay in cache and below the
+allocator's threshold for fresh pages (a parameter-sized temporary costs a page fault per 4 KiB)."""
+GPU_TILE_ENTRIES = 2**22
+"""Entries an accelerator update takes at once (fewer, larger kernel launches)."""
+
+
+def tile_entries(device: torch.device) -> int:
+    """How many entries :func:`apply_rule_in_place` updates at once on ``device``."""
+    return CPU_TILE_ENTRIES if device.type == "cpu" else GPU_TILE_ENTRIES
+
+
+def apply_rule_in_place(rule: UpdateRule, p: torch.Tensor, gradient: Callable[[slice], torch.Tensor],
+                        state: Mapping[str, Any], group: Mapping[str, Any], hyper: Mapping[str, Any], axis: int = 0,
+                        tile: int | None = None) -> dict[str, Any] | None:
+    """:func:`apply_rule` on ``p`` and its state in place, a tile of ``tile`` entries (rows along ``axis``) at a
+    time, the gradient of rows ``rows`` being ``gradient(rows)`` (already scaled): memory is ``p`` and its
+    state plus one tile, not several ``p``-sized temporaries. Returns the new state (its tensors are the old
+    ones, updated), or None without touching anything when the update cannot be cut into tiles: a
+    normalized or clipped update needs the norm of the whole update, and a state that is not entrywise
+    (one tensor per entry of ``p``) belongs to the whole tensor."""
+    state = state or {"step": 0, "q_state": rule.init_state(p)}
+    entrywise = all(torch.is_tensor(v) and v.shape == p.shape for v in state["q_state"].values())
+    if group["normalize"] or group["clip"] is not None or not entrywise:
+        return None
+    tile = tile_entries(p.device) if tile is None else tile
+    rows_per_tile = max(1, tile * p.shape[axis] // max(p.numel(), 1))
+    for start in range(0, p.shape[axis], rows_per_tile):
+        rows = slice(start, start + rows_per_tile)
+        index = (slice(None),) * axis + (rows,)
+        tile_state = {"step": state["step"], "q_state": {k: v[index] for k, v in state["q_state"].items()}}
+        q, new_state = rule_direction(rule, gradient(rows), tile_state, group, hyper)
+        _descend(p[index], q, group)
+        for key, value in new_state["q_state"].items():
+            state["q_state"][key][index] = value
+    return {"step": state["step"] + 1, "q_state": state["q_state"]}
+
+
+def _descend(p: torch.Tensor, q: torch.Tensor, group: Mapping[str, Any]) -> None:
+    """``p ← (1 − weight_decay) p − lr · lr_scale · q`` in place."""
+    if group["weight_decay"]:
+        p.mul_(1 - group["weight_decay"])
+    p.add_(q, alpha=-(group["lr"] * group["lr_scale"]))
+
+
+def rule_direction(rule: UpdateRule, g: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any],
+                   hyper: Mapping[str, Any], norm_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``Q_t / ν`` of :func:`apply_rule` (the rule's output, normalized or clipped as ``group`` says) and the
+    new state: the update is ``p ← (1 − weight_decay) p − lr · lr_scale · Q_t / ν``."""
     if not state:
         state = {"step": 0, "q_state": rule.init_state(g)}
     q, q_state = rule.update(state["q_state"], g, state["step"], hyper)
     if group["normalize"] or group["clip"] is not None:
-        nu = torch.linalg.vector_norm(q)
+        nu = torch.linalg.vector_norm(q) * norm_scale
         if group["clip"] is not None:
             nu = nu.clamp(max=group["clip"])
         q = q / nu.clamp_min(torch.finfo(q.dtype).tiny)
-    new = p * (1 - group["weight_decay"]) if group["weight_decay"] else p
-    new = new - (group["lr"] * group["lr_scale"]) * q
-    return new, {"step": state["step"] + 1, "q_state": q_state}
+    return q, {"step": state["step"] + 1, "q_state": q_state}
 
 
 @contextlib.contextmanager
@@ -420,7 +500,8 @@ def bias_correction(beta: float, t: int) -> float:
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator`` with ``0`` where the denominator is ``0`` (e.g. ``eps = 0`` and a
     gradient history of zeros)."""
-    return torch.where(denominator > 0, numerator / denominator, numerator.new_zeros(()))
+    # in place on the fresh quotient: one tensor of the result's size, not two
+    return (numerator / denominator).masked_fill_(~(denominator > 0), 0)
 
 
 def _zero_degree_when_zero(names: tuple[str, ...], hyper: Mapping[str, Any]) -> float | None:
@@ -441,8 +522,10 @@ __all__ = [
     "UpdateRule",
     "activation_signal",
     "apply_rule",
+    "apply_rule_in_place",
     "bias_correction",
     "eps_homogeneity",
     "record_inputs",
+    "rule_direction",
     "safe_divide",
 ]
