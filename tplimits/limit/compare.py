@@ -238,8 +238,9 @@ def compare_values(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Seque
     setup (to see what a change of the engine does), else the limit's own."""
     _check_arguments(widths, seeds, alpha, min_relative)
     start = time.perf_counter()
-    run, own = limit._prepare(X, y, None, steps, lr, loss, None, particles, seed, "cpu", dtype, batches, "auto", (),
-                              None, 10, center)
+    run, own = limit._prepare(X, y, None, steps, lr, loss, None, particles, seed, device="cpu", dtype=dtype,
+                              batches=batches, dots="auto", kernels=(), checkpoint=None, checkpoint_every=1,
+                              center=center)
     setup = own if setup is None else setup
     if setup.regime != "feature learning":
         raise TplimitsError(f"compare follows the values of the μ-limit's particles; this limit is in the "
