@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tplimits as tpl
+from tplimits.core.interpret import FiniteInterpreter
 from tplimits.limit.compare import summaries, watched_values
 from tplimits.limit.mu import ParticleNetwork
 
@@ -76,3 +77,33 @@ def test_bad_arguments_are_named(mlp):
     ntk = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=6)
     with pytest.raises(tpl.TplimitsError, match="operator regime"):
         ntk.compare(X, y, widths=[64], seeds=2, steps=1, particles=256, progress=False)
+
+
+def test_a_transformers_model_with_integer_values():
+    """GPT-2 from a config: token and position ids are integer program values; they are not compared, the
+    floating ones are, and the limit (checked against training in test_limit_convergence) departs nowhere."""
+    hf = pytest.importorskip("transformers")
+
+    class GPT2Logits(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.model = hf.GPT2LMHeadModel(hf.GPT2Config(
+                n_embd=width, n_layer=1, n_head=2, vocab_size=16, n_positions=8, resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0, use_cache=False, attn_implementation="sdpa", bos_token_id=0, eos_token_id=0))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(ids).logits
+
+    ids = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(1))
+    limit = tpl.derive(GPT2Logits, optimizer="sgd", param="muP", example_inputs=(ids,))
+    report = limit.compare(ids, y, widths=[32, 128], seeds=3, steps=2, lr=0.1, loss="cross_entropy",
+                           particles=2**10, batches=4, progress=False)
+    program = limit.setup(ids).program
+    interp = FiniteInterpreter.from_model(program, GPT2Logits(32))
+    with torch.no_grad():
+        interp.run(ids, stop=limit.setup(ids).total.forward_length)
+    integer = {name for name, v in interp.values.items() if torch.is_tensor(v) and not v.is_floating_point()}
+    watched = {w.name: d for w, d in zip(report.values, report.determined.tolist(), strict=True)}
+    assert integer & set(watched) and not any(watched[n] for n in integer & set(watched))
+    assert report.first is None, report.format()

@@ -135,7 +135,7 @@ class FidelityReport:
                  f"({self.particles} particles in {self.batches} batches); a departure has p < {self.level:.2g} "
                  f"(α = {self.alpha}, Bonferroni) and D > {self.min_relative:.0%} of the value's scale"]
         if skipped:
-            lines.append(f"not compared (their size changes with width, no limit to hold): "
+            lines.append(f"not compared (integer values, or values whose size changes with width: no limit to hold): "
                          f"{', '.join('%' + n for n in skipped[:8])}{' …' if len(skipped) > 8 else ''}")
         lines.append("no program value departs from the limit at the largest width" if first is None
                      else f"FIRST DEPARTURE: {first.describe()}")
@@ -209,13 +209,14 @@ def _computed(ins: Instruction) -> bool:
 
 def summaries(program: Program, watched: Sequence[Watched], values: dict[str, Any]) -> list[torch.Tensor]:
     """Each watched value's limiting quantity, flattened: its kernel over the picked fixed coordinates
-    (the mean over the width axes of ``x_a x_b``) or its picked entries. The same function reads the
-    finite interpreter's values and the particles'."""
+    (the mean over the width axes of ``x_a x_b``) or its picked entries; nothing for an integer value. The
+    same function reads the finite interpreter's values and the particles'."""
     out = []
     for w in watched:
         x = values[w.name]
-        if not (torch.is_tensor(x) and x.is_floating_point()):
-            raise TplimitsError(f"%{w.name} has no floating value to compare ({type(x).__name__})")
+        if not (torch.is_tensor(x) and x.is_floating_point()):  # integer values (position ids, masks) are exact
+            out.append(torch.zeros(0, dtype=torch.float64))
+            continue
         x = x.detach().to(device="cpu", dtype=torch.float64)
         x = torch.where(torch.isfinite(x), x, 0.0)  # masked attention logits (−inf) on both sides
         axes = width_axes(program[w.name].layout)
@@ -296,6 +297,8 @@ def _report(watched: list[Watched], widths: tuple[int, ...], seeds: int, particl
     finite_scale = torch.zeros(len(widths), len(watched), dtype=torch.float64)
     for v in range(len(watched)):
         lim = torch.stack([torch.stack([system[t][v] for t in range(steps)]) for system in limit_side])
+        if lim.shape[-1] == 0:  # an integer value: nothing to compare
+            continue
         lim_mean, lim_se = lim.mean(0), standard_error(lim)  # [steps, entries]
         scale[v] = lim_mean.square().mean().sqrt()
         for i, runs in enumerate(finite_side):
@@ -309,7 +312,8 @@ def _report(watched: list[Watched], widths: tuple[int, ...], seeds: int, particl
             denominator = var_f.square() / (seeds - 1) + var_l.square() / (batches - 1)
             dof[i, :, v] = torch.where(denominator > 0, (var_f + var_l).square() / denominator.clamp_min(1e-300),
                                        float(seeds + batches - 2))
-    determined = _width_independent(widths, finite_scale)
+    floating = torch.tensor([limit_side[0][0][v].numel() > 0 for v in range(len(watched))])
+    determined = _width_independent(widths, finite_scale) & floating
     z = distance[-1] / _resolved(resolution[-1], scale)
     p_value = torch.ones(steps, len(watched), dtype=torch.float64)
     for t, v in (z > 1).nonzero().tolist():
