@@ -213,3 +213,24 @@ def test_residual_block_exact_path_agrees_with_monte_carlo():
         mc = limit.kernel(X, kind=kind, path="monte carlo", particles=2**13, batches=16)
         z = ((mc.value - exact.value) / mc.se).abs()
         assert z.max() < 3.0, (kind, z)
+
+
+class _Square(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+def test_a_product_of_a_vector_with_itself_is_not_taken_as_linear():
+    """``x * x`` (``mul`` is declared multilinear) was evaluated as if affine in x: the exact NNGP of
+    Linear → x·x → Linear came out wrong with no error. With x ~ N(0, K) the closed form is
+    E[x_a² x_b²] = K_aa K_bb + 2 K_ab² (Isserlis), K = X Xᵀ / d_in under NTP."""
+    def make(width: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(4, width, bias=False), _Square(),
+                                   torch.nn.Linear(width, 1, bias=False))
+    X = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    limit = tpl.derive(make, optimizer="sgd", param="NTP", example_inputs=(X,))
+    kernel = limit.kernel(X, kind="nngp", path="exact")
+    K = X @ X.T / 4
+    closed = K.diag()[:, None] * K.diag()[None, :] + 2 * K**2
+    assert kernel.path == "exact"
+    torch.testing.assert_close(kernel.value, closed, rtol=1e-10, atol=1e-12)

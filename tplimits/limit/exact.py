@@ -655,6 +655,11 @@ class ExactInterpreter(Interpreter):
         if kind in ("affine", "multilinear") and law[1] is not None and not _only_at(ins, names, law[1]):
             raise self.refuse(ins, f"a random vector where the function is not {kind} (it is in arguments {law[1]})")
         values = [self.values[n] for n in names]
+        if kind == "multilinear" and _repeated(ins, names):
+            # x·x is no multilinear function of independent arguments: a nonlinear function of one vector
+            if len(names) == 1 and isinstance(values[0], Gauss):
+                return Mapped(("quadrature",), self._bound(ins, names[0]), values[0], out_axis, ins.differentiable)
+            raise self.refuse(ins, "a product in which the same random vector appears more than once")
         if kind == "affine" or (kind == "multilinear" and len(names) == 1):
             if all(isinstance(v, Gauss) for v in values):
                 return self._affine(ins, names, out_axis)
@@ -794,6 +799,12 @@ def _only_at(ins: Nonlin, names: list[str], positions: tuple[int, ...]) -> bool:
     allowed = [ins.args[i] for i in positions if i < len(ins.args)]
     everywhere = list(refs_in((ins.args, ins.kwargs)))
     return all(everywhere.count(n) == sum(isinstance(a, Ref) and a.name == n for a in allowed) for n in names)
+
+
+def _repeated(ins: Nonlin, names: list[str]) -> bool:
+    """A random argument appears in more than one argument position (``mul(x, x)``)."""
+    refs = list(refs_in((ins.args, ins.kwargs)))
+    return any(refs.count(name) > 1 for name in names)
 
 
 def _first_arg_is(ins: Nonlin, name: str) -> bool:
