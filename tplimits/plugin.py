@@ -31,6 +31,8 @@ from tplimits.errors import (
     UnsupportedOperation,
 )
 from tplimits.ops.common import (
+    AFFINE,
+    MULTILINEAR,
     Pick,
     aten,
     check_broadcast,
@@ -85,6 +87,8 @@ __all__ = [
     "UpdateRule",
     "Value",
     "Width",
+    "AFFINE",
+    "MULTILINEAR",
     "WidthInt",
     "WidthPower",
     "aten",

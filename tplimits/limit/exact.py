@@ -66,7 +66,6 @@ QUADRATURE_MAX_NODES = 601
 QUADRATURE_CHUNK = 2**24
 """Function evaluations per block of the two-dimensional quadrature (128 MiB in float64)."""
 
-PROBE_TOLERANCE = 1e-9
 
 
 class NotGaussian(TplimitsError):
@@ -647,7 +646,7 @@ class ExactInterpreter(Interpreter):
         names = [n for n in ins.inputs if isinstance(self.values[n], RANDOM)]
         if not names:
             return self._apply(ins, self.values)
-        law = ins.gaussian or self._probe(ins, names)
+        law = ins.gaussian
         out_axis = width_axes(ins.layout)[0] if width_axes(ins.layout) else None
         if out_axis is None:
             raise self.refuse(ins, "a function of vectors that leaves the width axis")
@@ -734,47 +733,6 @@ class ExactInterpreter(Interpreter):
             return self._apply(ins, {**self.values, names[0]: a, names[1]: b})
         shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
         return Product(fn, x, y, axis, shape, ins.differentiable)
-
-    def _probe(self, ins: Nonlin, names: list[str]) -> tuple | None:
-        """For a function without a declared law: is it jointly affine in its random arguments, or affine in
-        each separately? Checked on random tensors of their layouts (a secant test, exact for einsums,
-        additions and views; a nonlinear function fails it)."""
-        g = torch.Generator().manual_seed(0)
-
-        def draw(name: str) -> torch.Tensor:
-            layout = self.program[name].layout
-            shape = [3 if isinstance(s, Width) else s for s in layout]
-            return torch.randn(shape, generator=g, dtype=torch.float64)
-
-        def run(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            rest = {k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v)
-                    for k, v in self.values.items() if not isinstance(v, (*RANDOM, Parameter))}
-            return torch.as_tensor(self._apply(ins, {**rest, **parts}), dtype=torch.float64)
-
-        def affine(moving: list[str]) -> bool:
-            base = {n: draw(n) for n in names}
-            a = {**base, **{n: draw(n) for n in moving}}
-            b = {**base, **{n: draw(n) for n in moving}}
-            alpha = -1.7
-            mixed = {**base, **{n: alpha * a[n] + (1 - alpha) * b[n] for n in moving}}
-            try:
-                lhs, rhs = run(mixed), alpha * run(a) + (1 - alpha) * run(b)
-            except (RuntimeError, TypeError, ValueError):
-                return False
-            return bool(torch.allclose(lhs, rhs, rtol=PROBE_TOLERANCE, atol=PROBE_TOLERANCE * (1 + rhs.abs().max())))
-
-        def vanishes(name: str) -> bool:  # no affine part: zero when one factor is
-            parts = {n: draw(n) for n in names}
-            try:
-                return bool(run({**parts, name: torch.zeros_like(parts[name])}).abs().max() == 0)
-            except (RuntimeError, TypeError, ValueError):
-                return False
-
-        if affine(names):
-            return ("affine", None)
-        if all(affine([n]) for n in names) and all(vanishes(n) for n in names):
-            return ("multilinear", None)
-        return None
 
 
 def _sizes(args: Any, columns: float | None) -> Any:

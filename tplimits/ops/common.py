@@ -19,6 +19,11 @@ from tplimits.core.ir import Layout, Width, WidthPower, fn_name, format_layout
 from tplimits.core.lower import LoweringContext, MatrixValue, OpNode, Value, is_tensor_value
 from tplimits.core.lower import common_block as common_block  # re-exported for the shape and conv rules
 
+AFFINE = ("affine", None)
+"""``Nonlin.gaussian`` of a function jointly affine in its tensor arguments (views, sums, bias adds)."""
+MULTILINEAR = ("multilinear", None)
+"""``Nonlin.gaussian`` of a function linear in each tensor argument separately (products, contractions)."""
+
 aten = torch.ops.aten
 
 
@@ -61,7 +66,7 @@ def stop_gradient(ctx: LoweringContext, value: Any) -> Any:
     if not isinstance(value, Value) or value.const is not None:
         return value
     return ctx.nonlin(aten.alias.default, value, layout=value.layout, hint=f"{value.name}_detached",
-                      differentiable=False)
+                      differentiable=False, gaussian=AFFINE)
 
 
 def tensor_args(node: OpNode) -> list[Any]:
@@ -143,12 +148,12 @@ def reduce_sum_or_mean(ctx: LoweringContext, x: Value, dims: Sequence[int], keep
     if fixed:
         layout = tuple(1 if i in fixed else a for i, a in enumerate(x.layout))
         op = aten.mean.dim if mean else aten.sum.dim_IntList
-        y = ctx.nonlin(op, y, fixed, True, layout=layout)
+        y = ctx.nonlin(op, y, fixed, True, layout=layout, gaussian=AFFINE)
     if w is not None and w in dims:
         y = ctx.avg(y, w, keepdim=True, sum_=not mean)
     if not keepdim and dims:
         layout = out_layout if out_layout is not None else tuple(a for i, a in enumerate(x.layout) if i not in dims)
-        y = ctx.nonlin(aten.squeeze.dims, y, list(dims), layout=layout)
+        y = ctx.nonlin(aten.squeeze.dims, y, list(dims), layout=layout, gaussian=AFFINE)
     return y
 
 
@@ -181,12 +186,12 @@ def lower_einsum(ctx: LoweringContext, equation: str, a: Any, b: Any, out_layout
     letters = letter_axes(ctx, (la, a), (lb, b))
     contracted_width = [c for c in dict.fromkeys(la + lb) if c not in out and isinstance(letters[c], Width)]
     if not contracted_width:
-        return ctx.nonlin(contract, f"{la},{lb}->{out}", [a, b], layout=out_layout)
+        return ctx.nonlin(contract, f"{la},{lb}->{out}", [a, b], layout=out_layout, gaussian=MULTILINEAR)
     if len(contracted_width) > 1:
         ctx.not_representable("a contraction over two width axes at once")
     w = contracted_width[0]
     product_layout = tuple(letters[c] for c in out + w)
-    product = ctx.nonlin(contract, f"{la},{lb}->{out}{w}", [a, b], layout=product_layout)
+    product = ctx.nonlin(contract, f"{la},{lb}->{out}{w}", [a, b], layout=product_layout, gaussian=MULTILINEAR)
     return ctx.avg(product, len(out), sum_=True)
 
 
@@ -216,7 +221,7 @@ def _matmul(ctx: LoweringContext, m: MatrixValue, x: Any, lm: str, lx: str, out:
     pre_sum = [c for c in lx if c not in out and c not in lm]
     if pre_sum:
         keep = "".join(c for c in lx if c not in pre_sum)
-        x = ctx.nonlin(contract, f"{lx}->{keep}", [x], layout=tuple(letters[c] for c in keep))
+        x = ctx.nonlin(contract, f"{lx}->{keep}", [x], layout=tuple(letters[c] for c in keep), gaussian=AFFINE)
         lx = keep
     # Fixed axes of the matrix summed against x (kernel offsets): keep them in the MatMul, sum after.
     post_sum = [c for c in lm if c not in out and c != xw]
@@ -225,7 +230,7 @@ def _matmul(ctx: LoweringContext, m: MatrixValue, x: Any, lm: str, lx: str, out:
     y = ctx.matmul(m, x, f"{lm},{lx}->{mm_out}", layout=mm_layout)
     if post_sum:
         dims = list(range(len(out), len(mm_out)))
-        y = ctx.nonlin(aten.sum.dim_IntList, y, dims, False, layout=out_layout)
+        y = ctx.nonlin(aten.sum.dim_IntList, y, dims, False, layout=out_layout, gaussian=AFFINE)
     return y
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tplimits.plugin import (
+    AFFINE,
     Layout,
     LoweringContext,
     MatrixValue,
@@ -81,8 +82,8 @@ def convolution(ctx: LoweringContext, node: OpNode) -> Value:
     if bias is not None:
         shape = [-1, *([1] * spatial)]
         bias_layout = (bias.layout[0], *([1] * spatial))
-        b = ctx.nonlin(aten.reshape.default, bias, shape, layout=bias_layout)
-        y = ctx.nonlin(aten.add.Tensor, y, b, layout=node.layout)
+        b = ctx.nonlin(aten.reshape.default, bias, shape, layout=bias_layout, gaussian=AFFINE)
+        y = ctx.nonlin(aten.add.Tensor, y, b, layout=node.layout, gaussian=AFFINE)
     return y
 
 
@@ -105,21 +106,22 @@ def _dense(ctx: LoweringContext, x: Value, weight: MatrixValue, layout: Layout,
     kernel, dilation, padding, stride = geometry
     spatial = x.ndim - 2
     if spatial == 1:
-        x = ctx.nonlin(_unsqueeze_height, x, layout=(*x.layout[:2], 1, x.layout[2]))
+        x = ctx.nonlin(_unsqueeze_height, x, layout=(*x.layout[:2], 1, x.layout[2]), gaussian=AFFINE)
     positions = 1
     for size in layout[2:]:
         positions *= size
     cols_layout = (x.layout[0], x.layout[1], kernel[0], kernel[1], positions)
-    cols = ctx.nonlin(_unfold, x, kernel, dilation, padding, stride, layout=cols_layout)
+    cols = ctx.nonlin(_unfold, x, kernel, dilation, padding, stride, layout=cols_layout, gaussian=AFFINE)
     w_letters = "oix" if spatial == 1 else "oiyx"
     x_letters = "biyxl"
     flat_layout = (layout[0], layout[1], positions)
     if spatial == 1:
-        cols = ctx.nonlin(aten.squeeze.dim, cols, 2, layout=(cols_layout[0], cols_layout[1], kernel[1], positions))
+        cols = ctx.nonlin(aten.squeeze.dim, cols, 2, layout=(cols_layout[0], cols_layout[1], kernel[1], positions),
+                          gaussian=AFFINE)
         x_letters = "bixl"
     y = lower_einsum(ctx, f"{w_letters},{x_letters}->bol", weight, cols, flat_layout)
     sizes = [a if isinstance(a, int) else WidthInt(a.ratio) for a in layout]
-    return ctx.nonlin(aten.reshape.default, y, sizes, layout=layout)
+    return ctx.nonlin(aten.reshape.default, y, sizes, layout=layout, gaussian=AFFINE)
 
 
 def _grouped(ctx: LoweringContext, node: OpNode, x: Value, weight: MatrixValue, groups: int,
@@ -147,7 +149,8 @@ def _coordinatewise_or_refuse(ctx: LoweringContext, node: OpNode, what: str, tra
         ctx.not_representable(what + " that sums over growing channels")
     if not transposed:  # [out, in/groups, *kernel]: each output sums its input channels over the kernel
         ctx.record_fan_in(weight, tuple(range(1, weight.ndim)))
-    return coordinatewise(ctx, node)
+    # linear in the weight and the bias together once the input is fixed: conv(x, w) + b
+    return coordinatewise(ctx, node, gaussian=("affine", (1, 2)))
 
 
 def _same_padding(ctx: LoweringContext, mode: str, kernel: list[int], dilation: list[int],

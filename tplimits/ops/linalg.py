@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from tplimits.plugin import (
+    AFFINE,
+    MULTILINEAR,
     LoweringContext,
     MatrixValue,
     OpNode,
@@ -27,15 +29,15 @@ from tplimits.plugin import (
 
 def _add_bias(ctx: LoweringContext, node: OpNode, y: Value, bias: Any, *, beta: Any = 1, alpha: Any = 1) -> Value:
     if alpha != 1:
-        y = ctx.nonlin(aten.mul.Tensor, y, alpha, layout=y.layout)
+        y = ctx.nonlin(aten.mul.Tensor, y, alpha, layout=y.layout, gaussian=MULTILINEAR)
     if bias is None:
         return y
     if isinstance(bias, MatrixValue):
         ctx.not_representable("a bias with two width axes")
     if beta != 1:
-        bias = ctx.nonlin(aten.mul.Tensor, bias, beta, layout=bias.layout)
+        bias = ctx.nonlin(aten.mul.Tensor, bias, beta, layout=bias.layout, gaussian=MULTILINEAR)
     check_broadcast(ctx, OpNode(node.name, node.target, (y, bias), {}, node.layout, node.origin), node.layout)
-    return ctx.nonlin(aten.add.Tensor, y, bias, layout=node.layout)
+    return ctx.nonlin(aten.add.Tensor, y, bias, layout=node.layout, gaussian=AFFINE)
 
 
 def linear(ctx: LoweringContext, node: OpNode) -> Value:
@@ -103,7 +105,7 @@ def einsum(ctx: LoweringContext, node: OpNode) -> Value:
         letters = letter_axes(ctx, (lhs, x))
         if x.width_axis is not None and lhs[x.width_axis] not in out:
             ctx.unsupported("a one-operand einsum that sums over the width axis")
-        return ctx.nonlin(contract, equation, [x], layout=tuple(letters[c] for c in out))
+        return ctx.nonlin(contract, equation, [x], layout=tuple(letters[c] for c in out), gaussian=AFFINE)
     if len(operands) != 2:
         ctx.unsupported(f"einsum with {len(operands)} operands (split it into pairwise products)")
     if "->" not in equation:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tplimits.plugin import (
+    AFFINE,
     Layout,
     LoweringContext,
     OpNode,
@@ -43,7 +44,7 @@ def sum_mean(ctx: LoweringContext, node: OpNode) -> Value:
     w = vector_width_axis(ctx, x)
     dims = _dims_of(node, x)
     if w is None or w not in dims:
-        return coordinatewise(ctx, node)
+        return coordinatewise(ctx, node, gaussian=AFFINE)
     if node.kwargs.get("dtype") is not None:
         ctx.unsupported(f"{node.op_name} with a dtype argument over the width axis")
     keepdim = bool(node.arg(2, "keepdim", False))

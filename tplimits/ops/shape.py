@@ -20,6 +20,7 @@ import torch
 
 from tplimits.ops.common import common_block
 from tplimits.plugin import (
+    AFFINE,
     Layout,
     LoweringContext,
     MatrixValue,
@@ -60,7 +61,7 @@ def reshape(ctx: LoweringContext, node: OpNode) -> Value:
     fn = aten.reshape.default if node.target.overloadpacket in VIEWS else node.target
     block = reshape_block(ctx, x.layout, node.layout)
     if block is None:
-        return coordinatewise(ctx, node, fn)
+        return coordinatewise(ctx, node, fn, gaussian=AFFINE)
     return ctx.regroup(fn, *node.args, layout=node.layout, block=block, kwargs=node.kwargs)
 
 
@@ -169,7 +170,7 @@ def permute(ctx: LoweringContext, node: OpNode) -> Any:
     if isinstance(x, MatrixValue):
         dims = normalize_order(node.arg(1, "dims"), x.ndim)
         return attrs.evolve(x, axes=tuple(x.axes[d] for d in dims))
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 def normalize_order(dims: Any, ndim: int) -> list[int]:
@@ -186,7 +187,7 @@ def transpose(ctx: LoweringContext, node: OpNode) -> Any:
         axes = list(x.axes)
         axes[d0], axes[d1] = axes[d1], axes[d0]
         return attrs.evolve(x, axes=tuple(axes))
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 def fixed_axes_only(dim_arg: int, name: str):
@@ -202,7 +203,7 @@ def fixed_axes_only(dim_arg: int, name: str):
                     f"{node.op_name} along the width axis",
                     "It singles out or reorders coordinates along the width axis.",
                 )
-        return coordinatewise(ctx, node)
+        return coordinatewise(ctx, node, gaussian=AFFINE)
 
     return rule
 
@@ -212,13 +213,13 @@ def tril_triu(ctx: LoweringContext, node: OpNode) -> Value:
     w = vector_width_axis(ctx, x)
     if w is not None and w >= x.ndim - 2:
         ctx.not_representable(f"{node.op_name} over the width axis")
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 def expand(ctx: LoweringContext, node: OpNode) -> Value:
     x = node.args[0]
     vector_width_axis(ctx, x)
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 def repeat(ctx: LoweringContext, node: OpNode) -> Value:
@@ -227,7 +228,7 @@ def repeat(ctx: LoweringContext, node: OpNode) -> Value:
     reps = list(node.arg(1, "repeats"))
     if w is not None and reps[len(reps) - x.ndim + w] != 1:
         ctx.not_representable("repeating a tensor along its width axis")
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def select(ctx: LoweringContext, node: OpNode) -> Value:
             "selecting a single coordinate along the width axis",
             "A Tensor Program treats coordinates as exchangeable; average over the width axis instead.",
         )
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 def slice_(ctx: LoweringContext, node: OpNode) -> Any:
@@ -259,7 +260,7 @@ def slice_(ctx: LoweringContext, node: OpNode) -> Any:
         return _matrix_block(ctx, node, x, dim, start, node.layout[dim])
     w = vector_width_axis(ctx, x)
     if w is None or dim != w:
-        return coordinatewise(ctx, node)
+        return coordinatewise(ctx, node, gaussian=AFFINE)
     in_ratio = x.layout[w].ratio
     out_axis = node.layout[w]
     if step == 1 and start == 0 and (full_end or end == WidthInt(in_ratio)):
@@ -298,7 +299,7 @@ def narrow(ctx: LoweringContext, node: OpNode) -> Any:
         return _matrix_block(ctx, node, x, dim, start, node.layout[dim])
     w = vector_width_axis(ctx, x)
     if w is None or dim != w:
-        return coordinatewise(ctx, node)
+        return coordinatewise(ctx, node, gaussian=AFFINE)
     out_axis = node.layout[w]
     if not isinstance(out_axis, Width) or not isinstance(length, WidthInt) or not _block_aligned(start):
         ctx.not_representable("narrowing the width axis to something that is not a whole block of it")
@@ -327,7 +328,7 @@ def split(ctx: LoweringContext, node: OpNode) -> tuple[Any, ...]:
     for i, part in enumerate(layouts):
         fn = Pick(node.target, i)
         if block is None:
-            pieces.append(ctx.nonlin(fn, *node.args, layout=part, kwargs=node.kwargs))
+            pieces.append(ctx.nonlin(fn, *node.args, layout=part, kwargs=node.kwargs, gaussian=AFFINE))
         else:
             pieces.append(ctx.regroup(fn, *node.args, layout=part, block=block, kwargs=node.kwargs))
     return tuple(pieces)
@@ -348,7 +349,7 @@ def cat(ctx: LoweringContext, node: OpNode) -> Value:
     layout = node.layout
     dim %= len(layout)
     if not isinstance(layout[dim], Width):
-        return coordinatewise(ctx, node)
+        return coordinatewise(ctx, node, gaussian=AFFINE)
     parts = [t.layout[dim] if isinstance(t, Value) else None for t in tensors]
     if any(not isinstance(p, Width) for p in parts):
         ctx.not_representable("concatenating a fixed-size piece to a width axis",
@@ -360,7 +361,7 @@ def cat(ctx: LoweringContext, node: OpNode) -> Value:
 def stack(ctx: LoweringContext, node: OpNode) -> Value:
     for t in node.args[0]:
         vector_width_axis(ctx, t)
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +377,7 @@ def index(ctx: LoweringContext, node: OpNode) -> Value:
     for idx in indices:
         if isinstance(idx, Value) and idx.width_axis is not None:
             ctx.not_representable("an index tensor with a width axis")
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 def pad(ctx: LoweringContext, node: OpNode) -> Value:
@@ -388,14 +389,19 @@ def pad(ctx: LoweringContext, node: OpNode) -> Value:
         position = x.ndim - 1 - w  # pad lists (left, right) pairs from the last axis backwards
         if position < len(pad) // 2 and (pad[2 * position] != 0 or pad[2 * position + 1] != 0):
             ctx.not_representable("padding the width axis")
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 def embedding(ctx: LoweringContext, node: OpNode) -> Value:
     weight = node.args[0]
     if isinstance(weight, MatrixValue) or (isinstance(weight, Value) and 0 in width_axes(weight.layout)):
         ctx.not_representable("an embedding table whose number of rows grows with width")
-    return coordinatewise(ctx, node)
+    return coordinatewise(ctx, node, gaussian=AFFINE)
+
+
+def _view(ctx: LoweringContext, node: OpNode) -> Value:
+    """An op that only rearranges or repeats entries: coordinatewise, a linear map of its argument."""
+    return coordinatewise(ctx, node, gaussian=AFFINE)
 
 
 @hookimpl
@@ -404,7 +410,7 @@ def tplimits_lowering_rules() -> dict:
                        reshape)
     rules.update(rule_table(("permute", "movedim"), permute))
     rules.update(rule_table(("transpose", "t", "swapaxes", "numpy_T"), transpose))
-    rules.update(rule_table(("unsqueeze", "squeeze", "expand_as"), coordinatewise))
+    rules.update(rule_table(("unsqueeze", "squeeze", "expand_as"), _view))
     rules.update({
         aten.expand: expand,
         aten.repeat: repeat,
