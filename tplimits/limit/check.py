@@ -354,7 +354,8 @@ def compare(runs: torch.Tensor, trajectory: Trajectory, widths: tuple[int, ...],
                        gap=gap, gap_se=gap_se, mean_gap=mean_gap, mean_gap_se=mean_gap_se, slope=slope,
                        max_slope=max_slope, tolerance=tolerance, seconds_finite=seconds_finite, scale=scale,
                        resolution=resolution, max_relative_gap=max_relative_gap, floor=floor, slope_se=slope_se,
-                       raw_slope=raw_slope, slope_t=student_t_quantile(0.025, seeds - 1))
+                       raw_slope=raw_slope,
+                       slope_t=student_t_quantile(0.025, seeds - 1) if seeds > 1 else math.inf)
 
 
 def _relative(gap: torch.Tensor, scale: float) -> torch.Tensor:
