@@ -11,6 +11,7 @@ import torch
 
 import tplimits as tpl
 from tplimits.core.interpret import FiniteInterpreter
+from tplimits.errors import Diverged
 from tplimits.limit.compare import summaries, watched_values
 from tplimits.limit.mu import ParticleNetwork
 
@@ -107,3 +108,15 @@ def test_a_transformers_model_with_integer_values():
     watched = {w.name: d for w, d in zip(report.values, report.determined.tolist(), strict=True)}
     assert integer & set(watched) and not any(watched[n] for n in integer & set(watched))
     assert report.first is None, report.format()
+
+
+def test_a_nan_inside_the_program_is_an_error_not_agreement(mlp):
+    """A NaN in one program value would make its distance NaN, which no test flags: it raises instead."""
+    limit, X, y = mlp
+    setup = limit.setup(X)
+    watched = [w for w in watched_values(setup) if w.name == "tanh_1"]
+    values = {"tanh_1": torch.full((4, 32), float("nan"), dtype=torch.float64)}
+    with pytest.raises(Diverged, match="tanh_1.*NaN"):
+        summaries(setup.program, watched, values)
+    values = {"tanh_1": torch.full((4, 32), -float("inf"), dtype=torch.float64)}  # a masked value: zero
+    assert summaries(setup.program, watched, values)[0].abs().max() == 0

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from tplimits.core.interpret import FiniteInterpreter
 from tplimits.core.ir import Avg, Instruction, MatMul, Nonlin, Parameter, Regroup, width_axes
 from tplimits.core.program import Program
-from tplimits.errors import TplimitsError, check_real
+from tplimits.errors import Diverged, TplimitsError, check_real
 from tplimits.limit.check import finite_steps
 from tplimits.limit.mu import LimitSetup
 from tplimits.limit.runs import standard_error, student_t_tail
@@ -218,6 +218,9 @@ def summaries(program: Program, watched: Sequence[Watched], values: dict[str, An
             out.append(torch.zeros(0, dtype=torch.float64))
             continue
         x = x.detach().to(device="cpu", dtype=torch.float64)
+        if bool(torch.isnan(x).any()):  # a distance over NaN would read as agreement
+            raise Diverged(f"%{w.name} ({w.describe()}) has NaN entries: no comparison can be drawn from it",
+                           value=w.name)
         x = torch.where(torch.isfinite(x), x, 0.0)  # masked attention logits (−inf) on both sides
         axes = width_axes(program[w.name].layout)
         if axes:
