@@ -10,9 +10,11 @@ For every model, in float64:
   (relative to the largest gradient), at ``1.5·w0``;
 * **μ-limit**: 3 SGD steps of the μ-limit (2^9 particles in 2 batches): finite, and the loss after them over the
   loss before; seconds per step;
-* **check** (``--check`` only): ``Limit.check`` against finite SGD training at three widths with a few seeds:
-  the fitted slope of the gap and the largest width's mean gap in standard errors (pass: slope <= -0.4 and
-  <= 3 SE). Without it the model's limit is *not checked against training* here.
+* **check** (``--check`` only): ``Limit.check`` against finite training (``--optimizers sgd adam``) at three
+  widths with a few seeds: the verdict (passed, failed or undecided, docs/limit.md "Verdict"), the fitted
+  slope of the gap ± its standard error, the largest width's mean gap in standard errors, and the check's
+  power: the smallest bias of the limit, relative to the trajectory's scale, that the largest width would
+  resolve at 3 standard errors. Without it the model's limit is *not checked against training* here.
 
 Run: ``python benchmarks/bench_architectures.py`` (the matrix without checks; ``--check`` adds them,
 ``--only lstm,gru`` picks models). It prints a markdown table. ``transformers`` and ``pytorchcv`` models are
@@ -45,6 +47,7 @@ class Case:
     loss: str = "cross_entropy"
     width: int = 16
     lr: float = 0.1
+    adam_lr: float = 0.02
     check_widths: tuple[int, ...] = (32, 128, 512)
     seeds: int = 4
     particles: int = 2**12
@@ -262,7 +265,7 @@ def gradient_error(prog: tpl.Program, model: nn.Module, inputs: tuple) -> float:
                if g is not None and name in got)
 
 
-def measure(name: str, case: Case, check: bool) -> dict[str, str]:
+def measure(name: str, case: Case, optimizers: list[str]) -> dict[str, str]:
     row = {"model": name}
     inputs, y = case.inputs(), case.targets()
     try:
@@ -284,7 +287,10 @@ def measure(name: str, case: Case, check: bool) -> dict[str, str]:
         finite = bool(torch.isfinite(trajectory.outputs).all())
         ratio = float(trajectory.loss[-1] / trajectory.loss[0])
         row["μ-limit, 3 steps"] = f"{'finite' if finite else 'NOT FINITE'}, loss ×{ratio:.2f}, {per_step:.1f} s/step"
-        row["against training"] = _check(limit, inputs, y, case) if check else "not checked here"
+        checks = [_check(limit if optimizer == "sgd" else tpl.derive(case.make, example_inputs=inputs,
+                                                                     optimizer=optimizer), inputs, y, case)
+                  for optimizer in optimizers]
+        row["against training"] = "; ".join(checks) or "not checked here"
     except tpl.TplimitsError as error:
         row.setdefault("lowers", "no")
         row["error"] = f"{type(error).__name__}: {str(error)[:160]}"
@@ -295,14 +301,19 @@ def measure(name: str, case: Case, check: bool) -> dict[str, str]:
 
 
 def _check(limit: tpl.Limit, inputs: tuple, y: torch.Tensor, case: Case) -> str:
+    optimizer = limit.rule.name
+    lr = case.lr if optimizer == "sgd" else case.adam_lr
+    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = limit.check(*inputs, y, widths=list(case.check_widths), seeds=case.seeds, steps=3, lr=case.lr,
+        report = limit.check(*inputs, y, widths=list(case.check_widths), seeds=case.seeds, steps=3, lr=lr,
                              loss=case.loss, particles=case.particles, progress=False)
+    seconds = time.perf_counter() - start
     se = float(report.mean_gap[-1] / report.mean_gap_se[-1])
-    verdict = "passes" if report.passed else "FAILS"
+    power = 3 * float(report.mean_gap_se[-1]) / report.scale
     widths = "/".join(str(w) for w in case.check_widths)
-    return f"{verdict}: slope {report.slope:.2f}, {se:.1f} SE (widths {widths}, {case.seeds} seeds)"
+    return (f"{optimizer} lr {lr}: {report.status}, slope {report.slope:.2f} ± {report.slope_se:.2f}, {se:.1f} SE, "
+            f"resolves {power:.1%} (widths {widths}, {case.seeds} seeds, {seconds:.0f} s)")
 
 
 COLUMNS = ("model", "lowers", "replay", "autograd", "μ-limit, 3 steps", "against training", "error")
@@ -311,6 +322,7 @@ COLUMNS = ("model", "lowers", "replay", "autograd", "μ-limit, 3 steps", "agains
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare each limit with finite training")
+    parser.add_argument("--optimizers", nargs="*", default=["sgd"], help="the optimizers --check trains with")
     parser.add_argument("--only", default="", help="comma-separated model names")
     args = parser.parse_args()
     chosen = [n for n in args.only.split(",") if n]
@@ -327,7 +339,7 @@ def main() -> None:
             if case.needs and importlib.util.find_spec(case.needs) is None:
                 rows.append({"model": name, "error": f"skipped: {case.needs} is not installed"})
                 continue
-            rows.append(measure(name, case, args.check))
+            rows.append(measure(name, case, args.optimizers if args.check else []))
             print(" | ".join(rows[-1].get(c, "") for c in COLUMNS), flush=True)
     print()
     print("| " + " | ".join(COLUMNS) + " |")

@@ -47,12 +47,14 @@ def _data(arch: str, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return X, torch.randn(shape, generator=g)
 
 
-def study(name: str, plot: str | None) -> None:
-    arch, optimizer, lr, widths, seeds, steps, config, _ = STUDIES[name]
+def study(name: str, plot: str | None, widths: list[int] | None = None, seeds: int | None = None,
+          params: list[str] | None = None) -> None:
+    arch, optimizer, lr, default_widths, default_seeds, steps, config, _ = STUDIES[name]
+    widths, seeds = widths or list(default_widths), seeds or default_seeds
     X, y = _data(arch, config)
     start = time.perf_counter()
-    report = tpl.diagnose(arch, X, y, param=["NTP", "muP"], optimizer=optimizer, widths=list(widths), seeds=seeds,
-                          steps=steps, lr=lr, progress=True, **config)
+    report = tpl.diagnose(arch, X, y, param=params or ["NTP", "muP"], optimizer=optimizer, widths=list(widths),
+                          seeds=seeds, steps=steps, lr=lr, progress=True, **config)
     elapsed = time.perf_counter() - start
     print(f"== {name}: {arch}, {optimizer} lr {lr}, widths {list(widths)}, {seeds} seeds, {steps} steps "
           f"({elapsed:.0f} s)")
@@ -94,6 +96,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--studies", nargs="*", default=[*STUDIES, "performance"])
     parser.add_argument("--plot", default="docs/diagnose-mlp.png", help="where the mlp-sgd study's plot goes")
+    parser.add_argument("--widths", type=int, nargs="*", help="widths instead of each study's own")
+    parser.add_argument("--seeds", type=int, help="seeds per width instead of each study's own")
+    parser.add_argument("--params", nargs="*", help="parametrizations (default NTP and muP)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in args.studies:
@@ -101,7 +106,7 @@ def main() -> None:
             performance()
             continue
         torch.set_default_dtype(torch.float64)
-        study(name, args.plot if name == "mlp-sgd" else None)
+        study(name, args.plot if name == "mlp-sgd" else None, args.widths, args.seeds, args.params)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ For each parametrization, width and seed the model is trained for a few full-bat
 linearization (:mod:`.linearize`, the same optimizer's param groups), and five numbers are measured:
 
 * **linearization gap**: ``max_t RMS(f_t − f_t^lin) / max_t RMS(f_t − f_0)`` on the training inputs;
-* **kernel drift**: ``‖K_T − K_0‖_F / ‖K_0‖_F`` of the empirical NTK after the last step
-  (:func:`.kernels.empirical_ntk`, weighted by the optimizer's per-parameter rates);
+* **kernel drift**: ``max_t ‖K_t − K_0‖_F / ‖K_0‖_F`` of the empirical NTK over the steps
+  (:func:`.kernels.empirical_ntk`, weighted by the optimizer's per-parameter rates); its value after the
+  last step is reported too, as **final kernel drift**;
 * **weak correlation**: the second-order change of ``f`` along the first step relative to its
   first-order change (:func:`.kernels.weak_correlation`, seed 000);
 * **feature movement**: the mean over hidden vector values of the program of their RMS per-coordinate
   change (read by the coordinate check's :func:`~tplimits.training.coordcheck.program_values`);
 * **spectral ratio**: the mean over hidden matrices of ``‖ΔW‖₂ / √(fan_out/fan_in)`` (seed 001), and
-  per parameter its relative change ``‖ΔW‖_F/‖W₀‖_F`` and spectral ratio.
+  per parameter its relative change ``‖ΔW‖_F/‖W₀‖_F`` (the RMS change per coordinate if ``W₀ = 0``) and
+  spectral ratio.
 
 Each number's log-log slope against width (fitted over every run, with its standard error) names a
 regime: ``lazy`` (slope ≤ −0.4: the NT limit, where training is its linearization), ``rich`` (|slope| ≤
@@ -301,7 +303,7 @@ def _one_run(setup: Setup, param: Parametrization, width: int, seed: int) -> dic
     values0 = program_values(program, model, setup.inputs)
     state0 = {k: v.detach().clone() for k, v in effective_state(model.model, program).items()}
     f0 = _output(model, setup, 0, "the model")
-    gap, moved, correlation = 0.0, 0.0, 0.0
+    gap, moved, correlation, drift = 0.0, 0.0, 0.0, []
     for t in range(setup.steps):
         theta = _parameters(model)
         _step(model, opt, setup)
@@ -311,12 +313,14 @@ def _one_run(setup: Setup, param: Parametrization, width: int, seed: int) -> dic
         f_t = _output(model, setup, t + 1, "the model")
         gap = max(gap, rms(f_t - _output(lin, setup, t + 1, "its linearization")))
         moved = max(moved, rms(f_t - f0))
-    kernel = empirical_ntk(fn, _parameters(model), weights, setup.columns).detach()
+        kernel = empirical_ntk(fn, _parameters(model), weights, setup.columns).detach()
+        drift.append(float((kernel - kernel0).norm() / kernel0.norm()))
     values = program_values(program, model, setup.inputs)
     features = {ins.name: coordinate_size(values[ins.name] - values0[ins.name])
                 for ins in program if is_recorded(ins) and ins.kind == "vector" and ins.name in values}
     return {"linearization gap": gap / moved if moved > 0 else 0.0,
-            "kernel drift": float((kernel - kernel0).norm() / kernel0.norm()),
+            "kernel drift": max(drift, default=0.0),
+            "final kernel drift": drift[-1] if drift else 0.0,
             "weak correlation": correlation,
             "features": features,
             "parameters": _parameter_changes(program, state0, effective_state(model.model, program))}
@@ -324,15 +328,18 @@ def _one_run(setup: Setup, param: Parametrization, width: int, seed: int) -> dic
 
 def _parameter_changes(program: Any, before: dict[str, torch.Tensor],
                        after: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Per trained parameter: ``‖ΔW‖_F/‖W₀‖_F``, and for a parameter with a width axis and two or more
-    axes, the spectral ratio ``‖ΔW‖₂/√(fan_out/fan_in)`` (and whether it is a hidden matrix)."""
+    """Per trained parameter: ``‖ΔW‖_F/‖W₀‖_F`` (``RMS(ΔW)`` if ``W₀ = 0``), and for a parameter with a
+    width axis and two or more axes, the spectral ratio ``‖ΔW‖₂/√(fan_out/fan_in)`` (and whether it is a
+    hidden matrix)."""
     changes = {}
     for ins in program:
         if not isinstance(ins, Parameter) or not ins.trainable or ins.target not in before:
             continue
         w0, w1 = before[ins.target].detach().double(), after[ins.target].detach().double()
-        size = float(w0.norm())
-        entry = {"relative change": float((w1 - w0).norm()) / size if size > 0 else float((w1 - w0).norm())}
+        size, change = float(w0.norm()), float((w1 - w0).norm())
+        # a zero-initialized parameter has no size to be relative to: its per-coordinate (RMS) change is the
+        # width-independent number (a Frobenius norm of n Θ(1) coordinates grows like √n)
+        entry = {"relative change": change / size} if size > 0 else {"RMS change": change / math.sqrt(w0.numel())}
         if w0.ndim >= 2 and any(isinstance(a, Width) for a in ins.layout):
             entry["spectral ratio"] = spectral_ratio(w0, w1, ins.layout)
             entry["hidden"] = ins.kind == "matrix"
@@ -355,13 +362,15 @@ def _summarize(param: Parametrization, rule: UpdateRule, fam: Family, widths: li
         "spectral ratio", lambda r: sum(r["parameters"][k]["spectral ratio"] for k in spectral) / max(len(spectral), 1))
     parameters = {
         name: {key: measure(key, lambda r, name=name, key=key: r["parameters"][name][key])
-               for key in ("relative change", "spectral ratio") if key in entry}
+               for key in ("relative change", "RMS change", "spectral ratio") if key in entry}
         for name, entry in first["parameters"].items()
     }
     features = {name: measure(name, lambda r, name=name: r["features"][name]) for name in first["features"]}
     verdict = classify_program(fam.program, param, homogeneity=optimizer_homogeneity(rule))
     regime, contradictions = _judge(headline, verdict.regime)
-    return ParamDiagnosis(param.name, rule.name, verdict.regime, tuple(widths), headline, parameters, features,
+    # reported next to the headline, not judged: the maximum over steps already speaks for the drift
+    measures = {**headline, "final kernel drift": measure("final kernel drift", lambda r: r["final kernel drift"])}
+    return ParamDiagnosis(param.name, rule.name, verdict.regime, tuple(widths), measures, parameters, features,
                           regime, contradictions)
 
 
