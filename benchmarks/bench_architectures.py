@@ -265,7 +265,7 @@ def gradient_error(prog: tpl.Program, model: nn.Module, inputs: tuple) -> float:
                if g is not None and name in got)
 
 
-def measure(name: str, case: Case, optimizers: list[str]) -> dict[str, str]:
+def measure(name: str, case: Case, optimizers: list[str], center: bool = False) -> dict[str, str]:
     row = {"model": name}
     inputs, y = case.inputs(), case.targets()
     try:
@@ -288,7 +288,7 @@ def measure(name: str, case: Case, optimizers: list[str]) -> dict[str, str]:
         ratio = float(trajectory.loss[-1] / trajectory.loss[0])
         row["μ-limit, 3 steps"] = f"{'finite' if finite else 'NOT FINITE'}, loss ×{ratio:.2f}, {per_step:.1f} s/step"
         checks = [_check(limit if optimizer == "sgd" else tpl.derive(case.make, example_inputs=inputs,
-                                                                     optimizer=optimizer), inputs, y, case)
+                                                                     optimizer=optimizer), inputs, y, case, center)
                   for optimizer in optimizers]
         row["against training"] = "; ".join(checks) or "not checked here"
     except tpl.TplimitsError as error:
@@ -300,14 +300,14 @@ def measure(name: str, case: Case, optimizers: list[str]) -> dict[str, str]:
     return row
 
 
-def _check(limit: tpl.Limit, inputs: tuple, y: torch.Tensor, case: Case) -> str:
+def _check(limit: tpl.Limit, inputs: tuple, y: torch.Tensor, case: Case, center: bool) -> str:
     optimizer = limit.rule.name
     lr = case.lr if optimizer == "sgd" else case.adam_lr
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = limit.check(*inputs, y, widths=list(case.check_widths), seeds=case.seeds, steps=3, lr=lr,
-                             loss=case.loss, particles=case.particles, progress=False)
+                             loss=case.loss, particles=case.particles, progress=False, center=center)
     seconds = time.perf_counter() - start
     se = float(report.mean_gap[-1] / report.mean_gap_se[-1])
     power = 3 * float(report.mean_gap_se[-1]) / report.scale
@@ -323,6 +323,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare each limit with finite training")
     parser.add_argument("--optimizers", nargs="*", default=["sgd"], help="the optimizers --check trains with")
+    parser.add_argument("--center", action="store_true", help="--check trains f - f_0 on both sides (the initial "
+                        "function's seed-to-seed spread then leaves the comparison, which gains power)")
     parser.add_argument("--only", default="", help="comma-separated model names")
     args = parser.parse_args()
     chosen = [n for n in args.only.split(",") if n]
@@ -339,7 +341,7 @@ def main() -> None:
             if case.needs and importlib.util.find_spec(case.needs) is None:
                 rows.append({"model": name, "error": f"skipped: {case.needs} is not installed"})
                 continue
-            rows.append(measure(name, case, args.optimizers if args.check else []))
+            rows.append(measure(name, case, args.optimizers if args.check else [], args.center))
             print(" | ".join(rows[-1].get(c, "") for c in COLUMNS), flush=True)
     print()
     print("| " + " | ".join(COLUMNS) + " |")

@@ -48,9 +48,9 @@ def _data(arch: str, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def study(name: str, plot: str | None, widths: list[int] | None = None, seeds: int | None = None,
-          params: list[str] | None = None) -> None:
-    arch, optimizer, lr, default_widths, default_seeds, steps, config, _ = STUDIES[name]
-    widths, seeds = widths or list(default_widths), seeds or default_seeds
+          params: list[str] | None = None, lr: float | None = None) -> None:
+    arch, optimizer, default_lr, default_widths, default_seeds, steps, config, _ = STUDIES[name]
+    widths, seeds, lr = widths or list(default_widths), seeds or default_seeds, lr or default_lr
     X, y = _data(arch, config)
     start = time.perf_counter()
     report = tpl.diagnose(arch, X, y, param=params or ["NTP", "muP"], optimizer=optimizer, widths=list(widths),
@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="*", help="widths instead of each study's own")
     parser.add_argument("--seeds", type=int, help="seeds per width instead of each study's own")
     parser.add_argument("--params", nargs="*", help="parametrizations (default NTP and muP)")
+    parser.add_argument("--lr", type=float, help="learning rate instead of each study's own")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in args.studies:
@@ -106,7 +107,7 @@ def main() -> None:
             performance()
             continue
         torch.set_default_dtype(torch.float64)
-        study(name, args.plot if name == "mlp-sgd" else None, args.widths, args.seeds, args.params)
+        study(name, args.plot if name == "mlp-sgd" else None, args.widths, args.seeds, args.params, args.lr)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class FidelityReport:
     dof: torch.Tensor  # [widths, steps, values]: ν
     p_value: torch.Tensor  # [steps, values]: two-sided, of D / R at the largest width
     scale: torch.Tensor  # [values]: the RMS of the limit's quantity over steps
-    determined: torch.Tensor  # [values]: the value's finite size is width-independent (compared)
+    determined: torch.Tensor  # [steps, values]: the value's finite size at that step is width-independent
     level: float  # the Bonferroni level a p-value must be below: alpha / tests
     alpha: float
     min_relative: float
@@ -129,8 +129,9 @@ class FidelityReport:
 
     def format(self, rows: int = 12) -> str:
         first = self.first
-        skipped = [w.name for w, d in zip(self.values, self.determined.tolist(), strict=True) if not d]
-        lines = [f"fidelity: {int(self.determined.sum())} of {len(self.values)} program values over "
+        compared = self.determined.any(0)
+        skipped = [w.name for w, d in zip(self.values, compared.tolist(), strict=True) if not d]
+        lines = [f"fidelity: {int(compared.sum())} of {len(self.values)} program values over "
                  f"{self.distance.shape[1]} steps; finite widths {list(self.widths)} × {self.seeds} seeds vs the limit "
                  f"({self.particles} particles in {self.batches} batches); a departure has p < {self.level:.2g} "
                  f"(α = {self.alpha}, Bonferroni) and D > {self.min_relative:.0%} of the value's scale"]
@@ -140,8 +141,8 @@ class FidelityReport:
         lines.append("no program value departs from the limit at the largest width" if first is None
                      else f"FIRST DEPARTURE: {first.describe()}")
         lines.append(f"{'value':<44} {'step':>4} {'D/R':>7} {'p':>8} {'D/scale':>8}  per width")
-        order = sorted((float(self.p_value[t, v]), t, v) for v in range(len(self.values)) if self.determined[v]
-                        for t in range(self.distance.shape[1]))
+        order = sorted((float(self.p_value[t, v]), t, v) for v in range(len(self.values))
+                       for t in range(self.distance.shape[1]) if self.determined[t, v])
         for p, t, v in order[:rows]:
             per_width = " ".join(f"{float(self.relative[i, t, v]):.3f}" for i in range(len(self.widths)))
             lines.append(f"{'%' + self.values[v].name:<44} {t:>4} {float(self.z[-1, t, v]):>7.2f} {p:>8.2g} "
@@ -179,7 +180,7 @@ class FidelityReport:
             upstream = nx.ancestors(program.graph, first.value.name)
             path = sorted((index[n] for n in upstream if n in index), key=lambda i: -self.values[i].index)
             return [index[first.value.name], *path[: count - 1]]
-        worst = torch.where(self.determined, self.z[-1].amax(0), -1.0)
+        worst = torch.where(self.determined, self.z[-1], -1.0).amax(0)
         return worst.argsort(descending=True)[:count].tolist()
 
 
@@ -297,7 +298,7 @@ def _report(watched: list[Watched], widths: tuple[int, ...], seeds: int, particl
     shape = (len(widths), steps, len(watched))
     distance, resolution, dof = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
     scale = torch.zeros(len(watched), dtype=torch.float64)
-    finite_scale = torch.zeros(len(widths), len(watched), dtype=torch.float64)
+    finite_scale = torch.zeros(len(widths), steps, len(watched), dtype=torch.float64)
     for v in range(len(watched)):
         lim = torch.stack([torch.stack([system[t][v] for t in range(steps)]) for system in limit_side])
         if lim.shape[-1] == 0:  # an integer value: nothing to compare
@@ -306,7 +307,7 @@ def _report(watched: list[Watched], widths: tuple[int, ...], seeds: int, particl
         scale[v] = lim_mean.square().mean().sqrt()
         for i, runs in enumerate(finite_side):
             fin = torch.stack([torch.stack([r[t][v] for t in range(steps)]) for r in runs])
-            finite_scale[i, v] = fin.square().mean().sqrt()
+            finite_scale[i, :, v] = fin.square().flatten(2).mean((0, 2)).sqrt()
             fin_mean, fin_se = fin.mean(0), standard_error(fin)
             distance[i, :, v] = (fin_mean - lim_mean).square().mean(-1).sqrt()
             var_f, var_l = fin_se.square().mean(-1), lim_se.square().mean(-1)
@@ -322,7 +323,7 @@ def _report(watched: list[Watched], widths: tuple[int, ...], seeds: int, particl
     for t, v in (z > 1).nonzero().tolist():
         p_value[t, v] = 2 * student_t_tail(min(float(z[t, v]), 1e6), max(1.0, float(dof[-1, t, v])))
     return FidelityReport(tuple(watched), widths, seeds, particles, batches, distance, resolution, dof, p_value,
-                          scale, determined, alpha / (steps * int(determined.sum().clamp_min(1))), alpha,
+                          scale, determined, alpha / int(determined.sum().clamp_min(1)), alpha,
                           min_relative, seconds)
 
 
@@ -333,14 +334,16 @@ def _resolved(resolution: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _width_independent(widths: tuple[int, ...], finite_scale: torch.Tensor) -> torch.Tensor:
-    """Which values have a finite-width scale that does not change with width (log-log slope within
-    ``SCALE_SLOPE``): those whose limit the particles hold. A value that shrinks or grows with width (an
-    output bias under a ``1/n`` multiplier, the coordinates of a readout weight) has a limit of 0 or none;
-    the particles' version of it is that value at ``n = P``, not a limit to compare with."""
+    """Which values, at which steps, have a finite-width scale (``[widths, steps, values]``) that does not
+    change with width (log-log slope within ``SCALE_SLOPE``): those whose limit the particles hold. A value
+    that shrinks or grows with width (an output bias under a ``1/n`` multiplier, the coordinates of a readout
+    weight) has a limit of 0 or none; the particles' version of it is that value at ``n = P``, not a limit
+    to compare with. Judged per step: μP's attention logits vanish at initialization and are Θ(1) once
+    trained, so only their first step is left out."""
     if len(widths) < 2:
-        return torch.ones(finite_scale.shape[1], dtype=torch.bool)
-    slopes = [fit_slope(widths, finite_scale[:, v].tolist())[0] for v in range(finite_scale.shape[1])]
-    return torch.tensor([abs(slope) <= SCALE_SLOPE for slope in slopes])
+        return torch.ones(finite_scale.shape[1:], dtype=torch.bool)
+    return torch.tensor([[abs(fit_slope(widths, finite_scale[:, t, v].tolist())[0]) <= SCALE_SLOPE
+                          for v in range(finite_scale.shape[2])] for t in range(finite_scale.shape[1])])
 
 
 def _check_arguments(widths: Sequence[int], seeds: int, alpha: float, min_relative: float) -> None:
