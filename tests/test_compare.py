@@ -5,6 +5,8 @@ computed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 import pytest
 import torch
@@ -120,3 +122,30 @@ def test_a_nan_inside_the_program_is_an_error_not_agreement(mlp):
         summaries(setup.program, watched, values)
     values = {"tanh_1": torch.full((4, 32), -float("inf"), dtype=torch.float64)}  # a masked value: zero
     assert summaries(setup.program, watched, values)[0].abs().max() == 0
+
+
+def test_the_spread_test_flags_a_scatter_that_does_not_shrink_with_width():
+    """Synthetic seeds whose truth is known: a value deterministic in the limit scatters like width^-1/2 in
+    training (no flag); one that scatters by Θ(1) at every width, where the limit's systems agree to their
+    Monte Carlo error, is flagged; a value random in the limit too (Θ(1) across systems) is not."""
+    from tplimits.limit.compare import _spread_test
+
+    g = torch.Generator().manual_seed(0)
+    widths, seeds, per_system, systems, entries = (128, 2048), 16, 1024, 8, 4
+
+    def spread(samples: torch.Tensor) -> torch.Tensor:  # [k, entries] -> RMS over entries of the std
+        return samples.std(0).square().mean().sqrt()
+
+    def finite(scale_at: Callable[[int], float]) -> torch.Tensor:
+        return torch.stack([spread(scale_at(w) * torch.randn(seeds, entries, generator=g)) for w in widths])
+
+    limit_mc = spread(per_system**-0.5 * torch.randn(systems, entries, generator=g))
+    limit_random = spread(torch.randn(systems, entries, generator=g))
+    cases = {"shrinks": finite(lambda w: w**-0.5), "scatters": finite(lambda w: 1.0)}
+    rows = torch.stack([cases["shrinks"], cases["scatters"], cases["scatters"]])[:, :, None].permute(1, 2, 0)
+    limits = torch.stack([limit_mc, limit_mc, limit_random])[None]
+    p, relative = _spread_test(widths, seeds, per_system, systems, rows, limits, torch.ones(3, dtype=torch.float64))
+    # over 200 draws of this setup: p of the two agreeing cases stays above 0.007, the scattered one's below 2e-5
+    assert p[0, 0] > 1e-3 and p[0, 2] > 1e-3, p
+    assert p[0, 1] < 1e-4, p
+    assert relative[0, 1] > 0.5

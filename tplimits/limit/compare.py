@@ -12,12 +12,21 @@ limit's batch average by more than both standard errors allow.
 
 The test: ``D`` is the RMS over a value's entries of ``mean_finite − mean_limit``, ``R`` the RMS of their
 combined standard error, with Welch–Satterthwaite degrees of freedom ``ν``; a value *departs* when
-``D / R`` exceeds the Student-t quantile at ``alpha / (2T)`` (Bonferroni over all ``T`` values × steps
-tested) and ``D`` exceeds ``min_relative`` of the value's own scale (the RMS of the limit's quantity
+``D / R`` exceeds the Student-t quantile at ``alpha / (4T)`` (two-sided, Bonferroni over the ``T`` values ×
+steps tested and the two tests of each, mean and spread) and ``D`` exceeds ``min_relative`` of the value's own scale (the RMS of the limit's quantity
 over steps), so that a finite-width bias of a few parts in a thousand, which many seeds resolve, is not
 a fault of the limit. The report names the **first** departing value — the earliest step, then the
 earliest instruction of the program — with its op and the user's source line: upstream of it the
 limit and training agree; it is where to look.
+
+A value can also depart by its **spread**: the limit holds it deterministic (its systems differ by
+Monte Carlo error, ``∝ P^-1/2``), but the finite seeds scatter by Θ(1) — their spread does not shrink
+like ``width^-1/2`` between the smallest and largest width, and exceeds the limit's scaled to that
+width (``σ_L·√(P/n)``). Each is a one-sided test on the log of a variance ratio (standard error
+``√(2/(k−1))`` per variance of ``k`` samples); both must hold (an intersection–union test), at the same
+Bonferroni level, with the spread above ``min_relative`` of the scale. Training then carries a random
+Θ(1) quantity that the limit averages away — a sum over width of independent terms magnified by a
+width power, which no mean comparison resolves because the seeds' scatter hides the bias.
 """
 
 from __future__ import annotations
@@ -73,10 +82,15 @@ class Departure:
 
     value: Watched
     step: int
-    z: float  # D / R
-    relative: float  # D / the value's scale
+    z: float  # D / R (a spread departure: the log-variance z of its weaker test)
+    relative: float  # D / the value's scale (a spread departure: the finite spread over the scale)
+    kind: str = "mean"  # "mean": the seed average departs; "spread": the seeds scatter, the limit does not
 
     def describe(self) -> str:
+        if self.kind == "spread":
+            return (f"{self.value.describe()} at step {self.step}: the finite seeds scatter by "
+                    f"{100 * self.relative:.1f}% of its scale without shrinking with width, where the limit is "
+                    f"deterministic (z {self.z:.1f})")
         return (f"{self.value.describe()} at step {self.step}: {self.z:.1f} standard errors, "
                 f"{100 * self.relative:.1f}% of its scale")
 
@@ -96,6 +110,8 @@ class FidelityReport:
     p_value: torch.Tensor  # [steps, values]: two-sided, of D / R at the largest width
     scale: torch.Tensor  # [values]: the RMS of the limit's quantity over steps
     determined: torch.Tensor  # [steps, values]: the value's finite size at that step is width-independent
+    spread_p: torch.Tensor  # [steps, values]: p-value of the spread test (module docstring)
+    spread: torch.Tensor  # [steps, values]: the finite seeds' spread at the largest width over the scale
     level: float  # the Bonferroni level a p-value must be below: alpha / tests
     alpha: float
     min_relative: float
@@ -119,7 +135,10 @@ class FidelityReport:
         hits = (self.p_value < self.level) & (rel > self.min_relative) & self.determined
         found = [Departure(self.values[v], t, float(z[t, v]), float(rel[t, v]))
                  for t, v in hits.nonzero().tolist()]
-        return sorted(found, key=lambda d: (d.step, d.value.index))
+        scattered = (self.spread_p < self.level) & (self.spread > self.min_relative) & self.determined
+        found += [Departure(self.values[v], t, _normal_quantile(float(self.spread_p[t, v])), float(self.spread[t, v]),
+                            "spread") for t, v in scattered.nonzero().tolist()]
+        return sorted(found, key=lambda d: (d.step, d.value.index, d.kind))
 
     @property
     def first(self) -> Departure | None:
@@ -299,15 +318,19 @@ def _report(watched: list[Watched], widths: tuple[int, ...], seeds: int, particl
     distance, resolution, dof = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
     scale = torch.zeros(len(watched), dtype=torch.float64)
     finite_scale = torch.zeros(len(widths), steps, len(watched), dtype=torch.float64)
+    finite_spread = torch.zeros(len(widths), steps, len(watched), dtype=torch.float64)
+    limit_spread = torch.zeros(steps, len(watched), dtype=torch.float64)
     for v in range(len(watched)):
         lim = torch.stack([torch.stack([system[t][v] for t in range(steps)]) for system in limit_side])
         if lim.shape[-1] == 0:  # an integer value: nothing to compare
             continue
         lim_mean, lim_se = lim.mean(0), standard_error(lim)  # [steps, entries]
+        limit_spread[:, v] = lim.std(0).square().mean(-1).sqrt()
         scale[v] = lim_mean.square().mean().sqrt()
         for i, runs in enumerate(finite_side):
             fin = torch.stack([torch.stack([r[t][v] for t in range(steps)]) for r in runs])
             finite_scale[i, :, v] = fin.square().flatten(2).mean((0, 2)).sqrt()
+            finite_spread[i, :, v] = fin.std(0).square().mean(-1).sqrt()
             fin_mean, fin_se = fin.mean(0), standard_error(fin)
             distance[i, :, v] = (fin_mean - lim_mean).square().mean(-1).sqrt()
             var_f, var_l = fin_se.square().mean(-1), lim_se.square().mean(-1)
@@ -318,13 +341,39 @@ def _report(watched: list[Watched], widths: tuple[int, ...], seeds: int, particl
                                        float(seeds + batches - 2))
     floating = torch.tensor([limit_side[0][0][v].numel() > 0 for v in range(len(watched))])
     determined = _width_independent(widths, finite_scale) & floating
+    spread_p, spread = _spread_test(widths, seeds, particles // batches, batches, finite_spread, limit_spread, scale)
     z = distance[-1] / _resolved(resolution[-1], scale)
     p_value = torch.ones(steps, len(watched), dtype=torch.float64)
     for t, v in (z > 1).nonzero().tolist():
         p_value[t, v] = 2 * student_t_tail(min(float(z[t, v]), 1e6), max(1.0, float(dof[-1, t, v])))
     return FidelityReport(tuple(watched), widths, seeds, particles, batches, distance, resolution, dof, p_value,
-                          scale, determined, alpha / int(determined.sum().clamp_min(1)), alpha,
+                          scale, determined, spread_p, spread, alpha / (2 * int(determined.sum().clamp_min(1))), alpha,
                           min_relative, seconds)
+
+
+def _spread_test(widths: tuple[int, ...], seeds: int, per_system: int, systems: int, finite: torch.Tensor,
+                 limit: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spread test of the module docstring: its p-value per step and value, and the finite spread at the
+    largest width over the value's scale. ``finite``: ``[widths, steps, values]`` seed spreads; ``limit``:
+    ``[steps, values]`` spreads over the systems of ``per_system`` particles."""
+    spread = finite[-1] / scale.clamp_min(torch.finfo(torch.float64).tiny)
+    if len(widths) < 2 or systems < 2:
+        return torch.ones_like(spread), spread
+    tiny = torch.finfo(torch.float64).tiny
+    log_var = (finite.square() * torch.tensor(widths, dtype=torch.float64)[:, None, None]).clamp_min(tiny).log()
+    seed_se = math.sqrt(2 / (seeds - 1))
+    # H0 of the first test: the spread falls like width^-1/2, so width · variance is the same at both ends
+    shrinks = (log_var[-1] - log_var[0]) / (seed_se * math.sqrt(2))
+    # H0 of the second: the finite variance at width n is at most the limit's scaled by P/n
+    limit_var = (limit.square() * per_system).clamp_min(tiny).log()
+    exceeds = (log_var[-1] - limit_var) / math.sqrt(seed_se**2 + 2 / (systems - 1))
+    weaker = torch.minimum(shrinks, exceeds)
+    return 0.5 * torch.special.erfc(weaker / math.sqrt(2)), spread
+
+
+def _normal_quantile(tail: float) -> float:
+    """The ``z`` with ``P(Z > z) = tail`` for a standard normal."""
+    return math.sqrt(2) * float(torch.special.erfinv(torch.tensor(1 - 2 * tail, dtype=torch.float64)))
 
 
 def _resolved(resolution: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
