@@ -2,10 +2,10 @@
 ``python -m pytest -m slow tests/test_diagnose_study.py``; docs/diagnose.md lists the measured slopes).
 
 Theory (expected, not measured): under NTP the linearization gap, kernel drift and weak correlation
-fall at least like n^-1/2 and the spectral ratio like n^-1/2; under μP the weak correlation, feature
-movement and spectral ratio are Θ(1). Under μP the linearization gap and kernel drift are not yet flat
-at these widths for Adam, the Transformer and the ResNet (docs/diagnose.md, "Measured"), so they are
-not asserted here; the verdict reports them as contradictions.
+fall at least like n^-1/2 and the spectral ratio like n^-1/2; under μP all five numbers are Θ(1). The
+widths start where μP's kernel drift and linearization gap are flat (below them they still approach
+their limit: docs/diagnose.md, "Measured"), and the ResNet trains at lr 0.1 (at 0.5 its kernel moves by
+six times its norm in 5 steps and 256 channels are not yet in the limit).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import tplimits as tpl
 from tplimits.limit.runs import default_dtype
 
 STUDIES = {
-    "mlp-adam": ("mlp", "adam", 0.01, [128, 256, 512, 1024, 2048], 3, {"depth": 3, "d_in": 8, "d_out": 1}),
-    "transformer": ("transformer", "sgd", 0.5, [32, 64, 128, 256], 2,
+    "mlp-adam": ("mlp", "adam", 0.01, [256, 512, 1024, 2048, 4096], 3, {"depth": 3, "d_in": 8, "d_out": 1}),
+    "transformer": ("transformer", "sgd", 0.5, [128, 256, 512, 1024], 2,
                     {"n_layers": 1, "n_heads": 2, "vocab": 8, "seq_len": 4, "batch": 4}),
-    "resnet": ("resnet", "sgd", 0.5, [16, 32, 64, 128], 2,
+    "resnet": ("resnet", "sgd", 0.1, [32, 64, 128, 256], 2,
                {"stages": 1, "blocks": 1, "image_size": 4, "num_classes": 2, "batch": 8}),
 }
 
@@ -40,5 +40,5 @@ def test_lazy_under_ntp_and_rich_features_under_mup(study):
     for name in ("linearization gap", "kernel drift", "weak correlation"):
         assert ntp[name].slope <= -0.4, (study, name, ntp[name].describe())
     assert abs(ntp["spectral ratio"].slope + 0.5) <= 0.15, (study, ntp["spectral ratio"].describe())
-    for name in ("weak correlation", "feature movement", "spectral ratio"):
+    for name in ("linearization gap", "kernel drift", "weak correlation", "feature movement", "spectral ratio"):
         assert abs(mup[name].slope) <= 0.15, (study, name, mup[name].describe())
