@@ -100,7 +100,7 @@ def _compare(arch, X, y, loss, widths, seeds, particles=2**12, example=None, **c
 def test_mlp():
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(4, 4, generator=g), torch.randn(4, 1, generator=g)
-    _compare("mlp", X, y, "mse", [64, 256, 1024], 6, depth=2, d_in=4, activation="tanh")
+    _compare("mlp", X, y, "mse", [32, 128, 512, 2048], 6, depth=2, d_in=4, activation="tanh")
 
 
 def test_resnet():
