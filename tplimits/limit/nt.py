@@ -17,9 +17,12 @@ general architecture with their dot terms (Remark 2.9.20). From them:
   rule (Adam, SignSGD, Lion, normalized or clipped updates) keeps its accumulated update of each
   hidden matrix as a grid of ``Q`` values against a fixed population of ``copies`` particles (the copy
   index stays fixed over time, MATH.md §11.4–11.5), with the rule's state per entry, and moves ``f``
-  by the Jacobian applied to the accumulated updates. Vector and scalar parameters are local.
+  by the Jacobian applied to the accumulated updates. Vector and scalar parameters are local;
+* **weight decay** (Thm 2.10.3): the tangents of step ``t`` are the initial network's with every trained
+  parameter scaled by ``(1 − λ)^t``, on the same particles, and every rule keeps decayed grids.
 
-Nothing is sampled after initialization, so the cost of a step does not grow with the step.
+Without weight decay nothing is sampled after initialization, so the cost of a step does not grow with the
+step; with it, each step's backward kets are new, and the hat families grow by them.
 """
 
 from __future__ import annotations
