@@ -118,6 +118,25 @@ def test_dynamics_agree_with_ntp_training(optimizer, activation, lr, particles, 
     assert report.passed, report.format()
 
 
+@pytest.mark.parametrize("clip, lr", [(None, 0.5), (0.2, 0.05)])
+def test_normalized_and_clipped_updates_agree_with_training(clip, lr):
+    """NTP with normalized updates (Def 2.10.4), and clipped (``ν = min(‖Q‖, θ₀·n^e)``, Eq. 2.54: at this θ₀ the
+    first steps of the hidden matrix are rescaled instead of normalized): the grids take the norm of the whole
+    update."""
+    X, y = _data(4, 6)
+    limit = tpl.derive("mlp", optimizer="sgd", param="NTP-normalized", depth=2, d_in=4, activation="tanh", clip=clip)
+    traj = limit.train(X, y, steps=6, lr=lr, particles=2**13, center=True, progress=False)
+    report = limit.check(X, y, widths=[64, 256, 1024], seeds=6, steps=6, lr=lr, center=True, trajectory=traj,
+                         progress=False)
+    assert report.passed, report.format()
+    if clip is not None:  # the clipping acted: normalizing alone gives another trajectory
+        normalized = tpl.derive("mlp", optimizer="sgd", param="NTP-normalized", depth=2, d_in=4,
+                                activation="tanh").train(X, y, steps=6, lr=lr, particles=2**13, center=True,
+                                                         progress=False)
+        se = (traj.outputs_se.square() + normalized.outputs_se.square()).sqrt()
+        assert ((traj.outputs - normalized.outputs).abs() > 5 * se).any()
+
+
 def test_kernel_and_grid_dynamics_agree_for_sgd():
     """SGD through the kernel and through grids of Q values against every particle: the same outputs."""
     X, y = _data(3, 4)
@@ -263,9 +282,6 @@ def test_bad_arguments_of_the_nt_limit_are_named():
         limit.train(X, y, steps=1, particles=256, copies=0, progress=False)
     with pytest.raises(tpl.TplimitsError, match="checkpoints are not implemented for the NT limit"):
         limit.train(X, y, steps=1, particles=256, checkpoint="run.pt", progress=False)
-    with pytest.raises(tpl.TplimitsError, match="weight_decay=0.1.*not implemented yet"):
-        tpl.derive("mlp", optimizer="adamw", param="NTP", depth=1, d_in=3, weight_decay=0.1).train(
-            X, y, steps=1, particles=256, progress=False)
 
 
 def test_an_overflowing_kernel_is_an_error_not_a_number():

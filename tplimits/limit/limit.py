@@ -179,7 +179,7 @@ class Limit:
             regime=regime,
         )
         if regime == "operator":
-            check_operator_program(setup, self.weight_decay, reference, fam.inputs)
+            check_operator_program(setup, reference, fam.inputs)
         self._setups[key] = setup
         return setup
 
@@ -341,14 +341,13 @@ class Limit:
         return record
 
     def _train_tangent_system(self, setup: LimitSetup, run: _Run, b: int, bar: Any) -> dict[str, list]:
-        """Train independent system ``b`` of the NT limit: its tangents once, then the outputs by its dynamics
-        (the feature kernels are those at initialization at every step: the kets do not move)."""
+        """Train independent system ``b`` of the NT limit: its tangents, then the outputs by its dynamics (the
+        feature kernels are those of the dynamics' current tangents: under weight decay the kets move)."""
         system = TangentSystem(setup, run.per_batch, _system_seed(run.seed, b), run.dtype, run.device, run.dots,
-                               run.lr)
+                               run.lr, run.steps)
         tangents = system.tangents(run.Z)
         f0 = tangents.outputs.new_zeros(tangents.outputs.shape) if run.center else tangents.outputs
         dynamics = system.dynamics(tangents, run.copies, run.steps)
-        kernels = {name: _kernel(setup, tangents.interp, name).cpu() for name in run.kernels}
         record: dict[str, list] = {"outputs": [], "kernels": {k: [] for k in run.kernels}}
         out = f0
         for t in range(run.steps + 1):
@@ -358,7 +357,7 @@ class Limit:
                                trajectory=_partial(run, record))
             record["outputs"].append(out.cpu())
             for name in run.kernels:
-                record["kernels"][name].append(kernels[name])
+                record["kernels"][name].append(_kernel(setup, dynamics.tangents.interp, name).cpu())
             if t < run.steps:
                 chi = run.loss.error_signal(out, run.y.to(device=out.device), run.schedule[t].to(out.device))
                 out = f0 + dynamics.step(chi).reshape(f0.shape)
@@ -416,7 +415,8 @@ class Limit:
     def _check_memory(self, setup: LimitSetup, particles: int, batches: int, dtype: torch.dtype,
                       device: torch.device, copies: int | None = None) -> None:
         """Refuse, before allocating, grids of ``Q`` values (nonlinear rules) that cannot fit in memory."""
-        if self.rule.linear and self.param.update == "plain" and self.clip is None:
+        if self.rule.linear and self.param.update == "plain" and self.clip is None and not (
+                setup.regime == "operator" and self.weight_decay):  # the NT limit keeps grids under weight decay
             return
         grids = 1 + sum(torch.is_tensor(v) for v in self.rule.init_state(torch.zeros(1)).values())
         size = grids * torch.empty((), dtype=dtype).element_size()

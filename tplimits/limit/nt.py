@@ -17,9 +17,12 @@ general architecture with their dot terms (Remark 2.9.20). From them:
   rule (Adam, SignSGD, Lion, normalized or clipped updates) keeps its accumulated update of each
   hidden matrix as a grid of ``Q`` values against a fixed population of ``copies`` particles (the copy
   index stays fixed over time, MATH.md §11.4–11.5), with the rule's state per entry, and moves ``f``
-  by the Jacobian applied to the accumulated updates. Vector and scalar parameters are local.
+  by the Jacobian applied to the accumulated updates. Vector and scalar parameters are local;
+* **weight decay** (Thm 2.10.3): the tangents of step ``t`` are the initial network's with every trained
+  parameter scaled by ``(1 − λ)^t``, on the same particles, and every rule keeps decayed grids.
 
-Nothing is sampled after initialization, so the cost of a step does not grow with the step.
+Without weight decay nothing is sampled after initialization, so the cost of a step does not grow with the
+step; with it, each step's backward kets are new, and the hat families grow by them.
 """
 
 from __future__ import annotations
@@ -121,17 +124,69 @@ class TangentSystem:
     its training dynamics."""
 
     def __init__(self, setup: LimitSetup, particles: int, seed: int, dtype: torch.dtype, device: torch.device,
-                 dots: str, lr: float) -> None:
+                 dots: str, lr: float, steps: int = 0) -> None:
         self.setup = setup
         self.net = ParticleNetwork(setup, particles, seed, dtype, device, dots, lr, steps=0, frozen=True)
         self.P = particles
         self.dots = dots
+        self.steps = steps
+        # under weight decay: the forward passes of steps 1..steps, run with the initial one (see tangents)
+        self._later: dict[int, tuple[KetInterpreter, dict[str, float]]] = {}
 
     # -- the tangents ---------------------------------------------------------------------------
     def tangents(self, Z: torch.Tensor) -> Tangents:
-        """The forward pass on ``Z`` and one backward pass per output coordinate (one-hot error signals)."""
+        """The forward pass on ``Z`` and one backward pass per output coordinate (one-hot error signals).
+
+        Under weight decay the forward passes of every later step (:meth:`decayed_tangents`) are run here
+        too, before any backward pass: a forward ket never depends on the backward Gaussians, but a forward
+        pass run after a backward one would get a Stein dot term against them — zero in expectation, and
+        noise along the backward kets, which the readout's ``√n``-scaled sum turns into an O(1) error of the
+        outputs."""
+        interp = self._forward(Z, {})
+        decays = self.decays()
+        if decays:
+            for t in range(1, self.steps + 1):
+                shrink = {name: (1 - decay) ** t for name, decay in decays.items()}
+                self._later[t] = (self._forward(Z, shrink), shrink)
+        return self._backward(interp, {})
+
+    def decayed_tangents(self, t: int) -> Tangents:
+        """The tangents at step ``t`` under weight decay (Thm 2.10.3): those of the initial network with every
+        trained parameter's initial value scaled by ``(1 − λ)^t``, on the same operators, so they are jointly
+        distributed with the tangents of the other steps particle by particle."""
+        if t not in self._later:
+            raise TplimitsError(f"the tangent system was set up for {self.steps} steps of weight decay (after "
+                                f"tangents()); step {t} has no forward pass")
+        interp, shrink = self._later.pop(t)
+        return self._backward(interp, shrink)
+
+    def decays(self) -> dict[str, float]:
+        """The decoupled weight decay ``λ`` of each trained parameter that has one (Eq. 2.50)."""
+        return {name: float(self.group(name)["weight_decay"]) for name in self.setup.chosen
+                if self.group(name)["weight_decay"]}
+
+    def _forward(self, Z: torch.Tensor, shrink: Mapping[str, float]) -> KetInterpreter:
+        """The forward half of the total program on ``Z`` with the initial values of the parameters in ``shrink``
+        multiplied by their factors (operators through their ``init_scale``)."""
+        net = self.net
+        self._scale_operators(shrink)
+        values = net.state_values()
+        for name, factor in shrink.items():
+            if name in net.tensors:
+                values[name] = values[name] * factor
+        interp = KetInterpreter(self.setup.program, values, net.P, net.dtype, net.device, net.plans, net.t)
+        with torch.set_grad_enabled(self.dots == "autograd"):
+            interp.run(Z, stop=self.setup.total.forward_length)
+        return interp
+
+    def _scale_operators(self, shrink: Mapping[str, float]) -> None:
+        for name, operator in self.net.operators.items():
+            operator.init_scale = shrink.get(name, 1.0)
+
+    def _backward(self, interp: KetInterpreter, shrink: Mapping[str, float]) -> Tangents:
+        """One backward pass per output coordinate after the forward pass ``interp`` (run with ``shrink``)."""
         net, total = self.net, self.setup.total
-        interp = net.forward((Z,))
+        self._scale_operators(shrink)
         f0 = net.outputs(interp)
         forward = dict(interp.values)
         wanted = _backward_names(total, self.setup.chosen)
@@ -205,7 +260,7 @@ class TangentSystem:
         """The training dynamics of the outputs: by the kernel for a linear rule with plain updates, else on
         grids of ``Q`` values."""
         setup = self.setup
-        if setup.rule.linear and setup.param.update == "plain" and setup.clip is None:
+        if setup.rule.linear and setup.param.update == "plain" and setup.clip is None and not self.decays():
             return KernelDynamics(self, tangents, steps)
         return GridDynamics(self, tangents, copies)
 
@@ -216,6 +271,7 @@ class KernelDynamics:
 
     def __init__(self, system: TangentSystem, tangents: Tangents, steps: int) -> None:
         self.K = system.ntk(tangents)
+        self.tangents = tangents  # the kets do not move: the tangents at every step
         self.rule, self.hyper, self.lr = system.setup.rule, system.net.hyper, system.net.lr
         self.signals = self.K.new_zeros(max(steps, 1), self.K.shape[0])
         self.state: dict[str, Any] | None = None
@@ -238,11 +294,20 @@ class GridDynamics:
     """Every trained tensor's accumulated update, by the finite-width optimizer's own rule (``apply_rule``):
     vector and scalar parameters in full, hidden matrices as ``[F, P_out, copies]`` grids whose columns are a
     fixed subset of the input particles; the outputs move by the Jacobian applied to the accumulated update
-    (the Σ over the input particles estimated from the copies)."""
+    (the Σ over the input particles estimated from the copies).
+
+    Under weight decay (Thm 2.10.3) ``θ_t = (1 − λ)^t θ_0 + Δθ_t`` with ``Δθ_t = (1 − λ) Δθ_{t−1} − lr·Q_t``:
+    the grids hold ``Δθ_t`` (``apply_rule`` decays them), and the tangents at step ``t`` are those of the initial
+    network with every trained parameter scaled by ``(1 − λ)^t`` on the same particles
+    (:meth:`TangentSystem.decayed_tangents`); ``f_t = F((1 − λ)^t θ_0) + ⟨∂F/∂θ at (1 − λ)^t θ_0, Δθ_t⟩``. A step
+    costs one backward walk per output coordinate and the same grids whatever ``t``."""
 
     def __init__(self, system: TangentSystem, tangents: Tangents, copies: int | None) -> None:
         self.system, self.tangents = system, tangents
         self.setup = system.setup
+        self.initial = tangents.outputs  # F(θ_0): the displacement is from it
+        self.decays = system.decays()
+        self.t = 0
         self.displacement: dict[str, torch.Tensor] = {}
         self.states: dict[str, dict[str, Any]] = {}
         self.copies: dict[str, int] = {}
@@ -273,6 +338,9 @@ class GridDynamics:
                 part = _contract(chi, use.out) @ _contract(chi, use.inp)[:, :rows].mT
                 grid = part if grid is None else grid + part
             self._apply(name, grid, hyper)
+        self.t += 1
+        if self.decays:
+            self.tangents = self.system.decayed_tangents(self.t)
         return self.moved()
 
     def _apply(self, name: str, g: torch.Tensor, hyper: Mapping[str, Any]) -> None:
@@ -282,9 +350,10 @@ class GridDynamics:
             hyper)
 
     def moved(self) -> torch.Tensor:
-        """``Σ_θ ⟨∂f/∂θ, θ_t − θ_0⟩`` over the output coordinates: ``[J]``."""
+        """``f_t − f_0`` over the output coordinates, ``[J]``: ``Σ_θ ⟨∂f/∂θ, Δθ_t⟩``, plus under weight decay the
+        change of the initial function with its parameters scaled, ``F((1 − λ)^t θ_0) − F(θ_0)``."""
         J = self.tangents.outputs.numel()
-        total = self.tangents.outputs.new_zeros(J)
+        total = (self.tangents.outputs - self.initial).reshape(J)
         for name, jac in self.tangents.local.items():
             total = total + jac.reshape(J, -1) @ self.displacement[name].reshape(-1)
         for name, uses in self.tangents.matrices.items():
@@ -368,15 +437,12 @@ def _last_fluctuation(total: TotalProgram, stacked: Mapping[str, torch.Tensor],
     return total_w
 
 
-def check_operator_program(setup: LimitSetup, weight_decay: float, model: torch.nn.Module, inputs: Any) -> None:
-    """What the NT limit does not handle, refused by name before any work: non-gradient rules, weight
-    decay, and scalar parameters the outputs are not affine in (Remark 2.9.21)."""
+def check_operator_program(setup: LimitSetup, model: torch.nn.Module, inputs: Any) -> None:
+    """What the NT limit does not handle, refused by name before any work: non-gradient rules and scalar
+    parameters the outputs are not affine in (Remark 2.9.21)."""
     if setup.rules:
         raise TplimitsError(f"parameters {sorted(setup.rules)} are updated by non-gradient rules; the NT limit of "
                             "such rules is not implemented yet (use a feature-learning parametrization)")
-    if weight_decay:
-        raise TplimitsError(f"weight_decay={weight_decay}: under weight decay the NT limit's kets change with time "
-                            "(Thm 2.10.3), which is not implemented yet; use weight_decay=0")
     scalars = [name for name in setup.chosen if setup.program.parameters[name].kind == "scalar"]
     curved = _curved_scalars(model, scalars, inputs)
     if curved:
