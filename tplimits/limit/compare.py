@@ -11,13 +11,13 @@ program run by the :class:`~tplimits.core.interpret.FiniteInterpreter` on each m
 limit's batch average by more than both standard errors allow.
 
 The test: ``D`` is the RMS over a value's entries of ``mean_finite − mean_limit``, ``R`` the RMS of their
-combined standard error, with Welch–Satterthwaite degrees of freedom ``ν``; a value *departs* when
-``D / R`` exceeds the Student-t quantile at ``alpha / (4T)`` (two-sided, Bonferroni over the ``T`` values ×
-steps tested and the two tests of each, mean and spread) and ``D`` exceeds ``min_relative`` of the value's own scale (the RMS of the limit's quantity
-over steps), so that a finite-width bias of a few parts in a thousand, which many seeds resolve, is not
-a fault of the limit. The report names the **first** departing value — the earliest step, then the
-earliest instruction of the program — with its op and the user's source line: upstream of it the
-limit and training agree; it is where to look.
+combined standard error, with Welch–Satterthwaite degrees of freedom ``ν``; a value *departs* when ``D /
+R`` exceeds the Student-t quantile at ``alpha / (4T)`` (two-sided, Bonferroni over the ``T`` values ×
+steps tested and the two tests of each, mean and spread) and ``D`` exceeds ``min_relative`` of the
+value's own scale (the RMS of the limit's quantity over steps), so that a finite-width bias of a few
+parts in a thousand, which many seeds resolve, is not a fault of the limit. The report names the
+**first** departing value — the earliest step, then the earliest instruction of the program — with its op
+and the user's source line: upstream of it the limit and training agree; it is where to look.
 
 A value can also depart by its **spread**: the limit holds it deterministic (its systems differ by
 Monte Carlo error, ``∝ P^-1/2``), but the finite seeds scatter by Θ(1) — their spread does not shrink
