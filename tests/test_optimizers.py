@@ -542,3 +542,24 @@ def test_optimizer_is_a_torch_optimizer():
     opt.step()
     scheduler.step()
     assert opt.param_groups[0]["lr"] == LR / 2
+
+
+def test_adamw_applies_its_own_weight_decay_unless_told_otherwise():
+    """``optimizer="adamw"`` without ``weight_decay`` decays at the rule's default (1e-5, torch.optim.AdamW's
+    lr·weight_decay at its defaults); an explicit value, 0 included, wins; other rules default to 0."""
+    model, opt = tplimits.instantiate("mlp", width=16, optimizer="adamw", lr=1e-3)
+    assert {g["weight_decay"] for g in opt.param_groups} == {1e-5}
+    _, opt = tplimits.instantiate("mlp", width=16, optimizer="adamw", lr=1e-3, weight_decay=0.0)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0}
+    _, opt = tplimits.instantiate("mlp", width=16, optimizer="adam", lr=1e-3)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0}
+    assert tplimits.derive("mlp", optimizer="adamw").weight_decay == 1e-5
+    assert tplimits.derive("mlp", optimizer="adamw", weight_decay=0.01).weight_decay == 0.01
+    # the decay is applied: one step with zero gradient shrinks every weight by 1 - 1e-5
+    model, opt = tplimits.instantiate("mlp", width=16, optimizer="adamw", lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach(), b * (1 - 1e-5), rtol=1e-12, atol=0)

@@ -93,7 +93,7 @@ def family(arch: Arch, example_inputs: ExampleInputs = None, base: nn.Module | N
 
 def instantiate(arch: Arch, *, width: int, param: str | Parametrization = "muP", optimizer: str | UpdateRule = "adam",
                 lr: float = 1e-2, seed: int = 0, example_inputs: ExampleInputs = None, base: nn.Module | None = None,
-                center: bool = False, weight_decay: float = 0.0, clip: float | None = None,
+                center: bool = False, weight_decay: float | None = None, clip: float | None = None,
                 optimizer_options: Mapping[str, Any] | None = None, update_rules: Rules | None = None,
                 **config: Any) -> tuple[ParametrizedModel, TplimitsOptimizer]:
     """The architecture at ``width`` under ``param`` and the optimizer that trains it.
@@ -113,8 +113,9 @@ def instantiate(arch: Arch, *, width: int, param: str | Parametrization = "muP",
         raise TplimitsError(f"seed must be an integer, got {seed!r}")
     if not isinstance(center, bool):
         raise TplimitsError(f"center must be True or False, got {center!r}")
-    _check_update_options(weight_decay, clip)
     param, rule = registry.parametrization(param), registry.optimizer(optimizer)
+    weight_decay = _weight_decay(rule, weight_decay)
+    _check_update_options(weight_decay, clip)
     rule.hyper(optimizer_options)  # unknown or ill-typed hyperparameters fail here, before lowering
     fam = family(arch, example_inputs, base, **config)
     extra = {pattern: registry.optimizer(r) for pattern, r in _rules(update_rules).items()}
@@ -155,6 +156,12 @@ def coord_check(arch: Arch, *, params: Sequence[str | Parametrization] = ("SP", 
                               registry.optimizer(optimizer), registry.loss(loss), widths, steps, lr, seeds, tolerance)
 
 
+def _weight_decay(rule: UpdateRule, weight_decay: Any) -> Any:
+    """``weight_decay``, or where it is ``None`` the rule's own default (``adamw``'s 1e-5; else 0): an
+    explicit 0 must not be needed to get the rule the user named."""
+    return rule.option_defaults.get("weight_decay", 0.0) if weight_decay is None else weight_decay
+
+
 def _check_update_options(weight_decay: Any, clip: Any) -> None:
     """The options every update shares (Eq. 2.50's decoupled λ, Eq. 2.54's threshold θ)."""
     check_real("weight_decay", weight_decay, 0)
@@ -183,17 +190,19 @@ def _check_coord_check(params: Any, widths: Any, steps: Any, lr: Any, seeds: Any
 
 
 def derive(arch: Arch, *, param: str | Parametrization = "muP", optimizer: str | UpdateRule = "adam",
-           example_inputs: ExampleInputs = None, base: nn.Module | None = None, weight_decay: float = 0.0,
+           example_inputs: ExampleInputs = None, base: nn.Module | None = None, weight_decay: float | None = None,
            clip: float | None = None, optimizer_options: Mapping[str, Any] | None = None,
            update_rules: Rules | None = None, **config: Any) -> Limit:
     """The μ-limit of training ``arch`` (any form :func:`lower` accepts) with ``optimizer`` under ``param``.
 
-    ``weight_decay`` is the decoupled λ of Eq. 2.50, ``optimizer_options`` the update rule's
+    ``weight_decay`` is the decoupled λ of Eq. 2.50 (``None``: the rule's own default, 1e-5 for ``adamw``,
+    else 0), ``optimizer_options`` the update rule's
     hyperparameters (e.g. ``{"eps": 1e-8}``), ``update_rules`` extra non-gradient rules by parameter
     pattern, exactly as for :func:`instantiate`.
     """
-    _check_update_options(weight_decay, clip)
     rule = registry.optimizer(optimizer)
+    weight_decay = _weight_decay(rule, weight_decay)
+    _check_update_options(weight_decay, clip)
     rule.hyper(optimizer_options)  # unknown or ill-typed hyperparameters fail here, not after lowering
     resolved = _architecture(arch)
     if isinstance(resolved, Family):
