@@ -153,3 +153,22 @@ def test_the_nt_limit_next_to_the_linearization():
                           depth=2, d_in=4, d_out=1)
     assert report["NTP"].limit_check.slope <= -0.4 and report["muP"].limit_check is None
     assert "distance to the NT limit" in report.format()
+
+
+def test_empirical_ntk_of_a_function_using_sdpa_matches_a_dense_jacobian():
+    """torch's CPU flash attention has no forward-mode derivative: the kernel runs attention by the math
+    kernel, and equals J Jᵀ from a dense autograd Jacobian."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+
+    def fn(params: dict) -> torch.Tensor:
+        q = functional_call(layer, params, (x,)).view(1, 2, 4, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).sum(-1).flatten()
+
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    jac = torch.autograd.functional.jacobian(lambda w, b: fn({"weight": w, "bias": b}), tuple(params.values()))
+    dense = sum(j.flatten(1) @ j.flatten(1).T for j in jac)
+    torch.testing.assert_close(empirical_ntk(fn, params), dense, rtol=1e-10, atol=1e-12)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch.func import jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tplimits.errors import check_count
 
@@ -27,7 +28,12 @@ def empirical_ntk(fn: Callable[[Params], torch.Tensor], params: Params, weights:
     Jacobian-vector products: memory ``columns`` times the parameters, never the Jacobian of every output.
     """
     check_count("columns", columns, 1)
-    weights = dict(weights or {})
+    with sdpa_kernel(SDPBackend.MATH):  # the CPU flash-attention kernel has no forward-mode derivative
+        return _empirical_ntk(fn, params, dict(weights or {}), columns)
+
+
+def _empirical_ntk(fn: Callable[[Params], torch.Tensor], params: Params, weights: dict[str, float],
+                   columns: int) -> torch.Tensor:
     out, pullback = vjp(fn, params)
     m = out.numel()
     basis = torch.eye(m, dtype=out.dtype, device=out.device).reshape(m, *out.shape)
