@@ -65,6 +65,8 @@ QUADRATURE_RANGE = 9.0
 QUADRATURE_MAX_NODES = 601
 QUADRATURE_CHUNK = 2**24
 """Function evaluations per block of the two-dimensional quadrature (128 MiB in float64)."""
+STAYING = "(the parameters whose NTK stays in the limit)"
+"""The tangent channel of every parameter known to keep its NTK in the limit: their sum is one recursion."""
 
 
 
@@ -219,9 +221,14 @@ def _metric_gram(T: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
     """``T metric Tᵀ`` (``T Tᵀ`` for the identity metric); a matrix product's own families have ``T = I``."""
     if metric is None:
         return T @ T.T
-    if T.shape[0] == T.shape[1] and bool((T == torch.eye(T.shape[0], dtype=T.dtype, device=T.device)).all()):
+    if _is_identity(T):
         return metric
     return T @ metric @ T.T
+
+
+def _is_identity(T: torch.Tensor) -> bool:
+    return (T.ndim == 2 and T.shape[0] == T.shape[1] and bool((T.diagonal() == 1).all())
+            and int(torch.count_nonzero(T)) == T.shape[0])
 
 
 def _covariance(g: Gauss) -> torch.Tensor:
@@ -232,11 +239,13 @@ def _covariance(g: Gauss) -> torch.Tensor:
 
 def _covariance_of(g: Gauss) -> torch.Tensor:
     C = _fixed_flat(g.coef, g.axis)
-    S = C.new_zeros(C.shape[0], C.shape[0])
+    used = C.abs().sum(0) > 0
+    S = None
     for start, size, block in g.metrics.sources:
-        if start < C.shape[1]:
-            S = S + _metric_gram(C[:, start: start + size], block)
-    return S
+        if start < C.shape[1] and bool(used[start: start + size].any()):  # a family it does not use adds nothing
+            part = _metric_gram(C[:, start: start + size], block)
+            S = part if S is None else S + part
+    return S if S is not None else C.new_zeros(C.shape[0], C.shape[0])
 
 
 def second_moment(value: Random) -> torch.Tensor:
@@ -246,7 +255,7 @@ def second_moment(value: Random) -> torch.Tensor:
         return torch.outer(mu, mu) + _covariance(value)
     if isinstance(value, Mapped):
         g = value.arg
-        return law_moment(value.law, value.fn, mean_of(g), _covariance(g))
+        return law_moment(value.law, value.fn, mean_of(g), _covariance(g), g.cache)
     if isinstance(value, Linear):
         return _sandwich(value.fn, second_moment(value.arg), value.arg, value.axis)
     return _bilinear(value, second_moment(value.x), second_moment(value.y))
@@ -306,19 +315,21 @@ def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
         return value.cache["grams"]
     if not value.differentiable:
         return {}
+    # below a Gaussian the channels of a parameter are summed first: a law's weight, a linear map and a
+    # bilinear function act on their sum
     if isinstance(value, Mapped):
         g = value.arg
-        weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g))
-        return {key: weight * gram for key, gram in _channel_grams(g).items()}
+        weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g), g.cache)
+        return {(param, ""): weight * gram for param, gram in tangent_grams(g).items()}
     if isinstance(value, Linear):
-        return {key: _sandwich(value.fn, gram, value.arg, value.axis)
-                for key, gram in _channel_grams(value.arg).items()}
+        return {(param, ""): _sandwich(value.fn, gram, value.arg, value.axis)
+                for param, gram in tangent_grams(value.arg).items()}
     grams = {}
     Mx, My = second_moment(value.x), second_moment(value.y)
-    for key, gram in _channel_grams(value.x).items():
-        grams[key] = _bilinear(value, gram, My)
-    for key, gram in _channel_grams(value.y).items():
-        grams[key] = _bilinear(value, Mx, gram)
+    for param, gram in tangent_grams(value.x).items():
+        grams[(param, "x")] = _bilinear(value, gram, My)
+    for param, gram in tangent_grams(value.y).items():
+        grams[(param, "y")] = _bilinear(value, Mx, gram)
     return grams
 
 
@@ -350,23 +361,33 @@ def _derivative_fn(fn: Callable | None) -> Callable | None:
     return grad
 
 
-def _arc_cosine_raw(k: int, S: torch.Tensor) -> torch.Tensor:
-    """``E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul)."""
-    d = S.diagonal().clamp_min(0).sqrt()
-    norms = torch.outer(d, d)
-    # θ by atan2 of (|u||v| sin θ, u·v): arccos(1 - ε) ≈ √(2ε) would lose half the digits near θ = 0
+def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(θ, |u||v| sin θ)`` between (u, v) ~ N(0, S) entrywise, θ by atan2 (``arccos(1 − ε) ≈ √(2ε)`` would lose
+    half the digits near θ = 0); kept in ``cache`` (a Gaussian's), which relu and its step both read."""
+    if cache is not None and "angle" in cache:
+        return cache["angle"]
     var = S.diagonal().clamp_min(0)
-    theta = torch.atan2((torch.outer(var, var) - S**2).clamp_min(0).sqrt(), S)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    J = {0: math.pi - theta,
-         1: sin + (math.pi - theta) * cos,
-         2: 3 * sin * cos + (math.pi - theta) * (1 + 2 * cos**2)}
-    if k not in J:
+    cross = (torch.outer(var, var) - S * S).clamp_min_(0).sqrt_()
+    angle = (torch.atan2(cross, S), cross)
+    if cache is not None:
+        cache["angle"] = angle
+    return angle
+
+
+def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    """``E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul), written with ``|u||v| cos θ = S``
+    and ``|u||v| sin θ`` so that no cosine, sine or division is taken."""
+    if k not in (0, 1, 2):
         raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
-    value = norms**k * J[k] / (2 * math.pi)
+    theta, cross = _angle(S, cache)
+    rest = math.pi - theta
     if k == 0:  # a zero-variance side is 0, whose step is 0
-        value = torch.where(norms > 0, value, torch.zeros_like(value))
-    return value
+        var = S.diagonal()
+        return torch.where(torch.outer(var, var) > 0, rest, torch.zeros_like(rest)).div_(2 * math.pi)
+    if k == 1:
+        return (rest * S).add_(cross).div_(2 * math.pi)
+    var = S.diagonal()
+    return (3 * cross * S + rest * (torch.outer(var, var) + 2 * S * S)) / (2 * math.pi)
 
 
 def _arc_cosine_mean(k: int, var: torch.Tensor) -> torch.Tensor:
@@ -392,14 +413,19 @@ def law_mean(law: tuple, fn: Callable | None, mu: torch.Tensor, var: torch.Tenso
     return _quadrature_mean(_need_fn(law, fn), mu, var)
 
 
-def law_moment(law: tuple, fn: Callable | None, mu: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """``E[φ(g(a)) φ(g(b))]`` for g ~ N(mu, S), ``[F, F]``."""
+def law_moment(law: tuple, fn: Callable | None, mu: torch.Tensor, S: torch.Tensor,
+               cache: dict | None = None) -> torch.Tensor:
+    """``E[φ(g(a)) φ(g(b))]`` for g ~ N(mu, S), ``[F, F]``; ``cache``: the Gaussian's, for what the laws of
+    one argument share (the arc-cosine angle)."""
     kind = law[0]
     centered = bool((mu == 0).all())
     if kind == "arc-cosine" and centered:
         _, k, scale, shift = law
+        raw = _arc_cosine_raw(k, S, cache)
+        if shift == 0:
+            return raw.mul_(scale**2)
         m = _arc_cosine_mean(k, S.diagonal())
-        return scale**2 * _arc_cosine_raw(k, S) + scale * shift * (m[:, None] + m[None, :]) + shift**2
+        return scale**2 * raw + scale * shift * (m[:, None] + m[None, :]) + shift**2
     d = 1 + 2 * S.diagonal()
     if kind == "error function" and centered:
         return 2 / math.pi * torch.arcsin((2 * S / torch.sqrt(torch.outer(d, d))).clamp(-1, 1))
@@ -474,8 +500,10 @@ class ReadoutLaw:
 class ExactInterpreter(Interpreter):
     """The forward program on Gaussian laws at width ``n`` (see the module docstring)."""
 
-    def __init__(self, setup: Any, n: int, dtype: torch.dtype, device: torch.device, tangents: bool = True) -> None:
+    def __init__(self, setup: Any, n: int, dtype: torch.dtype, device: torch.device, tangents: bool = True,
+                 kept: Mapping[str, bool] | None = None) -> None:
         super().__init__(setup.program)
+        self.kept = kept or {}  # the parameters whose NTK is known to stay (True) or vanish (False) in the limit
         self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
         self.sources = 0
         self.metrics = Metrics()
@@ -500,6 +528,13 @@ class ExactInterpreter(Interpreter):
         self.sources += count
         self.metrics.sources.append((start, count, covariance))
         return start
+
+    def channel(self, param: str) -> str | None:
+        """The tangent channel a parameter's tangent is carried in: its own while its scaling is unknown, one
+        shared channel (:data:`STAYING`) for those whose NTK stays in the limit (one recursion for their sum),
+        none for those whose NTK vanishes."""
+        known = self.kept.get(param)
+        return param if known is None else STAYING if known else None
 
     def _kappa(self, name: str) -> float:
         abcd = self.setup.chosen[name]
@@ -556,9 +591,10 @@ class ExactInterpreter(Interpreter):
         else:
             raise self.refuse(ins, f"a vector initialized as {init.kind}")
         tangent = {}
-        if abcd is not None and self.tangents:
+        channel = self.channel(ins.target)
+        if abcd is not None and self.tangents and channel is not None:
             own = torch.eye(F, dtype=self.dtype, device=self.device) * math.sqrt(self._kappa(ins.target))
-            tangent[(ins.target, ins.name)] = _unflat(own, shape, axis)
+            tangent[(channel, ins.name)] = _unflat(own, shape, axis)
         return Gauss(mean, coef, tangent, axis, self.metrics)
 
     def regroup(self, ins: Regroup) -> Any:
@@ -576,38 +612,54 @@ class ExactInterpreter(Interpreter):
         s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
         shape = _layout_shape(x)
         out_axis = width_axes(ins.layout)[0]
-        same_offset = self._same_offset(ins, info.layout, shape, x.axis)
-
-        columns = same_offset.shape[0]
-        eye = torch.eye(columns, dtype=self.dtype, device=self.device)
-        unit = eye.reshape(columns, columns, *[1] * (len(info.layout) - 2)).expand(
-            *[columns if isinstance(a, Width) else a for a in info.layout])
-        # every family of h (its sources, each channel) lives on x's entries: h = W x maps them one to one
-        mapped = torch.einsum(ins.equation, unit, _unflat(eye, shape, x.axis))
         M = second_moment(x)
-        start = self._new_sources(columns, s2 * n_in * M * same_offset)
+        same_offset = self._same_offset(ins, info.layout, shape, x.axis)
+        if same_offset is not None:
+            M = M * same_offset
+        mapped = self._mapped(ins, info.layout, shape, x.axis, out_axis)
+        start = self._new_sources(M.shape[0], s2 * n_in * M)
         coef = torch.cat([mapped.new_zeros(*[start if i == out_axis else s for i, s in enumerate(mapped.shape)]),
                           mapped], dim=out_axis)
         mean = torch.zeros(*[1 if i == out_axis else s for i, s in enumerate(mapped.shape)], dtype=self.dtype,
                            device=self.device)
         channels = {}
         if self.tangents:
-            channels[(matrix.target, ins.name)] = self._kappa(matrix.target) * n_in * M * same_offset
+            own = self.channel(matrix.target)
+            if own is not None:
+                channels[(own, ins.name)] = self._kappa(matrix.target) * n_in * M
             for param, gram in tangent_grams(x).items():
-                channels[(param, ins.name)] = s2 * n_in * gram * same_offset
+                part = s2 * n_in * (gram if same_offset is None else gram * same_offset)
+                channels[(param, ins.name)] = channels[(param, ins.name)] + part if (param, ins.name) in channels \
+                    else part
         self.metrics.channels.update(channels)
         return Gauss(mean, coef, dict.fromkeys(channels, mapped), out_axis, self.metrics)
 
-    def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor:
-        """``[F, F]``: 1 where two fixed entries of the vector meet the same matrix. A matrix with fixed axes
-        (a convolution's kernel offsets) is one independent matrix per offset, batched over the vector's axes
-        of the same letters: entries at different offsets are multiplied by independent matrices."""
+    def _mapped(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int, out_axis: int) -> torch.Tensor:
+        """The coefficients of ``h = W x`` on the sources of its family, which are x's entries: the equation with
+        the matrix an identity over its width axes, i.e. x's width letter renamed to h's, summed over the
+        matrix's fixed axes (offsets); no product is formed."""
+        specs, out_spec = ins.equation.split("->")
+        m_spec, x_spec = specs.split(",")
+        renamed = x_spec.replace(x_spec[axis], out_spec[out_axis])
+        F = math.prod(s for i, s in enumerate(shape) if i != axis)
+        eye = _unflat(torch.eye(F, dtype=self.dtype, device=self.device), shape, axis)
+        fixed = [(m_spec[i], a) for i, a in enumerate(layout) if not isinstance(a, Width)]
+        if not fixed:
+            return torch.einsum(f"{renamed}->{out_spec}", eye)
+        ones = torch.ones([size for _, size in fixed], dtype=self.dtype, device=self.device)
+        return torch.einsum(f"{''.join(letter for letter, _ in fixed)},{renamed}->{out_spec}", ones, eye)
+
+    def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor | None:
+        """``[F, F]``: 1 where two fixed entries of the vector meet the same matrix (``None``: all of them). A
+        matrix with fixed axes (a convolution's kernel offsets) is one independent matrix per offset, batched
+        over the vector's axes of the same letters: entries at different offsets are multiplied by independent
+        matrices."""
         specs, _ = ins.equation.split("->")
         m_spec, x_spec = specs.split(",")
         offsets = [m_spec[i] for i, a in enumerate(layout) if not isinstance(a, Width)]
         F = math.prod(s for i, s in enumerate(shape) if i != axis)
         if not offsets:
-            return torch.ones(F, F, dtype=self.dtype, device=self.device)
+            return None
         if any(letter not in x_spec for letter in offsets):
             raise self.refuse(ins, "a matrix with fixed axes that do not batch the vector")
         fixed = [i for i in range(len(shape)) if i != axis]
@@ -790,10 +842,11 @@ class ExactKernels:
 
 
 def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device,
-               tangents: bool = True) -> ExactKernels:
+               tangents: bool = True, kept: Mapping[str, bool] | None = None) -> ExactKernels:
     """Run :class:`ExactInterpreter` on ``Z`` at width ``n``; the outputs' kernels through their Jacobian in
-    the readouts (and in the trained scalars; ``tangents=False``: the NNGP alone)."""
-    interp = ExactInterpreter(setup, n, dtype, device, tangents)
+    the readouts (and in the trained scalars; ``tangents=False``: the NNGP alone). ``kept``: the parameters
+    known to stay (their NTK summed, under :data:`STAYING`) or to vanish (left out) in the limit."""
+    interp = ExactInterpreter(setup, n, dtype, device, tangents, kept)
     interp.run(Z, stop=setup.total.forward_length)
     outputs = [interp.values[name] for name in setup.program.outputs]
     for name, value in zip(setup.program.outputs, outputs, strict=True):
@@ -809,29 +862,49 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
     nngp = f.new_zeros(J, J).detach()
     ntk: dict[str, torch.Tensor] = {}
     for jac, law in zip(jacobians, interp.readouts.values(), strict=False):
-        nngp = nngp + jac @ law.covariance @ jac.T
+        through = _through(jac)
+        nngp = nngp + through(law.covariance)
         for param, gram in law.grams.items():
-            ntk[param] = ntk.get(param, 0) + jac @ gram @ jac.T
+            ntk[param] = ntk[param] + through(gram) if param in ntk else through(gram)
     for jac, (param, _) in zip(jacobians[len(leaves):], scalars, strict=True):
-        ntk[param] = ntk.get(param, 0) + interp._kappa(param) * (jac @ jac.T)
+        channel = interp.channel(param)
+        if channel is not None:
+            part = interp._kappa(param) * (jac @ jac.T)
+            ntk[channel] = ntk[channel] + part if channel in ntk else part
     return ExactKernels(nngp, ntk, tuple(outputs[0].shape[1:]))
 
 
+def _through(jac: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``M ↦ jac M jacᵀ``. Outputs that are each a multiple of one readout entry (a readout plus scalars: the
+    usual tail) take their entries of ``M`` by indexing instead of two products."""
+    if not bool(((jac != 0).sum(1) <= 1).all()):
+        return lambda M: jac @ M @ jac.T
+    index = jac.abs().argmax(1)
+    weight = jac.gather(1, index[:, None])
+    if not (index.numel() == jac.shape[1] and bool((index == torch.arange(len(index), device=index.device)).all())):
+        return lambda M: weight * M[index][:, index] * weight.T
+    if bool((weight == weight[0, 0]).all()):
+        scale = float(weight[0, 0]) ** 2
+        return lambda M: M * scale
+    return lambda M: weight * M * weight.T
+
+
 def _jacobians(f: torch.Tensor, readouts: list[torch.Tensor], scalars: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``∂f/∂leaf`` as ``[J, leaf entries]`` for every leaf; the outputs must be affine in the readouts (a
-    nonlinear function of a Gaussian readout is not Gaussian: its covariance is not ``J Σ Jᵀ``)."""
+    """``∂f/∂leaf`` as ``[J, leaf entries]`` for every leaf, in one batched backward pass over the one-hot
+    cotangents; the outputs must be affine in the readouts (a nonlinear function of a Gaussian readout is not
+    Gaussian: its covariance is not ``J Σ Jᵀ``)."""
     leaves = readouts + scalars
-    rows = []
-    for j in range(f.numel()):
-        grads = torch.autograd.grad(f[j], leaves, retain_graph=True, allow_unused=True, create_graph=True)
-        for g in grads[: len(readouts)]:
-            if g is not None and g.requires_grad:
-                second = torch.autograd.grad(g.sum(), readouts, retain_graph=True, allow_unused=True)
-                if any(s is not None for s in second):  # connected, even if zero here (an odd function at 0)
-                    raise NotGaussian("the outputs are a nonlinear function of the averages over width; their law "
-                                      "at initialization is not Gaussian")
-        rows.append([torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, leaves, strict=True)])
-    return [torch.stack([r[i].reshape(-1) for r in rows]) for i in range(len(leaves))]
+    basis = torch.eye(f.numel(), dtype=f.dtype, device=f.device)
+    grads = torch.autograd.grad(f, leaves, basis, retain_graph=True, allow_unused=True, create_graph=True,
+                                is_grads_batched=True)
+    connected = [g for g in grads[: len(readouts)] if g is not None and g.requires_grad]
+    if connected:
+        second = torch.autograd.grad(sum(g.sum() for g in connected), readouts, retain_graph=True, allow_unused=True)
+        if any(s is not None for s in second):  # connected, even if zero here (an odd function at 0)
+            raise NotGaussian("the outputs are a nonlinear function of the averages over width; their law at "
+                              "initialization is not Gaussian")
+    return [f.new_zeros(f.numel(), t.numel()) if g is None else g.detach().reshape(f.numel(), -1)
+            for g, t in zip(grads, leaves, strict=True)]
 
 
 EXACT_WIDTHS = (2**10, 2**20)
@@ -840,40 +913,58 @@ EXACT_WIDTHS = (2**10, 2**20)
 def exact_kernel(setup: Any, Z: torch.Tensor, kind: str, dtype: torch.dtype,
                  device: torch.device) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The limit ``n → ∞`` of the output kernel ``[J, J]`` and the outputs' shape per row. Each contribution
-    is a power of ``n`` (the abcd factors and the program's width-dependent constants); taken at two widths,
-    a constant one is kept, a decaying one (an output bias under NTP) vanishes, and a growing one is refused."""
-    small, large = _at_both_widths(setup, Z, dtype, device, tangents=kind == "ntk")
-    if kind == "nngp":
-        return _limit_of("the NNGP", small.nngp, large.nngp), large.outputs
-    total = None
-    for param in sorted(set(small.ntk) | set(large.ntk)):
-        zero = torch.zeros_like(large.nngp)
-        part = _limit_of(f"the NTK of {param!r}", small.ntk.get(param, zero), large.ntk.get(param, zero))
-        total = part if total is None else total + part
-    return (total if total is not None else large.nngp * 0), large.outputs
+    (the NNGP, each parameter's NTK) is a power of ``n`` (the abcd factors and the program's width-dependent
+    constants): a constant one is kept, a decaying one (an output bias under NTP) vanishes, and a growing one
+    is refused. The power is a property of the program: it is read once from two widths (2^10 and 2^20) and
+    remembered; after that the program runs once, at the larger width, with the NTK of the parameters that
+    stay carried as one sum."""
+    nngp, ntk, outputs = _limit_kernels(setup, Z, dtype, device, tangents=kind == "ntk")
+    return (nngp if kind == "nngp" else ntk).clone(), outputs  # not the cached tensors themselves
 
 
-_LAST: list = []  # the last inputs' kernels at both widths: the NNGP after the NTK of the same rows is free
+_LAST: list = []  # the last inputs' kernels: the NNGP after the NTK of the same rows is free
+_SCALING: list = []  # [setup, dtype, device, {parameter or NNGP: stays in the limit}] of the last program
+NNGP = ""  # the NNGP's entry among the scalings (parameter names are never empty)
 
 
-def _at_both_widths(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                    tangents: bool) -> tuple[ExactKernels, ExactKernels]:
+def _limit_kernels(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                   tangents: bool) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
     key = (digest(Z), dtype, str(device))
     if _LAST and _LAST[0] is setup and _LAST[1] == key and (_LAST[2] or not tangents):
         return _LAST[3]
-    both = tuple(kernels_at(setup, Z, n, dtype, device, tangents) for n in EXACT_WIDTHS)
-    _LAST[:] = [setup, key, tangents, both]
-    return both
+    if not (_SCALING and _SCALING[0] is setup and _SCALING[1:3] == [dtype, str(device)]):
+        _SCALING[:] = [setup, dtype, str(device), {}]
+    kept: dict[str, bool] = _SCALING[3]
+    large = kernels_at(setup, Z, EXACT_WIDTHS[1], dtype, device, tangents, kept)
+    parts = {NNGP: large.nngp, **large.ntk}
+    unknown = [name for name in parts if name != STAYING and kept.get(name) is None]
+    if unknown:  # the powers of these contributions: from the same rows at the smaller width
+        small = kernels_at(setup, Z, EXACT_WIDTHS[0], dtype, device, tangents, kept)
+        smaller = {NNGP: small.nngp, **small.ntk}
+        for name in unknown:
+            what = "the NNGP" if name == NNGP else f"the NTK of {name!r}"
+            stays = _scaling_of(what, smaller.get(name, torch.zeros_like(large.nngp)), parts[name])
+            if stays is not None:
+                kept[name] = stays
+    limit = {name: k for name, k in parts.items() if name == STAYING or kept.get(name, True)}
+    nngp = limit.pop(NNGP, torch.zeros_like(large.nngp))
+    ntk = sum(limit[name] for name in sorted(limit)) if limit else torch.zeros_like(nngp)
+    result = (nngp, ntk if tangents else None, large.outputs)
+    _LAST[:] = [setup, key, tangents, result]
+    return result
 
 
-def _limit_of(what: str, small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
-    """``large`` where the two widths agree (to rounding of the dtype), zero where it decays at least like
-    ``n^-1/2`` between them; a contribution that grows, or changes otherwise, has no limit here."""
-    top = max(float(large.abs().max()), float(small.abs().max()), 1e-300)
+def _scaling_of(what: str, small: torch.Tensor, large: torch.Tensor) -> bool | None:
+    """Whether a contribution stays (the two widths agree to rounding of the dtype) or vanishes (it decays at
+    least like ``n^-1/2`` between them); ``None`` when it is zero at both (its power unknown from these rows). A
+    contribution that grows, or changes otherwise, has no limit here."""
+    top = max(float(large.abs().max()), float(small.abs().max()))
+    if top == 0:
+        return None
     tolerance = max(1e-9, 1e4 * torch.finfo(large.dtype).eps)
     if float((large - small).abs().max()) <= tolerance * top:
-        return large.clone()  # not the cached tensor itself
+        return True
     if float(large.abs().max()) <= (EXACT_WIDTHS[0] / EXACT_WIDTHS[1]) ** 0.5 * float(small.abs().max()):
-        return torch.zeros_like(large)
+        return False
     raise NotGaussian(f"{what} is not a power of the width that converges (max {float(small.abs().max()):.3g} at "
                       f"n = {EXACT_WIDTHS[0]}, {float(large.abs().max()):.3g} at n = {EXACT_WIDTHS[1]})")
