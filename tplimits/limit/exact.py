@@ -367,27 +367,28 @@ def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, to
     if cache is not None and "angle" in cache:
         return cache["angle"]
     var = S.diagonal().clamp_min(0)
-    cross = (torch.outer(var, var) - S * S).clamp_min_(0).sqrt_()
-    angle = (torch.atan2(cross, S), cross)
+    norms2 = torch.outer(var, var)
+    cross = (norms2 - S * S).clamp_min_(0).sqrt_()
+    angle = (torch.atan2(cross, S), cross, norms2)
     if cache is not None:
         cache["angle"] = angle
     return angle
 
 
-def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-    """``E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul), written with ``|u||v| cos θ = S``
-    and ``|u||v| sin θ`` so that no cosine, sine or division is taken."""
+def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: float = 1.0) -> torch.Tensor:
+    """``scale · E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul), written with
+    ``|u||v| cos θ = S`` and ``|u||v| sin θ`` so that no cosine, sine or division is taken."""
     if k not in (0, 1, 2):
         raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
-    theta, cross = _angle(S, cache)
+    theta, cross, norms2 = _angle(S, cache)
+    scale = scale / (2 * math.pi)
+    if k == 0:  # π − θ; a zero-variance side is 0, whose step is 0
+        rest = theta.mul(-scale).add_(math.pi * scale)
+        return rest if bool((S.diagonal() > 0).all()) else torch.where(norms2 > 0, rest, torch.zeros_like(rest))
     rest = math.pi - theta
-    if k == 0:  # a zero-variance side is 0, whose step is 0
-        var = S.diagonal()
-        return torch.where(torch.outer(var, var) > 0, rest, torch.zeros_like(rest)).div_(2 * math.pi)
     if k == 1:
-        return (rest * S).add_(cross).div_(2 * math.pi)
-    var = S.diagonal()
-    return (3 * cross * S + rest * (torch.outer(var, var) + 2 * S * S)) / (2 * math.pi)
+        return (rest * S).add_(cross).mul_(scale)
+    return (3 * cross * S + rest * (norms2 + 2 * S * S)) * scale
 
 
 def _arc_cosine_mean(k: int, var: torch.Tensor) -> torch.Tensor:
@@ -421,11 +422,11 @@ def law_moment(law: tuple, fn: Callable | None, mu: torch.Tensor, S: torch.Tenso
     centered = bool((mu == 0).all())
     if kind == "arc-cosine" and centered:
         _, k, scale, shift = law
-        raw = _arc_cosine_raw(k, S, cache)
+        raw = _arc_cosine_raw(k, S, cache, scale**2)
         if shift == 0:
-            return raw.mul_(scale**2)
+            return raw
         m = _arc_cosine_mean(k, S.diagonal())
-        return scale**2 * raw + scale * shift * (m[:, None] + m[None, :]) + shift**2
+        return raw + scale * shift * (m[:, None] + m[None, :]) + shift**2
     d = 1 + 2 * S.diagonal()
     if kind == "error function" and centered:
         return 2 / math.pi * torch.arcsin((2 * S / torch.sqrt(torch.outer(d, d))).clamp(-1, 1))
@@ -504,6 +505,8 @@ class ExactInterpreter(Interpreter):
                  kept: Mapping[str, bool] | None = None) -> None:
         super().__init__(setup.program)
         self.kept = kept or {}  # the parameters whose NTK is known to stay (True) or vanish (False) in the limit
+        self.infos = setup.program.parameters  # a view computed on each access
+        self._inputs: dict[str, tuple[str, ...]] = {}
         self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
         self.sources = 0
         self.metrics = Metrics()
@@ -517,6 +520,12 @@ class ExactInterpreter(Interpreter):
         for ins in forward:
             if isinstance(ins, MatMul):
                 self.uses[ins.matrix] = self.uses.get(ins.matrix, 0) + 1
+
+    def inputs_of(self, ins: Nonlin) -> tuple[str, ...]:
+        """``ins.inputs``, found once (the property walks the arguments on each access)."""
+        if ins.name not in self._inputs:
+            self._inputs[ins.name] = ins.inputs
+        return self._inputs[ins.name]
 
     def refuse(self, ins: Instruction, why: str) -> NotGaussian:
         return NotGaussian(f"the exact kernel path cannot integrate %{ins.name} ({ins.describe()}"
@@ -551,7 +560,7 @@ class ExactInterpreter(Interpreter):
         return value.to(self.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
 
     def parameter(self, ins: Parameter) -> Any:
-        info = self.program.parameters[ins.target]
+        info = self.infos[ins.target]
         init = self.setup.initial[ins.target]
         abcd = self.setup.chosen.get(ins.target)
         if info.kind == "matrix":
@@ -605,7 +614,7 @@ class ExactInterpreter(Interpreter):
         matrix = self.values[ins.matrix]
         if not isinstance(x, RANDOM):
             raise self.refuse(ins, "the vector is not random")
-        info = self.program.parameters[matrix.target]
+        info = self.infos[matrix.target]
         abcd = self.setup.chosen[matrix.target]
         ratio = self.program[ins.vector].layout[x.axis].ratio
         n_in = float(ratio) * self.n
@@ -687,7 +696,7 @@ class ExactInterpreter(Interpreter):
         return leaf
 
     def nonlin(self, ins: Nonlin) -> Any:
-        if any(isinstance(self.values[n], Parameter) for n in ins.inputs):
+        if any(isinstance(self.values[n], Parameter) for n in self.inputs_of(ins)):
             raise self.refuse(ins, "a weight matrix used outside a matrix product")
         try:
             return self._law(ins)
@@ -695,7 +704,7 @@ class ExactInterpreter(Interpreter):
             raise self.refuse(ins, f"its function does not apply to the laws' tensors ({error})") from None
 
     def _law(self, ins: Nonlin) -> Any:
-        names = [n for n in ins.inputs if isinstance(self.values[n], RANDOM)]
+        names = [n for n in self.inputs_of(ins) if isinstance(self.values[n], RANDOM)]
         if not names:
             return self._apply(ins, self.values)
         law = ins.gaussian
@@ -732,7 +741,7 @@ class ExactInterpreter(Interpreter):
         """``ins.fn`` on ``values``. Width-dependent sizes (a reshape to ``[B, n, H, W]``) take the size of the
         width axis of the tensors given (sources, factor columns); width-dependent constants are at ``n``."""
         columns = None
-        for name in ins.inputs:
+        for name in self.inputs_of(ins):
             value, axes = values.get(name), width_axes(self.program[name].layout)
             if torch.is_tensor(value) and axes and value.ndim == len(self.program[name].layout):
                 columns = value.shape[axes[0]] / self.program[name].layout[axes[0]].ratio
@@ -749,7 +758,10 @@ class ExactInterpreter(Interpreter):
         values = {n: self.values[n] for n in names}
         width = max(v.coef.shape[v.axis] for v in values.values())
         mean = self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
-        coef = self._linear_part(ins, {n: _pad(v.coef, v.axis, width) for n, v in values.items()})
+        # the constant part, once on one column (the function acts column by column along the width axis)
+        constant = self._apply(ins, {**self.values, **{n: torch.zeros_like(v.mean) for n, v in values.items()}})
+        constant = constant if bool(constant.any()) else None
+        coef = self._linear_part(ins, {n: _pad(v.coef, v.axis, width) for n, v in values.items()}, constant)
         tangent = {}
         if ins.differentiable:
             for key in set().union(*(v.tangent for v in values.values())):
@@ -758,7 +770,7 @@ class ExactInterpreter(Interpreter):
                 for n, v in values.items():
                     t = v.tangent.get(key)
                     parts[n] = t if t is not None else _pad(v.mean.new_zeros(v.mean.shape), v.axis, cols) * 0
-                tangent[key] = self._linear_part(ins, parts)
+                tangent[key] = self._linear_part(ins, parts, constant)
         return Gauss(mean, coef, tangent, axis, self.metrics)
 
     def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
@@ -772,9 +784,11 @@ class ExactInterpreter(Interpreter):
         shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
         return Linear(fn, self.values[name], axis, shape, ins.differentiable)
 
-    def _linear_part(self, ins: Nonlin, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        zeros = {n: torch.zeros_like(t) for n, t in parts.items()}
-        return self._apply(ins, {**self.values, **parts}) - self._apply(ins, {**self.values, **zeros})
+    def _linear_part(self, ins: Nonlin, parts: Mapping[str, torch.Tensor],
+                     constant: torch.Tensor | None) -> torch.Tensor:
+        """The affine function on ``parts`` less its ``constant`` part (``None``: zero)."""
+        value = self._apply(ins, {**self.values, **parts})
+        return value if constant is None else value - constant
 
     def _product(self, ins: Nonlin, names: list[str], axis: int) -> Product:
         x, y = (self.values[n] for n in names)
