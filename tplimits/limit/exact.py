@@ -85,25 +85,30 @@ class NotGaussian(TplimitsError):
 
 @attrs.define
 class Metrics:
-    """The covariances of the Gaussian source families (``(start, size, block)``: the sources ``start ..
+    """The covariances of the Gaussian source families (first source → ``(size, block)``: the sources ``start ..
     start + size`` have covariance ``block``; ``None`` for the identity) and of the tangent channels (the
     same per channel). Families are independent; a matrix product's family is ``n_in·s²·E[x xᵀ]`` over the
     vector's entries, so no value needs a square root of a covariance (only a readout factors its small side)."""
 
-    sources: list[tuple[int, int, torch.Tensor | None]] = attrs.field(factory=list)  # start, size, covariance
+    sources: dict[int, tuple[int, torch.Tensor | None]] = attrs.field(factory=dict)  # start: size, covariance
     channels: dict[tuple[str, str], torch.Tensor | None] = attrs.field(factory=dict)
+
+
+Block = torch.Tensor | None
+"""The coefficients of a vector on one source family or tangent channel, laid out as the vector with the width
+axis holding the family's sources; ``None``: the identity, the family's sources being the vector's own entries
+(a matrix product's output, and affine maps that leave it unchanged), whose Gram is the family's metric."""
 
 
 @attrs.define
 class Gauss:
-    """A Gaussian vector: ``mean`` (its layout, width axis of size 1) plus ``coef`` (the width axis holds the
-    sources) applied to the source families of ``metrics``; ``tangent`` maps a channel (parameter, origin) to
-    the map from the channel's space to the value's entries (the width axis holds the channel's space), its
-    Gram ``T·metric·Tᵀ``."""
+    """A Gaussian vector: ``mean`` (its layout, width axis of size 1) plus its blocks ``coef`` on the source
+    families of ``metrics`` it depends on (by first source); ``tangent`` maps a channel (parameter, origin) to
+    the map from the channel's space to the value's entries (a block likewise), its Gram ``T·metric·Tᵀ``."""
 
     mean: torch.Tensor
-    coef: torch.Tensor
-    tangent: dict[tuple[str, str], torch.Tensor]
+    coef: dict[int, Block]
+    tangent: dict[tuple[str, str], Block]
     axis: int
     metrics: Metrics
     cache: dict[str, Any] = attrs.field(factory=dict, repr=False)  # its covariance and Grams, computed once
@@ -177,11 +182,22 @@ def _pad(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(pad)], dim=axis)
 
 
+def _block_size(value: Gauss, block: Block) -> int:
+    """The columns of a block (the size of its family or channel space)."""
+    return value.mean.numel() if block is None else block.shape[value.axis]
+
+
 def _sources(value: Random) -> set[int]:
     """The Gaussian sources a value depends on (nonzero coefficient columns)."""
     if isinstance(value, Gauss):
-        used = _fixed_flat(value.coef, value.axis).abs().sum(0) > 0
-        return set(torch.nonzero(used).flatten().tolist())
+        found: set[int] = set()
+        for start, block in value.coef.items():
+            if block is None:
+                found.update(range(start, start + value.metrics.sources[start][0]))
+            else:
+                used = _fixed_flat(block, value.axis).abs().sum(0) > 0
+                found.update(start + i for i in torch.nonzero(used).flatten().tolist())
+        return found
     if isinstance(value, Mapped | Linear):
         return _sources(value.arg)
     return _sources(value.x) | _sources(value.y)
@@ -217,35 +233,29 @@ def mean_of(value: Random) -> torch.Tensor:
     return _fixed_flat(value.fn(x, y), value.axis)[:, 0]
 
 
-def _metric_gram(T: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
-    """``T metric Tᵀ`` (``T Tᵀ`` for the identity metric); a matrix product's own families have ``T = I``."""
-    if metric is None:
-        return T @ T.T
-    if _is_identity(T):
-        return metric
-    return T @ metric @ T.T
-
-
-def _is_identity(T: torch.Tensor) -> bool:
-    return (T.ndim == 2 and T.shape[0] == T.shape[1] and bool((T.diagonal() == 1).all())
-            and int(torch.count_nonzero(T)) == T.shape[0])
+def _gram_sum(g: Gauss, blocks: Mapping[Any, Block], metric_of: Callable[[Any], torch.Tensor | None]) -> torch.Tensor:
+    """``Σ T metric Tᵀ`` over ``blocks`` (``T Tᵀ`` for the identity metric; the metric itself for ``T = I``)."""
+    F = g.mean.numel()
+    total = None
+    for key, block in blocks.items():
+        metric = metric_of(key)
+        if block is None:
+            part = metric if metric is not None else torch.eye(F, dtype=g.mean.dtype, device=g.mean.device)
+            total = part if total is None else total + part
+            continue
+        T = _fixed_flat(block, g.axis)
+        if metric is not None:
+            part = T @ metric @ T.T
+            total = part if total is None else total + part
+        else:
+            total = T @ T.T if total is None else torch.addmm(total, T, T.T)
+    return total if total is not None else g.mean.new_zeros(F, F)
 
 
 def _covariance(g: Gauss) -> torch.Tensor:
     if "covariance" not in g.cache:
-        g.cache["covariance"] = _covariance_of(g)
+        g.cache["covariance"] = _gram_sum(g, g.coef, lambda start: g.metrics.sources[start][1])
     return g.cache["covariance"]
-
-
-def _covariance_of(g: Gauss) -> torch.Tensor:
-    C = _fixed_flat(g.coef, g.axis)
-    used = C.abs().sum(0) > 0
-    S = None
-    for start, size, block in g.metrics.sources:
-        if start < C.shape[1] and bool(used[start: start + size].any()):  # a family it does not use adds nothing
-            part = _metric_gram(C[:, start: start + size], block)
-            S = part if S is None else S + part
-    return S if S is not None else C.new_zeros(C.shape[0], C.shape[0])
 
 
 def second_moment(value: Random) -> torch.Tensor:
@@ -310,7 +320,7 @@ def tangent_grams(value: Random) -> dict[str, torch.Tensor]:
 def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
     if isinstance(value, Gauss):
         if "grams" not in value.cache:
-            value.cache["grams"] = {key: _metric_gram(_fixed_flat(T, value.axis), value.metrics.channels.get(key))
+            value.cache["grams"] = {key: _gram_sum(value, {key: T}, value.metrics.channels.get)
                                     for key, T in value.tangent.items()}
         return value.cache["grams"]
     if not value.differentiable:
@@ -507,6 +517,7 @@ class ExactInterpreter(Interpreter):
         self.kept = kept or {}  # the parameters whose NTK is known to stay (True) or vanish (False) in the limit
         self.infos = setup.program.parameters  # a view computed on each access
         self._inputs: dict[str, tuple[str, ...]] = {}
+        self._unchanged: dict[tuple[str, str], bool] = {}
         self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
         self.sources = 0
         self.metrics = Metrics()
@@ -535,7 +546,7 @@ class ExactInterpreter(Interpreter):
     def _new_sources(self, count: int, covariance: torch.Tensor | None) -> int:
         start = self.sources
         self.sources += count
-        self.metrics.sources.append((start, count, covariance))
+        self.metrics.sources[start] = (count, covariance)
         return start
 
     def channel(self, param: str) -> str | None:
@@ -589,13 +600,11 @@ class ExactInterpreter(Interpreter):
         F = math.prod(s for i, s in enumerate(shape) if i != axis)
         if init.kind == "constant":
             mean = torch.full(shape, float(init.value) * mult, dtype=self.dtype, device=self.device)
-            coef = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            coef = {}
         elif init.kind == "random" and abcd is not None:
             std = init_std(info, abcd, self.n) * mult
             start = self._new_sources(F, None)
-            eye = torch.eye(F, dtype=self.dtype, device=self.device) * std
-            flat = torch.cat([torch.zeros(F, start, dtype=self.dtype, device=self.device), eye], dim=1)
-            coef = _unflat(flat, shape, axis)
+            coef = {start: _unflat(torch.eye(F, dtype=self.dtype, device=self.device) * std, shape, axis)}
             mean = torch.zeros(shape, dtype=self.dtype, device=self.device)
         else:
             raise self.refuse(ins, f"a vector initialized as {init.kind}")
@@ -627,9 +636,7 @@ class ExactInterpreter(Interpreter):
             M = M * same_offset
         mapped = self._mapped(ins, info.layout, shape, x.axis, out_axis)
         start = self._new_sources(M.shape[0], s2 * n_in * M)
-        coef = torch.cat([mapped.new_zeros(*[start if i == out_axis else s for i, s in enumerate(mapped.shape)]),
-                          mapped], dim=out_axis)
-        mean = torch.zeros(*[1 if i == out_axis else s for i, s in enumerate(mapped.shape)], dtype=self.dtype,
+        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
                            device=self.device)
         channels = {}
         if self.tangents:
@@ -637,22 +644,25 @@ class ExactInterpreter(Interpreter):
             if own is not None:
                 channels[(own, ins.name)] = self._kappa(matrix.target) * n_in * M
             for param, gram in tangent_grams(x).items():
-                part = s2 * n_in * (gram if same_offset is None else gram * same_offset)
-                channels[(param, ins.name)] = channels[(param, ins.name)] + part if (param, ins.name) in channels \
-                    else part
+                gram = gram if same_offset is None else gram * same_offset
+                key = (param, ins.name)
+                channels[key] = torch.add(channels[key], gram, alpha=s2 * n_in) if key in channels else s2 * n_in * gram
         self.metrics.channels.update(channels)
-        return Gauss(mean, coef, dict.fromkeys(channels, mapped), out_axis, self.metrics)
+        return Gauss(mean, {start: mapped}, dict.fromkeys(channels, mapped), out_axis, self.metrics)
 
-    def _mapped(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int, out_axis: int) -> torch.Tensor:
+    def _mapped(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int, out_axis: int) -> Block:
         """The coefficients of ``h = W x`` on the sources of its family, which are x's entries: the equation with
         the matrix an identity over its width axes, i.e. x's width letter renamed to h's, summed over the
-        matrix's fixed axes (offsets); no product is formed."""
+        matrix's fixed axes (offsets); no product is formed. ``None`` (the identity) when h's fixed entries are
+        x's in the same order."""
         specs, out_spec = ins.equation.split("->")
         m_spec, x_spec = specs.split(",")
         renamed = x_spec.replace(x_spec[axis], out_spec[out_axis])
+        fixed = [(m_spec[i], a) for i, a in enumerate(layout) if not isinstance(a, Width)]
+        if not fixed and renamed.replace(out_spec[out_axis], "") == out_spec.replace(out_spec[out_axis], ""):
+            return None
         F = math.prod(s for i, s in enumerate(shape) if i != axis)
         eye = _unflat(torch.eye(F, dtype=self.dtype, device=self.device), shape, axis)
-        fixed = [(m_spec[i], a) for i, a in enumerate(layout) if not isinstance(a, Width)]
         if not fixed:
             return torch.einsum(f"{renamed}->{out_spec}", eye)
         ones = torch.ones([size for _, size in fixed], dtype=self.dtype, device=self.device)
@@ -756,22 +766,52 @@ class ExactInterpreter(Interpreter):
 
     def _affine(self, ins: Nonlin, names: list[str], axis: int) -> Gauss:
         values = {n: self.values[n] for n in names}
-        width = max(v.coef.shape[v.axis] for v in values.values())
         mean = self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
         # the constant part, once on one column (the function acts column by column along the width axis)
         constant = self._apply(ins, {**self.values, **{n: torch.zeros_like(v.mean) for n, v in values.items()}})
         constant = constant if bool(constant.any()) else None
-        coef = self._linear_part(ins, {n: _pad(v.coef, v.axis, width) for n, v in values.items()}, constant)
+        coef = self._blocks(ins, values, {n: v.coef for n, v in values.items()},
+                            lambda start: self.metrics.sources[start][0], constant)
         tangent = {}
         if ins.differentiable:
-            for key in set().union(*(v.tangent for v in values.values())):
-                cols = next(v.tangent[key].shape[v.axis] for v in values.values() if key in v.tangent)
-                parts = {}
-                for n, v in values.items():
-                    t = v.tangent.get(key)
-                    parts[n] = t if t is not None else _pad(v.mean.new_zeros(v.mean.shape), v.axis, cols) * 0
-                tangent[key] = self._linear_part(ins, parts, constant)
+            sizes = {key: _block_size(v, t) for v in values.values() for key, t in v.tangent.items()}
+            tangent = self._blocks(ins, values, {n: v.tangent for n, v in values.items()}, sizes.get, constant)
         return Gauss(mean, coef, tangent, axis, self.metrics)
+
+    def _blocks(self, ins: Nonlin, values: Mapping[str, Gauss], blocks: Mapping[str, Mapping[Any, Block]],
+                size_of: Callable[[Any], int], constant: torch.Tensor | None) -> dict[Any, Block]:
+        """The affine function's linear part on each family (or channel) of its arguments: an identity block
+        stays one where the function leaves its argument unchanged; an argument without the family is zero."""
+        out: dict[Any, Block] = {}
+        for key in dict.fromkeys(k for n in values for k in blocks[n]):
+            having = [n for n in values if key in blocks[n]]
+            if len(having) == 1 and blocks[having[0]][key] is None and self._leaves_unchanged(ins, having[0]):
+                out[key] = None
+                continue
+            parts = {}
+            for n, v in values.items():
+                block = blocks[n].get(key, 0)
+                if block is None:
+                    block = _unflat(torch.eye(v.mean.numel(), dtype=self.dtype, device=self.device),
+                                    tuple(v.mean.shape), v.axis)
+                elif not torch.is_tensor(block):
+                    block = _pad(v.mean.new_zeros(v.mean.shape), v.axis, size_of(key)) * 0
+                parts[n] = block
+            out[key] = self._linear_part(ins, parts, constant)
+        return out
+
+    def _leaves_unchanged(self, ins: Nonlin, name: str) -> bool:
+        """The function, with its other random arguments zero, is the identity in ``name``: tried on one random
+        column (a linear map other than the identity fixes a random vector with probability zero)."""
+        if (ins.name, name) not in self._unchanged:
+            v = self.values[name]
+            probe = torch.randn(v.mean.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(
+                self.device)
+            zeros = {n: torch.zeros_like(self.values[n].mean) for n in self.inputs_of(ins)
+                     if isinstance(self.values[n], Gauss)}
+            image = self._apply(ins, {**self.values, **zeros, name: probe}) - self._apply(ins, {**self.values, **zeros})
+            self._unchanged[(ins.name, name)] = image.shape == probe.shape and bool(torch.equal(image, probe))
+        return self._unchanged[(ins.name, name)]
 
     def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
         probe = self._apply(ins, {**self.values, name: torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype,
