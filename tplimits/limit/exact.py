@@ -123,6 +123,7 @@ class Mapped:
     arg: Gauss
     axis: int
     differentiable: bool = True
+    cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.define
@@ -135,6 +136,7 @@ class Product:
     axis: int
     shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
     differentiable: bool = True
+    cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.define
@@ -146,6 +148,7 @@ class Linear:
     axis: int
     shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
     differentiable: bool = True
+    cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
 
 Random = Gauss | Mapped | Product | Linear
@@ -259,7 +262,13 @@ def _covariance(g: Gauss) -> torch.Tensor:
 
 
 def second_moment(value: Random) -> torch.Tensor:
-    """``E[z(a) z(b)]`` over the fixed entries, ``[F, F]`` (not centered)."""
+    """``E[z(a) z(b)]`` over the fixed entries, ``[F, F]`` (not centered); computed once per value."""
+    if "second moment" not in value.cache:
+        value.cache["second moment"] = _second_moment(value)
+    return value.cache["second moment"]
+
+
+def _second_moment(value: Random) -> torch.Tensor:
     if isinstance(value, Gauss):
         mu = mean_of(value)
         return torch.outer(mu, mu) + _covariance(value)
@@ -281,10 +290,23 @@ def _sandwich(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor, arg: 
 
 def _bilinear(value: Product, Mx: torch.Tensor, My: torch.Tensor) -> torch.Tensor:
     """``E[fn(x, y)(a) fn(x, y)(b)]`` for independent x, y with second moments (or Grams) ``Mx``, ``My``: the
-    side with fewer entries is factored, ``Σ_l L_l M L_lᵀ`` over its factor's columns on the other side."""
+    side with fewer entries is factored, ``Σ_l L_l M L_lᵀ`` over its factor's columns on the other side. A side
+    of one entry (one output's readout weight) is a number the map is linear in: the sandwich of the other
+    side under the unit map is found once per matrix and scaled."""
     x_small = Mx.shape[0] < My.shape[0]
-    small, big, big_value, small_value = (Mx, My, value.y, value.x) if x_small else (My, Mx, value.x, value.y)
-    factor = _factor(small)
+    small, big = (Mx, My) if x_small else (My, Mx)
+    if small.shape != (1, 1):
+        return _factored(value, big, _factor(small), x_small)
+    found = [part for seen, part in value.cache.setdefault("unit", []) if seen is big]
+    if not found:
+        found = [_factored(value, big, torch.ones_like(small), x_small)]
+        value.cache["unit"].append((big, found[0]))
+    return found[0] * small[0, 0]
+
+
+def _factored(value: Product, big: torch.Tensor, factor: torch.Tensor, x_small: bool) -> torch.Tensor:
+    """``Σ_l L_l big L_lᵀ``, ``L_l`` the bilinear function with the small side fixed at the factor's column l."""
+    big_value, small_value = (value.y, value.x) if x_small else (value.x, value.y)
     columns = big.shape[0]
     total = None
     for column in range(factor.shape[1]):
@@ -298,7 +320,7 @@ def _bilinear(value: Product, Mx: torch.Tensor, My: torch.Tensor) -> torch.Tenso
             return value.fn(fixed, t) if x_small else value.fn(t, fixed)
         part = _sandwich(fn, big, big_value, value.axis)
         total = part if total is None else total + part
-    return total if total is not None else Mx.new_zeros(1, 1)
+    return total if total is not None else big.new_zeros(1, 1)
 
 
 def _layout_shape(value: Random) -> tuple[int, ...]:
@@ -311,6 +333,14 @@ def _layout_shape(value: Random) -> tuple[int, ...]:
 
 def tangent_grams(value: Random) -> dict[str, torch.Tensor]:
     """``E Σ_θ-channel κ ⟨∂z(a)/∂θ, ∂z(b)/∂θ⟩`` per trained parameter, ``[F, F]`` each."""
+    if isinstance(value, Gauss):  # the channels of a parameter summed as they are formed
+        if "parameter grams" not in value.cache:
+            by_param: dict[str, dict] = {}
+            for key, T in value.tangent.items():
+                by_param.setdefault(key[0], {})[key] = T
+            value.cache["parameter grams"] = {param: _gram_sum(value, blocks, value.metrics.channels.get)
+                                              for param, blocks in by_param.items()}
+        return value.cache["parameter grams"]
     out: dict[str, torch.Tensor] = {}
     for (param, _), gram in _channel_grams(value).items():
         out[param] = out[param] + gram if param in out else gram
@@ -378,6 +408,7 @@ def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, to
         return cache["angle"]
     var = S.diagonal().clamp_min(0)
     norms2 = torch.outer(var, var)
+    # not fused (addcmul): the diagonal's var·var − var·var must round to exactly 0
     cross = (norms2 - S * S).clamp_min_(0).sqrt_()
     angle = (torch.atan2(cross, S), cross, norms2)
     if cache is not None:
@@ -395,9 +426,9 @@ def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: f
     if k == 0:  # π − θ; a zero-variance side is 0, whose step is 0
         rest = theta.mul(-scale).add_(math.pi * scale)
         return rest if bool((S.diagonal() > 0).all()) else torch.where(norms2 > 0, rest, torch.zeros_like(rest))
+    if k == 1:  # scale·(|u||v| sin θ + (π − θ) S)
+        return torch.addcmul(S * (math.pi * scale), theta, S, value=-scale).add_(cross, alpha=scale)
     rest = math.pi - theta
-    if k == 1:
-        return (rest * S).add_(cross).mul_(scale)
     return (3 * cross * S + rest * (norms2 + 2 * S * S)) * scale
 
 
