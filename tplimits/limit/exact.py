@@ -539,6 +539,24 @@ class ReadoutLaw:
     grams: Mapping[str, torch.Tensor]
 
 
+_FACTS: list = []  # [setup, {n: facts}] of the last program
+
+
+def _program_facts(setup: Any, n: int) -> tuple[dict, dict[str, float], dict[str, int]]:
+    """The program's parameter table, each trained parameter's ``lr_scale·grad_scale`` at width ``n`` and the
+    uses of each matrix in the forward pass: found once per program and width."""
+    if not (_FACTS and _FACTS[0] is setup):
+        _FACTS[:] = [setup, {}]
+    if n not in _FACTS[1]:
+        groups = parameter_groups(dict.fromkeys(setup.chosen), setup.program, setup.param, setup.chosen, n, 0.0)
+        uses: dict[str, int] = {}
+        for ins in setup.program.instructions[: setup.total.forward_length]:
+            if isinstance(ins, MatMul):
+                uses[ins.matrix] = uses.get(ins.matrix, 0) + 1
+        _FACTS[1][n] = (setup.program.parameters, {g["name"]: g["lr_scale"] * g["grad_scale"] for g in groups}, uses)
+    return _FACTS[1][n]
+
+
 class ExactInterpreter(Interpreter):
     """The forward program on Gaussian laws at width ``n`` (see the module docstring)."""
 
@@ -546,7 +564,7 @@ class ExactInterpreter(Interpreter):
                  kept: Mapping[str, bool] | None = None) -> None:
         super().__init__(setup.program)
         self.kept = kept or {}  # the parameters whose NTK is known to stay (True) or vanish (False) in the limit
-        self.infos = setup.program.parameters  # a view computed on each access
+        self.infos, self.rates, self.uses = _program_facts(setup, n)
         self._inputs: dict[str, tuple[str, ...]] = {}
         self._unchanged: dict[tuple[str, str], bool] = {}
         self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
@@ -555,13 +573,6 @@ class ExactInterpreter(Interpreter):
         self.tangents = tangents  # False: the NNGP alone, no tangent is carried
         self.readouts: dict[str, ReadoutLaw] = {}
         self.scalar_leaves: dict[str, torch.Tensor] = {}
-        groups = parameter_groups(dict.fromkeys(setup.chosen), setup.program, setup.param, setup.chosen, n, 0.0)
-        self.rates = {g["name"]: g["lr_scale"] * g["grad_scale"] for g in groups}
-        forward = setup.program.instructions[: setup.total.forward_length]
-        self.uses: dict[str, int] = {}
-        for ins in forward:
-            if isinstance(ins, MatMul):
-                self.uses[ins.matrix] = self.uses.get(ins.matrix, 0) + 1
 
     def inputs_of(self, ins: Nonlin) -> tuple[str, ...]:
         """``ins.inputs``, found once (the property walks the arguments on each access)."""
@@ -943,12 +954,11 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
     leaves = [r.leaf for r in interp.readouts.values()]
     scalars = list(interp.scalar_leaves.items())
     jacobians = _jacobians(f, leaves, [s for _, s in scalars])
-    J = f.numel()
-    nngp = f.new_zeros(J, J).detach()
+    nngp = None
     ntk: dict[str, torch.Tensor] = {}
     for jac, law in zip(jacobians, interp.readouts.values(), strict=False):
         through = _through(jac)
-        nngp = nngp + through(law.covariance)
+        nngp = through(law.covariance) if nngp is None else nngp + through(law.covariance)
         for param, gram in law.grams.items():
             ntk[param] = ntk[param] + through(gram) if param in ntk else through(gram)
     for jac, (param, _) in zip(jacobians[len(leaves):], scalars, strict=True):
@@ -956,16 +966,19 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
         if channel is not None:
             part = interp._kappa(param) * (jac @ jac.T)
             ntk[channel] = ntk[channel] + part if channel in ntk else part
+    if nngp is None:
+        nngp = f.new_zeros(f.numel(), f.numel()).detach()
     return ExactKernels(nngp, ntk, tuple(outputs[0].shape[1:]))
 
 
 def _through(jac: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``M ↦ jac M jacᵀ``. Outputs that are each a multiple of one readout entry (a readout plus scalars: the
     usual tail) take their entries of ``M`` by indexing instead of two products."""
-    if not bool(((jac != 0).sum(1) <= 1).all()):
+    entries = jac.nonzero()
+    if entries.shape[0] != jac.shape[0] or not bool((entries[:, 0] == torch.arange(jac.shape[0], device=jac.device)).all()):
         return lambda M: jac @ M @ jac.T
-    index = jac.abs().argmax(1)
-    weight = jac.gather(1, index[:, None])
+    index = entries[:, 1]
+    weight = jac[entries[:, 0], index][:, None]
     if not (index.numel() == jac.shape[1] and bool((index == torch.arange(len(index), device=index.device)).all())):
         return lambda M: weight * M[index][:, index] * weight.T
     if bool((weight == weight[0, 0]).all()):
@@ -1032,8 +1045,11 @@ def _limit_kernels(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torc
             if stays is not None:
                 kept[name] = stays
     limit = {name: k for name, k in parts.items() if name == STAYING or kept.get(name, True)}
-    nngp = limit.pop(NNGP, torch.zeros_like(large.nngp))
-    ntk = sum(limit[name] for name in sorted(limit)) if limit else torch.zeros_like(nngp)
+    nngp = limit.pop(NNGP) if NNGP in limit else torch.zeros_like(large.nngp)
+    ntk = None
+    for name in sorted(limit):
+        ntk = limit[name] if ntk is None else ntk + limit[name]
+    ntk = ntk if ntk is not None else torch.zeros_like(nngp)
     result = (nngp, ntk if tangents else None, large.outputs)
     _LAST[:] = [setup, key, tangents, result]
     return result
