@@ -248,11 +248,24 @@ def _gram_sum(g: Gauss, blocks: Mapping[Any, Block], metric_of: Callable[[Any], 
             continue
         T = _fixed_flat(block, g.axis)
         if metric is not None:
-            part = T @ metric @ T.T
+            part = _congruence(T, metric)
             total = part if total is None else total + part
         else:
             total = T @ T.T if total is None else torch.addmm(total, T, T.T)
     return total if total is not None else g.mean.new_zeros(F, F)
+
+
+SPARSE_FRACTION = 1 / 16
+"""A block with at most this fraction of nonzero entries is multiplied as a sparse matrix."""
+
+
+def _congruence(T: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """``T metric Tᵀ``; a sparse ``T`` (sums over a few entries: a convolution's offsets, pooling, slices) as
+    a sparse matrix, two products of its nonzeros instead of two dense ones."""
+    if T.numel() >= 2**16 and int(torch.count_nonzero(T)) <= SPARSE_FRACTION * T.numel():
+        sparse = T.to_sparse()
+        return torch.sparse.mm(sparse, torch.sparse.mm(sparse, metric).T)  # metric symmetric
+    return T @ metric @ T.T
 
 
 def _covariance(g: Gauss) -> torch.Tensor:
@@ -677,9 +690,12 @@ class ExactInterpreter(Interpreter):
         if same_offset is not None:
             M = M * same_offset
         mapped = self._mapped(ins, info.layout, shape, x.axis, out_axis)
-        start = self._new_sources(M.shape[0], s2 * n_in * M)
+
+        def onto_h(gram: torch.Tensor) -> torch.Tensor:  # a Gram over x's entries, carried to h's
+            return gram if mapped is None else _sandwich(mapped, gram, x, out_axis)
         mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
                            device=self.device)
+        start = self._new_sources(mean.numel(), onto_h(s2 * n_in * M))
         channels = {}
         if self.tangents:
             own = self.channel(matrix.target)
@@ -689,26 +705,24 @@ class ExactInterpreter(Interpreter):
                 gram = gram if same_offset is None else gram * same_offset
                 key = (param, ins.name)
                 channels[key] = torch.add(channels[key], gram, alpha=s2 * n_in) if key in channels else s2 * n_in * gram
-        self.metrics.channels.update(channels)
-        return Gauss(mean, {start: mapped}, dict.fromkeys(channels, mapped), out_axis, self.metrics)
+        self.metrics.channels.update({key: onto_h(gram) for key, gram in channels.items()})
+        return Gauss(mean, {start: None}, dict.fromkeys(channels), out_axis, self.metrics)
 
-    def _mapped(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int, out_axis: int) -> Block:
-        """The coefficients of ``h = W x`` on the sources of its family, which are x's entries: the equation with
-        the matrix an identity over its width axes, i.e. x's width letter renamed to h's, summed over the
-        matrix's fixed axes (offsets); no product is formed. ``None`` (the identity) when h's fixed entries are
-        x's in the same order."""
+    def _mapped(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int,
+                out_axis: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """How ``h = W x`` maps x's entries to h's: the equation with the matrix an identity over its width
+        axes, i.e. x's width letter renamed to h's, summed over the matrix's fixed axes (offsets); ``None`` (the
+        identity) when h's fixed entries are x's in the same order. h's family then has h's entries as its
+        sources, its covariance (and each channel's Gram) carried over by this map: no product is formed."""
         specs, out_spec = ins.equation.split("->")
         m_spec, x_spec = specs.split(",")
         renamed = x_spec.replace(x_spec[axis], out_spec[out_axis])
         fixed = [(m_spec[i], a) for i, a in enumerate(layout) if not isinstance(a, Width)]
         if not fixed and renamed.replace(out_spec[out_axis], "") == out_spec.replace(out_spec[out_axis], ""):
             return None
-        F = math.prod(s for i, s in enumerate(shape) if i != axis)
-        eye = _unflat(torch.eye(F, dtype=self.dtype, device=self.device), shape, axis)
-        if not fixed:
-            return torch.einsum(f"{renamed}->{out_spec}", eye)
         ones = torch.ones([size for _, size in fixed], dtype=self.dtype, device=self.device)
-        return torch.einsum(f"{''.join(letter for letter, _ in fixed)},{renamed}->{out_spec}", ones, eye)
+        equation = f"{''.join(letter for letter, _ in fixed)},{renamed}->{out_spec}"
+        return lambda t: torch.einsum(equation, ones, t)
 
     def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor | None:
         """``[F, F]``: 1 where two fixed entries of the vector meet the same matrix (``None``: all of them). A
@@ -975,7 +989,8 @@ def _through(jac: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``M ↦ jac M jacᵀ``. Outputs that are each a multiple of one readout entry (a readout plus scalars: the
     usual tail) take their entries of ``M`` by indexing instead of two products."""
     entries = jac.nonzero()
-    if entries.shape[0] != jac.shape[0] or not bool((entries[:, 0] == torch.arange(jac.shape[0], device=jac.device)).all()):
+    rows = torch.arange(jac.shape[0], device=jac.device)
+    if entries.shape[0] != jac.shape[0] or not bool((entries[:, 0] == rows).all()):
         return lambda M: jac @ M @ jac.T
     index = entries[:, 1]
     weight = jac[entries[:, 0], index][:, None]
