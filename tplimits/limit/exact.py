@@ -100,6 +100,18 @@ axis holding the family's sources; ``None``: the identity, the family's sources 
 (a matrix product's output, and affine maps that leave it unchanged), whose Gram is the family's metric."""
 
 
+@attrs.frozen
+class Opaque:
+    """A tangent channel whose coefficient is random (a trained gain ``w`` in ``y ⊙ w``: the tangent ``y ⊙ δw``):
+    its Gram, and while the coefficient is still a Gaussian ``coefficient`` (``y``), the Gram's factor from the
+    channel, ``structure``, with ``gram = E[c cᵀ] ⊙ structure`` — what a nonlinearity needs (its tangent Gram
+    is ``E[φ'(g) c φ'(g') c'] ⊙ structure``, the coefficient correlated with the argument)."""
+
+    gram: torch.Tensor
+    coefficient: Gauss | None = None
+    structure: torch.Tensor | None = None
+
+
 @attrs.define
 class Gauss:
     """A Gaussian vector: ``mean`` (its layout, width axis of size 1) plus its blocks ``coef`` on the source
@@ -111,6 +123,7 @@ class Gauss:
     tangent: dict[tuple[str, str], Block]
     axis: int
     metrics: Metrics
+    opaque: dict[tuple[str, str], Opaque] = attrs.field(factory=dict)  # tangents with a random coefficient
     cache: dict[str, Any] = attrs.field(factory=dict, repr=False)  # its covariance and Grams, computed once
 
 
@@ -208,7 +221,7 @@ def _sources(value: Random) -> set[int]:
 
 def _channels(value: Random) -> set[tuple[str, str]]:
     if isinstance(value, Gauss):
-        return set(value.tangent)
+        return set(value.tangent) | set(value.opaque)
     if isinstance(value, Mapped):
         return set(value.arg.tangent) if value.differentiable else set()
     if isinstance(value, Linear):
@@ -344,15 +357,41 @@ def _layout_shape(value: Random) -> tuple[int, ...]:
     return value.shape
 
 
+def _plain_grams(g: Gauss) -> dict[str, torch.Tensor]:
+    """The tangent Grams per parameter of the channels with deterministic maps (not :class:`Opaque`)."""
+    by_param: dict[str, dict] = {}
+    for key, T in g.tangent.items():
+        by_param.setdefault(key[0], {})[key] = T
+    return {param: _gram_sum(g, blocks, g.metrics.channels.get) for param, blocks in by_param.items()}
+
+
+def _same_gaussian(a: Gauss, b: Gauss) -> bool:
+    """The same random vector: equal means and equal blocks on the same families."""
+    if a is b:
+        return True
+    if a.mean.shape != b.mean.shape or not torch.equal(a.mean, b.mean) or set(a.coef) != set(b.coef):
+        return False
+    return all((a.coef[k] is None and b.coef[k] is None) or (a.coef[k] is not None and b.coef[k] is not None
+                                                              and torch.equal(a.coef[k], b.coef[k])) for k in a.coef)
+
+
+def _times_argument(law: tuple, fn: Callable | None) -> tuple[tuple, Callable | None]:
+    """The law of ``φ'(u)·u`` for the law of ``φ``: ``k·φ`` for a power of relu, else quadrature."""
+    if law[0] == "arc-cosine" and law[3] == 0:
+        _, k, scale, _ = law
+        return (("zero",) if k == 0 else ("arc-cosine", k, k * scale, 0.0)), None
+    prime = _derivative_fn(fn)
+    return ("quadrature",), (None if prime is None else (lambda t: prime(t) * t))
+
+
 def tangent_grams(value: Random) -> dict[str, torch.Tensor]:
     """``E Σ_θ-channel κ ⟨∂z(a)/∂θ, ∂z(b)/∂θ⟩`` per trained parameter, ``[F, F]`` each."""
     if isinstance(value, Gauss):  # the channels of a parameter summed as they are formed
         if "parameter grams" not in value.cache:
-            by_param: dict[str, dict] = {}
-            for key, T in value.tangent.items():
-                by_param.setdefault(key[0], {})[key] = T
-            value.cache["parameter grams"] = {param: _gram_sum(value, blocks, value.metrics.channels.get)
-                                              for param, blocks in by_param.items()}
+            grams = _plain_grams(value)
+            for (param, _), channel in value.opaque.items():
+                grams[param] = grams[param] + channel.gram if param in grams else channel.gram
+            value.cache["parameter grams"] = grams
         return value.cache["parameter grams"]
     out: dict[str, torch.Tensor] = {}
     for (param, _), gram in _channel_grams(value).items():
@@ -373,7 +412,15 @@ def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
     if isinstance(value, Mapped):
         g = value.arg
         weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g), g.cache)
-        return {(param, ""): weight * gram for param, gram in tangent_grams(g).items()}
+        if not g.opaque:
+            return {(param, ""): weight * gram for param, gram in tangent_grams(g).items()}
+        grams = {(param, ""): weight * gram for param, gram in _plain_grams(g).items()}
+        if g.opaque:  # coefficient ≡ g (checked where the law was applied): E[φ'(g) g φ'(g') g'] ⊙ structure
+            law, fn = _times_argument(value.law, value.fn)
+            moment = law_moment(law, fn, mean_of(g), _covariance(g), g.cache)
+            for key, channel in g.opaque.items():
+                grams[key] = moment * channel.structure
+        return grams
     if isinstance(value, Linear):
         return {(param, ""): _sandwich(value.fn, gram, value.arg, value.axis)
                 for param, gram in tangent_grams(value.arg).items()}
@@ -531,7 +578,8 @@ def _quadrature_moment(fn: Callable, mu: torch.Tensor, S: torch.Tensor) -> torch
         l21 = torch.where(sd[rows, None] > 0, S[rows] / safe[:, None], torch.zeros_like(S[rows]))  # [c, F]
         l22 = (S.diagonal()[None, :] - l21**2).clamp_min(0).sqrt()
         v = mu[None, :, None, None] + l21[..., None, None] * z[:, None] + l22[..., None, None] * z[None, :]
-        fv = fn(v)  # [c, F, Q1, Q2]
+        c, F, Q = v.shape[0], v.shape[1], z.numel()
+        fv = fn(v.permute(1, 0, 2, 3).reshape(F, -1)).reshape(F, c, Q, Q).permute(1, 0, 2, 3)  # [c, F, Q1, Q2]
         inner = (fv * w[None, :]).sum(-1)  # over z2: [c, F, Q1]
         out[rows] = torch.einsum("aq,abq,q->ab", fu[rows], inner, w)
     return (out + out.T) / 2
@@ -580,6 +628,7 @@ class ExactInterpreter(Interpreter):
         self.infos, self.rates, self.uses = _program_facts(setup, n)
         self._inputs: dict[str, tuple[str, ...]] = {}
         self._unchanged: dict[tuple[str, str], bool] = {}
+        self.statistics: set[str] = set()  # averages over width taken as their limits, and what is computed from them
         self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
         self.sources = 0
         self.metrics = Metrics()
@@ -747,9 +796,8 @@ class ExactInterpreter(Interpreter):
 
     def avg(self, ins: Avg) -> torch.Tensor:
         u = self.values[ins.vector]
-        if not isinstance(u, Product) or not _zero_mean_factor(u):
-            raise self.refuse(ins, "only readouts (the average of x ⊙ v for a zero-mean Gaussian v independent of "
-                                   "x) are integrated exactly; other averages over width are not")
+        if not (isinstance(u, Product) and _zero_mean_factor(u)):
+            return self._statistic(ins, u)
         ratio = self.program[ins.vector].layout[ins.axis].ratio
         scale = ins.scale.resolve(self.n) if ins.scale is not None else 1.0
         phi2 = scale**2 / (float(ratio) * self.n)
@@ -760,6 +808,22 @@ class ExactInterpreter(Interpreter):
         grams = {p: phi2 * g for p, g in tangent_grams(u).items()} if self.tangents else {}
         self.readouts[ins.name] = ReadoutLaw(leaf, phi2 * second_moment(u), grams)
         return leaf
+
+    def _statistic(self, ins: Avg, u: Any) -> torch.Tensor:
+        """An average over width other than a readout (a normalization's mean and variance): in the limit the
+        expectation of a coordinate, a number per fixed entry, its fluctuation ``O(n^-1/2)``. It may only set
+        the coefficients of functions of random vectors (their laws declare how); one that reaches the outputs
+        would have a tangent this path does not carry, and is refused there."""
+        if not isinstance(u, RANDOM):
+            raise self.refuse(ins, "an average over width of a vector that is not random")
+        if ins.scale is not None and ins.scale.power != 0:
+            raise self.refuse(ins, "only readouts (the average of x ⊙ v for a zero-mean Gaussian v independent of "
+                                   "x) are integrated exactly; other averages over width times a power of the "
+                                   "width are not")
+        scale = ins.scale.resolve(self.n) if ins.scale is not None else 1.0
+        value = _unflat(mean_of(u)[:, None] * scale, _layout_shape(u), u.axis)
+        self.statistics.add(ins.name)
+        return value if ins.keepdim else value.squeeze(u.axis)
 
     def nonlin(self, ins: Nonlin) -> Any:
         if any(isinstance(self.values[n], Parameter) for n in self.inputs_of(ins)):
@@ -772,6 +836,8 @@ class ExactInterpreter(Interpreter):
     def _law(self, ins: Nonlin) -> Any:
         names = [n for n in self.inputs_of(ins) if isinstance(self.values[n], RANDOM)]
         if not names:
+            if any(n in self.statistics for n in self.inputs_of(ins)):
+                self.statistics.add(ins.name)
             return self._apply(ins, self.values)
         law = ins.gaussian
         out_axis = width_axes(ins.layout)[0] if width_axes(ins.layout) else None
@@ -793,11 +859,19 @@ class ExactInterpreter(Interpreter):
                 return self._linear(ins, names[0], out_axis)
             raise self.refuse(ins, "an affine function of several vectors, not all Gaussian")
         if kind == "multilinear" and len(names) == 2:
+            settled = [n for n, v in zip(names, values, strict=True) if isinstance(v, Gauss) and not v.coef]
+            if len(settled) == 1 and all(isinstance(v, Gauss) for v in values):
+                return self._scaled(ins, names, settled[0], out_axis)
             return self._product(ins, names, out_axis)
         if kind in ("arc-cosine", "error function", "quadrature") and len(names) == 1:
             g = values[0]
             if not isinstance(g, Gauss) or not _first_arg_is(ins, names[0]):
                 raise self.refuse(ins, "a nonlinear function of a non-Gaussian vector")
+            if ins.differentiable and any(c.coefficient is None or not _same_gaussian(c.coefficient, g)
+                                          for c in g.opaque.values()):
+                raise self.refuse(ins, "a nonlinear function of a vector whose tangent has a random coefficient "
+                                       "other than the vector itself (a gain initialized other than 1, or a bias "
+                                       "other than 0, before the nonlinearity)")
             return Mapped(law, self._bound(ins, names[0]), g, out_axis, ins.differentiable)
         raise self.refuse(ins, "no Gaussian law is declared for this function of random vectors"
                           + ("" if law is None else f" that applies here ({law})"))
@@ -816,12 +890,46 @@ class ExactInterpreter(Interpreter):
         return ins.fn(*substitute(args, values, self.n), **substitute(kwargs, values, self.n))
 
     def _bound(self, ins: Nonlin, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The function of the Gaussian argument ``name`` alone, on ``[F, K]``: K values of each fixed entry,
+        given to the function in the argument's layout with the width axis holding them (so that its other
+        arguments, statistics per row, broadcast as they do at finite width)."""
+        shape, axis = _layout_shape(self.values[name]), self.values[name].axis
+
         def fn(t: torch.Tensor) -> torch.Tensor:
-            return self._apply(ins, {**self.values, name: t})
+            return _fixed_flat(self._apply(ins, {**self.values, name: _unflat(t, shape, axis)}), axis)
         return fn
 
-    def _affine(self, ins: Nonlin, names: list[str], axis: int) -> Gauss:
+    def _scaled(self, ins: Nonlin, names: list[str], settled: str, axis: int) -> Gauss:
+        """A bilinear function of a Gaussian and a vector with no random part at initialization (a
+        normalization's gain, initialized constant and trained): affine in the Gaussian with the gain's value,
+        plus the gain's tangent, whose coefficient is the random other factor — kept by its Gram alone."""
+        w = self.values[settled]
+        random = next(n for n in names if n != settled)
+        product = self._product(ins, names, axis)
+        out = self._affine(ins, [random], axis, {settled: w.mean})
+        y = self.values[random]
+        moment = second_moment(y)
+        for param, gram in tangent_grams(w).items():
+            def through(side: torch.Tensor, gram: torch.Tensor = gram) -> torch.Tensor:
+                return _bilinear(product, gram, side) if names[0] == settled else _bilinear(product, side, gram)
+            full, structure = through(moment), through(torch.ones_like(moment))
+            factored = full.shape == moment.shape and bool(torch.allclose(full, moment * structure, rtol=1e-12,
+                                                                           atol=0))
+            out.opaque[(param, ins.name)] = Opaque(full, y, structure) if factored else Opaque(full)
+        return out
+
+    def _affine(self, ins: Nonlin, names: list[str], axis: int, fixed: Mapping[str, torch.Tensor] | None = None
+                ) -> Gauss:
+        """``fixed``: arguments held at a value (a gain's, see :meth:`_scaled`)."""
         values = {n: self.values[n] for n in names}
+        outer = self.values
+        self.values = {**self.values, **(fixed or {})}
+        try:
+            return self._affine_of(ins, values, axis)
+        finally:
+            self.values = outer
+
+    def _affine_of(self, ins: Nonlin, values: Mapping[str, Gauss], axis: int) -> Gauss:
         mean = self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
         # the constant part, once on one column (the function acts column by column along the width axis)
         constant = self._apply(ins, {**self.values, **{n: torch.zeros_like(v.mean) for n, v in values.items()}})
@@ -832,7 +940,30 @@ class ExactInterpreter(Interpreter):
         if ins.differentiable:
             sizes = {key: _block_size(v, t) for v in values.values() for key, t in v.tangent.items()}
             tangent = self._blocks(ins, values, {n: v.tangent for n, v in values.items()}, sizes.get, constant)
-        return Gauss(mean, coef, tangent, axis, self.metrics)
+        out = Gauss(mean, coef, tangent, axis, self.metrics)
+        if ins.differentiable:
+            self._carry_opaque(ins, values, out, constant)
+        return out
+
+    def _carry_opaque(self, ins: Nonlin, values: Mapping[str, Gauss], out: Gauss,
+                      constant: torch.Tensor | None) -> None:
+        """The Grams of tangents known by their Gram alone, through the function's linear part in their argument
+        (``L G Lᵀ``; unchanged where the function leaves that argument unchanged)."""
+        for name, v in values.items():
+            for key, channel in v.opaque.items():
+                if key in out.opaque or any(key in u.tangent or (u is not v and key in u.opaque)
+                                            for u in values.values()):
+                    raise self.refuse(ins, f"the tangent of {key[0]!r} reaches it along two paths, one with a "
+                                           "random coefficient")
+                if self._leaves_unchanged(ins, name):
+                    out.opaque[key] = channel
+                    continue
+
+                def linear(t: torch.Tensor, name: str = name, v: Gauss = v) -> torch.Tensor:
+                    zeros = {n: _pad(u.mean.new_zeros(u.mean.shape), u.axis, t.shape[v.axis]) * 0
+                             for n, u in values.items() if n != name}
+                    return self._linear_part(ins, {**zeros, name: t}, constant)
+                out.opaque[key] = Opaque(_sandwich(linear, channel.gram, v, out.axis))
 
     def _blocks(self, ins: Nonlin, values: Mapping[str, Gauss], blocks: Mapping[str, Mapping[Any, Block]],
                 size_of: Callable[[Any], int], constant: torch.Tensor | None) -> dict[Any, Block]:
@@ -962,6 +1093,9 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
     for name, value in zip(setup.program.outputs, outputs, strict=True):
         if not torch.is_tensor(value) or width_axes(setup.program[name].layout):
             raise NotGaussian(f"output %{name} is not a function of averages over width", name)
+        if name in interp.statistics:
+            raise NotGaussian(f"output %{name} depends on an average over width that is not a readout (its limit "
+                              "is a number, but its tangent is not carried by the exact path)", name)
     f = torch.cat([o.reshape(-1) for o in outputs])
     if not f.requires_grad:
         raise NotGaussian("the outputs do not depend on any average over width or trained scalar")
