@@ -22,11 +22,17 @@ Alongside, every vector carries its tangent: for each trained parameter and each
 Gram ``Σ_e κ ∂z/∂θ_e ∂z/∂θ_e`` of a coordinate (``κ = lr_scale·grad_scale·multiplier²``),
 the forward-mode recursion of the NTK (``Θ_h = κ_W n_in E[x xᵀ] + s² n_in Θ_x``, ``Θ_φ(g) = E[φ'φ']⊙Θ_g``).
 Averages over width are readouts: their fluctuation ``√n`` times the mean of ``x ⊙ v`` gives the NNGP,
-and the outputs' Jacobian in them (autograd through the scalar tail) gives the kernels of the outputs.
+and the outputs' Jacobian in them (autograd through the scalar tail) gives the kernels of the outputs. Other
+averages over width (a normalization's mean and variance) are numbers in the limit, the expectation of a
+coordinate; they may set the coefficients of functions of random vectors, not reach the outputs.
 
-Anything else (attention, softmax, normalizations, regroupings, a matrix used twice, a nonlinear function
-of a non-Gaussian vector) raises :class:`NotGaussian` naming the instruction; ``limit.kernel(path="auto")``
-then takes the Monte Carlo path.
+Each contribution (the NNGP, each parameter's NTK) is a power of the width; :func:`exact_kernel` reads the
+powers once per program from two widths and then runs the program once, the staying parameters' tangents
+carried as one channel.
+
+Anything else (attention, softmax, batch norm, regroupings, a matrix used twice, a nonlinear function of a
+non-Gaussian vector) raises :class:`NotGaussian` naming the instruction; ``limit.kernel(path="auto")`` then
+takes the Monte Carlo path.
 """
 
 from __future__ import annotations
