@@ -390,6 +390,22 @@ def _times_argument(law: tuple, fn: Callable | None) -> tuple[tuple, Callable | 
     return ("quadrature",), (None if prime is None else (lambda t: prime(t) * t))
 
 
+def _times(scale: float, M: torch.Tensor) -> torch.Tensor:
+    """``scale · M``, ``M`` itself for a unit scale (NTP's ``s²n`` and ``κn``); nothing writes into it after."""
+    return M if scale == 1 else scale * M
+
+
+def _weighted_grams(x: Random) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """``(weight, grams)`` with ``weight ⊙ gram`` the tangent Grams of ``x`` per parameter: for ``φ(g)`` (no
+    tangent with a random coefficient) the law's ``E[φ'φ']`` and ``g``'s Grams, so that a matrix product fuses
+    the product into its sum; else ``None`` and the Grams."""
+    if isinstance(x, Mapped) and x.differentiable and not x.arg.opaque:
+        g = x.arg
+        weight = law_moment(derivative(x.law), _derivative_fn(x.fn), mean_of(g), _covariance(g), g.cache)
+        return weight, tangent_grams(g)
+    return None, tangent_grams(x)
+
+
 def tangent_grams(value: Random) -> dict[str, torch.Tensor]:
     """``E Σ_θ-channel κ ⟨∂z(a)/∂θ, ∂z(b)/∂θ⟩`` per trained parameter, ``[F, F]`` each."""
     if isinstance(value, Gauss):  # the channels of a parameter summed as they are formed
@@ -489,12 +505,17 @@ def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: f
         raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
     theta, cross, norms2 = _angle(S, cache)
     scale = scale / (2 * math.pi)
-    if k == 0:  # π − θ; a zero-variance side is 0, whose step is 0
-        rest = theta.mul(-scale).add_(math.pi * scale)
-        return rest if bool((S.diagonal() > 0).all()) else torch.where(norms2 > 0, rest, torch.zeros_like(rest))
+    if cache is not None and "rest" in cache:
+        rest = cache["rest"]
+    else:  # π − θ, which relu and its step share
+        rest = torch.rsub(theta, math.pi)
+        if cache is not None:
+            cache["rest"] = rest
+    if k == 0:  # a zero-variance side is 0, whose step is 0
+        step = rest * scale
+        return step if bool((S.diagonal() > 0).all()) else torch.where(norms2 > 0, step, torch.zeros_like(step))
     if k == 1:  # scale·(|u||v| sin θ + (π − θ) S)
-        return torch.addcmul(S * (math.pi * scale), theta, S, value=-scale).add_(cross, alpha=scale)
-    rest = math.pi - theta
+        return torch.addcmul(cross, rest, S).mul_(scale)
     return (3 * cross * S + rest * (norms2 + 2 * S * S)) * scale
 
 
@@ -750,16 +771,26 @@ class ExactInterpreter(Interpreter):
             return gram if mapped is None else _sandwich(mapped, gram, x, out_axis)
         mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
                            device=self.device)
-        start = self._new_sources(mean.numel(), onto_h(s2 * n_in * M))
+        start = self._new_sources(mean.numel(), onto_h(_times(s2 * n_in, M)))
         channels = {}
         if self.tangents:
             own = self.channel(matrix.target)
             if own is not None:
-                channels[(own, ins.name)] = self._kappa(matrix.target) * n_in * M
-            for param, gram in tangent_grams(x).items():
-                gram = gram if same_offset is None else gram * same_offset
+                channels[(own, ins.name)] = _times(self._kappa(matrix.target) * n_in, M)
+            weight, grams = _weighted_grams(x)  # Θ_h = κ n E[x xᵀ] + s² n E[φ'φ'] ⊙ Θ_g, fused where x = φ(g)
+            for param, gram in grams.items():
+                if same_offset is not None:
+                    gram = gram * (same_offset if weight is None else weight * same_offset)
+                    weight_here = None
+                else:
+                    weight_here = weight
                 key = (param, ins.name)
-                channels[key] = torch.add(channels[key], gram, alpha=s2 * n_in) if key in channels else s2 * n_in * gram
+                if key in channels and weight_here is not None:
+                    channels[key] = torch.addcmul(channels[key], weight_here, gram, value=s2 * n_in)
+                elif key in channels:
+                    channels[key] = torch.add(channels[key], gram, alpha=s2 * n_in)
+                else:
+                    channels[key] = _times(s2 * n_in, gram if weight_here is None else weight_here * gram)
         self.metrics.channels.update({key: onto_h(gram) for key, gram in channels.items()})
         return Gauss(mean, {start: None}, dict.fromkeys(channels), out_axis, self.metrics)
 
