@@ -620,11 +620,13 @@ def _quadrature_moment(fn: Callable, mu: torch.Tensor, S: torch.Tensor) -> torch
 @attrs.frozen
 class ReadoutLaw:
     """An average over width read out by the outputs: its value (a leaf the outputs are differentiated in),
-    the covariance of its fluctuation and the Grams of its tangent, over its entries."""
+    the covariance of its fluctuation and the Grams of its tangent, over its entries, each times ``factor``
+    (the square of the fluctuation's scale, applied with the outputs' Jacobian)."""
 
     leaf: torch.Tensor
     covariance: torch.Tensor
     grams: Mapping[str, torch.Tensor]
+    factor: float = 1.0
 
 
 _FACTS: list = []  # [setup, {n: facts}] of the last program
@@ -842,8 +844,8 @@ class ExactInterpreter(Interpreter):
         if ins.keepdim:
             shape.insert(ins.axis, 1)
         leaf = torch.zeros(shape, dtype=self.dtype, device=self.device, requires_grad=True)
-        grams = {p: phi2 * g for p, g in tangent_grams(u).items()} if self.tangents else {}
-        self.readouts[ins.name] = ReadoutLaw(leaf, phi2 * second_moment(u), grams)
+        grams = tangent_grams(u) if self.tangents else {}
+        self.readouts[ins.name] = ReadoutLaw(leaf, second_moment(u), grams, phi2)
         return leaf
 
     def _statistic(self, ins: Avg, u: Any) -> torch.Tensor:
@@ -1142,7 +1144,7 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
     nngp = None
     ntk: dict[str, torch.Tensor] = {}
     for jac, law in zip(jacobians, interp.readouts.values(), strict=False):
-        through = _through(jac)
+        through = _through(jac, law.factor)
         nngp = through(law.covariance) if nngp is None else nngp + through(law.covariance)
         for param, gram in law.grams.items():
             ntk[param] = ntk[param] + through(gram) if param in ntk else through(gram)
@@ -1156,15 +1158,16 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
     return ExactKernels(nngp, ntk, tuple(outputs[0].shape[1:]))
 
 
-def _through(jac: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``M ↦ jac M jacᵀ``. Outputs that are each a multiple of one readout entry (a readout plus scalars: the
-    usual tail) take their entries of ``M`` by indexing instead of two products."""
+def _through(jac: torch.Tensor, factor: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``M ↦ factor · jac M jacᵀ`` (``factor ≥ 0``). Outputs that are each a multiple of one readout entry (a
+    readout plus scalars: the usual tail) take their entries of ``M`` by indexing instead of two products."""
     entries = jac.nonzero()
     rows = torch.arange(jac.shape[0], device=jac.device)
     if entries.shape[0] != jac.shape[0] or not bool((entries[:, 0] == rows).all()):
-        return lambda M: jac @ M @ jac.T
+        scaled = jac * factor
+        return lambda M: scaled @ M @ jac.T
     index = entries[:, 1]
-    weight = jac[entries[:, 0], index][:, None]
+    weight = jac[entries[:, 0], index][:, None] * math.sqrt(factor)
     if not (index.numel() == jac.shape[1] and bool((index == torch.arange(len(index), device=index.device)).all())):
         return lambda M: weight * M[index][:, index] * weight.T
     if bool((weight == weight[0, 0]).all()):
