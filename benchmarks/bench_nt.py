@@ -4,19 +4,23 @@
     python benchmarks/bench_nt.py cost              # seconds per step against the step and against copies
     python benchmarks/bench_nt.py protocol --samples 100 --widths 64 512 4096 --seeds 10 --steps 20
     python benchmarks/bench_nt.py kernels           # exact vs Monte Carlo vs empirical NTK (torch.func)
-    python benchmarks/bench_nt.py kernels --nt-python /tmp/ntvenv/bin/python   # and neural-tangents
+    python benchmarks/bench_nt.py kernels --nt-python /tmp/ntvenv/bin/python   # and neural-tangents (MLP, CNN)
 
 Kernels: depth-3 relu MLP under NTP, d_in 10, one output, float64. The exact path (Gaussian integrals)
-against the Monte Carlo path and against the empirical NTK of instantiated NTP networks at width 4096
+against the Monte Carlo path and against the empirical NTK of instantiated NTP networks
 (``tplimits.diagnostics.kernels.empirical_ntk``: torch.func, a vjp and a jvp per column, with each
-parameter's lr_scale·grad_scale), time
-and relative Frobenius gap; then the exact path at 512 inputs, and, with ``--nt-python`` (a separate
-virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2: never a dependency of
-tplimits), its analytic ``stax`` kernels on the same inputs (jitted, compiled on them before timing), time
-and largest difference. The conversion:
-the first ``Dense`` in ``parameterization="standard"`` (NTP trains the first layer's N(0, 1/d) entries
-directly, so its weight term is ``x·x'`` without ``1/d``), hidden ``Dense(W_std=1, b_std=1)``, the readout
-``Dense(W_std=1, b_std=0)`` (the output bias enters times n^-1/2 and leaves no limit term).
+parameter's lr_scale·grad_scale), time and relative Frobenius gap. Then the exact NNGP and NTK of
+``--big-rows`` inputs of the MLP and of ``--cnn-rows`` images of :class:`SmallCNN`, each timed ``--repeats``
+times (the minimum; the first call, which reads each contribution's width power, apart), and with
+``--nt-python`` (a separate virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2:
+never a dependency of tplimits) its jitted analytic ``stax`` kernels of the same inputs, compiled on them
+before timing and timed as many times in the same run, both sides pinned to the same ``--threads`` cores:
+the ratio of the minima and the largest differences. The conversion: the first ``Dense`` in
+``parameterization="standard"`` (NTP trains the first layer's N(0, 1/d) entries directly, so its weight term
+is ``x·x'`` without ``1/d``), hidden ``Dense(W_std=1, b_std=1)``, the readout ``Dense(W_std=1, b_std=0)`` (the
+output bias enters times n^-1/2 and leaves no limit term); both convolutions ``Conv(1, (3, 3), "SAME",
+W_std=1, b_std=1, parameterization="standard")`` (NTP keeps the offsets' fan-in constant 1/√9 in the initial
+standard deviation, n^-1/2 in the multiplier), then ``Relu``, ``GlobalAvgPool``, the same readout.
 
 Protocol (Tensor Programs IVb, Ch. 5; MATH.md §10): relu MLP with 4 hidden layers under NTP, inputs
 in R^10, one output, mse on random targets, Adam (lr 0.2, eps 1e-4), full batch, the initial function
