@@ -770,7 +770,13 @@ class ExactInterpreter(Interpreter):
         mapped = self._mapped(ins, info.layout, shape, x.axis, out_axis)
 
         def onto_h(gram: torch.Tensor) -> torch.Tensor:  # a Gram over x's entries, carried to h's
-            return gram if mapped is None else _sandwich(mapped, gram, x, out_axis)
+            if mapped is None:
+                return gram
+            if isinstance(mapped, tuple):  # a reordering of the fixed axes: one copy
+                sizes, order = mapped
+                k = len(order)
+                return gram.reshape(*sizes, *sizes).permute(*order, *[k + i for i in order]).reshape(gram.shape)
+            return _sandwich(mapped, gram, x, out_axis)
         mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
                            device=self.device)
         start = self._new_sources(mean.numel(), onto_h(_times(s2 * n_in, M)))
@@ -797,11 +803,12 @@ class ExactInterpreter(Interpreter):
         return Gauss(mean, {start: None}, dict.fromkeys(channels), out_axis, self.metrics)
 
     def _mapped(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int,
-                out_axis: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                out_axis: int) -> Callable[[torch.Tensor], torch.Tensor] | tuple | None:
         """How ``h = W x`` maps x's entries to h's: the equation with the matrix an identity over its width
         axes, i.e. x's width letter renamed to h's, summed over the matrix's fixed axes (offsets); ``None`` (the
-        identity) when h's fixed entries are x's in the same order. h's family then has h's entries as its
-        sources, its covariance (and each channel's Gram) carried over by this map: no product is formed."""
+        identity) when h's fixed entries are x's in the same order, ``(sizes, order)`` (x's fixed axes' sizes
+        and h's axes among them) when it only reorders them. h's family then has h's entries as its sources,
+        its covariance (and each channel's Gram) carried over by this map: no product is formed."""
         specs, out_spec = ins.equation.split("->")
         m_spec, x_spec = specs.split(",")
         renamed = x_spec.replace(x_spec[axis], out_spec[out_axis])
@@ -810,6 +817,10 @@ class ExactInterpreter(Interpreter):
             return None
         ones = torch.ones([size for _, size in fixed], dtype=self.dtype, device=self.device)
         equation = f"{''.join(letter for letter, _ in fixed)},{renamed}->{out_spec}"
+        x_letters = [letter for i, letter in enumerate(renamed) if i != axis]
+        h_letters = [letter for i, letter in enumerate(out_spec) if i != out_axis]
+        if sorted(x_letters) == sorted(h_letters):  # nothing summed: the fixed axes reordered
+            return tuple(s for i, s in enumerate(shape) if i != axis), [x_letters.index(x) for x in h_letters]
         return lambda t: torch.einsum(equation, ones, t)
 
     def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor | None:
