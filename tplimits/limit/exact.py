@@ -421,12 +421,8 @@ def tangent_grams(value: Random) -> dict[str, torch.Tensor]:
     return out
 
 
-def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
-    if isinstance(value, Gauss):
-        if "grams" not in value.cache:
-            value.cache["grams"] = {key: _gram_sum(value, {key: T}, value.metrics.channels.get)
-                                    for key, T in value.tangent.items()}
-        return value.cache["grams"]
+def _channel_grams(value: Mapped | Linear | Product) -> dict[tuple[str, str], torch.Tensor]:
+    """The tangent Grams of a value that is not Gaussian, by (parameter, part)."""
     if not value.differentiable:
         return {}
     # below a Gaussian the channels of a parameter are summed first: a law's weight, a linear map and a
@@ -437,11 +433,11 @@ def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
         if not g.opaque:
             return {(param, ""): weight * gram for param, gram in tangent_grams(g).items()}
         grams = {(param, ""): weight * gram for param, gram in _plain_grams(g).items()}
-        if g.opaque:  # coefficient ≡ g (checked where the law was applied): E[φ'(g) g φ'(g') g'] ⊙ structure
-            law, fn = _times_argument(value.law, value.fn)
-            moment = law_moment(law, fn, mean_of(g), _covariance(g), g.cache)
-            for key, channel in g.opaque.items():
-                grams[key] = moment * channel.structure
+        # the coefficient is g itself (checked where the law was applied): E[φ'(g) g φ'(g') g'] ⊙ structure
+        law, fn = _times_argument(value.law, value.fn)
+        moment = law_moment(law, fn, mean_of(g), _covariance(g), g.cache)
+        for key, channel in g.opaque.items():
+            grams[key] = moment * channel.structure
         return grams
     if isinstance(value, Linear):
         return {(param, ""): _sandwich(value.fn, gram, value.arg, value.axis)
