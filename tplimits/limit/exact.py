@@ -269,8 +269,12 @@ def _gram_sum(g: Gauss, blocks: Mapping[Any, Block], metric_of: Callable[[Any], 
         if metric is not None:
             part = _congruence(T, metric)
             total = part if total is None else total + part
+        elif total is None:
+            total = T @ T.T
+        elif T.shape[1] == 1:  # one source (a bias): a rank-one update, far cheaper than a product of width 1
+            total = torch.addr(total, T[:, 0], T[:, 0])
         else:
-            total = T @ T.T if total is None else torch.addmm(total, T, T.T)
+            total = torch.addmm(total, T, T.T)
     return total if total is not None else g.mean.new_zeros(F, F)
 
 
