@@ -4,19 +4,23 @@
     python benchmarks/bench_nt.py cost              # seconds per step against the step and against copies
     python benchmarks/bench_nt.py protocol --samples 100 --widths 64 512 4096 --seeds 10 --steps 20
     python benchmarks/bench_nt.py kernels           # exact vs Monte Carlo vs empirical NTK (torch.func)
-    python benchmarks/bench_nt.py kernels --nt-python /tmp/ntvenv/bin/python   # and neural-tangents
+    python benchmarks/bench_nt.py kernels --nt-python /tmp/ntvenv/bin/python   # and neural-tangents (MLP, CNN)
 
 Kernels: depth-3 relu MLP under NTP, d_in 10, one output, float64. The exact path (Gaussian integrals)
-against the Monte Carlo path and against the empirical NTK of instantiated NTP networks at width 4096
+against the Monte Carlo path and against the empirical NTK of instantiated NTP networks
 (``tplimits.diagnostics.kernels.empirical_ntk``: torch.func, a vjp and a jvp per column, with each
-parameter's lr_scale·grad_scale), time
-and relative Frobenius gap; then the exact path at 512 inputs, and, with ``--nt-python`` (a separate
-virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2: never a dependency of
-tplimits), its analytic ``stax`` kernels on the same inputs (jitted, compiled on them before timing), time
-and largest difference. The conversion:
-the first ``Dense`` in ``parameterization="standard"`` (NTP trains the first layer's N(0, 1/d) entries
-directly, so its weight term is ``x·x'`` without ``1/d``), hidden ``Dense(W_std=1, b_std=1)``, the readout
-``Dense(W_std=1, b_std=0)`` (the output bias enters times n^-1/2 and leaves no limit term).
+parameter's lr_scale·grad_scale), time and relative Frobenius gap. Then the exact NNGP and NTK of
+``--big-rows`` inputs of the MLP and of ``--cnn-rows`` images of :class:`SmallCNN`, each timed ``--repeats``
+times (the minimum; the first call, which reads each contribution's width power, apart), and with
+``--nt-python`` (a separate virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2:
+never a dependency of tplimits) its jitted analytic ``stax`` kernels of the same inputs, compiled on them
+before timing and timed as many times in the same run, both sides pinned to the same ``--threads`` cores:
+the ratio of the minima and the largest differences. The conversion: the first ``Dense`` in
+``parameterization="standard"`` (NTP trains the first layer's N(0, 1/d) entries directly, so its weight term
+is ``x·x'`` without ``1/d``), hidden ``Dense(W_std=1, b_std=1)``, the readout ``Dense(W_std=1, b_std=0)`` (the
+output bias enters times n^-1/2 and leaves no limit term); both convolutions ``Conv(1, (3, 3), "SAME",
+W_std=1, b_std=1, parameterization="standard")`` (NTP keeps the offsets' fan-in constant 1/√9 in the initial
+standard deviation, n^-1/2 in the multiplier), then ``Relu``, ``GlobalAvgPool``, the same readout.
 
 Protocol (Tensor Programs IVb, Ch. 5; MATH.md §10): relu MLP with 4 hidden layers under NTP, inputs
 in R^10, one output, mse on random targets, Adam (lr 0.2, eps 1e-4), full batch, the initial function
@@ -88,22 +92,96 @@ NT_REFERENCE = """
 import sys, time, numpy as np
 from jax import config
 config.update("jax_enable_x64", True)
-from neural_tangents import stax
-X, depth = np.load(sys.argv[1]), int(sys.argv[2])
-layers = [stax.Dense(1, W_std=1.0, b_std=1.0, parameterization="standard"), stax.Relu()]
-for _ in range(depth - 1):
-    layers += [stax.Dense(1, W_std=1.0, b_std=1.0), stax.Relu()]
 import jax
-_, _, kernel_fn = stax.serial(*layers, stax.Dense(1, W_std=1.0, b_std=0.0))
-kernel_fn = jax.jit(kernel_fn, static_argnames="get")
+from neural_tangents import stax
+X, model, depth, repeats = np.load(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if model == "mlp":
+    layers = [stax.Dense(1, W_std=1.0, b_std=1.0, parameterization="standard"), stax.Relu()]
+    for _ in range(depth - 1):
+        layers += [stax.Dense(1, W_std=1.0, b_std=1.0), stax.Relu()]
+    layers += [stax.Dense(1, W_std=1.0, b_std=0.0)]
+else:  # inputs NHWC
+    layers = [stax.Conv(1, (3, 3), padding="SAME", W_std=1.0, b_std=1.0, parameterization="standard"), stax.Relu(),
+              stax.Conv(1, (3, 3), padding="SAME", W_std=1.0, b_std=1.0, parameterization="standard"), stax.Relu(),
+              stax.GlobalAvgPool(), stax.Dense(1, W_std=1.0, b_std=0.0)]
+kernel_fn = jax.jit(stax.serial(*layers)[2], static_argnames="get")
 kernel_fn(X, None, ("nngp", "ntk")).ntk.block_until_ready()  # compile for these inputs, not timed
-start = time.perf_counter()
-k = kernel_fn(X, None, ("nngp", "ntk"))
-k.ntk.block_until_ready()
-seconds = time.perf_counter() - start
-np.save(sys.argv[3], np.stack([np.asarray(k.nngp), np.asarray(k.ntk)]))
-print(seconds)
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    k = kernel_fn(X, None, ("nngp", "ntk"))
+    k.ntk.block_until_ready()
+    times.append(time.perf_counter() - start)
+np.save(sys.argv[5], np.stack([np.asarray(k.nngp), np.asarray(k.ntk)]))
+print(" ".join(map(str, times)))
 """
+
+
+class SmallCNN(torch.nn.Module):
+    """3x3 convolution (c_in → width, padding 1), relu, 3x3 convolution (width → width), relu, global average
+    pooling, linear readout: neural-tangents' Conv(SAME) → Relu → Conv(SAME) → Relu → GlobalAvgPool → Dense."""
+
+    def __init__(self, width: int, c_in: int = 2) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c_in, width, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.head = torch.nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def _pin(threads: int) -> None:
+    """Both sides on the same ``threads`` cores: this process (and the neural-tangents subprocess, which
+    inherits the affinity) and torch's intra-op threads."""
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(threads)
+
+
+def race(name: str, limit: tpl.Limit, X: torch.Tensor, args: argparse.Namespace, nt_inputs: torch.Tensor,
+         depth: int = 0) -> None:
+    """The exact NNGP and NTK of ``X`` against neural-tangents' jitted ``stax`` kernels, each side ``repeats``
+    times in this run (the minimum is the time; the machine is shared): the ratio, and the agreement."""
+    limit.setup(X)  # lowering, not timed (as neural-tangents' compilation is not)
+    start = time.perf_counter()
+    limit.kernel(X * (1 + 1e-9), kind="ntk", path="exact")
+    first = time.perf_counter() - start
+    ours = []
+    for r in range(args.repeats):  # inputs that differ, so that no kernel of the last inputs is reused
+        Xr = X * (1 + 1e-12 * (r + 1))
+        start = time.perf_counter()
+        limit.kernel(Xr, kind="ntk", path="exact"), limit.kernel(Xr, kind="nngp", path="exact")
+        ours.append(time.perf_counter() - start)
+    ntk, nngp = limit.kernel(X, kind="ntk", path="exact").value, limit.kernel(X, kind="nngp", path="exact").value
+    print(f"{name}, {len(X)} inputs: exact NNGP and NTK {min(ours):.4f} s (min of {args.repeats}; median "
+          f"{sorted(ours)[len(ours) // 2]:.4f}); the first call, which reads each contribution's width power at "
+          f"two widths, {first:.3f} s")
+    if not args.nt_python:
+        return
+    import numpy as np  # only to hand the inputs to the other environment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, out = os.path.join(tmp, "X.npy"), os.path.join(tmp, "K.npy")
+        np.save(inputs, nt_inputs.numpy())
+        env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") \
+            if args.threads == 1 else None
+        done = subprocess.run([args.nt_python, "-c", NT_REFERENCE, inputs, name, str(depth), str(args.repeats), out],
+                              capture_output=True, text=True, check=True, env=env)
+        theirs = [float(t) for t in done.stdout.strip().splitlines()[-1].split()]
+        reference = torch.from_numpy(np.load(out))
+    off = ~torch.eye(len(X), dtype=torch.bool)
+    gaps = [(k - r).abs() for k, r in ((nngp, reference[0]), (ntk, reference[1]))]
+    print(f"  neural-tangents stax (jitted): {min(theirs):.4f} s (min of {args.repeats}; median "
+          f"{sorted(theirs)[len(theirs) // 2]:.4f}); ours / theirs {min(ours) / min(theirs):.2f}")
+    print(f"  largest difference off the diagonal NNGP {float(gaps[0][off].max()):.1e}, NTK "
+          f"{float(gaps[1][off].max()):.1e}; on the diagonal NNGP {float(gaps[0].diagonal().max()):.1e}, NTK "
+          f"{float(gaps[1].diagonal().max()):.1e}")
+    if name == "mlp":  # on the diagonal the relu kernels are known in closed form: E[relu'(u)²] = 1/2 exactly
+        diagonal = _relu_ntk_diagonal(X, depth)
+        print(f"  NTK diagonal against its closed form: ours {float((ntk.diagonal() - diagonal).abs().max()):.1e}, "
+              f"neural-tangents {float((reference[1].diagonal() - diagonal).abs().max()):.1e}")
 
 
 def empirical_ntk(model: torch.nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor) -> torch.Tensor:
@@ -131,12 +209,13 @@ def _gap(value: torch.Tensor, exact: torch.Tensor) -> float:
 
 def kernels(args: argparse.Namespace) -> None:
     torch.set_default_dtype(torch.float64)
+    _pin(args.threads)
     config = {"depth": 3, "d_in": 10, "activation": "relu"}
     g = torch.Generator().manual_seed(0)
     X = torch.randn(args.rows, 10, generator=g)
     limit = tpl.derive("mlp", optimizer="sgd", param="NTP", **config)
     X_big = torch.randn(args.big_rows, 10, generator=g)
-    limit.setup(X), limit.setup(X_big)  # lowering for both row counts, not timed
+    limit.setup(X)  # lowering, not timed
     start = time.perf_counter()
     exact = limit.kernel(X, path="exact")
     print(f"exact NTK, {args.rows} inputs: {time.perf_counter() - start:.3f} s (path {exact.path})")
@@ -157,30 +236,10 @@ def kernels(args: argparse.Namespace) -> None:
         if len(kernels_of_seeds) > 1:
             print(f"  width {width}: gap of the seed-averaged kernel "
                   f"{_gap(torch.stack(kernels_of_seeds).mean(0), exact.value):.4f}")
-    start = time.perf_counter()
-    ntk = limit.kernel(X_big, kind="ntk", path="exact").value
-    nngp = limit.kernel(X_big, kind="nngp", path="exact").value  # from the same run
-    ours = time.perf_counter() - start
-    print(f"exact NNGP and NTK, {args.big_rows} inputs: {ours:.2f} s")
-    if args.nt_python:
-        with tempfile.TemporaryDirectory() as tmp:
-            inputs, out = os.path.join(tmp, "X.npy"), os.path.join(tmp, "K.npy")
-            import numpy as np  # only to hand the inputs to the other environment
-
-            np.save(inputs, X_big.numpy())
-            done = subprocess.run([args.nt_python, "-c", NT_REFERENCE, inputs, str(config["depth"]), out],
-                                  capture_output=True, text=True, check=True)
-            theirs = float(done.stdout.strip().splitlines()[-1])
-            reference = torch.from_numpy(np.load(out))
-        off = ~torch.eye(args.big_rows, dtype=torch.bool)
-        gaps = [(k - r).abs() for k, r in ((nngp, reference[0]), (ntk, reference[1]))]
-        print(f"neural-tangents stax, {args.big_rows} inputs: {theirs:.2f} s; largest difference off the diagonal "
-              f"NNGP {float(gaps[0][off].max()):.2e}, NTK {float(gaps[1][off].max()):.2e}; on the diagonal NNGP "
-              f"{float(gaps[0].diagonal().max()):.2e}, NTK {float(gaps[1].diagonal().max()):.2e}")
-        # on the diagonal the relu kernels are known in closed form: E[relu'(u)²] = 1/2 exactly
-        diagonal = _relu_ntk_diagonal(X_big, config["depth"])
-        print(f"  NTK diagonal against its closed form: ours {float((ntk.diagonal() - diagonal).abs().max()):.2e}, "
-              f"neural-tangents {float((reference[1].diagonal() - diagonal).abs().max()):.2e}")
+    race("mlp", limit, X_big, args, X_big, config["depth"])
+    X_cnn = torch.randn(args.cnn_rows, 2, args.image, args.image, generator=g)
+    cnn = tpl.derive(SmallCNN, optimizer="sgd", param="NTP", example_inputs=(X_cnn[:2],))
+    race("cnn", cnn, X_cnn, args, X_cnn.permute(0, 2, 3, 1))
 
 
 def main() -> None:
@@ -197,6 +256,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, nargs="+", default=[4096], help="kernels: widths of the empirical NTK")
     parser.add_argument("--big-rows", type=int, default=512, help="kernels: inputs of the exact-path timing")
     parser.add_argument("--nt-python", default=None, help="kernels: python of a venv with neural-tangents 0.6.5")
+    parser.add_argument("--cnn-rows", type=int, default=32, help="kernels: inputs of the CNN timing")
+    parser.add_argument("--image", type=int, default=3, help="kernels: the CNN's images are image × image")
+    parser.add_argument("--repeats", type=int, default=7, help="kernels: timed runs of each side (the minimum)")
+    parser.add_argument("--threads", type=int, default=1, help="kernels: cores (and threads) of both sides")
     args = parser.parse_args()
     for what in args.what:
         {"protocol": protocol, "cost": cost, "kernels": kernels}[what](args)

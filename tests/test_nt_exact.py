@@ -139,7 +139,7 @@ def test_exact_path_refuses_what_it_cannot_integrate_and_auto_falls_back():
     (ids,) = tpl.architecture("transformer").example_inputs(vocab=5, seq_len=3, batch=1)
     with pytest.raises(NotGaussian, match="cannot integrate %") as caught:
         limit.kernel(ids, path="exact")
-    assert caught.value.instruction
+    assert caught.value.instruction and "layer_norm" not in caught.value.instruction  # past the layer norms
     K = limit.kernel(ids, particles=2**8, batches=2)
     assert K.path == "monte carlo" and K.se.abs().sum() > 0
     with pytest.raises(TplimitsError, match="path must be one of"):
@@ -234,3 +234,86 @@ def test_a_product_of_a_vector_with_itself_is_not_taken_as_linear():
     closed = K.diag()[:, None] * K.diag()[None, :] + 2 * K**2
     assert kernel.path == "exact"
     torch.testing.assert_close(kernel.value, closed, rtol=1e-10, atol=1e-12)
+
+
+class _NormedMLP(nn.Module):
+    """Linear → LayerNorm (or RMSNorm) → relu, twice, and a linear readout; the norms' gains (init 1) and
+    biases (init 0) trained."""
+
+    def __init__(self, width: int, d_in: int = 4, rms: bool = False, gain: float = 1.0) -> None:
+        super().__init__()
+        self.inp, self.hidden = nn.Linear(d_in, width), nn.Linear(width, width)
+        self.norms = nn.ModuleList(nn.RMSNorm(width, eps=1e-5) if rms else nn.LayerNorm(width) for _ in range(2))
+        for norm in self.norms:
+            nn.init.constant_(norm.weight, gain)
+        self.readout = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norms[0](self.inp(x)))
+        return self.readout(torch.relu(self.norms[1](self.hidden(h))))
+
+
+def _normed_mlp(X: torch.Tensor, rms: bool, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNGP and NTK of :class:`_NormedMLP` under NTP. A pre-activation h ~ N(0, S) has coordinate mean 0 and
+    variance S_aa in the limit, so the norm is h_a / √(S_aa + eps) (the statistics' own fluctuations and
+    tangents are O(n^-1/2)); its output z = y·w + β with w = 1, β = 0 trained adds to the tangent of relu(z)
+    the bias's E[relu'relu'] and the gain's E[relu'(z) z relu'(z') z'] = E[relu(z) relu(z')] (the gain's
+    tangent y δw has the coefficient y = z, correlated with the argument of relu)."""
+    S, T = X @ X.T / X.shape[1] + 1, X @ X.T + 1
+    for layer in range(2):
+        scale = (S.diagonal() + eps).sqrt()
+        Sy, Ty = S / torch.outer(scale, scale), T / torch.outer(scale, scale)
+        K, dK = _relu_duals(Sy)
+        T_relu = dK * (Ty + (0.0 if rms else 1.0)) + K
+        if layer == 0:
+            S, T = K + 1, K + 1 + T_relu
+    return K, K + T_relu
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_normalized_mlp_matches_its_recursion(rms):
+    X = _inputs(5)
+    limit = tpl.derive(lambda width: _NormedMLP(width, rms=rms), optimizer="sgd", param="NTP", example_inputs=(X,))
+    nngp, ntk = _normed_mlp(X, rms)
+    for kind, expected in (("nngp", nngp), ("ntk", ntk)):
+        K = limit.kernel(X, kind=kind, path="exact")
+        assert (K.value - expected).abs().max() < 1e-10, (kind, (K.value - expected).abs().max())
+
+
+def test_layer_norm_exact_path_agrees_with_monte_carlo():
+    X = _inputs(4)
+    limit = tpl.derive(_NormedMLP, optimizer="sgd", param="NTP", example_inputs=(X,))
+    for kind in ("nngp", "ntk"):
+        exact = limit.kernel(X, kind=kind, path="exact")
+        mc = limit.kernel(X, kind=kind, path="monte carlo", particles=2**13, batches=16)
+        z = ((mc.value - exact.value) / mc.se).abs()
+        assert z.max() < 3.0, (kind, z)
+
+
+def test_a_gain_other_than_one_before_a_nonlinearity_is_refused():
+    """The gain's tangent y·δw has the coefficient y = (z − β)/w, not z itself, when w ≠ 1: its Gram through
+    relu is not computed, and the exact path says so (auto takes Monte Carlo); the NNGP needs no tangent."""
+    X = _inputs(3)
+    limit = tpl.derive(lambda width: _NormedMLP(width, gain=2.0), optimizer="sgd", param="NTP", example_inputs=(X,))
+    assert limit.kernel(X, kind="nngp", path="exact").path == "exact"
+    with pytest.raises(NotGaussian, match="random coefficient"):
+        limit.kernel(X, kind="ntk", path="exact")
+
+
+class _MeanInOutput(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.readout = nn.Linear(3, width), nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        return self.readout(h) + h.mean(-1, keepdim=True)
+
+
+def test_an_average_that_reaches_the_outputs_is_refused():
+    """The mean over width of relu(h) tends to a number, but its tangent (O(1) under NTP) is not carried: the
+    exact path refuses rather than leave it out."""
+    X = _inputs(3, d_in=3)
+    limit = tpl.derive(_MeanInOutput, optimizer="sgd", param="NTP", example_inputs=(X,))
+    with pytest.raises(NotGaussian, match="not a readout"):
+        limit.kernel(X, path="exact")

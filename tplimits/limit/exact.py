@@ -22,11 +22,17 @@ Alongside, every vector carries its tangent: for each trained parameter and each
 Gram ``Σ_e κ ∂z/∂θ_e ∂z/∂θ_e`` of a coordinate (``κ = lr_scale·grad_scale·multiplier²``),
 the forward-mode recursion of the NTK (``Θ_h = κ_W n_in E[x xᵀ] + s² n_in Θ_x``, ``Θ_φ(g) = E[φ'φ']⊙Θ_g``).
 Averages over width are readouts: their fluctuation ``√n`` times the mean of ``x ⊙ v`` gives the NNGP,
-and the outputs' Jacobian in them (autograd through the scalar tail) gives the kernels of the outputs.
+and the outputs' Jacobian in them (autograd through the scalar tail) gives the kernels of the outputs. Other
+averages over width (a normalization's mean and variance) are numbers in the limit, the expectation of a
+coordinate; they may set the coefficients of functions of random vectors, not reach the outputs.
 
-Anything else (attention, softmax, normalizations, regroupings, a matrix used twice, a nonlinear function
-of a non-Gaussian vector) raises :class:`NotGaussian` naming the instruction; ``limit.kernel(path="auto")``
-then takes the Monte Carlo path.
+Each contribution (the NNGP, each parameter's NTK) is a power of the width; :func:`exact_kernel` reads the
+powers once per program from two widths and then runs the program once, the staying parameters' tangents
+carried as one channel.
+
+Anything else (attention, softmax, batch norm, regroupings, a matrix used twice, a nonlinear function of a
+non-Gaussian vector) raises :class:`NotGaussian` naming the instruction; ``limit.kernel(path="auto")`` then
+takes the Monte Carlo path.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ QUADRATURE_RANGE = 9.0
 QUADRATURE_MAX_NODES = 601
 QUADRATURE_CHUNK = 2**24
 """Function evaluations per block of the two-dimensional quadrature (128 MiB in float64)."""
+STAYING = "(the parameters whose NTK stays in the limit)"
+"""The tangent channel of every parameter known to keep its NTK in the limit: their sum is one recursion."""
 
 
 
@@ -83,27 +91,45 @@ class NotGaussian(TplimitsError):
 
 @attrs.define
 class Metrics:
-    """The covariances of the Gaussian source families (``(start, size, block)``: the sources ``start ..
+    """The covariances of the Gaussian source families (first source → ``(size, block)``: the sources ``start ..
     start + size`` have covariance ``block``; ``None`` for the identity) and of the tangent channels (the
     same per channel). Families are independent; a matrix product's family is ``n_in·s²·E[x xᵀ]`` over the
     vector's entries, so no value needs a square root of a covariance (only a readout factors its small side)."""
 
-    sources: list[tuple[int, int, torch.Tensor | None]] = attrs.field(factory=list)  # start, size, covariance
+    sources: dict[int, tuple[int, torch.Tensor | None]] = attrs.field(factory=dict)  # start: size, covariance
     channels: dict[tuple[str, str], torch.Tensor | None] = attrs.field(factory=dict)
+
+
+Block = torch.Tensor | None
+"""The coefficients of a vector on one source family or tangent channel, laid out as the vector with the width
+axis holding the family's sources; ``None``: the identity, the family's sources being the vector's own entries
+(a matrix product's output, and affine maps that leave it unchanged), whose Gram is the family's metric."""
+
+
+@attrs.frozen
+class Opaque:
+    """A tangent channel whose coefficient is random (a trained gain ``w`` in ``y ⊙ w``: the tangent ``y ⊙ δw``):
+    its Gram, and while the coefficient is still a Gaussian ``coefficient`` (``y``), the Gram's factor from the
+    channel, ``structure``, with ``gram = E[c cᵀ] ⊙ structure`` — what a nonlinearity needs (its tangent Gram
+    is ``E[φ'(g) c φ'(g') c'] ⊙ structure``, the coefficient correlated with the argument)."""
+
+    gram: torch.Tensor
+    coefficient: Gauss | None = None
+    structure: torch.Tensor | None = None
 
 
 @attrs.define
 class Gauss:
-    """A Gaussian vector: ``mean`` (its layout, width axis of size 1) plus ``coef`` (the width axis holds the
-    sources) applied to the source families of ``metrics``; ``tangent`` maps a channel (parameter, origin) to
-    the map from the channel's space to the value's entries (the width axis holds the channel's space), its
-    Gram ``T·metric·Tᵀ``."""
+    """A Gaussian vector: ``mean`` (its layout, width axis of size 1) plus its blocks ``coef`` on the source
+    families of ``metrics`` it depends on (by first source); ``tangent`` maps a channel (parameter, origin) to
+    the map from the channel's space to the value's entries (a block likewise), its Gram ``T·metric·Tᵀ``."""
 
     mean: torch.Tensor
-    coef: torch.Tensor
-    tangent: dict[tuple[str, str], torch.Tensor]
+    coef: dict[int, Block]
+    tangent: dict[tuple[str, str], Block]
     axis: int
     metrics: Metrics
+    opaque: dict[tuple[str, str], Opaque] = attrs.field(factory=dict)  # tangents with a random coefficient
     cache: dict[str, Any] = attrs.field(factory=dict, repr=False)  # its covariance and Grams, computed once
 
 
@@ -116,6 +142,7 @@ class Mapped:
     arg: Gauss
     axis: int
     differentiable: bool = True
+    cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.define
@@ -128,6 +155,7 @@ class Product:
     axis: int
     shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
     differentiable: bool = True
+    cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.define
@@ -139,6 +167,7 @@ class Linear:
     axis: int
     shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
     differentiable: bool = True
+    cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
 
 Random = Gauss | Mapped | Product | Linear
@@ -175,11 +204,22 @@ def _pad(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(pad)], dim=axis)
 
 
+def _block_size(value: Gauss, block: Block) -> int:
+    """The columns of a block (the size of its family or channel space)."""
+    return value.mean.numel() if block is None else block.shape[value.axis]
+
+
 def _sources(value: Random) -> set[int]:
     """The Gaussian sources a value depends on (nonzero coefficient columns)."""
     if isinstance(value, Gauss):
-        used = _fixed_flat(value.coef, value.axis).abs().sum(0) > 0
-        return set(torch.nonzero(used).flatten().tolist())
+        found: set[int] = set()
+        for start, block in value.coef.items():
+            if block is None:
+                found.update(range(start, start + value.metrics.sources[start][0]))
+            else:
+                used = _fixed_flat(block, value.axis).abs().sum(0) > 0
+                found.update(start + i for i in torch.nonzero(used).flatten().tolist())
+        return found
     if isinstance(value, Mapped | Linear):
         return _sources(value.arg)
     return _sources(value.x) | _sources(value.y)
@@ -187,7 +227,7 @@ def _sources(value: Random) -> set[int]:
 
 def _channels(value: Random) -> set[tuple[str, str]]:
     if isinstance(value, Gauss):
-        return set(value.tangent)
+        return set(value.tangent) | set(value.opaque)
     if isinstance(value, Mapped):
         return set(value.arg.tangent) if value.differentiable else set()
     if isinstance(value, Linear):
@@ -215,38 +255,62 @@ def mean_of(value: Random) -> torch.Tensor:
     return _fixed_flat(value.fn(x, y), value.axis)[:, 0]
 
 
-def _metric_gram(T: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
-    """``T metric Tᵀ`` (``T Tᵀ`` for the identity metric); a matrix product's own families have ``T = I``."""
-    if metric is None:
-        return T @ T.T
-    if T.shape[0] == T.shape[1] and bool((T == torch.eye(T.shape[0], dtype=T.dtype, device=T.device)).all()):
-        return metric
+def _gram_sum(g: Gauss, blocks: Mapping[Any, Block], metric_of: Callable[[Any], torch.Tensor | None]) -> torch.Tensor:
+    """``Σ T metric Tᵀ`` over ``blocks`` (``T Tᵀ`` for the identity metric; the metric itself for ``T = I``)."""
+    F = g.mean.numel()
+    total = None
+    for key, block in blocks.items():
+        metric = metric_of(key)
+        if block is None:
+            part = metric if metric is not None else torch.eye(F, dtype=g.mean.dtype, device=g.mean.device)
+            total = part if total is None else total + part
+            continue
+        T = _fixed_flat(block, g.axis)
+        if metric is not None:
+            part = _congruence(T, metric)
+            total = part if total is None else total + part
+        elif total is None:
+            total = T @ T.T
+        elif T.shape[1] == 1:  # one source (a bias): a rank-one update, far cheaper than a product of width 1
+            total = torch.addr(total, T[:, 0], T[:, 0])
+        else:
+            total = torch.addmm(total, T, T.T)
+    return total if total is not None else g.mean.new_zeros(F, F)
+
+
+SPARSE_FRACTION = 1 / 16
+"""A block with at most this fraction of nonzero entries is multiplied as a sparse matrix."""
+
+
+def _congruence(T: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """``T metric Tᵀ``; a sparse ``T`` (sums over a few entries: a convolution's offsets, pooling, slices) as
+    a sparse matrix, two products of its nonzeros instead of two dense ones."""
+    if T.numel() >= 2**16 and int(torch.count_nonzero(T)) <= SPARSE_FRACTION * T.numel():
+        sparse = T.to_sparse()
+        return torch.sparse.mm(sparse, torch.sparse.mm(sparse, metric).T)  # metric symmetric
     return T @ metric @ T.T
 
 
 def _covariance(g: Gauss) -> torch.Tensor:
     if "covariance" not in g.cache:
-        g.cache["covariance"] = _covariance_of(g)
+        g.cache["covariance"] = _gram_sum(g, g.coef, lambda start: g.metrics.sources[start][1])
     return g.cache["covariance"]
 
 
-def _covariance_of(g: Gauss) -> torch.Tensor:
-    C = _fixed_flat(g.coef, g.axis)
-    S = C.new_zeros(C.shape[0], C.shape[0])
-    for start, size, block in g.metrics.sources:
-        if start < C.shape[1]:
-            S = S + _metric_gram(C[:, start: start + size], block)
-    return S
-
-
 def second_moment(value: Random) -> torch.Tensor:
-    """``E[z(a) z(b)]`` over the fixed entries, ``[F, F]`` (not centered)."""
+    """``E[z(a) z(b)]`` over the fixed entries, ``[F, F]`` (not centered); computed once per value."""
+    if "second moment" not in value.cache:
+        value.cache["second moment"] = _second_moment(value)
+    return value.cache["second moment"]
+
+
+def _second_moment(value: Random) -> torch.Tensor:
     if isinstance(value, Gauss):
         mu = mean_of(value)
         return torch.outer(mu, mu) + _covariance(value)
     if isinstance(value, Mapped):
         g = value.arg
-        return law_moment(value.law, value.fn, mean_of(g), _covariance(g))
+        return law_moment(value.law, value.fn, mean_of(g), _covariance(g), g.cache)
     if isinstance(value, Linear):
         return _sandwich(value.fn, second_moment(value.arg), value.arg, value.axis)
     return _bilinear(value, second_moment(value.x), second_moment(value.y))
@@ -262,10 +326,23 @@ def _sandwich(fn: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor, arg: 
 
 def _bilinear(value: Product, Mx: torch.Tensor, My: torch.Tensor) -> torch.Tensor:
     """``E[fn(x, y)(a) fn(x, y)(b)]`` for independent x, y with second moments (or Grams) ``Mx``, ``My``: the
-    side with fewer entries is factored, ``Σ_l L_l M L_lᵀ`` over its factor's columns on the other side."""
+    side with fewer entries is factored, ``Σ_l L_l M L_lᵀ`` over its factor's columns on the other side. A side
+    of one entry (one output's readout weight) is a number the map is linear in: the sandwich of the other
+    side under the unit map is found once per matrix and scaled."""
     x_small = Mx.shape[0] < My.shape[0]
-    small, big, big_value, small_value = (Mx, My, value.y, value.x) if x_small else (My, Mx, value.x, value.y)
-    factor = _factor(small)
+    small, big = (Mx, My) if x_small else (My, Mx)
+    if small.shape != (1, 1):
+        return _factored(value, big, _factor(small), x_small)
+    found = [part for seen, part in value.cache.setdefault("unit", []) if seen is big]
+    if not found:
+        found = [_factored(value, big, torch.ones_like(small), x_small)]
+        value.cache["unit"].append((big, found[0]))
+    return found[0] * small[0, 0]
+
+
+def _factored(value: Product, big: torch.Tensor, factor: torch.Tensor, x_small: bool) -> torch.Tensor:
+    """``Σ_l L_l big L_lᵀ``, ``L_l`` the bilinear function with the small side fixed at the factor's column l."""
+    big_value, small_value = (value.y, value.x) if x_small else (value.x, value.y)
     columns = big.shape[0]
     total = None
     for column in range(factor.shape[1]):
@@ -279,7 +356,7 @@ def _bilinear(value: Product, Mx: torch.Tensor, My: torch.Tensor) -> torch.Tenso
             return value.fn(fixed, t) if x_small else value.fn(t, fixed)
         part = _sandwich(fn, big, big_value, value.axis)
         total = part if total is None else total + part
-    return total if total is not None else Mx.new_zeros(1, 1)
+    return total if total is not None else big.new_zeros(1, 1)
 
 
 def _layout_shape(value: Random) -> tuple[int, ...]:
@@ -290,35 +367,91 @@ def _layout_shape(value: Random) -> tuple[int, ...]:
     return value.shape
 
 
+def _plain_grams(g: Gauss) -> dict[str, torch.Tensor]:
+    """The tangent Grams per parameter of the channels with deterministic maps (not :class:`Opaque`)."""
+    by_param: dict[str, dict] = {}
+    for key, T in g.tangent.items():
+        by_param.setdefault(key[0], {})[key] = T
+    return {param: _gram_sum(g, blocks, g.metrics.channels.get) for param, blocks in by_param.items()}
+
+
+def _same_gaussian(a: Gauss, b: Gauss) -> bool:
+    """The same random vector: equal means and equal blocks on the same families."""
+    if a is b:
+        return True
+    if a.mean.shape != b.mean.shape or not torch.equal(a.mean, b.mean) or set(a.coef) != set(b.coef):
+        return False
+    return all((a.coef[k] is None and b.coef[k] is None) or (a.coef[k] is not None and b.coef[k] is not None
+                                                              and torch.equal(a.coef[k], b.coef[k])) for k in a.coef)
+
+
+def _times_argument(law: tuple, fn: Callable | None) -> tuple[tuple, Callable | None]:
+    """The law of ``φ'(u)·u`` for the law of ``φ``: ``k·φ`` for a power of relu, else quadrature."""
+    if law[0] == "arc-cosine" and law[3] == 0:
+        _, k, scale, _ = law
+        return (("zero",) if k == 0 else ("arc-cosine", k, k * scale, 0.0)), None
+    prime = _derivative_fn(fn)
+    return ("quadrature",), (None if prime is None else (lambda t: prime(t) * t))
+
+
+def _times(scale: float, M: torch.Tensor) -> torch.Tensor:
+    """``scale · M``, ``M`` itself for a unit scale (NTP's ``s²n`` and ``κn``); nothing writes into it after."""
+    return M if scale == 1 else scale * M
+
+
+def _weighted_grams(x: Random) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """``(weight, grams)`` with ``weight ⊙ gram`` the tangent Grams of ``x`` per parameter: for ``φ(g)`` (no
+    tangent with a random coefficient) the law's ``E[φ'φ']`` and ``g``'s Grams, so that a matrix product fuses
+    the product into its sum; else ``None`` and the Grams."""
+    if isinstance(x, Mapped) and x.differentiable and not x.arg.opaque:
+        g = x.arg
+        weight = law_moment(derivative(x.law), _derivative_fn(x.fn), mean_of(g), _covariance(g), g.cache)
+        return weight, tangent_grams(g)
+    return None, tangent_grams(x)
+
+
 def tangent_grams(value: Random) -> dict[str, torch.Tensor]:
     """``E Σ_θ-channel κ ⟨∂z(a)/∂θ, ∂z(b)/∂θ⟩`` per trained parameter, ``[F, F]`` each."""
+    if isinstance(value, Gauss):  # the channels of a parameter summed as they are formed
+        if "parameter grams" not in value.cache:
+            grams = _plain_grams(value)
+            for (param, _), channel in value.opaque.items():
+                grams[param] = grams[param] + channel.gram if param in grams else channel.gram
+            value.cache["parameter grams"] = grams
+        return value.cache["parameter grams"]
     out: dict[str, torch.Tensor] = {}
     for (param, _), gram in _channel_grams(value).items():
         out[param] = out[param] + gram if param in out else gram
     return out
 
 
-def _channel_grams(value: Random) -> dict[tuple[str, str], torch.Tensor]:
-    if isinstance(value, Gauss):
-        if "grams" not in value.cache:
-            value.cache["grams"] = {key: _metric_gram(_fixed_flat(T, value.axis), value.metrics.channels.get(key))
-                                    for key, T in value.tangent.items()}
-        return value.cache["grams"]
+def _channel_grams(value: Mapped | Linear | Product) -> dict[tuple[str, str], torch.Tensor]:
+    """The tangent Grams of a value that is not Gaussian, by (parameter, part)."""
     if not value.differentiable:
         return {}
+    # below a Gaussian the channels of a parameter are summed first: a law's weight, a linear map and a
+    # bilinear function act on their sum
     if isinstance(value, Mapped):
         g = value.arg
-        weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g))
-        return {key: weight * gram for key, gram in _channel_grams(g).items()}
+        weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g), g.cache)
+        if not g.opaque:
+            return {(param, ""): weight * gram for param, gram in tangent_grams(g).items()}
+        grams = {(param, ""): weight * gram for param, gram in _plain_grams(g).items()}
+        # the coefficient is g itself (checked where the law was applied): E[φ'(g) g φ'(g') g'] ⊙ structure
+        law, fn = _times_argument(value.law, value.fn)
+        moment = law_moment(law, fn, mean_of(g), _covariance(g), g.cache)
+        for key, channel in g.opaque.items():
+            grams[key] = moment * channel.structure
+        return grams
     if isinstance(value, Linear):
-        return {key: _sandwich(value.fn, gram, value.arg, value.axis)
-                for key, gram in _channel_grams(value.arg).items()}
+        return {(param, ""): _sandwich(value.fn, gram, value.arg, value.axis)
+                for param, gram in tangent_grams(value.arg).items()}
     grams = {}
     Mx, My = second_moment(value.x), second_moment(value.y)
-    for key, gram in _channel_grams(value.x).items():
-        grams[key] = _bilinear(value, gram, My)
-    for key, gram in _channel_grams(value.y).items():
-        grams[key] = _bilinear(value, Mx, gram)
+    for param, gram in tangent_grams(value.x).items():
+        grams[(param, "x")] = _bilinear(value, gram, My)
+    for param, gram in tangent_grams(value.y).items():
+        grams[(param, "y")] = _bilinear(value, Mx, gram)
     return grams
 
 
@@ -350,23 +483,40 @@ def _derivative_fn(fn: Callable | None) -> Callable | None:
     return grad
 
 
-def _arc_cosine_raw(k: int, S: torch.Tensor) -> torch.Tensor:
-    """``E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul)."""
-    d = S.diagonal().clamp_min(0).sqrt()
-    norms = torch.outer(d, d)
-    # θ by atan2 of (|u||v| sin θ, u·v): arccos(1 - ε) ≈ √(2ε) would lose half the digits near θ = 0
+def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(θ, |u||v| sin θ)`` between (u, v) ~ N(0, S) entrywise, θ by atan2 (``arccos(1 − ε) ≈ √(2ε)`` would lose
+    half the digits near θ = 0); kept in ``cache`` (a Gaussian's), which relu and its step both read."""
+    if cache is not None and "angle" in cache:
+        return cache["angle"]
     var = S.diagonal().clamp_min(0)
-    theta = torch.atan2((torch.outer(var, var) - S**2).clamp_min(0).sqrt(), S)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    J = {0: math.pi - theta,
-         1: sin + (math.pi - theta) * cos,
-         2: 3 * sin * cos + (math.pi - theta) * (1 + 2 * cos**2)}
-    if k not in J:
+    norms2 = torch.outer(var, var)
+    # not fused (addcmul): the diagonal's var·var − var·var must round to exactly 0
+    cross = (norms2 - S * S).clamp_min_(0).sqrt_()
+    angle = (torch.atan2(cross, S), cross, norms2)
+    if cache is not None:
+        cache["angle"] = angle
+    return angle
+
+
+def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: float = 1.0) -> torch.Tensor:
+    """``scale · E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul), written with
+    ``|u||v| cos θ = S`` and ``|u||v| sin θ`` so that no cosine, sine or division is taken."""
+    if k not in (0, 1, 2):
         raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
-    value = norms**k * J[k] / (2 * math.pi)
+    theta, cross, norms2 = _angle(S, cache)
+    scale = scale / (2 * math.pi)
+    if cache is not None and "rest" in cache:
+        rest = cache["rest"]
+    else:  # π − θ, which relu and its step share
+        rest = torch.rsub(theta, math.pi)
+        if cache is not None:
+            cache["rest"] = rest
     if k == 0:  # a zero-variance side is 0, whose step is 0
-        value = torch.where(norms > 0, value, torch.zeros_like(value))
-    return value
+        step = rest * scale
+        return step if bool((S.diagonal() > 0).all()) else torch.where(norms2 > 0, step, torch.zeros_like(step))
+    if k == 1:  # scale·(|u||v| sin θ + (π − θ) S)
+        return torch.addcmul(cross, rest, S).mul_(scale)
+    return (3 * cross * S + rest * (norms2 + 2 * S * S)) * scale
 
 
 def _arc_cosine_mean(k: int, var: torch.Tensor) -> torch.Tensor:
@@ -392,14 +542,19 @@ def law_mean(law: tuple, fn: Callable | None, mu: torch.Tensor, var: torch.Tenso
     return _quadrature_mean(_need_fn(law, fn), mu, var)
 
 
-def law_moment(law: tuple, fn: Callable | None, mu: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """``E[φ(g(a)) φ(g(b))]`` for g ~ N(mu, S), ``[F, F]``."""
+def law_moment(law: tuple, fn: Callable | None, mu: torch.Tensor, S: torch.Tensor,
+               cache: dict | None = None) -> torch.Tensor:
+    """``E[φ(g(a)) φ(g(b))]`` for g ~ N(mu, S), ``[F, F]``; ``cache``: the Gaussian's, for what the laws of
+    one argument share (the arc-cosine angle)."""
     kind = law[0]
     centered = bool((mu == 0).all())
     if kind == "arc-cosine" and centered:
         _, k, scale, shift = law
+        raw = _arc_cosine_raw(k, S, cache, scale**2)
+        if shift == 0:
+            return raw
         m = _arc_cosine_mean(k, S.diagonal())
-        return scale**2 * _arc_cosine_raw(k, S) + scale * shift * (m[:, None] + m[None, :]) + shift**2
+        return raw + scale * shift * (m[:, None] + m[None, :]) + shift**2
     d = 1 + 2 * S.diagonal()
     if kind == "error function" and centered:
         return 2 / math.pi * torch.arcsin((2 * S / torch.sqrt(torch.outer(d, d))).clamp(-1, 1))
@@ -450,7 +605,8 @@ def _quadrature_moment(fn: Callable, mu: torch.Tensor, S: torch.Tensor) -> torch
         l21 = torch.where(sd[rows, None] > 0, S[rows] / safe[:, None], torch.zeros_like(S[rows]))  # [c, F]
         l22 = (S.diagonal()[None, :] - l21**2).clamp_min(0).sqrt()
         v = mu[None, :, None, None] + l21[..., None, None] * z[:, None] + l22[..., None, None] * z[None, :]
-        fv = fn(v)  # [c, F, Q1, Q2]
+        c, F, Q = v.shape[0], v.shape[1], z.numel()
+        fv = fn(v.permute(1, 0, 2, 3).reshape(F, -1)).reshape(F, c, Q, Q).permute(1, 0, 2, 3)  # [c, F, Q1, Q2]
         inner = (fv * w[None, :]).sum(-1)  # over z2: [c, F, Q1]
         out[rows] = torch.einsum("aq,abq,q->ab", fu[rows], inner, w)
     return (out + out.T) / 2
@@ -464,31 +620,56 @@ def _quadrature_moment(fn: Callable, mu: torch.Tensor, S: torch.Tensor) -> torch
 @attrs.frozen
 class ReadoutLaw:
     """An average over width read out by the outputs: its value (a leaf the outputs are differentiated in),
-    the covariance of its fluctuation and the Grams of its tangent, over its entries."""
+    the covariance of its fluctuation and the Grams of its tangent, over its entries, each times ``factor``
+    (the square of the fluctuation's scale, applied with the outputs' Jacobian)."""
 
     leaf: torch.Tensor
     covariance: torch.Tensor
     grams: Mapping[str, torch.Tensor]
+    factor: float = 1.0
+
+
+_FACTS: list = []  # [setup, {n: facts}] of the last program
+
+
+def _program_facts(setup: Any, n: int) -> tuple[dict, dict[str, float], dict[str, int]]:
+    """The program's parameter table, each trained parameter's ``lr_scale·grad_scale`` at width ``n`` and the
+    uses of each matrix in the forward pass: found once per program and width."""
+    if not (_FACTS and _FACTS[0] is setup):
+        _FACTS[:] = [setup, {}]
+    if n not in _FACTS[1]:
+        groups = parameter_groups(dict.fromkeys(setup.chosen), setup.program, setup.param, setup.chosen, n, 0.0)
+        uses: dict[str, int] = {}
+        for ins in setup.program.instructions[: setup.total.forward_length]:
+            if isinstance(ins, MatMul):
+                uses[ins.matrix] = uses.get(ins.matrix, 0) + 1
+        _FACTS[1][n] = (setup.program.parameters, {g["name"]: g["lr_scale"] * g["grad_scale"] for g in groups}, uses)
+    return _FACTS[1][n]
 
 
 class ExactInterpreter(Interpreter):
     """The forward program on Gaussian laws at width ``n`` (see the module docstring)."""
 
-    def __init__(self, setup: Any, n: int, dtype: torch.dtype, device: torch.device, tangents: bool = True) -> None:
+    def __init__(self, setup: Any, n: int, dtype: torch.dtype, device: torch.device, tangents: bool = True,
+                 kept: Mapping[str, bool] | None = None) -> None:
         super().__init__(setup.program)
+        self.kept = kept or {}  # the parameters whose NTK is known to stay (True) or vanish (False) in the limit
+        self.infos, self.rates, self.uses = _program_facts(setup, n)
+        self._inputs: dict[str, tuple[str, ...]] = {}
+        self._unchanged: dict[tuple[str, str], bool] = {}
+        self.statistics: set[str] = set()  # averages over width taken as their limits, and what is computed from them
         self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
         self.sources = 0
         self.metrics = Metrics()
         self.tangents = tangents  # False: the NNGP alone, no tangent is carried
         self.readouts: dict[str, ReadoutLaw] = {}
         self.scalar_leaves: dict[str, torch.Tensor] = {}
-        groups = parameter_groups(dict.fromkeys(setup.chosen), setup.program, setup.param, setup.chosen, n, 0.0)
-        self.rates = {g["name"]: g["lr_scale"] * g["grad_scale"] for g in groups}
-        forward = setup.program.instructions[: setup.total.forward_length]
-        self.uses: dict[str, int] = {}
-        for ins in forward:
-            if isinstance(ins, MatMul):
-                self.uses[ins.matrix] = self.uses.get(ins.matrix, 0) + 1
+
+    def inputs_of(self, ins: Nonlin) -> tuple[str, ...]:
+        """``ins.inputs``, found once (the property walks the arguments on each access)."""
+        if ins.name not in self._inputs:
+            self._inputs[ins.name] = ins.inputs
+        return self._inputs[ins.name]
 
     def refuse(self, ins: Instruction, why: str) -> NotGaussian:
         return NotGaussian(f"the exact kernel path cannot integrate %{ins.name} ({ins.describe()}"
@@ -498,8 +679,15 @@ class ExactInterpreter(Interpreter):
     def _new_sources(self, count: int, covariance: torch.Tensor | None) -> int:
         start = self.sources
         self.sources += count
-        self.metrics.sources.append((start, count, covariance))
+        self.metrics.sources[start] = (count, covariance)
         return start
+
+    def channel(self, param: str) -> str | None:
+        """The tangent channel a parameter's tangent is carried in: its own while its scaling is unknown, one
+        shared channel (:data:`STAYING`) for those whose NTK stays in the limit (one recursion for their sum),
+        none for those whose NTK vanishes."""
+        known = self.kept.get(param)
+        return param if known is None else STAYING if known else None
 
     def _kappa(self, name: str) -> float:
         abcd = self.setup.chosen[name]
@@ -516,7 +704,7 @@ class ExactInterpreter(Interpreter):
         return value.to(self.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
 
     def parameter(self, ins: Parameter) -> Any:
-        info = self.program.parameters[ins.target]
+        info = self.infos[ins.target]
         init = self.setup.initial[ins.target]
         abcd = self.setup.chosen.get(ins.target)
         if info.kind == "matrix":
@@ -545,20 +733,19 @@ class ExactInterpreter(Interpreter):
         F = math.prod(s for i, s in enumerate(shape) if i != axis)
         if init.kind == "constant":
             mean = torch.full(shape, float(init.value) * mult, dtype=self.dtype, device=self.device)
-            coef = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            coef = {}
         elif init.kind == "random" and abcd is not None:
             std = init_std(info, abcd, self.n) * mult
             start = self._new_sources(F, None)
-            eye = torch.eye(F, dtype=self.dtype, device=self.device) * std
-            flat = torch.cat([torch.zeros(F, start, dtype=self.dtype, device=self.device), eye], dim=1)
-            coef = _unflat(flat, shape, axis)
+            coef = {start: _unflat(torch.eye(F, dtype=self.dtype, device=self.device) * std, shape, axis)}
             mean = torch.zeros(shape, dtype=self.dtype, device=self.device)
         else:
             raise self.refuse(ins, f"a vector initialized as {init.kind}")
         tangent = {}
-        if abcd is not None and self.tangents:
+        channel = self.channel(ins.target)
+        if abcd is not None and self.tangents and channel is not None:
             own = torch.eye(F, dtype=self.dtype, device=self.device) * math.sqrt(self._kappa(ins.target))
-            tangent[(ins.target, ins.name)] = _unflat(own, shape, axis)
+            tangent[(channel, ins.name)] = _unflat(own, shape, axis)
         return Gauss(mean, coef, tangent, axis, self.metrics)
 
     def regroup(self, ins: Regroup) -> Any:
@@ -569,45 +756,84 @@ class ExactInterpreter(Interpreter):
         matrix = self.values[ins.matrix]
         if not isinstance(x, RANDOM):
             raise self.refuse(ins, "the vector is not random")
-        info = self.program.parameters[matrix.target]
+        info = self.infos[matrix.target]
         abcd = self.setup.chosen[matrix.target]
         ratio = self.program[ins.vector].layout[x.axis].ratio
         n_in = float(ratio) * self.n
         s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
         shape = _layout_shape(x)
         out_axis = width_axes(ins.layout)[0]
-        same_offset = self._same_offset(ins, info.layout, shape, x.axis)
-
-        columns = same_offset.shape[0]
-        eye = torch.eye(columns, dtype=self.dtype, device=self.device)
-        unit = eye.reshape(columns, columns, *[1] * (len(info.layout) - 2)).expand(
-            *[columns if isinstance(a, Width) else a for a in info.layout])
-        # every family of h (its sources, each channel) lives on x's entries: h = W x maps them one to one
-        mapped = torch.einsum(ins.equation, unit, _unflat(eye, shape, x.axis))
         M = second_moment(x)
-        start = self._new_sources(columns, s2 * n_in * M * same_offset)
-        coef = torch.cat([mapped.new_zeros(*[start if i == out_axis else s for i, s in enumerate(mapped.shape)]),
-                          mapped], dim=out_axis)
-        mean = torch.zeros(*[1 if i == out_axis else s for i, s in enumerate(mapped.shape)], dtype=self.dtype,
+        same_offset = self._same_offset(ins, info.layout, shape, x.axis)
+        if same_offset is not None:
+            M = M * same_offset
+        mapped = self._mapped(ins, info.layout, shape, x.axis, out_axis)
+
+        def onto_h(gram: torch.Tensor) -> torch.Tensor:  # a Gram over x's entries, carried to h's
+            if mapped is None:
+                return gram
+            if isinstance(mapped, tuple):  # a reordering of the fixed axes: one copy
+                sizes, order = mapped
+                k = len(order)
+                return gram.reshape(*sizes, *sizes).permute(*order, *[k + i for i in order]).reshape(gram.shape)
+            return _sandwich(mapped, gram, x, out_axis)
+        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
                            device=self.device)
+        start = self._new_sources(mean.numel(), onto_h(_times(s2 * n_in, M)))
         channels = {}
         if self.tangents:
-            channels[(matrix.target, ins.name)] = self._kappa(matrix.target) * n_in * M * same_offset
-            for param, gram in tangent_grams(x).items():
-                channels[(param, ins.name)] = s2 * n_in * gram * same_offset
-        self.metrics.channels.update(channels)
-        return Gauss(mean, coef, dict.fromkeys(channels, mapped), out_axis, self.metrics)
+            own = self.channel(matrix.target)
+            if own is not None:
+                channels[(own, ins.name)] = _times(self._kappa(matrix.target) * n_in, M)
+            weight, grams = _weighted_grams(x)  # Θ_h = κ n E[x xᵀ] + s² n E[φ'φ'] ⊙ Θ_g, fused where x = φ(g)
+            for param, gram in grams.items():
+                if same_offset is not None:
+                    gram = gram * (same_offset if weight is None else weight * same_offset)
+                    weight_here = None
+                else:
+                    weight_here = weight
+                key = (param, ins.name)
+                if key in channels and weight_here is not None:
+                    channels[key] = torch.addcmul(channels[key], weight_here, gram, value=s2 * n_in)
+                elif key in channels:
+                    channels[key] = torch.add(channels[key], gram, alpha=s2 * n_in)
+                else:
+                    channels[key] = _times(s2 * n_in, gram if weight_here is None else weight_here * gram)
+        self.metrics.channels.update({key: onto_h(gram) for key, gram in channels.items()})
+        return Gauss(mean, {start: None}, dict.fromkeys(channels), out_axis, self.metrics)
 
-    def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor:
-        """``[F, F]``: 1 where two fixed entries of the vector meet the same matrix. A matrix with fixed axes
-        (a convolution's kernel offsets) is one independent matrix per offset, batched over the vector's axes
-        of the same letters: entries at different offsets are multiplied by independent matrices."""
+    def _mapped(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int,
+                out_axis: int) -> Callable[[torch.Tensor], torch.Tensor] | tuple | None:
+        """How ``h = W x`` maps x's entries to h's: the equation with the matrix an identity over its width
+        axes, i.e. x's width letter renamed to h's, summed over the matrix's fixed axes (offsets); ``None`` (the
+        identity) when h's fixed entries are x's in the same order, ``(sizes, order)`` (x's fixed axes' sizes
+        and h's axes among them) when it only reorders them. h's family then has h's entries as its sources,
+        its covariance (and each channel's Gram) carried over by this map: no product is formed."""
+        specs, out_spec = ins.equation.split("->")
+        m_spec, x_spec = specs.split(",")
+        renamed = x_spec.replace(x_spec[axis], out_spec[out_axis])
+        fixed = [(m_spec[i], a) for i, a in enumerate(layout) if not isinstance(a, Width)]
+        if not fixed and renamed.replace(out_spec[out_axis], "") == out_spec.replace(out_spec[out_axis], ""):
+            return None
+        ones = torch.ones([size for _, size in fixed], dtype=self.dtype, device=self.device)
+        equation = f"{''.join(letter for letter, _ in fixed)},{renamed}->{out_spec}"
+        x_letters = [letter for i, letter in enumerate(renamed) if i != axis]
+        h_letters = [letter for i, letter in enumerate(out_spec) if i != out_axis]
+        if sorted(x_letters) == sorted(h_letters):  # nothing summed: the fixed axes reordered
+            return tuple(s for i, s in enumerate(shape) if i != axis), [x_letters.index(x) for x in h_letters]
+        return lambda t: torch.einsum(equation, ones, t)
+
+    def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor | None:
+        """``[F, F]``: 1 where two fixed entries of the vector meet the same matrix (``None``: all of them). A
+        matrix with fixed axes (a convolution's kernel offsets) is one independent matrix per offset, batched
+        over the vector's axes of the same letters: entries at different offsets are multiplied by independent
+        matrices."""
         specs, _ = ins.equation.split("->")
         m_spec, x_spec = specs.split(",")
         offsets = [m_spec[i] for i, a in enumerate(layout) if not isinstance(a, Width)]
         F = math.prod(s for i, s in enumerate(shape) if i != axis)
         if not offsets:
-            return torch.ones(F, F, dtype=self.dtype, device=self.device)
+            return None
         if any(letter not in x_spec for letter in offsets):
             raise self.refuse(ins, "a matrix with fixed axes that do not batch the vector")
         fixed = [i for i in range(len(shape)) if i != axis]
@@ -620,9 +846,8 @@ class ExactInterpreter(Interpreter):
 
     def avg(self, ins: Avg) -> torch.Tensor:
         u = self.values[ins.vector]
-        if not isinstance(u, Product) or not _zero_mean_factor(u):
-            raise self.refuse(ins, "only readouts (the average of x ⊙ v for a zero-mean Gaussian v independent of "
-                                   "x) are integrated exactly; other averages over width are not")
+        if not (isinstance(u, Product) and _zero_mean_factor(u)):
+            return self._statistic(ins, u)
         ratio = self.program[ins.vector].layout[ins.axis].ratio
         scale = ins.scale.resolve(self.n) if ins.scale is not None else 1.0
         phi2 = scale**2 / (float(ratio) * self.n)
@@ -630,12 +855,28 @@ class ExactInterpreter(Interpreter):
         if ins.keepdim:
             shape.insert(ins.axis, 1)
         leaf = torch.zeros(shape, dtype=self.dtype, device=self.device, requires_grad=True)
-        grams = {p: phi2 * g for p, g in tangent_grams(u).items()} if self.tangents else {}
-        self.readouts[ins.name] = ReadoutLaw(leaf, phi2 * second_moment(u), grams)
+        grams = tangent_grams(u) if self.tangents else {}
+        self.readouts[ins.name] = ReadoutLaw(leaf, second_moment(u), grams, phi2)
         return leaf
 
+    def _statistic(self, ins: Avg, u: Any) -> torch.Tensor:
+        """An average over width other than a readout (a normalization's mean and variance): in the limit the
+        expectation of a coordinate, a number per fixed entry, its fluctuation ``O(n^-1/2)``. It may only set
+        the coefficients of functions of random vectors (their laws declare how); one that reaches the outputs
+        would have a tangent this path does not carry, and is refused there."""
+        if not isinstance(u, RANDOM):
+            raise self.refuse(ins, "an average over width of a vector that is not random")
+        if ins.scale is not None and ins.scale.power != 0:
+            raise self.refuse(ins, "only readouts (the average of x ⊙ v for a zero-mean Gaussian v independent of "
+                                   "x) are integrated exactly; other averages over width times a power of the "
+                                   "width are not")
+        scale = ins.scale.resolve(self.n) if ins.scale is not None else 1.0
+        value = _unflat(mean_of(u)[:, None] * scale, _layout_shape(u), u.axis)
+        self.statistics.add(ins.name)
+        return value if ins.keepdim else value.squeeze(u.axis)
+
     def nonlin(self, ins: Nonlin) -> Any:
-        if any(isinstance(self.values[n], Parameter) for n in ins.inputs):
+        if any(isinstance(self.values[n], Parameter) for n in self.inputs_of(ins)):
             raise self.refuse(ins, "a weight matrix used outside a matrix product")
         try:
             return self._law(ins)
@@ -643,8 +884,10 @@ class ExactInterpreter(Interpreter):
             raise self.refuse(ins, f"its function does not apply to the laws' tensors ({error})") from None
 
     def _law(self, ins: Nonlin) -> Any:
-        names = [n for n in ins.inputs if isinstance(self.values[n], RANDOM)]
+        names = [n for n in self.inputs_of(ins) if isinstance(self.values[n], RANDOM)]
         if not names:
+            if any(n in self.statistics for n in self.inputs_of(ins)):
+                self.statistics.add(ins.name)
             return self._apply(ins, self.values)
         law = ins.gaussian
         out_axis = width_axes(ins.layout)[0] if width_axes(ins.layout) else None
@@ -666,11 +909,19 @@ class ExactInterpreter(Interpreter):
                 return self._linear(ins, names[0], out_axis)
             raise self.refuse(ins, "an affine function of several vectors, not all Gaussian")
         if kind == "multilinear" and len(names) == 2:
+            settled = [n for n, v in zip(names, values, strict=True) if isinstance(v, Gauss) and not v.coef]
+            if len(settled) == 1 and all(isinstance(v, Gauss) for v in values):
+                return self._scaled(ins, names, settled[0], out_axis)
             return self._product(ins, names, out_axis)
         if kind in ("arc-cosine", "error function", "quadrature") and len(names) == 1:
             g = values[0]
             if not isinstance(g, Gauss) or not _first_arg_is(ins, names[0]):
                 raise self.refuse(ins, "a nonlinear function of a non-Gaussian vector")
+            if ins.differentiable and any(c.coefficient is None or not _same_gaussian(c.coefficient, g)
+                                          for c in g.opaque.values()):
+                raise self.refuse(ins, "a nonlinear function of a vector whose tangent has a random coefficient "
+                                       "other than the vector itself (a gain initialized other than 1, or a bias "
+                                       "other than 0, before the nonlinearity)")
             return Mapped(law, self._bound(ins, names[0]), g, out_axis, ins.differentiable)
         raise self.refuse(ins, "no Gaussian law is declared for this function of random vectors"
                           + ("" if law is None else f" that applies here ({law})"))
@@ -680,7 +931,7 @@ class ExactInterpreter(Interpreter):
         """``ins.fn`` on ``values``. Width-dependent sizes (a reshape to ``[B, n, H, W]``) take the size of the
         width axis of the tensors given (sources, factor columns); width-dependent constants are at ``n``."""
         columns = None
-        for name in ins.inputs:
+        for name in self.inputs_of(ins):
             value, axes = values.get(name), width_axes(self.program[name].layout)
             if torch.is_tensor(value) and axes and value.ndim == len(self.program[name].layout):
                 columns = value.shape[axes[0]] / self.program[name].layout[axes[0]].ratio
@@ -689,25 +940,115 @@ class ExactInterpreter(Interpreter):
         return ins.fn(*substitute(args, values, self.n), **substitute(kwargs, values, self.n))
 
     def _bound(self, ins: Nonlin, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The function of the Gaussian argument ``name`` alone, on ``[F, K]``: K values of each fixed entry,
+        given to the function in the argument's layout with the width axis holding them (so that its other
+        arguments, statistics per row, broadcast as they do at finite width)."""
+        shape, axis = _layout_shape(self.values[name]), self.values[name].axis
+
         def fn(t: torch.Tensor) -> torch.Tensor:
-            return self._apply(ins, {**self.values, name: t})
+            return _fixed_flat(self._apply(ins, {**self.values, name: _unflat(t, shape, axis)}), axis)
         return fn
 
-    def _affine(self, ins: Nonlin, names: list[str], axis: int) -> Gauss:
+    def _scaled(self, ins: Nonlin, names: list[str], settled: str, axis: int) -> Gauss:
+        """A bilinear function of a Gaussian and a vector with no random part at initialization (a
+        normalization's gain, initialized constant and trained): affine in the Gaussian with the gain's value,
+        plus the gain's tangent, whose coefficient is the random other factor — kept by its Gram alone."""
+        w = self.values[settled]
+        random = next(n for n in names if n != settled)
+        product = self._product(ins, names, axis)
+        out = self._affine(ins, [random], axis, {settled: w.mean})
+        y = self.values[random]
+        moment = second_moment(y)
+        for param, gram in tangent_grams(w).items():
+            def through(side: torch.Tensor, gram: torch.Tensor = gram) -> torch.Tensor:
+                return _bilinear(product, gram, side) if names[0] == settled else _bilinear(product, side, gram)
+            full, structure = through(moment), through(torch.ones_like(moment))
+            factored = full.shape == moment.shape and bool(torch.allclose(full, moment * structure, rtol=1e-12,
+                                                                           atol=0))
+            out.opaque[(param, ins.name)] = Opaque(full, y, structure) if factored else Opaque(full)
+        return out
+
+    def _affine(self, ins: Nonlin, names: list[str], axis: int, fixed: Mapping[str, torch.Tensor] | None = None
+                ) -> Gauss:
+        """``fixed``: arguments held at a value (a gain's, see :meth:`_scaled`)."""
         values = {n: self.values[n] for n in names}
-        width = max(v.coef.shape[v.axis] for v in values.values())
+        outer = self.values
+        self.values = {**self.values, **(fixed or {})}
+        try:
+            return self._affine_of(ins, values, axis)
+        finally:
+            self.values = outer
+
+    def _affine_of(self, ins: Nonlin, values: Mapping[str, Gauss], axis: int) -> Gauss:
         mean = self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
-        coef = self._linear_part(ins, {n: _pad(v.coef, v.axis, width) for n, v in values.items()})
+        # the constant part, once on one column (the function acts column by column along the width axis)
+        constant = self._apply(ins, {**self.values, **{n: torch.zeros_like(v.mean) for n, v in values.items()}})
+        constant = constant if bool(constant.any()) else None
+        coef = self._blocks(ins, values, {n: v.coef for n, v in values.items()},
+                            lambda start: self.metrics.sources[start][0], constant)
         tangent = {}
         if ins.differentiable:
-            for key in set().union(*(v.tangent for v in values.values())):
-                cols = next(v.tangent[key].shape[v.axis] for v in values.values() if key in v.tangent)
-                parts = {}
-                for n, v in values.items():
-                    t = v.tangent.get(key)
-                    parts[n] = t if t is not None else _pad(v.mean.new_zeros(v.mean.shape), v.axis, cols) * 0
-                tangent[key] = self._linear_part(ins, parts)
-        return Gauss(mean, coef, tangent, axis, self.metrics)
+            sizes = {key: _block_size(v, t) for v in values.values() for key, t in v.tangent.items()}
+            tangent = self._blocks(ins, values, {n: v.tangent for n, v in values.items()}, sizes.get, constant)
+        out = Gauss(mean, coef, tangent, axis, self.metrics)
+        if ins.differentiable:
+            self._carry_opaque(ins, values, out, constant)
+        return out
+
+    def _carry_opaque(self, ins: Nonlin, values: Mapping[str, Gauss], out: Gauss,
+                      constant: torch.Tensor | None) -> None:
+        """The Grams of tangents known by their Gram alone, through the function's linear part in their argument
+        (``L G Lᵀ``; unchanged where the function leaves that argument unchanged)."""
+        for name, v in values.items():
+            for key, channel in v.opaque.items():
+                if key in out.opaque or any(key in u.tangent or (u is not v and key in u.opaque)
+                                            for u in values.values()):
+                    raise self.refuse(ins, f"the tangent of {key[0]!r} reaches it along two paths, one with a "
+                                           "random coefficient")
+                if self._leaves_unchanged(ins, name):
+                    out.opaque[key] = channel
+                    continue
+
+                def linear(t: torch.Tensor, name: str = name, v: Gauss = v) -> torch.Tensor:
+                    zeros = {n: _pad(u.mean.new_zeros(u.mean.shape), u.axis, t.shape[v.axis]) * 0
+                             for n, u in values.items() if n != name}
+                    return self._linear_part(ins, {**zeros, name: t}, constant)
+                out.opaque[key] = Opaque(_sandwich(linear, channel.gram, v, out.axis))
+
+    def _blocks(self, ins: Nonlin, values: Mapping[str, Gauss], blocks: Mapping[str, Mapping[Any, Block]],
+                size_of: Callable[[Any], int], constant: torch.Tensor | None) -> dict[Any, Block]:
+        """The affine function's linear part on each family (or channel) of its arguments: an identity block
+        stays one where the function leaves its argument unchanged; an argument without the family is zero."""
+        out: dict[Any, Block] = {}
+        for key in dict.fromkeys(k for n in values for k in blocks[n]):
+            having = [n for n in values if key in blocks[n]]
+            if len(having) == 1 and blocks[having[0]][key] is None and self._leaves_unchanged(ins, having[0]):
+                out[key] = None
+                continue
+            parts = {}
+            for n, v in values.items():
+                block = blocks[n].get(key, 0)
+                if block is None:
+                    block = _unflat(torch.eye(v.mean.numel(), dtype=self.dtype, device=self.device),
+                                    tuple(v.mean.shape), v.axis)
+                elif not torch.is_tensor(block):
+                    block = _pad(v.mean.new_zeros(v.mean.shape), v.axis, size_of(key)) * 0
+                parts[n] = block
+            out[key] = self._linear_part(ins, parts, constant)
+        return out
+
+    def _leaves_unchanged(self, ins: Nonlin, name: str) -> bool:
+        """The function, with its other random arguments zero, is the identity in ``name``: tried on one random
+        column (a linear map other than the identity fixes a random vector with probability zero)."""
+        if (ins.name, name) not in self._unchanged:
+            v = self.values[name]
+            probe = torch.randn(v.mean.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(
+                self.device)
+            zeros = {n: torch.zeros_like(self.values[n].mean) for n in self.inputs_of(ins)
+                     if isinstance(self.values[n], Gauss)}
+            image = self._apply(ins, {**self.values, **zeros, name: probe}) - self._apply(ins, {**self.values, **zeros})
+            self._unchanged[(ins.name, name)] = image.shape == probe.shape and bool(torch.equal(image, probe))
+        return self._unchanged[(ins.name, name)]
 
     def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
         probe = self._apply(ins, {**self.values, name: torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype,
@@ -720,9 +1061,11 @@ class ExactInterpreter(Interpreter):
         shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
         return Linear(fn, self.values[name], axis, shape, ins.differentiable)
 
-    def _linear_part(self, ins: Nonlin, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        zeros = {n: torch.zeros_like(t) for n, t in parts.items()}
-        return self._apply(ins, {**self.values, **parts}) - self._apply(ins, {**self.values, **zeros})
+    def _linear_part(self, ins: Nonlin, parts: Mapping[str, torch.Tensor],
+                     constant: torch.Tensor | None) -> torch.Tensor:
+        """The affine function on ``parts`` less its ``constant`` part (``None``: zero)."""
+        value = self._apply(ins, {**self.values, **parts})
+        return value if constant is None else value - constant
 
     def _product(self, ins: Nonlin, names: list[str], axis: int) -> Product:
         x, y = (self.values[n] for n in names)
@@ -790,48 +1133,76 @@ class ExactKernels:
 
 
 def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device,
-               tangents: bool = True) -> ExactKernels:
+               tangents: bool = True, kept: Mapping[str, bool] | None = None) -> ExactKernels:
     """Run :class:`ExactInterpreter` on ``Z`` at width ``n``; the outputs' kernels through their Jacobian in
-    the readouts (and in the trained scalars; ``tangents=False``: the NNGP alone)."""
-    interp = ExactInterpreter(setup, n, dtype, device, tangents)
+    the readouts (and in the trained scalars; ``tangents=False``: the NNGP alone). ``kept``: the parameters
+    known to stay (their NTK summed, under :data:`STAYING`) or to vanish (left out) in the limit."""
+    interp = ExactInterpreter(setup, n, dtype, device, tangents, kept)
     interp.run(Z, stop=setup.total.forward_length)
     outputs = [interp.values[name] for name in setup.program.outputs]
     for name, value in zip(setup.program.outputs, outputs, strict=True):
         if not torch.is_tensor(value) or width_axes(setup.program[name].layout):
             raise NotGaussian(f"output %{name} is not a function of averages over width", name)
+        if name in interp.statistics:
+            raise NotGaussian(f"output %{name} depends on an average over width that is not a readout (its limit "
+                              "is a number, but its tangent is not carried by the exact path)", name)
     f = torch.cat([o.reshape(-1) for o in outputs])
     if not f.requires_grad:
         raise NotGaussian("the outputs do not depend on any average over width or trained scalar")
     leaves = [r.leaf for r in interp.readouts.values()]
     scalars = list(interp.scalar_leaves.items())
     jacobians = _jacobians(f, leaves, [s for _, s in scalars])
-    J = f.numel()
-    nngp = f.new_zeros(J, J).detach()
+    nngp = None
     ntk: dict[str, torch.Tensor] = {}
     for jac, law in zip(jacobians, interp.readouts.values(), strict=False):
-        nngp = nngp + jac @ law.covariance @ jac.T
+        through = _through(jac, law.factor)
+        nngp = through(law.covariance) if nngp is None else nngp + through(law.covariance)
         for param, gram in law.grams.items():
-            ntk[param] = ntk.get(param, 0) + jac @ gram @ jac.T
+            ntk[param] = ntk[param] + through(gram) if param in ntk else through(gram)
     for jac, (param, _) in zip(jacobians[len(leaves):], scalars, strict=True):
-        ntk[param] = ntk.get(param, 0) + interp._kappa(param) * (jac @ jac.T)
+        channel = interp.channel(param)
+        if channel is not None:
+            part = interp._kappa(param) * (jac @ jac.T)
+            ntk[channel] = ntk[channel] + part if channel in ntk else part
+    if nngp is None:
+        nngp = f.new_zeros(f.numel(), f.numel()).detach()
     return ExactKernels(nngp, ntk, tuple(outputs[0].shape[1:]))
 
 
+def _through(jac: torch.Tensor, factor: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``M ↦ factor · jac M jacᵀ`` (``factor ≥ 0``). Outputs that are each a multiple of one readout entry (a
+    readout plus scalars: the usual tail) take their entries of ``M`` by indexing instead of two products."""
+    entries = jac.nonzero()
+    rows = torch.arange(jac.shape[0], device=jac.device)
+    if entries.shape[0] != jac.shape[0] or not bool((entries[:, 0] == rows).all()):
+        scaled = jac * factor
+        return lambda M: scaled @ M @ jac.T
+    index = entries[:, 1]
+    weight = jac[entries[:, 0], index][:, None] * math.sqrt(factor)
+    if not (index.numel() == jac.shape[1] and bool((index == torch.arange(len(index), device=index.device)).all())):
+        return lambda M: weight * M[index][:, index] * weight.T
+    if bool((weight == weight[0, 0]).all()):
+        scale = float(weight[0, 0]) ** 2
+        return lambda M: M * scale
+    return lambda M: weight * M * weight.T
+
+
 def _jacobians(f: torch.Tensor, readouts: list[torch.Tensor], scalars: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``∂f/∂leaf`` as ``[J, leaf entries]`` for every leaf; the outputs must be affine in the readouts (a
-    nonlinear function of a Gaussian readout is not Gaussian: its covariance is not ``J Σ Jᵀ``)."""
+    """``∂f/∂leaf`` as ``[J, leaf entries]`` for every leaf, in one batched backward pass over the one-hot
+    cotangents; the outputs must be affine in the readouts (a nonlinear function of a Gaussian readout is not
+    Gaussian: its covariance is not ``J Σ Jᵀ``)."""
     leaves = readouts + scalars
-    rows = []
-    for j in range(f.numel()):
-        grads = torch.autograd.grad(f[j], leaves, retain_graph=True, allow_unused=True, create_graph=True)
-        for g in grads[: len(readouts)]:
-            if g is not None and g.requires_grad:
-                second = torch.autograd.grad(g.sum(), readouts, retain_graph=True, allow_unused=True)
-                if any(s is not None for s in second):  # connected, even if zero here (an odd function at 0)
-                    raise NotGaussian("the outputs are a nonlinear function of the averages over width; their law "
-                                      "at initialization is not Gaussian")
-        rows.append([torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, leaves, strict=True)])
-    return [torch.stack([r[i].reshape(-1) for r in rows]) for i in range(len(leaves))]
+    basis = torch.eye(f.numel(), dtype=f.dtype, device=f.device)
+    grads = torch.autograd.grad(f, leaves, basis, retain_graph=True, allow_unused=True, create_graph=True,
+                                is_grads_batched=True)
+    connected = [g for g in grads[: len(readouts)] if g is not None and g.requires_grad]
+    if connected:
+        second = torch.autograd.grad(sum(g.sum() for g in connected), readouts, retain_graph=True, allow_unused=True)
+        if any(s is not None for s in second):  # connected, even if zero here (an odd function at 0)
+            raise NotGaussian("the outputs are a nonlinear function of the averages over width; their law at "
+                              "initialization is not Gaussian")
+    return [f.new_zeros(f.numel(), t.numel()) if g is None else g.detach().reshape(f.numel(), -1)
+            for g, t in zip(grads, leaves, strict=True)]
 
 
 EXACT_WIDTHS = (2**10, 2**20)
@@ -840,40 +1211,61 @@ EXACT_WIDTHS = (2**10, 2**20)
 def exact_kernel(setup: Any, Z: torch.Tensor, kind: str, dtype: torch.dtype,
                  device: torch.device) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The limit ``n → ∞`` of the output kernel ``[J, J]`` and the outputs' shape per row. Each contribution
-    is a power of ``n`` (the abcd factors and the program's width-dependent constants); taken at two widths,
-    a constant one is kept, a decaying one (an output bias under NTP) vanishes, and a growing one is refused."""
-    small, large = _at_both_widths(setup, Z, dtype, device, tangents=kind == "ntk")
-    if kind == "nngp":
-        return _limit_of("the NNGP", small.nngp, large.nngp), large.outputs
-    total = None
-    for param in sorted(set(small.ntk) | set(large.ntk)):
-        zero = torch.zeros_like(large.nngp)
-        part = _limit_of(f"the NTK of {param!r}", small.ntk.get(param, zero), large.ntk.get(param, zero))
-        total = part if total is None else total + part
-    return (total if total is not None else large.nngp * 0), large.outputs
+    (the NNGP, each parameter's NTK) is a power of ``n`` (the abcd factors and the program's width-dependent
+    constants): a constant one is kept, a decaying one (an output bias under NTP) vanishes, and a growing one
+    is refused. The power is a property of the program: it is read once from two widths (2^10 and 2^20) and
+    remembered; after that the program runs once, at the larger width, with the NTK of the parameters that
+    stay carried as one sum."""
+    nngp, ntk, outputs = _limit_kernels(setup, Z, dtype, device, tangents=kind == "ntk")
+    return (nngp if kind == "nngp" else ntk).clone(), outputs  # not the cached tensors themselves
 
 
-_LAST: list = []  # the last inputs' kernels at both widths: the NNGP after the NTK of the same rows is free
+_LAST: list = []  # the last inputs' kernels: the NNGP after the NTK of the same rows is free
+_SCALING: list = []  # [setup, dtype, device, {parameter or NNGP: stays in the limit}] of the last program
+NNGP = ""  # the NNGP's entry among the scalings (parameter names are never empty)
 
 
-def _at_both_widths(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                    tangents: bool) -> tuple[ExactKernels, ExactKernels]:
+def _limit_kernels(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                   tangents: bool) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
     key = (digest(Z), dtype, str(device))
     if _LAST and _LAST[0] is setup and _LAST[1] == key and (_LAST[2] or not tangents):
         return _LAST[3]
-    both = tuple(kernels_at(setup, Z, n, dtype, device, tangents) for n in EXACT_WIDTHS)
-    _LAST[:] = [setup, key, tangents, both]
-    return both
+    if not (_SCALING and _SCALING[0] is setup and _SCALING[1:3] == [dtype, str(device)]):
+        _SCALING[:] = [setup, dtype, str(device), {}]
+    kept: dict[str, bool] = _SCALING[3]
+    large = kernels_at(setup, Z, EXACT_WIDTHS[1], dtype, device, tangents, kept)
+    parts = {NNGP: large.nngp, **large.ntk}
+    unknown = [name for name in parts if name != STAYING and kept.get(name) is None]
+    if unknown:  # the powers of these contributions: from the same rows at the smaller width
+        small = kernels_at(setup, Z, EXACT_WIDTHS[0], dtype, device, tangents, kept)
+        smaller = {NNGP: small.nngp, **small.ntk}
+        for name in unknown:
+            what = "the NNGP" if name == NNGP else f"the NTK of {name!r}"
+            stays = _scaling_of(what, smaller.get(name, torch.zeros_like(large.nngp)), parts[name])
+            if stays is not None:
+                kept[name] = stays
+    limit = {name: k for name, k in parts.items() if name == STAYING or kept.get(name, True)}
+    nngp = limit.pop(NNGP) if NNGP in limit else torch.zeros_like(large.nngp)
+    ntk = None
+    for name in sorted(limit):
+        ntk = limit[name] if ntk is None else ntk + limit[name]
+    ntk = ntk if ntk is not None else torch.zeros_like(nngp)
+    result = (nngp, ntk if tangents else None, large.outputs)
+    _LAST[:] = [setup, key, tangents, result]
+    return result
 
 
-def _limit_of(what: str, small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
-    """``large`` where the two widths agree (to rounding of the dtype), zero where it decays at least like
-    ``n^-1/2`` between them; a contribution that grows, or changes otherwise, has no limit here."""
-    top = max(float(large.abs().max()), float(small.abs().max()), 1e-300)
+def _scaling_of(what: str, small: torch.Tensor, large: torch.Tensor) -> bool | None:
+    """Whether a contribution stays (the two widths agree to rounding of the dtype) or vanishes (it decays at
+    least like ``n^-1/2`` between them); ``None`` when it is zero at both (its power unknown from these rows). A
+    contribution that grows, or changes otherwise, has no limit here."""
+    top = max(float(large.abs().max()), float(small.abs().max()))
+    if top == 0:
+        return None
     tolerance = max(1e-9, 1e4 * torch.finfo(large.dtype).eps)
     if float((large - small).abs().max()) <= tolerance * top:
-        return large.clone()  # not the cached tensor itself
+        return True
     if float(large.abs().max()) <= (EXACT_WIDTHS[0] / EXACT_WIDTHS[1]) ** 0.5 * float(small.abs().max()):
-        return torch.zeros_like(large)
+        return False
     raise NotGaussian(f"{what} is not a power of the width that converges (max {float(small.abs().max()):.3g} at "
                       f"n = {EXACT_WIDTHS[0]}, {float(large.abs().max()):.3g} at n = {EXACT_WIDTHS[1]})")

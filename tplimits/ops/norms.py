@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from tplimits.ops.reductions import biased_variance
 from tplimits.ops.shape import reshape_block
 from tplimits.plugin import (
+    AFFINE,
+    MULTILINEAR,
     LoweringContext,
     MatrixValue,
     OpNode,
@@ -27,6 +29,10 @@ from tplimits.plugin import (
     rule_table,
     vector_width_axis,
 )
+
+NORMALIZED = ("affine", (0,))
+"""``Nonlin.gaussian`` of a normalization by statistics over the width axis: in the limit the statistics are
+numbers per row (the coordinate's mean and variance), so it is affine in the vector."""
 
 
 def _normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,7 +55,7 @@ def _affine(ctx: LoweringContext, y: Value, weight: Value | None, bias: Value | 
             continue
         if isinstance(param, MatrixValue):
             ctx.not_representable("a normalization gain or bias with two width axes")
-        y = ctx.nonlin(op, y, param, layout=layout)
+        y = ctx.nonlin(op, y, param, layout=layout, gaussian=MULTILINEAR if op is aten.mul.Tensor else AFFINE)
     return y
 
 
@@ -63,7 +69,7 @@ def layer_norm(ctx: LoweringContext, node: OpNode) -> Value:
         return coordinatewise(ctx, node)
     mean = reduce_sum_or_mean(ctx, x, dims, True, mean=True)
     var = biased_variance(ctx, x, dims, mean)
-    y = ctx.nonlin(_normalize, x, mean, var, eps, layout=x.layout)
+    y = ctx.nonlin(_normalize, x, mean, var, eps, layout=x.layout, gaussian=NORMALIZED)
     return _affine(ctx, y, weight, bias, node.layout)
 
 
@@ -78,9 +84,9 @@ def rms_norm(ctx: LoweringContext, node: OpNode) -> Value:
     dims = list(range(x.ndim - len(shape), x.ndim))
     if w is None or w not in dims:
         return coordinatewise(ctx, node)
-    sq = ctx.nonlin(_square, x, layout=x.layout)
+    sq = ctx.nonlin(_square, x, layout=x.layout, gaussian=("quadrature",))
     mean_square = reduce_sum_or_mean(ctx, sq, dims, True, mean=True)
-    y = ctx.nonlin(_rms_normalize, x, mean_square, eps, layout=x.layout)
+    y = ctx.nonlin(_rms_normalize, x, mean_square, eps, layout=x.layout, gaussian=NORMALIZED)
     return _affine(ctx, y, weight, None, node.layout)
 
 

@@ -102,7 +102,7 @@ def biased_variance(ctx: LoweringContext, x: Value, dims: list[int], mean: Value
     """Mean of (x − mean(x))² over ``dims`` (kept as size-1 axes); ``mean`` if already computed."""
     if mean is None:
         mean = reduce_sum_or_mean(ctx, x, dims, True, mean=True)
-    sq = ctx.nonlin(_centered_square, x, mean, layout=x.layout)
+    sq = ctx.nonlin(_centered_square, x, mean, layout=x.layout, gaussian=("quadrature",))
     return reduce_sum_or_mean(ctx, sq, dims, True, mean=True)
 
 
