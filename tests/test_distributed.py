@@ -5,6 +5,12 @@ the ranks, the records gathered on every rank); rank 0 then trains the same limi
 (``distributed=False``) with the same seed, and every tensor of the two trajectories must be equal bit
 for bit. A run that diverges in a system of one rank raises ``Diverged`` on every rank (none waits
 forever).
+
+Sharded (``distributed="shard"``), every system is split over the ranks by particle rows: each rank's
+trajectory must equal the single-process one with the same seed up to the order of the sums over
+particles (1e-10 in float64), for the linear-rule path (low-rank factors, autograd and Stein dots) and
+Adam's pair grids, on a depth-3 MLP (autograd dots) and the Transformer (Stein dots; heads: blocks of n/2
+particles).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import warnings
 
 import pytest
 import torch
@@ -106,10 +113,98 @@ def test_two_nccl_ranks_equal_one_process(tmp_path: pathlib.Path):
     _compare([torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)], exact=False)
 
 
+def _transformer(optimizer: str) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]:
+    config = dict(n_layers=1, n_heads=2, vocab=16, seq_len=4, batch=2)
+    X = tpl.architecture("transformer").example_inputs(**config)[0]
+    y = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(1))
+    return tpl.derive("transformer", optimizer=optimizer, **config), X, y
+
+
+def _mlp(optimizer: str) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]:
+    return (tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=3), *_data())
+
+
+SHARDED = {  # name: (limit, X, y), train options
+    "mlp-sgd-autograd": (lambda: _mlp("sgd"), dict(steps=3, lr=0.5, particles=512, batches=2, kernels=("tanh_1",),
+                                                    X_test=_data()[0][:2] + 1)),
+    "mlp-adam-copies": (lambda: _mlp("adam"), dict(steps=3, lr=0.02, particles=512, batches=2, copies=48)),
+    "mlp-adam-dense": (lambda: _mlp("adam"), dict(steps=2, lr=0.02, particles=256, batches=2)),
+    "transformer-sgd": (lambda: _transformer("sgd"), dict(steps=2, lr=0.5, particles=256, batches=2,
+                                                          loss="cross_entropy")),
+    "transformer-adam-copies": (lambda: _transformer("adam"), dict(steps=2, lr=0.02, particles=256, batches=2,
+                                                                   loss="cross_entropy", copies=24)),
+}
+
+
+def _shard_worker(rank: int, size: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        results: dict[str, object] = {}
+        for name, (make, train) in SHARDED.items():
+            limit, X, y = make()
+            with warnings.catch_warnings():  # the Transformer's attention scale under μP
+                warnings.simplefilter("ignore", UserWarning)
+                sharded = limit.train(X, y, progress=False, seed=5, distributed="shard", **train)
+                results[name] = {"sharded": _fields(sharded) | {"test": sharded.test_outputs}}
+                if rank == 0:
+                    single = limit.train(X, y, progress=False, seed=5, distributed=False, **train)
+                    results[name]["single"] = _fields(single) | {"test": single.test_outputs}
+        X, y = _data()
+        limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+        refusals = {}
+        for key, options in {"checkpoint": dict(checkpoint=os.path.join(out, "never.pt")),
+                             "odd particles": dict(particles=2 * 17), "NT limit": dict(param="NTP")}.items():
+            run = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3, param=options.pop("param", "muP"))
+            try:
+                run.train(X, y, steps=1, progress=False, batches=2, distributed="shard", **{"particles": 64, **options})
+                refusals[key] = None
+            except tpl.TplimitsError as error:
+                refusals[key] = (type(error).__name__, str(error))
+        results["refusals"] = refusals
+        try:
+            limit.train(X, y, steps=5, lr=1e4, particles=256, batches=2, progress=False, distributed="shard")
+            results["diverged"] = None
+        except tpl.Diverged as error:
+            results["diverged"] = (type(error).__name__, error.step, error.value)
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pathlib.Path):
+    size = 2
+    mp.spawn(_shard_worker, args=(size, f"tcp://127.0.0.1:{_free_port()}", str(tmp_path)), nprocs=size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)]
+    for name in SHARDED:
+        single = ranks[0][name]["single"]
+        assert float(single["outputs"][-1].abs().max()) > 1e-3 and single["loss"][-1] != single["loss"][0]
+        for r, results in enumerate(ranks):
+            sharded = results[name]["sharded"]
+            assert sharded.keys() == single.keys()
+            for key, value in single.items():
+                if value is None:
+                    assert sharded[key] is None
+                    continue
+                torch.testing.assert_close(sharded[key], value, rtol=1e-10, atol=1e-12, equal_nan=True,
+                                           msg=lambda m, name=name, key=key, r=r: f"{name}: {key} on rank {r}: {m}")
+    assert ranks[0]["mlp-sgd-autograd"]["single"]["test"] is not None
+    refusals = ranks[0]["refusals"]
+    assert refusals["checkpoint"][0] == "CheckpointError"
+    odd = refusals["odd particles"][1]
+    assert "particles of each system (17) must be a multiple of 2" in odd
+    assert "NT limit" in refusals["NT limit"][1]
+    assert [results["refusals"] for results in ranks] == [refusals] * size
+    assert [results["diverged"] for results in ranks] == [ranks[0]["diverged"]] * size
+    assert ranks[0]["diverged"] is not None and ranks[0]["diverged"][0] == "Diverged"
+
+
 def test_distributed_true_needs_a_process_group():
     X, y = _data()
     limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
     with pytest.raises(tpl.TplimitsError, match="distributed=True needs an initialized torch.distributed"):
         limit.train(X, y, steps=1, particles=256, progress=False, distributed=True)
-    with pytest.raises(tpl.TplimitsError, match="distributed must be True, False or None"):
+    with pytest.raises(tpl.TplimitsError, match="distributed='shard' needs an initialized torch.distributed"):
+        limit.train(X, y, steps=1, particles=256, progress=False, distributed="shard")
+    with pytest.raises(tpl.TplimitsError, match="distributed must be True, False, None .automatic. or 'shard'"):
         limit.train(X, y, steps=1, particles=256, progress=False, distributed="yes")
