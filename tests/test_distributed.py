@@ -136,6 +136,18 @@ SHARDED = {  # name: (limit, X, y), train options
 }
 
 
+class _Interleaved(torch.nn.Module):
+    """Pairs of neighbouring coordinates summed: a view of the width axis into interleaved blocks."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(3, width), torch.nn.Linear(width // 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(h.view(x.shape[0], -1, 2).sum(-1))
+
+
 def _shard_worker(rank: int, size: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
@@ -152,16 +164,17 @@ def _shard_worker(rank: int, size: int, init: str, out: str) -> None:
                     results[name]["single"] = _fields(single) | {"test": single.test_outputs}
         X, y = _data()
         limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
-        refusals = {}
-        for key, options in {"checkpoint": dict(checkpoint=os.path.join(out, "never.pt")),
-                             "odd particles": dict(particles=2 * 17), "NT limit": dict(param="NTP")}.items():
-            run = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3, param=options.pop("param", "muP"))
+        refused = {"checkpoint": (limit, dict(checkpoint=os.path.join(out, "never.pt"))),
+                   "odd particles": (limit, dict(particles=2 * 17)),
+                   "NT limit": (tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3, param="NTP"), {}),
+                   "interleaved": (tpl.derive(_Interleaved, example_inputs=(X,), optimizer="sgd"), {})}
+        results["refusals"] = {}
+        for key, (run, options) in refused.items():
             try:
                 run.train(X, y, steps=1, progress=False, batches=2, distributed="shard", **{"particles": 64, **options})
-                refusals[key] = None
+                results["refusals"][key] = None
             except tpl.TplimitsError as error:
-                refusals[key] = (type(error).__name__, str(error))
-        results["refusals"] = refusals
+                results["refusals"][key] = (type(error).__name__, str(error))
         try:
             limit.train(X, y, steps=5, lr=1e4, particles=256, batches=2, progress=False, distributed="shard")
             results["diverged"] = None
@@ -194,6 +207,7 @@ def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pat
     odd = refusals["odd particles"][1]
     assert "particles of each system (17) must be a multiple of 2" in odd
     assert "NT limit" in refusals["NT limit"][1]
+    assert refusals["interleaved"][0] == "NotRepresentable" and "interleaved blocks" in refusals["interleaved"][1]
     assert [results["refusals"] for results in ranks] == [refusals] * size
     assert [results["diverged"] for results in ranks] == [ranks[0]["diverged"]] * size
     assert ranks[0]["diverged"] is not None and ranks[0]["diverged"][0] == "Diverged"
