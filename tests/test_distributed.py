@@ -10,7 +10,7 @@ Sharded (``distributed="shard"``), every system is split over the ranks by parti
 trajectory must equal the single-process one with the same seed up to the order of the sums over
 particles (1e-10 in float64), for the linear-rule path (low-rank factors, autograd and Stein dots) and
 Adam's pair grids, on a depth-3 MLP (autograd dots) and the Transformer (Stein dots; heads: blocks of n/2
-particles).
+particles). ``Limit.check`` spreads its finite models over the ranks, each trained as in one process.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tplimits as tpl
+from tplimits.limit.check import CheckReport
 
 RUNS = {  # name: (derive options, train options)
     "sgd": (dict(optimizer="sgd", depth=2, d_in=3), dict(steps=3, lr=0.5, particles=1024, batches=4,
@@ -148,6 +149,11 @@ class _Interleaved(torch.nn.Module):
         return self.out(h.view(x.shape[0], -1, 2).sum(-1))
 
 
+def _report(report: CheckReport) -> dict[str, torch.Tensor]:
+    return {"finite_mean": report.finite_mean, "finite_se": report.finite_se, "gap": report.gap,
+            "limit": report.limit.outputs}
+
+
 def _shard_worker(rank: int, size: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
@@ -164,6 +170,10 @@ def _shard_worker(rank: int, size: int, init: str, out: str) -> None:
                     results[name]["single"] = _fields(single) | {"test": single.test_outputs}
         X, y = _data()
         limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+        check = dict(widths=[16, 32], seeds=3, steps=2, lr=0.5, particles=256, batches=2, progress=False)
+        results["check"] = {"sharded": _report(limit.check(X, y, distributed="shard", **check))}
+        if rank == 0:
+            results["check"]["single"] = _report(limit.check(X, y, distributed=False, **check))
         refused = {"checkpoint": (limit, dict(checkpoint=os.path.join(out, "never.pt"))),
                    "odd particles": (limit, dict(particles=2 * 17)),
                    "NT limit": (tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3, param="NTP"), {}),
@@ -209,6 +219,13 @@ def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pat
     assert "NT limit" in refusals["NT limit"][1]
     assert refusals["interleaved"][0] == "NotRepresentable" and "interleaved blocks" in refusals["interleaved"][1]
     assert [results["refusals"] for results in ranks] == [refusals] * size
+    single = ranks[0]["check"]["single"]  # finite models spread over the ranks: each trained as in one process
+    for results in ranks:
+        for key, value in single.items():
+            if key in ("limit", "gap"):  # the sharded limit, and the finite models' distance to it
+                torch.testing.assert_close(results["check"]["sharded"][key], value, rtol=1e-10, atol=1e-12)
+            else:
+                assert torch.equal(results["check"]["sharded"][key], value), key
     assert [results["diverged"] for results in ranks] == [ranks[0]["diverged"]] * size
     assert ranks[0]["diverged"] is not None and ranks[0]["diverged"][0] == "Diverged"
 
