@@ -92,7 +92,6 @@ def _portable(error: BaseException) -> BaseException:
     return error
 
 
-
 class Shard:
     """The rows of one particle system that rank ``rank`` of ``ranks`` holds (``distributed="shard"``).
 

@@ -234,7 +234,7 @@ class Limit:
         the single-process one with the same seed up to rounding (μ-limit, gradient-trained with plain updates).
         """
         rank, size = process_group(distributed)
-        if size > 1 and checkpoint is not None:
+        if checkpoint is not None and (size > 1 or distributed == "shard"):
             raise CheckpointError("checkpoint= is for runs in one process; a run spread or sharded over a process "
                                   "group (distributed) keeps no checkpoint: pass distributed=False or no checkpoint")
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
