@@ -251,7 +251,8 @@ def shard_one(optimizer: str) -> None:
                        distributed=mode, copies=copies)
     seconds = time.perf_counter() - start
     state = 1 + sum(torch.is_tensor(v) for v in limit.rule.init_state(torch.zeros(1)).values())
-    grids = 0 if limit.rule.linear else grid_entries(limit.setup(X), particles, copies) * state // ranks
+    setup = limit.setup(X.to(torch.get_default_dtype()))  # programs are lowered in the default dtype
+    grids = 0 if limit.rule.linear else grid_entries(setup, particles, copies) * state // ranks
     if ranks == 1 or dist.get_rank() == 0:
         print(json.dumps({"seconds": seconds, "loss": traj.loss[-1].item(), "grid_mib": grids * 8 / 2**20,
                           "peak_rss_mb": peak_mb()}))
