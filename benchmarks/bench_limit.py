@@ -258,6 +258,21 @@ def shard_one(optimizer: str) -> None:
                           "peak_rss_mb": peak_mb()}))
 
 
+def rounding_sensitivity(particles: int = 4096, steps: int = 10) -> None:
+    """How far one process's SGD run moves when only the order of its sums changes (1 or 2 BLAS threads):
+    the scale of agreement to expect between a sharded run and one process."""
+    X, y = data()
+    limit = limit_for("sgd")
+    outputs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outputs.append(limit.train(X, y, steps=steps, lr=LR["sgd"], particles=particles, batches=1, progress=False,
+                                   distributed=False).outputs)
+    gaps = [float((outputs[0][t] - outputs[1][t]).abs().max()) for t in range(steps + 1)]
+    print(f"sgd, one system of {particles} particles, 1 against 2 BLAS threads, largest output difference by step: "
+          + " ".join(f"{g:.1e}" for g in gaps))
+
+
 def shard_scaling() -> None:
     """One particle system in one process and sharded over 2 gloo processes (torchrun), one thread each."""
     for optimizer, (particles, copies, steps) in SHARD_CASES.items():
@@ -372,3 +387,4 @@ if __name__ == "__main__":
         spread_scaling()
     if "shard" in which:
         shard_scaling()
+        rounding_sensitivity()
