@@ -641,7 +641,7 @@ class KetInterpreter(FiniteInterpreter):
                 continue
             square = value.double().square()
             share = 1.0 if sharded[i] else 1.0 / self.shard.ranks  # a value every rank holds whole counts once
-            stats[:, i] = torch.stack([square.sum() * share, torch.tensor(value.numel() * share)])
+            stats[:, i] = torch.stack([square.sum() * share, square.new_tensor(value.numel() * share)])
             peaks[i] = value.double().abs().amax().nan_to_num(nan=math.inf) if value.is_floating_point() else 0.0
         dist.all_reduce(stats, group=self.shard.group)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=self.shard.group)
