@@ -154,51 +154,60 @@ def _report(report: CheckReport) -> dict[str, torch.Tensor]:
             "limit": report.limit.outputs}
 
 
-def _shard_worker(rank: int, size: int, init: str, out: str) -> None:
+def _shard_worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=size)
     try:
         results: dict[str, object] = {}
         for name, (make, train) in SHARDED.items():
             limit, X, y = make()
             with warnings.catch_warnings():  # the Transformer's attention scale under μP
                 warnings.simplefilter("ignore", UserWarning)
-                sharded = limit.train(X, y, progress=False, seed=5, distributed="shard", **train)
+                sharded = limit.train(X, y, progress=False, seed=5, distributed="shard", device=device, **train)
                 results[name] = {"sharded": _fields(sharded) | {"test": sharded.test_outputs}}
                 if rank == 0:
-                    single = limit.train(X, y, progress=False, seed=5, distributed=False, **train)
+                    single = limit.train(X, y, progress=False, seed=5, distributed=False, device=device, **train)
                     results[name]["single"] = _fields(single) | {"test": single.test_outputs}
-        X, y = _data()
-        limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
-        check = dict(widths=[16, 32], seeds=3, steps=2, lr=0.5, particles=256, batches=2, progress=False)
-        results["check"] = {"sharded": _report(limit.check(X, y, distributed="shard", **check))}
-        if rank == 0:
-            results["check"]["single"] = _report(limit.check(X, y, distributed=False, **check))
-        refused = {"checkpoint": (limit, dict(checkpoint=os.path.join(out, "never.pt"))),
-                   "odd particles": (limit, dict(particles=2 * 17)),
-                   "NT limit": (tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3, param="NTP"), {}),
-                   "interleaved": (tpl.derive(_Interleaved, example_inputs=(X,), optimizer="sgd"), {})}
-        results["refusals"] = {}
-        for key, (run, options) in refused.items():
-            try:
-                run.train(X, y, steps=1, progress=False, batches=2, distributed="shard", **{"particles": 64, **options})
-                results["refusals"][key] = None
-            except tpl.TplimitsError as error:
-                results["refusals"][key] = (type(error).__name__, str(error))
-        try:
-            limit.train(X, y, steps=5, lr=1e4, particles=256, batches=2, progress=False, distributed="shard")
-            results["diverged"] = None
-        except tpl.Diverged as error:
-            results["diverged"] = (type(error).__name__, error.step, error.value)
+        if backend == "gloo":
+            results.update(_shard_checks(rank, out))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pathlib.Path):
-    size = 2
-    mp.spawn(_shard_worker, args=(size, f"tcp://127.0.0.1:{_free_port()}", str(tmp_path)), nprocs=size, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)]
+def _shard_checks(rank: int, out: str) -> dict[str, object]:
+    """Limit.check under the process group, the refusals of distributed='shard', a diverging sharded run."""
+    results: dict[str, object] = {}
+    X, y = _data()
+    limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+    check = dict(widths=[16, 32], seeds=3, steps=2, lr=0.5, particles=256, batches=2, progress=False)
+    results["check"] = {"sharded": _report(limit.check(X, y, distributed="shard", **check))}
+    if rank == 0:
+        results["check"]["single"] = _report(limit.check(X, y, distributed=False, **check))
+    refused = {"checkpoint": (limit, dict(checkpoint=os.path.join(out, "never.pt"))),
+               "odd particles": (limit, dict(particles=2 * 17)),
+               "NT limit": (tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3, param="NTP"), {}),
+               "interleaved": (tpl.derive(_Interleaved, example_inputs=(X,), optimizer="sgd"), {})}
+    results["refusals"] = {}
+    for key, (run, options) in refused.items():
+        try:
+            run.train(X, y, steps=1, progress=False, batches=2, distributed="shard", **{"particles": 64, **options})
+            results["refusals"][key] = None
+        except tpl.TplimitsError as error:
+            results["refusals"][key] = (type(error).__name__, str(error))
+    try:
+        limit.train(X, y, steps=5, lr=1e4, particles=256, batches=2, progress=False, distributed="shard")
+        results["diverged"] = None
+    except tpl.Diverged as error:
+        results["diverged"] = (type(error).__name__, error.step, error.value)
+    return results
+
+
+def _compare_sharded(ranks: list[dict]) -> None:
     for name in SHARDED:
         single = ranks[0][name]["single"]
         assert float(single["outputs"][-1].abs().max()) > 1e-3 and single["loss"][-1] != single["loss"][0]
@@ -212,6 +221,13 @@ def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pat
                 torch.testing.assert_close(sharded[key], value, rtol=1e-10, atol=1e-12, equal_nan=True,
                                            msg=lambda m, name=name, key=key, r=r: f"{name}: {key} on rank {r}: {m}")
     assert ranks[0]["mlp-sgd-autograd"]["single"]["test"] is not None
+
+
+def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pathlib.Path):
+    size = 2
+    mp.spawn(_shard_worker, args=(size, f"tcp://127.0.0.1:{_free_port()}", str(tmp_path)), nprocs=size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)]
+    _compare_sharded(ranks)
     refusals = ranks[0]["refusals"]
     assert refusals["checkpoint"][0] == "CheckpointError"
     odd = refusals["odd particles"][1]
@@ -228,6 +244,14 @@ def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pat
                 assert torch.equal(results["check"]["sharded"][key], value), key
     assert [results["diverged"] for results in ranks] == [ranks[0]["diverged"]] * size
     assert ranks[0]["diverged"] is not None and ranks[0]["diverged"][0] == "Diverged"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 GPUs and NCCL")
+def test_one_system_sharded_over_two_nccl_ranks_equals_one_process(tmp_path: pathlib.Path):
+    size = 2
+    mp.spawn(_shard_worker, args=(size, f"tcp://127.0.0.1:{_free_port()}", str(tmp_path), "nccl"), nprocs=size,
+             join=True)
+    _compare_sharded([torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)])
 
 
 def test_distributed_true_needs_a_process_group():
