@@ -30,8 +30,8 @@ from tplimits.core.lower import common_block
 from tplimits.core.program import Program
 from tplimits.errors import TplimitsError
 
-DISTRIBUTED = (None, True, False, "shard")
-"""The values of ``Limit.train(distributed=...)``."""
+SHARD = "shard"
+"""``Limit.train(distributed=SHARD)``: every particle system split over the ranks by particle rows."""
 
 Result = TypeVar("Result")
 
@@ -40,7 +40,8 @@ def process_group(distributed: Any) -> tuple[int, int]:
     """``(rank, world size)`` a run is spread over: ``distributed=None`` spreads it over an initialized
     process group if there is one, ``True`` requires one, ``False`` runs everything in this process;
     ``"shard"`` requires one and shards every system over it."""
-    if not (distributed is None or isinstance(distributed, bool) or distributed in DISTRIBUTED[3:]):
+    sharded = isinstance(distributed, str) and distributed == SHARD
+    if not (distributed is None or isinstance(distributed, bool) or sharded):
         raise TplimitsError(f"distributed must be True, False, None (automatic) or 'shard', got {distributed!r}")
     ready = dist.is_available() and dist.is_initialized()
     if distributed and not ready:

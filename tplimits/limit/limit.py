@@ -30,7 +30,7 @@ from tplimits.core.program import Program
 from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
 from tplimits.limit import compare as fidelity
-from tplimits.limit.distributed import Shard, owned_systems, particle_sum, process_group, shard_of, spread
+from tplimits.limit.distributed import SHARD, Shard, owned_systems, particle_sum, process_group, shard_of, spread
 from tplimits.limit.exact import NotGaussian, exact_kernel
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.mu import grid_entries as mu_grid_entries
@@ -234,7 +234,7 @@ class Limit:
         the single-process one with the same seed up to rounding (μ-limit, gradient-trained with plain updates).
         """
         rank, size = process_group(distributed)
-        if checkpoint is not None and (size > 1 or distributed == "shard"):
+        if checkpoint is not None and (size > 1 or distributed == SHARD):
             raise CheckpointError("checkpoint= is for runs in one process; a run spread or sharded over a process "
                                   "group (distributed) keeps no checkpoint: pass distributed=False or no checkpoint")
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
@@ -242,7 +242,7 @@ class Limit:
         start = time.perf_counter()
         identity = self._identity(run, setup)
         desc = "NT limit" if setup.regime == "operator" else "μ-limit"
-        if distributed == "shard":
+        if distributed == SHARD:
             shard = _shard(setup, run, rank, size)
             bar = tqdm(total=batches * (steps + 1), disable=not progress or rank != 0,
                        desc=f"{desc} (sharded over {size} ranks)", unit="step")
