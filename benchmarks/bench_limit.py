@@ -9,6 +9,7 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py copies-accuracy            # copy populations against the dense grid
     python benchmarks/bench_limit.py optimizer                  # the finite optimizer step against torch.optim
     python benchmarks/bench_limit.py processes                  # 1 and 2 gloo processes (torchrun)
+    python benchmarks/bench_limit.py shard                      # one system sharded over 1 and 2 gloo processes
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -220,6 +221,70 @@ def spread_scaling() -> None:
               f"{r['loss']!r}")
 
 
+SHARD_CASES = {  # optimizer: (particles of the one system, copies, steps)
+    "sgd": (2**15, None, 10),
+    "adam": (2**13, 1024, 5),
+}
+
+
+def shard_one(optimizer: str) -> None:
+    """One system of the reference task sharded over the ranks torchrun started (``distributed="shard"``;
+    one process: ``distributed=False``), one thread each: seconds, final loss, this rank's grid entries."""
+    import os
+
+    import torch.distributed as dist
+
+    from tplimits.limit.mu import grid_entries
+    ranks = 1
+    if "RANK" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("gloo")
+        ranks = dist.get_world_size()
+    mode = "shard" if ranks > 1 else False
+    torch.set_num_threads(1)
+    particles, copies, steps = SHARD_CASES[optimizer]
+    X, y = data()
+    limit = limit_for(optimizer)
+    limit.train(X, y, steps=1, lr=LR[optimizer], particles=256, batches=1, progress=False, distributed=mode,
+                copies=copies and 64)  # lowering, untimed
+    start = time.perf_counter()
+    traj = limit.train(X, y, steps=steps, lr=LR[optimizer], particles=particles, batches=1, progress=False,
+                       distributed=mode, copies=copies)
+    seconds = time.perf_counter() - start
+    state = 1 + sum(torch.is_tensor(v) for v in limit.rule.init_state(torch.zeros(1)).values())
+    setup = limit.setup(X.to(torch.get_default_dtype()))  # programs are lowered in the default dtype
+    grids = 0 if limit.rule.linear else grid_entries(setup, particles, copies) * state // ranks
+    if ranks == 1 or dist.get_rank() == 0:
+        print(json.dumps({"seconds": seconds, "loss": traj.loss[-1].item(), "grid_mib": grids * 8 / 2**20,
+                          "peak_rss_mb": peak_mb()}))
+
+
+def rounding_sensitivity(particles: int = 4096, steps: int = 10) -> None:
+    """How far one process's SGD run moves when only the order of its sums changes (1 or 2 BLAS threads):
+    the scale of agreement to expect between a sharded run and one process."""
+    X, y = data()
+    limit = limit_for("sgd")
+    outputs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outputs.append(limit.train(X, y, steps=steps, lr=LR["sgd"], particles=particles, batches=1, progress=False,
+                                   distributed=False).outputs)
+    gaps = [float((outputs[0][t] - outputs[1][t]).abs().max()) for t in range(steps + 1)]
+    print(f"sgd, one system of {particles} particles, 1 against 2 BLAS threads, largest output difference by step: "
+          + " ".join(f"{g:.1e}" for g in gaps))
+
+
+def shard_scaling() -> None:
+    """One particle system in one process and sharded over 2 gloo processes (torchrun), one thread each."""
+    for optimizer, (particles, copies, steps) in SHARD_CASES.items():
+        for n in (1, 2):
+            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), __file__,
+                                   "shard-one", optimizer], capture_output=True, text=True, check=True)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{optimizer}, one system of {particles} particles (copies {copies}), {steps} steps, {n} "
+                  f"process(es): {r['seconds']:.1f} s, grids and their state {r['grid_mib']:.0f} MiB per rank, peak "
+                  f"RSS {r['peak_rss_mb']:.0f} MB (rank 0), final loss {r['loss']!r}")
+
+
 def optimizer_step(width: int = 4096, steps: int = 10) -> None:
     """One optimizer step of a depth-3 MLP at ``width`` (μP groups): TplimitsOptimizer against
     ``torch.optim.Adam(foreach=True)`` / ``SGD(foreach=True)`` on the same parameters and gradients."""
@@ -283,7 +348,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
                         help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
-                             "processes (default: all)")
+                             "processes, shard (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
                         help="copies / optimizer: time by this process's CPU seconds, one thread (a shared machine)")
@@ -296,11 +361,14 @@ if __name__ == "__main__":
     if args.parts[:1] == ["spread-one"]:
         spread_one()
         sys.exit()
+    if args.parts[:1] == ["shard-one"]:
+        shard_one(args.parts[1])
+        sys.exit()
     if args.parts[:1] == ["one"]:
         one(*args.parts[1:5])
         sys.exit()
     which = args.parts or ["reference", "reference-adam", "scaling", "accuracy", "copies", "copies-accuracy",
-                           "optimizer", "processes"]
+                           "optimizer", "processes", "shard"]
     if "reference" in which:
         reference()
     if "reference-adam" in which:
@@ -317,3 +385,6 @@ if __name__ == "__main__":
         optimizer_step()
     if "processes" in which:
         spread_scaling()
+    if "shard" in which:
+        shard_scaling()
+        rounding_sensitivity()

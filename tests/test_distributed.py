@@ -5,6 +5,12 @@ the ranks, the records gathered on every rank); rank 0 then trains the same limi
 (``distributed=False``) with the same seed, and every tensor of the two trajectories must be equal bit
 for bit. A run that diverges in a system of one rank raises ``Diverged`` on every rank (none waits
 forever).
+
+Sharded (``distributed="shard"``), every system is split over the ranks by particle rows: each rank's
+trajectory must equal the single-process one with the same seed up to the order of the sums over
+particles (1e-10 in float64), for the linear-rule path (low-rank factors, autograd and Stein dots) and
+Adam's pair grids, on a depth-3 MLP (autograd dots) and the Transformer (Stein dots; heads: blocks of n/2
+particles). ``Limit.check`` spreads its finite models over the ranks, each trained as in one process.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import warnings
 
 import pytest
 import torch
@@ -19,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tplimits as tpl
+from tplimits.limit.check import CheckReport
 
 RUNS = {  # name: (derive options, train options)
     "sgd": (dict(optimizer="sgd", depth=2, d_in=3), dict(steps=3, lr=0.5, particles=1024, batches=4,
@@ -106,10 +114,152 @@ def test_two_nccl_ranks_equal_one_process(tmp_path: pathlib.Path):
     _compare([torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)], exact=False)
 
 
+def _transformer(optimizer: str) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]:
+    config = dict(n_layers=1, n_heads=2, vocab=16, seq_len=4, batch=2)
+    X = tpl.architecture("transformer").example_inputs(**config)[0]
+    y = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(1))
+    return tpl.derive("transformer", optimizer=optimizer, **config), X, y
+
+
+def _mlp(optimizer: str) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]:
+    return (tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=3), *_data())
+
+
+SHARDED = {  # name: (limit, X, y), train options
+    "mlp-sgd-autograd": (lambda: _mlp("sgd"), dict(steps=3, lr=0.5, particles=512, batches=2, kernels=("tanh_1",),
+                                                    X_test=_data()[0][:2] + 1)),
+    "mlp-adam-copies": (lambda: _mlp("adam"), dict(steps=3, lr=0.02, particles=512, batches=2, copies=48)),
+    "mlp-adam-dense": (lambda: _mlp("adam"), dict(steps=2, lr=0.02, particles=256, batches=2)),
+    "transformer-sgd": (lambda: _transformer("sgd"), dict(steps=2, lr=0.5, particles=256, batches=2,
+                                                          loss="cross_entropy")),
+    "transformer-adam-copies": (lambda: _transformer("adam"), dict(steps=2, lr=0.02, particles=256, batches=2,
+                                                                   loss="cross_entropy", copies=24)),
+}
+
+
+class _Interleaved(torch.nn.Module):
+    """Pairs of neighbouring coordinates summed: a view of the width axis into interleaved blocks."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(3, width), torch.nn.Linear(width // 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(h.view(x.shape[0], -1, 2).sum(-1))
+
+
+def _report(report: CheckReport) -> dict[str, torch.Tensor]:
+    return {"finite_mean": report.finite_mean, "finite_se": report.finite_se, "gap": report.gap,
+            "limit": report.limit.outputs}
+
+
+def _shard_worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") -> None:
+    torch.set_num_threads(1)
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=size)
+    try:
+        results: dict[str, object] = {}
+        for name, (make, train) in SHARDED.items():
+            limit, X, y = make()
+            with warnings.catch_warnings():  # the Transformer's attention scale under μP
+                warnings.simplefilter("ignore", UserWarning)
+                sharded = limit.train(X, y, progress=False, seed=5, distributed="shard", device=device, **train)
+                results[name] = {"sharded": _fields(sharded) | {"test": sharded.test_outputs}}
+                if rank == 0:
+                    single = limit.train(X, y, progress=False, seed=5, distributed=False, device=device, **train)
+                    results[name]["single"] = _fields(single) | {"test": single.test_outputs}
+        if backend == "gloo":
+            results.update(_shard_checks(rank, out))
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _shard_checks(rank: int, out: str) -> dict[str, object]:
+    """Limit.check under the process group, the refusals of distributed='shard', a diverging sharded run."""
+    results: dict[str, object] = {}
+    X, y = _data()
+    limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+    check = dict(widths=[16, 32], seeds=3, steps=2, lr=0.5, particles=256, batches=2, progress=False)
+    results["check"] = {"sharded": _report(limit.check(X, y, distributed="shard", **check))}
+    if rank == 0:
+        results["check"]["single"] = _report(limit.check(X, y, distributed=False, **check))
+    refused = {"checkpoint": (limit, dict(checkpoint=os.path.join(out, "never.pt"))),
+               "odd particles": (limit, dict(particles=2 * 17)),
+               "NT limit": (tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3, param="NTP"), {}),
+               "interleaved": (tpl.derive(_Interleaved, example_inputs=(X,), optimizer="sgd"), {})}
+    results["refusals"] = {}
+    for key, (run, options) in refused.items():
+        try:
+            run.train(X, y, steps=1, progress=False, batches=2, distributed="shard", **{"particles": 64, **options})
+            results["refusals"][key] = None
+        except tpl.TplimitsError as error:
+            results["refusals"][key] = (type(error).__name__, str(error))
+    try:
+        limit.train(X, y, steps=5, lr=1e4, particles=256, batches=2, progress=False, distributed="shard")
+        results["diverged"] = None
+    except tpl.Diverged as error:
+        results["diverged"] = (type(error).__name__, error.step, error.value)
+    return results
+
+
+def _compare_sharded(ranks: list[dict]) -> None:
+    for name in SHARDED:
+        single = ranks[0][name]["single"]
+        assert float(single["outputs"][-1].abs().max()) > 1e-3 and single["loss"][-1] != single["loss"][0]
+        for r, results in enumerate(ranks):
+            sharded = results[name]["sharded"]
+            assert sharded.keys() == single.keys()
+            for key, value in single.items():
+                if value is None:
+                    assert sharded[key] is None
+                    continue
+                torch.testing.assert_close(sharded[key], value, rtol=1e-10, atol=1e-12, equal_nan=True,
+                                           msg=lambda m, name=name, key=key, r=r: f"{name}: {key} on rank {r}: {m}")
+    assert ranks[0]["mlp-sgd-autograd"]["single"]["test"] is not None
+
+
+def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pathlib.Path):
+    size = 2
+    mp.spawn(_shard_worker, args=(size, f"tcp://127.0.0.1:{_free_port()}", str(tmp_path)), nprocs=size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)]
+    _compare_sharded(ranks)
+    refusals = ranks[0]["refusals"]
+    assert refusals["checkpoint"][0] == "CheckpointError"
+    odd = refusals["odd particles"][1]
+    assert "particles of each system (17) must be a multiple of 2" in odd
+    assert "NT limit" in refusals["NT limit"][1]
+    assert refusals["interleaved"][0] == "NotRepresentable" and "interleaved blocks" in refusals["interleaved"][1]
+    assert [results["refusals"] for results in ranks] == [refusals] * size
+    single = ranks[0]["check"]["single"]  # finite models spread over the ranks: each trained as in one process
+    for results in ranks:
+        for key, value in single.items():
+            if key in ("limit", "gap"):  # the sharded limit, and the finite models' distance to it
+                torch.testing.assert_close(results["check"]["sharded"][key], value, rtol=1e-10, atol=1e-12)
+            else:
+                assert torch.equal(results["check"]["sharded"][key], value), key
+    assert [results["diverged"] for results in ranks] == [ranks[0]["diverged"]] * size
+    assert ranks[0]["diverged"] is not None and ranks[0]["diverged"][0] == "Diverged"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 GPUs and NCCL")
+def test_one_system_sharded_over_two_nccl_ranks_equals_one_process(tmp_path: pathlib.Path):
+    size = 2
+    mp.spawn(_shard_worker, args=(size, f"tcp://127.0.0.1:{_free_port()}", str(tmp_path), "nccl"), nprocs=size,
+             join=True)
+    _compare_sharded([torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)])
+
+
 def test_distributed_true_needs_a_process_group():
     X, y = _data()
     limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
     with pytest.raises(tpl.TplimitsError, match="distributed=True needs an initialized torch.distributed"):
         limit.train(X, y, steps=1, particles=256, progress=False, distributed=True)
-    with pytest.raises(tpl.TplimitsError, match="distributed must be True, False or None"):
+    with pytest.raises(tpl.TplimitsError, match="distributed='shard' needs an initialized torch.distributed"):
+        limit.train(X, y, steps=1, particles=256, progress=False, distributed="shard")
+    with pytest.raises(tpl.TplimitsError, match="distributed must be True, False, None .automatic. or 'shard'"):
         limit.train(X, y, steps=1, particles=256, progress=False, distributed="yes")

@@ -114,7 +114,7 @@ def test_dense_grid_updated_in_tiles_follows_torch_adamw(data, monkeypatch):
             reference.step()
         assert grid.abs().max() > 0
         torch.testing.assert_close(net.operators[name].dense, grid.detach(), rtol=1e-10, atol=1e-13)
-    assert (outs[-1] - outs[0]).abs().max() > 0.05
+    assert (outs[-1] - outs[0]).abs().max() > 0.02  # the grid moved the outputs
 
 
 def test_checkpoint_file_resumes(tmp_path, data):
@@ -147,7 +147,7 @@ def test_options_converge_to_their_limit(data, options):
     lr = options.pop("lr", 0.5 if options["optimizer"] in ("sgd", "momentum") else 0.02)
     batch_size = options.pop("batch_size", None)
     limit = tpl.derive("mlp", depth=2, d_in=3, **options)
-    particles = 2**15 if limit.rule.linear and limit.param.update == "plain" else 2**12
+    particles = 2**15 if limit.rule.linear and limit.param.update == "plain" else 2**14
     report = limit.check(X, y, widths=[64, 256, 1024], seeds=6, steps=4, lr=lr, batch_size=batch_size,
                          X_test=torch.randn(2, 3) if batch_size else None, particles=particles, progress=False)
     assert report.passed, report.format()

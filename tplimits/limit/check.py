@@ -34,6 +34,7 @@ import attrs
 import torch
 
 from tplimits.errors import Diverged, TplimitsError, check_real
+from tplimits.limit.distributed import process_group, spread
 from tplimits.limit.runs import (
     batch_schedule,
     blown_up,
@@ -289,9 +290,13 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
           tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True, center: bool = False,
           max_relative_gap: float = 1.0, **train_options: Any) -> CheckReport:
     """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare (:func:`compare`).
-    ``center`` trains both sides on ``f − f_0``."""
+    ``center`` trains both sides on ``f − f_0``. Under a ``torch.distributed`` process group (``distributed``
+    among ``train_options``, as :meth:`Limit.train` takes it) the finite models are spread over the ranks too,
+    model ``i`` of the ``(width, seed)`` pairs on rank ``i mod world size``, and gathered on every rank: each
+    is trained exactly as in one process."""
     _check_arguments(widths, seeds, max_slope, tolerance, trajectory, dtype)
     check_real("max_relative_gap", max_relative_gap, 0)
+    rank, size = process_group(train_options.get("distributed"))
     widths = tuple(sorted(widths))
     X, y = data("X", X), data("y", y)
     if trajectory is None:
@@ -306,11 +311,10 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
     Z = X if X_test is None else torch.cat([X, torch.as_tensor(X_test).to(X.dtype)])
     schedule = batch_schedule(len(X), batch_size, steps, 0)
     start = time.perf_counter()
-    runs = torch.stack([
-        torch.stack([finite_outputs(limit, Z, y, len(X), w, seed, steps, lr, loss, schedule, dtype, center)
-                     for seed in range(seeds)])
-        for w in widths
-    ])  # [widths, seeds, steps+1, M, ...]
+    models = [(w, seed) for w in widths for seed in range(seeds)]
+    runs = torch.stack(spread(len(models), lambda i: finite_outputs(limit, Z, y, len(X), *models[i], steps, lr, loss,
+                                                                    schedule, dtype, center), rank, size))
+    runs = runs.reshape(len(widths), seeds, *runs.shape[1:])  # [widths, seeds, steps+1, M, ...]
     seconds = time.perf_counter() - start
     return compare(runs, trajectory, widths, max_slope=max_slope, tolerance=tolerance,
                    max_relative_gap=max_relative_gap, seconds_finite=seconds)

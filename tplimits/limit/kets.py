@@ -27,15 +27,30 @@ matrix is applied to at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from tplimits.core.interpret import FiniteInterpreter
-from tplimits.core.ir import Avg, Constant, Input, Layout, MatMul, Nonlin, Width
+from tplimits.core.ir import (
+    Avg,
+    Constant,
+    Input,
+    Layout,
+    MatMul,
+    Nonlin,
+    Regroup,
+    Width,
+    WidthInt,
+    substitute,
+    width_axes,
+)
 from tplimits.core.program import Program
-from tplimits.errors import Diverged, TplimitsError
+from tplimits.errors import Diverged, NotRepresentable, TplimitsError
+from tplimits.limit.distributed import Shard, particle_sum
 from tplimits.limit.runs import EXPLOSION, rms
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -168,10 +183,11 @@ class HatFamily:
     """The hat-kets of one initial matrix in one direction (W or Wᵀ), jointly Gaussian (Eq. 2.18)."""
 
     def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
-                 device: torch.device, track_grad: bool) -> None:
+                 device: torch.device, track_grad: bool, shard: Shard | None = None) -> None:
         self.n_fixed, self.p_in, self.p_out = n_fixed, p_in, p_out
         self.generator, self.dtype, self.device = generator, dtype, device
         self.track_grad = track_grad
+        self.shard = shard  # a sharded system: this rank's particles only, every sum over them all-reduced
         self.basis = _Columns(track_grad)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
         self.gaussians = _Columns(track_grad)  # G: [F, P_out, r], iid N(0, 1)
 
@@ -182,21 +198,22 @@ class HatFamily:
         hat, resid, rd = None, x, xd
         if E is not None:
             Ed = E.detach()
-            coef = Ed.mT @ xd
+            coef = particle_sum(Ed.mT @ xd, self.shard)
             rd = xd - Ed @ coef
             if self._needs_second_pass(rd, xd):
-                correction = Ed.mT @ rd
+                correction = particle_sum(Ed.mT @ rd, self.shard)
                 coef = coef + correction
                 rd = rd - Ed @ correction
             resid = x - E @ coef if x.requires_grad or E.requires_grad else rd
             hat = self.gaussians.cat() @ coef
-        gram = rd.transpose(1, 2) @ rd
+        gram = particle_sum(rd.transpose(1, 2) @ rd, self.shard)  # every rank: the same Gram matrix, eigenbasis
         evals, vecs = torch.linalg.eigh(gram)
-        scale = (xd * xd).sum(dim=(1, 2)).clamp_min(torch.finfo(self.dtype).tiny)
+        vecs = _signed(vecs)
+        scale = particle_sum((xd * xd).sum(dim=(1, 2)), self.shard).clamp_min(torch.finfo(self.dtype).tiny)
         keep = evals > 1e-10 * scale[:, None]
         new_directions = keep.any(dim=0)  # directions already in the span (for every fixed index) are dropped
         if not new_directions.any():
-            return hat if hat is not None else x.new_zeros(self.n_fixed, self.p_out, x.shape[2])
+            return hat if hat is not None else x.new_zeros(self.n_fixed, self._rows(self.p_out), x.shape[2])
         keep, evals, vecs = keep[:, new_directions], evals[:, new_directions], vecs[..., new_directions]
         root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
         inv_root = torch.where(keep, 1 / root.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(evals))
@@ -204,6 +221,8 @@ class HatFamily:
         R = (vecs * root[:, None, :]).transpose(1, 2)
         G_new = torch.randn(self.n_fixed, self.p_out, vecs.shape[-1], generator=self.generator, dtype=self.dtype,
                             device=self.device)
+        if self.shard is not None:  # drawn whole, as in one process, and cut to this rank's rows
+            G_new = self.shard.rows(G_new, 1).contiguous()
         if self.track_grad:
             G_new.requires_grad_(True)
         self.basis.append(E_new)
@@ -217,8 +236,13 @@ class HatFamily:
         One classical pass leaves an overlap of about ``eps·‖x‖/‖residual‖``; a second pass is taken when
         that exceeds ``√eps`` (a residual below ``√eps·‖x‖``), so the overlap stays below ``√eps`` either way.
         """
-        ratio = residual.square().sum(dim=1) / x.square().sum(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+        norms = particle_sum(torch.stack([residual.square().sum(dim=1), x.square().sum(dim=1)]), self.shard)
+        ratio = norms[0] / norms[1].clamp_min(torch.finfo(x.dtype).tiny)
         return bool((ratio < torch.finfo(x.dtype).eps).any())
+
+    def _rows(self, particles: int) -> int:
+        """The rows of a width axis of ``particles`` this process holds."""
+        return particles if self.shard is None else self.shard.local_size(particles)
 
     def dot(self, x: torch.Tensor, mode: str) -> torch.Tensor | None:
         """``E · Σ_i ∂x[i]/∂G[i]`` for ``x`` living in this family's *output* space ([F, P_out, K]): the dot-ket
@@ -233,7 +257,7 @@ class HatFamily:
             S = self._expected_derivatives(x)
             if S is None:
                 return None
-        return E @ S
+        return E @ particle_sum(S, self.shard)
 
     def _expected_derivatives(self, x: torch.Tensor) -> torch.Tensor | None:
         """``Σ_i ∂x[f, i, k]/∂G[f, i, r]`` → [F, r, K] by reverse-mode autograd, one pass per (f, k)."""
@@ -271,29 +295,40 @@ class PairGrids:
     Each grid carries its own optimizer state (the caller's); both see the same gradient entries as the
     dense grid ``[P_out, P_in]`` has at those pairs, so the copy grids are columns and rows of it until the
     first update they feed back through. Canonical ``[F, ·, ·]`` layout.
+
+    Sharded (``shard``), each rank keeps the rows of ``forward`` of its output particles and the columns of
+    ``transposed`` of its input particles, and the copies' rows of a ket reach every rank (:meth:`copy_rows`).
     """
 
     def __init__(self, n_fixed: int, p_out: int, p_in: int, copies: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, shard: Shard | None = None) -> None:
         self.p_out, self.p_in = p_out, p_in
         self.c_out, self.c_in = min(copies, p_out), min(copies, p_in)
-        self.forward = torch.zeros(n_fixed, p_out, self.c_in, dtype=dtype, device=device)
-        self.transposed = torch.zeros(n_fixed, self.c_out, p_in, dtype=dtype, device=device)
+        self.shard = shard
+        rows_out, rows_in = (p_out, p_in) if shard is None else (shard.local_size(p_out), shard.local_size(p_in))
+        self.forward = torch.zeros(n_fixed, rows_out, self.c_in, dtype=dtype, device=device)
+        self.transposed = torch.zeros(n_fixed, self.c_out, rows_in, dtype=dtype, device=device)
+
+    def copy_rows(self, xc: torch.Tensor, count: int) -> torch.Tensor:
+        """The first ``count`` particles (the copies) of a canonical ket ``[F, P, K]``, on every rank."""
+        return xc[:, :count] if self.shard is None else self.shard.first_rows(xc, count)
 
     def apply(self, xc: torch.Tensor, forward: bool) -> torch.Tensor:
         """The accumulated update (trained units) on a canonical ket: ``[F, P_in, K] -> [F, P_out, K]``
         forward, ``[F, P_out, K] -> [F, P_in, K]`` transposed."""
         if forward:
-            return self.forward @ xc[:, : self.c_in] * (self.p_in / self.c_in)
-        return self.transposed.mT @ xc[:, : self.c_out] * (self.p_out / self.c_out)
+            return self.forward @ self.copy_rows(xc, self.c_in) * (self.p_in / self.c_in)
+        return self.transposed.mT @ self.copy_rows(xc, self.c_out) * (self.p_out / self.c_out)
 
-    def gradient(self, which: str, out_factor: torch.Tensor, in_factor: torch.Tensor,
-                 rows: slice = slice(None)) -> torch.Tensor:
+    def gradient(self, which: str, out_factor: torch.Tensor, in_factor: torch.Tensor, rows: slice = slice(None),
+                 copies: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Rows ``rows`` of grid ``which``'s gradient ``out_factor · in_factorᵀ`` at its pairs (canonical factors
-        ``[F, P_out, K]`` and ``[F, P_in, K]``, every term's components joined along ``K``)."""
+        ``[F, P_out, K]`` and ``[F, P_in, K]``, every term's components joined along ``K``). ``copies``: the
+        factors' copy rows (``copy_rows``) when already gathered."""
+        out_copies, in_copies = copies or (self.copy_rows(out_factor, self.c_out), self.copy_rows(in_factor, self.c_in))
         if which == "forward":
-            return out_factor[:, rows] @ in_factor[:, : self.c_in].mT
-        return out_factor[:, : self.c_out][:, rows] @ in_factor.mT
+            return out_factor[:, rows] @ in_copies.mT
+        return out_copies[:, rows] @ in_factor.mT
 
     def norm_scale(self, which: str) -> float:
         """The dense grid's norm over the norm of grid ``which`` (its sample of the dense grid's entries)."""
@@ -310,12 +345,14 @@ class MatrixOperator:
     ``("identity", c)`` or ``("zero", 0)``. ``scale`` is the abcd multiplier between the trained tensor
     and the matrix the model uses; updates are kept in trained units. ``dense``: a nonlinear rule's grids of
     ``Q`` values are kept, against every particle (the dense grid) or, with ``copies`` fewer than the
-    particles of an axis, against that copy population (:class:`PairGrids`).
+    particles of an axis, against that copy population (:class:`PairGrids`). A sharded system (``shard``)
+    keeps its grids as pair grids, sharded by particle rows; with no fewer copies than particles they hold the
+    dense grid's entries twice (rows and columns), each rank a ``1/ranks`` share.
     """
 
     def __init__(self, name: str, shape: Sequence[int], in_axis: int, out_axis: int, init: tuple[str, float],
                  scale: float, dense: bool, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
-                 dots: str, copies: int | None = None) -> None:
+                 dots: str, copies: int | None = None, shard: Shard | None = None) -> None:
         self.name = name
         self.shape = tuple(shape)
         self.in_axis, self.out_axis = in_axis, out_axis
@@ -330,16 +367,20 @@ class MatrixOperator:
         self.scale = scale
         self.init_scale = 1.0  # (1 - weight decay)^t · (rule rescalings) on the initial operator
         self.dots = dots
+        self.shard = shard
         self.families: dict[str, HatFamily] = {}
         if self.kind == "gaussian":
             track = dots == "autograd"
             self.families = {
-                "forward": HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track),
-                "transposed": HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track),
+                "forward": HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track, shard),
+                "transposed": HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track, shard),
             }
-        paired = dense and copies is not None and copies < max(self.p_in, self.p_out)
+        paired = dense and (shard is not None or copies is not None and copies < max(self.p_in, self.p_out))
         self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense and not paired else None
-        self.pairs = PairGrids(self.n_fixed, self.p_out, self.p_in, copies, dtype, device) if paired else None
+        self.pairs = None
+        if paired:
+            pair_copies = max(self.p_in, self.p_out) if copies is None else copies
+            self.pairs = PairGrids(self.n_fixed, self.p_out, self.p_in, pair_copies, dtype, device, shard)
         self.out_factors = _Columns(dots == "autograd")  # A = [A_s]_s: [F, P_out, Σ k_s]
         self.in_factors = _Columns(dots == "autograd")  # B = [B_s]_s: [F, P_in, Σ k_s]
         self.factor_steps: list[int] = []  # the step of each column of A and B
@@ -375,7 +416,7 @@ class MatrixOperator:
             y = low if y is None else y + low
         if y is None:
             p = self.p_out if forward else self.p_in
-            y = xc.new_zeros(xc.shape[0], p, xc.shape[2])
+            y = xc.new_zeros(xc.shape[0], p if self.shard is None else self.shard.local_size(p), xc.shape[2])
         return y
 
     def _low_rank(self, xc: torch.Tensor, forward: bool) -> torch.Tensor | None:
@@ -386,9 +427,9 @@ class MatrixOperator:
             self._column_steps = torch.tensor(self.factor_steps, device=xc.device)
         coef = self.coefficients[self._column_steps] * self.scale
         if forward:
-            inner = B.detach().transpose(1, 2) @ xc.detach()  # ⟨x_s|x⟩, an expectation
+            inner = particle_sum(B.detach().transpose(1, 2) @ xc.detach(), self.shard)  # ⟨x_s|x⟩, an expectation
             return A @ (coef[None, :, None] * inner)
-        inner = A.detach().transpose(1, 2) @ xc.detach()
+        inner = particle_sum(A.detach().transpose(1, 2) @ xc.detach(), self.shard)
         return B @ (coef[None, :, None] * inner)
 
     # -- updates ------------------------------------------------------------------------------
@@ -477,14 +518,19 @@ class OperatorAction:
 
 
 class KetInterpreter(FiniteInterpreter):
-    """The program on particles: width ``P``, matrices as operators, Avg deterministic."""
+    """The program on particles: width ``P``, matrices as operators, Avg deterministic.
+
+    Sharded (``shard``), the values hold this rank's rows of every width axis: Avg is an all-reduced sum,
+    a width-dependent size (a view of heads) is this rank's, a width-dependent constant the whole system's.
+    """
 
     def __init__(self, program: Program, state: Mapping[str, Any], particles: int, dtype: torch.dtype,
-                 device: torch.device, plans: dict[str, MatMulPlan], step: int = 0) -> None:
+                 device: torch.device, plans: dict[str, MatMulPlan], step: int = 0, shard: Shard | None = None) -> None:
         super().__init__(program, state, particles)
         self.dtype, self.device = dtype, device
         self.plans = plans
         self.step = step  # the training step, for the error of a run that diverges
+        self.shard = shard
 
     def input(self, ins: Input) -> Any:
         return _cast(super().input(ins), self.dtype, self.device)
@@ -493,7 +539,52 @@ class KetInterpreter(FiniteInterpreter):
         return _cast(ins.value, self.dtype, self.device)
 
     def avg(self, ins: Avg) -> torch.Tensor:
-        return super().avg(ins).detach()
+        if self.shard is None:
+            return super().avg(ins).detach()
+        vector = self.values[ins.vector].detach()
+        total = self.shard.sum(vector.sum(dim=ins.axis, keepdim=ins.keepdim))
+        out = total / (vector.shape[ins.axis] * self.shard.ranks)
+        return out if ins.scale is None else out * ins.scale.resolve(self.n)
+
+    def apply(self, ins: Nonlin | Regroup) -> Any:
+        if self.shard is None:
+            return super().apply(ins)
+        rows = self.n // self.shard.ranks
+        args = substitute(_sizes_at(ins.args, rows), self.values, self.n)
+        kwargs = substitute(_sizes_at(dict(ins.kwargs), rows), self.values, self.n)
+        return ins.fn(*args, **kwargs)
+
+    def regroup(self, ins: Regroup) -> Any:
+        if self.shard is not None and ins.name not in self.shard.checked:
+            self._check_shardable(ins)
+        return self.apply(ins)
+
+    def _check_shardable(self, ins: Regroup) -> None:
+        """Raise unless ``ins`` keeps every rank's rows its own (it relabels contiguous blocks): evaluated once
+        on coordinate codes of the whole system and on this rank's rows of them, the rank's rows of the first
+        result must be the second."""
+        whole, mine = dict(self.values), dict(self.values)
+        for name in ins.inputs:
+            value, layout = self.values[name], self.program[name].layout
+            if not torch.is_tensor(value) or not width_axes(layout):
+                continue
+            shape = [size * self.shard.ranks if isinstance(spec, Width) else size
+                     for size, spec in zip(value.shape, layout, strict=True)]
+            whole[name] = torch.arange(value.numel() * self.shard.ranks, dtype=torch.float64,
+                                       device=value.device).reshape(shape)
+            mine[name] = self.shard.width_rows(whole[name], layout)
+        full = ins.fn(*substitute(ins.args, whole, self.n), **substitute(dict(ins.kwargs), whole, self.n))
+        values, self.values = self.values, mine
+        try:
+            local = self.apply(ins)
+        finally:
+            self.values = values
+        if not torch.equal(self.shard.width_rows(full, ins.layout), local):
+            raise NotRepresentable(f"%{ins.name} ({ins.origin.describe() or 'the program'}) regroups a width axis "
+                                   "in interleaved blocks; distributed='shard' splits every block of particles "
+                                   "into contiguous rows and cannot run it. Use distributed=True (whole systems "
+                                   "per rank) or False")
+        self.shard.checked.add(ins.name)
 
     def nonlin(self, ins: Nonlin) -> torch.Tensor:
         # no cut on kets: a cut gradient (``.detach()``) leaves the value's dependence on earlier kets, which
@@ -506,28 +597,59 @@ class KetInterpreter(FiniteInterpreter):
             raise TplimitsError(f"%{ins.name} multiplies by %{ins.matrix}, which the limit engine holds as a "
                                 "tensor, not an operator")
         x = self.values[ins.vector]
-        if _overflowing(x):  # before the hat's Gram matrix turns it into a linear-algebra failure
+        overflowing = _overflowing(x)
+        if self.shard is not None:  # every rank takes the same branch
+            overflowing = self.shard.any(overflowing)
+        if overflowing:  # before the hat's Gram matrix turns it into a linear-algebra failure
             self.raise_diverged(self.first_blown_up())
         return operator.apply(self.plan(ins), x)
 
     def scales(self) -> dict[str, float]:
         """The RMS of every tensor value computed so far (a reference for :meth:`first_blown_up`)."""
+        if self.shard is not None:
+            return {name: size for name, (_, size) in self._whole_statistics().items()}
         return {name: rms(v) for name, v in self.values.items() if torch.is_tensor(v)}
 
     def first_blown_up(self, reference: Mapping[str, float] | None = None) -> str | None:
         """The first value, in program order, that is not finite (or overflowing), or else whose RMS exceeds
         ``EXPLOSION`` times its RMS in ``reference``."""
+        whole = None if self.shard is None else self._whole_statistics()
         for ins in self.program.instructions:
             value = self.values.get(ins.name)
             if not torch.is_tensor(value):
                 continue
-            if _overflowing(value):
+            if whole[ins.name][0] if whole is not None else _overflowing(value):
                 return ins.name
         for ins in self.program.instructions:
             value, before = self.values.get(ins.name), (reference or {}).get(ins.name, 0.0)
-            if torch.is_tensor(value) and before > 0 and rms(value) > EXPLOSION * before:
+            if not torch.is_tensor(value) or before <= 0:
+                continue
+            if (whole[ins.name][1] if whole is not None else rms(value)) > EXPLOSION * before:
                 return ins.name
         return None
+
+    def _whole_statistics(self) -> dict[str, tuple[bool, float]]:
+        """(overflowing, RMS) of every tensor value of a sharded system, over all its particles: two
+        all-reduces for all the values at once."""
+        names = [name for name, v in self.values.items() if torch.is_tensor(v)]
+        sharded = [bool(width_axes(self.program[name].layout)) for name in names]
+        stats = torch.zeros(2, len(names), dtype=torch.float64, device=self.shard.device)
+        peaks = torch.zeros(len(names), dtype=torch.float64, device=self.shard.device)
+        for i, name in enumerate(names):
+            value = self.values[name].detach()
+            if not value.numel():
+                continue
+            square = value.double().square()
+            share = 1.0 if sharded[i] else 1.0 / self.shard.ranks  # a value every rank holds whole counts once
+            stats[:, i] = torch.stack([square.sum() * share, square.new_tensor(value.numel() * share)])
+            peaks[i] = value.double().abs().amax().nan_to_num(nan=math.inf) if value.is_floating_point() else 0.0
+        dist.all_reduce(stats, group=self.shard.group)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=self.shard.group)
+        bound = {name: torch.finfo(self.values[name].dtype).max ** 0.25 if self.values[name].is_floating_point()
+                 else math.inf for name in names}
+        return {name: (not float(peaks[i]) <= bound[name],
+                       math.sqrt(float(stats[0, i] / stats[1, i])) if float(stats[1, i]) else 0.0)
+                for i, name in enumerate(names)}
 
     def raise_diverged(self, name: str | None, trajectory: object = None) -> None:
         """Raise :class:`Diverged` at this step, naming value ``name`` (None: an output)."""
@@ -544,6 +666,27 @@ class KetInterpreter(FiniteInterpreter):
             plan = self.plans[ins.name] = MatMulPlan.of(ins, self.program[ins.matrix].layout, operator.in_axis,
                                                         self.values[ins.vector].shape)
         return plan
+
+
+def _signed(vecs: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors (columns) with the sign that makes each one's largest entry positive. An eigenvector's
+    sign is arbitrary, and a solver may flip it for a change of the matrix at rounding level; the hat pairs
+    each direction with its own Gaussians, so without a convention the draw would depend on rounding (a
+    sharded system's Gram matrix differs from the unsharded one's in the order of its sums)."""
+    peak = vecs.gather(-2, vecs.abs().argmax(dim=-2, keepdim=True))
+    return vecs * torch.where(peak < 0, -1.0, 1.0).to(vecs.dtype)
+
+
+def _sizes_at(args: Any, rows: int) -> Any:
+    """``args`` with every width-dependent size resolved at ``rows`` particles (a shard's); width-dependent
+    constants stay, for the whole system's width."""
+    if isinstance(args, WidthInt):
+        return args.resolve(rows)
+    if isinstance(args, list | tuple):
+        return type(args)(_sizes_at(a, rows) for a in args)
+    if isinstance(args, dict):
+        return {k: _sizes_at(v, rows) for k, v in args.items()}
+    return args
 
 
 def _cast(value: Any, dtype: torch.dtype, device: torch.device) -> Any:

@@ -30,7 +30,7 @@ from tplimits.core.program import Program
 from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
 from tplimits.limit import compare as fidelity
-from tplimits.limit.distributed import owned_systems, process_group, spread
+from tplimits.limit.distributed import SHARD, Shard, owned_systems, particle_sum, process_group, shard_of, spread
 from tplimits.limit.exact import NotGaussian, exact_kernel
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.mu import grid_entries as mu_grid_entries
@@ -206,7 +206,7 @@ class Limit:
               particles: int = 2**14, seed: int = 0, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float64, batches: int = 4, dots: str = "auto", kernels: Sequence[str] = (),
               checkpoint: str | None = None, checkpoint_every: int = 10, progress: bool = True, center: bool = False,
-              copies: int | None = None, distributed: bool | None = None) -> Trajectory:
+              copies: int | None = None, distributed: bool | str | None = None) -> Trajectory:
         """Train the limit on ``(X, y)`` for ``steps`` updates at learning rate ``lr`` (the same ``lr`` as
         ``tpl.instantiate(..., lr=lr)``), with ``particles`` particles split into ``batches``
         independent systems (for the standard errors).
@@ -228,17 +228,28 @@ class Limit:
         ``distributed``: under an initialized ``torch.distributed`` process group (``None``, the default, or
         ``True``, which requires one) the ``batches`` independent systems are spread over the ranks and every
         rank returns the whole trajectory, bit-identical on CPU to the single-process run with the same seed
-        (:mod:`tplimits.limit.distributed`); ``False`` runs every system in this process.
+        (:mod:`tplimits.limit.distributed`); ``False`` runs every system in this process. ``"shard"`` (an
+        initialized process group required) instead splits each system over the ranks by particle rows, its
+        systems one after the other: memory per rank is a system's divided by the ranks, and the trajectory equals
+        the single-process one with the same seed up to rounding (μ-limit, gradient-trained with plain updates).
         """
         rank, size = process_group(distributed)
-        if size > 1 and checkpoint is not None:
-            raise TplimitsError("checkpoint= is for runs in one process; a run spread over a process group "
-                                "(distributed) keeps no checkpoint: pass distributed=False or no checkpoint")
+        if checkpoint is not None and (size > 1 or distributed == SHARD):
+            raise CheckpointError("checkpoint= is for runs in one process; a run spread or sharded over a process "
+                                  "group (distributed) keeps no checkpoint: pass distributed=False or no checkpoint")
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
                                    batches, dots, kernels, checkpoint, checkpoint_every, center, copies)
         start = time.perf_counter()
         identity = self._identity(run, setup)
         desc = "NT limit" if setup.regime == "operator" else "μ-limit"
+        if distributed == SHARD:
+            shard = _shard(setup, run, rank, size)
+            bar = tqdm(total=batches * (steps + 1), disable=not progress or rank != 0,
+                       desc=f"{desc} (sharded over {size} ranks)", unit="step")
+            finished = [self._train_system(setup, run, b, None, bar, (None, checkpoint_every, identity), [],
+                                           shard=shard) for b in range(batches)]
+            bar.close()
+            return attrs.evolve(_trajectory(run, finished, time.perf_counter() - start), identity=identity)
         if size > 1:
             bar = tqdm(total=len(owned_systems(batches, rank, size)) * (steps + 1), disable=not progress or rank != 0,
                        desc=f"{desc} (rank 0 of {size})", unit="step")
@@ -298,15 +309,16 @@ class Limit:
 
     def _train_system(self, setup: LimitSetup, run: _Run, b: int, current: dict | None, bar: Any,
                       saving: tuple[str | None, int, dict], finished: list,
-                      observe: Callable[[int, Any], None] | None = None) -> dict[str, list]:
+                      observe: Callable[[int, Any], None] | None = None, shard: Shard | None = None) -> dict[str, list]:
         """Train independent system ``b`` (resuming from ``current``), recording outputs and kernels;
         ``saving`` is (checkpoint path, every how many steps, the run's identity). ``observe(t, interp)`` is
-        called after each update's backward pass, with the values of the whole total program at step ``t``."""
+        called after each update's backward pass, with the values of the whole total program at step ``t``.
+        ``shard``: this process trains its rank's rows of the system."""
         if setup.regime == "operator":
             return self._train_tangent_system(setup, run, b, bar)
         checkpoint, checkpoint_every, identity = saving
         net = ParticleNetwork(setup, run.per_batch, _system_seed(run.seed, b), run.dtype, run.device, run.dots,
-                              run.lr, run.steps, copies=run.copies or DEFAULT_COPIES)
+                              run.lr, run.steps, copies=run.copies or DEFAULT_COPIES, shard=shard)
         record: dict[str, list] = {"outputs": [], "kernels": {k: [] for k in run.kernels}}
         if current is not None:
             net.load_state_dict(current["net"])
@@ -646,7 +658,24 @@ def _kernel(setup: LimitSetup, interp: Any, name: str) -> torch.Tensor:
     x = interp.values[name].detach()
     x = x.movedim(axes[0], -1)
     x = x.reshape(-1, x.shape[-1])
-    return x @ x.T / x.shape[-1]
+    shard = getattr(interp, "shard", None)
+    return particle_sum(x @ x.T, shard) / (x.shape[-1] * (1 if shard is None else shard.ranks))
+
+
+def _shard(setup: LimitSetup, run: _Run, rank: int, size: int) -> Shard:
+    """This rank's shard of every system of ``run`` (``distributed="shard"``), after checking the run can be
+    sharded: the μ-limit of gradient-trained parameters with plain updates, whose every sum over particles
+    the engine takes itself."""
+    if setup.regime == "operator":
+        raise TplimitsError("distributed='shard' shards the μ-limit's particle systems; the NT limit (this "
+                            "parametrization's regime) runs each system in one process: use distributed=True")
+    if setup.rules:
+        raise TplimitsError(f"distributed='shard': parameter {next(iter(setup.rules))!r} is updated by a non-gradient "
+                            "rule, whose signal averages over particles inside the rule; use distributed=True")
+    if setup.param.update != "plain" or setup.clip is not None:
+        raise TplimitsError(f"distributed='shard' needs plain updates (no norm over a whole matrix); this run has "
+                            f"update={setup.param.update!r}, clip={setup.clip!r}: use distributed=True")
+    return shard_of(setup.program, run.per_batch, rank, size, run.device)
 
 
 def _save_checkpoint(path: str, identity: dict, finished: list, current: dict | None) -> None:

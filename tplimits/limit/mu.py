@@ -24,6 +24,7 @@ from tplimits.core.backprop import TotalProgram
 from tplimits.core.ir import MatMul, ParameterInfo, Width, concrete_shape
 from tplimits.core.program import Program
 from tplimits.errors import NotRepresentable, TplimitsError
+from tplimits.limit.distributed import Shard
 from tplimits.limit.kets import KetInterpreter, MatMulPlan, MatrixOperator, OperatorAction
 from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule, apply_rule_in_place, tile_entries
 from tplimits.training.init import InitialValue, coordinate_law, init_std, initial_value, multiplier
@@ -85,11 +86,18 @@ class ParticleNetwork:
     """One independent particle system of ``particles`` particles, trained step by step. Under a nonlinear
     rule each hidden matrix keeps its accumulated update as grids of ``Q`` values: the dense grid against
     every particle, or with ``copies`` fewer than the particles two rectangular grids against that copy
-    population (:class:`~tplimits.limit.kets.PairGrids`)."""
+    population (:class:`~tplimits.limit.kets.PairGrids`).
+
+    ``shard``: this process holds its rank's rows of every width axis of the system (``distributed="shard"``);
+    each random tensor is drawn whole from the system's generator and cut to them, so every rank draws what
+    one process draws.
+    """
 
     def __init__(self, setup: LimitSetup, particles: int, seed: int, dtype: torch.dtype, device: str | torch.device,
-                 dots: str, lr: float, steps: int, frozen: bool = False, copies: int | None = None) -> None:
+                 dots: str, lr: float, steps: int, frozen: bool = False, copies: int | None = None,
+                 shard: Shard | None = None) -> None:
         self.setup = setup
+        self.shard = shard
         self.copies = copies  # a nonlinear rule's copy population (None: every particle, the dense grid)
         self.frozen = frozen  # the kets at initialization only (NT limit): no operator keeps its updates
         self.P = particles
@@ -153,7 +161,8 @@ class ParticleNetwork:
                                     "not an operator of bounded norm; initialize it randomly, to zero or to c·I")
             dense = name in self.setup.chosen and not self._low_rank() and not self.frozen
             self.operators[name] = MatrixOperator(name, shape, in_axis, out_axis, op_init, scale, dense,
-                                                  self.generator, self.dtype, self.device, self.dots, self.copies)
+                                                  self.generator, self.dtype, self.device, self.dots, self.copies,
+                                                  self.shard)
             return
         if init.kind == "constant":
             tensor = torch.full(shape, init.value, dtype=init.dtype_in(self.dtype), device=self.device)
@@ -165,7 +174,7 @@ class ParticleNetwork:
         else:
             std = init_std(info, abcd, self.P)
             tensor = torch.randn(shape, generator=self.generator, dtype=self.dtype, device=self.device) * std
-        self.tensors[name] = tensor
+        self.tensors[name] = tensor if self.shard is None else self.shard.width_rows(tensor, info.layout).contiguous()
 
     # -- one step -------------------------------------------------------------------------------
     def state_values(self) -> dict[str, Any]:
@@ -180,7 +189,7 @@ class ParticleNetwork:
 
     def interpreter(self) -> KetInterpreter:
         return KetInterpreter(self.setup.program, self.state_values(), self.P, self.dtype, self.device, self.plans,
-                              self.t)
+                              self.t, self.shard)
 
     def forward(self, inputs: Sequence[Any]) -> KetInterpreter:
         """The forward half of the total program on ``inputs``; the interpreter keeps its values."""
@@ -263,11 +272,13 @@ class ParticleNetwork:
         pairs = operator.pairs
         out_factor = torch.cat([o.detach() for o, _ in factors], dim=2)
         in_factor = torch.cat([i.detach() for _, i in factors], dim=2)
+        copies = pairs.copy_rows(out_factor, pairs.c_out), pairs.copy_rows(in_factor, pairs.c_in)
         states = self.update_states[name] or {"forward": {}, "transposed": {}}
         for which, grid in pairs.grids().items():
             new, states[which] = self._grid_step(
                 name, grid, states[which], 1,
-                lambda rows, which=which: pairs.gradient(which, out_factor, in_factor, rows), pairs.norm_scale(which))
+                lambda rows, which=which: pairs.gradient(which, out_factor, in_factor, rows, copies),
+                pairs.norm_scale(which))
             setattr(pairs, which, new)
         self.update_states[name] = states
 
