@@ -126,12 +126,12 @@ def trace_graph(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
     try:
         return export_trace(model, inputs)
     except Exception as export_error:  # noqa: BLE001 - any tracer failure moves on to the fallback
-        export_reason = _reason(export_error)
+        export_reason = error_reason(export_error)
     try:
         symbolic = fx.symbolic_trace(model)
         return make_fx_trace(symbolic, inputs, tracer="fx.symbolic_trace", fake=False)
     except Exception as fx_error:  # noqa: BLE001
-        fx_reason = _reason(fx_error)
+        fx_reason = error_reason(fx_error)
     raise TraceError(
         f"could not trace {type(model).__name__}.\n"
         f"  torch.export(strict=False) failed: {export_reason}\n"
@@ -141,7 +141,7 @@ def trace_graph(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
     )
 
 
-def _reason(error: Exception) -> str:
+def error_reason(error: Exception) -> str:
     text = "".join(traceback.format_exception_only(type(error), error)).strip()
     first = text.splitlines()[0] if text else type(error).__name__
     return first[:500]
@@ -162,6 +162,7 @@ class WidthTrace:
     args: dict[str, tuple[tuple, dict]]  # node name -> (args, kwargs) with width-dependent leaves
     placeholder_layouts: dict[str, Layout]
     aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)  # tied tensors: name -> other names
+    second_tracer: str = "make_fx"  # what traced the second width: a trace at another batch size takes the same
 
 
 def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTrace:
@@ -175,13 +176,14 @@ def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTra
     layouts: dict[str, Any] = {}
     args: dict[str, tuple[tuple, dict]] = {}
     ph_b = {(p.role, p.target, p.index): name for name, p in b.placeholders.items()}
+    nodes_b = _placeholder_nodes(b)
     placeholder_layouts = {}
     for node in a.graph_module.graph.nodes:
         if node.op != "placeholder":
             continue
         p = a.placeholders[node.name]
         other_name = ph_b.get((p.role, p.target, p.index))
-        other = _node_by_name(b, other_name) if other_name is not None else None
+        other = nodes_b.get(other_name)
         if other is None:
             raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at width {n_a} but "
                              f"not in the trace at width {n_b}")
@@ -236,17 +238,19 @@ def _compare_calls(gm_a: fx.GraphModule, gm_b: fx.GraphModule, prefix: str, widt
             )
 
 
-def check_aligned(nodes_a: Sequence[fx.Node], nodes_b: Sequence[fx.Node], n_a: int, n_b: int) -> None:
+def check_aligned(nodes_a: Sequence[fx.Node], nodes_b: Sequence[fx.Node], n_a: int, n_b: int,
+                  what: str = "width") -> None:
+    """The two traces (at ``what`` n_a and n_b) run the same ops in the same order."""
     for i, (x, y) in enumerate(zip(nodes_a, nodes_b, strict=False)):
         if x.target != y.target:
             raise TraceError(
-                f"the traces at widths {n_a} and {n_b} differ at op #{i}: {_target_name(x.target)} "
+                f"the traces at {what}s {n_a} and {n_b} differ at op #{i}: {_target_name(x.target)} "
                 f"({x.name}) vs {_target_name(y.target)} ({y.name}). The forward's control flow depends on "
-                "width; tplimits needs the same computation at every width."
+                f"{what}; tplimits needs the same computation at every {what}."
             )
     if len(nodes_a) != len(nodes_b):
-        raise TraceError(f"the traces at widths {n_a} and {n_b} have {len(nodes_a)} and {len(nodes_b)} ops; "
-                         "the forward's control flow depends on width")
+        raise TraceError(f"the traces at {what}s {n_a} and {n_b} have {len(nodes_a)} and {len(nodes_b)} ops; "
+                         f"the forward's control flow depends on {what}")
 
 
 def _with_defaults(x: fx.Node, y: fx.Node) -> tuple[tuple[tuple, dict], tuple[tuple, dict]]:
@@ -277,11 +281,8 @@ def _with_defaults(x: fx.Node, y: fx.Node) -> tuple[tuple[tuple, dict], tuple[tu
 BACKEND_FLAGS = {"cudnn_enable", "cudnn_enabled"}
 
 
-def _node_by_name(trace: GraphTrace, name: str) -> fx.Node | None:
-    for node in trace.graph_module.graph.nodes:
-        if node.name == name:
-            return node
-    return None
+def _placeholder_nodes(trace: GraphTrace) -> dict[str, fx.Node]:
+    return {node.name: node for node in trace.graph_module.graph.nodes if node.op == "placeholder"}
 
 
 def _target_name(target: Any) -> str:
@@ -485,11 +486,11 @@ def trace_pair(pair: ModelPair) -> WidthTrace:
         except Exception as error:  # noqa: BLE001
             raise TraceError(_inputs_hint(pair.other, pair.n_other, error)) from error
         compared = compare_traces(main, other, pair.n, pair.n_other)
-    return attrs.evolve(compared, aliases=tied_names(pair.model))
+    return attrs.evolve(compared, aliases=tied_names(pair.model), second_tracer=other.tracer)
 
 
 def _inputs_hint(model: torch.nn.Module, width: int, error: Exception) -> str:
-    return (f"{type(model).__name__} at width {width} fails on the example inputs: {_reason(error)}. The example "
+    return (f"{type(model).__name__} at width {width} fails on the example inputs: {error_reason(error)}. The example "
             "inputs must fit the model at every width (an input whose size grows with width is not a Tensor "
             "Program input; build such state inside the model).")
 
@@ -505,3 +506,133 @@ def tied_names(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
 
 def _numel(model: torch.nn.Module) -> int:
     return sum(t.numel() for t in _state(model).values())
+
+
+# --------------------------------------------------------------------------------------------
+# Another batch size: the same model traced on more examples
+# --------------------------------------------------------------------------------------------
+
+
+def batch_size(inputs: tuple) -> int | None:
+    """The batch size of ``inputs``: axis 0 of the first tensor input (None without one)."""
+    first = next((t for t in pytree.tree_leaves(inputs) if torch.is_tensor(t)), None)
+    return None if first is None or first.dim() == 0 else int(first.shape[0])
+
+
+def resize_batch(inputs: tuple, size: int) -> tuple:
+    """``inputs`` with ``size`` examples: every tensor whose axis 0 is the batch axis has its rows repeated
+    cyclically (valid token ids stay valid); other inputs are kept."""
+    current = batch_size(inputs)
+    rows = torch.arange(size) % current
+
+    def resize(t: Any) -> Any:
+        if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == current:
+            return t[rows.to(t.device)]
+        return t
+
+    return pytree.tree_map(resize, inputs)
+
+
+def trace_like(wt: WidthTrace, model: torch.nn.Module, inputs: tuple) -> GraphTrace:
+    """``model`` traced on ``inputs`` the way the traces of ``wt`` were, so that the two line up op by op."""
+    if wt.trace.tracer == "fx.symbolic_trace":
+        return make_fx_trace(fx.symbolic_trace(model), inputs, tracer="fx.symbolic_trace", fake=False)
+    if wt.second_tracer == "torch.export":
+        return export_trace(model, inputs)
+    return make_fx_trace(model, inputs)
+
+
+def carry_over(wt: WidthTrace, other: GraphTrace, sizes: tuple[int, int]) -> WidthTrace:
+    """The compared traces ``wt`` carried over to ``other``, a trace of the same model at the same width on
+    inputs of another batch size (``sizes``: wt's and other's): ``other``'s own fixed sizes and arguments,
+    ``wt``'s width axes and width-dependent arguments. Lowering the result gives the program at that batch size."""
+    by_key = {(p.role, p.target, p.index): name for name, p in wt.trace.placeholders.items()}
+    layouts: dict[str, Any] = {}
+    placeholder_layouts = {}
+    for node in other.graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        p = other.placeholders[node.name]
+        name = by_key.get((p.role, p.target, p.index))
+        if name is None:
+            raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at batch size {sizes[1]} but "
+                             f"not in the trace at batch size {sizes[0]}")
+        layout = _carry_layout(wt.placeholder_layouts[name], _value_shape(node, other), node.name)
+        layouts[node.name] = placeholder_layouts[node.name] = layout
+    args: dict[str, tuple[tuple, dict]] = {}
+    _carry_calls(wt, (wt.trace.graph_module, ""), (other.graph_module, ""), sizes, layouts, args)
+    return WidthTrace(other, wt.n, layouts, args, placeholder_layouts, wt.aliases, wt.second_tracer)
+
+
+def _carry_calls(wt: WidthTrace, a: tuple[fx.GraphModule, str], b: tuple[fx.GraphModule, str],
+                 sizes: tuple[int, int], layouts: dict[str, Any], args: dict[str, tuple[tuple, dict]]) -> None:
+    (gm_a, prefix_a), (gm_b, prefix_b) = a, b
+    nodes_a, nodes_b = _call_nodes(gm_a), _call_nodes(gm_b)
+    check_aligned(nodes_a, nodes_b, *sizes, what="batch size")
+    for node_a, node_b in zip(nodes_a, nodes_b, strict=True):
+        key_a, key_b = prefix_a + node_a.name, prefix_b + node_b.name
+        if node_b.op == "get_attr":
+            value = graph_attribute(gm_b, node_b.target)
+            if isinstance(value, fx.GraphModule):
+                layouts[key_b] = None
+                _carry_calls(wt, (graph_attribute(gm_a, node_a.target), subgraph_prefix(prefix_a, node_a.target)),
+                             (value, subgraph_prefix(prefix_b, node_b.target)), sizes, layouts, args)
+                continue
+            shape = _shape_of(value)
+        else:
+            shape = _shape_of(_meta_value(node_b))
+        layouts[key_b] = _carry_layout(wt.layouts[key_a], shape, key_b)
+        if node_b.op == "call_function":
+            merged_args, merged_kwargs = wt.args[key_a]
+            _, (args_b, kwargs_b) = _with_defaults(node_a, node_b)
+            args_b = _pad_args(node_b, args_b, len(merged_args))
+            kwargs_b = {**_schema_defaults(node_b, merged_kwargs.keys() - kwargs_b.keys()), **kwargs_b}
+            where = f"node {key_b!r} ({_target_name(node_b.target)}) at batch size {sizes[1]}"
+            args[key_b] = (_carry_args(merged_args, args_b, where), _carry_args(merged_kwargs, kwargs_b, where))
+
+
+def _carry_layout(layout: Any, shape: Any, where: str) -> Any:
+    """``layout``'s width axes with the fixed sizes of ``shape``."""
+    if layout is None or shape is None:
+        return None if layout is None and shape is None else _mismatch(where, layout, shape)
+    if layout and isinstance(layout[0], tuple | type(None)):  # multi-output
+        if len(layout) != len(shape):
+            _mismatch(where, layout, shape)
+        return tuple(_carry_layout(x, y, where) for x, y in zip(layout, shape, strict=True))
+    if len(layout) != len(shape):
+        _mismatch(where, layout, shape)
+    return tuple(axis if isinstance(axis, Width) else size for axis, size in zip(layout, shape, strict=True))
+
+
+def _mismatch(where: str, layout: Any, shape: Any) -> None:
+    raise TraceError(f"node {where!r} has layout {layout} at one batch size but shape {shape} at another")
+
+
+def _carry_args(merged: Any, other: Any, where: str) -> Any:
+    """``other``'s arguments with the width-dependent leaves of ``merged`` (the same node's at another batch)."""
+    if isinstance(merged, WidthInt | WidthPower):
+        return merged
+    if isinstance(other, fx.Node):
+        return other
+    if isinstance(merged, list | tuple) and isinstance(other, list | tuple) and len(merged) == len(other):
+        return type(other)(_carry_args(m, o, where) for m, o in zip(merged, other, strict=True))
+    if isinstance(merged, dict) and isinstance(other, dict) and merged.keys() == other.keys():
+        return {k: _carry_args(merged[k], other[k], where) for k in other}
+    if isinstance(merged, fx.Node | list | tuple | dict):
+        raise TraceError(f"{where}: argument {other!r} does not match {merged!r} at the other batch size")
+    return other
+
+
+def _pad_args(node: fx.Node, args: tuple, length: int) -> tuple:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return args
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    return args + tuple(positional[i].default_value for i in range(len(args), min(length, len(positional))))
+
+
+def _schema_defaults(node: fx.Node, names: Any) -> dict[str, Any]:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return {}
+    return {a.name: a.default_value for a in schema.arguments if a.name in names and a.has_default_value()}
