@@ -38,7 +38,6 @@ from typing import Any
 import attrs
 import networkx as nx
 import torch
-
 from torch.utils import _pytree as pytree
 
 from tplimits.core.batch import BatchSpec, check_shapes
