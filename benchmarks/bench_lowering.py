@@ -1,25 +1,52 @@
 """Tracing + lowering cost against plain ``torch.export`` of the same model.
 
-The reference case is a 12-layer GPT-style transformer with d_model = 1024 (16 heads, d_ff = 4096).
+Two studies:
+
+``gpt`` (the default) — a 12-layer GPT-style transformer with d_model = 1024 (16 heads, d_ff = 4096).
 Reported: the best of ``--repeats`` wall times for
 
 * ``torch.export.export(model, strict=False)`` alone (what every tracer pays);
-* ``tpl.lower(model, base=...)``: the user's d_model=1024 model plus a base at d_model=256
-  (export of the model, a fake-tensor trace of the base, comparison, lowering, the state check);
+* ``tpl.lower(model, base=...)``: the user's d_model=1024 model plus a base at d_model=256;
 * ``tpl.lower("transformer", width=1024, ...)``: the registered family, traced at its small trace widths.
 
-Run: ``python benchmarks/bench_lowering.py`` (about a minute on 2 CPU cores).
+``models`` — tiny Hugging Face models built from configs (Llama, GPT-2, BERT; 2 layers, width 64) and the
+built-in 12-layer GPT: ``torch.export`` alone against the whole ``tpl.lower`` (trace at two widths, the
+state check, lowering, and the second lowering at one example more that makes the program batch-generic),
+with the time of each stage and the top entries of a cProfile of one lowering, restricted to tplimits' own
+code.
+
+Run: ``python benchmarks/bench_lowering.py`` (about a minute on 2 CPU cores) or
+``python benchmarks/bench_lowering.py models`` (a few minutes; needs ``transformers``).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import os
+import pstats
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
 import tplimits as tpl
+from tplimits.core.batch import generalise
+from tplimits.core.frontend import resolve
+from tplimits.core.lower import lower_trace
+from tplimits.core.trace import (
+    batch_size,
+    carry_over,
+    check_no_state_updates,
+    compare_widths,
+    resize_batch,
+    smaller,
+    trace_graph,
+    trace_like,
+)
+from tplimits.registry import manager as registry
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -31,15 +58,7 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
     return min(times), result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--base-width", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
+def gpt_study(args: argparse.Namespace) -> None:
     config = dict(n_layers=args.layers, n_heads=args.heads, vocab=256, seq_len=32, batch=2)
     arch = tpl.architecture("transformer")
     torch.manual_seed(0)
@@ -59,6 +78,125 @@ def main() -> None:
           f"({t_base / t_export:.2f} x torch.export)")
     print(f"tpl.lower('transformer', width={args.width})      : {t_name:6.3f} s   "
           f"({t_name / t_export:.2f} x torch.export)")
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny Hugging Face models and the built-in GPT: where the time goes
+# --------------------------------------------------------------------------------------------
+
+
+def hf_models(width: int) -> dict[str, tuple[Callable[[int], torch.nn.Module], tuple]]:
+    """name -> (width -> model, example inputs)."""
+    import transformers as hf
+
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    common = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=100, max_position_embeddings=32)
+
+    def llama(w: int) -> torch.nn.Module:
+        return hf.LlamaForCausalLM(hf.LlamaConfig(hidden_size=w, intermediate_size=2 * w, num_key_value_heads=4,
+                                                  use_cache=False, **common))
+
+    def gpt2(w: int) -> torch.nn.Module:
+        return hf.GPT2LMHeadModel(hf.GPT2Config(n_embd=w, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
+                                                use_cache=False, bos_token_id=0, eos_token_id=0))
+
+    def bert(w: int) -> torch.nn.Module:
+        return hf.BertForSequenceClassification(hf.BertConfig(hidden_size=w, intermediate_size=4 * w, num_labels=3,
+                                                              **common))
+
+    return {"HF Llama": (llama, (ids,)), "HF GPT-2": (gpt2, (ids,)), "HF BERT": (bert, (ids,))}
+
+
+def stages(arch: object, inputs: tuple | None, config: dict) -> dict[str, float]:
+    """The stages of ``tpl.lower`` (core.frontend.lower_pair) timed one by one."""
+    rules = registry.lowering_rules()
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], object]) -> object:
+        start = time.perf_counter()
+        result = fn()
+        times[name] = time.perf_counter() - start
+        return result
+
+    pair = timed("build the two models", lambda: resolve(arch, inputs, None, **config))
+    timed("state check (one forward)", lambda: check_no_state_updates(*smaller(pair), pair.inputs))
+    main = timed("torch.export of the model", lambda: trace_graph(pair.model, pair.inputs))
+    traced = timed("second width: trace + compare", lambda: compare_widths(pair, main))
+    program = timed("lowering", lambda: lower_trace(traced, rules, pair.width))
+    size = batch_size(pair.inputs)
+    other = timed("batch: trace at one example more",
+                  lambda: trace_like(traced, pair.model, resize_batch(pair.inputs, size + 1)))
+    timed("batch: lowering again + comparison", lambda: generalise(
+        program, lower_trace(carry_over(traced, other, (size, size + 1)), rules, pair.width), (size, size + 1)))
+    return times
+
+
+def own_profile(fn: Callable[[], object], top: int) -> str:
+    """The ``top`` entries of tplimits' own code in a cProfile of ``fn``, by internal time."""
+    profile = cProfile.Profile()
+    profile.enable()
+    fn()
+    profile.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out)
+    total = stats.total_tt
+    stats.sort_stats("tottime").print_stats(r"/tplimits/", top)
+    lines = [line for line in out.getvalue().splitlines() if "/tplimits/" in line]
+    own = sum(row[2] for key, row in stats.stats.items() if "/tplimits/" in key[0])
+    return (f"    profiled total {total:.2f} s, of which tplimits' own code (internal time) {own:.2f} s; top entries:\n"
+            + "\n".join("    " + line.replace(os.getcwd() + "/", "") for line in lines))
+
+
+def models_study(args: argparse.Namespace) -> None:
+    cases = hf_models(args.hf_width)
+    gpt_config = dict(n_layers=args.layers, n_heads=args.heads, vocab=256, seq_len=32, batch=2)
+    rows = []
+    for name, (make, inputs) in cases.items():
+        lowered = lambda make=make, inputs=inputs: tpl.lower(make, example_inputs=inputs, width=args.hf_width)  # noqa: E731
+        rows.append((name, make(args.hf_width), inputs, lowered, (make, inputs, {"width": args.hf_width})))
+    arch = tpl.architecture("transformer")
+    gpt_inputs = arch.example_inputs(**gpt_config)
+    rows.append((f"built-in GPT ({args.layers} layers, d_model {args.width})", arch.build(args.width, **gpt_config),
+                 gpt_inputs, lambda: tpl.lower("transformer", width=args.width, **gpt_config),
+                 (registry.architecture("transformer"), None, {"width": args.width, **gpt_config})))
+    load = os.getloadavg()[0]
+    print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs, torch {torch.__version__}")
+    table = []
+    for name, model, inputs, lowered, (arch_like, stage_inputs, config) in rows:
+        torch.export.export(model, inputs, strict=False)  # warm up
+        lowered()
+        t_export, _ = best_of(lambda model=model, inputs=inputs: torch.export.export(model, inputs, strict=False),
+                              args.repeats)
+        t_lower, prog = best_of(lowered, args.repeats)
+        parts = min((stages(arch_like, stage_inputs, dict(config)) for _ in range(args.repeats)),
+                    key=lambda t: sum(t.values()))
+        table.append((name, t_export, t_lower, len(prog), prog.batch_generic))
+        print(f"\n{name}: {len(prog)} instructions, batch-generic {prog.batch_generic}")
+        print(f"  torch.export alone {t_export:.2f} s, tpl.lower {t_lower:.2f} s ({t_lower / t_export:.2f} x)")
+        for stage, seconds in parts.items():
+            print(f"    {stage:<38} {seconds:6.3f} s")
+        if args.profile:
+            print(own_profile(lowered, args.profile))
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+    print("\n| model | instructions | torch.export alone | tpl.lower | ratio |")
+    print("|---|---|---|---|---|")
+    for name, t_export, t_lower, count, _ in table:
+        print(f"| {name} | {count} | {t_export:.2f} s | {t_lower:.2f} s | {t_lower / t_export:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", nargs="?", default="gpt", choices=("gpt", "models"))
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--base-width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--hf-width", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=8, help="cProfile entries of tplimits' own code (0: none)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    (gpt_study if args.study == "gpt" else models_study)(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import torch.nn as nn
 import tplimits as tpl
 from tests.conftest import assert_close_tree
 from tplimits.core.backprop import total_program
+from tplimits.core.frontend import resolve
+from tplimits.core.trace import other_batch_size, trace_pair
 
 LOWERED, OTHER = 4, 7
 
@@ -131,3 +133,14 @@ def test_limit_lowers_once_for_every_batch_size():
     assert second.program is first.program.at_batch(OTHER)  # the one lowered program, re-specialised
     assert [ins.layout[0] for ins in second.program.inputs] == [OTHER]
     assert limit.family(small).program is first.program
+
+
+def test_second_width_is_traced_at_another_batch_size():
+    """One trace tells both what grows with width and what grows with the batch size (no third trace)."""
+    pair = resolve(tpl.architecture("transformer"), (torch.randint(0, 32, (LOWERED, 8)),))
+    traced = trace_pair(pair)
+    assert traced.batch_sizes == (LOWERED, LOWERED + 1) and traced.batch_trace is not None
+    assert traced.placeholder_layouts[next(n for n, p in traced.trace.placeholders.items() if p.role == "input")] \
+        == (LOWERED, 8)
+    # a ratio of batch sizes equal to the ratio of widths would let a batch axis pass for a width axis
+    assert other_batch_size(1, (32, 64)) == 3 and other_batch_size(4, (32, 64)) == 5

@@ -152,11 +152,14 @@ def with_batch_spec(program: Program, traced: WidthTrace, pair: ModelPair, rules
     size = batch_size(pair.inputs)
     if size is None:
         return attrs.evolve(program, batch_dependence="its inputs have no batch axis (axis 0 of a tensor input)")
-    sizes = (size, size + 1)
-    try:
-        other = trace_like(traced, pair.model, resize_batch(pair.inputs, sizes[1]))
-    except Exception as error:  # noqa: BLE001 - a model that refuses another batch size: that is the finding
-        return attrs.evolve(program, batch_dependence=f"the model fails on {sizes[1]} examples: {error_reason(error)}")
+    other, sizes = traced.batch_trace, traced.batch_sizes
+    if other is None:  # the second width could not be traced at another batch size: this model alone can tell why
+        sizes = (size, size + 1)
+        try:
+            other = trace_like(traced, pair.model, resize_batch(pair.inputs, sizes[1]))
+        except Exception as error:  # noqa: BLE001 - a model that refuses another batch size: that is the finding
+            return attrs.evolve(program,
+                                batch_dependence=f"the model fails on {sizes[1]} examples: {error_reason(error)}")
     try:
         other_program = lower_trace(carry_over(traced, other, sizes), rules, width=pair.width)
         spec = generalise(program, other_program, sizes)

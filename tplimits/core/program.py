@@ -190,7 +190,8 @@ class Program:
         size (the program is re-specialised to it, see :meth:`at_batch`). The result has the structure of
         ``model(*inputs)`` and equals it up to floating-point rounding.
         """
-        return FiniteInterpreter.from_model(self.for_inputs(*inputs), model).run(*inputs)
+        checked = FiniteInterpreter.from_model(self, model)  # the model's parameters first: the likelier mistake
+        return FiniteInterpreter(self.for_inputs(*inputs), checked.state, checked.n).run(*inputs)
 
     # -- printing ------------------------------------------------------------------------------
 

@@ -163,11 +163,16 @@ class WidthTrace:
     placeholder_layouts: dict[str, Layout]
     aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)  # tied tensors: name -> other names
     second_tracer: str = "make_fx"  # what traced the second width: a trace at another batch size takes the same
+    batch_trace: GraphTrace | None = None  # the second trace, when it was taken at another batch size too
+    batch_sizes: tuple[int, int] | None = None  # the batch sizes of the two traces then
 
 
-def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTrace:
+def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int,
+                   batch: tuple[int, int] | None = None) -> WidthTrace:
     """Compare two traces of the same model family at widths ``n_a`` and ``n_b``.
 
+    ``batch``: the traces' batch sizes when they differ; a size proportional to the batch size is then
+    fixed at ``a``'s (:func:`other_batch_size` keeps it from passing for a width).
     The subgraphs of higher-order ops (a ``torch.no_grad()`` or autocast region) are compared too;
     their nodes are keyed by :func:`subgraph_prefix` + node name.
     """
@@ -187,10 +192,10 @@ def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTra
         if other is None:
             raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at width {n_a} but "
                              f"not in the trace at width {n_b}")
-        layout = _layout(_value_shape(node, a), _value_shape(other, b), n_a, n_b, node.name)
+        layout = _layout(_value_shape(node, a), _value_shape(other, b), n_a, n_b, node.name, batch)
         layouts[node.name] = layout
         placeholder_layouts[node.name] = layout
-    _compare_calls(a.graph_module, b.graph_module, "", (n_a, n_b), layouts, args)
+    _compare_calls(a.graph_module, b.graph_module, "", (n_a, n_b, batch), layouts, args)
     return WidthTrace(a, n_a, layouts, args, placeholder_layouts)
 
 
@@ -208,13 +213,17 @@ def graph_attribute(gm: fx.GraphModule, target: str) -> Any:
 
 
 def _call_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op in ("call_function", "get_attr")]
+    """The ops of ``gm`` that are compared between traces. Checks that compute nothing (no result, no use:
+    the metadata assertions torch.export inserts before a ``.to``, which ``make_fx`` does not) are left out."""
+    return [n for n in gm.graph.nodes if n.op == "get_attr"
+            or n.op == "call_function" and (n.users or _meta_value(n) is not None)]
 
 
-def _compare_calls(gm_a: fx.GraphModule, gm_b: fx.GraphModule, prefix: str, widths: tuple[int, int],
+def _compare_calls(gm_a: fx.GraphModule, gm_b: fx.GraphModule, prefix: str, widths: tuple,
                    layouts: dict[str, Any], args: dict[str, tuple[tuple, dict]]) -> None:
-    """Layouts and width-dependent arguments of the ops of ``gm_a`` (and, recursively, its subgraphs)."""
-    n_a, n_b = widths
+    """Layouts and width-dependent arguments of the ops of ``gm_a`` (and, recursively, its subgraphs);
+    ``widths`` = (n_a, n_b, batch sizes or None)."""
+    n_a, n_b, batch = widths
     nodes_a, nodes_b = _call_nodes(gm_a), _call_nodes(gm_b)
     check_aligned(nodes_a, nodes_b, n_a, n_b)
     for node_a, node_b in zip(nodes_a, nodes_b, strict=True):
@@ -228,13 +237,13 @@ def _compare_calls(gm_a: fx.GraphModule, gm_b: fx.GraphModule, prefix: str, widt
             shapes = _shape_of(value_a), _shape_of(value_b)
         else:
             shapes = _shape_of(_meta_value(node_a)), _shape_of(_meta_value(node_b))
-        layouts[key] = _layout(*shapes, n_a, n_b, key)
+        layouts[key] = _layout(*shapes, n_a, n_b, key, batch)
         if node_a.op == "call_function":
             where = f"node {key!r} ({_target_name(node_a.target)})"
             (args_a, kwargs_a), (args_b, kwargs_b) = _with_defaults(node_a, node_b)
             args[key] = (
-                _merge_args(args_a, args_b, n_a, n_b, where),
-                _merge_args(kwargs_a, kwargs_b, n_a, n_b, where),
+                _merge_args(args_a, args_b, n_a, n_b, where, batch),
+                _merge_args(kwargs_a, kwargs_b, n_a, n_b, where, batch),
             )
 
 
@@ -308,11 +317,11 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def _layout(shape_a: Any, shape_b: Any, n_a: int, n_b: int, where: str) -> Any:
+def _layout(shape_a: Any, shape_b: Any, n_a: int, n_b: int, where: str, batch: tuple[int, int] | None = None) -> Any:
     if shape_a is None or shape_b is None:
         return None
     if shape_a and isinstance(shape_a[0], tuple | type(None)):  # multi-output
-        return tuple(_layout(x, y, n_a, n_b, where) for x, y in zip(shape_a, shape_b, strict=True))
+        return tuple(_layout(x, y, n_a, n_b, where, batch) for x, y in zip(shape_a, shape_b, strict=True))
     if len(shape_a) != len(shape_b):
         raise TraceError(f"node {where!r} has rank {len(shape_a)} at width {n_a} but {len(shape_b)} at {n_b}")
     axes = []
@@ -321,6 +330,9 @@ def _layout(shape_a: Any, shape_b: Any, n_a: int, n_b: int, where: str) -> Any:
             axes.append(sa)
             continue
         ratio = Fraction(sa, n_a)
+        if Fraction(sb, n_b) != ratio and _per_example(sa, sb, batch):
+            axes.append(sa)
+            continue
         if Fraction(sb, n_b) != ratio:
             raise WidthError(
                 f"axis {axis} of node {where!r} has size {sa} at width {n_a} and {sb} at width {n_b}: it does "
@@ -330,14 +342,14 @@ def _layout(shape_a: Any, shape_b: Any, n_a: int, n_b: int, where: str) -> Any:
     return tuple(axes)
 
 
-def _merge_args(x: Any, y: Any, n_a: int, n_b: int, where: str) -> Any:
+def _merge_args(x: Any, y: Any, n_a: int, n_b: int, where: str, batch: tuple[int, int] | None = None) -> Any:
     """Arguments of one node at two widths -> arguments with width-dependent leaves made explicit."""
     if isinstance(x, fx.Node):
         return x
     if isinstance(x, list | tuple) and isinstance(y, list | tuple) and len(x) == len(y):
-        return type(x)(_merge_args(p, q, n_a, n_b, where) for p, q in zip(x, y, strict=True))
+        return type(x)(_merge_args(p, q, n_a, n_b, where, batch) for p, q in zip(x, y, strict=True))
     if isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
-        return {k: _merge_args(x[k], y[k], n_a, n_b, where) for k in x}
+        return {k: _merge_args(x[k], y[k], n_a, n_b, where, batch) for k in x}
     if type(x) is not type(y) and not (isinstance(x, int | float) and isinstance(y, int | float)):
         raise TraceError(f"{where}: argument {x!r} at width {n_a} but {y!r} at width {n_b}")
     if isinstance(x, bool) or x == y:
@@ -346,6 +358,8 @@ def _merge_args(x: Any, y: Any, n_a: int, n_b: int, where: str) -> Any:
         return x
     if isinstance(x, int) and isinstance(y, int):
         ratio = Fraction(x, n_a)
+        if Fraction(y, n_b) != ratio and _per_example(x, y, batch):
+            return x
         if Fraction(y, n_b) != ratio:
             raise WidthError(f"{where}: integer argument {x} at width {n_a} and {y} at width {n_b} is not "
                              "proportional to width")
@@ -353,6 +367,20 @@ def _merge_args(x: Any, y: Any, n_a: int, n_b: int, where: str) -> Any:
     if isinstance(x, int | float) and isinstance(y, int | float):
         return fit_width_power(float(x), float(y), n_a, n_b, where)
     raise TraceError(f"{where}: argument {x!r} at width {n_a} but {y!r} at width {n_b}")
+
+
+def _per_example(x: int, y: int, batch: tuple[int, int] | None) -> bool:
+    """Whether sizes ``x`` and ``y`` are proportional to the batch sizes ``batch`` of their traces."""
+    return batch is not None and Fraction(x, batch[0]) == Fraction(y, batch[1])
+
+
+def other_batch_size(size: int, widths: tuple[int, int]) -> int:
+    """A batch size to trace at besides ``size``: one more, unless its ratio to ``size`` is the ratio of the two
+    ``widths`` (then a size that grows with the batch would pass for a width axis)."""
+    other = size + 1
+    while Fraction(other, size) in (Fraction(widths[1], widths[0]), Fraction(widths[0], widths[1])):
+        other += 1
+    return other
 
 
 def fit_width_power(x: float, y: float, n_a: int, n_b: int, where: str) -> WidthPower:
@@ -422,7 +450,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_no_state_updates(model: torch.nn.Module, inputs: tuple, width: int) -> None:
+def check_no_state_updates(model: torch.nn.Module, width: int, inputs: tuple) -> None:
     """Refuse a model whose forward changes its own parameters or buffers.
 
     ``torch.export`` drops such updates silently (a decorrelation matrix updated inside forward
@@ -471,22 +499,47 @@ def build_pair(build: Callable[[int], torch.nn.Module], inputs: tuple, n: int, n
 
 def trace_pair(pair: ModelPair) -> WidthTrace:
     """Trace both models of ``pair`` and compare them."""
-    small, n_small = ((pair.model, pair.n) if _numel(pair.model) <= _numel(pair.other)
-                      else (pair.other, pair.n_other))
-    check_no_state_updates(small, pair.inputs, n_small)
-    main = trace_graph(pair.model, pair.inputs)
-    try:
-        other = make_fx_trace(pair.other, pair.inputs)
-        compared = compare_traces(main, other, pair.n, pair.n_other)
-    except Exception:  # noqa: BLE001 - the cheap trace is an optimisation; a second export decides
-        if main.tracer != "torch.export":
-            raise
-        try:
-            other = export_trace(pair.other, pair.inputs)
-        except Exception as error:  # noqa: BLE001
-            raise TraceError(_inputs_hint(pair.other, pair.n_other, error)) from error
-        compared = compare_traces(main, other, pair.n, pair.n_other)
-    return attrs.evolve(compared, aliases=tied_names(pair.model), second_tracer=other.tracer)
+    check_no_state_updates(*smaller(pair), pair.inputs)
+    return compare_widths(pair, trace_graph(pair.model, pair.inputs))
+
+
+def smaller(pair: ModelPair) -> tuple[torch.nn.Module, int]:
+    """The smaller model of ``pair`` and its width (the cheaper one to run)."""
+    return (pair.model, pair.n) if _numel(pair.model) <= _numel(pair.other) else (pair.other, pair.n_other)
+
+
+def compare_widths(pair: ModelPair, main: GraphTrace) -> WidthTrace:
+    """``main`` (the trace of ``pair.model``) compared with a trace of ``pair.other``.
+
+    The second trace is taken on more examples when the inputs have a batch axis, so that it also tells
+    which sizes grow with the batch size (:mod:`tplimits.core.batch`); should that fail (a model whose
+    graph depends on the batch size), it is taken again on the same inputs. A fake-tensor ``make_fx``
+    trace is tried first, ``torch.export`` after it.
+    """
+    size = batch_size(pair.inputs)
+    batches = [None] if size is None else [(size, other_batch_size(size, (pair.n, pair.n_other))), None]
+    tracers = [make_fx_trace] + ([export_trace] if main.tracer == "torch.export" else [])
+    for batch in batches:
+        inputs = pair.inputs if batch is None else resize_batch(pair.inputs, batch[1])
+        for tracer in tracers:
+            last = batch is None and tracer is tracers[-1]
+            try:
+                other = tracer(pair.other, inputs)
+            except Exception as error:  # noqa: BLE001 - the cheaper traces are optimisations; the last one decides
+                if last and tracer is export_trace:
+                    raise TraceError(_inputs_hint(pair.other, pair.n_other, error)) from error
+                if last:
+                    raise
+                continue
+            try:
+                compared = compare_traces(main, other, pair.n, pair.n_other, batch)
+            except Exception:  # noqa: BLE001
+                if last:
+                    raise
+                continue
+            return attrs.evolve(compared, aliases=tied_names(pair.model), second_tracer=other.tracer,
+                                batch_trace=other if batch else None, batch_sizes=batch)
+    raise AssertionError("unreachable: the last trace returns or raises")
 
 
 def _inputs_hint(model: torch.nn.Module, width: int, error: Exception) -> str:
