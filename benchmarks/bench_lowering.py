@@ -11,7 +11,7 @@ Reported: the best of ``--repeats`` wall times for
 
 ``models`` — tiny Hugging Face models built from configs (Llama, GPT-2, BERT; 2 layers, width 64) and the
 built-in 12-layer GPT: ``torch.export`` alone against the whole ``tpl.lower`` (trace at two widths, the
-state check, lowering, and the second lowering at one example more that makes the program batch-generic),
+state check, lowering, and the second lowering at another batch size that makes the program batch-generic),
 with the time of each stage and the top entries of a cProfile of one lowering, restricted to tplimits' own
 code.
 
@@ -33,19 +33,9 @@ from collections.abc import Callable
 import torch
 
 import tplimits as tpl
-from tplimits.core.batch import generalise
-from tplimits.core.frontend import resolve
+from tplimits.core.frontend import resolve, with_batch_spec
 from tplimits.core.lower import lower_trace
-from tplimits.core.trace import (
-    batch_size,
-    carry_over,
-    check_no_state_updates,
-    compare_widths,
-    resize_batch,
-    smaller,
-    trace_graph,
-    trace_like,
-)
+from tplimits.core.trace import check_no_state_updates, compare_widths, smaller, trace_graph
 from tplimits.registry import manager as registry
 
 
@@ -121,13 +111,10 @@ def stages(arch: object, inputs: tuple | None, config: dict) -> dict[str, float]
     pair = timed("build the two models", lambda: resolve(arch, inputs, None, **config))
     timed("state check (one forward)", lambda: check_no_state_updates(*smaller(pair), pair.inputs))
     main = timed("torch.export of the model", lambda: trace_graph(pair.model, pair.inputs))
-    traced = timed("second width: trace + compare", lambda: compare_widths(pair, main))
+    traced = timed("second width (more examples): trace + compare", lambda: compare_widths(pair, main))
     program = timed("lowering", lambda: lower_trace(traced, rules, pair.width))
-    size = batch_size(pair.inputs)
-    other = timed("batch: trace at one example more",
-                  lambda: trace_like(traced, pair.model, resize_batch(pair.inputs, size + 1)))
-    timed("batch: lowering again + comparison", lambda: generalise(
-        program, lower_trace(carry_over(traced, other, (size, size + 1)), rules, pair.width), (size, size + 1)))
+    second = "another batch size" if traced.batch_trace is not None else "a separate trace at another batch size"
+    timed(f"batch axes: lowering again ({second})", lambda: with_batch_spec(program, traced, pair, rules))
     return times
 
 

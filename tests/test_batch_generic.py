@@ -144,3 +144,28 @@ def test_second_width_is_traced_at_another_batch_size():
         == (LOWERED, 8)
     # a ratio of batch sizes equal to the ratio of widths would let a batch axis pass for a width axis
     assert other_batch_size(1, (32, 64)) == 3 and other_batch_size(4, (32, 64)) == 5
+
+
+class GrowingHeads(nn.Module):
+    """nn.MultiheadAttention with a head count that grows with width: it folds the batch into the heads, so a
+    width axis of the program has b·heads entries."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, width), nn.Linear(width, 1)
+        self.attn = nn.MultiheadAttention(width, width // 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_width_axis_holding_the_batch_is_refused_at_another_batch_size():
+    x = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    prog = tpl.lower(GrowingHeads, example_inputs=(x,), width=16)
+    assert not prog.batch_generic and "depends on the batch size too" in prog.batch_dependence
+    torch.manual_seed(0)
+    model = GrowingHeads(24)
+    assert_close_tree(prog.replay(model, x), model(x))
+    with pytest.raises(tpl.BatchSizeError, match="depends on the batch size too"):
+        prog.replay(model, torch.randn(3, 5, 3))

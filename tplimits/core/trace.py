@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from tplimits.core.ir import Layout, Width, WidthInt, WidthPower
+from tplimits.core.ir import Layout, Width, WidthInt, WidthPower, format_layout
 from tplimits.errors import TraceError, WidthError
 
 # --------------------------------------------------------------------------------------------
@@ -595,10 +595,12 @@ def trace_like(wt: WidthTrace, model: torch.nn.Module, inputs: tuple) -> GraphTr
     return make_fx_trace(model, inputs)
 
 
-def carry_over(wt: WidthTrace, other: GraphTrace, sizes: tuple[int, int]) -> WidthTrace:
-    """The compared traces ``wt`` carried over to ``other``, a trace of the same model at the same width on
-    inputs of another batch size (``sizes``: wt's and other's): ``other``'s own fixed sizes and arguments,
-    ``wt``'s width axes and width-dependent arguments. Lowering the result gives the program at that batch size."""
+def carry_over(wt: WidthTrace, other: GraphTrace, sizes: tuple[int, int], n_other: int) -> WidthTrace:
+    """The compared traces ``wt`` carried over to ``other``, a trace of the same model family at width ``n_other``
+    on inputs of another batch size (``sizes``: wt's and other's): ``other``'s own fixed sizes and arguments,
+    ``wt``'s width axes and width-dependent arguments, which must take their values at ``n_other`` there (a size
+    that is a product of width and batch size does not). Lowering the result gives the program at that batch
+    size, at ``wt``'s width."""
     by_key = {(p.role, p.target, p.index): name for name, p in wt.trace.placeholders.items()}
     layouts: dict[str, Any] = {}
     placeholder_layouts = {}
@@ -610,18 +612,19 @@ def carry_over(wt: WidthTrace, other: GraphTrace, sizes: tuple[int, int]) -> Wid
         if name is None:
             raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at batch size {sizes[1]} but "
                              f"not in the trace at batch size {sizes[0]}")
-        layout = _carry_layout(wt.placeholder_layouts[name], _value_shape(node, other), node.name)
+        layout = _carry_layout(wt.placeholder_layouts[name], _value_shape(node, other), node.name, n_other)
         layouts[node.name] = placeholder_layouts[node.name] = layout
     args: dict[str, tuple[tuple, dict]] = {}
-    _carry_calls(wt, (wt.trace.graph_module, ""), (other.graph_module, ""), sizes, layouts, args)
+    _carry_calls(wt, (wt.trace.graph_module, ""), (other.graph_module, ""), (*sizes, n_other), layouts, args)
     return WidthTrace(other, wt.n, layouts, args, placeholder_layouts, wt.aliases, wt.second_tracer)
 
 
 def _carry_calls(wt: WidthTrace, a: tuple[fx.GraphModule, str], b: tuple[fx.GraphModule, str],
-                 sizes: tuple[int, int], layouts: dict[str, Any], args: dict[str, tuple[tuple, dict]]) -> None:
+                 sizes: tuple[int, int, int], layouts: dict[str, Any], args: dict[str, tuple[tuple, dict]]) -> None:
+    """``sizes``: the two batch sizes and the width of ``b``'s trace."""
     (gm_a, prefix_a), (gm_b, prefix_b) = a, b
     nodes_a, nodes_b = _call_nodes(gm_a), _call_nodes(gm_b)
-    check_aligned(nodes_a, nodes_b, *sizes, what="batch size")
+    check_aligned(nodes_a, nodes_b, *sizes[:2], what="batch size")
     for node_a, node_b in zip(nodes_a, nodes_b, strict=True):
         key_a, key_b = prefix_a + node_a.name, prefix_b + node_b.name
         if node_b.op == "get_attr":
@@ -634,43 +637,54 @@ def _carry_calls(wt: WidthTrace, a: tuple[fx.GraphModule, str], b: tuple[fx.Grap
             shape = _shape_of(value)
         else:
             shape = _shape_of(_meta_value(node_b))
-        layouts[key_b] = _carry_layout(wt.layouts[key_a], shape, key_b)
+        layouts[key_b] = _carry_layout(wt.layouts[key_a], shape, key_b, sizes[2])
         if node_b.op == "call_function":
             merged_args, merged_kwargs = wt.args[key_a]
             _, (args_b, kwargs_b) = _with_defaults(node_a, node_b)
             args_b = _pad_args(node_b, args_b, len(merged_args))
             kwargs_b = {**_schema_defaults(node_b, merged_kwargs.keys() - kwargs_b.keys()), **kwargs_b}
             where = f"node {key_b!r} ({_target_name(node_b.target)}) at batch size {sizes[1]}"
-            args[key_b] = (_carry_args(merged_args, args_b, where), _carry_args(merged_kwargs, kwargs_b, where))
+            args[key_b] = (_carry_args(merged_args, args_b, where, sizes[2]),
+                           _carry_args(merged_kwargs, kwargs_b, where, sizes[2]))
 
 
-def _carry_layout(layout: Any, shape: Any, where: str) -> Any:
-    """``layout``'s width axes with the fixed sizes of ``shape``."""
+def _carry_layout(layout: Any, shape: Any, where: str, n: int) -> Any:
+    """``layout``'s width axes (which must have their size at width n in ``shape``) with the fixed sizes of
+    ``shape``."""
     if layout is None or shape is None:
         return None if layout is None and shape is None else _mismatch(where, layout, shape)
     if layout and isinstance(layout[0], tuple | type(None)):  # multi-output
         if len(layout) != len(shape):
             _mismatch(where, layout, shape)
-        return tuple(_carry_layout(x, y, where) for x, y in zip(layout, shape, strict=True))
-    if len(layout) != len(shape):
+        return tuple(_carry_layout(x, y, where, n) for x, y in zip(layout, shape, strict=True))
+    if len(layout) != len(shape) or any(isinstance(axis, Width) and axis.ratio * n != size
+                                        for axis, size in zip(layout, shape, strict=True)):
         _mismatch(where, layout, shape)
     return tuple(axis if isinstance(axis, Width) else size for axis, size in zip(layout, shape, strict=True))
 
 
 def _mismatch(where: str, layout: Any, shape: Any) -> None:
-    raise TraceError(f"node {where!r} has layout {layout} at one batch size but shape {shape} at another")
+    same_rank = isinstance(layout, tuple) and isinstance(shape, tuple) and len(layout) == len(shape)
+    what = "a width axis of it depends on the batch size too" if same_rank else "its rank depends on the batch size"
+    if isinstance(layout, tuple) and all(isinstance(axis, int | Width) for axis in layout):
+        layout = format_layout(layout)
+    raise TraceError(f"node {where!r} has layout {layout} at one batch size but shape {shape} at another: {what}")
 
 
-def _carry_args(merged: Any, other: Any, where: str) -> Any:
-    """``other``'s arguments with the width-dependent leaves of ``merged`` (the same node's at another batch)."""
+def _carry_args(merged: Any, other: Any, where: str, n: int) -> Any:
+    """``other``'s arguments (at width n) with the width-dependent leaves of ``merged`` (the same node's at
+    another batch size)."""
     if isinstance(merged, WidthInt | WidthPower):
+        if not isinstance(other, int | float) or not math.isclose(merged.resolve(n), other, rel_tol=1e-9):
+            raise TraceError(f"{where}: argument {other!r} is not {merged} at width {n}: it depends on the batch "
+                             "size too")
         return merged
     if isinstance(other, fx.Node):
         return other
     if isinstance(merged, list | tuple) and isinstance(other, list | tuple) and len(merged) == len(other):
-        return type(other)(_carry_args(m, o, where) for m, o in zip(merged, other, strict=True))
+        return type(other)(_carry_args(m, o, where, n) for m, o in zip(merged, other, strict=True))
     if isinstance(merged, dict) and isinstance(other, dict) and merged.keys() == other.keys():
-        return {k: _carry_args(merged[k], other[k], where) for k in other}
+        return {k: _carry_args(merged[k], other[k], where, n) for k in other}
     if isinstance(merged, fx.Node | list | tuple | dict):
         raise TraceError(f"{where}: argument {other!r} does not match {merged!r} at the other batch size")
     return other
