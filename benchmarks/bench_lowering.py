@@ -33,18 +33,17 @@ from collections.abc import Callable
 import torch
 
 import tplimits as tpl
-from tplimits.core.frontend import resolve, with_batch_spec
-from tplimits.core.lower import lower_trace
-from tplimits.core.trace import check_no_state_updates, compare_widths, smaller, trace_graph
 from tplimits.registry import manager as registry
+
+CLOCK = time.perf_counter  # time.process_time with --cpu-time: what the run used, less disturbed by other jobs
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         result = fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return min(times), result
 
 
@@ -99,13 +98,18 @@ def hf_models(width: int) -> dict[str, tuple[Callable[[int], torch.nn.Module], t
 
 def stages(arch: object, inputs: tuple | None, config: dict) -> dict[str, float]:
     """The stages of ``tpl.lower`` (core.frontend.lower_pair) timed one by one."""
+    # imported here so that --no-stages times the whole lowering of an older checkout too
+    from tplimits.core.frontend import resolve, with_batch_spec
+    from tplimits.core.lower import lower_trace
+    from tplimits.core.trace import check_no_state_updates, compare_widths, smaller, trace_graph
+
     rules = registry.lowering_rules()
     times: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], object]) -> object:
-        start = time.perf_counter()
+        start = CLOCK()
         result = fn()
-        times[name] = time.perf_counter() - start
+        times[name] = CLOCK() - start
         return result
 
     pair = timed("build the two models", lambda: resolve(arch, inputs, None, **config))
@@ -147,7 +151,8 @@ def models_study(args: argparse.Namespace) -> None:
                  gpt_inputs, lambda: tpl.lower("transformer", width=args.width, **gpt_config),
                  (registry.architecture("transformer"), None, {"width": args.width, **gpt_config})))
     load = os.getloadavg()[0]
-    print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs, torch {torch.__version__}")
+    clock = "CPU seconds, one thread" if CLOCK is time.process_time else "wall clock"
+    print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs, torch {torch.__version__}, {clock}")
     table = []
     for name, model, inputs, lowered, (arch_like, stage_inputs, config) in rows:
         torch.export.export(model, inputs, strict=False)  # warm up
@@ -155,19 +160,19 @@ def models_study(args: argparse.Namespace) -> None:
         t_export, _ = best_of(lambda model=model, inputs=inputs: torch.export.export(model, inputs, strict=False),
                               args.repeats)
         t_lower, prog = best_of(lowered, args.repeats)
-        parts = min((stages(arch_like, stage_inputs, dict(config)) for _ in range(args.repeats)),
-                    key=lambda t: sum(t.values()))
-        table.append((name, t_export, t_lower, len(prog), prog.batch_generic))
-        print(f"\n{name}: {len(prog)} instructions, batch-generic {prog.batch_generic}")
+        parts = {} if args.no_stages else min(
+            (stages(arch_like, stage_inputs, dict(config)) for _ in range(args.repeats)), key=lambda t: sum(t.values()))
+        table.append((name, t_export, t_lower, len(prog)))
+        print(f"\n{name}: {len(prog)} instructions, batch-generic {getattr(prog, 'batch_generic', None)}")
         print(f"  torch.export alone {t_export:.2f} s, tpl.lower {t_lower:.2f} s ({t_lower / t_export:.2f} x)")
         for stage, seconds in parts.items():
-            print(f"    {stage:<38} {seconds:6.3f} s")
+            print(f"    {stage:<52} {seconds:6.3f} s")
         if args.profile:
             print(own_profile(lowered, args.profile))
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     print("\n| model | instructions | torch.export alone | tpl.lower | ratio |")
     print("|---|---|---|---|---|")
-    for name, t_export, t_lower, count, _ in table:
+    for name, t_export, t_lower, count in table:
         print(f"| {name} | {count} | {t_export:.2f} s | {t_lower:.2f} s | {t_lower / t_export:.2f} |")
 
 
@@ -181,8 +186,14 @@ def main() -> None:
     parser.add_argument("--hf-width", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", type=int, default=8, help="cProfile entries of tplimits' own code (0: none)")
+    parser.add_argument("--cpu-time", action="store_true", help="CPU seconds of this process (one thread)")
+    parser.add_argument("--no-stages", action="store_true", help="only torch.export and the whole tpl.lower")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+        torch.set_num_threads(1)
     (gpt_study if args.study == "gpt" else models_study)(args)
 
 
