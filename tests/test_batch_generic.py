@@ -142,8 +142,10 @@ def test_second_width_is_traced_at_another_batch_size():
     assert traced.batch_sizes == (LOWERED, LOWERED + 1) and traced.batch_trace is not None
     assert traced.placeholder_layouts[next(n for n, p in traced.trace.placeholders.items() if p.role == "input")] \
         == (LOWERED, 8)
-    # a ratio of batch sizes equal to the ratio of widths would let a batch axis pass for a width axis
+    # a ratio of batch sizes equal to (a simple power of) the ratio of widths would let a batch axis pass for a
+    # width axis, or a constant proportional to the batch size for a power of width
     assert other_batch_size(1, (32, 64)) == 3 and other_batch_size(4, (32, 64)) == 5
+    assert other_batch_size(1, (1024, 256)) == 3 and other_batch_size(3, (64, 48)) == 5  # 2 = 4^½, 4/3 = (3/4)^-1
 
 
 class GrowingHeads(nn.Module):

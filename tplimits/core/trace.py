@@ -375,12 +375,18 @@ def _per_example(x: int, y: int, batch: tuple[int, int] | None) -> bool:
 
 
 def other_batch_size(size: int, widths: tuple[int, int]) -> int:
-    """A batch size to trace at besides ``size``: one more, unless its ratio to ``size`` is the ratio of the two
-    ``widths`` (then a size that grows with the batch would pass for a width axis)."""
+    """A batch size to trace at besides ``size``: one more, unless its ratio to ``size`` is a power ``p`` of the
+    ratio of the two ``widths`` (p = ±1: a size that grows with the batch would pass for a width axis; another
+    simple fraction: a constant proportional to the batch size would pass for ``coef·n^p``)."""
     other = size + 1
-    while Fraction(other, size) in (Fraction(widths[1], widths[0]), Fraction(widths[0], widths[1])):
+    while _power_of(other / size, widths[1] / widths[0]):
         other += 1
     return other
+
+
+def _power_of(x: float, base: float) -> bool:
+    p = Fraction(math.log(x) / math.log(base)).limit_denominator(12)
+    return math.isclose(base ** float(p), x, rel_tol=1e-9)
 
 
 def fit_width_power(x: float, y: float, n_a: int, n_b: int, where: str) -> WidthPower:
