@@ -171,3 +171,16 @@ def test_width_axis_holding_the_batch_is_refused_at_another_batch_size():
     assert_close_tree(prog.replay(model, x), model(x))
     with pytest.raises(tpl.BatchSizeError, match="depends on the batch size too"):
         prog.replay(model, torch.randn(3, 5, 3))
+
+
+def test_limit_at_another_batch_size_equals_a_fresh_lowering():
+    """The μ-limit trained on 7 rows with the program lowered for 4 rows equals the one lowered for 7 rows."""
+    gen = torch.Generator().manual_seed(0)
+    X4, y4, X7, y7 = (torch.randn(rows, cols, generator=gen) for rows, cols in ((4, 3), (4, 1), (7, 3), (7, 1)))
+    options = dict(steps=2, lr=0.5, particles=256, batches=2, progress=False)
+    reused = tpl.derive("mlp", optimizer="sgd", depth=1, d_in=3)
+    reused.train(X4, y4, **options)
+    got = reused.train(X7, y7, **options)
+    expected = tpl.derive("mlp", optimizer="sgd", depth=1, d_in=3).train(X7, y7, **options)
+    assert got.outputs.shape[1] == 7
+    assert torch.equal(got.outputs, expected.outputs) and torch.equal(got.loss, expected.loss)
