@@ -142,8 +142,8 @@ class Limit:
 
     # -- the program for a given set of inputs ---------------------------------------------
     def family(self, inputs: torch.Tensor | None = None) -> Family:
-        """The architecture lowered for ``inputs``: once for every number of rows (the program re-specialised to
-        it, :meth:`Program.at_batch`), or once per shape for a model whose graph depends on the batch size."""
+        """The architecture lowered for ``inputs``: once whatever their number of rows (the program re-specialised
+        to it, :meth:`Program.at_batch`), or once per shape for a model whose graph depends on the batch size."""
         rows = None if inputs is None else ("rows", tuple(inputs.shape[1:]), inputs.dtype)
         lowered = self._families.get(rows) if rows is not None else None
         if lowered is not None and lowered.program.batch_generic:
