@@ -127,8 +127,8 @@ def check_shapes(inputs: Sequence[Input], flat: Sequence[Any], why: str) -> None
         if torch.is_tensor(value) and tuple(value.shape) != tuple(ins.layout):
             raise BatchSizeError(
                 f"input {ins.index} has shape {list(value.shape)} but the program was lowered for {list(ins.layout)} "
-                f"and holds only at that batch size: {why}. Lower the model with example inputs of the shape you "
-                "run it on (tpl.lower(..., example_inputs=...)).")
+                f"and holds only at that batch size (axis 0 of the inputs): {why}. Lower the model with example "
+                "inputs of the shape you run it on (tpl.lower(..., example_inputs=...)).")
 
 
 def _format(layout: tuple) -> str:

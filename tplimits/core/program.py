@@ -158,7 +158,8 @@ class Program:
         check_count("size", size, 1)
         if not self.batch_generic:
             raise BatchSizeError(f"this program cannot be re-specialised to batch size {size}: "
-                                 f"{self._batch_dependence()}. Lower the model with example inputs of that batch size.")
+                                 f"{self._batch_dependence()}. Lower the model with example inputs of that batch size "
+                                 "(the batch axis is axis 0 of the inputs).")
         if size == self.batch.size:
             return self
         if size not in self._at_batch:
