@@ -158,8 +158,8 @@ class Program:
         check_count("size", size, 1)
         if not self.batch_generic:
             raise BatchSizeError(f"this program cannot be re-specialised to batch size {size}: "
-                                 f"{self._batch_dependence()}. Lower the model with example inputs of that batch size "
-                                 "(the batch axis is axis 0 of the inputs).")
+                                 f"{self._why_batch_specific()}. Lower the model with example inputs of that "
+                                 "batch size (the batch axis is axis 0 of the inputs).")
         if size == self.batch.size:
             return self
         if size not in self._at_batch:
@@ -172,11 +172,11 @@ class Program:
         """The program at the batch size of ``inputs`` (itself when they have the shapes it was lowered with)."""
         flat = pytree.tree_leaves(inputs)
         if not self.batch_generic:
-            check_shapes(self.inputs, flat, self._batch_dependence())
+            check_shapes(self.inputs, flat, self._why_batch_specific())
             return self
         return self.at_batch(self.batch.size_of(self.inputs, flat))
 
-    def _batch_dependence(self) -> str:
+    def _why_batch_specific(self) -> str:
         if self.batch is not None and not self.batch_generic:
             return ("it was derived from a lowered program (parametrized, or a total program); re-specialise the "
                     "lowered program with `at_batch` and derive it again")
