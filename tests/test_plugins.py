@@ -97,7 +97,7 @@ def test_plugin_rule_overrides_builtin(third_party):
         tpl.lower("mlp", activation="gelu", depth=2)
     finally:
         tpl.unregister_plugin(plugin)
-    assert len(calls) == 2
+    assert calls == ["gelu", "gelu_1"] * 2  # both gelu nodes, lowered at the inputs' batch size and at another
 
 
 def test_builtins_come_from_entry_points():

@@ -32,6 +32,7 @@ from tplimits.core.program import Program
 from tplimits.diagnostics.diagnose import Diagnosis, Measure, ParamDiagnosis
 from tplimits.diagnostics.linearize import LinearizedModel
 from tplimits.errors import (
+    BatchSizeError,
     CheckpointError,
     ConfigError,
     Diverged,
@@ -72,6 +73,7 @@ __all__ = [
     "ABCD",
     "Architecture",
     "Avg",
+    "BatchSizeError",
     "CheckReport",
     "CheckpointError",
     "ConfigError",

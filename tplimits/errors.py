@@ -24,6 +24,11 @@ class WidthError(TplimitsError):
     """Sizes or constants do not scale with width in a way a Tensor Program can express."""
 
 
+class BatchSizeError(TplimitsError):
+    """A program is run at a batch size it cannot take: it was lowered at another one and its graph depends
+    on the batch size, or the inputs do not make a whole batch."""
+
+
 class LoweringError(TplimitsError):
     """Base class of errors raised while lowering a traced graph to a Tensor Program."""
 

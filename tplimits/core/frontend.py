@@ -19,9 +19,22 @@ from typing import Any
 import attrs
 import torch
 
+from tplimits.core.batch import BatchSpec, generalise
 from tplimits.core.lower import lower_trace
 from tplimits.core.program import Program
-from tplimits.core.trace import ModelPair, build_pair, infer_widths, trace_pair
+from tplimits.core.trace import (
+    GraphTrace,
+    ModelPair,
+    WidthTrace,
+    batch_size,
+    build_pair,
+    carry_over,
+    error_reason,
+    infer_widths,
+    resize_batch,
+    trace_like,
+    trace_pair,
+)
 from tplimits.errors import ConfigError, TplimitsError, check_option
 
 DEFAULT_WIDTH = 64
@@ -127,8 +140,46 @@ def as_tuple(inputs: ExampleInputs) -> tuple:
 
 
 def lower_pair(pair: ModelPair, rules: Mapping[Any, Callable]) -> Program:
-    """Trace the two models of ``pair`` and lower them with ``rules`` to a Tensor Program."""
-    return lower_trace(trace_pair(pair), rules, width=pair.width)
+    """Trace the two models of ``pair`` and lower them with ``rules`` to a Tensor Program (batch-generic
+    where the model allows, see :mod:`tplimits.core.batch`)."""
+    traced = trace_pair(pair)
+    program = lower_trace(traced, rules, width=pair.width)
+    return with_batch_spec(program, traced, pair, rules)
+
+
+def with_batch_spec(program: Program, traced: WidthTrace, pair: ModelPair, rules: Mapping[Any, Callable]) -> Program:
+    """``program`` with how it depends on the batch size, found by lowering the model once more at another batch
+    size; or with why it holds at its own batch size only.
+
+    The trace of the second width, taken on more examples, serves when it could be; else, or when its program
+    does not generalise (it is also at another width), the model itself is traced on one example more, and
+    that decides."""
+    size = batch_size(pair.inputs)
+    if size is None:
+        return attrs.evolve(program, batch_dependence="its inputs have no batch axis (axis 0 of a tensor input)")
+    if traced.batch_trace is not None:
+        try:
+            return attrs.evolve(program, batch=_generalise(program, traced, (traced.batch_trace, pair.n_other),
+                                                           traced.batch_sizes, pair, rules))
+        except TplimitsError:  # the same width at another batch size decides below
+            pass
+    sizes = (size, size + 1)
+    try:
+        other = trace_like(traced, pair.model, resize_batch(pair.inputs, sizes[1]))
+    except Exception as error:  # noqa: BLE001 - a model that refuses another batch size: that is the finding
+        return attrs.evolve(program, batch_dependence=f"the model fails on {sizes[1]} examples: {error_reason(error)}")
+    try:
+        return attrs.evolve(program, batch=_generalise(program, traced, (other, pair.n), sizes, pair, rules))
+    except TplimitsError as error:  # what differs at the other batch size is why the program is specific to its own
+        return attrs.evolve(program, batch_dependence=str(error))
+
+
+def _generalise(program: Program, traced: WidthTrace, other: tuple[GraphTrace, int], sizes: tuple[int, int],
+                pair: ModelPair, rules: Mapping[Any, Callable]) -> BatchSpec:
+    """``program``'s batch spec from ``other`` = (a trace at batch size ``sizes[1]`` lined up with ``traced``,
+    its width)."""
+    trace, width = other
+    return generalise(program, lower_trace(carry_over(traced, trace, sizes, width), rules, width=pair.width), sizes)
 
 
 def lower_architecture(arch: ArchitectureLike, rules: Mapping[Any, Callable], example_inputs: ExampleInputs = None,

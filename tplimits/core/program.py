@@ -38,9 +38,12 @@ from typing import Any
 import attrs
 import networkx as nx
 import torch
+from torch.utils import _pytree as pytree
 
+from tplimits.core.batch import BatchSpec, check_shapes
 from tplimits.core.interpret import FiniteInterpreter
 from tplimits.core.ir import Input, Instruction, Parameter, ParameterInfo, concrete_shape, format_layout, width_axes
+from tplimits.errors import BatchSizeError, check_count
 
 # --------------------------------------------------------------------------------------------
 # The program
@@ -64,7 +67,10 @@ class Program:
     fan_in: dict[str, tuple[int, ...]] = attrs.field(factory=dict)  # parameter -> axes summed against inputs
     aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)  # tied parameter -> its other names
     unused: tuple[str, ...] = ()  # trainable parameters of the model that its forward never reads
+    batch: BatchSpec | None = attrs.field(default=None, repr=False)  # how it depends on the batch size
+    batch_dependence: str = ""  # why it holds at its own batch size only, when it does
     _by_name: dict[str, Instruction] = attrs.field(init=False, factory=dict, repr=False)
+    _at_batch: dict[int, Program] = attrs.field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._by_name = {ins.name: ins for ins in self.instructions}
@@ -135,15 +141,58 @@ class Program:
         """Whether any value of the program has a width axis (else it is the same at every width)."""
         return any(width_axes(getattr(ins, "layout", ())) for ins in self.instructions)
 
+    # -- batch size ----------------------------------------------------------------------------
+
+    @property
+    def batch_generic(self) -> bool:
+        """Whether the program can be re-specialised to other batch sizes (:meth:`at_batch`)."""
+        return self.batch is not None and self.batch.describes(self.instructions)
+
+    def at_batch(self, size: int) -> Program:
+        """The program at batch size ``size``, re-specialised from this one without tracing again.
+
+        Raises :class:`~tplimits.errors.BatchSizeError` when the model's graph depends on the batch size
+        (the reason found at lowering is given) or when this program was derived from a lowered one
+        (re-specialise the lowered program, then derive).
+        """
+        check_count("size", size, 1)
+        if not self.batch_generic:
+            raise BatchSizeError(f"this program cannot be re-specialised to batch size {size}: "
+                                 f"{self._why_batch_specific()}. Lower the model with example inputs of that "
+                                 "batch size (the batch axis is axis 0 of the inputs).")
+        if size == self.batch.size:
+            return self
+        if size not in self._at_batch:
+            instructions = self.batch.respecialise(self.instructions, size)
+            self._at_batch[size] = attrs.evolve(self, instructions=instructions, batch=attrs.evolve(
+                self.batch, size=size, instructions=tuple(instructions)))
+        return self._at_batch[size]
+
+    def for_inputs(self, *inputs: Any) -> Program:
+        """The program at the batch size of ``inputs`` (itself when they have the shapes it was lowered with)."""
+        flat = pytree.tree_leaves(inputs)
+        if not self.batch_generic:
+            check_shapes(self.inputs, flat, self._why_batch_specific())
+            return self
+        return self.at_batch(self.batch.size_of(self.inputs, flat))
+
+    def _why_batch_specific(self) -> str:
+        if self.batch is not None and not self.batch_generic:
+            return ("it was derived from a lowered program (parametrized, or a total program); re-specialise the "
+                    "lowered program with `at_batch` and derive it again")
+        return self.batch_dependence or "it records no batch axis"
+
     # -- evaluation ----------------------------------------------------------------------------
 
     def replay(self, model: torch.nn.Module, *inputs: Any) -> Any:
         """Evaluate the program with ``model``'s own parameters (the finite-width assignment).
 
-        ``model`` may be at any width of the family, not only the traced ones. The result has the
-        structure of ``model(*inputs)`` and equals it up to floating-point rounding.
+        ``model`` may be at any width of the family, not only the traced ones, and ``inputs`` of any batch
+        size (the program is re-specialised to it, see :meth:`at_batch`). The result has the structure of
+        ``model(*inputs)`` and equals it up to floating-point rounding.
         """
-        return FiniteInterpreter.from_model(self, model).run(*inputs)
+        checked = FiniteInterpreter.from_model(self, model)  # the model's parameters first: the likelier mistake
+        return FiniteInterpreter(self.for_inputs(*inputs), checked.state, checked.n).run(*inputs)
 
     # -- printing ------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from tplimits.core.ir import Layout, Width, WidthInt, WidthPower
+from tplimits.core.ir import Layout, Width, WidthInt, WidthPower, format_layout
 from tplimits.errors import TraceError, WidthError
 
 # --------------------------------------------------------------------------------------------
@@ -126,12 +126,12 @@ def trace_graph(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
     try:
         return export_trace(model, inputs)
     except Exception as export_error:  # noqa: BLE001 - any tracer failure moves on to the fallback
-        export_reason = _reason(export_error)
+        export_reason = error_reason(export_error)
     try:
         symbolic = fx.symbolic_trace(model)
         return make_fx_trace(symbolic, inputs, tracer="fx.symbolic_trace", fake=False)
     except Exception as fx_error:  # noqa: BLE001
-        fx_reason = _reason(fx_error)
+        fx_reason = error_reason(fx_error)
     raise TraceError(
         f"could not trace {type(model).__name__}.\n"
         f"  torch.export(strict=False) failed: {export_reason}\n"
@@ -141,7 +141,7 @@ def trace_graph(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
     )
 
 
-def _reason(error: Exception) -> str:
+def error_reason(error: Exception) -> str:
     text = "".join(traceback.format_exception_only(type(error), error)).strip()
     first = text.splitlines()[0] if text else type(error).__name__
     return first[:500]
@@ -162,11 +162,17 @@ class WidthTrace:
     args: dict[str, tuple[tuple, dict]]  # node name -> (args, kwargs) with width-dependent leaves
     placeholder_layouts: dict[str, Layout]
     aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)  # tied tensors: name -> other names
+    second_tracer: str = "make_fx"  # what traced the second width: a trace at another batch size takes the same
+    batch_trace: GraphTrace | None = None  # the second trace, when it was taken at another batch size too
+    batch_sizes: tuple[int, int] | None = None  # the batch sizes of the two traces then
 
 
-def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTrace:
+def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int,
+                   batch: tuple[int, int] | None = None) -> WidthTrace:
     """Compare two traces of the same model family at widths ``n_a`` and ``n_b``.
 
+    ``batch``: the traces' batch sizes when they differ; a size proportional to the batch size is then
+    fixed at ``a``'s (:func:`other_batch_size` keeps it from passing for a width).
     The subgraphs of higher-order ops (a ``torch.no_grad()`` or autocast region) are compared too;
     their nodes are keyed by :func:`subgraph_prefix` + node name.
     """
@@ -175,20 +181,21 @@ def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int) -> WidthTra
     layouts: dict[str, Any] = {}
     args: dict[str, tuple[tuple, dict]] = {}
     ph_b = {(p.role, p.target, p.index): name for name, p in b.placeholders.items()}
+    nodes_b = _placeholder_nodes(b)
     placeholder_layouts = {}
     for node in a.graph_module.graph.nodes:
         if node.op != "placeholder":
             continue
         p = a.placeholders[node.name]
         other_name = ph_b.get((p.role, p.target, p.index))
-        other = _node_by_name(b, other_name) if other_name is not None else None
+        other = nodes_b.get(other_name)
         if other is None:
             raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at width {n_a} but "
                              f"not in the trace at width {n_b}")
-        layout = _layout(_value_shape(node, a), _value_shape(other, b), n_a, n_b, node.name)
+        layout = _layout(_value_shape(node, a), _value_shape(other, b), n_a, n_b, node.name, batch)
         layouts[node.name] = layout
         placeholder_layouts[node.name] = layout
-    _compare_calls(a.graph_module, b.graph_module, "", (n_a, n_b), layouts, args)
+    _compare_calls(a.graph_module, b.graph_module, "", (n_a, n_b, batch), layouts, args)
     return WidthTrace(a, n_a, layouts, args, placeholder_layouts)
 
 
@@ -206,13 +213,17 @@ def graph_attribute(gm: fx.GraphModule, target: str) -> Any:
 
 
 def _call_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op in ("call_function", "get_attr")]
+    """The ops of ``gm`` that are compared between traces. Checks that compute nothing (no result, no use:
+    the metadata assertions torch.export inserts before a ``.to``, which ``make_fx`` does not) are left out."""
+    return [n for n in gm.graph.nodes if n.op == "get_attr"
+            or n.op == "call_function" and (n.users or _meta_value(n) is not None)]
 
 
-def _compare_calls(gm_a: fx.GraphModule, gm_b: fx.GraphModule, prefix: str, widths: tuple[int, int],
+def _compare_calls(gm_a: fx.GraphModule, gm_b: fx.GraphModule, prefix: str, widths: tuple,
                    layouts: dict[str, Any], args: dict[str, tuple[tuple, dict]]) -> None:
-    """Layouts and width-dependent arguments of the ops of ``gm_a`` (and, recursively, its subgraphs)."""
-    n_a, n_b = widths
+    """Layouts and width-dependent arguments of the ops of ``gm_a`` (and, recursively, its subgraphs);
+    ``widths`` = (n_a, n_b, batch sizes or None)."""
+    n_a, n_b, batch = widths
     nodes_a, nodes_b = _call_nodes(gm_a), _call_nodes(gm_b)
     check_aligned(nodes_a, nodes_b, n_a, n_b)
     for node_a, node_b in zip(nodes_a, nodes_b, strict=True):
@@ -226,27 +237,29 @@ def _compare_calls(gm_a: fx.GraphModule, gm_b: fx.GraphModule, prefix: str, widt
             shapes = _shape_of(value_a), _shape_of(value_b)
         else:
             shapes = _shape_of(_meta_value(node_a)), _shape_of(_meta_value(node_b))
-        layouts[key] = _layout(*shapes, n_a, n_b, key)
+        layouts[key] = _layout(*shapes, n_a, n_b, key, batch)
         if node_a.op == "call_function":
             where = f"node {key!r} ({_target_name(node_a.target)})"
             (args_a, kwargs_a), (args_b, kwargs_b) = _with_defaults(node_a, node_b)
             args[key] = (
-                _merge_args(args_a, args_b, n_a, n_b, where),
-                _merge_args(kwargs_a, kwargs_b, n_a, n_b, where),
+                _merge_args(args_a, args_b, n_a, n_b, where, batch),
+                _merge_args(kwargs_a, kwargs_b, n_a, n_b, where, batch),
             )
 
 
-def check_aligned(nodes_a: Sequence[fx.Node], nodes_b: Sequence[fx.Node], n_a: int, n_b: int) -> None:
+def check_aligned(nodes_a: Sequence[fx.Node], nodes_b: Sequence[fx.Node], n_a: int, n_b: int,
+                  what: str = "width") -> None:
+    """The two traces (at ``what`` n_a and n_b) run the same ops in the same order."""
     for i, (x, y) in enumerate(zip(nodes_a, nodes_b, strict=False)):
         if x.target != y.target:
             raise TraceError(
-                f"the traces at widths {n_a} and {n_b} differ at op #{i}: {_target_name(x.target)} "
+                f"the traces at {what}s {n_a} and {n_b} differ at op #{i}: {_target_name(x.target)} "
                 f"({x.name}) vs {_target_name(y.target)} ({y.name}). The forward's control flow depends on "
-                "width; tplimits needs the same computation at every width."
+                f"{what}; tplimits needs the same computation at every {what}."
             )
     if len(nodes_a) != len(nodes_b):
-        raise TraceError(f"the traces at widths {n_a} and {n_b} have {len(nodes_a)} and {len(nodes_b)} ops; "
-                         "the forward's control flow depends on width")
+        raise TraceError(f"the traces at {what}s {n_a} and {n_b} have {len(nodes_a)} and {len(nodes_b)} ops; "
+                         f"the forward's control flow depends on {what}")
 
 
 def _with_defaults(x: fx.Node, y: fx.Node) -> tuple[tuple[tuple, dict], tuple[tuple, dict]]:
@@ -277,11 +290,8 @@ def _with_defaults(x: fx.Node, y: fx.Node) -> tuple[tuple[tuple, dict], tuple[tu
 BACKEND_FLAGS = {"cudnn_enable", "cudnn_enabled"}
 
 
-def _node_by_name(trace: GraphTrace, name: str) -> fx.Node | None:
-    for node in trace.graph_module.graph.nodes:
-        if node.name == name:
-            return node
-    return None
+def _placeholder_nodes(trace: GraphTrace) -> dict[str, fx.Node]:
+    return {node.name: node for node in trace.graph_module.graph.nodes if node.op == "placeholder"}
 
 
 def _target_name(target: Any) -> str:
@@ -307,11 +317,11 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def _layout(shape_a: Any, shape_b: Any, n_a: int, n_b: int, where: str) -> Any:
+def _layout(shape_a: Any, shape_b: Any, n_a: int, n_b: int, where: str, batch: tuple[int, int] | None = None) -> Any:
     if shape_a is None or shape_b is None:
         return None
     if shape_a and isinstance(shape_a[0], tuple | type(None)):  # multi-output
-        return tuple(_layout(x, y, n_a, n_b, where) for x, y in zip(shape_a, shape_b, strict=True))
+        return tuple(_layout(x, y, n_a, n_b, where, batch) for x, y in zip(shape_a, shape_b, strict=True))
     if len(shape_a) != len(shape_b):
         raise TraceError(f"node {where!r} has rank {len(shape_a)} at width {n_a} but {len(shape_b)} at {n_b}")
     axes = []
@@ -320,6 +330,9 @@ def _layout(shape_a: Any, shape_b: Any, n_a: int, n_b: int, where: str) -> Any:
             axes.append(sa)
             continue
         ratio = Fraction(sa, n_a)
+        if Fraction(sb, n_b) != ratio and _per_example(sa, sb, batch):
+            axes.append(sa)
+            continue
         if Fraction(sb, n_b) != ratio:
             raise WidthError(
                 f"axis {axis} of node {where!r} has size {sa} at width {n_a} and {sb} at width {n_b}: it does "
@@ -329,14 +342,14 @@ def _layout(shape_a: Any, shape_b: Any, n_a: int, n_b: int, where: str) -> Any:
     return tuple(axes)
 
 
-def _merge_args(x: Any, y: Any, n_a: int, n_b: int, where: str) -> Any:
+def _merge_args(x: Any, y: Any, n_a: int, n_b: int, where: str, batch: tuple[int, int] | None = None) -> Any:
     """Arguments of one node at two widths -> arguments with width-dependent leaves made explicit."""
     if isinstance(x, fx.Node):
         return x
     if isinstance(x, list | tuple) and isinstance(y, list | tuple) and len(x) == len(y):
-        return type(x)(_merge_args(p, q, n_a, n_b, where) for p, q in zip(x, y, strict=True))
+        return type(x)(_merge_args(p, q, n_a, n_b, where, batch) for p, q in zip(x, y, strict=True))
     if isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
-        return {k: _merge_args(x[k], y[k], n_a, n_b, where) for k in x}
+        return {k: _merge_args(x[k], y[k], n_a, n_b, where, batch) for k in x}
     if type(x) is not type(y) and not (isinstance(x, int | float) and isinstance(y, int | float)):
         raise TraceError(f"{where}: argument {x!r} at width {n_a} but {y!r} at width {n_b}")
     if isinstance(x, bool) or x == y:
@@ -345,6 +358,8 @@ def _merge_args(x: Any, y: Any, n_a: int, n_b: int, where: str) -> Any:
         return x
     if isinstance(x, int) and isinstance(y, int):
         ratio = Fraction(x, n_a)
+        if Fraction(y, n_b) != ratio and _per_example(x, y, batch):
+            return x
         if Fraction(y, n_b) != ratio:
             raise WidthError(f"{where}: integer argument {x} at width {n_a} and {y} at width {n_b} is not "
                              "proportional to width")
@@ -352,6 +367,26 @@ def _merge_args(x: Any, y: Any, n_a: int, n_b: int, where: str) -> Any:
     if isinstance(x, int | float) and isinstance(y, int | float):
         return fit_width_power(float(x), float(y), n_a, n_b, where)
     raise TraceError(f"{where}: argument {x!r} at width {n_a} but {y!r} at width {n_b}")
+
+
+def _per_example(x: int, y: int, batch: tuple[int, int] | None) -> bool:
+    """Whether sizes ``x`` and ``y`` are proportional to the batch sizes ``batch`` of their traces."""
+    return batch is not None and Fraction(x, batch[0]) == Fraction(y, batch[1])
+
+
+def other_batch_size(size: int, widths: tuple[int, int]) -> int:
+    """A batch size to trace at besides ``size``: one more, unless its ratio to ``size`` is a power ``p`` of the
+    ratio of the two ``widths`` (p = ±1: a size that grows with the batch would pass for a width axis; another
+    simple fraction: a constant proportional to the batch size would pass for ``coef·n^p``)."""
+    other = size + 1
+    while _power_of(other / size, widths[1] / widths[0]):
+        other += 1
+    return other
+
+
+def _power_of(x: float, base: float) -> bool:
+    p = Fraction(math.log(x) / math.log(base)).limit_denominator(12)
+    return math.isclose(base ** float(p), x, rel_tol=1e-9)
 
 
 def fit_width_power(x: float, y: float, n_a: int, n_b: int, where: str) -> WidthPower:
@@ -421,7 +456,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_no_state_updates(model: torch.nn.Module, inputs: tuple, width: int) -> None:
+def check_no_state_updates(model: torch.nn.Module, width: int, inputs: tuple) -> None:
     """Refuse a model whose forward changes its own parameters or buffers.
 
     ``torch.export`` drops such updates silently (a decorrelation matrix updated inside forward
@@ -470,26 +505,51 @@ def build_pair(build: Callable[[int], torch.nn.Module], inputs: tuple, n: int, n
 
 def trace_pair(pair: ModelPair) -> WidthTrace:
     """Trace both models of ``pair`` and compare them."""
-    small, n_small = ((pair.model, pair.n) if _numel(pair.model) <= _numel(pair.other)
-                      else (pair.other, pair.n_other))
-    check_no_state_updates(small, pair.inputs, n_small)
-    main = trace_graph(pair.model, pair.inputs)
-    try:
-        other = make_fx_trace(pair.other, pair.inputs)
-        compared = compare_traces(main, other, pair.n, pair.n_other)
-    except Exception:  # noqa: BLE001 - the cheap trace is an optimisation; a second export decides
-        if main.tracer != "torch.export":
-            raise
-        try:
-            other = export_trace(pair.other, pair.inputs)
-        except Exception as error:  # noqa: BLE001
-            raise TraceError(_inputs_hint(pair.other, pair.n_other, error)) from error
-        compared = compare_traces(main, other, pair.n, pair.n_other)
-    return attrs.evolve(compared, aliases=tied_names(pair.model))
+    check_no_state_updates(*smaller(pair), pair.inputs)
+    return compare_widths(pair, trace_graph(pair.model, pair.inputs))
+
+
+def smaller(pair: ModelPair) -> tuple[torch.nn.Module, int]:
+    """The smaller model of ``pair`` and its width (the cheaper one to run)."""
+    return (pair.model, pair.n) if _numel(pair.model) <= _numel(pair.other) else (pair.other, pair.n_other)
+
+
+def compare_widths(pair: ModelPair, main: GraphTrace) -> WidthTrace:
+    """``main`` (the trace of ``pair.model``) compared with a trace of ``pair.other``.
+
+    The second trace is taken on more examples when the inputs have a batch axis, so that it also tells
+    which sizes grow with the batch size (:mod:`tplimits.core.batch`); should that fail (a model whose
+    graph depends on the batch size), it is taken again on the same inputs. A fake-tensor ``make_fx``
+    trace is tried first, ``torch.export`` after it.
+    """
+    size = batch_size(pair.inputs)
+    batches = [None] if size is None else [(size, other_batch_size(size, (pair.n, pair.n_other))), None]
+    tracers = [make_fx_trace] + ([export_trace] if main.tracer == "torch.export" else [])
+    for batch in batches:
+        inputs = pair.inputs if batch is None else resize_batch(pair.inputs, batch[1])
+        for tracer in tracers:
+            last = batch is None and tracer is tracers[-1]
+            try:
+                other = tracer(pair.other, inputs)
+            except Exception as error:  # noqa: BLE001 - the cheaper traces are optimisations; the last one decides
+                if last and tracer is export_trace:
+                    raise TraceError(_inputs_hint(pair.other, pair.n_other, error)) from error
+                if last:
+                    raise
+                continue
+            try:
+                compared = compare_traces(main, other, pair.n, pair.n_other, batch)
+            except Exception:  # noqa: BLE001
+                if last:
+                    raise
+                continue
+            return attrs.evolve(compared, aliases=tied_names(pair.model), second_tracer=other.tracer,
+                                batch_trace=other if batch else None, batch_sizes=batch)
+    raise AssertionError("unreachable: the last trace returns or raises")
 
 
 def _inputs_hint(model: torch.nn.Module, width: int, error: Exception) -> str:
-    return (f"{type(model).__name__} at width {width} fails on the example inputs: {_reason(error)}. The example "
+    return (f"{type(model).__name__} at width {width} fails on the example inputs: {error_reason(error)}. The example "
             "inputs must fit the model at every width (an input whose size grows with width is not a Tensor "
             "Program input; build such state inside the model).")
 
@@ -505,3 +565,147 @@ def tied_names(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
 
 def _numel(model: torch.nn.Module) -> int:
     return sum(t.numel() for t in _state(model).values())
+
+
+# --------------------------------------------------------------------------------------------
+# Another batch size: the same model traced on more examples
+# --------------------------------------------------------------------------------------------
+
+
+def batch_size(inputs: tuple) -> int | None:
+    """The batch size of ``inputs``: axis 0 of the first tensor input (None without one)."""
+    first = next((t for t in pytree.tree_leaves(inputs) if torch.is_tensor(t)), None)
+    return None if first is None or first.dim() == 0 else int(first.shape[0])
+
+
+def resize_batch(inputs: tuple, size: int) -> tuple:
+    """``inputs`` with ``size`` examples: every tensor whose axis 0 is the batch axis has its rows repeated
+    cyclically (valid token ids stay valid); other inputs are kept."""
+    current = batch_size(inputs)
+    rows = torch.arange(size) % current
+
+    def resize(t: Any) -> Any:
+        if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == current:
+            return t[rows.to(t.device)]
+        return t
+
+    return pytree.tree_map(resize, inputs)
+
+
+def trace_like(wt: WidthTrace, model: torch.nn.Module, inputs: tuple) -> GraphTrace:
+    """``model`` traced on ``inputs`` the way the traces of ``wt`` were, so that the two line up op by op."""
+    if wt.trace.tracer == "fx.symbolic_trace":
+        return make_fx_trace(fx.symbolic_trace(model), inputs, tracer="fx.symbolic_trace", fake=False)
+    if wt.second_tracer == "torch.export":
+        return export_trace(model, inputs)
+    return make_fx_trace(model, inputs)
+
+
+def carry_over(wt: WidthTrace, other: GraphTrace, sizes: tuple[int, int], n_other: int) -> WidthTrace:
+    """The compared traces ``wt`` carried over to ``other``, a trace of the same model family at width ``n_other``
+    on inputs of another batch size (``sizes``: wt's and other's): ``other``'s own fixed sizes and arguments,
+    ``wt``'s width axes and width-dependent arguments, which must take their values at ``n_other`` there (a size
+    that is a product of width and batch size does not). Lowering the result gives the program at that batch
+    size, at ``wt``'s width."""
+    by_key = {(p.role, p.target, p.index): name for name, p in wt.trace.placeholders.items()}
+    layouts: dict[str, Any] = {}
+    placeholder_layouts = {}
+    for node in other.graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        p = other.placeholders[node.name]
+        name = by_key.get((p.role, p.target, p.index))
+        if name is None:
+            raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at batch size {sizes[1]} but "
+                             f"not in the trace at batch size {sizes[0]}")
+        layout = _carry_layout(wt.placeholder_layouts[name], _value_shape(node, other), node.name, n_other)
+        layouts[node.name] = placeholder_layouts[node.name] = layout
+    args: dict[str, tuple[tuple, dict]] = {}
+    _carry_calls(wt, (wt.trace.graph_module, ""), (other.graph_module, ""), (*sizes, n_other), layouts, args)
+    return WidthTrace(other, wt.n, layouts, args, placeholder_layouts, wt.aliases, wt.second_tracer)
+
+
+def _carry_calls(wt: WidthTrace, a: tuple[fx.GraphModule, str], b: tuple[fx.GraphModule, str],
+                 sizes: tuple[int, int, int], layouts: dict[str, Any], args: dict[str, tuple[tuple, dict]]) -> None:
+    """``sizes``: the two batch sizes and the width of ``b``'s trace."""
+    (gm_a, prefix_a), (gm_b, prefix_b) = a, b
+    nodes_a, nodes_b = _call_nodes(gm_a), _call_nodes(gm_b)
+    check_aligned(nodes_a, nodes_b, *sizes[:2], what="batch size")
+    for node_a, node_b in zip(nodes_a, nodes_b, strict=True):
+        key_a, key_b = prefix_a + node_a.name, prefix_b + node_b.name
+        if node_b.op == "get_attr":
+            value = graph_attribute(gm_b, node_b.target)
+            if isinstance(value, fx.GraphModule):
+                layouts[key_b] = None
+                _carry_calls(wt, (graph_attribute(gm_a, node_a.target), subgraph_prefix(prefix_a, node_a.target)),
+                             (value, subgraph_prefix(prefix_b, node_b.target)), sizes, layouts, args)
+                continue
+            shape = _shape_of(value)
+        else:
+            shape = _shape_of(_meta_value(node_b))
+        layouts[key_b] = _carry_layout(wt.layouts[key_a], shape, key_b, sizes[2])
+        if node_b.op == "call_function":
+            merged_args, merged_kwargs = wt.args[key_a]
+            _, (args_b, kwargs_b) = _with_defaults(node_a, node_b)
+            args_b = _pad_args(node_b, args_b, len(merged_args))
+            kwargs_b = {**_schema_defaults(node_b, merged_kwargs.keys() - kwargs_b.keys()), **kwargs_b}
+            where = f"node {key_b!r} ({_target_name(node_b.target)}) at batch size {sizes[1]}"
+            args[key_b] = (_carry_args(merged_args, args_b, where, sizes[2]),
+                           _carry_args(merged_kwargs, kwargs_b, where, sizes[2]))
+
+
+def _carry_layout(layout: Any, shape: Any, where: str, n: int) -> Any:
+    """``layout``'s width axes (which must have their size at width n in ``shape``) with the fixed sizes of
+    ``shape``."""
+    if layout is None or shape is None:
+        return None if layout is None and shape is None else _mismatch(where, layout, shape)
+    if layout and isinstance(layout[0], tuple | type(None)):  # multi-output
+        if len(layout) != len(shape):
+            _mismatch(where, layout, shape)
+        return tuple(_carry_layout(x, y, where, n) for x, y in zip(layout, shape, strict=True))
+    if len(layout) != len(shape) or any(isinstance(axis, Width) and axis.ratio * n != size
+                                        for axis, size in zip(layout, shape, strict=True)):
+        _mismatch(where, layout, shape)
+    return tuple(axis if isinstance(axis, Width) else size for axis, size in zip(layout, shape, strict=True))
+
+
+def _mismatch(where: str, layout: Any, shape: Any) -> None:
+    same_rank = isinstance(layout, tuple) and isinstance(shape, tuple) and len(layout) == len(shape)
+    what = "a width axis of it depends on the batch size too" if same_rank else "its rank depends on the batch size"
+    if isinstance(layout, tuple) and all(isinstance(axis, int | Width) for axis in layout):
+        layout = format_layout(layout)
+    raise TraceError(f"node {where!r} has layout {layout} at one batch size but shape {shape} at another: {what}")
+
+
+def _carry_args(merged: Any, other: Any, where: str, n: int) -> Any:
+    """``other``'s arguments (at width n) with the width-dependent leaves of ``merged`` (the same node's at
+    another batch size)."""
+    if isinstance(merged, WidthInt | WidthPower):
+        if not isinstance(other, int | float) or not math.isclose(merged.resolve(n), other, rel_tol=1e-9):
+            raise TraceError(f"{where}: argument {other!r} is not {merged} at width {n}: it depends on the batch "
+                             "size too")
+        return merged
+    if isinstance(other, fx.Node):
+        return other
+    if isinstance(merged, list | tuple) and isinstance(other, list | tuple) and len(merged) == len(other):
+        return type(other)(_carry_args(m, o, where, n) for m, o in zip(merged, other, strict=True))
+    if isinstance(merged, dict) and isinstance(other, dict) and merged.keys() == other.keys():
+        return {k: _carry_args(merged[k], other[k], where, n) for k in other}
+    if isinstance(merged, fx.Node | list | tuple | dict):
+        raise TraceError(f"{where}: argument {other!r} does not match {merged!r} at the other batch size")
+    return other
+
+
+def _pad_args(node: fx.Node, args: tuple, length: int) -> tuple:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return args
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    return args + tuple(positional[i].default_value for i in range(len(args), min(length, len(positional))))
+
+
+def _schema_defaults(node: fx.Node, names: Any) -> dict[str, Any]:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return {}
+    return {a.name: a.default_value for a in schema.arguments if a.name in names and a.has_default_value()}

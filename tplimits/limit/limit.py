@@ -142,12 +142,18 @@ class Limit:
 
     # -- the program for a given set of inputs ---------------------------------------------
     def family(self, inputs: torch.Tensor | None = None) -> Family:
-        """The architecture lowered for ``inputs`` (programs are specialised to their batch size)."""
+        """The architecture lowered for ``inputs``: once whatever their number of rows (the program re-specialised
+        to it, :meth:`Program.at_batch`), or once per shape for a model whose graph depends on the batch size."""
+        rows = None if inputs is None else ("rows", tuple(inputs.shape[1:]), inputs.dtype)
+        lowered = self._families.get(rows) if rows is not None else None
+        if lowered is not None and lowered.program.batch_generic:
+            return attrs.evolve(lowered, program=lowered.program.for_inputs(inputs), inputs=(inputs,))
         key = None if inputs is None else (tuple(inputs.shape), inputs.dtype)
         if key not in self._families:
             example = self.example_inputs if inputs is None else (inputs,)
             self._families[key] = lower_family(self.arch, self.lowering_rules, example, self.base,
                                                update_rules=self.update_rules, **dict(self.config))
+            self._families.setdefault(rows, self._families[key])
         return self._families[key]
 
     def setup(self, inputs: torch.Tensor | None = None) -> LimitSetup:

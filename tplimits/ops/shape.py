@@ -10,6 +10,7 @@ padding, flips, rolls) has no Tensor Program counterpart.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from fractions import Fraction
@@ -115,7 +116,7 @@ def _group_block(ctx: LoweringContext, src: list, dst: list) -> Fraction | None:
     fixed = math.prod(a for a in (*src, *dst) if not isinstance(a, Width))
     for d in (d for d in range(1, fixed + 1) if fixed % d == 0):  # largest block space first
         block = common / d
-        if all(_is_regrouping(src, ws[0], dst, wd[0], block, n) for n in (ctx.n, 2 * ctx.n)):
+        if all(_is_regrouping(tuple(src), ws[0], tuple(dst), wd[0], block, n) for n in (ctx.n, 2 * ctx.n)):
             return block
     ctx.not_representable(
         "a reshape that interleaves the coordinates of a width axis with a fixed axis",
@@ -124,7 +125,8 @@ def _group_block(ctx: LoweringContext, src: list, dst: list) -> Fraction | None:
     raise AssertionError  # not reached
 
 
-def _is_regrouping(src: list, ws: int, dst: list, wd: int, block: Fraction, n: int) -> bool:
+@functools.lru_cache(maxsize=1024)  # the same reshape recurs in every layer of a model
+def _is_regrouping(src: tuple, ws: int, dst: tuple, wd: int, block: Fraction, n: int) -> bool:
     """The check of :func:`_group_block` for one block space at width n (blocks of at least 2 coordinates,
     so that the within-block coordinate means something)."""
     if (block * n).denominator != 1 or block * n < 2:
