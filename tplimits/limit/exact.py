@@ -399,6 +399,58 @@ def _copied_entries(value: Linear) -> torch.Tensor | None:
     return copied
 
 
+def _shift_reducer(per_offset: torch.Tensor, F: int, rows: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """``(B, scale) ↦ scale · Σ_o B[idx_o, idx_o]`` for ``per_offset = [idx_o]`` (-1: a zero). When each input
+    row's entries read only its own row's (``idx = row·P + p_o(l)``, the same ``p_o`` in every row: a
+    convolution of each input separately), the sum is one linear map on each pair of rows' ``[P, P]`` block,
+    ``K = Σ_o S_o ⊗ S_o`` of ``[L², P²]`` (neural-tangents' convolution of the covariance); else gathers."""
+    offsets, R = per_offset.shape
+    if F % rows == 0 and R % rows == 0:
+        P, L = F // rows, R // rows
+        first = per_offset[:, :L]
+        row = torch.arange(rows, device=per_offset.device).repeat_interleave(L)[None, :]
+        shifted = torch.where(first >= 0, first, 0).repeat(1, rows) + row * P
+        if bool((first < P).all()) and torch.equal(per_offset, torch.where(first.repeat(1, rows) >= 0, shifted, -1)):
+            return _blockwise_reducer(first, P, rows)
+    padded_index = torch.where(per_offset >= 0, per_offset, F)  # the zero row and column appended
+
+    def gathered(B: torch.Tensor, scale: float) -> torch.Tensor:
+        padded = torch.nn.functional.pad(B, (0, 1, 0, 1))
+        total = None
+        for index in padded_index:
+            part = padded.index_select(0, index).index_select(1, index)
+            total = part if total is None else total.add_(part)
+        return total.mul_(scale)
+    return gathered
+
+
+def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The reduction of :func:`_shift_reducer` on each pair of rows: ``[rows·P]² → [rows·L]²`` through the
+    ``[L², P²]`` matrix ``K`` (sparse when large and mostly zero: large images)."""
+    offsets, L = first.shape
+    ls = torch.arange(L, device=first.device)
+    out_rows, in_cols = [], []
+    for index in first:
+        valid = ls[index >= 0]
+        p = index[valid]
+        out_rows.append((valid[:, None] * L + valid[None, :]).reshape(-1))
+        in_cols.append((p[:, None] * P + p[None, :]).reshape(-1))
+    entries = torch.stack([torch.cat(out_rows), torch.cat(in_cols)])
+    # a dense K while small (a product of BLAS speed; a sparse one is far slower per entry), else sparse
+    sparse = L * L * P * P > 2**20 and entries.shape[1] <= SPARSE_FRACTION * L * L * P * P
+    kernels: dict[torch.dtype, torch.Tensor] = {}
+
+    def blockwise(B: torch.Tensor, scale: float) -> torch.Tensor:
+        if B.dtype not in kernels:
+            ones = torch.ones(entries.shape[1], dtype=B.dtype, device=B.device)
+            K = torch.sparse_coo_tensor(entries, ones, (L * L, P * P), check_invariants=True).coalesce()
+            kernels[B.dtype] = K if sparse else K.to_dense().T.contiguous()
+        blocks = B.reshape(rows, P, rows, P).permute(0, 2, 1, 3).reshape(rows * rows, P * P)
+        out = torch.sparse.mm(kernels[B.dtype], blocks.T).T if sparse else blocks @ kernels[B.dtype]
+        return out.reshape(rows, rows, L, L).permute(0, 2, 1, 3).reshape(rows * L, rows * L).mul_(scale)
+    return blockwise
+
+
 def _layout_shape(value: Random) -> tuple[int, ...]:
     if isinstance(value, Gauss):
         return tuple(value.mean.shape)
@@ -981,16 +1033,8 @@ class ExactInterpreter(Interpreter):
         x = self.values[ins.vector]
         n_in = float(self.program[ins.vector].layout[x.axis].ratio) * self.n
         s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
-        F = math.prod(s for i, s in enumerate(_layout_shape(base)) if i != base.axis)
-        per_offset = torch.where(per_offset >= 0, per_offset, F)  # the zero row and column appended
-
-        def reduce(B: torch.Tensor, scale: float) -> torch.Tensor:
-            padded = torch.nn.functional.pad(B, (0, 1, 0, 1))
-            total = None
-            for rows in per_offset:
-                part = padded.index_select(0, rows).index_select(1, rows)
-                total = part if total is None else total.add_(part)
-            return total.mul_(scale)
+        fixed = [s for i, s in enumerate(_layout_shape(base)) if i != base.axis]
+        reduce = _shift_reducer(per_offset, math.prod(fixed), fixed[0] if fixed else 1)
         M = second_moment(base)
         start = self._new_sources(mean.numel(), reduce(M, s2 * n_in))
         channels = {}
@@ -1227,8 +1271,9 @@ class ExactInterpreter(Interpreter):
         return out
 
     def _leaves_unchanged(self, ins: Nonlin, name: str) -> bool:
-        """The function, with its other random arguments zero, is the identity in ``name``: tried on one random
-        column (a linear map other than the identity fixes a random vector with probability zero)."""
+        """The function, with its other random arguments zero, is the identity in ``name`` on the fixed entries in
+        their order (a reshape that keeps the order too): tried on one random column (a linear map other than the
+        identity fixes a random vector with probability zero)."""
         if (ins.name, name) not in self._unchanged:
             v = self.values[name]
             probe = torch.randn(v.mean.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(
@@ -1236,7 +1281,11 @@ class ExactInterpreter(Interpreter):
             zeros = {n: torch.zeros_like(self.values[n].mean) for n in self.inputs_of(ins)
                      if isinstance(self.values[n], Gauss)}
             image = self._apply(ins, {**self.values, **zeros, name: probe}) - self._apply(ins, {**self.values, **zeros})
-            self._unchanged[(ins.name, name)] = image.shape == probe.shape and bool(torch.equal(image, probe))
+            out_axis = width_axes(ins.layout)[0]
+            same = (image.ndim == len(ins.layout) and image.shape[out_axis] == 1
+                    and image.numel() == probe.numel()
+                    and bool(torch.equal(_fixed_flat(image, out_axis), _fixed_flat(probe, v.axis))))
+            self._unchanged[(ins.name, name)] = same
         return self._unchanged[(ins.name, name)]
 
     def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
