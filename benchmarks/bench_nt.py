@@ -10,8 +10,8 @@ Kernels: depth-3 relu MLP under NTP, d_in 10, one output, float64. The exact pat
 against the Monte Carlo path and against the empirical NTK of instantiated NTP networks
 (``tplimits.diagnostics.kernels.empirical_ntk``: torch.func, a vjp and a jvp per column, with each
 parameter's lr_scale·grad_scale), time and relative Frobenius gap. Then the exact NNGP and NTK of
-``--big-rows`` inputs of the MLP and of ``--cnn-rows`` images of :class:`SmallCNN`, each timed ``--repeats``
-times (the minimum; the first call, which reads each contribution's width power, apart), and with
+``--big-rows`` inputs of the MLP and of each ``--cnn-rows`` count of images of :class:`SmallCNN`, each
+timed ``--repeats`` times (the minimum; the first call, which reads each contribution's width power, apart), and with
 ``--nt-python`` (a separate virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2:
 never a dependency of tplimits) its jitted analytic ``stax`` kernels of the same inputs, compiled on them
 before timing and timed as many times in the same run, both sides pinned to the same ``--threads`` cores:
@@ -237,9 +237,11 @@ def kernels(args: argparse.Namespace) -> None:
             print(f"  width {width}: gap of the seed-averaged kernel "
                   f"{_gap(torch.stack(kernels_of_seeds).mean(0), exact.value):.4f}")
     race("mlp", limit, X_big, args, X_big, config["depth"])
-    X_cnn = torch.randn(args.cnn_rows, 2, args.image, args.image, generator=g)
-    cnn = tpl.derive(SmallCNN, optimizer="sgd", param="NTP", example_inputs=(X_cnn[:2],))
-    race("cnn", cnn, X_cnn, args, X_cnn.permute(0, 2, 3, 1))
+    cnn = None
+    for rows in args.cnn_rows:
+        X_cnn = torch.randn(rows, 2, args.image, args.image, generator=g)
+        cnn = cnn or tpl.derive(SmallCNN, optimizer="sgd", param="NTP", example_inputs=(X_cnn[:2],))
+        race("cnn", cnn, X_cnn, args, X_cnn.permute(0, 2, 3, 1))
 
 
 def main() -> None:
@@ -256,7 +258,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, nargs="+", default=[4096], help="kernels: widths of the empirical NTK")
     parser.add_argument("--big-rows", type=int, default=512, help="kernels: inputs of the exact-path timing")
     parser.add_argument("--nt-python", default=None, help="kernels: python of a venv with neural-tangents 0.6.5")
-    parser.add_argument("--cnn-rows", type=int, default=32, help="kernels: inputs of the CNN timing")
+    parser.add_argument("--cnn-rows", type=int, nargs="+", default=[32], help="kernels: inputs of the CNN timings")
     parser.add_argument("--image", type=int, default=3, help="kernels: the CNN's images are image × image")
     parser.add_argument("--repeats", type=int, default=7, help="kernels: timed runs of each side (the minimum)")
     parser.add_argument("--threads", type=int, default=1, help="kernels: cores (and threads) of both sides")

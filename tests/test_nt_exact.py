@@ -12,7 +12,7 @@ from torch import nn
 
 import tplimits as tpl
 from tplimits.errors import TplimitsError
-from tplimits.limit.exact import NotGaussian, law_moment
+from tplimits.limit.exact import ExactInterpreter, NotGaussian, kernels_at, law_moment
 
 
 def _inputs(rows: int, d_in: int = 4, seed: int = 0) -> torch.Tensor:
@@ -170,6 +170,46 @@ def test_small_cnn_exact_path_agrees_with_monte_carlo():
         mc = limit.kernel(X, kind=kind, path="monte carlo", particles=2**12, batches=16)
         z = ((mc.value - exact.value) / mc.se).abs()
         assert z.max() < 3.0, (kind, z)
+
+
+class _Conv1dNet(nn.Module):
+    """1-D convolutions: a hidden one with dilation 2 and stride 2, no padding (patches by unfolding a height-1
+    image, then a squeeze), tanh, a sum over positions and a readout."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, width, 3, padding=1)
+        self.conv2 = nn.Conv1d(width, width, 3, dilation=2, stride=2)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv2(torch.relu(self.conv1(x)))).sum(dim=2))
+
+
+def _largest_family(limit, X: torch.Tensor, structured: bool) -> int:
+    setup = limit.setup(X)
+    interp = ExactInterpreter(setup, 2**10, torch.float64, torch.device("cpu"), structured=structured)
+    interp.run(X, stop=setup.total.forward_length)
+    return max(size for size, _ in interp.metrics.sources.values())
+
+
+@pytest.mark.parametrize("model, shape", [(_SmallCNN, (8, 2, 3, 3)), (_Conv1dNet, (6, 2, 9))])
+def test_convolution_as_shifted_covariances_agrees_with_the_product_over_patches(model, shape):
+    """A hidden convolution's second moment (and NTK) as the sum over kernel offsets of its input's shifted
+    second moment, against the generic matrix product over the unfolded patches: the same kernels, and no
+    Gaussian family over (rows × offsets × positions)."""
+    X = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    limit = tpl.derive(model, optimizer="sgd", param="NTP", example_inputs=(X.float(),))
+    setup = limit.setup(X)
+    fast, slow = (kernels_at(setup, X, 2**20, torch.float64, torch.device("cpu"), structured=s) for s in (True, False))
+    scale = float(slow.nngp.abs().max())
+    assert float((fast.nngp - slow.nngp).abs().max()) < 1e-12 * scale
+    assert set(fast.ntk) == set(slow.ntk) and len(slow.ntk) == 6
+    for param, ntk in slow.ntk.items():
+        assert float((fast.ntk[param] - ntk).abs().max()) < 1e-12 * max(float(ntk.abs().max()), scale), param
+    positions = math.prod(shape[2:]) if model is _SmallCNN else 3  # the hidden convolution's outputs per row
+    assert _largest_family(limit, X, True) == shape[0] * positions
+    assert _largest_family(limit, X, False) == shape[0] * positions * 3 ** (len(shape) - 2)
 
 
 class _SquashedReadout(nn.Module):

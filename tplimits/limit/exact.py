@@ -170,6 +170,22 @@ class Linear:
     cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
 
+@attrs.define
+class OffsetTerms:
+    """A convolution's product before its sum over the kernel offsets (``h = W_o x_o`` per offset o, ``x``
+    copying entries of ``base``): ``index`` and ``offset`` give, for each entry of h, the entry of ``base`` it
+    reads (-1: zero padding) and its offset; ``shape``, ``axis``: h's layout with width 1. Its one reader
+    either sums the offsets (:meth:`ExactInterpreter._offset_sum`) or has the generic product formed."""
+
+    product: MatMul
+    base: Any
+    differentiable: bool
+    index: torch.Tensor
+    offset: torch.Tensor
+    shape: tuple[int, ...]
+    axis: int
+
+
 Random = Gauss | Mapped | Product | Linear
 RANDOM = (Gauss, Mapped, Product, Linear)
 
@@ -357,6 +373,82 @@ def _factored(value: Product, big: torch.Tensor, factor: torch.Tensor, x_small: 
         part = _sandwich(fn, big, big_value, value.axis)
         total = part if total is None else total + part
     return total if total is not None else big.new_zeros(1, 1)
+
+
+def _copied_entries(value: Linear) -> torch.Tensor | None:
+    """``[F]``: the entry of ``value.arg`` each entry of ``value`` copies (-1: a zero), when its linear map only
+    copies entries and writes zeros (unfolding patches with zero padding, slicing, reordering); ``None`` otherwise.
+    Read from the map on the entries' numbers and checked on a random vector (another linear map agrees with the
+    copy there with probability zero)."""
+    if "copied" in value.cache:
+        return value.cache["copied"]
+    arg = value.arg
+    shape, dtype = _layout_shape(arg), mean_of(arg).dtype
+    F = math.prod(s for i, s in enumerate(shape) if i != arg.axis)
+    copied = None
+    if F < 1 / torch.finfo(dtype).eps:  # every entry's number exact in the dtype
+        numbers = torch.arange(1, F + 1, dtype=dtype, device=mean_of(arg).device)
+        read = _fixed_flat(value.fn(_unflat(numbers[:, None], shape, arg.axis)), value.axis)[:, 0]
+        if bool((read == read.round()).all()) and bool(((read >= 0) & (read <= F)).all()):
+            index = read.long() - 1
+            probe = torch.randn(F, generator=torch.Generator().manual_seed(0), dtype=dtype).to(numbers.device)
+            image = _fixed_flat(value.fn(_unflat(probe[:, None], shape, arg.axis)), value.axis)[:, 0]
+            if torch.equal(image, torch.where(index >= 0, probe[index.clamp_min(0)], torch.zeros_like(image))):
+                copied = index
+    value.cache["copied"] = copied
+    return copied
+
+
+def _shift_reducer(per_offset: torch.Tensor, F: int, rows: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """``(B, scale) ↦ scale · Σ_o B[idx_o, idx_o]`` for ``per_offset = [idx_o]`` (-1: a zero). When each input
+    row's entries read only its own row's (``idx = row·P + p_o(l)``, the same ``p_o`` in every row: a
+    convolution of each input separately), the sum is one linear map on each pair of rows' ``[P, P]`` block,
+    ``K = Σ_o S_o ⊗ S_o`` of ``[L², P²]`` (neural-tangents' convolution of the covariance); else gathers."""
+    offsets, R = per_offset.shape
+    if F % rows == 0 and R % rows == 0:
+        P, L = F // rows, R // rows
+        first = per_offset[:, :L]
+        row = torch.arange(rows, device=per_offset.device).repeat_interleave(L)[None, :]
+        shifted = torch.where(first >= 0, first, 0).repeat(1, rows) + row * P
+        if bool((first < P).all()) and torch.equal(per_offset, torch.where(first.repeat(1, rows) >= 0, shifted, -1)):
+            return _blockwise_reducer(first, P, rows)
+    padded_index = torch.where(per_offset >= 0, per_offset, F)  # the zero row and column appended
+
+    def gathered(B: torch.Tensor, scale: float) -> torch.Tensor:
+        padded = torch.nn.functional.pad(B, (0, 1, 0, 1))
+        total = None
+        for index in padded_index:
+            part = padded.index_select(0, index).index_select(1, index)
+            total = part if total is None else total.add_(part)
+        return total.mul_(scale)
+    return gathered
+
+
+def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The reduction of :func:`_shift_reducer` on each pair of rows: ``[rows·P]² → [rows·L]²`` through the
+    ``[L², P²]`` matrix ``K`` (sparse when large and mostly zero: large images)."""
+    offsets, L = first.shape
+    ls = torch.arange(L, device=first.device)
+    out_rows, in_cols = [], []
+    for index in first:
+        valid = ls[index >= 0]
+        p = index[valid]
+        out_rows.append((valid[:, None] * L + valid[None, :]).reshape(-1))
+        in_cols.append((p[:, None] * P + p[None, :]).reshape(-1))
+    entries = torch.stack([torch.cat(out_rows), torch.cat(in_cols)])
+    # a dense K while small (a product of BLAS speed; a sparse one is far slower per entry), else sparse
+    sparse = L * L * P * P > 2**20 and entries.shape[1] <= SPARSE_FRACTION * L * L * P * P
+    kernels: dict[torch.dtype, torch.Tensor] = {}
+
+    def blockwise(B: torch.Tensor, scale: float) -> torch.Tensor:
+        if B.dtype not in kernels:
+            ones = torch.ones(entries.shape[1], dtype=B.dtype, device=B.device)
+            K = torch.sparse_coo_tensor(entries, ones, (L * L, P * P), check_invariants=True).coalesce()
+            kernels[B.dtype] = K if sparse else K.to_dense().T.contiguous()
+        blocks = B.reshape(rows, P, rows, P).permute(0, 2, 1, 3).reshape(rows * rows, P * P)
+        out = torch.sparse.mm(kernels[B.dtype], blocks.T).T if sparse else blocks @ kernels[B.dtype]
+        return out.reshape(rows, rows, L, L).permute(0, 2, 1, 3).reshape(rows * L, rows * L).mul_(scale)
+    return blockwise
 
 
 def _layout_shape(value: Random) -> tuple[int, ...]:
@@ -632,18 +724,23 @@ class ReadoutLaw:
 _FACTS: list = []  # [setup, {n: facts}] of the last program
 
 
-def _program_facts(setup: Any, n: int) -> tuple[dict, dict[str, float], dict[str, int]]:
-    """The program's parameter table, each trained parameter's ``lr_scale·grad_scale`` at width ``n`` and the
-    uses of each matrix in the forward pass: found once per program and width."""
+def _program_facts(setup: Any, n: int) -> tuple[dict, dict[str, float], dict[str, int], dict[str, list[str]]]:
+    """The program's parameter table, each trained parameter's ``lr_scale·grad_scale`` at width ``n``, the
+    uses of each matrix in the forward pass and the instructions reading each value there (an output is read
+    by the program's caller, ``""``): found once per program and width."""
     if not (_FACTS and _FACTS[0] is setup):
         _FACTS[:] = [setup, {}]
     if n not in _FACTS[1]:
         groups = parameter_groups(dict.fromkeys(setup.chosen), setup.program, setup.param, setup.chosen, n, 0.0)
         uses: dict[str, int] = {}
+        readers: dict[str, list[str]] = {name: [""] for name in setup.program.outputs}
         for ins in setup.program.instructions[: setup.total.forward_length]:
             if isinstance(ins, MatMul):
                 uses[ins.matrix] = uses.get(ins.matrix, 0) + 1
-        _FACTS[1][n] = (setup.program.parameters, {g["name"]: g["lr_scale"] * g["grad_scale"] for g in groups}, uses)
+            for name in ins.inputs:
+                readers.setdefault(name, []).append(ins.name)
+        rates = {g["name"]: g["lr_scale"] * g["grad_scale"] for g in groups}
+        _FACTS[1][n] = (setup.program.parameters, rates, uses, readers)
     return _FACTS[1][n]
 
 
@@ -651,10 +748,12 @@ class ExactInterpreter(Interpreter):
     """The forward program on Gaussian laws at width ``n`` (see the module docstring)."""
 
     def __init__(self, setup: Any, n: int, dtype: torch.dtype, device: torch.device, tangents: bool = True,
-                 kept: Mapping[str, bool] | None = None) -> None:
+                 kept: Mapping[str, bool] | None = None, structured: bool = True) -> None:
         super().__init__(setup.program)
+        # a convolution's product as shifted covariances of its input (False: over its patches, the generic way)
+        self.structured = structured
         self.kept = kept or {}  # the parameters whose NTK is known to stay (True) or vanish (False) in the limit
-        self.infos, self.rates, self.uses = _program_facts(setup, n)
+        self.infos, self.rates, self.uses, self.readers = _program_facts(setup, n)
         self._inputs: dict[str, tuple[str, ...]] = {}
         self._unchanged: dict[tuple[str, str], bool] = {}
         self.statistics: set[str] = set()  # averages over width taken as their limits, and what is computed from them
@@ -751,11 +850,20 @@ class ExactInterpreter(Interpreter):
     def regroup(self, ins: Regroup) -> Any:
         raise self.refuse(ins, "regrouping width axes is not integrated exactly yet")
 
-    def matmul(self, ins: MatMul) -> Gauss:
+    def matmul(self, ins: MatMul) -> Gauss | OffsetTerms:
         x = self.values[ins.vector]
-        matrix = self.values[ins.matrix]
         if not isinstance(x, RANDOM):
             raise self.refuse(ins, "the vector is not random")
+        if self.structured and isinstance(x, Linear):
+            terms = self._offset_terms(ins, x)
+            if terms is not None:
+                return terms
+        return self._product_of(ins)
+
+    def _product_of(self, ins: MatMul) -> Gauss:
+        """The matrix product over the vector's entries: a family with covariance ``n_in·s²·E[x xᵀ]``."""
+        x = self.values[ins.vector]
+        matrix = self.values[ins.matrix]
         info = self.infos[matrix.target]
         abcd = self.setup.chosen[matrix.target]
         ratio = self.program[ins.vector].layout[x.axis].ratio
@@ -763,6 +871,8 @@ class ExactInterpreter(Interpreter):
         s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
         shape = _layout_shape(x)
         out_axis = width_axes(ins.layout)[0]
+        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
+                           device=self.device)
         M = second_moment(x)
         same_offset = self._same_offset(ins, info.layout, shape, x.axis)
         if same_offset is not None:
@@ -777,8 +887,6 @@ class ExactInterpreter(Interpreter):
                 k = len(order)
                 return gram.reshape(*sizes, *sizes).permute(*order, *[k + i for i in order]).reshape(gram.shape)
             return _sandwich(mapped, gram, x, out_axis)
-        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
-                           device=self.device)
         start = self._new_sources(mean.numel(), onto_h(_times(s2 * n_in, M)))
         channels = {}
         if self.tangents:
@@ -822,6 +930,124 @@ class ExactInterpreter(Interpreter):
         if sorted(x_letters) == sorted(h_letters):  # nothing summed: the fixed axes reordered
             return tuple(s for i, s in enumerate(shape) if i != axis), [x_letters.index(x) for x in h_letters]
         return lambda t: torch.einsum(equation, ones, t)
+
+    def _offset_terms(self, ins: MatMul, x: Linear) -> Gauss | OffsetTerms | None:
+        """A convolution's product: ``x`` copies entries of a value ``base`` (or zeros) through a chain of linear
+        maps (unfolding into patches), and the matrix is one independent matrix per kernel offset batched over
+        ``x``'s offset axes. Summed over the offsets, h's second moment (and each tangent Gram) is the sum of
+        ``base``'s shifted, ``Σ_o B[idx_o, idx_o]`` (``idx_o`` the entry of ``base`` each output entry copies at
+        offset o, zero padding reading zero), never formed over the patches: here when the product sums the
+        offsets, else (:class:`OffsetTerms`) when the one instruction reading h sums them. ``None``: the
+        generic product."""
+        specs, out_spec = ins.equation.split("->")
+        m_spec, x_spec = specs.split(",")
+        layout = self.infos[self.values[ins.matrix].target].layout
+        offsets = [m_spec[i] for i, a in enumerate(layout) if not isinstance(a, Width)]
+        out_axis = width_axes(ins.layout)[0]
+        if not offsets or any(letter not in x_spec for letter in offsets) or len(set(x_spec)) != len(x_spec):
+            return None
+        x_letters = [letter for i, letter in enumerate(x_spec) if i != x.axis]
+        h_letters = [letter for i, letter in enumerate(out_spec) if i != out_axis]
+        summed = sorted(letter for letter in x_letters if letter not in offsets) == sorted(h_letters)
+        readers = self.readers.get(ins.name, [])
+        pending = (sorted(x_letters) == sorted(h_letters) and len(readers) == 1 and readers[0] != ""
+                   and isinstance(self.program[readers[0]], Nonlin)
+                   and (self.program[readers[0]].gaussian or (None,))[0] == "affine")
+        if not (summed or pending):
+            return None
+        index, base, differentiable = None, x, True
+        while isinstance(base, Linear):
+            copied = _copied_entries(base)
+            if copied is None:
+                break
+            index = copied if index is None else torch.where(index >= 0, copied[index.clamp_min(0)], index)
+            differentiable = differentiable and base.differentiable
+            base = base.arg
+        if index is None:
+            return None
+        fixed = [s for i, s in enumerate(_layout_shape(x)) if i != x.axis]
+        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
+                           device=self.device)
+        if summed:
+            order = [x_letters.index(letter) for letter in offsets + h_letters]
+            per_offset = index.reshape(fixed).permute(order).reshape(math.prod(fixed[i] for i in order[: len(offsets)]),
+                                                                     -1)
+            return self._shifted_product(ins, base, per_offset, mean, out_axis, differentiable, True)
+        order = [x_letters.index(letter) for letter in h_letters]
+        index = index.reshape(fixed).permute(order).reshape(-1)
+        key = torch.zeros(fixed, dtype=torch.long, device=self.device)
+        for letter in offsets:  # the offset of each entry, numbered
+            axis = x_letters.index(letter)
+            grid = torch.arange(fixed[axis], device=self.device).reshape([-1 if i == axis else 1
+                                                                          for i in range(len(fixed))])
+            key = key * fixed[axis] + grid
+        offset = key.permute(order).reshape(-1)
+        return OffsetTerms(ins, base, differentiable, index, offset, tuple(mean.shape), out_axis)
+
+    def _offset_sum(self, ins: Nonlin, name: str, terms: OffsetTerms) -> Gauss | None:
+        """``ins`` on the terms ``h`` of a convolution's product when it is linear in ``h`` alone and sums each
+        entry of ``h`` into one output entry, at most one of each offset (the sum over the kernel offsets): the
+        output entry r is then ``Σ_o`` of h's entry (o, r), read by applying ``ins`` to h's entries' numbers, one
+        offset at a time, and checked on a random vector. ``None``: any other function."""
+        law = ins.gaussian
+        out_axes = width_axes(ins.layout)
+        if (not out_axes or (law[1] is not None and not _only_at(ins, [name], law[1]))
+                or any(isinstance(self.values[n], RANDOM) for n in self.inputs_of(ins))):
+            return None
+        out_axis = out_axes[0]
+
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return _fixed_flat(self._apply(ins, {**self.values, name: _unflat(t[:, None], terms.shape, terms.axis)}),
+                               out_axis)[:, 0]
+        F = terms.index.numel()
+        if F >= 1 / torch.finfo(self.dtype).eps or bool(fn(torch.zeros(F, dtype=self.dtype, device=self.device)).any()):
+            return None
+        numbers = torch.arange(1, F + 1, dtype=self.dtype, device=self.device)
+        probe = torch.randn(F, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(self.device)
+        rows, expected = [], None
+        for o in range(int(terms.offset.max()) + 1):
+            read = fn(torch.where(terms.offset == o, numbers, torch.zeros_like(numbers)))
+            if not (bool((read == read.round()).all()) and bool(((read >= 0) & (read <= F)).all())):
+                return None
+            entry = read.long() - 1
+            part = torch.where(entry >= 0, probe[entry.clamp_min(0)], torch.zeros_like(read))
+            expected = part if expected is None else expected + part
+            rows.append(torch.where(entry >= 0, terms.index[entry.clamp_min(0)], -1))
+        image = fn(probe)
+        eps = torch.finfo(self.dtype).eps
+        if image.shape != expected.shape or not bool(torch.allclose(image, expected, rtol=100 * eps, atol=100 * eps)):
+            return None
+        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
+                           device=self.device)
+        return self._shifted_product(terms.product, terms.base, torch.stack(rows), mean, out_axis,
+                                     terms.differentiable, ins.differentiable)
+
+    def _shifted_product(self, ins: MatMul, base: Random, per_offset: torch.Tensor, mean: torch.Tensor,
+                         out_axis: int, base_tangents: bool, tangents: bool) -> Gauss:
+        """A convolution's output summed over its offsets: a new family with covariance ``n_in·s²·Σ_o
+        E[x_o x_oᵀ]``, the shifted second moments of ``base`` (``per_offset``: ``[offsets, outputs]``, the entry
+        of ``base`` each output reads at each offset, -1 a zero), and the tangent ``Θ_h = Σ_o (κ n_in E[x_o
+        x_oᵀ] + s² n_in Θ_{x_o})`` (``base_tangents``: base's tangents reach x; ``tangents``: any reaches h)."""
+        matrix = self.values[ins.matrix]
+        info, abcd = self.infos[matrix.target], self.setup.chosen[matrix.target]
+        x = self.values[ins.vector]
+        n_in = float(self.program[ins.vector].layout[x.axis].ratio) * self.n
+        s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
+        fixed = [s for i, s in enumerate(_layout_shape(base)) if i != base.axis]
+        reduce = _shift_reducer(per_offset, math.prod(fixed), fixed[0] if fixed else 1)
+        M = second_moment(base)
+        start = self._new_sources(mean.numel(), reduce(M, s2 * n_in))
+        channels = {}
+        if self.tangents and tangents:
+            own = self.channel(matrix.target)
+            if own is not None:
+                channels[(own, ins.name)] = reduce(M, self._kappa(matrix.target) * n_in)
+            for param, gram in (tangent_grams(base) if base_tangents else {}).items():
+                key = (param, ins.name)
+                channels[key] = channels[key].add_(reduce(gram, s2 * n_in)) if key in channels else reduce(gram,
+                                                                                                           s2 * n_in)
+        self.metrics.channels.update(channels)
+        return Gauss(mean, {start: None}, dict.fromkeys(channels), out_axis, self.metrics)
 
     def _same_offset(self, ins: MatMul, layout: tuple, shape: tuple[int, ...], axis: int) -> torch.Tensor | None:
         """``[F, F]``: 1 where two fixed entries of the vector meet the same matrix (``None``: all of them). A
@@ -878,6 +1104,13 @@ class ExactInterpreter(Interpreter):
     def nonlin(self, ins: Nonlin) -> Any:
         if any(isinstance(self.values[n], Parameter) for n in self.inputs_of(ins)):
             raise self.refuse(ins, "a weight matrix used outside a matrix product")
+        for name in self.inputs_of(ins):
+            terms = self.values[name]
+            if isinstance(terms, OffsetTerms):
+                summed = self._offset_sum(ins, name, terms)
+                if summed is not None:
+                    return summed
+                self.values[name] = self._product_of(terms.product)
         try:
             return self._law(ins)
         except (RuntimeError, TypeError, ValueError, IndexError) as error:
@@ -1038,8 +1271,9 @@ class ExactInterpreter(Interpreter):
         return out
 
     def _leaves_unchanged(self, ins: Nonlin, name: str) -> bool:
-        """The function, with its other random arguments zero, is the identity in ``name``: tried on one random
-        column (a linear map other than the identity fixes a random vector with probability zero)."""
+        """The function, with its other random arguments zero, is the identity in ``name`` on the fixed entries in
+        their order (a reshape that keeps the order too): tried on one random column (a linear map other than the
+        identity fixes a random vector with probability zero)."""
         if (ins.name, name) not in self._unchanged:
             v = self.values[name]
             probe = torch.randn(v.mean.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(
@@ -1047,7 +1281,11 @@ class ExactInterpreter(Interpreter):
             zeros = {n: torch.zeros_like(self.values[n].mean) for n in self.inputs_of(ins)
                      if isinstance(self.values[n], Gauss)}
             image = self._apply(ins, {**self.values, **zeros, name: probe}) - self._apply(ins, {**self.values, **zeros})
-            self._unchanged[(ins.name, name)] = image.shape == probe.shape and bool(torch.equal(image, probe))
+            out_axis = width_axes(ins.layout)[0]
+            same = (image.ndim == len(ins.layout) and image.shape[out_axis] == 1
+                    and image.numel() == probe.numel()
+                    and bool(torch.equal(_fixed_flat(image, out_axis), _fixed_flat(probe, v.axis))))
+            self._unchanged[(ins.name, name)] = same
         return self._unchanged[(ins.name, name)]
 
     def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
@@ -1133,11 +1371,12 @@ class ExactKernels:
 
 
 def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device,
-               tangents: bool = True, kept: Mapping[str, bool] | None = None) -> ExactKernels:
+               tangents: bool = True, kept: Mapping[str, bool] | None = None, structured: bool = True) -> ExactKernels:
     """Run :class:`ExactInterpreter` on ``Z`` at width ``n``; the outputs' kernels through their Jacobian in
     the readouts (and in the trained scalars; ``tangents=False``: the NNGP alone). ``kept``: the parameters
-    known to stay (their NTK summed, under :data:`STAYING`) or to vanish (left out) in the limit."""
-    interp = ExactInterpreter(setup, n, dtype, device, tangents, kept)
+    known to stay (their NTK summed, under :data:`STAYING`) or to vanish (left out) in the limit.
+    ``structured=False``: convolutions over their patches (the generic matrix product), for comparison."""
+    interp = ExactInterpreter(setup, n, dtype, device, tangents, kept, structured)
     interp.run(Z, stop=setup.total.forward_length)
     outputs = [interp.values[name] for name in setup.program.outputs]
     for name, value in zip(setup.program.outputs, outputs, strict=True):
