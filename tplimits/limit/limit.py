@@ -31,6 +31,7 @@ from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_coun
 from tplimits.limit import check as checking
 from tplimits.limit import compare as fidelity
 from tplimits.limit.distributed import owned_systems, process_group, spread
+from tplimits.limit.draws import drawn_initial, random_fixed_laws
 from tplimits.limit.exact import NotGaussian, exact_kernel
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.mu import grid_entries as mu_grid_entries
@@ -165,18 +166,20 @@ class Limit:
         reference = fam.model(fam.program.width, seed=0)
         # a coordinate law is checked at the two traced widths and a third
         law_widths = sorted({*fam.trace_widths, sum(fam.trace_widths)} - {fam.program.width})
+        initial = initial_values(program, reference,
+                                 lambda: [fam.model(w, seed=0) for w in law_widths] if fam.build else [])
         setup = LimitSetup(
             total=total_program(program),
             param=self.param,
             chosen=chosen,
             rules=rules,
-            initial=initial_values(program, reference,
-                                   lambda: [fam.model(w, seed=0) for w in law_widths] if fam.build else []),
+            initial=initial,
             rule=self.rule,
             hyper=dict(self.optimizer_options),
             weight_decay=self.weight_decay,
             clip=self.clip,
             regime=regime,
+            draws=random_fixed_laws(fam, program, self.param, self.rule, chosen, initial),
         )
         if regime == "operator":
             check_operator_program(setup, self.weight_decay, reference, fam.inputs)
@@ -302,6 +305,7 @@ class Limit:
         """Train independent system ``b`` (resuming from ``current``), recording outputs and kernels;
         ``saving`` is (checkpoint path, every how many steps, the run's identity). ``observe(t, interp)`` is
         called after each update's backward pass, with the values of the whole total program at step ``t``."""
+        setup = _system_setup(setup, _system_seed(run.seed, b), run.per_batch)
         if setup.regime == "operator":
             return self._train_tangent_system(setup, run, b, bar)
         checkpoint, checkpoint_every, identity = saving
@@ -401,8 +405,8 @@ class Limit:
                 return exact
         values = []
         for b in range(batches):
-            system = TangentSystem(setup, particles // batches, _system_seed(seed, b), dtype, torch.device(device),
-                                   dots, 0.0)
+            system = TangentSystem(_system_setup(setup, _system_seed(seed, b), particles // batches),
+                                   particles // batches, _system_seed(seed, b), dtype, torch.device(device), dots, 0.0)
             tangents = system.tangents(Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device))
             value = system.ntk(tangents) if kind == "ntk" else system.nngp(tangents)
             outputs = tangents.outputs.shape[1:]
@@ -513,6 +517,9 @@ def _exact_kernel(setup: LimitSetup, X: torch.Tensor, Z: torch.Tensor, kind: str
     (unless ``required``: then that instruction's :class:`NotGaussian` error)."""
     rows = Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device)
     try:
+        if setup.draws:  # the kernel is random with them: only its mean over their law, by Monte Carlo
+            raise NotGaussian(f"{', '.join(sorted(setup.draws))} (no width axis) is drawn at random: the kernel is a "
+                              "mixture over its law; use path='monte carlo'", next(iter(sorted(setup.draws))))
         value, outputs = exact_kernel(setup, rows, kind, dtype, device)
     except NotGaussian:
         if required:
@@ -598,6 +605,13 @@ def _non_smooth(setup: LimitSetup) -> list[str]:
     """The program's instructions (forward and backward) whose lowering rule declared them not smooth."""
     return [f"%{ins.name} ({fn_name(ins.fn)})" for ins in setup.program.instructions
             if isinstance(ins, Nonlin) and not ins.smooth]
+
+
+def _system_setup(setup: LimitSetup, seed: int, particles: int) -> LimitSetup:
+    """The setup of the system of ``seed``: its own draw of every fixed-size tensor initialized at random."""
+    if not setup.draws:
+        return setup
+    return attrs.evolve(setup, initial=drawn_initial(setup.initial, setup.draws, seed, particles))
 
 
 def _system_seed(seed: int, system: int) -> int:
