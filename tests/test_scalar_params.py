@@ -13,15 +13,14 @@ from torch import nn
 import tplimits as tpl
 from tplimits.errors import UnknownInitLaw
 from tplimits.limit.check import finite_outputs
-from tplimits.limit.draws import DeclaredLaw, ModuleLaw
+from tplimits.limit.draws import LAW_SEEDS, LAW_WIDTH_RATIO, ConstantLaw, DeclaredLaw, ModuleLaw
 from tplimits.limit.runs import batch_schedule
 from tplimits.training.instantiate import instantiate_family
 
 
 class Gained(nn.Module):
     """``readout(tanh(g · W x))`` with a learnable scalar gain ``g ~ N(1, 1/4)``: Θ(1) under μP. Drawn first
-    (``early``) its law is the same at every width; drawn after the layers, the same seed gives another draw
-    at another width."""
+    (``early``), the same seed draws the same gain at every width; drawn after the layers, another one."""
 
     def __init__(self, width: int, early: bool = True) -> None:
         super().__init__()
@@ -91,8 +90,6 @@ def test_fixed_size_random_tensor_the_parametrization_redraws(data):
 
 
 def test_deterministic_fixed_size_values_are_kept(data):
-    """A constant gain, and μP's one-entry readout bias (behind the output multiplier 1/n: its value does not
-    enter the limit), are not drawn."""
     X, _ = data
 
     class Constant(Gained):
@@ -102,11 +99,41 @@ def test_deterministic_fixed_size_values_are_kept(data):
 
     setup = tpl.derive(Constant, optimizer="sgd", param="muP").setup(X)
     assert setup.draws == {} and setup.initial["gain"].value == 1.5
-    assert tpl.derive("mlp", optimizer="sgd", param="muP", depth=2, d_in=3).setup(X).draws == {}
+
+
+def test_a_law_that_is_the_same_at_every_width_is_drawn_from_the_model(data):
+    """A gain drawn after the layers: the same seed draws another value at another width, but the law is
+    the same (N(1, 1/4)), so every system draws its own from the model at the lowered width."""
+    X, _ = data
+    law = tpl.derive(_late, optimizer="sgd", param="muP").setup(X).draws["gain"]
+    assert isinstance(law, ModuleLaw)
+    gains = torch.stack([law.sample(seed, 1024) for seed in range(200)])
+    assert abs(float(gains.mean()) - 1.0) < 4 * 0.5 / math.sqrt(200)
+    assert abs(float(gains.std()) - 0.5) < 4 * 0.5 / math.sqrt(2 * 200)
+
+
+def test_a_spread_that_vanishes_with_width_has_its_mean_as_limit(data):
+    """``nn.Linear``'s one-entry readout bias is drawn from U(±1/√width): its limit is the constant 0 (to the
+    error of the mean of the draws), the same in every system."""
+    X, _ = data
+    setup = tpl.derive("mlp", optimizer="sgd", param="muP", depth=2, d_in=3).setup(X)
+    law = setup.draws["readout.bias"]
+    assert isinstance(law, ConstantLaw)
+    wide = LAW_WIDTH_RATIO * setup.program.width
+    assert abs(float(law.value)) < 4 / math.sqrt(3 * wide * LAW_SEEDS)  # U(±a) has spread a/√3
+    assert torch.equal(law.sample(0, 64), law.sample(1, 64))
+
+
+class _Hot(Gained):
+    """A temperature drawn from U(0, √width / 4): its law grows with width, the limit has none."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        self.gain = nn.Parameter(torch.rand(()) * math.sqrt(width) / 4)
 
 
 def test_random_scalar_of_unknown_law_is_refused_by_name(data):
     X, _ = data
     with pytest.raises(UnknownInitLaw, match="'gain'") as error:
-        tpl.derive(_late, optimizer="sgd", param="muP").setup(X)
+        tpl.derive(_Hot, optimizer="sgd", param="muP").setup(X)
     assert error.value.parameter == "gain"

@@ -2,20 +2,20 @@
 
 A tensor with no width axis (a readout bias, a learnable gain or temperature, a small random buffer)
 is the same object in the limit as at finite width, so the limit must start it from the law the
-finite models draw it from, not from one draw. Two laws are known:
+finite models draw it from, not from one draw of it. Where that law comes from:
 
-* the parametrization's (:class:`DeclaredLaw`): a trained tensor that :mod:`tplimits.training.init`
+* the parametrization (:class:`DeclaredLaw`): a trained tensor that :mod:`tplimits.training.init`
   classifies ``fixed`` is redrawn by every finite model as ``N(0, (C·b_const·n^{-b})²)``; the limit
   draws it so, at ``n = P`` like every abcd factor;
-* the architecture's own (:class:`ModuleLaw`): a tensor the parametrization keeps as the model
-  built it (one entry, all entries equal, a buffer) but that differs between two seeds. The limit
-  builds the model at the lowered width with a seed of its own per system and reads the tensor,
-  provided the law does not depend on width: the same seed must give the same draw at both traced
-  widths. Where it does not, and the tensor's effect on the outputs at initialization does not
-  vanish with width (it is Θ(1) there, so its law matters in the limit), the law in the limit is
-  unknown and :class:`~tplimits.errors.UnknownInitLaw` names the parameter. A tensor whose effect
-  vanishes (μP's readout bias, behind the output multiplier 1/n) keeps the reference draw: its
-  value does not enter the limit.
+* the architecture (:class:`ModuleLaw`): a tensor the parametrization keeps as the model built it
+  (one entry, all entries equal, a buffer) but that differs between two seeds. Its law is the
+  model's: if the same seed gives the same draw at both traced widths, or the draws of
+  :data:`LAW_SEEDS` seeds at the lowered width and at :data:`LAW_WIDTH_RATIO` times it have the same
+  mean and spread, the limit builds the model at the lowered width with a seed of its own per system
+  and reads the tensor. A spread that shrinks with width (``nn.Linear``'s bias, ``U(±1/√fan_in)``)
+  while the mean stays has a constant limit, the mean (:class:`ConstantLaw`); a mean that moves or a
+  spread that grows has no law the limit could use: :class:`~tplimits.errors.UnknownInitLaw` names
+  the tensor.
 
 Each system's draw is a function of its seed alone, so a resumed or distributed run draws the same,
 and the standard errors across systems contain the law's spread: the limit is the mixture over it.
@@ -29,25 +29,17 @@ from collections.abc import Mapping
 
 import attrs
 import torch
-from torch.utils import _pytree as pytree
 
 from tplimits.core.ir import ParameterInfo, width_axes
 from tplimits.core.program import Program
 from tplimits.errors import UnknownInitLaw
-from tplimits.optimizers.base import UpdateRule
 from tplimits.training.family import Family
 from tplimits.training.init import InitialValue, init_std
-from tplimits.training.instantiate import instantiate_family
-from tplimits.training.model import trained_tensor
-from tplimits.training.parametrize import ABCD, Parametrization
+from tplimits.training.parametrize import ABCD
 
 DRAW_SEED_OFFSET = 2**40
 """Added to a system's seed before it draws: the limit's draws stay independent of the finite models'
 seeds ``0, 1, …`` (which a check compares them with)."""
-
-VANISHING_SLOPE = -0.75
-"""A tensor whose effect on the outputs after a training step falls faster than ``width^-1/2`` (μP's readout
-bias: ``width^-1``) does not enter the limit."""
 
 
 @attrs.frozen
@@ -77,101 +69,85 @@ class ModuleLaw:
         return operator.attrgetter(self.name)(model).detach().clone()
 
 
-Law = DeclaredLaw | ModuleLaw
+@attrs.frozen
+class ConstantLaw:
+    """A draw whose spread vanishes with width: its limit is the constant ``value`` (the mean of the draws)."""
+
+    value: torch.Tensor = attrs.field(eq=False)
+
+    def sample(self, seed: int, particles: int) -> torch.Tensor:
+        return self.value.clone()
 
 
-def random_fixed_laws(fam: Family, program: Program, param: Parametrization, rule: UpdateRule,
-                      chosen: Mapping[str, ABCD], initial: Mapping[str, InitialValue]) -> dict[str, Law]:
+Law = DeclaredLaw | ModuleLaw | ConstantLaw
+
+LAW_SEEDS = 48
+"""Seeds whose draws of a tensor compare its law at two widths."""
+
+LAW_WIDTH_RATIO = 8
+"""The second width the law is compared at, as a multiple of the lowered width."""
+
+FLAT_SLOPE = 0.25
+"""A spread that changes with width more slowly than ``width^±1/4`` (over the ratio above, 3.6 standard errors
+of the estimate for Gaussian draws) is the same law; ``n^-1/2`` shrinks."""
+
+
+def random_fixed_laws(fam: Family, program: Program, chosen: Mapping[str, ABCD],
+                      initial: Mapping[str, InitialValue]) -> dict[str, Law]:
     """The law of every fixed-size tensor of ``program`` that the finite models draw at random (by name);
     deterministic ones (constants, fixed tables, anything equal across seeds) are left out."""
-    laws: dict[str, Law] = {}
-    others: dict[tuple[int, int], torch.nn.Module] = {}
-
-    def value(width: int, seed: int, name: str) -> torch.Tensor:
-        if (width, seed) not in others:
-            others[width, seed] = fam.model(width, seed=seed)
-        return operator.attrgetter(name)(others[width, seed]).detach()
-
+    names = [name for name, info in program.parameters.items() if not width_axes(info.layout)]
+    laws: dict[str, Law] = {name: DeclaredLaw(program.parameters[name], chosen[name]) for name in names
+                            if name in chosen and initial[name].redrawn}
+    drawn = [name for name in names if name not in laws and fam.build is not None]
+    if not drawn:
+        return laws
+    draws = _Draws(fam, drawn)
     width = program.width
-    for name, info in program.parameters.items():
-        if width_axes(info.layout):
+    for name in drawn:
+        if torch.equal(draws.of(name, width, 0), draws.of(name, width, 1)):
+            continue  # deterministic
+        if all(torch.equal(draws.of(name, width, s), draws.of(name, w, s)) for w in fam.trace_widths for s in (0, 1)):
+            laws[name] = ModuleLaw(name, fam, width)  # the same draw at every width
             continue
-        if name in chosen and initial[name].redrawn:
-            laws[name] = DeclaredLaw(info, chosen[name])
-            continue
-        if fam.build is None or torch.equal(value(width, 0, name), value(width, 1, name)):
-            continue  # deterministic (or one fixed module, the same for every finite model)
-        wider = [w for w in fam.trace_widths if w != width]
-        if wider and all(torch.equal(value(width, s, name), value(wider[0], s, name)) for s in (0, 1)):
-            laws[name] = ModuleLaw(name, fam, width)
-            continue
-        slope = _effect_slope(fam, param, rule, name, (width, 4 * width))
-        if slope is not None and slope <= VANISHING_SLOPE:
-            continue
-        effect = "could not be measured" if slope is None else f"after one step scales like width^{slope:.2f}"
-        raise UnknownInitLaw(
-            f"parameter {name!r} (no width axis, shape {tuple(info.shape)}) is drawn at random by the model, and its "
-            f"draw at the same seed differs between widths {fam.trace_widths}: its law may depend on the width, so its "
-            f"law in the limit is unknown, and its effect on the outputs {effect}. Draw it from a law that does not "
-            "depend on width (e.g. before the layers whose size grows with width, or from its own torch.Generator), "
-            "initialize it to a constant, or give it a width axis", parameter=name)
+        laws[name] = _law_between(fam, name, program.parameters[name].shape, draws, width)
     return laws
 
 
-def _effect_slope(fam: Family, param: Parametrization, rule: UpdateRule, name: str,
-                  widths: tuple[int, ...]) -> float | None:
-    """The log-log slope against width of how much one training step's change of the outputs (of the
-    parametrized models of a few seeds, on the lowering's inputs towards targets 1) moves when ``name`` starts
-    ``EFFECT_STEP`` higher: the effect a tensor has on training (μP's outputs at initialization are
-    ``O(n^-1/2)`` whatever feeds them, so the effect on them says nothing). None where there is one width;
-    ``-inf`` where it has no effect."""
-    sizes = [_one_step_effect(fam, param, rule, name, width) for width in widths]
-    if len(sizes) < 2:
-        return None
-    if max(sizes) == 0.0:
-        return -math.inf
-    if min(sizes) == 0.0:
-        return None
-    return math.log(sizes[1] / sizes[0]) / math.log(widths[1] / widths[0])
+class _Draws:
+    """The values of some fixed-size tensors in the family's models, by (width, seed): each model built once."""
+
+    def __init__(self, fam: Family, names: list[str]) -> None:
+        self.fam, self.names = fam, names
+        self.values: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def of(self, name: str, width: int, seed: int) -> torch.Tensor:
+        if (width, seed) not in self.values:
+            model = self.fam.model(width, seed=seed)
+            self.values[width, seed] = {n: operator.attrgetter(n)(model).detach().clone() for n in self.names}
+        return self.values[width, seed][name]
 
 
-EFFECT_STEP = 1e-4
-"""The change of a fixed-size tensor's initial value whose effect on training :func:`_effect_slope` measures."""
-
-
-def _one_step_effect(fam: Family, param: Parametrization, rule: UpdateRule, name: str, width: int) -> float:
-    """The RMS over :data:`EFFECT_SEEDS` models of the change of one step's output change (see
-    :func:`_effect_slope`): a single model's can be near zero by chance."""
-    return math.sqrt(sum(_seed_effect(fam, param, rule, name, width, seed) ** 2 for seed in EFFECT_SEEDS))
-
-
-EFFECT_SEEDS = (0, 1, 2, 3)
-
-
-def _seed_effect(fam: Family, param: Parametrization, rule: UpdateRule, name: str, width: int, seed: int) -> float:
-    after = []
-    for shift in (0.0, EFFECT_STEP):
-        model, opt = instantiate_family(fam, width=width, param=param, rule=rule, lr=0.5, seed=seed,
-                                        update_rules=fam.update_rules)
-        inputs = _inputs_like(model, fam.inputs)
-        with torch.no_grad():
-            trained_tensor(model.model, name).add_(shift)
-        out = _output(model(*inputs))
-        (out - 1.0).square().mean().backward()
-        opt.step()
-        with torch.no_grad():
-            after.append(_output(model(*inputs)) - out.detach())
-    return float((after[1] - after[0]).norm())
-
-
-def _inputs_like(model: torch.nn.Module, inputs: tuple) -> tuple:
-    """The lowering's example inputs in the model's floating dtype."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    return pytree.tree_map(lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t, inputs)
-
-
-def _output(value: object) -> torch.Tensor:
-    return next(t for t in pytree.tree_leaves(value) if torch.is_tensor(t) and t.is_floating_point())
+def _law_between(fam: Family, name: str, shape: tuple[int, ...], draws: _Draws, width: int) -> Law:
+    """The law of ``name``'s draws, compared at ``width`` and ``LAW_WIDTH_RATIO`` times it over ``LAW_SEEDS``
+    seeds: the same (a :class:`ModuleLaw`), a spread that shrinks to a constant mean, or else refused."""
+    wide = LAW_WIDTH_RATIO * width
+    samples = [torch.stack([draws.of(name, w, s).to(torch.float64) for s in range(LAW_SEEDS)]) for w in (width, wide)]
+    means = [x.mean(0) for x in samples]
+    spreads = [float(x.std(0).square().mean().sqrt()) for x in samples]
+    mean_gap = float((means[1] - means[0]).square().mean().sqrt())
+    mean_se = math.sqrt((spreads[0] ** 2 + spreads[1] ** 2) / LAW_SEEDS)
+    slope = math.log(max(spreads[1], 1e-300) / max(spreads[0], 1e-300)) / math.log(LAW_WIDTH_RATIO)
+    if mean_gap <= 4 * mean_se and abs(slope) <= FLAT_SLOPE:
+        return ModuleLaw(name, fam, width)
+    if mean_gap <= 4 * mean_se and slope < -FLAT_SLOPE:
+        return ConstantLaw(means[1].to(draws.of(name, width, 0).dtype))
+    raise UnknownInitLaw(
+        f"parameter {name!r} (no width axis, shape {tuple(shape)}) is drawn at random by the model from a law that "
+        f"changes with width: over {LAW_SEEDS} seeds at widths {width} and {wide} its mean moves by {mean_gap:.3g} "
+        f"(± {mean_se:.3g}) and its spread scales like width^{slope:.2f}, so the limit has no law to draw it from. "
+        "Draw it from a law that does not depend on the width (or whose spread vanishes with it), initialize it to "
+        "a constant, or give it a width axis", parameter=name)
 
 
 def drawn_initial(initial: Mapping[str, InitialValue], laws: Mapping[str, Law], seed: int,

@@ -179,7 +179,7 @@ class Limit:
             weight_decay=self.weight_decay,
             clip=self.clip,
             regime=regime,
-            draws=random_fixed_laws(fam, program, self.param, self.rule, chosen, initial),
+            draws=random_fixed_laws(fam, program, chosen, initial),
         )
         if regime == "operator":
             check_operator_program(setup, self.weight_decay, reference, fam.inputs)
