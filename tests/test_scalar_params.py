@@ -13,7 +13,7 @@ from torch import nn
 import tplimits as tpl
 from tplimits.errors import UnknownInitLaw
 from tplimits.limit.check import finite_outputs
-from tplimits.limit.draws import LAW_SEEDS, LAW_WIDTH_RATIO, ConstantLaw, DeclaredLaw, ModuleLaw
+from tplimits.limit.draws import LAW_SEEDS, LAW_WIDTH_RATIO, DeclaredLaw, ModuleLaw
 from tplimits.limit.runs import batch_schedule
 from tplimits.training.instantiate import instantiate_family
 
@@ -117,11 +117,10 @@ def test_a_spread_that_vanishes_with_width_has_its_mean_as_limit(data):
     error of the mean of the draws), the same in every system."""
     X, _ = data
     setup = tpl.derive("mlp", optimizer="sgd", param="muP", depth=2, d_in=3).setup(X)
-    law = setup.draws["readout.bias"]
-    assert isinstance(law, ConstantLaw)
+    assert "readout.bias" not in setup.draws
+    initial = setup.initial["readout.bias"]
     wide = LAW_WIDTH_RATIO * setup.program.width
-    assert abs(float(law.value)) < 4 / math.sqrt(3 * wide * LAW_SEEDS)  # U(±a) has spread a/√3
-    assert torch.equal(law.sample(0, 64), law.sample(1, 64))
+    assert initial.kind == "fixed" and abs(float(initial.value)) < 4 / math.sqrt(3 * wide * LAW_SEEDS)  # U(±a): a/√3
 
 
 class _Hot(Gained):

@@ -92,10 +92,20 @@ FLAT_SLOPE = 0.25
 of the estimate for Gaussian draws) is the same law; ``n^-1/2`` shrinks."""
 
 
+def fixed_size_initial(fam: Family, program: Program, chosen: Mapping[str, ABCD],
+                       initial: Mapping[str, InitialValue]) -> tuple[dict[str, InitialValue], dict[str, Law]]:
+    """``initial`` with the limit's constant of every fixed-size tensor whose random draw has one, and the law
+    of every other fixed-size tensor the finite models draw at random (by name), which each particle system
+    draws from. Deterministic tensors (constants, fixed tables, anything equal across seeds) stay as they are."""
+    laws = random_fixed_laws(fam, program, chosen, initial)
+    constants = {name: law for name, law in laws.items() if isinstance(law, ConstantLaw)}
+    return drawn_initial(initial, constants, 0, 0), {k: v for k, v in laws.items() if k not in constants}
+
+
 def random_fixed_laws(fam: Family, program: Program, chosen: Mapping[str, ABCD],
                       initial: Mapping[str, InitialValue]) -> dict[str, Law]:
     """The law of every fixed-size tensor of ``program`` that the finite models draw at random (by name);
-    deterministic ones (constants, fixed tables, anything equal across seeds) are left out."""
+    deterministic ones are left out."""
     names = [name for name, info in program.parameters.items() if not width_axes(info.layout)]
     laws: dict[str, Law] = {name: DeclaredLaw(program.parameters[name], chosen[name]) for name in names
                             if name in chosen and initial[name].redrawn}

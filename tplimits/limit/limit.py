@@ -31,8 +31,8 @@ from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_coun
 from tplimits.limit import check as checking
 from tplimits.limit import compare as fidelity
 from tplimits.limit.distributed import owned_systems, process_group, spread
-from tplimits.limit.draws import drawn_initial, random_fixed_laws
-from tplimits.limit.exact import NotGaussian, exact_kernel
+from tplimits.limit.draws import drawn_initial, fixed_size_initial
+from tplimits.limit.exact import EXACT_WIDTHS, NotGaussian, exact_kernel
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.mu import grid_entries as mu_grid_entries
 from tplimits.limit.nt import DEFAULT_COPIES, Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
@@ -166,8 +166,8 @@ class Limit:
         reference = fam.model(fam.program.width, seed=0)
         # a coordinate law is checked at the two traced widths and a third
         law_widths = sorted({*fam.trace_widths, sum(fam.trace_widths)} - {fam.program.width})
-        initial = initial_values(program, reference,
-                                 lambda: [fam.model(w, seed=0) for w in law_widths] if fam.build else [])
+        initial, draws = fixed_size_initial(fam, program, chosen, initial_values(
+            program, reference, lambda: [fam.model(w, seed=0) for w in law_widths] if fam.build else []))
         setup = LimitSetup(
             total=total_program(program),
             param=self.param,
@@ -179,7 +179,7 @@ class Limit:
             weight_decay=self.weight_decay,
             clip=self.clip,
             regime=regime,
-            draws=random_fixed_laws(fam, program, chosen, initial),
+            draws=draws,
         )
         if regime == "operator":
             check_operator_program(setup, self.weight_decay, reference, fam.inputs)
@@ -517,10 +517,13 @@ def _exact_kernel(setup: LimitSetup, X: torch.Tensor, Z: torch.Tensor, kind: str
     (unless ``required``: then that instruction's :class:`NotGaussian` error)."""
     rows = Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device)
     try:
-        if setup.draws:  # the kernel is random with them: only its mean over their law, by Monte Carlo
-            raise NotGaussian(f"{', '.join(sorted(setup.draws))} (no width axis) is drawn at random: the kernel is a "
-                              "mixture over its law; use path='monte carlo'", next(iter(sorted(setup.draws))))
-        value, outputs = exact_kernel(setup, rows, kind, dtype, device)
+        wide = max(EXACT_WIDTHS)  # a declared law's n^-b is taken at the widest width the exact path uses
+        value, outputs = exact_kernel(_system_setup(setup, 0, wide), rows, kind, dtype, device)
+        if setup.draws and not torch.allclose(exact_kernel(_system_setup(setup, 1, wide), rows, kind, dtype, device)[0],
+                                              value, rtol=1e-9, atol=1e-12 * float(value.abs().max())):
+            raise NotGaussian(f"{', '.join(sorted(setup.draws))} (no width axis) is drawn at random and the kernel "
+                              "depends on its draw: the limit's kernel is a mixture over its law; use path='monte "
+                              "carlo'", sorted(setup.draws)[0])
     except NotGaussian:
         if required:
             raise
