@@ -60,6 +60,15 @@ class CheckpointError(TplimitsError):
     """A checkpoint file cannot be read, or was written by another run than the one asked for."""
 
 
+class UnknownInitLaw(TplimitsError):
+    """A tensor of fixed size (no width axis) is drawn at random by the model from a law the limit cannot
+    know (it may depend on the width) while its value matters in the limit; ``parameter`` names it."""
+
+    def __init__(self, message: str, *, parameter: str = "") -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
 class ConfigError(TplimitsError, ValueError):
     """An option has a value that cannot be used (an architecture's activation, depth, head count, …).
     Also a ``ValueError``, which is what such a value is."""

@@ -31,7 +31,8 @@ from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_coun
 from tplimits.limit import check as checking
 from tplimits.limit import compare as fidelity
 from tplimits.limit.distributed import SHARD, Shard, owned_systems, particle_sum, process_group, shard_of, spread
-from tplimits.limit.exact import NotGaussian, exact_kernel
+from tplimits.limit.draws import drawn_initial, fixed_size_initial
+from tplimits.limit.exact import EXACT_WIDTHS, NotGaussian, exact_kernel
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.mu import grid_entries as mu_grid_entries
 from tplimits.limit.nt import DEFAULT_COPIES, Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
@@ -171,18 +172,20 @@ class Limit:
         reference = fam.model(fam.program.width, seed=0)
         # a coordinate law is checked at the two traced widths and a third
         law_widths = sorted({*fam.trace_widths, sum(fam.trace_widths)} - {fam.program.width})
+        initial, draws = fixed_size_initial(fam, program, chosen, initial_values(
+            program, reference, lambda: [fam.model(w, seed=0) for w in law_widths] if fam.build else []))
         setup = LimitSetup(
             total=total_program(program),
             param=self.param,
             chosen=chosen,
             rules=rules,
-            initial=initial_values(program, reference,
-                                   lambda: [fam.model(w, seed=0) for w in law_widths] if fam.build else []),
+            initial=initial,
             rule=self.rule,
             hyper=dict(self.optimizer_options),
             weight_decay=self.weight_decay,
             clip=self.clip,
             regime=regime,
+            draws=draws,
         )
         if regime == "operator":
             check_operator_program(setup, reference, fam.inputs)
@@ -320,6 +323,7 @@ class Limit:
         ``saving`` is (checkpoint path, every how many steps, the run's identity). ``observe(t, interp)`` is
         called after each update's backward pass, with the values of the whole total program at step ``t``.
         ``shard``: this process trains its rank's rows of the system."""
+        setup = _system_setup(setup, _system_seed(run.seed, b), run.per_batch)
         if setup.regime == "operator":
             return self._train_tangent_system(setup, run, b, bar)
         checkpoint, checkpoint_every, identity = saving
@@ -418,8 +422,8 @@ class Limit:
                 return exact
         values = []
         for b in range(batches):
-            system = TangentSystem(setup, particles // batches, _system_seed(seed, b), dtype, torch.device(device),
-                                   dots, 0.0)
+            system = TangentSystem(_system_setup(setup, _system_seed(seed, b), particles // batches),
+                                   particles // batches, _system_seed(seed, b), dtype, torch.device(device), dots, 0.0)
             tangents = system.tangents(Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device))
             value = system.ntk(tangents) if kind == "ntk" else system.nngp(tangents)
             outputs = tangents.outputs.shape[1:]
@@ -531,7 +535,13 @@ def _exact_kernel(setup: LimitSetup, X: torch.Tensor, Z: torch.Tensor, kind: str
     (unless ``required``: then that instruction's :class:`NotGaussian` error)."""
     rows = Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device)
     try:
-        value, outputs = exact_kernel(setup, rows, kind, dtype, device)
+        wide = max(EXACT_WIDTHS)  # a declared law's n^-b is taken at the widest width the exact path uses
+        value, outputs = exact_kernel(_system_setup(setup, 0, wide), rows, kind, dtype, device)
+        if setup.draws and not torch.allclose(exact_kernel(_system_setup(setup, 1, wide), rows, kind, dtype, device)[0],
+                                              value, rtol=1e-9, atol=1e-12 * float(value.abs().max())):
+            raise NotGaussian(f"{', '.join(sorted(setup.draws))} (no width axis) is drawn at random and the kernel "
+                              "depends on its draw: the limit's kernel is a mixture over its law; use path='monte "
+                              "carlo'", sorted(setup.draws)[0])
     except NotGaussian:
         if required:
             raise
@@ -616,6 +626,13 @@ def _non_smooth(setup: LimitSetup) -> list[str]:
     """The program's instructions (forward and backward) whose lowering rule declared them not smooth."""
     return [f"%{ins.name} ({fn_name(ins.fn)})" for ins in setup.program.instructions
             if isinstance(ins, Nonlin) and not ins.smooth]
+
+
+def _system_setup(setup: LimitSetup, seed: int, particles: int) -> LimitSetup:
+    """The setup of the system of ``seed``: its own draw of every fixed-size tensor initialized at random."""
+    if not setup.draws:
+        return setup
+    return attrs.evolve(setup, initial=drawn_initial(setup.initial, setup.draws, seed, particles))
 
 
 def _system_seed(seed: int, system: int) -> int:

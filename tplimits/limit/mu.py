@@ -50,6 +50,7 @@ class LimitSetup:
     weight_decay: float
     clip: float | None
     regime: str = "feature learning"  # or "operator": the NT limit (tplimits.limit.nt)
+    draws: Mapping[str, Any] = attrs.field(factory=dict)  # fixed-size tensors drawn per system (limit.draws)
 
     @property
     def program(self) -> Program:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import warnings
@@ -63,7 +64,34 @@ class AttentionScale(TorchFunctionMode):
             given = kwargs.get("scale")
             if given is None or math.isclose(given, d_head ** -0.5, rel_tol=1e-9):
                 kwargs["scale"] = self.coef * d_head ** self.power
+        elif func is torch.nn.functional.multi_head_attention_forward:
+            return func(**self._scaled_queries(func, args, kwargs))
         return func(*args, **kwargs)
+
+    def _scaled_queries(self, func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """``multi_head_attention_forward``'s arguments with its query projection scaled so that the
+        ``scaled_dot_product_attention`` it calls inside (``need_weights=False``) computes with
+        ``coef · d_head^power`` instead of its default 1/√d_head. A mode does not see calls made inside a
+        function that dispatches ``__torch_function__`` itself, so the scale moves onto the queries: the
+        same function of the parameters, hence the same gradients. With ``need_weights=True`` it scales by
+        a constant of its own code (kept, as the lowering records it) and is left alone."""
+        bound = inspect.signature(func).bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        if call["need_weights"]:
+            return call
+        d_head = call["embed_dim_to_check"] // call["num_heads"]
+        factor = self.coef * float(d_head) ** self.power * math.sqrt(d_head)
+        rows = call["embed_dim_to_check"]
+        if call["use_separate_proj_weight"]:
+            call["q_proj_weight"] = call["q_proj_weight"] * factor
+        else:
+            weight = call["in_proj_weight"]
+            call["in_proj_weight"] = torch.cat([weight[:rows] * factor, weight[rows:]])
+        bias = call["in_proj_bias"]
+        if bias is not None:
+            call["in_proj_bias"] = torch.cat([bias[:rows] * factor, bias[rows:]])
+        return call
 
 
 class ParametrizedModel(nn.Module):
