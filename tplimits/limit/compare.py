@@ -84,7 +84,7 @@ class Departure:
     step: int
     z: float  # D / R (a spread departure: the log-variance z of its weaker test)
     relative: float  # D / the value's scale (a spread departure: the finite spread over the scale)
-    kind: str = "mean"  # "mean": the seed average departs; "spread": the seeds scatter, the limit does not
+    kind: str = "seed average"  # "seed average": it departs; "spread": the seeds scatter, the limit does not
 
     def describe(self) -> str:
         if self.kind == "spread":
