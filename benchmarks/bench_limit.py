@@ -371,17 +371,20 @@ FLOPS_CASES = (  # optimizer, particles (4 systems), copies per system, steps
     ("sgd", 2**14, None, 10), ("sgd", 2**16, None, 10), ("adam", 2**14, 256, 5), ("adam", 2**16, 1024, 3))
 
 
-def gemm_peak(n: int = 1024, repeats: int = 7) -> float:
-    """The machine's float64 GEMM rate in this process: GFLOP/s of the best of ``repeats`` n×n @ n×n products,
-    by this process's CPU seconds (one thread under ``--cpu-time``)."""
-    a, b = torch.randn(n, n, dtype=torch.float64), torch.randn(n, n, dtype=torch.float64)
+def gemm_peak(n: int = 1024, inner: int = 1024, m: int = 1024, repeats: int = 7) -> float:
+    """The machine's float64 GEMM rate in this process: GFLOP/s of the best of ``repeats`` [n, inner] @
+    [inner, m] products, by this process's CPU seconds (one thread under ``--cpu-time``); products too small
+    to time alone are repeated."""
+    a, b = torch.randn(n, inner, dtype=torch.float64), torch.randn(inner, m, dtype=torch.float64)
     a @ b  # BLAS warm-up, untimed
+    per_timing = max(1, 2**30 // (2 * n * inner * m))
     best = math.inf
     for _ in range(repeats):
         start = time.process_time()
-        a @ b
-        best = min(best, time.process_time() - start)
-    return 2 * n**3 / best / 1e9
+        for _ in range(per_timing):
+            a @ b
+        best = min(best, (time.process_time() - start) / per_timing)
+    return 2 * n * inner * m / best / 1e9
 
 
 def op_kind(name: str) -> str:
@@ -437,6 +440,9 @@ def flops_report() -> None:
     torch.set_num_threads(1)
     peak = gemm_peak()
     print(f"float64 GEMM peak (1024^3, one thread, best of 7, CPU time): {peak:.1f} GFLOP/s")
+    thin = {k: gemm_peak(2**14, k, 16) for k in (16, 64, 144)}
+    print("the engine's thin shapes, [2^14, K] @ [K, 16]: " + ", ".join(f"K {k} {g:.1f} GFLOP/s" for k, g in
+                                                                      thin.items()))
     for optimizer, particles, copies, steps in FLOPS_CASES:
         r = flops_one(optimizer, particles, copies, steps)
         rate = r["gemm_flops"] / r["seconds"] / 1e9
