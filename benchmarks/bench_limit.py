@@ -465,7 +465,8 @@ if __name__ == "__main__":
                              "processes, shard, flops (default: all but flops)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
-                        help="copies / optimizer: time by this process's CPU seconds, one thread (a shared machine)")
+                        help="copies / optimizer / accuracy: time by this process's CPU seconds, one thread "
+                             "(a shared machine)")
     parser.add_argument("--target", type=float, default=0.01, help="accuracy of the cost-at-accuracy comparison")
     parser.add_argument("--data", choices=("random", "digits"), default="random",
                         help="accuracy: the random task (16 inputs) or 64 of scikit-learn's digits (regression target)")
