@@ -10,6 +10,8 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py optimizer                  # the finite optimizer step against torch.optim
     python benchmarks/bench_limit.py processes                  # 1 and 2 gloo processes (torchrun)
     python benchmarks/bench_limit.py shard                      # one system sharded over 1 and 2 gloo processes
+    python benchmarks/bench_limit.py accuracy --data digits --optimizer adam --steps 20 --cpu-time
+    python benchmarks/bench_limit.py flops                      # achieved GFLOP/s against the float64 GEMM peak
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -312,47 +314,166 @@ def optimizer_step(width: int = 4096, steps: int = 10) -> None:
               f"{theirs * 1e3:.1f} ms, ratio {ours / theirs:.2f}")
 
 
-def cost_at_accuracy(target: float = 0.01, steps: int = 20) -> None:
+def accuracy_task(source: str, examples: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cost-at-accuracy task's data: the random task, or ``examples`` rows of scikit-learn's bundled digits
+    (64 standardized features) with a regression target, the digit's label standardized over those rows."""
+    if source == "random":
+        return data()
+    from tplimits.cli import load_data
+    X, labels = load_data(source, examples)
+    target = labels.to(torch.float64)
+    return X, ((target - target.mean()) / target.std()).unsqueeze(1)
+
+
+def cost_at_accuracy(target: float = 0.01, steps: int = 20, source: str = "random", optimizer: str = "sgd",
+                     widths: tuple[int, ...] = (256, 1024, 4096), max_seeds: int = 64) -> None:
     """Time for the limit to reach Monte Carlo standard error ``target`` (RMS over steps and outputs) vs
-    time for finite-width seed ensembles to get within ``target`` (RMS) of it."""
-    X, y = data()
-    limit = limit_for("sgd")
-    limit.train(X, y, steps=1, lr=LR["sgd"], particles=1024, progress=False)  # lowers the model, untimed
+    time for finite-width seed ensembles to get within ``target`` (RMS) of it. Adam's limit runs with copy
+    populations of P/16 per system."""
+    X, y = accuracy_task(source)
+    limit = tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=X.shape[1])
+    lr = LR[optimizer]
+
+    def copies_for(particles: int) -> int | None:
+        return particles // 4 // 16 if optimizer == "adam" else None
+
+    limit.train(X, y, steps=1, lr=lr, particles=1024, progress=False, copies=copies_for(1024))  # lowers, untimed
     particles = 2**12
     while True:
-        start = time.perf_counter()
-        traj = limit.train(X, y, steps=steps, lr=LR["sgd"], particles=particles, batches=4, progress=False)
-        seconds = time.perf_counter() - start
+        start = CLOCK()
+        traj = limit.train(X, y, steps=steps, lr=lr, particles=particles, batches=4, progress=False,
+                           copies=copies_for(particles))
+        seconds = CLOCK() - start
         rms_se = traj.outputs_se.square().mean().sqrt()
         if rms_se <= target:
             break
         particles *= 2
-    print(f"limit ({steps} steps): {particles} particles, RMS se {rms_se:.4f}, {seconds:.1f} s")
+    print(f"{source} ({len(X)} inputs), {optimizer} lr {lr}, limit ({steps} steps): {particles} particles "
+          f"(copies {copies_for(particles)}), RMS se {rms_se:.4f}, {seconds:.1f} s")
     schedule = batch_schedule(len(X), None, steps, 0)
-    for width in (256, 1024, 4096):
-        start = time.perf_counter()
+    for width in widths:
+        start = CLOCK()
         runs = []
         while True:
-            runs.append(finite_outputs(limit, X, y, len(X), width, len(runs), steps, LR["sgd"], "mse", schedule,
+            runs.append(finite_outputs(limit, X, y, len(X), width, len(runs), steps, lr, "mse", schedule,
                                        torch.float64))
             gap = (torch.stack(runs).mean(0) - traj.outputs).square().mean().sqrt()
-            if gap <= target or len(runs) >= 64:
+            if gap <= target or len(runs) >= max_seeds:
                 break
-        t = time.perf_counter() - start
+        t = CLOCK() - start
         verdict = "reached" if gap <= target else "not reached"
         print(f"finite width {width}: {len(runs)} seeds, RMS gap of the seed mean {gap:.4f} ({verdict}), {t:.1f} s, "
-              f"ratio finite/limit {t / seconds:.2f}")
+              f"ratio finite/limit {t / seconds:.2f}", flush=True)
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+FLOPS_CASES = (  # optimizer, particles (4 systems), copies per system, steps
+    ("sgd", 2**14, None, 10), ("sgd", 2**16, None, 10), ("adam", 2**14, 256, 5), ("adam", 2**16, 1024, 3))
+
+
+def gemm_peak(n: int = 1024, inner: int = 1024, m: int = 1024, repeats: int = 7) -> float:
+    """The machine's float64 GEMM rate in this process: GFLOP/s of the best of ``repeats`` [n, inner] @
+    [inner, m] products, by this process's CPU seconds (one thread under ``--cpu-time``); products too small
+    to time alone are repeated."""
+    a, b = torch.randn(n, inner, dtype=torch.float64), torch.randn(inner, m, dtype=torch.float64)
+    a @ b  # BLAS warm-up, untimed
+    per_timing = max(1, 2**30 // (2 * n * inner * m))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(per_timing):
+            a @ b
+        best = min(best, (time.process_time() - start) / per_timing)
+    return 2 * n * inner * m / best / 1e9
+
+
+def op_kind(name: str) -> str:
+    if name in GEMM_OPS or name in ("aten::matmul", "aten::einsum", "aten::linear", "aten::dot", "aten::mv"):
+        return "matmul"
+    if name.startswith("aten::linalg_") or name in ("aten::_linalg_eigh", "aten::linalg_qr", "aten::geqrf",
+                                                     "aten::cholesky", "aten::_linalg_solve_ex"):
+        return "linalg"
+    if name in ("aten::randn", "aten::normal_", "aten::empty", "aten::zeros", "aten::ones", "aten::copy_",
+                "aten::cat", "aten::clone", "aten::contiguous", "aten::index", "aten::index_select"):
+        return "memory/random"
+    return "elementwise/other"
+
+
+def flops_one(optimizer: str, particles: int, copies: int | None, steps: int) -> dict:
+    """One run of the reference task untimed-profiled for its FLOPs and op times, then the same run timed by
+    CPU seconds without the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    X, y = data()
+    limit = limit_for(optimizer)
+    options = dict(steps=steps, lr=LR[optimizer], particles=particles, batches=4, progress=False, copies=copies)
+    limit.train(X, y, steps=1, lr=LR[optimizer], particles=1024, batches=4, progress=False,
+                copies=copies and 64)  # lowering, untimed
+    start = time.process_time()
+    limit.train(X, y, **options)
+    seconds = time.process_time() - start
+    start = time.process_time()  # 256 particles per system: about the per-op cost alone (Python, dispatch)
+    limit.train(X, y, **{**options, "particles": 1024, "copies": copies and 64})
+    small_seconds = time.process_time() - start
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
+        limit.train(X, y, **options)
+    events = prof.key_averages()
+    gemm_flops = sum(e.flops or 0 for e in events if e.key in GEMM_OPS)
+    other_flops = sum(e.flops or 0 for e in events if e.key not in GEMM_OPS)
+    by_kind: dict[str, float] = {}
+    for e in events:
+        kind = op_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    shaped = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in GEMM_OPS]
+    gemm_shapes = [(e.key, str(e.input_shapes[:2]), e.self_cpu_time_total / 1e6, e.count,
+                    (e.flops or 0) / max(e.self_cpu_time_total, 1) / 1e3)
+                   for e in sorted(shaped, key=lambda e: e.self_cpu_time_total, reverse=True)[:4]]
+    return {"seconds": seconds, "small_seconds": small_seconds, "calls": sum(e.count for e in events),
+            "gemm_flops": gemm_flops, "other_flops": other_flops, "by_kind": by_kind,
+            "profiled_op_seconds": sum(by_kind.values()),
+            "top": [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in top], "gemm_shapes": gemm_shapes}
+
+
+def flops_report() -> None:
+    """Achieved GFLOP/s of the engine (the profiler's matmul FLOPs over the run's CPU seconds) against the
+    float64 GEMM peak measured in the same process, and where the time goes."""
+    torch.set_num_threads(1)
+    peak = gemm_peak()
+    print(f"float64 GEMM peak (1024^3, one thread, best of 7, CPU time): {peak:.1f} GFLOP/s")
+    thin = {k: gemm_peak(2**14, k, 16) for k in (16, 64, 144)}
+    print("the engine's thin shapes, [2^14, K] @ [K, 16]: " + ", ".join(f"K {k} {g:.1f} GFLOP/s" for k, g in
+                                                                      thin.items()))
+    for optimizer, particles, copies, steps in FLOPS_CASES:
+        r = flops_one(optimizer, particles, copies, steps)
+        rate = r["gemm_flops"] / r["seconds"] / 1e9
+        ops = r["profiled_op_seconds"]
+        shares = ", ".join(f"{k} {v / ops:.0%}" for k, v in sorted(r["by_kind"].items(), key=lambda kv: -kv[1]))
+        print(f"{optimizer}, {particles} particles in 4 systems, copies {copies}, {steps} steps: "
+              f"{r['seconds']:.2f} CPU s, matmul {r['gemm_flops'] / 1e9:.2f} GFLOP (+ {r['other_flops'] / 1e9:.2f} "
+              f"counted elementwise), {rate:.2f} GFLOP/s = {rate / peak:.3f} of the GEMM peak "
+              f"(peak / achieved {peak / rate:.1f}); same run at 1024 particles {r['small_seconds']:.2f} CPU s; "
+              f"{r['calls']} op calls; op self time (profiled, wall) {ops:.2f} s: {shares}")
+        print("  top ops by self time: " + "; ".join(f"{k} {t:.2f} s ({n} calls)" for k, t, n in r["top"]))
+        print("  top matmul shapes: " + "; ".join(f"{k} {shape} {t:.2f} s ({n} calls, {g:.1f} GFLOP/s)"
+                                                  for k, shape, t, n, g in r["gemm_shapes"]))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
                         help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
-                             "processes, shard (default: all)")
+                             "processes, shard, flops (default: all but flops)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
-                        help="copies / optimizer: time by this process's CPU seconds, one thread (a shared machine)")
+                        help="copies / optimizer / accuracy: time by this process's CPU seconds, one thread "
+                             "(a shared machine)")
     parser.add_argument("--target", type=float, default=0.01, help="accuracy of the cost-at-accuracy comparison")
+    parser.add_argument("--data", choices=("random", "digits"), default="random",
+                        help="accuracy: the random task (16 inputs) or 64 of scikit-learn's digits (regression target)")
+    parser.add_argument("--optimizer", choices=tuple(LR), default="sgd", help="accuracy: the optimizer")
+    parser.add_argument("--steps", type=int, default=20, help="accuracy: training steps")
+    parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096], help="accuracy: finite widths")
+    parser.add_argument("--max-seeds", type=int, default=64, help="accuracy: most seeds per finite width")
     args = parser.parse_args()
     DEVICE = args.device
     if args.cpu_time:
@@ -376,7 +497,7 @@ if __name__ == "__main__":
     if "scaling" in which:
         scaling()
     if "accuracy" in which:
-        cost_at_accuracy(args.target)
+        cost_at_accuracy(args.target, args.steps, args.data, args.optimizer, tuple(args.widths), args.max_seeds)
     if "copies" in which:
         copies_scaling()
     if "copies-accuracy" in which:
@@ -385,6 +506,8 @@ if __name__ == "__main__":
         optimizer_step()
     if "processes" in which:
         spread_scaling()
+    if "flops" in which:
+        flops_report()
     if "shard" in which:
         shard_scaling()
         rounding_sensitivity()
