@@ -50,13 +50,19 @@ def _fields(traj: tpl.Trajectory) -> dict[str, torch.Tensor]:
     return fields
 
 
-def _worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") -> None:
+def _join(rank: int, size: int, init: str, backend: str) -> str:
+    """Join the process group as ``rank``; the device this rank computes on."""
     torch.set_num_threads(1)
     device = "cpu"
     if backend == "nccl":
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=size)
+    return device
+
+
+def _worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") -> None:
+    device = _join(rank, size, init, backend)
     try:
         X, y = _data()
         results: dict[str, object] = {}
@@ -155,12 +161,7 @@ def _report(report: CheckReport) -> dict[str, torch.Tensor]:
 
 
 def _shard_worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") -> None:
-    torch.set_num_threads(1)
-    device = "cpu"
-    if backend == "nccl":
-        device = f"cuda:{rank}"
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=size)
+    device = _join(rank, size, init, backend)
     try:
         results: dict[str, object] = {}
         for name, (make, train) in SHARDED.items():

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from tplimits.core.ir import Constant, Input, Instruction, Ref
+from tplimits.core.ir import Constant, Input, Instruction, Ref, map_args
 from tplimits.errors import BatchSizeError
 
 if TYPE_CHECKING:  # generalise compares two programs
@@ -136,13 +136,7 @@ def _format(layout: tuple) -> str:
 
 
 def _resolve(value: Any, size: int) -> Any:
-    if isinstance(value, BatchInt):
-        return value.resolve(size)
-    if isinstance(value, list | tuple):
-        return type(value)(_resolve(v, size) for v in value)
-    if isinstance(value, dict):
-        return {k: _resolve(v, size) for k, v in value.items()}
-    return value
+    return map_args(value, lambda v: v.resolve(size) if isinstance(v, BatchInt) else v)
 
 
 def _has_batch(value: Any) -> bool:

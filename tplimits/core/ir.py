@@ -204,17 +204,24 @@ def refs_in(args: Any) -> Iterator[str]:
             yield from refs_in(a)
 
 
+def map_args(args: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``args`` (nested lists, tuples and dicts) with ``leaf`` applied to every other value in them."""
+    if isinstance(args, list | tuple):
+        return type(args)(map_args(a, leaf) for a in args)
+    if isinstance(args, dict):
+        return {k: map_args(v, leaf) for k, v in args.items()}
+    return leaf(args)
+
+
 def substitute(args: Any, values: Mapping[str, Any], n: int) -> Any:
     """Replace :class:`Ref` by ``values[name]`` and width-dependent constants by their value at n."""
-    if isinstance(args, Ref):
-        return values[args.name]
-    if isinstance(args, WidthInt | WidthPower):
-        return args.resolve(n)
-    if isinstance(args, list | tuple):
-        return type(args)(substitute(a, values, n) for a in args)
-    if isinstance(args, dict):
-        return {k: substitute(v, values, n) for k, v in args.items()}
-    return args
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, Ref):
+            return values[value.name]
+        return value.resolve(n) if isinstance(value, WidthInt | WidthPower) else value
+
+    return map_args(args, leaf)
 
 
 def format_args(args: Any) -> str:

@@ -45,6 +45,7 @@ from tplimits.core.ir import (
     Regroup,
     Width,
     WidthInt,
+    map_args,
     substitute,
     width_axes,
 )
@@ -680,13 +681,7 @@ def _signed(vecs: torch.Tensor) -> torch.Tensor:
 def _sizes_at(args: Any, rows: int) -> Any:
     """``args`` with every width-dependent size resolved at ``rows`` particles (a shard's); width-dependent
     constants stay, for the whole system's width."""
-    if isinstance(args, WidthInt):
-        return args.resolve(rows)
-    if isinstance(args, list | tuple):
-        return type(args)(_sizes_at(a, rows) for a in args)
-    if isinstance(args, dict):
-        return {k: _sizes_at(v, rows) for k, v in args.items()}
-    return args
+    return map_args(args, lambda a: a.resolve(rows) if isinstance(a, WidthInt) else a)
 
 
 def _cast(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
