@@ -1,4 +1,5 @@
-"""Shared fixtures: float64 by default (replay is checked to 1e-10), and the relative-error helper."""
+"""Shared fixtures: float64 by default (replay is checked to 1e-10), the relative-error helper, and full-batch
+steps of a particle system."""
 
 from __future__ import annotations
 
@@ -27,3 +28,20 @@ def assert_close_tree(got, ref, rtol: float = 1e-10) -> None:
         scale = r.abs().max().clamp_min(1e-300)
         err = (g - r).abs().max() / scale
         assert err <= rtol, f"relative error {err:.3e} > {rtol}"
+
+
+def particle_steps(net, X: torch.Tensor, y: torch.Tensor, steps: int, last: bool = False) -> list[torch.Tensor]:
+    """``steps`` full-batch mse steps of a particle system; its outputs before each (and after the last
+    with ``last``)."""
+    import tplimits as tpl
+
+    loss = tpl.loss("mse")
+    outs = []
+    for _ in range(steps):
+        interp = net.forward((X,))
+        out = net.outputs(interp)
+        outs.append(out)
+        net.backward_and_update(interp, loss.error_signal(out, y, torch.arange(len(X))))
+    if last:
+        outs.append(net.outputs(net.forward((X,))))
+    return outs

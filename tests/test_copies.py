@@ -14,25 +14,13 @@ import pytest
 import torch
 
 import tplimits as tpl
+from tests.conftest import particle_steps
 from tplimits.limit.mu import ParticleNetwork, grid_entries
 
 
 def _regression(d_in: int = 4, rows: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, d_in, generator=g), torch.randn(rows, 1, generator=g)
-
-
-def _run(net: ParticleNetwork, X: torch.Tensor, y: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """``steps`` full-batch mse steps of a particle system; its outputs before each and after the last."""
-    loss = tpl.loss("mse")
-    outs = []
-    for _ in range(steps):
-        interp = net.forward((X,))
-        out = net.outputs(interp)
-        outs.append(out)
-        net.backward_and_update(interp, loss.error_signal(out, y, torch.arange(len(X))))
-    outs.append(net.outputs(net.forward((X,))))
-    return outs
 
 
 @pytest.mark.parametrize("options", [dict(optimizer="adam"), dict(optimizer="lion"),
@@ -43,8 +31,8 @@ def test_first_update_is_the_dense_grid_at_the_copy_pairs(options):
     P, copies = 256, 48
     dense = ParticleNetwork(setup, P, 3, torch.float64, "cpu", "stein", 0.02, 2)
     paired = ParticleNetwork(setup, P, 3, torch.float64, "cpu", "stein", 0.02, 2, copies=copies)
-    _run(dense, X, y, 1)
-    _run(paired, X, y, 1)
+    particle_steps(dense, X, y, 1, last=True)
+    particle_steps(paired, X, y, 1, last=True)
     hidden = [name for name, op in dense.operators.items() if op.dense is not None]
     assert len(hidden) == 2 and all(paired.operators[n].pairs is not None for n in hidden)
     for name in hidden:
@@ -72,8 +60,8 @@ def test_normalized_updates_divide_by_the_estimated_norm_of_the_whole_grid():
     P, copies = 512, 128
     dense = ParticleNetwork(setup, P, 5, torch.float64, "cpu", "stein", 0.02, 1)
     paired = ParticleNetwork(setup, P, 5, torch.float64, "cpu", "stein", 0.02, 1, copies=copies)
-    _run(dense, X, y, 1)
-    _run(paired, X, y, 1)
+    particle_steps(dense, X, y, 1, last=True)
+    particle_steps(paired, X, y, 1, last=True)
     name = next(n for n, op in dense.operators.items() if op.dense is not None)
     grid = dense.operators[name].dense
     ratio = paired.operators[name].pairs.forward[0] / grid[:, :copies]
@@ -86,11 +74,11 @@ def test_a_copy_population_resumes_exactly():
     X, y = _regression()
     setup = tpl.derive("mlp", optimizer="adam", depth=3, d_in=4).setup(X)
     a = ParticleNetwork(setup, 256, 0, torch.float64, "cpu", "stein", 0.02, 4, copies=32)
-    _run(a, X, y, 2)
+    particle_steps(a, X, y, 2, last=True)
     saved = a.state_dict()
     b = ParticleNetwork(setup, 256, 99, torch.float64, "cpu", "stein", 0.02, 4, copies=32)
     b.load_state_dict(saved)
-    for out_a, out_b in zip(_run(a, X, y, 2), _run(b, X, y, 2), strict=True):
+    for out_a, out_b in zip(particle_steps(a, X, y, 2, last=True), particle_steps(b, X, y, 2, last=True), strict=True):
         assert torch.equal(out_a, out_b)
 
 

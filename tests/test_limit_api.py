@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tplimits as tpl
+from tests.conftest import particle_steps
 from tplimits.limit import mu as engine
 from tplimits.limit.kets import MatrixOperator
 from tplimits.limit.mu import ParticleNetwork
@@ -59,27 +60,15 @@ def test_kernel_of_the_first_layer_matches_closed_form(data):
     assert z.max() < 4
 
 
-def _run(net: ParticleNetwork, X: torch.Tensor, y: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """``steps`` full-batch mse steps of a particle system; its outputs before each."""
-    loss = tpl.loss("mse")
-    outs = []
-    for _ in range(steps):
-        interp = net.forward((X,))
-        out = net.outputs(interp)
-        outs.append(out)
-        net.backward_and_update(interp, loss.error_signal(out, y, torch.arange(len(X))))
-    return outs
-
-
 def test_resume_continues_exactly(data):
     X, y = data
     setup = tpl.derive("mlp", optimizer="adam", depth=2, d_in=3).setup(X)
     a = ParticleNetwork(setup, 256, 0, torch.float64, "cpu", "stein", 0.02, 4)
-    _run(a, X, y, 2)
+    particle_steps(a, X, y, 2)
     saved = a.state_dict()
     b = ParticleNetwork(setup, 256, 99, torch.float64, "cpu", "stein", 0.02, 4)
     b.load_state_dict(saved)
-    for out_a, out_b in zip(_run(a, X, y, 2), _run(b, X, y, 2), strict=True):
+    for out_a, out_b in zip(particle_steps(a, X, y, 2), particle_steps(b, X, y, 2), strict=True):
         assert torch.equal(out_a, out_b)
 
 
@@ -100,7 +89,7 @@ def test_dense_grid_updated_in_tiles_follows_torch_adamw(data, monkeypatch):
     monkeypatch.setattr(MatrixOperator, "dense_gradient", record)
     P = 256
     net = ParticleNetwork(setup, P, 0, torch.float64, "cpu", "stein", 0.02, 4)
-    outs = _run(net, X, y, 4)
+    outs = particle_steps(net, X, y, 4)
     assert len(gradients) == 2 and all(len(g) == 4 for g in gradients.values())
     for name, grads in gradients.items():
         group = net.groups[name]
