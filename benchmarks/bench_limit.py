@@ -490,24 +490,19 @@ if __name__ == "__main__":
         sys.exit()
     which = args.parts or ["reference", "reference-adam", "scaling", "accuracy", "copies", "copies-accuracy",
                            "optimizer", "processes", "shard"]
-    if "reference" in which:
-        reference()
-    if "reference-adam" in which:
-        reference_adam()
-    if "scaling" in which:
-        scaling()
-    if "accuracy" in which:
-        cost_at_accuracy(args.target, args.steps, args.data, args.optimizer, tuple(args.widths), args.max_seeds)
-    if "copies" in which:
-        copies_scaling()
-    if "copies-accuracy" in which:
-        copies_accuracy()
-    if "optimizer" in which:
-        optimizer_step()
-    if "processes" in which:
-        spread_scaling()
-    if "flops" in which:
-        flops_report()
-    if "shard" in which:
-        shard_scaling()
-        rounding_sensitivity()
+    parts = {
+        "reference": reference,
+        "reference-adam": reference_adam,
+        "scaling": scaling,
+        "accuracy": lambda: cost_at_accuracy(args.target, args.steps, args.data, args.optimizer,
+                                             tuple(args.widths), args.max_seeds),
+        "copies": copies_scaling,
+        "copies-accuracy": copies_accuracy,
+        "optimizer": optimizer_step,
+        "processes": spread_scaling,
+        "flops": flops_report,
+        "shard": lambda: (shard_scaling(), rounding_sensitivity()),
+    }
+    for name, run in parts.items():  # in this order, whatever the order asked
+        if name in which:
+            run()
