@@ -15,6 +15,7 @@ particles). ``Limit.check`` spreads its finite models over the ranks, each train
 
 from __future__ import annotations
 
+import datetime
 import os
 import pathlib
 import socket
@@ -57,8 +58,22 @@ def _join(rank: int, size: int, init: str, backend: str) -> str:
     if backend == "nccl":
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=size)
+    # a rank that fails leaves the other waiting in a collective: minutes, not gloo's default half hour
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=size,
+                            timeout=datetime.timedelta(minutes=5))
     return device
+
+
+def _leave() -> None:
+    """End a rank whose results are saved: after every rank has saved, tear the group down and exit.
+
+    The barrier keeps a rank from closing its connections while the other still communicates. The
+    process then ends without interpreter finalization, where gloo's threads have aborted a finished
+    run (``terminate called without an active exception``, SIGABRT) after its results were written.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 def _worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") -> None:
@@ -80,8 +95,10 @@ def _worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") ->
         except tpl.Diverged as error:
             results["diverged"] = (type(error).__name__, error.step)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave()
 
 
 def _free_port() -> int:
@@ -176,8 +193,10 @@ def _shard_worker(rank: int, size: int, init: str, out: str, backend: str = "glo
         if backend == "gloo":
             results.update(_shard_checks(rank, out))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave()
 
 
 def _shard_checks(rank: int, out: str) -> dict[str, object]:
