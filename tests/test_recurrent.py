@@ -149,3 +149,12 @@ def test_lstm_projection_mu_limit_against_training():
     limit = tpl.derive(CASES["lstm-projection-half-width"], example_inputs=(x,), optimizer="sgd")
     report = limit.check(x, y, widths=[64, 256, 1024], seeds=8, steps=3, lr=0.5, particles=2**14, progress=False)
     assert report.passed, report.format()
+
+
+def test_lstm_projection_to_a_fixed_size_has_no_mu_limit():
+    """A projection to 2 coordinates is a bottleneck: W_hr sums over the width axis into the recurrence, not
+    into an output, so the state grows like n^{1/2} at initialization under μP; the limit names the weight."""
+    x, y = _data()
+    limit = tpl.derive(CASES["lstm-projection-fixed-bidirectional-no-bias"], example_inputs=(x,), optimizer="sgd")
+    with pytest.raises(tpl.TplimitsError, match="'rnn.weight_hr_l0' is summed over the width axis"):
+        limit.train(x, y, steps=1, lr=0.5, particles=2**8, batches=2, progress=False)
