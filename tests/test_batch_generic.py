@@ -13,7 +13,7 @@ import tplimits as tpl
 from tests.conftest import assert_close_tree
 from tplimits.core.backprop import total_program
 from tplimits.core.frontend import resolve
-from tplimits.core.trace import other_batch_size, trace_pair
+from tplimits.core.trace import batch_axis, other_batch_size, trace_pair
 
 LOWERED, OTHER = 4, 7
 
@@ -221,3 +221,13 @@ def test_sequence_first_models_at_another_batch_size(kind):
     assert_close_tree(got, expected)
     cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
     _assert_gradients_close(_gradients(model, got, cotangent), _gradients(model, expected, cotangent))
+
+
+def test_batch_axis_is_where_examples_are_independent():
+    """Axis 1 for sequence-first layers; axis 0 for batch-first ones, and for a model that couples its examples
+    (batch norm in train mode), where no axis has independent examples."""
+    x = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(0))
+    assert batch_axis(_SequenceFirst(8, "lstm"), (x,)) == 1
+    assert batch_axis(_SequenceFirst(8, "encoder-layer"), (x,)) == 1
+    assert batch_axis(nn.LSTM(3, 8, batch_first=True), (x,)) == 0
+    assert batch_axis(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12)).train(), (x,)) == 0

@@ -165,6 +165,7 @@ class WidthTrace:
     second_tracer: str = "make_fx"  # what traced the second width: a trace at another batch size takes the same
     batch_trace: GraphTrace | None = None  # the second trace, when it was taken at another batch size too
     batch_sizes: tuple[int, int] | None = None  # the batch sizes of the two traces then
+    batch_axis: int = 0  # the inputs' axis holding the examples (:func:`batch_axis`)
 
 
 def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int,
@@ -546,7 +547,7 @@ def compare_widths(pair: ModelPair, main: GraphTrace) -> WidthTrace:
                     raise
                 continue
             return attrs.evolve(compared, aliases=tied_names(pair.model), second_tracer=other.tracer,
-                                batch_trace=other if batch else None, batch_sizes=batch)
+                                batch_trace=other if batch else None, batch_sizes=batch, batch_axis=axis)
     raise AssertionError("unreachable: the last trace returns or raises")
 
 
