@@ -8,7 +8,9 @@ update (MATH.md §5.5: the sum over all pairs ``h = W z``, ``g = W y``). The wid
 the input-to-hidden products of a whole sequence are taken at once, before the recurrence.
 
 Gates are fused along the hidden axis (LSTM: i, f, g, o; GRU: r, z, n), so splitting them is a
-block regroup, as for a fused q/k/v projection.
+block regroup, as for a fused q/k/v projection. ``nn.LSTM(proj_size=p)`` adds ``W_hr`` after each step
+(``h = W_hr (o ⊙ tanh c)``): a hidden matrix when p grows with width, a readout into fixed coordinates
+(a bottleneck, which the μ-limit refuses) when it does not.
 """
 
 from __future__ import annotations
