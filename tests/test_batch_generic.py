@@ -13,7 +13,7 @@ import tplimits as tpl
 from tests.conftest import assert_close_tree
 from tplimits.core.backprop import total_program
 from tplimits.core.frontend import resolve
-from tplimits.core.trace import other_batch_size, trace_pair
+from tplimits.core.trace import batch_axis, other_batch_size, trace_pair
 
 LOWERED, OTHER = 4, 7
 
@@ -184,3 +184,50 @@ def test_limit_at_another_batch_size_equals_a_fresh_lowering():
     expected = tpl.derive("mlp", optimizer="sgd", depth=1, d_in=3).train(X7, y7, **options)
     assert got.outputs.shape[1] == 7
     assert torch.equal(got.outputs, expected.outputs) and torch.equal(got.loss, expected.loss)
+
+
+class _SequenceFirst(nn.Module):
+    """Inputs ``[time, batch, features]``: an LSTM or an encoder layer without ``batch_first``."""
+
+    def __init__(self, width: int, kind: str) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, width)
+        if kind == "lstm":
+            self.layer = nn.LSTM(width, width)
+        else:
+            self.layer = nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=0.0)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(self.inp(x))
+        return self.out(h[0] if isinstance(h, tuple) else h)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.*_flat_weights", "ignore:enable_nested_tensor")
+@pytest.mark.parametrize("kind", ["lstm", "encoder-layer"])
+def test_sequence_first_models_at_another_batch_size(kind):
+    """The batch axis is axis 1 of the inputs (3 time steps, 4 examples); the program lowered there runs 7."""
+    def make(width: int) -> _SequenceFirst:
+        return _SequenceFirst(width, kind)
+
+    g = torch.Generator().manual_seed(0)
+    prog = tpl.lower(make, example_inputs=(torch.randn(3, LOWERED, 3, generator=g),))
+    torch.manual_seed(1)
+    model = make(24)
+    x = torch.randn(3, OTHER, 3, generator=g)
+    assert prog.batch_generic, prog.batch_dependence
+    expected, got = model(x), prog.replay(model, x)
+    assert got.shape[1] == OTHER
+    assert_close_tree(got, expected)
+    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    _assert_gradients_close(_gradients(model, got, cotangent), _gradients(model, expected, cotangent))
+
+
+def test_batch_axis_is_where_examples_are_independent():
+    """Axis 1 for sequence-first layers; axis 0 for batch-first ones, and for a model that couples its examples
+    (batch norm in train mode), where no axis has independent examples."""
+    x = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(0))
+    assert batch_axis(_SequenceFirst(8, "lstm"), (x,)) == 1
+    assert batch_axis(_SequenceFirst(8, "encoder-layer"), (x,)) == 1
+    assert batch_axis(nn.LSTM(3, 8, batch_first=True), (x,)) == 0
+    assert batch_axis(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12)).train(), (x,)) == 0

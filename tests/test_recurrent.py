@@ -6,8 +6,6 @@ Expected values come from the models themselves: replay against the forward, the
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
@@ -28,7 +26,8 @@ class _Sequence(nn.Module):
     def __init__(self, width: int, kind: str, batch_first: bool = True, **options) -> None:
         super().__init__()
         self.rnn = getattr(nn, kind)(3, width, batch_first=batch_first, **options)
-        self.out = nn.Linear(width * (2 if options.get("bidirectional") else 1), 2)
+        features = options.get("proj_size") or width  # with a projection the outputs are W_hr h
+        self.out = nn.Linear(features * (2 if options.get("bidirectional") else 1), 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs, final = self.rnn(x)
@@ -55,6 +54,9 @@ class _Cells(nn.Module):
 CASES = {
     "lstm": lambda width: _Sequence(width, "LSTM"),
     "lstm-2-layers-bidirectional": lambda width: _Sequence(width, "LSTM", num_layers=2, bidirectional=True),
+    "lstm-projection-half-width": lambda width: _Sequence(width, "LSTM", proj_size=width // 2),
+    "lstm-projection-fixed-bidirectional-no-bias": lambda width: _Sequence(width, "LSTM", proj_size=2,
+                                                                          bidirectional=True, bias=False),
     "gru": lambda width: _Sequence(width, "GRU"),
     "gru-no-bias-time-first": lambda width: _Sequence(width, "GRU", bias=False, batch_first=False),
     "rnn-tanh": lambda width: _Sequence(width, "RNN"),
@@ -76,7 +78,8 @@ def test_recurrent_lowers_replays_and_matches_autograd(name):
     x, _ = _data()
     prog = tpl.lower(make, example_inputs=(x,), width=16)
     shared = [ins for ins in prog if isinstance(ins, tpl.MatMul)]
-    assert len({ins.matrix for ins in shared}) < len(shared), "the recurrent weight is used once per step"
+    if "projection-fixed" not in name:  # there W_hh is [4n, 2], a vector read out of a fixed-size state
+        assert len({ins.matrix for ins in shared}) < len(shared), "the recurrent weight is used once per step"
     for width in (16, 40):
         torch.manual_seed(width)
         model = make(width)
@@ -138,15 +141,20 @@ def test_lstm_nt_limit_against_training():
     assert report.passed, report.format()
 
 
-def test_lstm_projection_is_refused_by_name():
-    class Projected(nn.Module):
-        def __init__(self, width: int) -> None:
-            super().__init__()
-            self.rnn = nn.LSTM(3, width, proj_size=2, batch_first=True)
+def test_lstm_projection_mu_limit_against_training():
+    """``proj_size = width/2``: the projection W_hr is one more hidden matrix, and the recurrent weight W_hh
+    [4n, n/2] one too. Expected values from finite LSTMs trained at widths 64/256/1024 (8 seeds)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 3, generator=g), torch.randn(4, 3, 2, generator=g)
+    limit = tpl.derive(CASES["lstm-projection-half-width"], example_inputs=(x,), optimizer="sgd")
+    report = limit.check(x, y, widths=[64, 256, 1024], seeds=8, steps=3, lr=0.5, particles=2**14, progress=False)
+    assert report.passed, report.format()
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.rnn(x)[0]
 
-    with warnings.catch_warnings(), pytest.raises(tpl.UnsupportedOperation, match="proj_size > 0.*not supported yet"):
-        warnings.simplefilter("ignore")
-        tpl.lower(Projected, example_inputs=(_data()[0],))
+def test_lstm_projection_to_a_fixed_size_has_no_mu_limit():
+    """A projection to 2 coordinates is a bottleneck: W_hr sums over the width axis into the recurrence, not
+    into an output, so the state grows like n^{1/2} at initialization under μP; the limit names the weight."""
+    x, y = _data()
+    limit = tpl.derive(CASES["lstm-projection-fixed-bidirectional-no-bias"], example_inputs=(x,), optimizer="sgd")
+    with pytest.raises(tpl.TplimitsError, match="'rnn.weight_hr_l0' is summed over the width axis"):
+        limit.train(x, y, steps=1, lr=0.5, particles=2**8, batches=2, progress=False)

@@ -2,7 +2,9 @@
 
 A program is lowered at the batch size of its example inputs: its layouts and size arguments are
 concrete. While lowering, the model is also traced and lowered on its inputs with one example more
-(:func:`tplimits.core.trace.resize_batch`); comparing the two programs instruction by instruction finds
+along their batch axis (:func:`tplimits.core.trace.batch_axis`: axis 0, or the axis along which a
+sequence-first model's examples are independent; :func:`~tplimits.core.trace.resize_batch`); comparing
+the two programs instruction by instruction finds
 every size that grows with the batch size b (a :class:`BatchInt` ``ratio·b``: the batch axis itself,
 ``b·T`` in a view to ``[b·T, n]``) and every folded constant that does (a causal mask broadcast over the
 batch, kept as one :class:`BatchConstant` unit). The :class:`BatchSpec` so found re-specialises the
@@ -127,7 +129,7 @@ def check_shapes(inputs: Sequence[Input], flat: Sequence[Any], why: str) -> None
         if torch.is_tensor(value) and tuple(value.shape) != tuple(ins.layout):
             raise BatchSizeError(
                 f"input {ins.index} has shape {list(value.shape)} but the program was lowered for {list(ins.layout)} "
-                f"and holds only at that batch size (axis 0 of the inputs): {why}. Lower the model with example "
+                f"and holds only at that batch size: {why}. Lower the model with example "
                 "inputs of the shape you run it on (tpl.lower(..., example_inputs=...)).")
 
 

@@ -165,6 +165,7 @@ class WidthTrace:
     second_tracer: str = "make_fx"  # what traced the second width: a trace at another batch size takes the same
     batch_trace: GraphTrace | None = None  # the second trace, when it was taken at another batch size too
     batch_sizes: tuple[int, int] | None = None  # the batch sizes of the two traces then
+    batch_axis: int = 0  # the inputs' axis holding the examples (:func:`batch_axis`)
 
 
 def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int,
@@ -517,16 +518,18 @@ def smaller(pair: ModelPair) -> tuple[torch.nn.Module, int]:
 def compare_widths(pair: ModelPair, main: GraphTrace) -> WidthTrace:
     """``main`` (the trace of ``pair.model``) compared with a trace of ``pair.other``.
 
-    The second trace is taken on more examples when the inputs have a batch axis, so that it also tells
-    which sizes grow with the batch size (:mod:`tplimits.core.batch`); should that fail (a model whose
-    graph depends on the batch size), it is taken again on the same inputs. A fake-tensor ``make_fx``
+    The second trace is taken on more examples (along :func:`batch_axis`) when the inputs have a batch
+    axis, so that it also tells which sizes grow with the batch size (:mod:`tplimits.core.batch`); should
+    that fail (a model whose graph depends on the batch size), it is taken again on the same inputs. A
+    fake-tensor ``make_fx``
     trace is tried first, ``torch.export`` after it.
     """
-    size = batch_size(pair.inputs)
+    axis = batch_axis(smaller(pair)[0], pair.inputs)
+    size = batch_size(pair.inputs, axis)
     batches = [None] if size is None else [(size, other_batch_size(size, (pair.n, pair.n_other))), None]
     tracers = [make_fx_trace] + ([export_trace] if main.tracer == "torch.export" else [])
     for batch in batches:
-        inputs = pair.inputs if batch is None else resize_batch(pair.inputs, batch[1])
+        inputs = pair.inputs if batch is None else resize_batch(pair.inputs, batch[1], axis)
         for tracer in tracers:
             last = batch is None and tracer is tracers[-1]
             try:
@@ -544,7 +547,7 @@ def compare_widths(pair: ModelPair, main: GraphTrace) -> WidthTrace:
                     raise
                 continue
             return attrs.evolve(compared, aliases=tied_names(pair.model), second_tracer=other.tracer,
-                                batch_trace=other if batch else None, batch_sizes=batch)
+                                batch_trace=other if batch else None, batch_sizes=batch, batch_axis=axis)
     raise AssertionError("unreachable: the last trace returns or raises")
 
 
@@ -572,24 +575,60 @@ def _numel(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def batch_size(inputs: tuple) -> int | None:
-    """The batch size of ``inputs``: axis 0 of the first tensor input (None without one)."""
+def batch_size(inputs: tuple, axis: int = 0) -> int | None:
+    """The batch size of ``inputs``: axis ``axis`` of the first tensor input (None without one)."""
     first = next((t for t in pytree.tree_leaves(inputs) if torch.is_tensor(t)), None)
-    return None if first is None or first.dim() == 0 else int(first.shape[0])
+    return None if first is None or first.dim() <= axis else int(first.shape[axis])
 
 
-def resize_batch(inputs: tuple, size: int) -> tuple:
-    """``inputs`` with ``size`` examples: every tensor whose axis 0 is the batch axis has its rows repeated
-    cyclically (valid token ids stay valid); other inputs are kept."""
-    current = batch_size(inputs)
+def resize_batch(inputs: tuple, size: int, axis: int = 0) -> tuple:
+    """``inputs`` with ``size`` examples along ``axis``: every tensor whose ``axis`` is the batch axis has its
+    examples repeated cyclically (valid token ids stay valid); other inputs are kept."""
+    current = batch_size(inputs, axis)
     rows = torch.arange(size) % current
 
     def resize(t: Any) -> Any:
-        if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == current:
-            return t[rows.to(t.device)]
+        if torch.is_tensor(t) and t.dim() > axis and t.shape[axis] == current:
+            return t.index_select(axis, rows.to(t.device))
         return t
 
     return pytree.tree_map(resize, inputs)
+
+
+def batch_axis(model: torch.nn.Module, inputs: tuple) -> int:
+    """The axis of the inputs that holds the examples: axis 0, unless the model's examples along it are not
+    independent and along a later axis of the first tensor input they are (sequence-first layers: ``nn.LSTM``,
+    ``nn.TransformerEncoderLayer(batch_first=False)``). Examples along an axis are independent when one more
+    example, a copy of the first, adds one entry along an axis of every output, equal to the first example's,
+    and leaves the others as they were. A model that couples its examples (batch norm in train mode) or draws
+    at random (dropout) shows no such axis and keeps axis 0."""
+    first = next((t for t in pytree.tree_leaves(inputs) if torch.is_tensor(t)), None)
+    if first is None or first.dim() < 2 or _independent_along(model, inputs, 0):
+        return 0
+    return next((axis for axis in range(1, first.dim()) if _independent_along(model, inputs, axis)), 0)
+
+
+def _independent_along(model: torch.nn.Module, inputs: tuple, axis: int) -> bool:
+    size = batch_size(inputs, axis)
+    probe = copy.deepcopy(model)  # batch-norm statistics and the like stay the user's
+    with torch.no_grad(), torch.random.fork_rng():
+        try:
+            before, after = probe(*inputs), probe(*resize_batch(inputs, size + 1, axis))
+        except Exception:  # noqa: BLE001 - a model that refuses more entries along this axis: not its batch axis
+            return False
+    pairs = [(a, b) for a, b in zip(pytree.tree_leaves(before), pytree.tree_leaves(after), strict=False)
+             if torch.is_tensor(a) and torch.is_tensor(b)]
+    return bool(pairs) and all(_one_more_example(a, b, size) for a, b in pairs)
+
+
+def _one_more_example(before: torch.Tensor, after: torch.Tensor, size: int) -> bool:
+    """Whether ``after`` is ``before`` with its first example repeated once more along one axis of size ``size``."""
+    grown = [k for k in range(before.dim()) if after.dim() == before.dim() and after.shape[k] == before.shape[k] + 1]
+    if len(grown) != 1 or before.shape[grown[0]] != size or not before.is_floating_point():
+        return False
+    k, atol = grown[0], 1e-5 * float(before.abs().max()) if before.numel() else 0.0
+    return (torch.allclose(after.narrow(k, 0, size), before, rtol=1e-4, atol=atol)
+            and torch.allclose(after.select(k, size), before.select(k, 0), rtol=1e-4, atol=atol))
 
 
 def trace_like(wt: WidthTrace, model: torch.nn.Module, inputs: tuple) -> GraphTrace:

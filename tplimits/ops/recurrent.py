@@ -8,7 +8,9 @@ update (MATH.md §5.5: the sum over all pairs ``h = W z``, ``g = W y``). The wid
 the input-to-hidden products of a whole sequence are taken at once, before the recurrence.
 
 Gates are fused along the hidden axis (LSTM: i, f, g, o; GRU: r, z, n), so splitting them is a
-block regroup, as for a fused q/k/v projection.
+block regroup, as for a fused q/k/v projection. ``nn.LSTM(proj_size=p)`` adds ``W_hr`` after each step
+(``h = W_hr (o ⊙ tanh c)``): a hidden matrix when p grows with width, a readout into fixed coordinates
+(a bottleneck, which the μ-limit refuses) when it does not.
 """
 
 from __future__ import annotations
@@ -86,13 +88,18 @@ class _Emit:
 # --------------------------------------------------------------------------------------------
 
 
-def _lstm_step(ctx: LoweringContext, gi: Value, state: tuple, w_hh: Any, b_hh: Any) -> tuple[tuple, Value]:
+def _lstm_step(ctx: LoweringContext, gi: Value, state: tuple, w_hh: Any, b_hh: Any,
+               w_hr: Any = None) -> tuple[tuple, Value]:
+    """With a projection (``proj_size > 0``) the hidden state is ``W_hr (o ⊙ tanh c)``: a product by one more
+    weight, a matrix when ``proj_size`` grows with width, a readout into fixed coordinates when it does not."""
     h, c = state
     gates = ctx.nonlin(aten.add.Tensor, gi, _affine(ctx, h, w_hh, b_hh), layout=gi.layout)
     i, f, g, o = _gates(ctx, gates, 4)
-    e = _Emit(ctx, h.layout)
+    e = _Emit(ctx, c.layout)
     c = e.add(e.mul(e.sigmoid(f), c), e.mul(e.sigmoid(i), e.tanh(g)))
     h = e.mul(e.sigmoid(o), e.tanh(c))
+    if w_hr is not None:
+        h = _affine(ctx, h, w_hr, None)
     return (h, c), h
 
 
@@ -161,13 +168,14 @@ def _sequence(ctx: LoweringContext, kind: str, x: Value, initial: list[tuple], p
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            w_ih, w_hh, *biases = params[k * per:(k + 1) * per]
-            b_ih, b_hh = biases if biases else (None, None)
+            w_ih, w_hh, *rest = params[k * per:(k + 1) * per]
+            b_ih, b_hh = rest[:2] if len(rest) >= 2 else (None, None)
+            projection = rest[-1:] if len(rest) % 2 else []  # LSTM's W_hr follows the biases
             gi = _affine(ctx, x, w_ih, b_ih)  # every time step at once
             steps = range(x.layout[time_axis])
             state, hs = initial[k], {}
             for t in (reversed(steps) if direction else steps):
-                state, hs[t] = STEPS[kind](ctx, _select(ctx, gi, time_axis, t), state, w_hh, b_hh)
+                state, hs[t] = STEPS[kind](ctx, _select(ctx, gi, time_axis, t), state, w_hh, b_hh, *projection)
             finals.append(state)
             outputs.append(_stack(ctx, [hs[t] for t in steps], time_axis))
         x = _concat_directions(ctx, outputs)
@@ -182,9 +190,10 @@ def recurrent_sequence(kind: str):
         x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first = node.args[:9]
         directions = 2 if bidirectional else 1
         per = len(params) // (layers * directions)
-        if per != (4 if has_biases else 2) or len(params) % (layers * directions):
-            ctx.unsupported(f"{node.op_name} with projections (proj_size > 0): not supported yet",
-                            "Use proj_size=0.")
+        projected = kind == "lstm" and per == (5 if has_biases else 3)  # nn.LSTM(proj_size > 0): W_hr last
+        if per != (4 if has_biases else 2) + projected or len(params) % (layers * directions):
+            ctx.unsupported(f"{node.op_name} with {len(params)} weights for {layers} layer(s) x {directions} "
+                            f"direction(s) (has_biases={has_biases}): not supported yet")
         if dropout and train and layers > 1:
             ctx.unsupported(f"{node.op_name} with dropout between layers in training mode: not supported yet",
                             "Set dropout=0.")

@@ -51,7 +51,14 @@ class Multiplier(nn.Module):
 
 class AttentionScale(TorchFunctionMode):
     """Gives ``scaled_dot_product_attention`` calls with the default scale (none given, or sdpa's own
-    1/√d_head passed explicitly, as the lowering rule declares them) the scale ``coef · d_head^power``."""
+    1/√d_head passed explicitly, as the lowering rule declares them) the scale ``coef · d_head^power``.
+
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` reach attention through functions whose
+    inner sdpa call a mode does not see (:meth:`_scaled_queries`), and in eval mode without gradients
+    through fused kernels (``torch._native_multi_head_attention``, ``torch._transformer_encoder_layer_fwd``)
+    with sdpa's scale built in. Under a mode torch takes the slow path (an argument "has a torch function"),
+    but the fused kernels are torch functions too: called anyway, they get the same query scaling, so
+    eval outputs are those of the program."""
 
     def __init__(self, coef: float, power: float) -> None:
         super().__init__()
@@ -66,7 +73,14 @@ class AttentionScale(TorchFunctionMode):
                 kwargs["scale"] = self.coef * d_head ** self.power
         elif func is torch.nn.functional.multi_head_attention_forward:
             return func(**self._scaled_queries(func, args, kwargs))
+        elif func in FUSED_ATTENTION:
+            return func(*self._scaled_fused(func, args, kwargs))
         return func(*args, **kwargs)
+
+    def _factor(self, embed_dim: int, heads: int) -> float:
+        """What the queries are multiplied by so that sdpa's 1/√d_head becomes ``coef · d_head^power``."""
+        d_head = embed_dim // heads
+        return self.coef * float(d_head) ** self.power * math.sqrt(d_head)
 
     def _scaled_queries(self, func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
         """``multi_head_attention_forward``'s arguments with its query projection scaled so that the
@@ -80,18 +94,42 @@ class AttentionScale(TorchFunctionMode):
         call = dict(bound.arguments)
         if call["need_weights"]:
             return call
-        d_head = call["embed_dim_to_check"] // call["num_heads"]
-        factor = self.coef * float(d_head) ** self.power * math.sqrt(d_head)
         rows = call["embed_dim_to_check"]
+        factor = self._factor(rows, call["num_heads"])
         if call["use_separate_proj_weight"]:
             call["q_proj_weight"] = call["q_proj_weight"] * factor
         else:
-            weight = call["in_proj_weight"]
-            call["in_proj_weight"] = torch.cat([weight[:rows] * factor, weight[rows:]])
-        bias = call["in_proj_bias"]
-        if bias is not None:
-            call["in_proj_bias"] = torch.cat([bias[:rows] * factor, bias[rows:]])
+            call["in_proj_weight"] = _scale_rows(call["in_proj_weight"], rows, factor)
+        call["in_proj_bias"] = _scale_rows(call["in_proj_bias"], rows, factor)
         return call
+
+    def _scaled_fused(self, func: Any, args: tuple, kwargs: dict) -> list[Any]:
+        """A fused kernel's arguments (as a positional list) with the query rows of its packed q/k/v weight
+        and bias scaled as in :meth:`_scaled_queries`; ``need_weights=True`` is left alone, as there."""
+        op, (embed_dim, heads, weight, bias, need_weights) = FUSED_ATTENTION[func]
+        call = [kwargs.get(arg.name, args[i] if i < len(args) else arg.default_value)
+                for i, arg in enumerate(op._schema.arguments)]
+        if need_weights is not None and call[need_weights]:
+            return call
+        factor = self._factor(call[embed_dim], call[heads])
+        call[weight] = _scale_rows(call[weight], call[embed_dim], factor)
+        call[bias] = _scale_rows(call[bias], call[embed_dim], factor)
+        return call
+
+
+FUSED_ATTENTION = {
+    torch._native_multi_head_attention: (torch.ops.aten._native_multi_head_attention.default, (3, 4, 5, 6, 10)),
+    torch._transformer_encoder_layer_fwd: (torch.ops.aten._transformer_encoder_layer_fwd.default, (1, 2, 3, 4, None)),
+}
+"""torch's fused attention kernels (eval-mode fast paths): their aten op (for the argument list) and the
+positions of embed_dim, the head count, the packed q/k/v weight and bias, and need_weights."""
+
+
+def _scale_rows(tensor: torch.Tensor | None, rows: int, factor: float) -> torch.Tensor | None:
+    """``tensor`` with its first ``rows`` rows (the queries of a packed q/k/v projection) times ``factor``."""
+    if tensor is None:
+        return None
+    return torch.cat([tensor[:rows] * factor, tensor[rows:]])
 
 
 class ParametrizedModel(nn.Module):
