@@ -44,6 +44,7 @@ from typing import Any
 
 import attrs
 import torch
+from torch.utils import _pytree as pytree
 
 from tplimits.core.interpret import Interpreter
 from tplimits.core.ir import (
@@ -57,6 +58,8 @@ from tplimits.core.ir import (
     Regroup,
     Width,
     WidthInt,
+    WidthPower,
+    map_args,
     refs_in,
     substitute,
     width_axes,
@@ -156,6 +159,7 @@ class Product:
     shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
     differentiable: bool = True
     cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
+    shared: Structure | None = attrs.field(default=None, repr=False)  # as Linear's
 
 
 @attrs.define
@@ -168,6 +172,7 @@ class Linear:
     shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
     differentiable: bool = True
     cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
+    shared: Structure | None = attrs.field(default=None, repr=False)  # where its map's copies are kept across runs
 
 
 @attrs.define
@@ -188,6 +193,34 @@ class OffsetTerms:
 
 Random = Gauss | Mapped | Product | Linear
 RANDOM = (Gauss, Mapped, Product, Linear)
+
+
+@attrs.define
+class Structure:
+    """What the exact path finds about one instruction's function that depends only on the program, the width
+    and the inputs' shapes, never on the inputs' values (which entries a linear map copies, whether it leaves an
+    argument unchanged, a convolution's offsets): found on the first run and kept for the next (``facts``). Only
+    instructions whose arguments are all random values (or matrices) have one: another argument (the inputs,
+    a normalization's statistics) could change the function between runs."""
+
+    name: str
+    facts: dict[Any, Any] = attrs.field(factory=dict)
+
+    def get(self, key: Any, find: Callable[[], Any]) -> Any:
+        if key not in self.facts:
+            self.facts[key] = find()
+        return self.facts[key]
+
+
+_STRUCTURE: list = []  # [setup, {(n, dtype, device, input shapes) or (): {instruction: Structure}}] of the last program
+
+
+def _structures(setup: Any, key: tuple) -> dict[str, Structure]:
+    """The :class:`Structure` of each instruction of the last program run at ``key`` (``()``: facts of the program
+    alone, such as the instructions' inputs and their arguments at a width)."""
+    if not (_STRUCTURE and _STRUCTURE[0] is setup):
+        _STRUCTURE[:] = [setup, {}]
+    return _STRUCTURE[1].setdefault(key, {})
 
 
 def _fixed_flat(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -351,28 +384,52 @@ def _bilinear(value: Product, Mx: torch.Tensor, My: torch.Tensor) -> torch.Tenso
         return _factored(value, big, _factor(small), x_small)
     found = [part for seen, part in value.cache.setdefault("unit", []) if seen is big]
     if not found:
-        found = [_factored(value, big, torch.ones_like(small), x_small)]
+        copies = _unit_copies(value, x_small, big)
+        found = [_copied_moment(big, copies) if copies is not None else _factored(value, big, torch.ones_like(small),
+                                                                                    x_small)]
         value.cache["unit"].append((big, found[0]))
-    return found[0] * small[0, 0]
+    return _times(float(small[0, 0]), found[0])
+
+
+def _fixed_side(value: Product, column: torch.Tensor, x_small: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bilinear function as a linear map of its large side, the small side fixed at ``column`` (its entries)."""
+    big_value, small_value = (value.y, value.x) if x_small else (value.x, value.y)
+    fixed = _unflat(column, _layout_shape(small_value), small_value.axis)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        sizes = [t.shape[big_value.axis] if i == small_value.axis else s for i, s in enumerate(fixed.shape)]
+        return value.fn(fixed.expand(*sizes), t) if x_small else value.fn(t, fixed.expand(*sizes))
+    return fn
 
 
 def _factored(value: Product, big: torch.Tensor, factor: torch.Tensor, x_small: bool) -> torch.Tensor:
     """``Σ_l L_l big L_lᵀ``, ``L_l`` the bilinear function with the small side fixed at the factor's column l."""
-    big_value, small_value = (value.y, value.x) if x_small else (value.x, value.y)
-    columns = big.shape[0]
+    big_value = value.y if x_small else value.x
     total = None
     for column in range(factor.shape[1]):
-        fixed = _unflat(factor[:, column: column + 1], _layout_shape(small_value), small_value.axis)
-        fixed = fixed.expand(*[columns if i == small_value.axis else s for i, s in enumerate(fixed.shape)])
-
-        def fn(t: torch.Tensor, fixed: torch.Tensor = fixed) -> torch.Tensor:
-            if t.shape[big_value.axis] != fixed.shape[small_value.axis]:
-                fixed = fixed.narrow(small_value.axis, 0, 1).expand(
-                    *[t.shape[big_value.axis] if i == small_value.axis else s for i, s in enumerate(fixed.shape)])
-            return value.fn(fixed, t) if x_small else value.fn(t, fixed)
-        part = _sandwich(fn, big, big_value, value.axis)
+        part = _sandwich(_fixed_side(value, factor[:, column: column + 1], x_small), big, big_value, value.axis)
         total = part if total is None else total + part
     return total if total is not None else big.new_zeros(1, 1)
+
+
+def _unit_copies(value: Product, x_small: bool, big: torch.Tensor) -> torch.Tensor | None:
+    """When the small side has one entry (one output's readout weight) and the map at a unit weight only copies
+    the large side's entries (``x ⊙ v`` summed over nothing else): the entry each output entry copies, as
+    :func:`_copied_entries`; the sandwich is then an index of the second moment, no product formed."""
+    big_value = value.y if x_small else value.x
+    column = torch.ones(1, 1, dtype=big.dtype, device=big.device)
+    shared = None if value.shared is None else value.shared.get(("unit", x_small), lambda: Structure(value.shared.name))
+    return _copied_entries(Linear(_fixed_side(value, column, x_small), big_value, value.axis, value.shape,
+                                  shared=shared))
+
+
+def _copied_moment(M: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``M[index][:, index]`` with zeros at index -1: ``M`` itself for the identity (nothing writes into it after)."""
+    if index.numel() == M.shape[0] and torch.equal(index, torch.arange(M.shape[0], device=index.device)):
+        return M
+    padded = torch.nn.functional.pad(M, (0, 1, 0, 1))
+    at = torch.where(index >= 0, index, M.shape[0])
+    return padded.index_select(0, at).index_select(1, at)
 
 
 def _copied_entries(value: Linear) -> torch.Tensor | None:
@@ -380,22 +437,26 @@ def _copied_entries(value: Linear) -> torch.Tensor | None:
     copies entries and writes zeros (unfolding patches with zero padding, slicing, reordering); ``None`` otherwise.
     Read from the map on the entries' numbers and checked on a random vector (another linear map agrees with the
     copy there with probability zero)."""
-    if "copied" in value.cache:
-        return value.cache["copied"]
+    if "copied" not in value.cache:
+        find = lambda: _find_copies(value)  # noqa: E731
+        value.cache["copied"] = find() if value.shared is None else value.shared.get("copied", find)
+    return value.cache["copied"]
+
+
+def _find_copies(value: Linear) -> torch.Tensor | None:
     arg = value.arg
-    shape, dtype = _layout_shape(arg), mean_of(arg).dtype
+    shape, like = _layout_shape(arg), _like(arg)
     F = math.prod(s for i, s in enumerate(shape) if i != arg.axis)
     copied = None
-    if F < 1 / torch.finfo(dtype).eps:  # every entry's number exact in the dtype
-        numbers = torch.arange(1, F + 1, dtype=dtype, device=mean_of(arg).device)
+    if F < 1 / torch.finfo(like.dtype).eps:  # every entry's number exact in the dtype
+        numbers = torch.arange(1, F + 1, dtype=like.dtype, device=like.device)
         read = _fixed_flat(value.fn(_unflat(numbers[:, None], shape, arg.axis)), value.axis)[:, 0]
         if bool((read == read.round()).all()) and bool(((read >= 0) & (read <= F)).all()):
             index = read.long() - 1
-            probe = torch.randn(F, generator=torch.Generator().manual_seed(0), dtype=dtype).to(numbers.device)
+            probe = torch.randn(F, generator=torch.Generator().manual_seed(0), dtype=like.dtype).to(numbers.device)
             image = _fixed_flat(value.fn(_unflat(probe[:, None], shape, arg.axis)), value.axis)[:, 0]
             if torch.equal(image, torch.where(index >= 0, probe[index.clamp_min(0)], torch.zeros_like(image))):
                 copied = index
-    value.cache["copied"] = copied
     return copied
 
 
@@ -449,6 +510,13 @@ def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Callable[[torc
         out = torch.sparse.mm(kernels[B.dtype], blocks.T).T if sparse else blocks @ kernels[B.dtype]
         return out.reshape(rows, rows, L, L).permute(0, 2, 1, 3).reshape(rows * L, rows * L).mul_(scale)
     return blockwise
+
+
+def _like(value: Random) -> torch.Tensor:
+    """A tensor of the value's dtype and device, found without computing any moment."""
+    if isinstance(value, Gauss):
+        return value.mean
+    return _like(value.x) if isinstance(value, Product) else _like(value.arg)
 
 
 def _layout_shape(value: Random) -> tuple[int, ...]:
@@ -575,16 +643,21 @@ def _derivative_fn(fn: Callable | None) -> Callable | None:
     return grad
 
 
-def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(θ, |u||v| sin θ)`` between (u, v) ~ N(0, S) entrywise, θ by atan2 (``arccos(1 − ε) ≈ √(2ε)`` would lose
-    half the digits near θ = 0); kept in ``cache`` (a Gaussian's), which relu and its step both read."""
+def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``((π − θ)/2π, |u||v| sin θ / 2π, |u|²|v|²)`` for the angle θ between (u, v) ~ N(0, S) entrywise, θ by atan2
+    (``arccos(1 − ε) ≈ √(2ε)`` would lose half the digits near θ = 0). The first is the step's law itself, the
+    second relu's first term; kept in ``cache`` (a Gaussian's), which relu and its step both read. Each pass
+    writes into a buffer made here (a fresh tensor per pass costs an allocation as large)."""
     if cache is not None and "angle" in cache:
         return cache["angle"]
     var = S.diagonal().clamp_min(0)
     norms2 = torch.outer(var, var)
     # not fused (addcmul): the diagonal's var·var − var·var must round to exactly 0
-    cross = (norms2 - S * S).clamp_min_(0).sqrt_()
-    angle = (torch.atan2(cross, S), cross, norms2)
+    cross = torch.mul(S, S)
+    torch.sub(norms2, cross, out=cross).clamp_min_(0).sqrt_()
+    step = torch.atan2(cross, S)
+    torch.sub(step.new_tensor(0.5), step, alpha=1 / (2 * math.pi), out=step)
+    angle = (step, cross.mul_(1 / (2 * math.pi)), norms2)
     if cache is not None:
         cache["angle"] = angle
     return angle
@@ -592,23 +665,19 @@ def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, to
 
 def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: float = 1.0) -> torch.Tensor:
     """``scale · E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul), written with
-    ``|u||v| cos θ = S`` and ``|u||v| sin θ`` so that no cosine, sine or division is taken."""
+    ``|u||v| cos θ = S`` and ``|u||v| sin θ`` so that no cosine, sine or division is taken. A unit ``scale``
+    (relu) returns the step's law as computed for the angle: nothing writes into a law's moments after."""
     if k not in (0, 1, 2):
         raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
-    theta, cross, norms2 = _angle(S, cache)
-    scale = scale / (2 * math.pi)
-    if cache is not None and "rest" in cache:
-        rest = cache["rest"]
-    else:  # π − θ, which relu and its step share
-        rest = torch.rsub(theta, math.pi)
-        if cache is not None:
-            cache["rest"] = rest
+    step, cross, norms2 = _angle(S, cache)  # (π − θ)/2π and |u||v| sin θ / 2π
     if k == 0:  # a zero-variance side is 0, whose step is 0
-        step = rest * scale
-        return step if bool((S.diagonal() > 0).all()) else torch.where(norms2 > 0, step, torch.zeros_like(step))
-    if k == 1:  # scale·(|u||v| sin θ + (π − θ) S)
-        return torch.addcmul(cross, rest, S).mul_(scale)
-    return (3 * cross * S + rest * (norms2 + 2 * S * S)) * scale
+        if not bool((S.diagonal() > 0).all()):
+            step = torch.where(norms2 > 0, step, torch.zeros_like(step))
+        return _times(scale, step)
+    if k == 1:  # scale·(|u||v| sin θ + (π − θ) S) / 2π
+        moment = torch.addcmul(cross, step, S)
+        return moment if scale == 1 else moment.mul_(scale)
+    return (3 * cross * S + step * (norms2 + 2 * S * S)) * scale
 
 
 def _arc_cosine_mean(k: int, var: torch.Tensor) -> torch.Tensor:
@@ -754,8 +823,9 @@ class ExactInterpreter(Interpreter):
         self.structured = structured
         self.kept = kept or {}  # the parameters whose NTK is known to stay (True) or vanish (False) in the limit
         self.infos, self.rates, self.uses, self.readers = _program_facts(setup, n)
-        self._inputs: dict[str, tuple[str, ...]] = {}
-        self._unchanged: dict[tuple[str, str], bool] = {}
+        self.program_facts = _structures(setup, ())
+        self.structures: dict[str, Structure] = {}  # by instruction, at this width and these inputs' shapes
+        self._run_facts: dict[str, Structure] = {}  # facts of instructions without a structure, for this run
         self.statistics: set[str] = set()  # averages over width taken as their limits, and what is computed from them
         self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
         self.sources = 0
@@ -764,11 +834,35 @@ class ExactInterpreter(Interpreter):
         self.readouts: dict[str, ReadoutLaw] = {}
         self.scalar_leaves: dict[str, torch.Tensor] = {}
 
+    def run(self, *inputs: Any, initial_env: Mapping[str, Any] | None = None, stop: int | None = None) -> Any:
+        shapes = tuple((tuple(t.shape), t.dtype) for t in pytree.tree_leaves(inputs) if torch.is_tensor(t))
+        self.structures = _structures(self.setup, (self.n, self.dtype, str(self.device), shapes))
+        return super().run(*inputs, initial_env=initial_env, stop=stop)
+
     def inputs_of(self, ins: Nonlin) -> tuple[str, ...]:
-        """``ins.inputs``, found once (the property walks the arguments on each access)."""
-        if ins.name not in self._inputs:
-            self._inputs[ins.name] = ins.inputs
-        return self._inputs[ins.name]
+        """``ins.inputs``, found once per program (the property walks the arguments on each access)."""
+        return self._program_fact(ins, "inputs", lambda: ins.inputs)
+
+    def _program_fact(self, ins: Instruction, key: Any, find: Callable[[], Any]) -> Any:
+        if ins.name not in self.program_facts:
+            self.program_facts[ins.name] = Structure(ins.name)
+        return self.program_facts[ins.name].get(key, find)
+
+    def structure(self, ins: Instruction) -> Structure | None:
+        """The instruction's :class:`Structure` when its function cannot change between runs of the same shapes:
+        every argument a random value or a matrix. ``None``: found again on each run."""
+        if any(not isinstance(self.values[n], (*RANDOM, OffsetTerms, Parameter)) for n in self.inputs_of(ins)):
+            return None
+        if ins.name not in self.structures:
+            self.structures[ins.name] = Structure(ins.name)
+        return self.structures[ins.name]
+
+    def _fact(self, ins: Instruction, key: Any, find: Callable[[], Any]) -> Any:
+        """``find()``, kept in the instruction's structure where it has one, else for this run."""
+        structure = self.structure(ins)
+        if structure is None:
+            structure = self._run_facts.setdefault(ins.name, Structure(ins.name))
+        return structure.get(key, find)
 
     def refuse(self, ins: Instruction, why: str) -> NotGaussian:
         return NotGaussian(f"the exact kernel path cannot integrate %{ins.name} ({ins.describe()}"
@@ -1169,7 +1263,8 @@ class ExactInterpreter(Interpreter):
             if torch.is_tensor(value) and axes and value.ndim == len(self.program[name].layout):
                 columns = value.shape[axes[0]] / self.program[name].layout[axes[0]].ratio
                 break
-        args, kwargs = _sizes(ins.args, columns), _sizes(dict(ins.kwargs), columns)
+        args, kwargs = self._program_fact(ins, ("arguments", columns, self.n), lambda: (
+            _at_width(_sizes(ins.args, columns), self.n), _at_width(_sizes(dict(ins.kwargs), columns), self.n)))
         return ins.fn(*substitute(args, values, self.n), **substitute(kwargs, values, self.n))
 
     def _bound(self, ins: Nonlin, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -1274,19 +1369,17 @@ class ExactInterpreter(Interpreter):
         """The function, with its other random arguments zero, is the identity in ``name`` on the fixed entries in
         their order (a reshape that keeps the order too): tried on one random column (a linear map other than the
         identity fixes a random vector with probability zero)."""
-        if (ins.name, name) not in self._unchanged:
-            v = self.values[name]
-            probe = torch.randn(v.mean.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(
-                self.device)
-            zeros = {n: torch.zeros_like(self.values[n].mean) for n in self.inputs_of(ins)
-                     if isinstance(self.values[n], Gauss)}
-            image = self._apply(ins, {**self.values, **zeros, name: probe}) - self._apply(ins, {**self.values, **zeros})
-            out_axis = width_axes(ins.layout)[0]
-            same = (image.ndim == len(ins.layout) and image.shape[out_axis] == 1
-                    and image.numel() == probe.numel()
-                    and bool(torch.equal(_fixed_flat(image, out_axis), _fixed_flat(probe, v.axis))))
-            self._unchanged[(ins.name, name)] = same
-        return self._unchanged[(ins.name, name)]
+        return self._fact(ins, ("unchanged", name), lambda: self._find_unchanged(ins, name))
+
+    def _find_unchanged(self, ins: Nonlin, name: str) -> bool:
+        v = self.values[name]
+        probe = torch.randn(v.mean.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(self.device)
+        zeros = {n: torch.zeros_like(self.values[n].mean) for n in self.inputs_of(ins)
+                 if isinstance(self.values[n], Gauss)}
+        image = self._apply(ins, {**self.values, **zeros, name: probe}) - self._apply(ins, {**self.values, **zeros})
+        out_axis = width_axes(ins.layout)[0]
+        return (image.ndim == len(ins.layout) and image.shape[out_axis] == 1 and image.numel() == probe.numel()
+                and bool(torch.equal(_fixed_flat(image, out_axis), _fixed_flat(probe, v.axis))))
 
     def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
         probe = self._apply(ins, {**self.values, name: torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype,
@@ -1297,7 +1390,7 @@ class ExactInterpreter(Interpreter):
         def fn(t: torch.Tensor) -> torch.Tensor:
             return self._apply(ins, {**self.values, name: t})
         shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
-        return Linear(fn, self.values[name], axis, shape, ins.differentiable)
+        return Linear(fn, self.values[name], axis, shape, ins.differentiable, shared=self.structure(ins))
 
     def _linear_part(self, ins: Nonlin, parts: Mapping[str, torch.Tensor],
                      constant: torch.Tensor | None) -> torch.Tensor:
@@ -1313,7 +1406,7 @@ class ExactInterpreter(Interpreter):
         def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return self._apply(ins, {**self.values, names[0]: a, names[1]: b})
         shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
-        return Product(fn, x, y, axis, shape, ins.differentiable)
+        return Product(fn, x, y, axis, shape, ins.differentiable, shared=self.structure(ins))
 
 
 def _sizes(args: Any, columns: float | None) -> Any:
@@ -1331,6 +1424,11 @@ def _sizes(args: Any, columns: float | None) -> Any:
     if isinstance(args, dict):
         return {k: _sizes(v, columns) for k, v in args.items()}
     return args
+
+
+def _at_width(args: Any, n: int) -> Any:
+    """``args`` with every width-dependent constant at width ``n`` (references to values kept)."""
+    return map_args(args, lambda v: v.resolve(n) if isinstance(v, WidthInt | WidthPower) else v)
 
 
 def _only_at(ins: Nonlin, names: list[str], positions: tuple[int, ...]) -> bool:
@@ -1420,9 +1518,9 @@ def _through(jac: torch.Tensor, factor: float = 1.0) -> Callable[[torch.Tensor],
     weight = jac[entries[:, 0], index][:, None] * math.sqrt(factor)
     if not (index.numel() == jac.shape[1] and bool((index == torch.arange(len(index), device=index.device)).all())):
         return lambda M: weight * M[index][:, index] * weight.T
-    if bool((weight == weight[0, 0]).all()):
+    if bool((weight == weight[0, 0]).all()):  # M itself at a unit scale: nothing writes into a kernel after
         scale = float(weight[0, 0]) ** 2
-        return lambda M: M * scale
+        return lambda M: _times(scale, M)
     return lambda M: weight * M * weight.T
 
 
