@@ -508,7 +508,8 @@ def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Callable[[torc
             kernels[B.dtype] = K if sparse else K.to_dense().T.contiguous()
         blocks = B.reshape(rows, P, rows, P).permute(0, 2, 1, 3).reshape(rows * rows, P * P)
         out = torch.sparse.mm(kernels[B.dtype], blocks.T).T if sparse else blocks @ kernels[B.dtype]
-        return out.reshape(rows, rows, L, L).permute(0, 2, 1, 3).reshape(rows * L, rows * L).mul_(scale)
+        out = out.reshape(rows, rows, L, L).permute(0, 2, 1, 3).reshape(rows * L, rows * L)
+        return out if scale == 1 else out.mul_(scale)
     return blockwise
 
 
@@ -864,6 +865,18 @@ class ExactInterpreter(Interpreter):
             structure = self._run_facts.setdefault(ins.name, Structure(ins.name))
         return structure.get(key, find)
 
+    def _fact_of(self, ins: Instruction, key: Any, found_from: tuple[torch.Tensor, ...],
+                 find: Callable[[], Any]) -> Any:
+        """:meth:`_fact` of an instruction's function on index tensors found upstream (``found_from``): kept with
+        them, found again when they differ."""
+        kept = self._fact(ins, key, lambda: None)
+        if kept is None or len(kept[0]) != len(found_from) or not all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(kept[0], found_from, strict=True)):
+            kept = (found_from, find())
+            structure = self.structure(ins) or self._run_facts[ins.name]
+            structure.facts[key] = kept
+        return kept[1]
+
     def refuse(self, ins: Instruction, why: str) -> NotGaussian:
         return NotGaussian(f"the exact kernel path cannot integrate %{ins.name} ({ins.describe()}"
                            f"{', ' + ins.origin.describe() if ins.origin.describe() else ''}): {why}", ins.name)
@@ -1089,6 +1102,18 @@ class ExactInterpreter(Interpreter):
                 or any(isinstance(self.values[n], RANDOM) for n in self.inputs_of(ins))):
             return None
         out_axis = out_axes[0]
+        rows = self._fact_of(ins, ("offset rows", name), (terms.index, terms.offset),
+                             lambda: self._offset_rows(ins, name, terms, out_axis))
+        if rows is None:
+            return None
+        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
+                           device=self.device)
+        return self._shifted_product(terms.product, terms.base, rows, mean, out_axis,
+                                     terms.differentiable, ins.differentiable)
+
+    def _offset_rows(self, ins: Nonlin, name: str, terms: OffsetTerms, out_axis: int) -> torch.Tensor | None:
+        """``[offsets, outputs]``: the entry of the convolution's ``base`` each output entry of ``ins`` reads at each
+        offset (-1: zero padding), when ``ins`` sums the offsets (see :meth:`_offset_sum`); ``None``: it does not."""
 
         def fn(t: torch.Tensor) -> torch.Tensor:
             return _fixed_flat(self._apply(ins, {**self.values, name: _unflat(t[:, None], terms.shape, terms.axis)}),
@@ -1111,10 +1136,7 @@ class ExactInterpreter(Interpreter):
         eps = torch.finfo(self.dtype).eps
         if image.shape != expected.shape or not bool(torch.allclose(image, expected, rtol=100 * eps, atol=100 * eps)):
             return None
-        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
-                           device=self.device)
-        return self._shifted_product(terms.product, terms.base, torch.stack(rows), mean, out_axis,
-                                     terms.differentiable, ins.differentiable)
+        return torch.stack(rows)
 
     def _shifted_product(self, ins: MatMul, base: Random, per_offset: torch.Tensor, mean: torch.Tensor,
                          out_axis: int, base_tangents: bool, tangents: bool) -> Gauss:
@@ -1128,18 +1150,26 @@ class ExactInterpreter(Interpreter):
         n_in = float(self.program[ins.vector].layout[x.axis].ratio) * self.n
         s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
         fixed = [s for i, s in enumerate(_layout_shape(base)) if i != base.axis]
-        reduce = _shift_reducer(per_offset, math.prod(fixed), fixed[0] if fixed else 1)
+        reduce = self._fact_of(ins, "reducer", (per_offset,),
+                               lambda: _shift_reducer(per_offset, math.prod(fixed), fixed[0] if fixed else 1))
         M = second_moment(base)
         start = self._new_sources(mean.numel(), reduce(M, s2 * n_in))
-        channels = {}
+        channels: dict[tuple[str, str], torch.Tensor | None] = {}
         if self.tangents and tangents:
             own = self.channel(matrix.target)
+            kappa = self._kappa(matrix.target) * n_in
             if own is not None:
-                channels[(own, ins.name)] = reduce(M, self._kappa(matrix.target) * n_in)
+                channels[(own, ins.name)] = None
             for param, gram in (tangent_grams(base) if base_tangents else {}).items():
                 key = (param, ins.name)
-                channels[key] = channels[key].add_(reduce(gram, s2 * n_in)) if key in channels else reduce(gram,
-                                                                                                           s2 * n_in)
+                if key in channels and s2 > 0:  # the reduction is linear: one of κ n_in E[x xᵀ] + s² n_in Θ_x
+                    channels[key] = reduce(torch.add(gram, M, alpha=kappa / (s2 * n_in)), s2 * n_in)
+                elif key in channels:
+                    channels[key] = reduce(M, kappa).add_(reduce(gram, s2 * n_in))
+                else:
+                    channels[key] = reduce(gram, s2 * n_in)
+            if own is not None and channels[(own, ins.name)] is None:
+                channels[(own, ins.name)] = reduce(M, kappa)
         self.metrics.channels.update(channels)
         return Gauss(mean, {start: None}, dict.fromkeys(channels), out_axis, self.metrics)
 
