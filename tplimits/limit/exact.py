@@ -305,25 +305,28 @@ def mean_of(value: Random) -> torch.Tensor:
 
 
 def _gram_sum(g: Gauss, blocks: Mapping[Any, Block], metric_of: Callable[[Any], torch.Tensor | None]) -> torch.Tensor:
-    """``Σ T metric Tᵀ`` over ``blocks`` (``T Tᵀ`` for the identity metric; the metric itself for ``T = I``)."""
+    """``Σ T metric Tᵀ`` over ``blocks`` (``T Tᵀ`` for the identity metric; the metric itself for ``T = I``). The
+    sum is accumulated in place once it is a tensor made here (never into a metric, which other values read)."""
     F = g.mean.numel()
-    total = None
+    total, owned = None, False
     for key, block in blocks.items():
         metric = metric_of(key)
         if block is None:
             part = metric if metric is not None else torch.eye(F, dtype=g.mean.dtype, device=g.mean.device)
-            total = part if total is None else total + part
+            total, owned = (part, metric is None) if total is None else (total.add_(part) if owned else total + part,
+                                                                         True)
             continue
         T = _fixed_flat(block, g.axis)
         if metric is not None:
             part = _congruence(T, metric)
-            total = part if total is None else total + part
+            total = part if total is None else total.add_(part) if owned else total + part
         elif total is None:
             total = T @ T.T
         elif T.shape[1] == 1:  # one source (a bias): a rank-one update, far cheaper than a product of width 1
-            total = torch.addr(total, T[:, 0], T[:, 0])
+            total = total.addr_(T[:, 0], T[:, 0]) if owned else torch.addr(total, T[:, 0], T[:, 0])
         else:
-            total = torch.addmm(total, T, T.T)
+            total = total.addmm_(T, T.T) if owned else torch.addmm(total, T, T.T)
+        owned = True
     return total if total is not None else g.mean.new_zeros(F, F)
 
 
@@ -460,11 +463,15 @@ def _find_copies(value: Linear) -> torch.Tensor | None:
     return copied
 
 
-def _shift_reducer(per_offset: torch.Tensor, F: int, rows: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    """``(B, scale) ↦ scale · Σ_o B[idx_o, idx_o]`` for ``per_offset = [idx_o]`` (-1: a zero). When each input
-    row's entries read only its own row's (``idx = row·P + p_o(l)``, the same ``p_o`` in every row: a
-    convolution of each input separately), the sum is one linear map on each pair of rows' ``[P, P]`` block,
-    ``K = Σ_o S_o ⊗ S_o`` of ``[L², P²]`` (neural-tangents' convolution of the covariance); else gathers."""
+Reducer = Callable[..., torch.Tensor]
+"""``(B, scale, plus=None, alpha=1) ↦ scale · Σ_o C[idx_o, idx_o]`` for ``C = B + alpha·plus``."""
+
+
+def _shift_reducer(per_offset: torch.Tensor, F: int, rows: int) -> Reducer:
+    """The :data:`Reducer` of ``per_offset = [idx_o]`` (-1: a zero). When each input row's entries read only its
+    own row's (``idx = row·P + p_o(l)``, the same ``p_o`` in every row: a convolution of each input separately),
+    the sum is one linear map on each pair of rows' ``[P, P]`` block, ``K = Σ_o S_o ⊗ S_o`` of ``[L², P²]``
+    (neural-tangents' convolution of the covariance); else gathers."""
     offsets, R = per_offset.shape
     if F % rows == 0 and R % rows == 0:
         P, L = F // rows, R // rows
@@ -475,19 +482,21 @@ def _shift_reducer(per_offset: torch.Tensor, F: int, rows: int) -> Callable[[tor
             return _blockwise_reducer(first, P, rows)
     padded_index = torch.where(per_offset >= 0, per_offset, F)  # the zero row and column appended
 
-    def gathered(B: torch.Tensor, scale: float) -> torch.Tensor:
-        padded = torch.nn.functional.pad(B, (0, 1, 0, 1))
+    def gathered(B: torch.Tensor, scale: float, plus: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        padded = torch.nn.functional.pad(B if plus is None else torch.add(B, plus, alpha=alpha), (0, 1, 0, 1))
         total = None
         for index in padded_index:
             part = padded.index_select(0, index).index_select(1, index)
             total = part if total is None else total.add_(part)
-        return total.mul_(scale)
+        return total if scale == 1 else total.mul_(scale)
     return gathered
 
 
-def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
+def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Reducer:
     """The reduction of :func:`_shift_reducer` on each pair of rows: ``[rows·P]² → [rows·L]²`` through the
-    ``[L², P²]`` matrix ``K`` (sparse when large and mostly zero: large images)."""
+    ``[L², P²]`` matrix ``K`` (sparse when large and mostly zero: large images), its entries the scale. The
+    blocks are gathered into one buffer (``plus`` added there), and the result written back into it when the
+    sizes agree: at large sizes a fresh tensor costs about as much as a pass over it."""
     offsets, L = first.shape
     ls = torch.arange(L, device=first.device)
     out_rows, in_cols = [], []
@@ -499,17 +508,27 @@ def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Callable[[torc
     entries = torch.stack([torch.cat(out_rows), torch.cat(in_cols)])
     # a dense K while small (a product of BLAS speed; a sparse one is far slower per entry), else sparse
     sparse = L * L * P * P > 2**20 and entries.shape[1] <= SPARSE_FRACTION * L * L * P * P
-    kernels: dict[torch.dtype, torch.Tensor] = {}
+    kernels: dict[tuple, torch.Tensor] = {}
 
-    def blockwise(B: torch.Tensor, scale: float) -> torch.Tensor:
-        if B.dtype not in kernels:
-            ones = torch.ones(entries.shape[1], dtype=B.dtype, device=B.device)
-            K = torch.sparse_coo_tensor(entries, ones, (L * L, P * P), check_invariants=True).coalesce()
-            kernels[B.dtype] = K if sparse else K.to_dense().T.contiguous()
-        blocks = B.reshape(rows, P, rows, P).permute(0, 2, 1, 3).reshape(rows * rows, P * P)
-        out = torch.sparse.mm(kernels[B.dtype], blocks.T).T if sparse else blocks @ kernels[B.dtype]
-        out = out.reshape(rows, rows, L, L).permute(0, 2, 1, 3).reshape(rows * L, rows * L)
-        return out if scale == 1 else out.mul_(scale)
+    def kernel(like: torch.Tensor, scale: float) -> torch.Tensor:
+        key = (like.dtype, str(like.device), scale)
+        if key not in kernels:
+            values = torch.full((entries.shape[1],), scale, dtype=like.dtype, device=like.device)
+            K = torch.sparse_coo_tensor(entries.to(like.device), values, (L * L, P * P), check_invariants=True)
+            kernels[key] = K.coalesce() if sparse else K.to_dense().T.contiguous()
+        return kernels[key]
+
+    def blockwise(B: torch.Tensor, scale: float, plus: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        buffer = torch.empty(rows, rows, P, P, dtype=B.dtype, device=B.device)
+        buffer.copy_(B.reshape(rows, P, rows, P).permute(0, 2, 1, 3))
+        if plus is not None:
+            buffer.add_(plus.reshape(rows, P, rows, P).permute(0, 2, 1, 3), alpha=alpha)
+        blocks = buffer.reshape(rows * rows, P * P)
+        out = torch.sparse.mm(kernel(B, scale), blocks.T).T if sparse else blocks @ kernel(B, scale)
+        out = out.reshape(rows, rows, L, L).permute(0, 2, 1, 3)
+        if L != P:
+            return out.reshape(rows * L, rows * L)
+        return buffer.view(rows, L, rows, L).copy_(out).view(rows * L, rows * L)
     return blockwise
 
 
@@ -644,8 +663,8 @@ def _derivative_fn(fn: Callable | None) -> Callable | None:
     return grad
 
 
-def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``((π − θ)/2π, |u||v| sin θ / 2π, |u|²|v|²)`` for the angle θ between (u, v) ~ N(0, S) entrywise, θ by atan2
+def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((π − θ)/2π, |u||v| sin θ / 2π)`` for the angle θ between (u, v) ~ N(0, S) entrywise, θ by atan2
     (``arccos(1 − ε) ≈ √(2ε)`` would lose half the digits near θ = 0). The first is the step's law itself, the
     second relu's first term; kept in ``cache`` (a Gaussian's), which relu and its step both read. Each pass
     writes into a buffer made here (a fresh tensor per pass costs an allocation as large)."""
@@ -656,9 +675,9 @@ def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, to
     # not fused (addcmul): the diagonal's var·var − var·var must round to exactly 0
     cross = torch.mul(S, S)
     torch.sub(norms2, cross, out=cross).clamp_min_(0).sqrt_()
-    step = torch.atan2(cross, S)
+    step = torch.atan2(cross, S, out=norms2)  # the norms are not read again
     torch.sub(step.new_tensor(0.5), step, alpha=1 / (2 * math.pi), out=step)
-    angle = (step, cross.mul_(1 / (2 * math.pi)), norms2)
+    angle = (step, cross.mul_(1 / (2 * math.pi)))
     if cache is not None:
         cache["angle"] = angle
     return angle
@@ -670,15 +689,17 @@ def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: f
     (relu) returns the step's law as computed for the angle: nothing writes into a law's moments after."""
     if k not in (0, 1, 2):
         raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
-    step, cross, norms2 = _angle(S, cache)  # (π − θ)/2π and |u||v| sin θ / 2π
+    step, cross = _angle(S, cache)  # (π − θ)/2π and |u||v| sin θ / 2π
     if k == 0:  # a zero-variance side is 0, whose step is 0
-        if not bool((S.diagonal() > 0).all()):
-            step = torch.where(norms2 > 0, step, torch.zeros_like(step))
+        positive = S.diagonal() > 0
+        if not bool(positive.all()):
+            step = torch.where(positive[:, None] & positive[None, :], step, torch.zeros_like(step))
         return _times(scale, step)
     if k == 1:  # scale·(|u||v| sin θ + (π − θ) S) / 2π
         moment = torch.addcmul(cross, step, S)
         return moment if scale == 1 else moment.mul_(scale)
-    return (3 * cross * S + step * (norms2 + 2 * S * S)) * scale
+    var = S.diagonal().clamp_min(0)
+    return (3 * cross * S + step * (torch.outer(var, var) + 2 * S * S)) * scale
 
 
 def _arc_cosine_mean(k: int, var: torch.Tensor) -> torch.Tensor:
@@ -1163,7 +1184,7 @@ class ExactInterpreter(Interpreter):
             for param, gram in (tangent_grams(base) if base_tangents else {}).items():
                 key = (param, ins.name)
                 if key in channels and s2 > 0:  # the reduction is linear: one of κ n_in E[x xᵀ] + s² n_in Θ_x
-                    channels[key] = reduce(torch.add(gram, M, alpha=kappa / (s2 * n_in)), s2 * n_in)
+                    channels[key] = reduce(gram, s2 * n_in, M, kappa / (s2 * n_in))
                 elif key in channels:
                     channels[key] = reduce(M, kappa).add_(reduce(gram, s2 * n_in))
                 else:
@@ -1293,8 +1314,9 @@ class ExactInterpreter(Interpreter):
             if torch.is_tensor(value) and axes and value.ndim == len(self.program[name].layout):
                 columns = value.shape[axes[0]] / self.program[name].layout[axes[0]].ratio
                 break
-        args, kwargs = self._program_fact(ins, ("arguments", columns, self.n), lambda: (
-            _at_width(_sizes(ins.args, columns), self.n), _at_width(_sizes(dict(ins.kwargs), columns), self.n)))
+        key = ("arguments", None if columns is None else float(columns), self.n)  # a float hashes faster
+        args, kwargs = self._program_fact(ins, key, lambda: (_at_width(_sizes(ins.args, columns), self.n),
+                                                             _at_width(_sizes(dict(ins.kwargs), columns), self.n)))
         return ins.fn(*substitute(args, values, self.n), **substitute(kwargs, values, self.n))
 
     def _bound(self, ins: Nonlin, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
