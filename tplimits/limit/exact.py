@@ -667,9 +667,9 @@ def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, to
     """``((π − θ)/2π, |u||v| sin θ / 2π)`` for the angle θ between (u, v) ~ N(0, S) entrywise, θ by atan2
     (``arccos(1 − ε) ≈ √(2ε)`` would lose half the digits near θ = 0). The first is the step's law itself, the
     second relu's first term; kept in ``cache`` (a Gaussian's), which relu and its step both read. Each pass
-    writes into a buffer made here (a fresh tensor per pass costs an allocation as large)."""
-    if cache is not None and "angle" in cache:
-        return cache["angle"]
+    writes into a buffer made here (at large sizes a fresh tensor costs about as much as a pass over it)."""
+    if cache is not None and "step" in cache and "sine" in cache:
+        return cache["step"], cache["sine"]
     var = S.diagonal().clamp_min(0)
     norms2 = torch.outer(var, var)
     # not fused (addcmul): the diagonal's var·var − var·var must round to exactly 0
@@ -677,10 +677,10 @@ def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, to
     torch.sub(norms2, cross, out=cross).clamp_min_(0).sqrt_()
     step = torch.atan2(cross, S, out=norms2)  # the norms are not read again
     torch.sub(step.new_tensor(0.5), step, alpha=1 / (2 * math.pi), out=step)
-    angle = (step, cross.mul_(1 / (2 * math.pi)))
+    cross.mul_(1 / (2 * math.pi))
     if cache is not None:
-        cache["angle"] = angle
-    return angle
+        cache["step"], cache["sine"] = step, cross
+    return step, cross
 
 
 def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: float = 1.0) -> torch.Tensor:
@@ -695,8 +695,10 @@ def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: f
         if not bool(positive.all()):
             step = torch.where(positive[:, None] & positive[None, :], step, torch.zeros_like(step))
         return _times(scale, step)
-    if k == 1:  # scale·(|u||v| sin θ + (π − θ) S) / 2π
-        moment = torch.addcmul(cross, step, S)
+    if k == 1:  # scale·(|u||v| sin θ + (π − θ) S) / 2π, written over the sine term, which leaves the cache
+        if cache is not None:  # (relu's moment is kept as its value's second moment; asked again, it is redone)
+            del cache["sine"]
+        moment = cross.addcmul_(step, S)
         return moment if scale == 1 else moment.mul_(scale)
     var = S.diagonal().clamp_min(0)
     return (3 * cross * S + step * (torch.outer(var, var) + 2 * S * S)) * scale
