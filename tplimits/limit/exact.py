@@ -663,24 +663,35 @@ def _derivative_fn(fn: Callable | None) -> Callable | None:
     return grad
 
 
-def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _angle(S: torch.Tensor, cache: dict | None = None, sine: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``((π − θ)/2π, |u||v| sin θ / 2π)`` for the angle θ between (u, v) ~ N(0, S) entrywise, θ by atan2
     (``arccos(1 − ε) ≈ √(2ε)`` would lose half the digits near θ = 0). The first is the step's law itself, the
     second relu's first term; kept in ``cache`` (a Gaussian's), which relu and its step both read. Each pass
     writes into a buffer made here (at large sizes a fresh tensor costs about as much as a pass over it)."""
-    if cache is not None and "step" in cache and "sine" in cache:
-        return cache["step"], cache["sine"]
+    if cache is not None and "step" in cache and ("sine" in cache or not sine):
+        return cache["step"], cache.get("sine")
     var = S.diagonal().clamp_min(0)
     norms2 = torch.outer(var, var)
     # not fused (addcmul): the diagonal's var·var − var·var must round to exactly 0
     cross = torch.mul(S, S)
     torch.sub(norms2, cross, out=cross).clamp_min_(0).sqrt_()
     step = torch.atan2(cross, S, out=norms2)  # the norms are not read again
-    torch.sub(step.new_tensor(0.5), step, alpha=1 / (2 * math.pi), out=step)
+    torch.sub(_scalar(0.5, step), step, alpha=1 / (2 * math.pi), out=step)
     cross.mul_(1 / (2 * math.pi))
     if cache is not None:
         cache["step"], cache["sine"] = step, cross
     return step, cross
+
+
+_SCALARS: dict[tuple, torch.Tensor] = {}
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dimensional tensor of ``like``'s dtype and device, made once (an operand where torch takes no number)."""
+    key = (value, like.dtype, str(like.device))
+    if key not in _SCALARS:
+        _SCALARS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return _SCALARS[key]
 
 
 def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: float = 1.0) -> torch.Tensor:
@@ -689,7 +700,7 @@ def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: f
     (relu) returns the step's law as computed for the angle: nothing writes into a law's moments after."""
     if k not in (0, 1, 2):
         raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
-    step, cross = _angle(S, cache)  # (π − θ)/2π and |u||v| sin θ / 2π
+    step, cross = _angle(S, cache, sine=k > 0)  # (π − θ)/2π and |u||v| sin θ / 2π
     if k == 0:  # a zero-variance side is 0, whose step is 0
         positive = S.diagonal() > 0
         if not bool(positive.all()):
