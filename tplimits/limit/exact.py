@@ -1373,9 +1373,10 @@ class ExactInterpreter(Interpreter):
             self.values = outer
 
     def _affine_of(self, ins: Nonlin, values: Mapping[str, Gauss], axis: int) -> Gauss:
-        mean = self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
         # the constant part, once on one column (the function acts column by column along the width axis)
         constant = self._apply(ins, {**self.values, **{n: torch.zeros_like(v.mean) for n, v in values.items()}})
+        centered = all(not bool(v.mean.any()) for v in values.values())  # then the mean is the constant part
+        mean = constant if centered else self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
         constant = constant if bool(constant.any()) else None
         coef = self._blocks(ins, values, {n: v.coef for n, v in values.items()},
                             lambda start: self.metrics.sources[start][0], constant)
@@ -1447,9 +1448,10 @@ class ExactInterpreter(Interpreter):
                 and bool(torch.equal(_fixed_flat(image, out_axis), _fixed_flat(probe, v.axis))))
 
     def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
-        probe = self._apply(ins, {**self.values, name: torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype,
-                                                                  device=self.device)})
-        if bool(torch.as_tensor(probe).abs().max() > 0):
+        def constant_part() -> bool:
+            zeros = torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype, device=self.device)
+            return bool(torch.as_tensor(self._apply(ins, {**self.values, name: zeros})).abs().max() > 0)
+        if self._fact(ins, ("constant part", name), constant_part):
             raise self.refuse(ins, "an affine function with a constant part of a non-Gaussian vector")
 
         def fn(t: torch.Tensor) -> torch.Tensor:
