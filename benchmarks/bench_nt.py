@@ -242,7 +242,8 @@ def kernels(args: argparse.Namespace) -> None:
         if len(kernels_of_seeds) > 1:
             print(f"  width {width}: gap of the seed-averaged kernel "
                   f"{_gap(torch.stack(kernels_of_seeds).mean(0), exact.value):.4f}")
-    race("mlp", limit, X_big, args, X_big, config["depth"])
+    if args.big_rows:  # 0: the CNN alone
+        race("mlp", limit, X_big, args, X_big, config["depth"])
     cnn = None
     for rows in args.cnn_rows:
         X_cnn = torch.randn(rows, 2, args.image, args.image, generator=g)
@@ -262,7 +263,7 @@ def main() -> None:
     parser.add_argument("--plot", default="nt-adam-protocol.png")
     parser.add_argument("--rows", type=int, default=32, help="kernels: inputs of the three-way comparison")
     parser.add_argument("--width", type=int, nargs="+", default=[4096], help="kernels: widths of the empirical NTK")
-    parser.add_argument("--big-rows", type=int, default=512, help="kernels: inputs of the exact-path timing")
+    parser.add_argument("--big-rows", type=int, default=512, help="kernels: inputs of the MLP's timing (0: none)")
     parser.add_argument("--nt-python", default=None, help="kernels: python of a venv with neural-tangents 0.6.5")
     parser.add_argument("--cnn-rows", type=int, nargs="+", default=[32], help="kernels: inputs of the CNN timings")
     parser.add_argument("--image", type=int, default=3, help="kernels: the CNN's images are image × image")
