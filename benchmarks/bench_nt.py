@@ -15,7 +15,8 @@ timed ``--repeats`` times (the minimum; the first call, which reads each contrib
 ``--nt-python`` (a separate virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2:
 never a dependency of tplimits) its jitted analytic ``stax`` kernels of the same inputs, compiled on them
 before timing and timed as many times in the same run, both sides pinned to the same ``--threads`` cores:
-the ratio of the minima and the largest differences. The conversion: the first ``Dense`` in
+the ratio of the minima (of the wall-clock time, and of the processor time, which a loaded machine disturbs
+less) and the largest differences. The conversion: the first ``Dense`` in
 ``parameterization="standard"`` (NTP trains the first layer's N(0, 1/d) entries directly, so its weight term
 is ``x·x'`` without ``1/d``), hidden ``Dense(W_std=1, b_std=1)``, the readout ``Dense(W_std=1, b_std=0)`` (the
 output bias enters times n^-1/2 and leaves no limit term); both convolutions ``Conv(1, (3, 3), "SAME",
@@ -106,14 +107,16 @@ else:  # inputs NHWC
               stax.GlobalAvgPool(), stax.Dense(1, W_std=1.0, b_std=0.0)]
 kernel_fn = jax.jit(stax.serial(*layers)[2], static_argnames="get")
 kernel_fn(X, None, ("nngp", "ntk")).ntk.block_until_ready()  # compile for these inputs, not timed
-times = []
+times, cpu = [], []
 for _ in range(repeats):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     k = kernel_fn(X, None, ("nngp", "ntk"))
     k.ntk.block_until_ready()
     times.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
 np.save(sys.argv[5], np.stack([np.asarray(k.nngp), np.asarray(k.ntk)]))
 print(" ".join(map(str, times)))
+print(" ".join(map(str, cpu)))
 """
 
 
@@ -148,16 +151,17 @@ def race(name: str, limit: tpl.Limit, X: torch.Tensor, args: argparse.Namespace,
     start = time.perf_counter()
     limit.kernel(X * (1 + 1e-9), kind="ntk", path="exact")
     first = time.perf_counter() - start
-    ours = []
+    ours, ours_cpu = [], []
     for r in range(args.repeats):  # inputs that differ, so that no kernel of the last inputs is reused
         Xr = X * (1 + 1e-12 * (r + 1))
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         limit.kernel(Xr, kind="ntk", path="exact"), limit.kernel(Xr, kind="nngp", path="exact")
         ours.append(time.perf_counter() - start)
+        ours_cpu.append(time.process_time() - start_cpu)
     ntk, nngp = limit.kernel(X, kind="ntk", path="exact").value, limit.kernel(X, kind="nngp", path="exact").value
     print(f"{name}, {len(X)} inputs: exact NNGP and NTK {min(ours):.4f} s (min of {args.repeats}; median "
-          f"{sorted(ours)[len(ours) // 2]:.4f}); the first call, which reads each contribution's width power at "
-          f"two widths, {first:.3f} s")
+          f"{sorted(ours)[len(ours) // 2]:.4f}; processor time {min(ours_cpu):.4f}); the first call, which reads "
+          f"each contribution's width power at two widths, {first:.3f} s")
     if not args.nt_python:
         return
     import numpy as np  # only to hand the inputs to the other environment
@@ -169,12 +173,14 @@ def race(name: str, limit: tpl.Limit, X: torch.Tensor, args: argparse.Namespace,
             if args.threads == 1 else None
         done = subprocess.run([args.nt_python, "-c", NT_REFERENCE, inputs, name, str(depth), str(args.repeats), out],
                               capture_output=True, text=True, check=True, env=env)
-        theirs = [float(t) for t in done.stdout.strip().splitlines()[-1].split()]
+        lines = done.stdout.strip().splitlines()
+        theirs, theirs_cpu = ([float(t) for t in line.split()] for line in lines[-2:])
         reference = torch.from_numpy(np.load(out))
     off = ~torch.eye(len(X), dtype=torch.bool)
     gaps = [(k - r).abs() for k, r in ((nngp, reference[0]), (ntk, reference[1]))]
     print(f"  neural-tangents stax (jitted): {min(theirs):.4f} s (min of {args.repeats}; median "
-          f"{sorted(theirs)[len(theirs) // 2]:.4f}); ours / theirs {min(ours) / min(theirs):.2f}")
+          f"{sorted(theirs)[len(theirs) // 2]:.4f}; processor time {min(theirs_cpu):.4f}); ours / theirs "
+          f"{min(ours) / min(theirs):.2f} (processor time {min(ours_cpu) / min(theirs_cpu):.2f})")
     print(f"  largest difference off the diagonal NNGP {float(gaps[0][off].max()):.1e}, NTK "
           f"{float(gaps[1][off].max()):.1e}; on the diagonal NNGP {float(gaps[0].diagonal().max()):.1e}, NTK "
           f"{float(gaps[1].diagonal().max()):.1e}")
@@ -236,7 +242,8 @@ def kernels(args: argparse.Namespace) -> None:
         if len(kernels_of_seeds) > 1:
             print(f"  width {width}: gap of the seed-averaged kernel "
                   f"{_gap(torch.stack(kernels_of_seeds).mean(0), exact.value):.4f}")
-    race("mlp", limit, X_big, args, X_big, config["depth"])
+    if args.big_rows:  # 0: the CNN alone
+        race("mlp", limit, X_big, args, X_big, config["depth"])
     cnn = None
     for rows in args.cnn_rows:
         X_cnn = torch.randn(rows, 2, args.image, args.image, generator=g)
@@ -256,7 +263,7 @@ def main() -> None:
     parser.add_argument("--plot", default="nt-adam-protocol.png")
     parser.add_argument("--rows", type=int, default=32, help="kernels: inputs of the three-way comparison")
     parser.add_argument("--width", type=int, nargs="+", default=[4096], help="kernels: widths of the empirical NTK")
-    parser.add_argument("--big-rows", type=int, default=512, help="kernels: inputs of the exact-path timing")
+    parser.add_argument("--big-rows", type=int, default=512, help="kernels: inputs of the MLP's timing (0: none)")
     parser.add_argument("--nt-python", default=None, help="kernels: python of a venv with neural-tangents 0.6.5")
     parser.add_argument("--cnn-rows", type=int, nargs="+", default=[32], help="kernels: inputs of the CNN timings")
     parser.add_argument("--image", type=int, default=3, help="kernels: the CNN's images are image × image")

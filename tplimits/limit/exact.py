@@ -44,6 +44,7 @@ from typing import Any
 
 import attrs
 import torch
+from torch.utils import _pytree as pytree
 
 from tplimits.core.interpret import Interpreter
 from tplimits.core.ir import (
@@ -57,6 +58,8 @@ from tplimits.core.ir import (
     Regroup,
     Width,
     WidthInt,
+    WidthPower,
+    map_args,
     refs_in,
     substitute,
     width_axes,
@@ -156,6 +159,7 @@ class Product:
     shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
     differentiable: bool = True
     cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
+    shared: Structure | None = attrs.field(default=None, repr=False)  # as Linear's
 
 
 @attrs.define
@@ -168,6 +172,7 @@ class Linear:
     shape: tuple[int, ...]  # the full layout's sizes with the width axis of size 1
     differentiable: bool = True
     cache: dict[str, Any] = attrs.field(factory=dict, repr=False)
+    shared: Structure | None = attrs.field(default=None, repr=False)  # where its map's copies are kept across runs
 
 
 @attrs.define
@@ -188,6 +193,34 @@ class OffsetTerms:
 
 Random = Gauss | Mapped | Product | Linear
 RANDOM = (Gauss, Mapped, Product, Linear)
+
+
+@attrs.define
+class Structure:
+    """What the exact path finds about one instruction's function that depends only on the program, the width
+    and the inputs' shapes, never on the inputs' values (which entries a linear map copies, whether it leaves an
+    argument unchanged, a convolution's offsets): found on the first run and kept for the next (``facts``). Only
+    instructions whose arguments are all random values (or matrices) have one: another argument (the inputs,
+    a normalization's statistics) could change the function between runs."""
+
+    name: str
+    facts: dict[Any, Any] = attrs.field(factory=dict)
+
+    def get(self, key: Any, find: Callable[[], Any]) -> Any:
+        if key not in self.facts:
+            self.facts[key] = find()
+        return self.facts[key]
+
+
+_STRUCTURE: list = []  # [setup, {(n, dtype, device, input shapes) or (): {instruction: Structure}}] of the last program
+
+
+def _structures(setup: Any, key: tuple) -> dict[str, Structure]:
+    """The :class:`Structure` of each instruction of the last program run at ``key`` (``()``: facts of the program
+    alone, such as the instructions' inputs and their arguments at a width)."""
+    if not (_STRUCTURE and _STRUCTURE[0] is setup):
+        _STRUCTURE[:] = [setup, {}]
+    return _STRUCTURE[1].setdefault(key, {})
 
 
 def _fixed_flat(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -272,25 +305,28 @@ def mean_of(value: Random) -> torch.Tensor:
 
 
 def _gram_sum(g: Gauss, blocks: Mapping[Any, Block], metric_of: Callable[[Any], torch.Tensor | None]) -> torch.Tensor:
-    """``Σ T metric Tᵀ`` over ``blocks`` (``T Tᵀ`` for the identity metric; the metric itself for ``T = I``)."""
+    """``Σ T metric Tᵀ`` over ``blocks`` (``T Tᵀ`` for the identity metric; the metric itself for ``T = I``). The
+    sum is accumulated in place once it is a tensor made here (never into a metric, which other values read)."""
     F = g.mean.numel()
-    total = None
+    total, owned = None, False
     for key, block in blocks.items():
         metric = metric_of(key)
         if block is None:
             part = metric if metric is not None else torch.eye(F, dtype=g.mean.dtype, device=g.mean.device)
-            total = part if total is None else total + part
+            total, owned = (part, metric is None) if total is None else (total.add_(part) if owned else total + part,
+                                                                         True)
             continue
         T = _fixed_flat(block, g.axis)
         if metric is not None:
             part = _congruence(T, metric)
-            total = part if total is None else total + part
+            total = part if total is None else total.add_(part) if owned else total + part
         elif total is None:
             total = T @ T.T
         elif T.shape[1] == 1:  # one source (a bias): a rank-one update, far cheaper than a product of width 1
-            total = torch.addr(total, T[:, 0], T[:, 0])
+            total = total.addr_(T[:, 0], T[:, 0]) if owned else torch.addr(total, T[:, 0], T[:, 0])
         else:
-            total = torch.addmm(total, T, T.T)
+            total = total.addmm_(T, T.T) if owned else torch.addmm(total, T, T.T)
+        owned = True
     return total if total is not None else g.mean.new_zeros(F, F)
 
 
@@ -351,28 +387,52 @@ def _bilinear(value: Product, Mx: torch.Tensor, My: torch.Tensor) -> torch.Tenso
         return _factored(value, big, _factor(small), x_small)
     found = [part for seen, part in value.cache.setdefault("unit", []) if seen is big]
     if not found:
-        found = [_factored(value, big, torch.ones_like(small), x_small)]
+        copies = _unit_copies(value, x_small, big)
+        found = [_copied_moment(big, copies) if copies is not None else _factored(value, big, torch.ones_like(small),
+                                                                                    x_small)]
         value.cache["unit"].append((big, found[0]))
-    return found[0] * small[0, 0]
+    return _times(float(small[0, 0]), found[0])
+
+
+def _fixed_side(value: Product, column: torch.Tensor, x_small: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bilinear function as a linear map of its large side, the small side fixed at ``column`` (its entries)."""
+    big_value, small_value = (value.y, value.x) if x_small else (value.x, value.y)
+    fixed = _unflat(column, _layout_shape(small_value), small_value.axis)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        sizes = [t.shape[big_value.axis] if i == small_value.axis else s for i, s in enumerate(fixed.shape)]
+        return value.fn(fixed.expand(*sizes), t) if x_small else value.fn(t, fixed.expand(*sizes))
+    return fn
 
 
 def _factored(value: Product, big: torch.Tensor, factor: torch.Tensor, x_small: bool) -> torch.Tensor:
     """``Σ_l L_l big L_lᵀ``, ``L_l`` the bilinear function with the small side fixed at the factor's column l."""
-    big_value, small_value = (value.y, value.x) if x_small else (value.x, value.y)
-    columns = big.shape[0]
+    big_value = value.y if x_small else value.x
     total = None
     for column in range(factor.shape[1]):
-        fixed = _unflat(factor[:, column: column + 1], _layout_shape(small_value), small_value.axis)
-        fixed = fixed.expand(*[columns if i == small_value.axis else s for i, s in enumerate(fixed.shape)])
-
-        def fn(t: torch.Tensor, fixed: torch.Tensor = fixed) -> torch.Tensor:
-            if t.shape[big_value.axis] != fixed.shape[small_value.axis]:
-                fixed = fixed.narrow(small_value.axis, 0, 1).expand(
-                    *[t.shape[big_value.axis] if i == small_value.axis else s for i, s in enumerate(fixed.shape)])
-            return value.fn(fixed, t) if x_small else value.fn(t, fixed)
-        part = _sandwich(fn, big, big_value, value.axis)
+        part = _sandwich(_fixed_side(value, factor[:, column: column + 1], x_small), big, big_value, value.axis)
         total = part if total is None else total + part
     return total if total is not None else big.new_zeros(1, 1)
+
+
+def _unit_copies(value: Product, x_small: bool, big: torch.Tensor) -> torch.Tensor | None:
+    """When the small side has one entry (one output's readout weight) and the map at a unit weight only copies
+    the large side's entries (``x ⊙ v`` summed over nothing else): the entry each output entry copies, as
+    :func:`_copied_entries`; the sandwich is then an index of the second moment, no product formed."""
+    big_value = value.y if x_small else value.x
+    column = torch.ones(1, 1, dtype=big.dtype, device=big.device)
+    shared = None if value.shared is None else value.shared.get(("unit", x_small), lambda: Structure(value.shared.name))
+    return _copied_entries(Linear(_fixed_side(value, column, x_small), big_value, value.axis, value.shape,
+                                  shared=shared))
+
+
+def _copied_moment(M: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``M[index][:, index]`` with zeros at index -1: ``M`` itself for the identity (nothing writes into it after)."""
+    if index.numel() == M.shape[0] and torch.equal(index, torch.arange(M.shape[0], device=index.device)):
+        return M
+    padded = torch.nn.functional.pad(M, (0, 1, 0, 1))
+    at = torch.where(index >= 0, index, M.shape[0])
+    return padded.index_select(0, at).index_select(1, at)
 
 
 def _copied_entries(value: Linear) -> torch.Tensor | None:
@@ -380,30 +440,38 @@ def _copied_entries(value: Linear) -> torch.Tensor | None:
     copies entries and writes zeros (unfolding patches with zero padding, slicing, reordering); ``None`` otherwise.
     Read from the map on the entries' numbers and checked on a random vector (another linear map agrees with the
     copy there with probability zero)."""
-    if "copied" in value.cache:
-        return value.cache["copied"]
+    if "copied" not in value.cache:
+        find = lambda: _find_copies(value)  # noqa: E731
+        value.cache["copied"] = find() if value.shared is None else value.shared.get("copied", find)
+    return value.cache["copied"]
+
+
+def _find_copies(value: Linear) -> torch.Tensor | None:
     arg = value.arg
-    shape, dtype = _layout_shape(arg), mean_of(arg).dtype
+    shape, like = _layout_shape(arg), _like(arg)
     F = math.prod(s for i, s in enumerate(shape) if i != arg.axis)
     copied = None
-    if F < 1 / torch.finfo(dtype).eps:  # every entry's number exact in the dtype
-        numbers = torch.arange(1, F + 1, dtype=dtype, device=mean_of(arg).device)
+    if F < 1 / torch.finfo(like.dtype).eps:  # every entry's number exact in the dtype
+        numbers = torch.arange(1, F + 1, dtype=like.dtype, device=like.device)
         read = _fixed_flat(value.fn(_unflat(numbers[:, None], shape, arg.axis)), value.axis)[:, 0]
         if bool((read == read.round()).all()) and bool(((read >= 0) & (read <= F)).all()):
             index = read.long() - 1
-            probe = torch.randn(F, generator=torch.Generator().manual_seed(0), dtype=dtype).to(numbers.device)
+            probe = torch.randn(F, generator=torch.Generator().manual_seed(0), dtype=like.dtype).to(numbers.device)
             image = _fixed_flat(value.fn(_unflat(probe[:, None], shape, arg.axis)), value.axis)[:, 0]
             if torch.equal(image, torch.where(index >= 0, probe[index.clamp_min(0)], torch.zeros_like(image))):
                 copied = index
-    value.cache["copied"] = copied
     return copied
 
 
-def _shift_reducer(per_offset: torch.Tensor, F: int, rows: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    """``(B, scale) ↦ scale · Σ_o B[idx_o, idx_o]`` for ``per_offset = [idx_o]`` (-1: a zero). When each input
-    row's entries read only its own row's (``idx = row·P + p_o(l)``, the same ``p_o`` in every row: a
-    convolution of each input separately), the sum is one linear map on each pair of rows' ``[P, P]`` block,
-    ``K = Σ_o S_o ⊗ S_o`` of ``[L², P²]`` (neural-tangents' convolution of the covariance); else gathers."""
+Reducer = Callable[..., torch.Tensor]
+"""``(B, scale, plus=None, alpha=1) ↦ scale · Σ_o C[idx_o, idx_o]`` for ``C = B + alpha·plus``."""
+
+
+def _shift_reducer(per_offset: torch.Tensor, F: int, rows: int) -> Reducer:
+    """The :data:`Reducer` of ``per_offset = [idx_o]`` (-1: a zero). When each input row's entries read only its
+    own row's (``idx = row·P + p_o(l)``, the same ``p_o`` in every row: a convolution of each input separately),
+    the sum is one linear map on each pair of rows' ``[P, P]`` block, ``K = Σ_o S_o ⊗ S_o`` of ``[L², P²]``
+    (neural-tangents' convolution of the covariance); else gathers."""
     offsets, R = per_offset.shape
     if F % rows == 0 and R % rows == 0:
         P, L = F // rows, R // rows
@@ -414,19 +482,21 @@ def _shift_reducer(per_offset: torch.Tensor, F: int, rows: int) -> Callable[[tor
             return _blockwise_reducer(first, P, rows)
     padded_index = torch.where(per_offset >= 0, per_offset, F)  # the zero row and column appended
 
-    def gathered(B: torch.Tensor, scale: float) -> torch.Tensor:
-        padded = torch.nn.functional.pad(B, (0, 1, 0, 1))
+    def gathered(B: torch.Tensor, scale: float, plus: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        padded = torch.nn.functional.pad(B if plus is None else torch.add(B, plus, alpha=alpha), (0, 1, 0, 1))
         total = None
         for index in padded_index:
             part = padded.index_select(0, index).index_select(1, index)
             total = part if total is None else total.add_(part)
-        return total.mul_(scale)
+        return total if scale == 1 else total.mul_(scale)
     return gathered
 
 
-def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
+def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Reducer:
     """The reduction of :func:`_shift_reducer` on each pair of rows: ``[rows·P]² → [rows·L]²`` through the
-    ``[L², P²]`` matrix ``K`` (sparse when large and mostly zero: large images)."""
+    ``[L², P²]`` matrix ``K`` (sparse when large and mostly zero: large images), its entries the scale. The
+    blocks are gathered into one buffer (``plus`` added there), and the result written back into it when the
+    sizes agree: at large sizes a fresh tensor costs about as much as a pass over it."""
     offsets, L = first.shape
     ls = torch.arange(L, device=first.device)
     out_rows, in_cols = [], []
@@ -438,17 +508,35 @@ def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Callable[[torc
     entries = torch.stack([torch.cat(out_rows), torch.cat(in_cols)])
     # a dense K while small (a product of BLAS speed; a sparse one is far slower per entry), else sparse
     sparse = L * L * P * P > 2**20 and entries.shape[1] <= SPARSE_FRACTION * L * L * P * P
-    kernels: dict[torch.dtype, torch.Tensor] = {}
+    kernels: dict[tuple, torch.Tensor] = {}
 
-    def blockwise(B: torch.Tensor, scale: float) -> torch.Tensor:
-        if B.dtype not in kernels:
-            ones = torch.ones(entries.shape[1], dtype=B.dtype, device=B.device)
-            K = torch.sparse_coo_tensor(entries, ones, (L * L, P * P), check_invariants=True).coalesce()
-            kernels[B.dtype] = K if sparse else K.to_dense().T.contiguous()
-        blocks = B.reshape(rows, P, rows, P).permute(0, 2, 1, 3).reshape(rows * rows, P * P)
-        out = torch.sparse.mm(kernels[B.dtype], blocks.T).T if sparse else blocks @ kernels[B.dtype]
-        return out.reshape(rows, rows, L, L).permute(0, 2, 1, 3).reshape(rows * L, rows * L).mul_(scale)
+    def kernel(like: torch.Tensor, scale: float) -> torch.Tensor:
+        key = (like.dtype, str(like.device), scale)
+        if key not in kernels:
+            values = torch.full((entries.shape[1],), scale, dtype=like.dtype, device=like.device)
+            K = torch.sparse_coo_tensor(entries.to(like.device), values, (L * L, P * P), check_invariants=True)
+            kernels[key] = K.coalesce() if sparse else K.to_dense().T.contiguous()
+        return kernels[key]
+
+    def blockwise(B: torch.Tensor, scale: float, plus: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        buffer = torch.empty(rows, rows, P, P, dtype=B.dtype, device=B.device)
+        buffer.copy_(B.reshape(rows, P, rows, P).permute(0, 2, 1, 3))
+        if plus is not None:
+            buffer.add_(plus.reshape(rows, P, rows, P).permute(0, 2, 1, 3), alpha=alpha)
+        blocks = buffer.reshape(rows * rows, P * P)
+        out = torch.sparse.mm(kernel(B, scale), blocks.T).T if sparse else blocks @ kernel(B, scale)
+        out = out.reshape(rows, rows, L, L).permute(0, 2, 1, 3)
+        if L != P:
+            return out.reshape(rows * L, rows * L)
+        return buffer.view(rows, L, rows, L).copy_(out).view(rows * L, rows * L)
     return blockwise
+
+
+def _like(value: Random) -> torch.Tensor:
+    """A tensor of the value's dtype and device, found without computing any moment."""
+    if isinstance(value, Gauss):
+        return value.mean
+    return _like(value.x) if isinstance(value, Product) else _like(value.arg)
 
 
 def _layout_shape(value: Random) -> tuple[int, ...]:
@@ -575,40 +663,56 @@ def _derivative_fn(fn: Callable | None) -> Callable | None:
     return grad
 
 
-def _angle(S: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(θ, |u||v| sin θ)`` between (u, v) ~ N(0, S) entrywise, θ by atan2 (``arccos(1 − ε) ≈ √(2ε)`` would lose
-    half the digits near θ = 0); kept in ``cache`` (a Gaussian's), which relu and its step both read."""
-    if cache is not None and "angle" in cache:
-        return cache["angle"]
+def _angle(S: torch.Tensor, cache: dict | None = None, sine: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``((π − θ)/2π, |u||v| sin θ / 2π)`` for the angle θ between (u, v) ~ N(0, S) entrywise, θ by atan2
+    (``arccos(1 − ε) ≈ √(2ε)`` would lose half the digits near θ = 0). The first is the step's law itself, the
+    second relu's first term; kept in ``cache`` (a Gaussian's), which relu and its step both read. Each pass
+    writes into a buffer made here (at large sizes a fresh tensor costs about as much as a pass over it)."""
+    if cache is not None and "step" in cache and ("sine" in cache or not sine):
+        return cache["step"], cache.get("sine")
     var = S.diagonal().clamp_min(0)
     norms2 = torch.outer(var, var)
     # not fused (addcmul): the diagonal's var·var − var·var must round to exactly 0
-    cross = (norms2 - S * S).clamp_min_(0).sqrt_()
-    angle = (torch.atan2(cross, S), cross, norms2)
+    cross = torch.mul(S, S)
+    torch.sub(norms2, cross, out=cross).clamp_min_(0).sqrt_()
+    step = torch.atan2(cross, S, out=norms2)  # the norms are not read again
+    torch.sub(_scalar(0.5, step), step, alpha=1 / (2 * math.pi), out=step)
+    cross.mul_(1 / (2 * math.pi))
     if cache is not None:
-        cache["angle"] = angle
-    return angle
+        cache["step"], cache["sine"] = step, cross
+    return step, cross
+
+
+_SCALARS: dict[tuple, torch.Tensor] = {}
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dimensional tensor of ``like``'s dtype and device, made once (an operand where torch takes no number)."""
+    key = (value, like.dtype, str(like.device))
+    if key not in _SCALARS:
+        _SCALARS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return _SCALARS[key]
 
 
 def _arc_cosine_raw(k: int, S: torch.Tensor, cache: dict | None = None, scale: float = 1.0) -> torch.Tensor:
     """``scale · E[max(u,0)^k max(v,0)^k]`` for (u, v) ~ N(0, S) entrywise (Cho & Saul), written with
-    ``|u||v| cos θ = S`` and ``|u||v| sin θ`` so that no cosine, sine or division is taken."""
+    ``|u||v| cos θ = S`` and ``|u||v| sin θ`` so that no cosine, sine or division is taken. A unit ``scale``
+    (relu) returns the step's law as computed for the angle: nothing writes into a law's moments after."""
     if k not in (0, 1, 2):
         raise TplimitsError(f"arc-cosine law of power {k}: only powers 0, 1, 2 have closed forms here")
-    theta, cross, norms2 = _angle(S, cache)
-    scale = scale / (2 * math.pi)
-    if cache is not None and "rest" in cache:
-        rest = cache["rest"]
-    else:  # π − θ, which relu and its step share
-        rest = torch.rsub(theta, math.pi)
-        if cache is not None:
-            cache["rest"] = rest
+    step, cross = _angle(S, cache, sine=k > 0)  # (π − θ)/2π and |u||v| sin θ / 2π
     if k == 0:  # a zero-variance side is 0, whose step is 0
-        step = rest * scale
-        return step if bool((S.diagonal() > 0).all()) else torch.where(norms2 > 0, step, torch.zeros_like(step))
-    if k == 1:  # scale·(|u||v| sin θ + (π − θ) S)
-        return torch.addcmul(cross, rest, S).mul_(scale)
-    return (3 * cross * S + rest * (norms2 + 2 * S * S)) * scale
+        positive = S.diagonal() > 0
+        if not bool(positive.all()):
+            step = torch.where(positive[:, None] & positive[None, :], step, torch.zeros_like(step))
+        return _times(scale, step)
+    if k == 1:  # scale·(|u||v| sin θ + (π − θ) S) / 2π, written over the sine term, which leaves the cache
+        if cache is not None:  # (relu's moment is kept as its value's second moment; asked again, it is redone)
+            del cache["sine"]
+        moment = cross.addcmul_(step, S)
+        return moment if scale == 1 else moment.mul_(scale)
+    var = S.diagonal().clamp_min(0)
+    return (3 * cross * S + step * (torch.outer(var, var) + 2 * S * S)) * scale
 
 
 def _arc_cosine_mean(k: int, var: torch.Tensor) -> torch.Tensor:
@@ -754,8 +858,9 @@ class ExactInterpreter(Interpreter):
         self.structured = structured
         self.kept = kept or {}  # the parameters whose NTK is known to stay (True) or vanish (False) in the limit
         self.infos, self.rates, self.uses, self.readers = _program_facts(setup, n)
-        self._inputs: dict[str, tuple[str, ...]] = {}
-        self._unchanged: dict[tuple[str, str], bool] = {}
+        self.program_facts = _structures(setup, ())
+        self.structures: dict[str, Structure] = {}  # by instruction, at this width and these inputs' shapes
+        self._run_facts: dict[str, Structure] = {}  # facts of instructions without a structure, for this run
         self.statistics: set[str] = set()  # averages over width taken as their limits, and what is computed from them
         self.setup, self.n, self.dtype, self.device = setup, n, dtype, device
         self.sources = 0
@@ -764,11 +869,47 @@ class ExactInterpreter(Interpreter):
         self.readouts: dict[str, ReadoutLaw] = {}
         self.scalar_leaves: dict[str, torch.Tensor] = {}
 
+    def run(self, *inputs: Any, initial_env: Mapping[str, Any] | None = None, stop: int | None = None) -> Any:
+        shapes = tuple((tuple(t.shape), t.dtype) for t in pytree.tree_leaves(inputs) if torch.is_tensor(t))
+        self.structures = _structures(self.setup, (self.n, self.dtype, str(self.device), shapes))
+        return super().run(*inputs, initial_env=initial_env, stop=stop)
+
     def inputs_of(self, ins: Nonlin) -> tuple[str, ...]:
-        """``ins.inputs``, found once (the property walks the arguments on each access)."""
-        if ins.name not in self._inputs:
-            self._inputs[ins.name] = ins.inputs
-        return self._inputs[ins.name]
+        """``ins.inputs``, found once per program (the property walks the arguments on each access)."""
+        return self._program_fact(ins, "inputs", lambda: ins.inputs)
+
+    def _program_fact(self, ins: Instruction, key: Any, find: Callable[[], Any]) -> Any:
+        if ins.name not in self.program_facts:
+            self.program_facts[ins.name] = Structure(ins.name)
+        return self.program_facts[ins.name].get(key, find)
+
+    def structure(self, ins: Instruction) -> Structure | None:
+        """The instruction's :class:`Structure` when its function cannot change between runs of the same shapes:
+        every argument a random value or a matrix. ``None``: found again on each run."""
+        if any(not isinstance(self.values[n], (*RANDOM, OffsetTerms, Parameter)) for n in self.inputs_of(ins)):
+            return None
+        if ins.name not in self.structures:
+            self.structures[ins.name] = Structure(ins.name)
+        return self.structures[ins.name]
+
+    def _fact(self, ins: Instruction, key: Any, find: Callable[[], Any]) -> Any:
+        """``find()``, kept in the instruction's structure where it has one, else for this run."""
+        structure = self.structure(ins)
+        if structure is None:
+            structure = self._run_facts.setdefault(ins.name, Structure(ins.name))
+        return structure.get(key, find)
+
+    def _fact_of(self, ins: Instruction, key: Any, found_from: tuple[torch.Tensor, ...],
+                 find: Callable[[], Any]) -> Any:
+        """:meth:`_fact` of an instruction's function on index tensors found upstream (``found_from``): kept with
+        them, found again when they differ."""
+        kept = self._fact(ins, key, lambda: None)
+        if kept is None or len(kept[0]) != len(found_from) or not all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(kept[0], found_from, strict=True)):
+            kept = (found_from, find())
+            structure = self.structure(ins) or self._run_facts[ins.name]
+            structure.facts[key] = kept
+        return kept[1]
 
     def refuse(self, ins: Instruction, why: str) -> NotGaussian:
         return NotGaussian(f"the exact kernel path cannot integrate %{ins.name} ({ins.describe()}"
@@ -995,6 +1136,18 @@ class ExactInterpreter(Interpreter):
                 or any(isinstance(self.values[n], RANDOM) for n in self.inputs_of(ins))):
             return None
         out_axis = out_axes[0]
+        rows = self._fact_of(ins, ("offset rows", name), (terms.index, terms.offset),
+                             lambda: self._offset_rows(ins, name, terms, out_axis))
+        if rows is None:
+            return None
+        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
+                           device=self.device)
+        return self._shifted_product(terms.product, terms.base, rows, mean, out_axis,
+                                     terms.differentiable, ins.differentiable)
+
+    def _offset_rows(self, ins: Nonlin, name: str, terms: OffsetTerms, out_axis: int) -> torch.Tensor | None:
+        """``[offsets, outputs]``: the entry of the convolution's ``base`` each output entry of ``ins`` reads at each
+        offset (-1: zero padding), when ``ins`` sums the offsets (see :meth:`_offset_sum`); ``None``: it does not."""
 
         def fn(t: torch.Tensor) -> torch.Tensor:
             return _fixed_flat(self._apply(ins, {**self.values, name: _unflat(t[:, None], terms.shape, terms.axis)}),
@@ -1017,10 +1170,7 @@ class ExactInterpreter(Interpreter):
         eps = torch.finfo(self.dtype).eps
         if image.shape != expected.shape or not bool(torch.allclose(image, expected, rtol=100 * eps, atol=100 * eps)):
             return None
-        mean = torch.zeros(tuple(1 if isinstance(a, Width) else a for a in ins.layout), dtype=self.dtype,
-                           device=self.device)
-        return self._shifted_product(terms.product, terms.base, torch.stack(rows), mean, out_axis,
-                                     terms.differentiable, ins.differentiable)
+        return torch.stack(rows)
 
     def _shifted_product(self, ins: MatMul, base: Random, per_offset: torch.Tensor, mean: torch.Tensor,
                          out_axis: int, base_tangents: bool, tangents: bool) -> Gauss:
@@ -1034,18 +1184,26 @@ class ExactInterpreter(Interpreter):
         n_in = float(self.program[ins.vector].layout[x.axis].ratio) * self.n
         s2 = (init_std(info, abcd, self.n) * multiplier(abcd, self.n)) ** 2
         fixed = [s for i, s in enumerate(_layout_shape(base)) if i != base.axis]
-        reduce = _shift_reducer(per_offset, math.prod(fixed), fixed[0] if fixed else 1)
+        reduce = self._fact_of(ins, "reducer", (per_offset,),
+                               lambda: _shift_reducer(per_offset, math.prod(fixed), fixed[0] if fixed else 1))
         M = second_moment(base)
         start = self._new_sources(mean.numel(), reduce(M, s2 * n_in))
-        channels = {}
+        channels: dict[tuple[str, str], torch.Tensor | None] = {}
         if self.tangents and tangents:
             own = self.channel(matrix.target)
+            kappa = self._kappa(matrix.target) * n_in
             if own is not None:
-                channels[(own, ins.name)] = reduce(M, self._kappa(matrix.target) * n_in)
+                channels[(own, ins.name)] = None
             for param, gram in (tangent_grams(base) if base_tangents else {}).items():
                 key = (param, ins.name)
-                channels[key] = channels[key].add_(reduce(gram, s2 * n_in)) if key in channels else reduce(gram,
-                                                                                                           s2 * n_in)
+                if key in channels and s2 > 0:  # the reduction is linear: one of κ n_in E[x xᵀ] + s² n_in Θ_x
+                    channels[key] = reduce(gram, s2 * n_in, M, kappa / (s2 * n_in))
+                elif key in channels:
+                    channels[key] = reduce(M, kappa).add_(reduce(gram, s2 * n_in))
+                else:
+                    channels[key] = reduce(gram, s2 * n_in)
+            if own is not None and channels[(own, ins.name)] is None:
+                channels[(own, ins.name)] = reduce(M, kappa)
         self.metrics.channels.update(channels)
         return Gauss(mean, {start: None}, dict.fromkeys(channels), out_axis, self.metrics)
 
@@ -1169,7 +1327,9 @@ class ExactInterpreter(Interpreter):
             if torch.is_tensor(value) and axes and value.ndim == len(self.program[name].layout):
                 columns = value.shape[axes[0]] / self.program[name].layout[axes[0]].ratio
                 break
-        args, kwargs = _sizes(ins.args, columns), _sizes(dict(ins.kwargs), columns)
+        key = ("arguments", None if columns is None else float(columns), self.n)  # a float hashes faster
+        args, kwargs = self._program_fact(ins, key, lambda: (_at_width(_sizes(ins.args, columns), self.n),
+                                                             _at_width(_sizes(dict(ins.kwargs), columns), self.n)))
         return ins.fn(*substitute(args, values, self.n), **substitute(kwargs, values, self.n))
 
     def _bound(self, ins: Nonlin, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -1213,9 +1373,10 @@ class ExactInterpreter(Interpreter):
             self.values = outer
 
     def _affine_of(self, ins: Nonlin, values: Mapping[str, Gauss], axis: int) -> Gauss:
-        mean = self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
         # the constant part, once on one column (the function acts column by column along the width axis)
         constant = self._apply(ins, {**self.values, **{n: torch.zeros_like(v.mean) for n, v in values.items()}})
+        centered = all(not bool(v.mean.any()) for v in values.values())  # then the mean is the constant part
+        mean = constant if centered else self._apply(ins, {**self.values, **{n: v.mean for n, v in values.items()}})
         constant = constant if bool(constant.any()) else None
         coef = self._blocks(ins, values, {n: v.coef for n, v in values.items()},
                             lambda start: self.metrics.sources[start][0], constant)
@@ -1274,30 +1435,29 @@ class ExactInterpreter(Interpreter):
         """The function, with its other random arguments zero, is the identity in ``name`` on the fixed entries in
         their order (a reshape that keeps the order too): tried on one random column (a linear map other than the
         identity fixes a random vector with probability zero)."""
-        if (ins.name, name) not in self._unchanged:
-            v = self.values[name]
-            probe = torch.randn(v.mean.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(
-                self.device)
-            zeros = {n: torch.zeros_like(self.values[n].mean) for n in self.inputs_of(ins)
-                     if isinstance(self.values[n], Gauss)}
-            image = self._apply(ins, {**self.values, **zeros, name: probe}) - self._apply(ins, {**self.values, **zeros})
-            out_axis = width_axes(ins.layout)[0]
-            same = (image.ndim == len(ins.layout) and image.shape[out_axis] == 1
-                    and image.numel() == probe.numel()
-                    and bool(torch.equal(_fixed_flat(image, out_axis), _fixed_flat(probe, v.axis))))
-            self._unchanged[(ins.name, name)] = same
-        return self._unchanged[(ins.name, name)]
+        return self._fact(ins, ("unchanged", name), lambda: self._find_unchanged(ins, name))
+
+    def _find_unchanged(self, ins: Nonlin, name: str) -> bool:
+        v = self.values[name]
+        probe = torch.randn(v.mean.shape, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(self.device)
+        zeros = {n: torch.zeros_like(self.values[n].mean) for n in self.inputs_of(ins)
+                 if isinstance(self.values[n], Gauss)}
+        image = self._apply(ins, {**self.values, **zeros, name: probe}) - self._apply(ins, {**self.values, **zeros})
+        out_axis = width_axes(ins.layout)[0]
+        return (image.ndim == len(ins.layout) and image.shape[out_axis] == 1 and image.numel() == probe.numel()
+                and bool(torch.equal(_fixed_flat(image, out_axis), _fixed_flat(probe, v.axis))))
 
     def _linear(self, ins: Nonlin, name: str, axis: int) -> Linear:
-        probe = self._apply(ins, {**self.values, name: torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype,
-                                                                  device=self.device)})
-        if bool(torch.as_tensor(probe).abs().max() > 0):
+        def constant_part() -> bool:
+            zeros = torch.zeros(_layout_shape(self.values[name]), dtype=self.dtype, device=self.device)
+            return bool(torch.as_tensor(self._apply(ins, {**self.values, name: zeros})).abs().max() > 0)
+        if self._fact(ins, ("constant part", name), constant_part):
             raise self.refuse(ins, "an affine function with a constant part of a non-Gaussian vector")
 
         def fn(t: torch.Tensor) -> torch.Tensor:
             return self._apply(ins, {**self.values, name: t})
         shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
-        return Linear(fn, self.values[name], axis, shape, ins.differentiable)
+        return Linear(fn, self.values[name], axis, shape, ins.differentiable, shared=self.structure(ins))
 
     def _linear_part(self, ins: Nonlin, parts: Mapping[str, torch.Tensor],
                      constant: torch.Tensor | None) -> torch.Tensor:
@@ -1313,7 +1473,7 @@ class ExactInterpreter(Interpreter):
         def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return self._apply(ins, {**self.values, names[0]: a, names[1]: b})
         shape = tuple(1 if i == axis else s for i, s in enumerate(ins.layout))
-        return Product(fn, x, y, axis, shape, ins.differentiable)
+        return Product(fn, x, y, axis, shape, ins.differentiable, shared=self.structure(ins))
 
 
 def _sizes(args: Any, columns: float | None) -> Any:
@@ -1331,6 +1491,11 @@ def _sizes(args: Any, columns: float | None) -> Any:
     if isinstance(args, dict):
         return {k: _sizes(v, columns) for k, v in args.items()}
     return args
+
+
+def _at_width(args: Any, n: int) -> Any:
+    """``args`` with every width-dependent constant at width ``n`` (references to values kept)."""
+    return map_args(args, lambda v: v.resolve(n) if isinstance(v, WidthInt | WidthPower) else v)
 
 
 def _only_at(ins: Nonlin, names: list[str], positions: tuple[int, ...]) -> bool:
@@ -1420,9 +1585,9 @@ def _through(jac: torch.Tensor, factor: float = 1.0) -> Callable[[torch.Tensor],
     weight = jac[entries[:, 0], index][:, None] * math.sqrt(factor)
     if not (index.numel() == jac.shape[1] and bool((index == torch.arange(len(index), device=index.device)).all())):
         return lambda M: weight * M[index][:, index] * weight.T
-    if bool((weight == weight[0, 0]).all()):
+    if bool((weight == weight[0, 0]).all()):  # M itself at a unit scale: nothing writes into a kernel after
         scale = float(weight[0, 0]) ** 2
-        return lambda M: M * scale
+        return lambda M: _times(scale, M)
     return lambda M: weight * M * weight.T
 
 
