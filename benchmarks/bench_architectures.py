@@ -15,6 +15,9 @@ For every model, in float64:
   slope of the gap ± its standard error, the largest width's mean gap in standard errors, and the check's
   power: the smallest bias of the limit, relative to the trajectory's scale, that the largest width would
   resolve at 3 standard errors. Without it the model's limit is *not checked against training* here.
+  ``--particles`` and ``--batches`` override each model's particles and the independent systems they are
+  split into; the row prints the most components a matrix is applied to at once against the particles per
+  system (the Stein dots' bias grows with that ratio: docs/architectures.md).
 
 Run: ``python benchmarks/bench_architectures.py`` (the matrix without checks; ``--check`` adds them,
 ``--only lstm,gru`` picks models). It prints a markdown table. ``transformers`` and ``pytorchcv`` models are
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import time
 import traceback
 import warnings
@@ -36,6 +40,7 @@ import torch.nn as nn
 
 import tplimits as tpl
 from tplimits.core.backprop import total_program
+from tplimits.core.ir import MatMul, Width
 from tplimits.limit.runs import default_dtype
 
 
@@ -265,6 +270,17 @@ def gradient_error(prog: tpl.Program, model: nn.Module, inputs: tuple) -> float:
                if g is not None and name in got)
 
 
+def components(prog: tpl.Program) -> int:
+    """The most components (batch rows × positions) any matrix is applied to at once, per fixed index of the
+    matrix (a kernel offset): the number of directions its hat family gains per pass. The limit's Stein dots
+    carry a bias of about this over the particles per system in the kernels downstream (tests/test_conv_dots.py)."""
+    def fixed(layout: tuple) -> int:
+        return math.prod(spec for spec in layout if not isinstance(spec, Width))
+
+    return max((fixed(prog[ins.vector].layout) // fixed(prog[ins.matrix].layout) for ins in prog.instructions
+                if isinstance(ins, MatMul)), default=0)
+
+
 def measure(name: str, case: Case, optimizers: list[str], center: bool = False,
             particles: int | None = None, batches: int = 4) -> dict[str, str]:
     row = {"model": name}
@@ -290,7 +306,7 @@ def measure(name: str, case: Case, optimizers: list[str], center: bool = False,
         row["μ-limit, 3 steps"] = f"{'finite' if finite else 'NOT FINITE'}, loss ×{ratio:.2f}, {per_step:.1f} s/step"
         checks = [_check(limit if optimizer == "sgd" else tpl.derive(case.make, example_inputs=inputs,
                                                                      optimizer=optimizer), inputs, y, case, center,
-                         particles or case.particles, batches)
+                         particles or case.particles, batches, components(prog))
                   for optimizer in optimizers]
         row["against training"] = "; ".join(checks) or "not checked here"
     except tpl.TplimitsError as error:
@@ -303,7 +319,7 @@ def measure(name: str, case: Case, optimizers: list[str], center: bool = False,
 
 
 def _check(limit: tpl.Limit, inputs: tuple, y: torch.Tensor, case: Case, center: bool, particles: int,
-           batches: int) -> str:
+           batches: int, largest: int) -> str:
     optimizer = limit.rule.name
     lr = case.lr if optimizer == "sgd" else case.adam_lr
     start = time.perf_counter()
@@ -317,7 +333,7 @@ def _check(limit: tpl.Limit, inputs: tuple, y: torch.Tensor, case: Case, center:
     widths = "/".join(str(w) for w in case.check_widths)
     return (f"{optimizer} lr {lr}: {report.status}, slope {report.slope:.2f} ± {report.slope_se:.2f}, {se:.1f} SE, "
             f"resolves {power:.1%} (widths {widths}, {case.seeds} seeds, {particles} particles in {batches} systems, "
-            f"{seconds:.0f} s)")
+            f"components/particles per system {largest}/{particles // batches}, {seconds:.0f} s)")
 
 
 COLUMNS = ("model", "lowers", "replay", "autograd", "μ-limit, 3 steps", "against training", "error")
