@@ -15,6 +15,9 @@ For every model, in float64:
   slope of the gap ± its standard error, the largest width's mean gap in standard errors, and the check's
   power: the smallest bias of the limit, relative to the trajectory's scale, that the largest width would
   resolve at 3 standard errors. Without it the model's limit is *not checked against training* here.
+  ``--particles`` and ``--batches`` override each model's particles and the independent systems they are
+  split into; the row prints the most components a matrix is applied to at once against the particles per
+  system (the Stein dots' bias grows with that ratio: docs/architectures.md).
 
 Run: ``python benchmarks/bench_architectures.py`` (the matrix without checks; ``--check`` adds them,
 ``--only lstm,gru`` picks models). It prints a markdown table. ``transformers`` and ``pytorchcv`` models are
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import time
 import traceback
 import warnings
@@ -36,6 +40,7 @@ import torch.nn as nn
 
 import tplimits as tpl
 from tplimits.core.backprop import total_program
+from tplimits.core.ir import MatMul, Width
 from tplimits.limit.runs import default_dtype
 
 
@@ -265,7 +270,19 @@ def gradient_error(prog: tpl.Program, model: nn.Module, inputs: tuple) -> float:
                if g is not None and name in got)
 
 
-def measure(name: str, case: Case, optimizers: list[str], center: bool = False) -> dict[str, str]:
+def components(prog: tpl.Program) -> int:
+    """The most components (batch rows × positions) any matrix is applied to at once, per fixed index of the
+    matrix (a kernel offset): the number of directions its hat family gains per pass. The limit's Stein dots
+    carry a bias of about this over the particles per system in the kernels downstream (tests/test_conv_dots.py)."""
+    def fixed(layout: tuple) -> int:
+        return math.prod(spec for spec in layout if not isinstance(spec, Width))
+
+    return max((fixed(prog[ins.vector].layout) // fixed(prog[ins.matrix].layout) for ins in prog.instructions
+                if isinstance(ins, MatMul)), default=0)
+
+
+def measure(name: str, case: Case, optimizers: list[str], center: bool = False,
+            particles: int | None = None, batches: int = 4) -> dict[str, str]:
     row = {"model": name}
     inputs, y = case.inputs(), case.targets()
     try:
@@ -288,7 +305,8 @@ def measure(name: str, case: Case, optimizers: list[str], center: bool = False) 
         ratio = float(trajectory.loss[-1] / trajectory.loss[0])
         row["μ-limit, 3 steps"] = f"{'finite' if finite else 'NOT FINITE'}, loss ×{ratio:.2f}, {per_step:.1f} s/step"
         checks = [_check(limit if optimizer == "sgd" else tpl.derive(case.make, example_inputs=inputs,
-                                                                     optimizer=optimizer), inputs, y, case, center)
+                                                                     optimizer=optimizer), inputs, y, case, center,
+                         particles or case.particles, batches, components(prog))
                   for optimizer in optimizers]
         row["against training"] = "; ".join(checks) or "not checked here"
     except tpl.TplimitsError as error:
@@ -300,20 +318,22 @@ def measure(name: str, case: Case, optimizers: list[str], center: bool = False) 
     return row
 
 
-def _check(limit: tpl.Limit, inputs: tuple, y: torch.Tensor, case: Case, center: bool) -> str:
+def _check(limit: tpl.Limit, inputs: tuple, y: torch.Tensor, case: Case, center: bool, particles: int,
+           batches: int, largest: int) -> str:
     optimizer = limit.rule.name
     lr = case.lr if optimizer == "sgd" else case.adam_lr
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = limit.check(*inputs, y, widths=list(case.check_widths), seeds=case.seeds, steps=3, lr=lr,
-                             loss=case.loss, particles=case.particles, progress=False, center=center)
+                             loss=case.loss, particles=particles, batches=batches, progress=False, center=center)
     seconds = time.perf_counter() - start
     se = float(report.mean_gap[-1] / report.mean_gap_se[-1])
     power = 3 * float(report.mean_gap_se[-1]) / report.scale
     widths = "/".join(str(w) for w in case.check_widths)
     return (f"{optimizer} lr {lr}: {report.status}, slope {report.slope:.2f} ± {report.slope_se:.2f}, {se:.1f} SE, "
-            f"resolves {power:.1%} (widths {widths}, {case.seeds} seeds, {seconds:.0f} s)")
+            f"resolves {power:.1%} (widths {widths}, {case.seeds} seeds, {particles} particles in {batches} systems, "
+            f"components/particles per system {largest}/{particles // batches}, {seconds:.0f} s)")
 
 
 COLUMNS = ("model", "lowers", "replay", "autograd", "μ-limit, 3 steps", "against training", "error")
@@ -326,6 +346,8 @@ def main() -> None:
     parser.add_argument("--center", action="store_true", help="--check trains f - f_0 on both sides (the initial "
                         "function's seed-to-seed spread then leaves the comparison, which gains power)")
     parser.add_argument("--only", default="", help="comma-separated model names")
+    parser.add_argument("--particles", type=int, default=None, help="--check's particles (default: each model's own)")
+    parser.add_argument("--batches", type=int, default=4, help="--check's independent particle systems")
     args = parser.parse_args()
     chosen = [n for n in args.only.split(",") if n]
     table = cases()
@@ -341,7 +363,8 @@ def main() -> None:
             if case.needs and importlib.util.find_spec(case.needs) is None:
                 rows.append({"model": name, "error": f"skipped: {case.needs} is not installed"})
                 continue
-            rows.append(measure(name, case, args.optimizers if args.check else [], args.center))
+            rows.append(measure(name, case, args.optimizers if args.check else [], args.center, args.particles,
+                                args.batches))
             print(" | ".join(rows[-1].get(c, "") for c in COLUMNS), flush=True)
     print()
     print("| " + " | ".join(COLUMNS) + " |")
