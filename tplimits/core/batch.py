@@ -46,6 +46,10 @@ class BatchInt:
         return "b" if self.ratio == 1 else f"{self.ratio}b"
 
 
+EXAMPLES = BatchInt(Fraction(1))
+"""The size of a batch axis: one entry per example."""
+
+
 @attrs.frozen
 class BatchConstant:
     """A folded constant that is the same for every example: ``unit`` repeated b times along each of
@@ -85,6 +89,10 @@ class BatchSpec:
     def layout(self, ins: Instruction) -> tuple:
         """``ins``'s layout with its batch axes as :class:`BatchInt`."""
         return self.fields.get(ins.name, {}).get("layout", ins.layout)
+
+    def example_axis(self, ins: Instruction) -> int | None:
+        """The axis of ``ins`` with one entry per example (``b`` in its layout), or None where it has none."""
+        return next((axis for axis, spec in enumerate(self.layout(ins)) if spec == EXAMPLES), None)
 
     def respecialise(self, instructions: Sequence[Instruction], size: int) -> list[Instruction]:
         """``instructions`` (the ones this spec describes) at batch size ``size``."""
