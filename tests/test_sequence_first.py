@@ -97,3 +97,20 @@ def test_sequence_first_data_of_the_wrong_shape_is_named():
         limit.train(X, y, X_test=torch.randn(TIME + 1, 2, 3), steps=1, particles=2**8, batches=2, progress=False)
     with pytest.raises(tpl.BatchSizeError, match="examples lie along axis 1 of X and axis 1 of its outputs"):
         limit.kernel(X)
+
+
+class BatchSpecific(SequenceFirst):
+    """The same function, by another graph at an even batch size: its program holds at its own batch size only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return torch.relu(out) - torch.relu(-out) if x.shape[1] % 2 == 0 else out
+
+
+def test_sequence_first_model_specific_to_its_batch_size_is_refused():
+    """Its program records no batch axis: the limit would take time steps for examples, and refuses, naming axis 1."""
+    X, y = _data(EXAMPLES, 0)
+    limit = tpl.derive(BatchSpecific, example_inputs=(X,), optimizer="sgd")
+    assert not limit.family(X).program.batch_generic
+    with pytest.raises(tpl.BatchSizeError, match="examples lie along axis 1 of its inputs.*batch-first"):
+        limit.train(X, y, steps=1, particles=2**8, batches=2, progress=False)

@@ -27,6 +27,7 @@ from tplimits.core.backprop import total_program
 from tplimits.core.frontend import ArchitectureLike, ExampleInputs
 from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
 from tplimits.core.program import Program
+from tplimits.core.trace import batch_axis
 from tplimits.errors import BatchSizeError, CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
 from tplimits.limit import compare as fidelity
@@ -143,6 +144,7 @@ class Limit:
     update_rules: Mapping[str, UpdateRule] = attrs.field(factory=dict)
     _families: dict = attrs.field(factory=dict, repr=False)
     _setups: dict = attrs.field(factory=dict, repr=False)
+    _batch_first: set = attrs.field(factory=set, repr=False)  # data shapes of batch-specific programs, checked
 
     # -- the program for a given set of inputs ---------------------------------------------
     def family(self, inputs: torch.Tensor | None = None) -> Family:
@@ -168,7 +170,11 @@ class Limit:
     def examples(self, X: torch.Tensor) -> Examples:
         """Where the examples of data ``X`` and of the outputs on it lie (:class:`~tplimits.limit.runs.Examples`:
         axis 1 of both for a sequence-first model)."""
-        return Examples.of(self.family(_lowering_inputs(X)).program)
+        fam = self.family(_lowering_inputs(X))
+        if not fam.program.batch_generic and (tuple(X.shape), X.dtype) not in self._batch_first:
+            _refuse_other_batch_axis(fam)
+            self._batch_first.add((tuple(X.shape), X.dtype))
+        return Examples.of(fam.program)
 
     def setup(self, inputs: torch.Tensor | None = None) -> LimitSetup:
         """Everything the particle systems need for ``inputs``, after checking the regime."""
@@ -676,6 +682,17 @@ def _joined(X: torch.Tensor, name: str, other: Any, examples: Examples = BATCH_F
         raise TplimitsError(f"{name} has shape {tuple(other.shape)}, X {tuple(X.shape)}: their examples lie along "
                             f"axis {axis} (a sequence-first model) and must have the same shape")
     return examples.join(X, other.to(X.dtype))
+
+
+def _refuse_other_batch_axis(fam: Family) -> None:
+    """A program specific to its batch size records no batch axis, and the limit takes the examples of its data
+    along axis 0; a model whose examples lie along another axis (sequence-first) is refused."""
+    axis = batch_axis(fam.model(fam.program.width, seed=0), fam.inputs)
+    if axis != 0:
+        raise BatchSizeError(f"the model's examples lie along axis {axis} of its inputs (sequence-first), but its "
+                             f"program holds at its own batch size only ({fam.program.batch_dependence}), so the "
+                             "limit cannot tell its training rows, batches and test examples apart along that axis: "
+                             "wrap the model so that it takes and returns its examples along axis 0 (batch-first)")
 
 
 def _rows(inputs: torch.Tensor, axis: int) -> tuple:
