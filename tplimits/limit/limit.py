@@ -237,7 +237,9 @@ class Limit:
               copies: int | None = None, distributed: bool | str | None = None) -> Trajectory:
         """Train the limit on ``(X, y)`` for ``steps`` updates at learning rate ``lr`` (the same ``lr`` as
         ``tpl.instantiate(..., lr=lr)``), with ``particles`` particles split into ``batches``
-        independent systems (for the standard errors).
+        independent systems (for the standard errors). The examples of ``X`` lie along its axis 0, or along the
+        model's batch axis (:meth:`examples`: axis 1 of a sequence-first model's ``[time, batch, ...]`` data; ``y``,
+        ``X_test`` and the outputs then have theirs along the batch axes of the outputs and the inputs).
 
         The limit is the μ-limit or the NT limit as the classification of the parametrization says
         (:meth:`regime`). ``center=True`` trains ``f − f_0`` (the initial function subtracted, the paper's
