@@ -5,6 +5,7 @@ batch size with a named error. Expected values come from the torch model itself.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 import torch.nn as nn
@@ -231,3 +232,30 @@ def test_batch_axis_is_where_examples_are_independent():
     assert batch_axis(_SequenceFirst(8, "encoder-layer"), (x,)) == 1
     assert batch_axis(nn.LSTM(3, 8, batch_first=True), (x,)) == 0
     assert batch_axis(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12)).train(), (x,)) == 0
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.*_flat_weights")
+def test_sequence_first_model_traced_again_along_its_batch_axis():
+    """Without the second width's trace at another batch size, the model itself is traced on one example more:
+    along axis 1 of a sequence-first model's inputs (along axis 0 it would add a time step, and the program
+    would hold at its own batch size only)."""
+    from tplimits.core.frontend import with_batch_spec
+    from tplimits.core.lower import lower_trace
+    from tplimits.registry.manager import lowering_rules
+
+    def make(width: int) -> _SequenceFirst:
+        return _SequenceFirst(width, "lstm")
+
+    g = torch.Generator().manual_seed(0)
+    pair = resolve(make, (torch.randn(3, LOWERED, 3, generator=g),))
+    traced = attrs.evolve(trace_pair(pair), batch_trace=None, batch_sizes=None)
+    assert traced.batch_axis == 1
+    rules = lowering_rules()
+    prog = with_batch_spec(lower_trace(traced, rules, width=pair.width), traced, pair, rules)
+    assert prog.batch_generic, prog.batch_dependence
+    torch.manual_seed(1)
+    model = make(24)
+    x = torch.randn(3, OTHER, 3, generator=g)
+    got = prog.replay(model, x)
+    assert got.shape[1] == OTHER
+    assert_close_tree(got, model(x))

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import torch
 
-from tplimits.core.ir import Constant, Input, Instruction, Ref, map_args
+from tplimits.core.ir import Constant, Input, Instruction, Proportional, Ref, common_scale, map_args
 from tplimits.errors import BatchSizeError
 
 if TYPE_CHECKING:  # generalise compares two programs
@@ -30,20 +30,22 @@ if TYPE_CHECKING:  # generalise compares two programs
 
 
 @attrs.frozen
-class BatchInt:
+class BatchInt(Proportional):
     """A size that equals ``ratio · b`` for the batch size b (a batch axis, a view size ``b·T``)."""
 
-    ratio: Fraction
+    symbol: ClassVar[str] = "b"
+    scale: ClassVar[str] = "batch size"
 
     def resolve(self, size: int) -> int:
-        value = self.ratio * size
-        if value.denominator != 1:
+        value = self.whole(size)
+        if value is None:
             raise BatchSizeError(f"batch size {size} does not give a whole size for an axis of {self} examples; "
-                                 f"use a multiple of {value.denominator}")
-        return int(value)
+                                 f"use a multiple of {(self.ratio * size).denominator}")
+        return value
 
-    def __str__(self) -> str:
-        return "b" if self.ratio == 1 else f"{self.ratio}b"
+
+EXAMPLES = BatchInt(Fraction(1))
+"""The size of a batch axis: one entry per example."""
 
 
 @attrs.frozen
@@ -86,6 +88,10 @@ class BatchSpec:
         """``ins``'s layout with its batch axes as :class:`BatchInt`."""
         return self.fields.get(ins.name, {}).get("layout", ins.layout)
 
+    def example_axis(self, ins: Instruction) -> int | None:
+        """The axis of ``ins`` with one entry per example (``b`` in its layout), or None where it has none."""
+        return next((axis for axis, spec in enumerate(self.layout(ins)) if spec == EXAMPLES), None)
+
     def respecialise(self, instructions: Sequence[Instruction], size: int) -> list[Instruction]:
         """``instructions`` (the ones this spec describes) at batch size ``size``."""
         out = []
@@ -98,28 +104,9 @@ class BatchSpec:
 
     def size_of(self, inputs: Sequence[Input], flat: Sequence[Any]) -> int:
         """The batch size of the program's ``inputs`` given as ``flat`` (the flattened user inputs)."""
-        found: dict[int, str] = {}
-        for ins in inputs:
-            value = flat[ins.index] if ins.index < len(flat) else None
-            if not torch.is_tensor(value):
-                continue
-            layout = self.layout(ins)
-            if value.dim() != len(layout):
-                raise BatchSizeError(f"input {ins.index} has {value.dim()} axes but the program expects "
-                                     f"{len(layout)} ({_format(layout)})")
-            for axis, (spec, length) in enumerate(zip(layout, value.shape, strict=True)):
-                if isinstance(spec, BatchInt):
-                    size = Fraction(length) / spec.ratio
-                    if size.denominator != 1 or size < 1:
-                        raise BatchSizeError(f"input {ins.index} has {length} entries along axis {axis}, which the "
-                                             f"program sizes as {spec} (b the batch size): not a whole batch")
-                    found.setdefault(int(size), f"input {ins.index} axis {axis}")
-                elif length != spec:
-                    raise BatchSizeError(f"input {ins.index} has size {length} along axis {axis}, which the program "
-                                         f"fixes at {spec} ({_format(layout)}, b the batch size)")
-        if len(found) > 1:
-            raise BatchSizeError(f"the inputs disagree on the batch size: {found}")
-        return next(iter(found), self.size)
+        given = [(ins, flat[ins.index]) for ins in inputs if ins.index < len(flat) and torch.is_tensor(flat[ins.index])]
+        return common_scale(((f"input {ins.index}", self.layout(ins), value) for ins, value in given), BatchInt,
+                            self.size, BatchSizeError)
 
 
 def check_shapes(inputs: Sequence[Input], flat: Sequence[Any], why: str) -> None:
@@ -131,10 +118,6 @@ def check_shapes(inputs: Sequence[Input], flat: Sequence[Any], why: str) -> None
                 f"input {ins.index} has shape {list(value.shape)} but the program was lowered for {list(ins.layout)} "
                 f"and holds only at that batch size: {why}. Lower the model with example "
                 "inputs of the shape you run it on (tpl.lower(..., example_inputs=...)).")
-
-
-def _format(layout: tuple) -> str:
-    return "[" + ", ".join(str(axis) for axis in layout) + "]"
 
 
 def _resolve(value: Any, size: int) -> Any:

@@ -152,11 +152,12 @@ def with_batch_spec(program: Program, traced: WidthTrace, pair: ModelPair, rules
     size; or with why it holds at its own batch size only.
 
     The trace of the second width, taken on more examples, serves when it could be; else, or when its program
-    does not generalise (it is also at another width), the model itself is traced on one example more, and
-    that decides."""
-    size = batch_size(pair.inputs)
+    does not generalise (it is also at another width), the model itself is traced on one example more along
+    the inputs' batch axis (``traced.batch_axis``: axis 1 of a sequence-first model's inputs), and that decides."""
+    axis = traced.batch_axis
+    size = batch_size(pair.inputs, axis)
     if size is None:
-        return attrs.evolve(program, batch_dependence="its inputs have no batch axis (axis 0 of a tensor input)")
+        return attrs.evolve(program, batch_dependence=f"its inputs have no batch axis (axis {axis} of a tensor input)")
     if traced.batch_trace is not None:
         try:
             return attrs.evolve(program, batch=_generalise(program, traced, (traced.batch_trace, pair.n_other),
@@ -165,7 +166,7 @@ def with_batch_spec(program: Program, traced: WidthTrace, pair: ModelPair, rules
             pass
     sizes = (size, size + 1)
     try:
-        other = trace_like(traced, pair.model, resize_batch(pair.inputs, sizes[1]))
+        other = trace_like(traced, pair.model, resize_batch(pair.inputs, sizes[1], axis))
     except Exception as error:  # noqa: BLE001 - a model that refuses another batch size: that is the finding
         return attrs.evolve(program, batch_dependence=f"the model fails on {sizes[1]} examples: {error_reason(error)}")
     try:

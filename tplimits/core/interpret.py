@@ -16,7 +16,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils import _pytree as pytree
 
-from tplimits.core.ir import Avg, Constant, Input, Instruction, MatMul, Nonlin, Parameter, Regroup, Width, substitute
+from tplimits.core.ir import (
+    Avg,
+    Constant,
+    Input,
+    Instruction,
+    MatMul,
+    Nonlin,
+    Parameter,
+    Regroup,
+    Width,
+    common_scale,
+    substitute,
+)
 from tplimits.errors import TplimitsError
 
 if TYPE_CHECKING:  # the Program replays itself with a FiniteInterpreter
@@ -140,27 +152,9 @@ class FiniteInterpreter(Interpreter):
 
 def infer_width(program: Program, state: Mapping[str, torch.Tensor]) -> int:
     """The width n of a concrete network, from its parameters' sizes along the width axes."""
-    found: dict[int, str] = {}
-    for ins in program.instructions:
-        if not isinstance(ins, Parameter):
-            continue
-        tensor = state.get(ins.target)
-        if tensor is None:
+    parameters = [ins for ins in program.instructions if isinstance(ins, Parameter)]
+    for ins in parameters:
+        if ins.target not in state:
             raise TplimitsError(f"the model has no parameter or buffer {ins.target!r} that the program uses")
-        if tensor.dim() != len(ins.layout):
-            raise TplimitsError(f"parameter {ins.target!r} has {tensor.dim()} axes but the program expects "
-                                f"{len(ins.layout)}")
-        for axis, spec in enumerate(ins.layout):
-            size = tensor.shape[axis]
-            if isinstance(spec, Width):
-                n = size / spec.ratio
-                if n.denominator != 1:
-                    raise TplimitsError(f"axis {axis} of {ins.target!r} has size {size}, not a multiple of its "
-                                        f"ratio {spec.ratio} to the width")
-                found.setdefault(int(n), ins.target)
-            elif size != spec:
-                raise TplimitsError(f"axis {axis} of {ins.target!r} has size {size} but the program fixes it at "
-                                    f"{spec}: is this the same architecture and config?")
-    if len(found) > 1:
-        raise TplimitsError(f"the model's parameters disagree on the width: {found}")
-    return next(iter(found), program.width)
+    return common_scale(((f"parameter {ins.target!r}", ins.layout, state[ins.target]) for ins in parameters), Width,
+                        program.width, TplimitsError, ": is this the same architecture and config?")

@@ -6,9 +6,9 @@ that holds them is :class:`tplimits.core.program.Program`, whose docstring expla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -19,19 +19,35 @@ import torch
 
 
 @attrs.frozen
-class Width:
-    """A width axis of size ``ratio · n``."""
+class Proportional:
+    """A size ``ratio · s`` for a scale s that a program leaves open: the width n (:class:`Width`) or the batch
+    size b (:class:`tplimits.core.batch.BatchInt`)."""
 
     ratio: Fraction
+    symbol: ClassVar[str] = "s"
+    scale: ClassVar[str] = "scale"  # what s is, in words
 
-    def size(self, n: int) -> int:
-        size = self.ratio * n
-        if size.denominator != 1:
-            raise ValueError(f"width {n} does not give an integer size for an axis of ratio {self.ratio}")
-        return int(size)
+    def whole(self, scale: int) -> int | None:
+        """``ratio · scale``, or None where that is not a whole size."""
+        size = self.ratio * scale
+        return int(size) if size.denominator == 1 else None
 
     def __str__(self) -> str:
-        return "n" if self.ratio == 1 else f"{_fmt_fraction(self.ratio)}n"
+        return self.symbol if self.ratio == 1 else f"{_fmt_fraction(self.ratio)}{self.symbol}"
+
+
+@attrs.frozen
+class Width(Proportional):
+    """A width axis of size ``ratio · n``."""
+
+    symbol: ClassVar[str] = "n"
+    scale: ClassVar[str] = "width"
+
+    def size(self, n: int) -> int:
+        size = self.whole(n)
+        if size is None:
+            raise ValueError(f"width {n} does not give an integer size for an axis of ratio {self.ratio}")
+        return size
 
 
 Axis = int | Width
@@ -105,8 +121,34 @@ def concrete_shape(layout: Layout, n: int) -> tuple[int, ...]:
     return tuple(axis.size(n) if isinstance(axis, Width) else axis for axis in layout)
 
 
-def format_layout(layout: Layout) -> str:
+def format_layout(layout: Sequence[Any]) -> str:
     return "[" + ", ".join(str(axis) for axis in layout) + "]"
+
+
+def common_scale(tensors: Iterable[tuple[str, Sequence[Any], torch.Tensor]], kind: type[Proportional], default: int,
+                 error: type[Exception], hint: str = "") -> int:
+    """The one scale s (the width, the batch size: ``kind``) at which every tensor has the shape of its layout:
+    ``kind`` axes ``ratio·s`` entries, the others their fixed size. ``tensors``: (what it is, its layout, the
+    tensor); ``default`` where none has a ``kind`` axis. A tensor that fits no scale raises ``error`` naming it
+    and its axis (``hint``: what to check then)."""
+    found: dict[int, str] = {}
+    for what, layout, tensor in tensors:
+        if tensor.dim() != len(layout):
+            raise error(f"{what} has {tensor.dim()} axes but the program expects {len(layout)} "
+                        f"({format_layout(layout)}){hint}")
+        for axis, (spec, length) in enumerate(zip(layout, tensor.shape, strict=True)):
+            if isinstance(spec, kind):
+                scale = Fraction(length) / spec.ratio
+                if scale.denominator != 1 or scale < 1:
+                    raise error(f"{what} has {length} entries along axis {axis}, which the program sizes as {spec} "
+                                f"({kind.symbol} the {kind.scale}): not a whole {kind.scale}{hint}")
+                found.setdefault(int(scale), f"{what} axis {axis}")
+            elif length != spec:
+                raise error(f"{what} has size {length} along axis {axis}, which the program fixes at {spec} "
+                            f"({format_layout(layout)}, {kind.symbol} the {kind.scale}){hint}")
+    if len(found) > 1:
+        raise error(f"the program's tensors disagree on the {kind.scale}: {found}")
+    return next(iter(found), default)
 
 
 # --------------------------------------------------------------------------------------------

@@ -181,18 +181,8 @@ def compare_traces(a: GraphTrace, b: GraphTrace, n_a: int, n_b: int,
         raise WidthError(f"the two traces have the same width {n_a}; trace at two different widths")
     layouts: dict[str, Any] = {}
     args: dict[str, tuple[tuple, dict]] = {}
-    ph_b = {(p.role, p.target, p.index): name for name, p in b.placeholders.items()}
-    nodes_b = _placeholder_nodes(b)
     placeholder_layouts = {}
-    for node in a.graph_module.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        p = a.placeholders[node.name]
-        other_name = ph_b.get((p.role, p.target, p.index))
-        other = nodes_b.get(other_name)
-        if other is None:
-            raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at width {n_a} but "
-                             f"not in the trace at width {n_b}")
+    for node, other in matched_placeholders(a, b, (f"width {n_a}", f"width {n_b}")):
         layout = _layout(_value_shape(node, a), _value_shape(other, b), n_a, n_b, node.name, batch)
         layouts[node.name] = layout
         placeholder_layouts[node.name] = layout
@@ -291,8 +281,22 @@ def _with_defaults(x: fx.Node, y: fx.Node) -> tuple[tuple[tuple, dict], tuple[tu
 BACKEND_FLAGS = {"cudnn_enable", "cudnn_enabled"}
 
 
-def _placeholder_nodes(trace: GraphTrace) -> dict[str, fx.Node]:
-    return {node.name: node for node in trace.graph_module.graph.nodes if node.op == "placeholder"}
+def matched_placeholders(a: GraphTrace, b: GraphTrace, where: tuple[str, str]) -> list[tuple[fx.Node, fx.Node]]:
+    """Every placeholder of ``a`` with ``b``'s placeholder for the same parameter, buffer, constant or input
+    (``where``: what the two traces were taken at, for the error that names one ``b`` lacks)."""
+    by_key = {(p.role, p.target, p.index): name for name, p in b.placeholders.items()}
+    nodes_b = {node.name: node for node in b.graph_module.graph.nodes if node.op == "placeholder"}
+    pairs = []
+    for node in a.graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        p = a.placeholders[node.name]
+        other = nodes_b.get(by_key.get((p.role, p.target, p.index)))
+        if other is None:
+            raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at {where[0]} but "
+                             f"not in the trace at {where[1]}")
+        pairs.append((node, other))
+    return pairs
 
 
 def _target_name(target: Any) -> str:
@@ -646,18 +650,10 @@ def carry_over(wt: WidthTrace, other: GraphTrace, sizes: tuple[int, int], n_othe
     ``wt``'s width axes and width-dependent arguments, which must take their values at ``n_other`` there (a size
     that is a product of width and batch size does not). Lowering the result gives the program at that batch
     size, at ``wt``'s width."""
-    by_key = {(p.role, p.target, p.index): name for name, p in wt.trace.placeholders.items()}
     layouts: dict[str, Any] = {}
     placeholder_layouts = {}
-    for node in other.graph_module.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        p = other.placeholders[node.name]
-        name = by_key.get((p.role, p.target, p.index))
-        if name is None:
-            raise TraceError(f"{p.role} {p.target or p.index!r} appears in the trace at batch size {sizes[1]} but "
-                             f"not in the trace at batch size {sizes[0]}")
-        layout = _carry_layout(wt.placeholder_layouts[name], _value_shape(node, other), node.name, n_other)
+    for node, lowered in matched_placeholders(other, wt.trace, (f"batch size {sizes[1]}", f"batch size {sizes[0]}")):
+        layout = _carry_layout(wt.placeholder_layouts[lowered.name], _value_shape(node, other), node.name, n_other)
         layouts[node.name] = placeholder_layouts[node.name] = layout
     args: dict[str, tuple[tuple, dict]] = {}
     _carry_calls(wt, (wt.trace.graph_module, ""), (other.graph_module, ""), (*sizes, n_other), layouts, args)

@@ -36,6 +36,7 @@ import torch
 from tplimits.errors import Diverged, TplimitsError, check_real
 from tplimits.limit.distributed import process_group, spread
 from tplimits.limit.runs import (
+    Examples,
     batch_schedule,
     blown_up,
     check_dtype_device,
@@ -219,7 +220,7 @@ def finite_outputs(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int,
     (``center``: of ``f − f_0``, as ``tpl.instantiate(..., center=True)``)."""
     outputs = [out.detach() for _, _, out in finite_steps(limit, Z, y, n_train, width, seed, steps, lr, loss,
                                                           schedule, dtype, center)]
-    return torch.stack(outputs)[:, :n_train]
+    return limit.examples(Z).first(torch.stack(outputs), n_train, lead=1)
 
 
 def finite_steps(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, width: int, seed: int, steps: int,
@@ -230,6 +231,7 @@ def finite_steps(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, w
     loss_fn = lookup_loss(loss)
     lowering_inputs = Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
     fam = limit.family(lowering_inputs)
+    examples = Examples.of(fam.program)
     with default_dtype(dtype):
         model, opt = instantiate_family(fam, width=width, param=limit.param, rule=limit.rule, lr=lr, seed=seed,
                                         center=center, weight_decay=limit.weight_decay, clip=limit.clip,
@@ -237,15 +239,14 @@ def finite_steps(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, w
     model = model.to(dtype)
     inputs = Z.to(dtype) if Z.is_floating_point() else Z
     targets = y.to(dtype) if y.is_floating_point() else y
-    bound = explosion_bound(y[:n_train])
+    bound = explosion_bound(examples.first(y, n_train))
     for t in range(steps + 1):
         out = model(inputs)
-        check_outputs(out[:n_train], bound, t, f"the finite model of width {width} (seed {seed})")
+        check_outputs(examples.first(out, n_train), bound, t, f"the finite model of width {width} (seed {seed})")
         yield t, model, out
         if t < steps:
             opt.zero_grad()
-            rows = schedule[t]
-            loss_fn(out[rows], targets[rows]).backward()
+            examples.loss(loss_fn, out, targets, schedule[t]).backward()
             opt.step()
 
 
@@ -270,14 +271,15 @@ def _check_arguments(widths: Sequence[int], seeds: int, max_slope: float, tolera
     check_dtype_device(dtype, "cpu")
 
 
-def _check_trajectory(trajectory: Trajectory, X: torch.Tensor, y: torch.Tensor, X_test: Any, steps: int, lr: float,
-                      loss: Any, center: bool = False) -> None:
-    """A trajectory handed to :func:`check` must be of the run the check trains the finite models on."""
+def _check_trajectory(trajectory: Trajectory, X: torch.Tensor, y: torch.Tensor, tests: torch.Tensor, steps: int,
+                      lr: float, loss: Any, center: bool = False) -> None:
+    """A trajectory handed to :func:`check` must be of the run the check trains the finite models on (``tests``:
+    its test examples, none without ``X_test``)."""
     if trajectory.batches < 2:
         raise TplimitsError("the trajectory given has no standard errors (batches=1); train it with batches >= 2")
     expected = {"steps": repr(steps), "lr": repr(lr), "loss": loss.name, "X": digest(X), "y": digest(y),
                 "center": repr(center),
-                "X_test": digest(X[:0] if X_test is None else torch.as_tensor(X_test).to(X.dtype))}
+                "X_test": digest(tests)}
     differing = sorted(k for k, v in expected.items() if trajectory.identity.get(k) != v)
     if differing:
         raise TplimitsError(f"the trajectory given is of another run: its {', '.join(differing)} differ from this "
@@ -299,21 +301,23 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
     rank, size = process_group(train_options.get("distributed"))
     widths = tuple(sorted(widths))
     X, y = data("X", X), data("y", y)
-    if trajectory is None:
+    given = trajectory is not None
+    if not given:
         trajectory = limit.train(X, y, steps=steps, lr=lr, loss=loss, batch_size=batch_size, X_test=X_test,
                                  seed=0, dtype=dtype, progress=progress, center=center, **train_options)
-    else:
-        _check_trajectory(trajectory, X, y, X_test, steps, lr, lookup_loss(loss), center)
+    examples = limit.examples(X)
+    Z = X if X_test is None else examples.join(X, torch.as_tensor(X_test).to(X.dtype))
+    if given:
+        _check_trajectory(trajectory, X, y, examples.after(Z, examples.count(X)), steps, lr, lookup_loss(loss), center)
     bad = [t for t in range(steps + 1) if blown_up(trajectory.outputs[t], explosion_bound(y))]
     if bad:
         raise Diverged(f"the trajectory given diverged at step {bad[0]} (non-finite or exploding outputs); no verdict "
                        "can be drawn from it", step=bad[0], value="outputs", trajectory=trajectory)
-    Z = X if X_test is None else torch.cat([X, torch.as_tensor(X_test).to(X.dtype)])
-    schedule = batch_schedule(len(X), batch_size, steps, 0)
+    schedule = batch_schedule(examples.count(X), batch_size, steps, 0)
     start = time.perf_counter()
     models = [(w, seed) for w in widths for seed in range(seeds)]
-    runs = torch.stack(spread(len(models), lambda i: finite_outputs(limit, Z, y, len(X), *models[i], steps, lr, loss,
-                                                                    schedule, dtype, center), rank, size))
+    runs = torch.stack(spread(len(models), lambda i: finite_outputs(limit, Z, y, examples.count(X), *models[i], steps,
+                                                                    lr, loss, schedule, dtype, center), rank, size))
     runs = runs.reshape(len(widths), seeds, *runs.shape[1:])  # [widths, seeds, steps+1, M, ...]
     seconds = time.perf_counter() - start
     return compare(runs, trajectory, widths, max_slope=max_slope, tolerance=tolerance,

@@ -303,7 +303,7 @@ def _finite_run(limit: Limit, run: Any, setup: LimitSetup, watched: Sequence[Wat
         if t == run.steps:
             break
         interp = FiniteInterpreter.from_model(setup.program, model.model)
-        interp.cotangents = (run.loss.error_signal(out, targets, run.schedule[t]),)
+        interp.cotangents = (run.examples.error_signal(run.loss, out, targets, run.schedule[t]),)
         with torch.no_grad():
             interp.run(run.Z.to(run.dtype) if run.Z.is_floating_point() else run.Z)
         observed.append(summaries(setup.program, watched, interp.values))

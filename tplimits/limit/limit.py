@@ -27,7 +27,8 @@ from tplimits.core.backprop import total_program
 from tplimits.core.frontend import ArchitectureLike, ExampleInputs
 from tplimits.core.ir import MatMul, Nonlin, Width, fn_name, width_axes
 from tplimits.core.program import Program
-from tplimits.errors import CheckpointError, Diverged, TplimitsError, check_count, check_real
+from tplimits.core.trace import batch_axis
+from tplimits.errors import BatchSizeError, CheckpointError, Diverged, TplimitsError, check_count, check_real
 from tplimits.limit import check as checking
 from tplimits.limit import compare as fidelity
 from tplimits.limit.distributed import SHARD, Shard, owned_systems, particle_sum, process_group, shard_of, spread
@@ -37,6 +38,8 @@ from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.mu import grid_entries as mu_grid_entries
 from tplimits.limit.nt import DEFAULT_COPIES, Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
 from tplimits.limit.runs import (
+    BATCH_FIRST,
+    Examples,
     batch_schedule,
     blown_up,
     check_dtype_device,
@@ -113,6 +116,7 @@ class _Run:
     bound: float  # the outputs' RMS beyond which the run counts as diverged
     center: bool = False  # train f - f_0 (the initial function subtracted), as instantiate(center=True)
     copies: int | None = None  # nonlinear rules: the copy population of the hidden matrices' grids
+    examples: Examples = BATCH_FIRST  # the batch axes of X and of the outputs
 
     @property
     def per_batch(self) -> int:
@@ -140,13 +144,17 @@ class Limit:
     update_rules: Mapping[str, UpdateRule] = attrs.field(factory=dict)
     _families: dict = attrs.field(factory=dict, repr=False)
     _setups: dict = attrs.field(factory=dict, repr=False)
+    _batch_first: set = attrs.field(factory=set, repr=False)  # data shapes of batch-specific programs, checked
 
     # -- the program for a given set of inputs ---------------------------------------------
     def family(self, inputs: torch.Tensor | None = None) -> Family:
-        """The architecture lowered for ``inputs``: once whatever their number of rows (the program re-specialised
-        to it, :meth:`Program.at_batch`), or once per shape for a model whose graph depends on the batch size."""
-        rows = None if inputs is None else ("rows", tuple(inputs.shape[1:]), inputs.dtype)
-        lowered = self._families.get(rows) if rows is not None else None
+        """The architecture lowered for ``inputs``: once whatever their number of examples (the program
+        re-specialised to it, :meth:`Program.at_batch`), or once per shape for a model whose graph depends on the
+        batch size."""
+        axes = {key[1] for key in self._families if key is not None and key[0] == "rows"}
+        lowered = None if inputs is None else next(
+            (self._families[key] for key in (_rows(inputs, axis) for axis in sorted(axes)) if key in self._families),
+            None)
         if lowered is not None and lowered.program.batch_generic:
             return attrs.evolve(lowered, program=lowered.program.for_inputs(inputs), inputs=(inputs,))
         key = None if inputs is None else (tuple(inputs.shape), inputs.dtype)
@@ -154,8 +162,19 @@ class Limit:
             example = self.example_inputs if inputs is None else (inputs,)
             self._families[key] = lower_family(self.arch, self.lowering_rules, example, self.base,
                                                update_rules=self.update_rules, **dict(self.config))
-            self._families.setdefault(rows, self._families[key])
+            if inputs is not None:  # other inputs with other counts of examples along its batch axis reuse it
+                axis = Examples.of(self._families[key].program).inputs
+                self._families.setdefault(_rows(inputs, axis), self._families[key])
         return self._families[key]
+
+    def examples(self, X: torch.Tensor) -> Examples:
+        """Where the examples of data ``X`` and of the outputs on it lie (:class:`~tplimits.limit.runs.Examples`:
+        axis 1 of both for a sequence-first model)."""
+        fam = self.family(_lowering_inputs(X))
+        if not fam.program.batch_generic and (tuple(X.shape), X.dtype) not in self._batch_first:
+            _refuse_other_batch_axis(fam)
+            self._batch_first.add((tuple(X.shape), X.dtype))
+        return Examples.of(fam.program)
 
     def setup(self, inputs: torch.Tensor | None = None) -> LimitSetup:
         """Everything the particle systems need for ``inputs``, after checking the regime."""
@@ -194,7 +213,7 @@ class Limit:
 
     def _setup_for(self, Z: torch.Tensor) -> LimitSetup:
         """The setup for data rows ``Z`` (lowered in the default dtype; integer inputs as they are)."""
-        return self.setup(Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z)
+        return self.setup(_lowering_inputs(Z))
 
     def regime(self, inputs: torch.Tensor | None = None) -> str:
         """Which limit this is, by the classification (Sec. 2.8): ``"feature learning"`` (the μ-limit,
@@ -218,7 +237,9 @@ class Limit:
               copies: int | None = None, distributed: bool | str | None = None) -> Trajectory:
         """Train the limit on ``(X, y)`` for ``steps`` updates at learning rate ``lr`` (the same ``lr`` as
         ``tpl.instantiate(..., lr=lr)``), with ``particles`` particles split into ``batches``
-        independent systems (for the standard errors).
+        independent systems (for the standard errors). The examples of ``X`` lie along its axis 0, or along the
+        model's batch axis (:meth:`examples`: axis 1 of a sequence-first model's ``[time, batch, ...]`` data; ``y``,
+        ``X_test`` and the outputs then have theirs along the batch axes of the outputs and the inputs).
 
         The limit is the μ-limit or the NT limit as the classification of the parametrization says
         (:meth:`regime`). ``center=True`` trains ``f − f_0`` (the initial function subtracted, the paper's
@@ -293,9 +314,12 @@ class Limit:
             raise TplimitsError(f"copies must be a positive integer (or None), got {copies!r}")
         check_dtype_device(dtype, device)
         X, y = data("X", X), data("y", y)
-        if len(y) != len(X):
-            raise TplimitsError(f"X has {len(X)} rows but y has {len(y)}")
-        Z = X if X_test is None else _joined(X, "X_test", X_test)
+        examples = self.examples(X)
+        if examples.count_targets(y) != examples.count(X):
+            where = "" if examples == BATCH_FIRST else (f" (along axis {examples.inputs} of X and {examples.outputs} "
+                                                       "of y, the batch axes of the inputs and outputs)")
+            raise TplimitsError(f"X has {examples.count(X)} rows but y has {examples.count_targets(y)}{where}")
+        Z = X if X_test is None else _joined(X, "X_test", X_test, examples)
         setup = self._setup_for(Z)
         dots = self._resolve_dots(dots, setup)
         _check_particles(setup, particles, batches)
@@ -311,9 +335,10 @@ class Limit:
                                 "cannot be saved")
         if checkpoint is not None and not os.path.isdir(os.path.dirname(os.path.abspath(checkpoint))):
             raise TplimitsError(f"checkpoint={checkpoint!r}: its directory does not exist; create it first")
-        schedule = batch_schedule(len(X), batch_size, steps, seed)
-        run = _Run(X, y, Z, len(X), steps, lr, loss_fn, schedule, particles, batches, seed, dtype, torch.device(device),
-                   dots, kernels, X_test is not None, explosion_bound(y), center, copies)
+        schedule = batch_schedule(examples.count(X), batch_size, steps, seed)
+        run = _Run(X, y, Z, examples.count(X), steps, lr, loss_fn, schedule, particles, batches, seed, dtype,
+                   torch.device(device), dots, kernels, X_test is not None, explosion_bound(y), center, copies,
+                   examples)
         return run, setup
 
     def _train_system(self, setup: LimitSetup, run: _Run, b: int, current: dict | None, bar: Any,
@@ -352,7 +377,8 @@ class Limit:
             for name in run.kernels:
                 record["kernels"][name].append(_kernel(setup, interp, name).cpu())
             if t < run.steps:
-                chi = run.loss.error_signal(out, run.y.to(device=out.device), run.schedule[t].to(out.device))
+                chi = run.examples.error_signal(run.loss, out, run.y.to(device=out.device),
+                                                run.schedule[t].to(out.device))
                 net.backward_and_update(interp, chi)
                 if observe is not None:
                     observe(t, interp)
@@ -381,7 +407,8 @@ class Limit:
             for name in run.kernels:
                 record["kernels"][name].append(_kernel(setup, dynamics.tangents.interp, name).cpu())
             if t < run.steps:
-                chi = run.loss.error_signal(out, run.y.to(device=out.device), run.schedule[t].to(out.device))
+                chi = run.examples.error_signal(run.loss, out, run.y.to(device=out.device),
+                                                run.schedule[t].to(out.device))
                 out = f0 + dynamics.step(chi).reshape(f0.shape)
             bar.update(1)
         return record
@@ -409,6 +436,12 @@ class Limit:
                        checkpoint_every=1)
         check_dtype_device(dtype, device)
         X = data("X", X)
+        examples = self.examples(X)
+        if examples != BATCH_FIRST:
+            raise BatchSizeError(f"kernel: this model's examples lie along axis {examples.inputs} of X and axis "
+                                 f"{examples.outputs} of its outputs (a sequence-first model); kernels are taken "
+                                 "between examples along axis 0 of both: wrap the model so that it takes and returns "
+                                 "its examples along axis 0 (batch-first)")
         Z = X if X2 is None else _joined(X, "X2", X2)
         setup = self._setup_for(Z)
         if setup.regime != "operator":
@@ -474,7 +507,7 @@ class Limit:
             "loss": run.loss.name,
             "X": digest(run.X),
             "y": digest(run.y),
-            "X_test": digest(run.Z[run.n_train:]),
+            "X_test": digest(run.examples.after(run.Z, run.n_train)),
             "schedule": digest(torch.cat(run.schedule)) if run.schedule else "",
             "steps": repr(run.steps),
             "particles": repr(run.particles),
@@ -582,18 +615,19 @@ def _trajectory(run: _Run, finished: list[dict[str, list]], seconds: float) -> T
     """Means and standard errors over the independent systems."""
     outs = torch.stack([torch.stack(r["outputs"]) for r in finished])  # [batches, steps+1, M, ...]
     y_cpu = run.y.to(outs.dtype) if run.y.is_floating_point() else run.y
-    train_outs = outs[:, :, :run.n_train]
-    losses = torch.stack([torch.stack([run.loss(o, y_cpu) for o in r]) for r in train_outs])
+    examples = run.examples
+    train_outs, test_outs = examples.first(outs, run.n_train, lead=2), examples.rest(outs, run.n_train, lead=2)
+    losses = torch.stack([torch.stack([examples.loss(run.loss, o, y_cpu) for o in r]) for r in train_outs])
     mean = train_outs.mean(0)
     kernel_runs = {k: torch.stack([torch.stack(r["kernels"][k]) for r in finished]) for k in run.kernels}
     tested = run.tested
     return Trajectory(
         outputs=mean,
         outputs_se=standard_error(train_outs),
-        loss=torch.stack([run.loss(o, y_cpu) for o in mean]),
+        loss=torch.stack([examples.loss(run.loss, o, y_cpu) for o in mean]),
         loss_se=standard_error(losses),
-        test_outputs=outs[:, :, run.n_train:].mean(0) if tested else None,
-        test_outputs_se=standard_error(outs[:, :, run.n_train:]) if tested else None,
+        test_outputs=test_outs.mean(0) if tested else None,
+        test_outputs_se=standard_error(test_outs) if tested else None,
         kernels={k: v.mean(0) for k, v in kernel_runs.items()},
         kernels_se={k: standard_error(v) for k, v in kernel_runs.items()},
         particles=run.particles,
@@ -640,12 +674,38 @@ def _system_seed(seed: int, system: int) -> int:
     return seed * 1_000_003 + system
 
 
-def _joined(X: torch.Tensor, name: str, other: Any) -> torch.Tensor:
-    """``X`` followed by the rows of ``other`` (argument ``name``), which must be rows of the same shape."""
+def _joined(X: torch.Tensor, name: str, other: Any, examples: Examples = BATCH_FIRST) -> torch.Tensor:
+    """``X`` followed by the examples of ``other`` (argument ``name``), which must be examples of the same shape."""
     other = data(name, other)
-    if other.shape[1:] != X.shape[1:]:
+    axis = examples.inputs
+    if axis == 0 and other.shape[1:] != X.shape[1:]:
         raise TplimitsError(f"{name} has rows of shape {tuple(other.shape[1:])}, X of {tuple(X.shape[1:])}")
-    return torch.cat([X, other.to(X.dtype)])
+    if other.dim() != X.dim() or other.shape[:axis] + other.shape[axis + 1:] != X.shape[:axis] + X.shape[axis + 1:]:
+        raise TplimitsError(f"{name} has shape {tuple(other.shape)}, X {tuple(X.shape)}: their examples lie along "
+                            f"axis {axis} (a sequence-first model) and must have the same shape")
+    return examples.join(X, other.to(X.dtype))
+
+
+def _refuse_other_batch_axis(fam: Family) -> None:
+    """A program specific to its batch size records no batch axis, and the limit takes the examples of its data
+    along axis 0; a model whose examples lie along another axis (sequence-first) is refused."""
+    axis = batch_axis(fam.model(fam.program.width, seed=0), fam.inputs)
+    if axis != 0:
+        raise BatchSizeError(f"the model's examples lie along axis {axis} of its inputs (sequence-first), but its "
+                             f"program holds at its own batch size only ({fam.program.batch_dependence}), so the "
+                             "limit cannot tell its training rows, batches and test examples apart along that axis: "
+                             "wrap the model so that it takes and returns its examples along axis 0 (batch-first)")
+
+
+def _rows(inputs: torch.Tensor, axis: int) -> tuple:
+    """What inputs with any number of examples along ``axis`` share: the key of their family."""
+    shape = tuple(inputs.shape)
+    return ("rows", axis, shape[:axis] + shape[axis + 1:], inputs.dtype)
+
+
+def _lowering_inputs(Z: torch.Tensor) -> torch.Tensor:
+    """Data as the program is lowered for it: in the default dtype (integer inputs as they are)."""
+    return Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
 
 
 def _check_particles(setup: LimitSetup, particles: int, batches: int) -> None:

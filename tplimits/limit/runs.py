@@ -13,15 +13,97 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
+import attrs
 import torch
 
-from tplimits.errors import Diverged, TplimitsError
+from tplimits.errors import BatchSizeError, Diverged, TplimitsError
+
+if TYPE_CHECKING:  # Examples.of reads a program's batch spec
+    from tplimits.core.program import Program
 
 EXPLOSION = 1e3
 FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+@attrs.frozen
+class Examples:
+    """Where a program's examples lie: along axis ``inputs`` of its data ``X`` and axis ``outputs`` of its outputs
+    and targets ``y`` (0 and 0 for a batch-first model; 1 and 1 for a sequence-first one, data ``[time, batch,
+    ...]``). Every selection of examples a run makes (training rows, a step's batch, test rows) goes through it;
+    the loss sees outputs and targets batch-first, as a batch-first model gives them."""
+
+    inputs: int = 0
+    outputs: int = 0
+
+    @classmethod
+    def of(cls, program: Program) -> Examples:
+        """The batch axes of ``program``'s first input and its output (axis 0 where it records none: a program
+        specific to its batch size)."""
+        spec = program.batch if program.batch_generic else None
+        if spec is None or not program.inputs or len(program.outputs) != 1:
+            return cls()
+        inputs = spec.example_axis(program.inputs[0])
+        outputs = spec.example_axis(program[program.outputs[0]])
+        return cls(inputs or 0, outputs or 0)
+
+    def count(self, X: torch.Tensor) -> int:
+        """The number of examples of data ``X``."""
+        return _length("X", X, self.inputs)
+
+    def count_targets(self, y: torch.Tensor) -> int:
+        """The number of examples of targets ``y``."""
+        return _length("y", y, self.outputs)
+
+    def join(self, X: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``X`` followed by the examples of ``other``."""
+        return torch.cat([X, other], dim=self.inputs)
+
+    def after(self, Z: torch.Tensor, count: int) -> torch.Tensor:
+        """The examples of data ``Z`` after its first ``count`` (the test examples)."""
+        return Z[count:] if self.inputs == 0 else Z.narrow(self.inputs, count, Z.shape[self.inputs] - count)
+
+    def first(self, outputs: torch.Tensor, count: int, lead: int = 0) -> torch.Tensor:
+        """The first ``count`` examples of ``outputs`` (with ``lead`` axes before the output's own: steps,
+        systems)."""
+        axis = lead + self.outputs
+        return outputs[(slice(None),) * axis + (slice(None, count),)]
+
+    def rest(self, outputs: torch.Tensor, count: int, lead: int = 0) -> torch.Tensor:
+        """The examples of ``outputs`` after the first ``count``."""
+        axis = lead + self.outputs
+        return outputs[(slice(None),) * axis + (slice(count, None),)]
+
+    def batch_first(self, outputs: torch.Tensor) -> torch.Tensor:
+        """``outputs`` (or targets) with their examples along axis 0, as a batch-first model gives them."""
+        return outputs if self.outputs == 0 else outputs.movedim(self.outputs, 0)
+
+    def loss(self, loss: Callable, outputs: torch.Tensor, targets: torch.Tensor,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``loss`` of the examples ``rows`` (all of them: None) of ``outputs`` against ``targets``."""
+        outputs, targets = self.batch_first(outputs), self.batch_first(targets)
+        return loss(outputs, targets) if rows is None else loss(outputs[rows], targets[rows])
+
+    def error_signal(self, loss: Any, outputs: torch.Tensor, targets: torch.Tensor,
+                     rows: torch.Tensor) -> torch.Tensor:
+        """``∂loss(outputs[rows], targets[rows]) / ∂outputs`` (``loss`` a :class:`~tplimits.training.loss.Loss`),
+        rows counted along the outputs' batch axis."""
+        chi = loss.error_signal(self.batch_first(outputs), self.batch_first(targets), rows)
+        return chi if self.outputs == 0 else chi.movedim(0, self.outputs)
+
+
+BATCH_FIRST = Examples()
+"""Examples along axis 0 of the data and of the outputs."""
+
+
+def _length(name: str, value: torch.Tensor, axis: int) -> int:
+    if value.dim() <= axis:
+        raise BatchSizeError(f"{name} has shape {tuple(value.shape)}, but the model's examples lie along its axis "
+                            f"{axis} (a sequence-first model takes data [time, batch, ...]): pass {name} with its "
+                            f"examples along axis {axis}")
+    return int(value.shape[axis])
 
 
 def batch_schedule(n_train: int, batch_size: int | None, steps: int, seed: int) -> list[torch.Tensor]:
