@@ -13,6 +13,7 @@ import torch.nn as nn
 import tplimits as tpl
 from tests.conftest import assert_close_tree
 from tests.test_backprop import _check as check_gradients
+from tplimits.limit.runs import default_dtype
 
 # torch.export warns that nn.RNNBase's cached ``_flat_weights`` list is assigned during export; the
 # parameters themselves are lifted as usual.
@@ -158,3 +159,16 @@ def test_lstm_projection_to_a_fixed_size_has_no_mu_limit():
     limit = tpl.derive(CASES["lstm-projection-fixed-bidirectional-no-bias"], example_inputs=(x,), optimizer="sgd")
     with pytest.raises(tpl.TplimitsError, match="'rnn.weight_hr_l0' is summed over the width axis"):
         limit.train(x, y, steps=1, lr=0.5, particles=2**8, batches=2, progress=False)
+
+
+def test_a_zero_state_traced_in_float32_follows_the_limits_dtype():
+    """nn.LSTM builds its zero initial state with the dtype in force when traced; the float64 limit of a
+    model traced under float32 must equal the one of the same model traced under float64."""
+    x, y = _data(2)
+    runs = []
+    for dtype in (torch.float32, torch.float64):
+        with default_dtype(dtype):  # a user's session at torch's default float32, and one at float64
+            limit = tpl.derive(CASES["lstm"], example_inputs=(x.to(dtype),), optimizer="sgd")
+            runs.append(limit.train(x, y, steps=2, lr=0.5, particles=2**8, batches=2, seed=3, progress=False))
+    assert runs[0].outputs.dtype == torch.float64
+    torch.testing.assert_close(runs[0].outputs, runs[1].outputs, rtol=1e-12, atol=1e-12)

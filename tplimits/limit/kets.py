@@ -590,7 +590,10 @@ class KetInterpreter(FiniteInterpreter):
     def nonlin(self, ins: Nonlin) -> torch.Tensor:
         # no cut on kets: a cut gradient (``.detach()``) leaves the value's dependence on earlier kets, which
         # autograd dots differentiate, as it is; the backward half of the total program has no path through it
-        return self.apply(ins)
+        value = self.apply(ins)
+        # a constant built in forward from no value (an LSTM's zero state, traced with the dtype then in force)
+        # takes the system's dtype and device, as inputs and folded constants do
+        return value if ins.inputs else _cast(value, self.dtype, self.device)
 
     def matmul(self, ins: MatMul) -> torch.Tensor:
         operator = self.values[ins.matrix]
