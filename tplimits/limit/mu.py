@@ -108,6 +108,7 @@ class ParticleNetwork:
         self.lr = lr
         self.steps = steps
         self.t = 0
+        self.reserved = False  # the operators' column stores sized for the run (after its first step here)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         program = setup.program
         self.infos: dict[str, ParameterInfo] = program.parameters
@@ -214,6 +215,10 @@ class ParticleNetwork:
             interp.run(*interp.flat_inputs, initial_env=interp.values)
             self._update(interp)
         self.t += 1
+        if not self.reserved:  # one step shows the columns a step adds: room for the rest (and a last forward)
+            for op in self.operators.values():
+                op.reserve(self.steps - self.t + 1)
+            self.reserved = True
 
     def _update(self, interp: KetInterpreter) -> None:
         values = interp.values
