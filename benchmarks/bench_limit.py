@@ -13,6 +13,7 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py accuracy --data digits --optimizer adam --steps 20 --cpu-time
     python benchmarks/bench_limit.py flops                      # achieved GFLOP/s against the float64 GEMM peak
     python benchmarks/bench_limit.py linear-speed --before DIR  # SGD: this engine against the one in source tree DIR
+    python benchmarks/bench_limit.py thin                       # the thin products in both orientations
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -459,6 +460,35 @@ def flops_report() -> None:
                                                   for k, shape, t, n, g in r["gemm_shapes"]))
 
 
+def thin_orientations(particles: int = 2**14, components: int = 16, columns: tuple[int, ...] = (16, 80, 400, 800),
+                      repeats: int = 7) -> None:
+    """GFLOP/s of the engine's two thin float64 products, one thread, CPU time (best of ``repeats``), each in
+    the orientation the engine used before and the one it uses now: a sum over particles ``Eᵀx`` (``[P, r]ᵀ
+    @ [P, K]`` against ``(xᵀ E)ᵀ``) and an expansion ``E c`` (``[P, r] @ [r, K]`` against ``(cᵀ Eᵀ)ᵀ``), with
+    ``E`` the first ``r`` columns of a wider buffer as the engine keeps it."""
+    torch.set_num_threads(1)
+
+    def rate(product: Any, a: torch.Tensor, b: torch.Tensor) -> float:
+        product(a, b)  # BLAS warm-up, untimed
+        best = math.inf
+        for _ in range(repeats):
+            start = time.process_time()
+            product(a, b)
+            best = min(best, time.process_time() - start)
+        return 2 * a.shape[1] * a.shape[2] * components / best / 1e9
+
+    x = torch.randn(1, particles, components, dtype=torch.float64)
+    for r in columns:
+        E = torch.randn(1, particles, r + r // 2, dtype=torch.float64)[..., :r]
+        c = torch.randn(1, r, components, dtype=torch.float64)
+        rates = [rate(lambda a, b: a.mT @ b, E, x), rate(lambda a, b: (b.mT @ a).mT, E, x),
+                 rate(lambda a, b: a @ b, E, c), rate(lambda a, b: (b.mT @ a.mT).mT, E, c)]
+        print(f"[{particles}, {r}], K {components}: sum over particles {rates[0]:.1f} -> {rates[1]:.1f} GFLOP/s "
+              f"({rates[1] / rates[0]:.1f}x), expansion {rates[2]:.1f} -> {rates[3]:.1f} GFLOP/s "
+              f"({rates[3] / rates[2]:.1f}x)")
+    print(f"square GEMM peak (1024^3): {gemm_peak():.1f} GFLOP/s")
+
+
 LINEAR_CASES = ((2**14, 10), (2**16, 10), (2**16, 50))  # SGD: particles (4 systems), steps
 
 
@@ -513,7 +543,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
                         help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
-                             "processes, shard, flops, linear-speed (default: all but flops and linear-speed)")
+                             "processes, shard, flops, linear-speed, thin (default: all but the last three)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
                         help="copies / optimizer / accuracy: time by this process's CPU seconds, one thread "
@@ -560,6 +590,7 @@ if __name__ == "__main__":
         "optimizer": optimizer_step,
         "processes": spread_scaling,
         "flops": flops_report,
+        "thin": thin_orientations,
         "linear-speed": lambda: linear_speed(args.before, tuple(tuple(map(int, c.split(":"))) for c in args.cases)),
         "shard": lambda: (shard_scaling(), rounding_sensitivity()),
     }

@@ -201,9 +201,8 @@ factors so all of one matrix application's terms are summed by :func:`_expand` i
 def _reduce(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``basisᵀ x`` for ``[F, P, r]`` and ``[F, P, K]`` (a sum over particles): ``[F, r, K]``.
 
-    Formed as ``(xᵀ basis)ᵀ``: the BLAS runs a product with the long particle axis as the contraction and
-    the ``r`` columns as the result's rows about twice as fast as the same product the other way round
-    (``[2^14, 400]ᵀ @ [2^14, 16]``, float64, one thread; docs/performance.md, "Engine speed, linear path")."""
+    Formed as ``(xᵀ basis)ᵀ``, a ``[K, r]`` result: the BLAS runs this thin product faster than ``basisᵀ x``
+    (docs/performance.md, "Engine speed, linear path")."""
     return (x.mT @ basis).mT
 
 
@@ -211,8 +210,9 @@ def _expand(terms: Terms) -> torch.Tensor | None:
     """``Σ_i basis_i @ coefficients_i`` (:data:`Terms`): ``[F, P, K]``, contiguous; None for no terms.
 
     Formed transposed, ``Σ_i coefficients_iᵀ @ basis_iᵀ`` accumulated into one ``[F, K, P]`` result: with
-    the particles as the result's long rows the BLAS runs these thin products 3-4 times faster than
-    ``[P, r] @ [r, K]``, and every term after the first adds into the same result (no temporaries)."""
+    the particles along the result's rows the BLAS runs these thin products several times faster than
+    ``[P, r] @ [r, K]`` (docs/performance.md, "Engine speed, linear path"), and every term after the first
+    adds into the same result (no temporaries)."""
     total = None
     for basis, coefficients in terms:
         if total is None:

@@ -374,6 +374,7 @@ class ParticleNetwork:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         state = _snapshot(state)  # the system updates its grids in place; the caller's copy stays as it was
         self.t = state["step"]
+        self.reserved = False  # restored column stores are sized for what they hold: reserve after the next step
         self.tensors.update(state["tensors"])
         for k, op in self.operators.items():
             op.load_state_dict(state["operators"][k])
