@@ -519,7 +519,8 @@ def linear_speed(before: str, cases: tuple[tuple[int, int], ...] = LINEAR_CASES)
     """The linear-rule (SGD) path of this engine against the one in source tree ``before`` (e.g. a ``git
     worktree`` of an earlier commit), one BLAS thread each, the two runs of a case back to back in this one
     run: CPU seconds, their ratio, and the largest difference of the outputs over all steps. For scale, the
-    earlier engine against itself with 2 BLAS threads: the difference a change of summation order alone makes."""
+    earlier engine against itself with 2 BLAS threads: the difference a change of summation order alone makes
+    (also every 10th step's)."""
     import pathlib
     import tempfile
     here = str(pathlib.Path(__file__).resolve().parents[1])
@@ -532,11 +533,15 @@ def linear_speed(before: str, cases: tuple[tuple[int, int], ...] = LINEAR_CASES)
             outputs = {k: torch.load(v) for k, v in paths.items()}
             gap = float((outputs["after"] - outputs["before"]).abs().max())
             rounding = float((outputs["threads"] - outputs["before"]).abs().max())
+            by_step = {k: [float((outputs[k][t] - outputs["before"][t]).abs().max()) for t in range(0, steps + 1, 10)]
+                       for k in ("after", "threads")}
             print(f"sgd, {particles} particles in 4 systems, {steps} steps: before {old['cpu']:.1f} CPU s "
                   f"({old['wall']:.1f} s wall), after {new['cpu']:.1f} CPU s ({new['wall']:.1f} s wall), before/after "
                   f"{old['cpu'] / new['cpu']:.2f} (wall {old['wall'] / new['wall']:.2f}); largest output difference "
                   f"{gap:.1e} (before, 2 BLAS threads against 1: {rounding:.1e}); output scale "
-                  f"{float(outputs['before'].abs().max()):.2f}", flush=True)
+                  f"{float(outputs['before'].abs().max()):.2f}; at steps 0, 10, ...: after "
+                  + " ".join(f"{g:.0e}" for g in by_step["after"]) + ", 2 threads "
+                  + " ".join(f"{g:.0e}" for g in by_step["threads"]), flush=True)
 
 
 if __name__ == "__main__":
