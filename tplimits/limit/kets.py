@@ -242,7 +242,7 @@ class HatFamily:
         self.gaussians.demand += x.shape[2]
         E = self.basis.cat()
         terms: Terms = []
-        resid_t = rd_t = xd.mT  # residuals, transposed ([F, K, P_in]): the orientation _expand forms products in
+        resid_t, rd_t = x.mT, xd.mT  # residuals (differentiable, detached), transposed: [F, K, P_in] (see _expand)
         if E is not None:
             Ed = E.detach()
             coef = particle_sum(_reduce(Ed, xd), self.shard)
@@ -287,10 +287,6 @@ class HatFamily:
         norms = particle_sum(torch.stack([residual_t.square().sum(dim=2), x.square().sum(dim=1)]), self.shard)
         ratio = norms[0] / norms[1].clamp_min(torch.finfo(x.dtype).tiny)
         return bool((ratio < torch.finfo(x.dtype).eps).any())
-
-    def _rows(self, particles: int) -> int:
-        """The rows of a width axis of ``particles`` this process holds."""
-        return particles if self.shard is None else self.shard.local_size(particles)
 
     def dot(self, x: torch.Tensor, mode: str, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``scale · E · Σ_i ∂x[i]/∂G[i]`` for ``x`` living in this family's *output* space ([F, P_out, K]): the
