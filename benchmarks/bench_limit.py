@@ -12,6 +12,8 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py shard                      # one system sharded over 1 and 2 gloo processes
     python benchmarks/bench_limit.py accuracy --data digits --optimizer adam --steps 20 --cpu-time
     python benchmarks/bench_limit.py flops                      # achieved GFLOP/s against the float64 GEMM peak
+    python benchmarks/bench_limit.py linear-speed --before DIR  # SGD: this engine against the one in source tree DIR
+    python benchmarks/bench_limit.py thin                       # the thin products in both orientations
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -458,11 +460,95 @@ def flops_report() -> None:
                                                   for k, shape, t, n, g in r["gemm_shapes"]))
 
 
+def thin_orientations(particles: int = 2**14, components: int = 16, columns: tuple[int, ...] = (16, 80, 400, 800),
+                      repeats: int = 7) -> None:
+    """GFLOP/s of the engine's two thin float64 products, one thread, CPU time (best of ``repeats``), each in
+    the orientation the engine used before and the one it uses now: a sum over particles ``Eᵀx`` (``[P, r]ᵀ
+    @ [P, K]`` against ``(xᵀ E)ᵀ``) and an expansion ``E c`` (``[P, r] @ [r, K]`` against ``(cᵀ Eᵀ)ᵀ``), with
+    ``E`` the first ``r`` columns of a wider buffer as the engine keeps it."""
+    torch.set_num_threads(1)
+
+    def rate(product: Any, a: torch.Tensor, b: torch.Tensor) -> float:
+        product(a, b)  # BLAS warm-up, untimed
+        best = math.inf
+        for _ in range(repeats):
+            start = time.process_time()
+            product(a, b)
+            best = min(best, time.process_time() - start)
+        return 2 * a.shape[1] * a.shape[2] * components / best / 1e9
+
+    x = torch.randn(1, particles, components, dtype=torch.float64)
+    for r in columns:
+        E = torch.randn(1, particles, r + r // 2, dtype=torch.float64)[..., :r]
+        c = torch.randn(1, r, components, dtype=torch.float64)
+        rates = [rate(lambda a, b: a.mT @ b, E, x), rate(lambda a, b: (b.mT @ a).mT, E, x),
+                 rate(lambda a, b: a @ b, E, c), rate(lambda a, b: (b.mT @ a.mT).mT, E, c)]
+        print(f"[{particles}, {r}], K {components}: sum over particles {rates[0]:.1f} -> {rates[1]:.1f} GFLOP/s "
+              f"({rates[1] / rates[0]:.1f}x), expansion {rates[2]:.1f} -> {rates[3]:.1f} GFLOP/s "
+              f"({rates[3] / rates[2]:.1f}x)")
+    print(f"square GEMM peak (1024^3): {gemm_peak():.1f} GFLOP/s")
+
+
+LINEAR_CASES = ((2**14, 10), (2**16, 10), (2**16, 50))  # SGD: particles (4 systems), steps
+
+
+def timed_outputs(particles: str, steps: str, threads: str, path: str) -> None:
+    """One SGD run of the reference task with ``threads`` BLAS threads: CPU and wall seconds as JSON, the
+    outputs saved to ``path`` (whichever ``tplimits`` the interpreter imports: PYTHONPATH picks the tree)."""
+    torch.set_num_threads(int(threads))
+    X, y = data()
+    limit = limit_for("sgd")
+    limit.train(X, y, steps=1, lr=LR["sgd"], particles=1024, batches=4, progress=False)  # lowering, untimed
+    wall, cpu = time.perf_counter(), time.process_time()
+    traj = limit.train(X, y, steps=int(steps), lr=LR["sgd"], particles=int(particles), batches=4, progress=False)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    torch.save(traj.outputs, path)
+    print(json.dumps({"cpu": cpu, "wall": wall, "engine": tpl.__file__}))
+
+
+def tree_run(tree: str, particles: int, steps: int, threads: int, path: str) -> dict:
+    """:func:`timed_outputs` in a fresh process importing ``tplimits`` from source tree ``tree``."""
+    import os
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(tree), "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, __file__, "timed-outputs", str(particles), str(steps), str(threads), path],
+                          capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def linear_speed(before: str, cases: tuple[tuple[int, int], ...] = LINEAR_CASES) -> None:
+    """The linear-rule (SGD) path of this engine against the one in source tree ``before`` (e.g. a ``git
+    worktree`` of an earlier commit), one BLAS thread each, the two runs of a case back to back in this one
+    run: CPU seconds, their ratio, and the largest difference of the outputs over all steps. For scale, the
+    earlier engine against itself with 2 BLAS threads: the difference a change of summation order alone makes
+    (also every 10th step's)."""
+    import pathlib
+    import tempfile
+    here = str(pathlib.Path(__file__).resolve().parents[1])
+    with tempfile.TemporaryDirectory() as scratch:
+        for particles, steps in cases:
+            paths = {k: f"{scratch}/{k}.pt" for k in ("before", "after", "threads")}
+            old = tree_run(before, particles, steps, 1, paths["before"])
+            new = tree_run(here, particles, steps, 1, paths["after"])
+            tree_run(before, particles, steps, 2, paths["threads"])
+            outputs = {k: torch.load(v) for k, v in paths.items()}
+            gap = float((outputs["after"] - outputs["before"]).abs().max())
+            rounding = float((outputs["threads"] - outputs["before"]).abs().max())
+            by_step = {k: [float((outputs[k][t] - outputs["before"][t]).abs().max()) for t in range(0, steps + 1, 10)]
+                       for k in ("after", "threads")}
+            print(f"sgd, {particles} particles in 4 systems, {steps} steps: before {old['cpu']:.1f} CPU s "
+                  f"({old['wall']:.1f} s wall), after {new['cpu']:.1f} CPU s ({new['wall']:.1f} s wall), before/after "
+                  f"{old['cpu'] / new['cpu']:.2f} (wall {old['wall'] / new['wall']:.2f}); largest output difference "
+                  f"{gap:.1e} (before, 2 BLAS threads against 1: {rounding:.1e}); output scale "
+                  f"{float(outputs['before'].abs().max()):.2f}; at steps 0, 10, ...: after "
+                  + " ".join(f"{g:.0e}" for g in by_step["after"]) + ", 2 threads "
+                  + " ".join(f"{g:.0e}" for g in by_step["threads"]), flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
                         help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
-                             "processes, shard, flops (default: all but flops)")
+                             "processes, shard, flops, linear-speed, thin (default: all but the last three)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
                         help="copies / optimizer / accuracy: time by this process's CPU seconds, one thread "
@@ -474,6 +560,9 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=20, help="accuracy: training steps")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096], help="accuracy: finite widths")
     parser.add_argument("--max-seeds", type=int, default=64, help="accuracy: most seeds per finite width")
+    parser.add_argument("--before", help="linear-speed: a source tree of the engine to compare with")
+    parser.add_argument("--cases", nargs="+", default=[f"{p}:{s}" for p, s in LINEAR_CASES],
+                        help="linear-speed: particles:steps of each SGD case")
     args = parser.parse_args()
     DEVICE = args.device
     if args.cpu_time:
@@ -485,9 +574,14 @@ if __name__ == "__main__":
     if args.parts[:1] == ["shard-one"]:
         shard_one(args.parts[1])
         sys.exit()
+    if args.parts[:1] == ["timed-outputs"]:
+        timed_outputs(*args.parts[1:5])
+        sys.exit()
     if args.parts[:1] == ["one"]:
         one(*args.parts[1:5])
         sys.exit()
+    if "linear-speed" in args.parts and not args.before:
+        parser.error("linear-speed needs --before DIR, a source tree of the engine to compare with")
     which = args.parts or ["reference", "reference-adam", "scaling", "accuracy", "copies", "copies-accuracy",
                            "optimizer", "processes", "shard"]
     parts = {
@@ -501,6 +595,8 @@ if __name__ == "__main__":
         "optimizer": optimizer_step,
         "processes": spread_scaling,
         "flops": flops_report,
+        "thin": thin_orientations,
+        "linear-speed": lambda: linear_speed(args.before, tuple(tuple(map(int, c.split(":"))) for c in args.cases)),
         "shard": lambda: (shard_scaling(), rounding_sensitivity()),
     }
     for name, run in parts.items():  # in this order, whatever the order asked

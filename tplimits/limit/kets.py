@@ -140,10 +140,11 @@ class MatMulPlan:
 class _Columns:
     """Tensors ``[..., k_i]`` joined along their last axis as they arrive.
 
-    Without autograd the columns live in one buffer that grows geometrically, so an append copies
-    only the new columns (amortized) and the concatenation is a view. Differentiable columns (autograd
-    dots) stay separate tensors, since they are the leaves gradients are taken against; their
-    concatenation is cached until the next append.
+    Without autograd the columns live in one buffer, so an append copies only the new columns and the
+    concatenation is a view. The buffer grows geometrically until :meth:`reserve` sizes it for the rest of
+    the run (a step's columns are known after one step), after which it never grows, so no append copies
+    the old columns again. Differentiable columns (autograd dots) stay separate tensors, since they are
+    the leaves gradients are taken against; their concatenation is cached until the next append.
     """
 
     GROWTH = 1.5
@@ -153,6 +154,7 @@ class _Columns:
         self.parts: list[torch.Tensor] = []
         self._joined: torch.Tensor | None = None
         self._size = 0
+        self.demand = 0  # the most columns asked for since the last reserve (appended or not)
 
     def append(self, t: torch.Tensor) -> None:
         if self.differentiable:
@@ -162,13 +164,24 @@ class _Columns:
             return
         new_size = self._size + t.shape[-1]
         if self._joined is None or new_size > self._joined.shape[-1]:
-            capacity = max(new_size, int(self.GROWTH * self._size))
-            grown = t.new_empty(*t.shape[:-1], capacity)
-            if self._joined is not None:
-                grown[..., : self._size] = self._joined[..., : self._size]
-            self._joined = grown
+            self._grow(t, max(new_size, int(self.GROWTH * self._size)))
         self._joined[..., self._size: new_size] = t.detach()
         self._size = new_size
+
+    def _grow(self, like: torch.Tensor, capacity: int) -> None:
+        grown = like.new_empty(*like.shape[:-1], capacity)
+        if self._joined is not None:
+            grown[..., : self._size] = self._joined[..., : self._size]
+        self._joined = grown
+
+    def reserve(self, rounds: int, most: int | None = None) -> None:
+        """Room for ``rounds`` more rounds asking as many columns as the ones since the last reserve (at most
+        ``most`` columns in all), allocated now, so the buffer is not copied again."""
+        want = self._size + self.demand * rounds
+        want = want if most is None else min(want, most)
+        self.demand = 0
+        if not self.differentiable and self._joined is not None and want > self._joined.shape[-1]:
+            self._grow(self._joined, want)
 
     def cat(self) -> torch.Tensor | None:
         if self._size == 0:
@@ -178,6 +191,35 @@ class _Columns:
         if self._joined is None:
             self._joined = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=-1)
         return self._joined
+
+
+Terms = list[tuple[torch.Tensor, torch.Tensor]]
+"""``[(basis [F, P, r_i], coefficients [F, r_i, K])]``: the ket ``Σ_i basis_i @ coefficients_i``, left as
+factors so all of one matrix application's terms are summed by :func:`_expand` in one pass."""
+
+
+def _reduce(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``basisᵀ x`` for ``[F, P, r]`` and ``[F, P, K]`` (a sum over particles): ``[F, r, K]``.
+
+    Formed as ``(xᵀ basis)ᵀ``, a ``[K, r]`` result: the BLAS runs this thin product faster than ``basisᵀ x``
+    (docs/performance.md, "Engine speed, linear path")."""
+    return (x.mT @ basis).mT
+
+
+def _expand(terms: Terms) -> torch.Tensor | None:
+    """``Σ_i basis_i @ coefficients_i`` (:data:`Terms`): ``[F, P, K]``, contiguous; None for no terms.
+
+    Formed transposed, ``Σ_i coefficients_iᵀ @ basis_iᵀ`` accumulated into one ``[F, K, P]`` result: with
+    the particles along the result's rows the BLAS runs these thin products several times faster than
+    ``[P, r] @ [r, K]`` (docs/performance.md, "Engine speed, linear path"), and every term after the first
+    adds into the same result (no temporaries)."""
+    total = None
+    for basis, coefficients in terms:
+        if total is None:
+            total = coefficients.mT @ basis.mT
+        else:
+            total = total.baddbmm_(coefficients.mT, basis.mT)
+    return None if total is None else total.mT.contiguous()
 
 
 class HatFamily:
@@ -192,33 +234,37 @@ class HatFamily:
         self.basis = _Columns(track_grad)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
         self.gaussians = _Columns(track_grad)  # G: [F, P_out, r], iid N(0, 1)
 
-    def sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The hat of this matrix applied to ``x`` ([F, P_in, K]), for unit entry variance: [F, P_out, K]."""
+    def sample(self, x: torch.Tensor, scale: float = 1.0) -> Terms:
+        """The hat of this matrix applied to ``x`` ([F, P_in, K]) for entry standard deviation ``scale``, as
+        :data:`Terms` on this family's Gaussians (``[F, P_out, K]`` once expanded; no terms: zero)."""
         xd = x.detach()
+        self.basis.demand += x.shape[2]  # up to K new directions per application
+        self.gaussians.demand += x.shape[2]
         E = self.basis.cat()
-        hat, resid, rd = None, x, xd
+        terms: Terms = []
+        resid_t, rd_t = x.mT, xd.mT  # residuals (differentiable, detached), transposed: [F, K, P_in] (see _expand)
         if E is not None:
             Ed = E.detach()
-            coef = particle_sum(Ed.mT @ xd, self.shard)
-            rd = xd - Ed @ coef
-            if self._needs_second_pass(rd, xd):
-                correction = particle_sum(Ed.mT @ rd, self.shard)
+            coef = particle_sum(_reduce(Ed, xd), self.shard)
+            rd_t = torch.baddbmm(xd.mT, coef.mT, Ed.mT, alpha=-1)
+            if self._needs_second_pass(rd_t, xd):
+                correction = particle_sum(_reduce(Ed, rd_t.mT), self.shard)
                 coef = coef + correction
-                rd = rd - Ed @ correction
-            resid = x - E @ coef if x.requires_grad or E.requires_grad else rd
-            hat = self.gaussians.cat() @ coef
-        gram = particle_sum(rd.transpose(1, 2) @ rd, self.shard)  # every rank: the same Gram matrix, eigenbasis
+                rd_t = rd_t.baddbmm_(correction.mT, Ed.mT, alpha=-1)
+            resid_t = torch.baddbmm(x.mT, coef.mT, E.mT, alpha=-1) if x.requires_grad or E.requires_grad else rd_t
+            terms.append((self.gaussians.cat(), coef * scale))
+        gram = particle_sum(rd_t @ rd_t.mT, self.shard)  # every rank: the same Gram matrix, eigenbasis
         evals, vecs = torch.linalg.eigh(gram)
         vecs = _signed(vecs)
-        scale = particle_sum((xd * xd).sum(dim=(1, 2)), self.shard).clamp_min(torch.finfo(self.dtype).tiny)
-        keep = evals > 1e-10 * scale[:, None]
+        norm2 = particle_sum((xd * xd).sum(dim=(1, 2)), self.shard).clamp_min(torch.finfo(self.dtype).tiny)
+        keep = evals > 1e-10 * norm2[:, None]
         new_directions = keep.any(dim=0)  # directions already in the span (for every fixed index) are dropped
         if not new_directions.any():
-            return hat if hat is not None else x.new_zeros(self.n_fixed, self._rows(self.p_out), x.shape[2])
+            return terms
         keep, evals, vecs = keep[:, new_directions], evals[:, new_directions], vecs[..., new_directions]
         root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
         inv_root = torch.where(keep, 1 / root.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(evals))
-        E_new = resid @ (vecs * inv_root[:, None, :])
+        E_new = ((vecs * inv_root[:, None, :]).mT @ resid_t).mT
         R = (vecs * root[:, None, :]).transpose(1, 2)
         G_new = torch.randn(self.n_fixed, self.p_out, vecs.shape[-1], generator=self.generator, dtype=self.dtype,
                             device=self.device)
@@ -228,37 +274,35 @@ class HatFamily:
             G_new.requires_grad_(True)
         self.basis.append(E_new)
         self.gaussians.append(G_new)
-        fresh = G_new @ R
-        return fresh if hat is None else hat + fresh
+        terms.append((G_new, R * scale))
+        return terms
 
-    def _needs_second_pass(self, residual: torch.Tensor, x: torch.Tensor) -> bool:
-        """Whether one Gram-Schmidt pass leaves the new directions measurably non-orthogonal to the basis.
+    def _needs_second_pass(self, residual_t: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether one Gram-Schmidt pass leaves the new directions measurably non-orthogonal to the basis
+        (``residual_t``: the residual transposed, ``[F, K, P]``).
 
         One classical pass leaves an overlap of about ``eps·‖x‖/‖residual‖``; a second pass is taken when
         that exceeds ``√eps`` (a residual below ``√eps·‖x‖``), so the overlap stays below ``√eps`` either way.
         """
-        norms = particle_sum(torch.stack([residual.square().sum(dim=1), x.square().sum(dim=1)]), self.shard)
+        norms = particle_sum(torch.stack([residual_t.square().sum(dim=2), x.square().sum(dim=1)]), self.shard)
         ratio = norms[0] / norms[1].clamp_min(torch.finfo(x.dtype).tiny)
         return bool((ratio < torch.finfo(x.dtype).eps).any())
 
-    def _rows(self, particles: int) -> int:
-        """The rows of a width axis of ``particles`` this process holds."""
-        return particles if self.shard is None else self.shard.local_size(particles)
-
-    def dot(self, x: torch.Tensor, mode: str) -> torch.Tensor | None:
-        """``E · Σ_i ∂x[i]/∂G[i]`` for ``x`` living in this family's *output* space ([F, P_out, K]): the dot-ket
-        of the opposite direction's matrix applied to ``x``; None when this family is still empty."""
+    def dot(self, x: torch.Tensor, mode: str, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``scale · E · Σ_i ∂x[i]/∂G[i]`` for ``x`` living in this family's *output* space ([F, P_out, K]): the
+        dot-ket of the opposite direction's matrix applied to ``x``, as one of :data:`Terms`; None when this
+        family is still empty."""
         E = self.basis.cat()
         if E is None:
             return None
         G = self.gaussians.cat()
         if mode == "stein":
-            S = G.detach().transpose(1, 2) @ x.detach()
+            S = _reduce(G.detach(), x.detach())
         else:
             S = self._expected_derivatives(x)
             if S is None:
                 return None
-        return E @ particle_sum(S, self.shard)
+        return E, particle_sum(S, self.shard) * scale
 
     def _expected_derivatives(self, x: torch.Tensor) -> torch.Tensor | None:
         """``Σ_i ∂x[f, i, k]/∂G[f, i, r]`` → [F, r, K] by reverse-mode autograd, one pass per (f, k)."""
@@ -401,26 +445,32 @@ class MatrixOperator:
         return out
 
     def apply_canonical(self, xc: torch.Tensor, forward: bool) -> torch.Tensor:
-        """The initial operator and the low-rank updates on a canonical ``[F, P, K]`` ket (no dense grid)."""
+        """The initial operator and the low-rank updates on a canonical ``[F, P, K]`` ket (no dense grid): the
+        hat, the dot and the updates as :data:`Terms`, summed by one :func:`_expand`."""
+        terms: Terms = []
         y = None
         if self.kind == "gaussian":
             own, other = ("forward", "transposed") if forward else ("transposed", "forward")
-            y = self.families[own].sample(xc)
-            dot = self.families[other].dot(xc, self.dots)
+            scale = self.init_value * self.init_scale
+            terms += self.families[own].sample(xc, scale)
+            dot = self.families[other].dot(xc, self.dots, scale)
             if dot is not None:
-                y = y + dot
-            y = y * (self.init_value * self.init_scale)
+                terms.append(dot)
         elif self.kind == "identity":
             y = xc * (self.init_value * self.init_scale)
         low = self._low_rank(xc, forward)
         if low is not None:
-            y = low if y is None else y + low
+            terms.append(low)
+        expanded = _expand(terms)
+        if expanded is not None:
+            y = expanded if y is None else y + expanded
         if y is None:
             p = self.p_out if forward else self.p_in
             y = xc.new_zeros(xc.shape[0], p if self.shard is None else self.shard.local_size(p), xc.shape[2])
         return y
 
-    def _low_rank(self, xc: torch.Tensor, forward: bool) -> torch.Tensor | None:
+    def _low_rank(self, xc: torch.Tensor, forward: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The accumulated low-rank updates on a canonical ket, as one of :data:`Terms`; None before any."""
         A, B = self.out_factors.cat(), self.in_factors.cat()
         if A is None:
             return None
@@ -428,18 +478,29 @@ class MatrixOperator:
             self._column_steps = torch.tensor(self.factor_steps, device=xc.device)
         coef = self.coefficients[self._column_steps] * self.scale
         if forward:
-            inner = particle_sum(B.detach().transpose(1, 2) @ xc.detach(), self.shard)  # ⟨x_s|x⟩, an expectation
-            return A @ (coef[None, :, None] * inner)
-        inner = particle_sum(A.detach().transpose(1, 2) @ xc.detach(), self.shard)
-        return B @ (coef[None, :, None] * inner)
+            inner = particle_sum(_reduce(B.detach(), xc.detach()), self.shard)  # ⟨x_s|x⟩, an expectation
+            return A, coef[None, :, None] * inner
+        inner = particle_sum(_reduce(A.detach(), xc.detach()), self.shard)
+        return B, coef[None, :, None] * inner
 
     # -- updates ------------------------------------------------------------------------------
     def add_factor(self, out_factor: torch.Tensor, in_factor: torch.Tensor, step: int) -> None:
         """Record the term ``out_factor · in_factorᵀ`` (both canonical) of the gradient of step ``step``."""
-        self.out_factors.append(out_factor)
-        self.in_factors.append(in_factor)
+        for columns, factor in ((self.out_factors, out_factor), (self.in_factors, in_factor)):
+            columns.demand += factor.shape[-1]
+            columns.append(factor)
         self.factor_steps.extend([step] * out_factor.shape[-1])
         self._column_steps = None
+
+    def reserve(self, rounds: int) -> None:
+        """Room in every column store (hat bases, their Gaussians, low-rank factors) for ``rounds`` more steps
+        asking as many columns as the steps since the last reserve, so none is copied to grow again; a hat
+        basis holds at most as many columns as its input space has particles."""
+        for family in self.families.values():
+            family.basis.reserve(rounds, family.p_in)
+            family.gaussians.reserve(rounds, family.p_in)
+        self.out_factors.reserve(rounds)
+        self.in_factors.reserve(rounds)
 
     def ensure_steps(self, steps: int) -> None:
         if self.coefficients.numel() < steps:

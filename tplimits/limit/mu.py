@@ -108,6 +108,7 @@ class ParticleNetwork:
         self.lr = lr
         self.steps = steps
         self.t = 0
+        self.reserved = False  # the operators' column stores sized for the run (after its first step here)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         program = setup.program
         self.infos: dict[str, ParameterInfo] = program.parameters
@@ -214,6 +215,10 @@ class ParticleNetwork:
             interp.run(*interp.flat_inputs, initial_env=interp.values)
             self._update(interp)
         self.t += 1
+        if not self.reserved:  # one step shows the columns a step adds: room for the rest (and a last forward)
+            for op in self.operators.values():
+                op.reserve(self.steps - self.t + 1)
+            self.reserved = True
 
     def _update(self, interp: KetInterpreter) -> None:
         values = interp.values
@@ -369,6 +374,7 @@ class ParticleNetwork:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         state = _snapshot(state)  # the system updates its grids in place; the caller's copy stays as it was
         self.t = state["step"]
+        self.reserved = False  # restored column stores are sized for what they hold: reserve after the next step
         self.tensors.update(state["tensors"])
         for k, op in self.operators.items():
             op.load_state_dict(state["operators"][k])
