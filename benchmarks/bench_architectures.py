@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import time
 import traceback
 import warnings
@@ -40,7 +39,7 @@ import torch.nn as nn
 
 import tplimits as tpl
 from tplimits.core.backprop import total_program
-from tplimits.core.ir import MatMul, Width
+from tplimits.limit.limit import directions_per_application
 from tplimits.limit.runs import default_dtype
 
 
@@ -272,17 +271,6 @@ def gradient_error(prog: tpl.Program, model: nn.Module, inputs: tuple) -> float:
                if g is not None and name in got)
 
 
-def components(prog: tpl.Program) -> int:
-    """The most components (batch rows × positions) any matrix is applied to at once, per fixed index of the
-    matrix (a kernel offset): the number of directions its hat family gains per pass. The limit's Stein dots
-    carry a bias of about this over the particles per system in the kernels downstream (tests/test_conv_dots.py)."""
-    def fixed(layout: tuple) -> int:
-        return math.prod(spec for spec in layout if not isinstance(spec, Width))
-
-    return max((fixed(prog[ins.vector].layout) // fixed(prog[ins.matrix].layout) for ins in prog.instructions
-                if isinstance(ins, MatMul)), default=0)
-
-
 def measure(name: str, case: Case, optimizers: list[str], center: bool = False,
             particles: int | None = None, batches: int = 4) -> dict[str, str]:
     row = {"model": name}
@@ -308,7 +296,7 @@ def measure(name: str, case: Case, optimizers: list[str], center: bool = False,
         row["μ-limit, 3 steps"] = f"{'finite' if finite else 'NOT FINITE'}, loss ×{ratio:.2f}, {per_step:.1f} s/step"
         checks = [_check(limit if optimizer == "sgd" else tpl.derive(case.make, example_inputs=inputs,
                                                                      optimizer=optimizer), inputs, y, case, center,
-                         particles or case.particles, batches, components(prog))
+                         particles or case.particles, batches, directions_per_application(prog))
                   for optimizer in optimizers]
         row["against training"] = "; ".join(checks) or "not checked here"
     except tpl.TplimitsError as error:

@@ -18,6 +18,7 @@ units and of the error signal's scale).
 from __future__ import annotations
 
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -120,3 +121,15 @@ def test_bn_bias_gradient_below_two_convolutions_matches_autograd_with_few_parti
     X, y = _data()
     limit = _limit_ratio(setup, X, y, particles=256, systems=4)
     assert _agrees(limit, finite), (limit, finite)
+
+
+def test_train_warns_where_the_stein_dots_see_too_few_particles():
+    """128 components reach each convolution at once: 256 particles per system is warned of, and 4096 per
+    system (32 per component) is not."""
+    X, y = _data()
+    limit = tpl.derive(_BatchNormCNN, example_inputs=(X,), optimizer="sgd")
+    with pytest.warns(tpl.SteinBiasWarning, match="applied to 128 components at once .* 256 particles per system"):
+        limit.train(X, y, steps=1, lr=0.1, particles=512, batches=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tpl.SteinBiasWarning)
+        limit.train(X, y, steps=1, lr=0.1, particles=4096, batches=1, progress=False)

@@ -79,6 +79,11 @@ class NoWidthWarning(UserWarning):
     Usually the width is not passed to the layers (a callable ignoring ``width``, or a fixed ``nn.Module``)."""
 
 
+class SteinBiasWarning(UserWarning):
+    """A Monte Carlo limit whose Stein dot estimates see too few particles per direction: a bias of its
+    kernels that its standard errors do not show (more particles per system remove it)."""
+
+
 class OptionError(ConfigError, TypeError):
     """An option that does not exist (an unknown hyperparameter of an update rule, an unknown optimizer
     option). Also a ``TypeError``, which is what ``torch.optim`` raises for one."""
