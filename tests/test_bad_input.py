@@ -268,7 +268,8 @@ def test_derive_refuses_what_train_could_not_use():
 
 @pytest.mark.parametrize("kernels, match", [(None, "kernels must be a sequence"), (["nope"], "no program value %nope"),
                                             (["linear_1_2"], "%linear_1_2 is not a vector"),
-                                            (["d_tanh_from_linear_1_1"], "%d_tanh_from_linear_1_1 is a value of the backward pass")])
+                                            (["d_tanh_from_linear_1_1"],
+                                             "%d_tanh_from_linear_1_1 is a value of the backward pass")])
 def test_train_kernels_are_checked_before_training(limit, data, kernels, match):
     with pytest.raises(tpl.TplimitsError, match=f"kernels: {match}" if kernels else match):
         limit.train(*data, steps=1, particles=64, kernels=kernels, progress=False)
