@@ -159,7 +159,8 @@ class Program:
         if not self.batch_generic:
             raise BatchSizeError(f"this program cannot be re-specialised to batch size {size}: "
                                  f"{self._why_batch_specific()}. Lower the model with example inputs of that "
-                                 "batch size (the batch axis is axis 0 of the inputs).")
+                                 "batch size (along the inputs' batch axis: axis 0, or the one a sequence-first model "
+                                 "takes its examples along).")
         if size == self.batch.size:
             return self
         if size not in self._at_batch:
