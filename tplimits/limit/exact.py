@@ -233,7 +233,7 @@ class Workspace:
 
     buffers: dict[tuple, list[torch.Tensor]] = attrs.field(factory=dict)
     dealt: dict[tuple, int] = attrs.field(factory=dict)
-    constants: dict[tuple, torch.Tensor] = attrs.field(factory=dict)
+    constants: dict[tuple, Any] = attrs.field(factory=dict)  # made once: an identity, a Jacobian's map
 
     def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         key = (tuple(shape), like.dtype, str(like.device))
@@ -561,7 +561,7 @@ def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Reducer:
         return kernels[key]
 
     def blockwise(B: torch.Tensor, scale: float, plus: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
-        buffer = torch.empty(rows, rows, P, P, dtype=B.dtype, device=B.device)
+        buffer = _buffer((rows, rows, P, P), B)
         buffer.copy_(B.reshape(rows, P, rows, P).permute(0, 2, 1, 3))
         if plus is not None:
             buffer.add_(plus.reshape(rows, P, rows, P).permute(0, 2, 1, 3), alpha=alpha)
@@ -1622,7 +1622,7 @@ def _kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device:
     nngp = None
     ntk: dict[str, torch.Tensor] = {}
     for jac, law in zip(jacobians, interp.readouts.values(), strict=False):
-        through = _through(jac, law.factor)
+        through = _kept_through(jac, law.factor)
         nngp = through(law.covariance) if nngp is None else nngp + through(law.covariance)
         for param, gram in law.grams.items():
             ntk[param] = ntk[param] + through(gram) if param in ntk else through(gram)
@@ -1634,6 +1634,18 @@ def _kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device:
     if nngp is None:
         nngp = f.new_zeros(f.numel(), f.numel()).detach()
     return ExactKernels(nngp, ntk, tuple(outputs[0].shape[1:]))
+
+
+def _kept_through(jac: torch.Tensor, factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`_through`, kept in the run's workspace while the Jacobian is the same (the usual case: the outputs'
+    tail is the program's, not the inputs'); comparing the Jacobian costs less than finding its entries."""
+    if not _ACTIVE:
+        return _through(jac, factor)
+    kept = _ACTIVE[0].constants.get(("through", factor))
+    if kept is None or kept[0].shape != jac.shape or not torch.equal(kept[0], jac):
+        kept = (jac, _through(jac, factor))
+        _ACTIVE[0].constants[("through", factor)] = kept
+    return kept[1]
 
 
 def _through(jac: torch.Tensor, factor: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
