@@ -233,17 +233,25 @@ class Workspace:
 
     buffers: dict[tuple, list[torch.Tensor]] = attrs.field(factory=dict)
     dealt: dict[tuple, int] = attrs.field(factory=dict)
+    size: int = 0  # bytes kept
     constants: dict[tuple, Any] = attrs.field(factory=dict)  # made once: an identity, a Jacobian's map
 
     def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         key = (tuple(shape), like.dtype, str(like.device))
         kept, i = self.buffers.setdefault(key, []), self.dealt.get(key, 0)
         if i == len(kept):
-            kept.append(torch.empty(shape, dtype=like.dtype, device=like.device))
+            new = torch.empty(shape, dtype=like.dtype, device=like.device)
+            if self.size + new.nbytes > WORKSPACE_BYTES:  # held between calls: large sizes are not kept
+                return new
+            self.size += new.nbytes
+            kept.append(new)
         self.dealt[key] = i + 1
         return kept[i]
 
 
+WORKSPACE_BYTES = 2**28
+"""The most a :class:`Workspace` keeps between runs (every buffer of a run stays alive until the run ends, and the
+workspace until the next program): beyond it, values are allocated as usual."""
 _WORKSPACE: list = []  # [setup, {run key: Workspace}] of the last program; [] outside a run that uses one
 _ACTIVE: list[Workspace] = []  # the workspace of the run under way, if it has one
 
@@ -1727,7 +1735,7 @@ def _limit_kernels(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torc
     parts = {NNGP: large.nngp, **large.ntk}
     unknown = [name for name in parts if name != STAYING and kept.get(name) is None]
     if unknown:  # the powers of these contributions: from the same rows at the smaller width
-        small = kernels_at(setup, Z, EXACT_WIDTHS[0], dtype, device, tangents, kept, workspace=True)
+        small = kernels_at(setup, Z, EXACT_WIDTHS[0], dtype, device, tangents, kept)  # once: no buffers kept
         smaller = {NNGP: small.nngp, **small.ntk}
         for name in unknown:
             what = "the NNGP" if name == NNGP else f"the NTK of {name!r}"
