@@ -11,7 +11,8 @@ against the Monte Carlo path and against the empirical NTK of instantiated NTP n
 (``tplimits.diagnostics.kernels.empirical_ntk``: torch.func, a vjp and a jvp per column, with each
 parameter's lr_scale·grad_scale), time and relative Frobenius gap. Then the exact NNGP and NTK of
 ``--big-rows`` inputs of the MLP and of each ``--cnn-rows`` count of images of :class:`SmallCNN`, each
-timed ``--repeats`` times (the minimum; the first call, which reads each contribution's width power, apart), and with
+timed ``--repeats`` times (the minimum; the first call, which reads each contribution's width power, apart; the
+minor page faults per run: memory the allocator took back from the system), and with
 ``--nt-python`` (a separate virtual environment with neural-tangents 0.6.5, jax/jaxlib 0.4.23, numpy<2:
 never a dependency of tplimits) its jitted analytic ``stax`` kernels of the same inputs, compiled on them
 before timing and timed as many times in the same run, both sides pinned to the same ``--threads`` cores:
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import subprocess
 import tempfile
 import time
@@ -152,16 +154,18 @@ def race(name: str, limit: tpl.Limit, X: torch.Tensor, args: argparse.Namespace,
     limit.kernel(X * (1 + 1e-9), kind="ntk", path="exact")
     first = time.perf_counter() - start
     ours, ours_cpu = [], []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for r in range(args.repeats):  # inputs that differ, so that no kernel of the last inputs is reused
         Xr = X * (1 + 1e-12 * (r + 1))
         start, start_cpu = time.perf_counter(), time.process_time()
         limit.kernel(Xr, kind="ntk", path="exact"), limit.kernel(Xr, kind="nngp", path="exact")
         ours.append(time.perf_counter() - start)
         ours_cpu.append(time.process_time() - start_cpu)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.repeats
     ntk, nngp = limit.kernel(X, kind="ntk", path="exact").value, limit.kernel(X, kind="nngp", path="exact").value
     print(f"{name}, {len(X)} inputs: exact NNGP and NTK {min(ours):.4f} s (min of {args.repeats}; median "
-          f"{sorted(ours)[len(ours) // 2]:.4f}; processor time {min(ours_cpu):.4f}); the first call, which reads "
-          f"each contribution's width power at two widths, {first:.3f} s")
+          f"{sorted(ours)[len(ours) // 2]:.4f}; processor time {min(ours_cpu):.4f}; {faults:.0f} minor page faults "
+          f"a run); the first call, which reads each contribution's width power at two widths, {first:.3f} s")
     if not args.nt_python:
         return
     import numpy as np  # only to hand the inputs to the other environment

@@ -223,6 +223,54 @@ def _structures(setup: Any, key: tuple) -> dict[str, Structure]:
     return _STRUCTURE[1].setdefault(key, {})
 
 
+@attrs.define
+class Workspace:
+    """``[F, F]`` buffers of one program run at one width, dtype, device and inputs' shapes, kept between runs:
+    a fresh tensor of that size costs page faults about as much as a pass over it (the allocator returns its
+    memory to the system between calls). Each run deals its buffers out in turn, each at most once per run;
+    whatever a run returns is copied before it leaves this module (:func:`exact_kernel`), and the last kernels
+    kept (``_LAST``) are forgotten before a run, so no value of an earlier run is read after its buffer is dealt."""
+
+    buffers: dict[tuple, list[torch.Tensor]] = attrs.field(factory=dict)
+    dealt: dict[tuple, int] = attrs.field(factory=dict)
+    size: int = 0  # bytes kept
+    constants: dict[tuple, Any] = attrs.field(factory=dict)  # made once: an identity, a Jacobian's map
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(shape), like.dtype, str(like.device))
+        kept, i = self.buffers.setdefault(key, []), self.dealt.get(key, 0)
+        if i == len(kept):
+            new = torch.empty(shape, dtype=like.dtype, device=like.device)
+            if self.size + new.nbytes > WORKSPACE_BYTES:  # held between calls: large sizes are not kept
+                return new
+            self.size += new.nbytes
+            kept.append(new)
+        self.dealt[key] = i + 1
+        return kept[i]
+
+
+WORKSPACE_BYTES = 2**28
+"""The most a :class:`Workspace` keeps between runs (every buffer of a run stays alive until the run ends, and the
+workspace until the next program): beyond it, values are allocated as usual."""
+_WORKSPACE: list = []  # [setup, {run key: Workspace}] of the last program; [] outside a run that uses one
+_ACTIVE: list[Workspace] = []  # the workspace of the run under way, if it has one
+
+
+def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor of ``shape``: from the run's :class:`Workspace` when it has one, else new."""
+    if _ACTIVE:
+        return _ACTIVE[0].take(shape, like)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _workspace(setup: Any, key: tuple) -> Workspace:
+    if not (_WORKSPACE and _WORKSPACE[0] is setup):
+        _WORKSPACE[:] = [setup, {}]
+    space = _WORKSPACE[1].setdefault(key, Workspace())
+    space.dealt.clear()
+    return space
+
+
 def _fixed_flat(t: torch.Tensor, axis: int) -> torch.Tensor:
     """``[F, columns]``: the fixed entries of a layout-shaped tensor by the columns on its width axis."""
     moved = t.movedim(axis, -1)
@@ -313,19 +361,21 @@ def _gram_sum(g: Gauss, blocks: Mapping[Any, Block], metric_of: Callable[[Any], 
         metric = metric_of(key)
         if block is None:
             part = metric if metric is not None else torch.eye(F, dtype=g.mean.dtype, device=g.mean.device)
-            total, owned = (part, metric is None) if total is None else (total.add_(part) if owned else total + part,
-                                                                         True)
+            total, owned = (part, metric is None) if total is None else (
+                total.add_(part) if owned else torch.add(total, part, out=_buffer(part.shape, part)), True)
             continue
         T = _fixed_flat(block, g.axis)
         if metric is not None:
             part = _congruence(T, metric)
-            total = part if total is None else total.add_(part) if owned else total + part
+            total = part if total is None else total.add_(part) if owned else torch.add(total, part,
+                                                                                       out=_buffer(part.shape, part))
         elif total is None:
-            total = T @ T.T
+            total = torch.mm(T, T.T, out=_buffer((F, F), T))
         elif T.shape[1] == 1:  # one source (a bias): a rank-one update, far cheaper than a product of width 1
-            total = total.addr_(T[:, 0], T[:, 0]) if owned else torch.addr(total, T[:, 0], T[:, 0])
+            total = total.addr_(T[:, 0], T[:, 0]) if owned else torch.addr(total, T[:, 0], T[:, 0],
+                                                                           out=_buffer(total.shape, total))
         else:
-            total = total.addmm_(T, T.T) if owned else torch.addmm(total, T, T.T)
+            total = total.addmm_(T, T.T) if owned else torch.addmm(total, T, T.T, out=_buffer(total.shape, total))
         owned = True
     return total if total is not None else g.mean.new_zeros(F, F)
 
@@ -340,7 +390,7 @@ def _congruence(T: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     if T.numel() >= 2**16 and int(torch.count_nonzero(T)) <= SPARSE_FRACTION * T.numel():
         sparse = T.to_sparse()
         return torch.sparse.mm(sparse, torch.sparse.mm(sparse, metric).T)  # metric symmetric
-    return T @ metric @ T.T
+    return torch.mm(T @ metric, T.T, out=_buffer((T.shape[0], T.shape[0]), T))
 
 
 def _covariance(g: Gauss) -> torch.Tensor:
@@ -359,7 +409,7 @@ def second_moment(value: Random) -> torch.Tensor:
 def _second_moment(value: Random) -> torch.Tensor:
     if isinstance(value, Gauss):
         mu = mean_of(value)
-        return torch.outer(mu, mu) + _covariance(value)
+        return torch.outer(mu, mu, out=_buffer((len(mu), len(mu)), mu)).add_(_covariance(value))
     if isinstance(value, Mapped):
         g = value.arg
         return law_moment(value.law, value.fn, mean_of(g), _covariance(g), g.cache)
@@ -519,7 +569,7 @@ def _blockwise_reducer(first: torch.Tensor, P: int, rows: int) -> Reducer:
         return kernels[key]
 
     def blockwise(B: torch.Tensor, scale: float, plus: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
-        buffer = torch.empty(rows, rows, P, P, dtype=B.dtype, device=B.device)
+        buffer = _buffer((rows, rows, P, P), B)
         buffer.copy_(B.reshape(rows, P, rows, P).permute(0, 2, 1, 3))
         if plus is not None:
             buffer.add_(plus.reshape(rows, P, rows, P).permute(0, 2, 1, 3), alpha=alpha)
@@ -615,8 +665,10 @@ def _channel_grams(value: Mapped | Linear | Product) -> dict[tuple[str, str], to
         g = value.arg
         weight = law_moment(derivative(value.law), _derivative_fn(value.fn), mean_of(g), _covariance(g), g.cache)
         if not g.opaque:
-            return {(param, ""): weight * gram for param, gram in tangent_grams(g).items()}
-        grams = {(param, ""): weight * gram for param, gram in _plain_grams(g).items()}
+            return {(param, ""): torch.mul(weight, gram, out=_buffer(gram.shape, gram))
+                    for param, gram in tangent_grams(g).items()}
+        grams = {(param, ""): torch.mul(weight, gram, out=_buffer(gram.shape, gram))
+                 for param, gram in _plain_grams(g).items()}
         # the coefficient is g itself (checked where the law was applied): E[φ'(g) g φ'(g') g'] ⊙ structure
         law, fn = _times_argument(value.law, value.fn)
         moment = law_moment(law, fn, mean_of(g), _covariance(g), g.cache)
@@ -671,9 +723,9 @@ def _angle(S: torch.Tensor, cache: dict | None = None, sine: bool = True) -> tup
     if cache is not None and "step" in cache and ("sine" in cache or not sine):
         return cache["step"], cache.get("sine")
     var = S.diagonal().clamp_min(0)
-    norms2 = torch.outer(var, var)
+    norms2 = torch.outer(var, var, out=_buffer(S.shape, S))
     # not fused (addcmul): the diagonal's var·var − var·var must round to exactly 0
-    cross = torch.mul(S, S)
+    cross = torch.mul(S, S, out=_buffer(S.shape, S))
     torch.sub(norms2, cross, out=cross).clamp_min_(0).sqrt_()
     step = torch.atan2(cross, S, out=norms2)  # the norms are not read again
     torch.sub(_scalar(0.5, step), step, alpha=1 / (2 * math.pi), out=step)
@@ -1043,11 +1095,15 @@ class ExactInterpreter(Interpreter):
                     weight_here = weight
                 key = (param, ins.name)
                 if key in channels and weight_here is not None:
-                    channels[key] = torch.addcmul(channels[key], weight_here, gram, value=s2 * n_in)
+                    channels[key] = torch.addcmul(channels[key], weight_here, gram, value=s2 * n_in,
+                                                  out=_buffer(gram.shape, gram))
                 elif key in channels:
-                    channels[key] = torch.add(channels[key], gram, alpha=s2 * n_in)
-                else:
-                    channels[key] = _times(s2 * n_in, gram if weight_here is None else weight_here * gram)
+                    channels[key] = torch.add(channels[key], gram, alpha=s2 * n_in, out=_buffer(gram.shape, gram))
+                elif weight_here is None:
+                    channels[key] = _times(s2 * n_in, gram)
+                else:  # s²n·(w ⊙ Θ), the product in a buffer, scaled there (a unit scale is not applied)
+                    product = torch.mul(weight_here, gram, out=_buffer(gram.shape, gram))
+                    channels[key] = product if s2 * n_in == 1 else product.mul_(s2 * n_in)
         self.metrics.channels.update({key: onto_h(gram) for key, gram in channels.items()})
         return Gauss(mean, {start: None}, dict.fromkeys(channels), out_axis, self.metrics)
 
@@ -1536,11 +1592,26 @@ class ExactKernels:
 
 
 def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device,
-               tangents: bool = True, kept: Mapping[str, bool] | None = None, structured: bool = True) -> ExactKernels:
+               tangents: bool = True, kept: Mapping[str, bool] | None = None, structured: bool = True,
+               workspace: bool = False) -> ExactKernels:
     """Run :class:`ExactInterpreter` on ``Z`` at width ``n``; the outputs' kernels through their Jacobian in
     the readouts (and in the trained scalars; ``tangents=False``: the NNGP alone). ``kept``: the parameters
     known to stay (their NTK summed, under :data:`STAYING`) or to vanish (left out) in the limit.
-    ``structured=False``: convolutions over their patches (the generic matrix product), for comparison."""
+    ``structured=False``: convolutions over their patches (the generic matrix product), for comparison.
+    ``workspace``: the ``[F, F]`` values in buffers kept for the next run of the same program and shapes
+    (:class:`Workspace`): the kernels returned are then valid only until that run."""
+    if not workspace:
+        return _kernels_at(setup, Z, n, dtype, device, tangents, kept, structured)
+    key = (n, dtype, str(device), tuple(Z.shape), Z.dtype, tangents, structured)
+    _ACTIVE[:] = [_workspace(setup, key)]
+    try:
+        return _kernels_at(setup, Z, n, dtype, device, tangents, kept, structured)
+    finally:
+        _ACTIVE.clear()
+
+
+def _kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device,
+                tangents: bool, kept: Mapping[str, bool] | None, structured: bool) -> ExactKernels:
     interp = ExactInterpreter(setup, n, dtype, device, tangents, kept, structured)
     interp.run(Z, stop=setup.total.forward_length)
     outputs = [interp.values[name] for name in setup.program.outputs]
@@ -1559,7 +1630,7 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
     nngp = None
     ntk: dict[str, torch.Tensor] = {}
     for jac, law in zip(jacobians, interp.readouts.values(), strict=False):
-        through = _through(jac, law.factor)
+        through = _kept_through(jac, law.factor)
         nngp = through(law.covariance) if nngp is None else nngp + through(law.covariance)
         for param, gram in law.grams.items():
             ntk[param] = ntk[param] + through(gram) if param in ntk else through(gram)
@@ -1571,6 +1642,18 @@ def kernels_at(setup: Any, Z: torch.Tensor, n: int, dtype: torch.dtype, device: 
     if nngp is None:
         nngp = f.new_zeros(f.numel(), f.numel()).detach()
     return ExactKernels(nngp, ntk, tuple(outputs[0].shape[1:]))
+
+
+def _kept_through(jac: torch.Tensor, factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`_through`, kept in the run's workspace while the Jacobian is the same (the usual case: the outputs'
+    tail is the program's, not the inputs'); comparing the Jacobian costs less than finding its entries."""
+    if not _ACTIVE:
+        return _through(jac, factor)
+    kept = _ACTIVE[0].constants.get(("through", factor))
+    if kept is None or kept[0].shape != jac.shape or not torch.equal(kept[0], jac):
+        kept = (jac, _through(jac, factor))
+        _ACTIVE[0].constants[("through", factor)] = kept
+    return kept[1]
 
 
 def _through(jac: torch.Tensor, factor: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -1596,7 +1679,7 @@ def _jacobians(f: torch.Tensor, readouts: list[torch.Tensor], scalars: list[torc
     cotangents; the outputs must be affine in the readouts (a nonlinear function of a Gaussian readout is not
     Gaussian: its covariance is not ``J Σ Jᵀ``)."""
     leaves = readouts + scalars
-    basis = torch.eye(f.numel(), dtype=f.dtype, device=f.device)
+    basis = _identity(f.numel(), f)
     grads = torch.autograd.grad(f, leaves, basis, retain_graph=True, allow_unused=True, create_graph=True,
                                 is_grads_batched=True)
     connected = [g for g in grads[: len(readouts)] if g is not None and g.requires_grad]
@@ -1607,6 +1690,16 @@ def _jacobians(f: torch.Tensor, readouts: list[torch.Tensor], scalars: list[torc
                               "initialization is not Gaussian")
     return [f.new_zeros(f.numel(), t.numel()) if g is None else g.detach().reshape(f.numel(), -1)
             for g, t in zip(grads, leaves, strict=True)]
+
+
+def _identity(size: int, like: torch.Tensor) -> torch.Tensor:
+    """``eye(size)``, kept in the run's workspace when it has one (nothing writes into it)."""
+    if not _ACTIVE:
+        return torch.eye(size, dtype=like.dtype, device=like.device)
+    key = (size, like.dtype, str(like.device))
+    if key not in _ACTIVE[0].constants:
+        _ACTIVE[0].constants[key] = torch.eye(size, dtype=like.dtype, device=like.device)
+    return _ACTIVE[0].constants[key]
 
 
 EXACT_WIDTHS = (2**10, 2**20)
@@ -1637,11 +1730,12 @@ def _limit_kernels(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torc
     if not (_SCALING and _SCALING[0] is setup and _SCALING[1:3] == [dtype, str(device)]):
         _SCALING[:] = [setup, dtype, str(device), {}]
     kept: dict[str, bool] = _SCALING[3]
-    large = kernels_at(setup, Z, EXACT_WIDTHS[1], dtype, device, tangents, kept)
+    _LAST.clear()  # its kernels may lie in the buffers this run deals out again
+    large = kernels_at(setup, Z, EXACT_WIDTHS[1], dtype, device, tangents, kept, workspace=True)
     parts = {NNGP: large.nngp, **large.ntk}
     unknown = [name for name in parts if name != STAYING and kept.get(name) is None]
     if unknown:  # the powers of these contributions: from the same rows at the smaller width
-        small = kernels_at(setup, Z, EXACT_WIDTHS[0], dtype, device, tangents, kept)
+        small = kernels_at(setup, Z, EXACT_WIDTHS[0], dtype, device, tangents, kept)  # once: no buffers kept
         smaller = {NNGP: small.nngp, **small.ntk}
         for name in unknown:
             what = "the NNGP" if name == NNGP else f"the NTK of {name!r}"

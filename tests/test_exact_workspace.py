@@ -1,0 +1,24 @@
+"""The exact path's buffers kept between calls (``tplimits.limit.exact.Workspace``): a kernel returned by one call
+is unchanged by the next calls, and each call's kernel is its own inputs' (the arc-cosine recursion written in
+``tests/test_nt_exact.py``), whatever the order of inputs and kinds."""
+
+from __future__ import annotations
+
+import torch
+
+import tplimits as tpl
+from tests.test_nt_exact import _inputs, _ntp_mlp, _relu_duals
+
+
+def test_kernels_returned_are_not_overwritten_by_later_calls():
+    limit = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=3, d_in=4, activation="relu")
+    inputs = [_inputs(6, seed=s) for s in range(3)]
+    expected = [dict(zip(("nngp", "ntk"), _ntp_mlp(X, 3, True, _relu_duals), strict=True)) for X in inputs]
+    held = []
+    for i, kind in ((0, "ntk"), (1, "nngp"), (1, "ntk"), (0, "nngp"), (2, "ntk"), (2, "nngp"), (0, "ntk")):
+        K = limit.kernel(inputs[i], kind=kind, path="exact").value
+        held.append((i, kind, K, K.clone()))
+        assert (K - expected[i][kind]).abs().max() < 1e-10, (i, kind)
+    for i, kind, K, copy in held:  # nothing a later call wrote reached a kernel already returned
+        assert torch.equal(K, copy), (i, kind)
+        assert (K - expected[i][kind]).abs().max() < 1e-10, (i, kind)
