@@ -134,13 +134,14 @@ class BertLogits(torch.nn.Module):
         return self.model(ids).logits
 
 
-def test_bert_from_config_sgd():
+@pytest.mark.parametrize("optimizer, lr, particles", [("sgd", 0.5, 2**14), ("adam", 0.02, 2**12)])
+def test_bert_from_config(optimizer, lr, particles):
     ids = torch.randint(0, 16, (4, 4), generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 2, 1, 0])
-    limit = tpl.derive(BertLogits, optimizer="sgd", example_inputs=(ids,))
+    limit = tpl.derive(BertLogits, optimizer=optimizer, example_inputs=(ids,))
     with pytest.warns(UserWarning, match="attention scale"):
-        report = limit.check(ids, y, widths=[32, 128, 512], seeds=8, steps=3, lr=0.5, loss="cross_entropy",
-                             particles=2**14, progress=False)
+        report = limit.check(ids, y, widths=[32, 128, 512], seeds=8, steps=3, lr=lr, loss="cross_entropy",
+                             particles=particles, progress=False)
     assert report.passed, report.format()
 
 
