@@ -332,7 +332,7 @@ class Limit:
         setup = self._setup_for(Z)
         dots = self._resolve_dots(dots, setup)
         _check_particles(setup, particles, batches)
-        _warn_stein_bias(setup, dots, particles // batches)
+        _warn_stein_bias(setup, dots, particles // batches, stacklevel=3)  # the caller of train
         self._check_memory(setup, particles, batches, dtype, torch.device(device), copies)
         kernels = _check_kernels(kernels, setup)
         if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
@@ -463,7 +463,7 @@ class Limit:
             exact = _exact_kernel(setup, X, Z, kind, dtype, torch.device(device), required=path == "exact")
             if exact is not None:
                 return exact
-        _warn_stein_bias(setup, dots, particles // batches)
+        _warn_stein_bias(setup, dots, particles // batches, stacklevel=2)  # the caller of kernel
         values = []
         for b in range(batches):
             system = TangentSystem(_system_setup(setup, _system_seed(seed, b), particles // batches),
@@ -675,7 +675,7 @@ def directions_per_application(program: Program) -> int:
 STEIN_PARTICLES_PER_DIRECTION = 32  # tests/test_conv_dots.py: 128 directions on 1024 particles biased a kernel 2×
 
 
-def _warn_stein_bias(setup: LimitSetup, dots: str, per_system: int) -> None:
+def _warn_stein_bias(setup: LimitSetup, dots: str, per_system: int, stacklevel: int) -> None:
     """Warn where the Stein estimates of the dot terms see too few particles for the directions a matrix is
     applied to: their noise adds to every ``Wᵀδ`` a random ket of second moment ≈ (directions/particles)·E[δ²]
     in every system alike, a bias of the kernels downstream that no standard error shows."""
@@ -688,7 +688,7 @@ def _warn_stein_bias(setup: LimitSetup, dots: str, per_system: int) -> None:
         f"by about {directions / per_system:.0%} of the backward values' second moment or more (docs/"
         f"architectures.md, 'Convolutions over many positions'). Use at least "
         f"{STEIN_PARTICLES_PER_DIRECTION * directions} particles per system, or fewer inputs per step"),
-        stacklevel=3)
+        stacklevel=stacklevel + 1)
 
 
 def _non_smooth(setup: LimitSetup) -> list[str]:
