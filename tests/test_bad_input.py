@@ -332,3 +332,11 @@ def test_update_rules_must_be_a_mapping(verb):
         verb("mlp", update_rules=3)
     with pytest.raises(tpl.PluginError, match="optimizer must be a registered name or an UpdateRule, got int"):
         verb("mlp", update_rules={"*.weight": 3})
+
+
+def test_examples_checks_its_data_as_train_does(limit):
+    with pytest.raises(tpl.TplimitsError, match="X must be a tensor .* got str"):
+        limit.examples("rows")
+    with pytest.raises(tpl.TplimitsError, match="X has non-finite entries"):
+        limit.examples([[1.0, float("nan"), 3.0]])
+    assert limit.examples([[1.0, 2.0, 3.0]]) == limit.examples(torch.ones(1, 3))  # a list is data, as in train

@@ -179,6 +179,7 @@ class Limit:
     def examples(self, X: torch.Tensor) -> Examples:
         """Where the examples of data ``X`` and of the outputs on it lie (:class:`~tplimits.limit.runs.Examples`:
         axis 1 of both for a sequence-first model)."""
+        X = data("X", X)
         fam = self.family(_lowering_inputs(X))
         if not fam.program.batch_generic and (tuple(X.shape), X.dtype) not in self._batch_first:
             _refuse_other_batch_axis(fam)
