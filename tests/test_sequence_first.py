@@ -127,3 +127,11 @@ def test_sequence_first_model_specific_to_its_batch_size_is_refused():
     assert not limit.family(X).program.batch_generic
     with pytest.raises(tpl.BatchSizeError, match="examples lie along axis 1 of its inputs.*batch-first"):
         limit.train(X, y, steps=1, particles=2**8, batches=2, progress=False)
+
+
+def test_diagnose_counts_sequence_first_examples_along_their_axis():
+    """``diagnose`` pairs inputs with targets along the batch axes the program records: 4 examples against 3
+    targets is named (axis 0 holds the time steps, equal on both sides), before any model is trained."""
+    X, y = _data(EXAMPLES, 0)
+    with pytest.raises(tpl.TplimitsError, match=r"X has 4 rows but y has 3 \(along axis 1 of X and 1 of y"):
+        tpl.diagnose(SequenceFirst, X, y[:, :3], widths=[8, 16], steps=1)

@@ -260,8 +260,6 @@ def diagnose(arch: Arch, X: Any, y: Any, *,
     _check_coord_check(list(params), widths, steps, lr, seeds, 0.0)
     check_count("columns", columns, 1)
     X, y = runs.data("X", X), runs.data("y", y)
-    if len(X) != len(y):
-        raise TplimitsError(f"X has {len(X)} rows but y has {len(y)}: one target per input")
     resolved_params = [registry.parametrization(p) for p in params]
     names = [p.name for p in resolved_params]
     if len(set(names)) != len(names):
@@ -273,6 +271,7 @@ def diagnose(arch: Arch, X: Any, y: Any, *,
                             "Diagnose a gradient-based optimizer.")
     inputs = as_tuple(example_inputs) if example_inputs is not None else (X,)
     fam = family(arch, inputs, base, **config)
+    runs.Examples.of(fam.program).matched(X, y)  # along the batch axes the program records (sequence-first data)
     report = diagnose_family(fam, (X,), y, resolved_params, rule, loss_fn, list(widths), seeds, steps, lr, columns,
                              dict(optimizer_options or {}), progress)
     if not limit:

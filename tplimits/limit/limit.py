@@ -325,10 +325,7 @@ class Limit:
         check_dtype_device(dtype, device)
         X, y = data("X", X), data("y", y)
         examples = self.examples(X)
-        if examples.count_targets(y) != examples.count(X):
-            where = "" if examples == BATCH_FIRST else (f" (along axis {examples.inputs} of X and {examples.outputs} "
-                                                       "of y, the batch axes of the inputs and outputs)")
-            raise TplimitsError(f"X has {examples.count(X)} rows but y has {examples.count_targets(y)}{where}")
+        examples.matched(X, y)
         Z = X if X_test is None else _joined(X, "X_test", X_test, examples)
         setup = self._setup_for(Z)
         dots = self._resolve_dots(dots, setup)

@@ -57,6 +57,15 @@ class Examples:
         """The number of examples of targets ``y``."""
         return _length("y", y, self.outputs)
 
+    def matched(self, X: torch.Tensor, y: torch.Tensor) -> int:
+        """The number of examples of ``X``, which must equal that of its targets ``y`` (else a named error)."""
+        rows, targets = self.count(X), self.count_targets(y)
+        if rows != targets:
+            where = "" if self == BATCH_FIRST else (f" (along axis {self.inputs} of X and {self.outputs} of y, the "
+                                                   "batch axes of the inputs and outputs)")
+            raise TplimitsError(f"X has {rows} rows but y has {targets}{where}: one target per input")
+        return rows
+
     def join(self, X: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """``X`` followed by the examples of ``other``."""
         return torch.cat([X, other], dim=self.inputs)
