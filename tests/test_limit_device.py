@@ -26,14 +26,16 @@ def test_gpu_limit_matches_training(data, optimizer, lr, particles):
     assert report.passed, report.format()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_gpu_and_cpu_limits_agree(data, dtype):
-    """Independent particle systems on the two devices (float32 on the GPU too) estimate the same limit."""
+@pytest.mark.parametrize("dtype, expected", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                             (None, torch.float32)])
+def test_gpu_and_cpu_limits_agree(data, dtype, expected):
+    """Independent particle systems on the two devices (float32 on the GPU too, its default) estimate the same
+    limit."""
     X, y = data
     limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
     cpu = limit.train(X, y, steps=5, lr=0.5, particles=2**15, seed=0, progress=False)
     gpu = limit.train(X, y, steps=5, lr=0.5, particles=2**15, seed=1, device="cuda", dtype=dtype, progress=False)
-    assert gpu.outputs.dtype == dtype
+    assert gpu.outputs.dtype == expected
     z = (gpu.outputs.double() - cpu.outputs) / (gpu.outputs_se.double().square() + cpu.outputs_se.square()).sqrt()
     assert z.abs().max() < 4.5, z
     assert (cpu.outputs[-1] - cpu.outputs[0]).abs().max() > 0.1

@@ -55,6 +55,7 @@ from tplimits.limit.runs import (
     data,
     digest,
     explosion_bound,
+    limit_dtype,
     standard_error,
 )
 from tplimits.optimizers.base import UpdateRule
@@ -242,7 +243,7 @@ class Limit:
     def train(self, X: torch.Tensor, y: torch.Tensor, steps: int = 50, lr: float = 0.1,
               loss: str | Loss | Callable = "mse", batch_size: int | None = None, X_test: torch.Tensor | None = None,
               particles: int = 2**14, seed: int = 0, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float64, batches: int = 4, dots: str = "auto", kernels: Sequence[str] = (),
+              dtype: torch.dtype | None = None, batches: int = 4, dots: str = "auto", kernels: Sequence[str] = (),
               checkpoint: str | None = None, checkpoint_every: int = 10, progress: bool = True, center: bool = False,
               copies: int | None = None, distributed: bool | str | None = None) -> Trajectory:
         """Train the limit on ``(X, y)`` for ``steps`` updates at learning rate ``lr`` (the same ``lr`` as
@@ -263,7 +264,8 @@ class Limit:
         (Gaussian integration by parts; any rule, no autograd graph) or ``"auto"`` (autograd where it
         applies and is affordable). ``checkpoint``: a file the run is saved to every
         ``checkpoint_every`` steps and resumed from if it exists (``stein`` dots only: an autograd
-        graph cannot be saved).
+        graph cannot be saved). ``dtype``: the particles' precision, by default float32 on a GPU and float64 on
+        the CPU (docs/limit.md, "Monte Carlo error, determinism, checkpoints").
 
         ``distributed``: under an initialized ``torch.distributed`` process group (``None``, the default, or
         ``True``, which requires one) the ``batches`` independent systems are spread over the ranks and every
@@ -322,6 +324,7 @@ class Limit:
             raise TplimitsError(f"center must be True or False, got {center!r}")
         if copies is not None and (not isinstance(copies, int) or isinstance(copies, bool) or copies < 1):
             raise TplimitsError(f"copies must be a positive integer (or None), got {copies!r}")
+        dtype = limit_dtype(dtype, device)
         check_dtype_device(dtype, device)
         X, y = data("X", X), data("y", y)
         examples = self.examples(X)
@@ -422,7 +425,7 @@ class Limit:
         return record
 
     def kernel(self, X: torch.Tensor, kind: str = "ntk", X2: torch.Tensor | None = None, particles: int = 2**14,
-               batches: int = 4, seed: int = 0, dtype: torch.dtype = torch.float64,
+               batches: int = 4, seed: int = 0, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", dots: str = "auto", path: str = "auto") -> Kernel:
         """The NT limit's kernel at initialization between ``X`` and ``X2`` (default ``X``): ``kind="ntk"``,
         the neural tangent kernel with the parametrization's per-parameter learning-rate and gradient
@@ -442,6 +445,7 @@ class Limit:
             raise TplimitsError(f"path must be one of {KERNEL_PATHS}, got {path!r}")
         _check_numbers(steps=0, lr=0.0, batch_size=None, particles=particles, batches=batches, seed=seed,
                        checkpoint_every=1)
+        dtype = limit_dtype(dtype, device)
         check_dtype_device(dtype, device)
         X = data("X", X)
         examples = self.examples(X)

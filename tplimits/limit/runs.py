@@ -229,6 +229,19 @@ def data(name: str, value: Any) -> torch.Tensor:
     return t
 
 
+def limit_dtype(dtype: torch.dtype | None, device: Any) -> torch.dtype:
+    """``dtype`` as given, or the limit engine's default on ``device``: float32 on a GPU, whose float64 rate is a
+    small fraction of its float32 rate (docs/limit.md shows the two give the same limit within standard error),
+    and float64 on the CPU."""
+    if dtype is not None:
+        return dtype
+    try:
+        on_gpu = torch.device(device).type == "cuda"
+    except (RuntimeError, TypeError):
+        on_gpu = False  # check_dtype_device names the bad device
+    return torch.float32 if on_gpu else torch.float64
+
+
 def check_dtype_device(dtype: Any, device: Any) -> None:
     """A dtype and a device a run (the limit or a finite model) can use, or a named error."""
     if dtype not in FLOAT_DTYPES:
