@@ -136,3 +136,41 @@ def test_random_scalar_of_unknown_law_is_refused_by_name(data):
     with pytest.raises(UnknownInitLaw, match="'gain'") as error:
         tpl.derive(_Hot, optimizer="sgd", param="muP").setup(X)
     assert error.value.parameter == "gain"
+
+
+def test_shared_draws_check_the_limit_given_one_draw(data):
+    """Each seed keeps its own Θ(1) gain at every width, so its gap to the mixture does not shrink and ``check``
+    cannot pass; with ``shared_draws=True`` every finite seed and every system take one draw of the gain, and the
+    finite models converge to the limit given that draw (slope ≤ −0.4, within 3 standard errors)."""
+    X, y = data
+    limit = tpl.derive(Gained, optimizer="sgd", param="muP")
+    options = dict(widths=[64, 256, 1024], seeds=6, steps=3, lr=1.0, particles=2**12, batches=4, progress=False)
+    mixed = limit.check(X, y, **options)
+    shared = limit.check(X, y, shared_draws=True, **options)
+    print(mixed.format(), shared.format(), sep="\n\n")
+    assert mixed.mixture == ("gain",) and not mixed.passed and "shared_draws=True" in mixed.format()
+    assert mixed.raw_slope > -0.3
+    assert shared.passed and shared.mixture == ()
+    assert shared.limit.identity["draw_seed"] == "0"
+    assert float(shared.limit.outputs_se.max()) < 0.7 * float(mixed.limit.outputs_se.max())  # no spread of draws
+
+
+def test_shared_draws_give_finite_models_the_limits_draw(data):
+    """The gain (the model's own law) is the same tensor on both sides; the readout bias the parametrization
+    redraws is the limit's standard normals at the finite model's own scale (μP's N(0, 1): the same numbers)."""
+    from tplimits.limit.check import finite_steps
+
+    X, y = data
+    gained = tpl.derive(Gained, optimizer="sgd", param="muP")
+    law = gained.setup(X).draws["gain"]
+    mlp = tpl.derive("mlp", optimizer="sgd", param="muP", depth=2, d_in=3, d_out=2)
+    bias = mlp.setup(X).draws["readout.bias"]
+    schedule = batch_schedule(len(X), None, 1, 0)
+    for seed in (0, 1):
+        _, model, _ = next(finite_steps(gained, X, y, len(X), 64, seed, 1, 0.1, "mse", schedule, torch.float64,
+                                        center=True, draw_seed=3))
+        assert torch.equal(model.model.gain.detach(), law.sample(3, 64).to(torch.float64))
+        assert torch.equal(model.initial.gain.detach(), model.model.gain.detach())
+        _, model, _ = next(finite_steps(mlp, X, y.repeat(1, 2), len(X), 32, seed, 1, 0.1, "mse", schedule,
+                                        torch.float64, draw_seed=3))
+        assert torch.allclose(model.model.readout.bias.detach(), bias.sample(3, 1024).to(torch.float64))

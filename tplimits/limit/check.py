@@ -35,6 +35,7 @@ import torch
 
 from tplimits.errors import Diverged, TplimitsError, check_real
 from tplimits.limit.distributed import process_group, spread
+from tplimits.limit.draws import share_draws
 from tplimits.limit.runs import (
     Examples,
     batch_schedule,
@@ -54,6 +55,9 @@ from tplimits.training.instantiate import instantiate_family
 
 if TYPE_CHECKING:  # the Limit's check method calls this module
     from tplimits.limit.limit import Limit, Trajectory
+
+SHARED_DRAW_SEED = 0
+"""The draw both sides take under ``check(..., shared_draws=True)`` (the draw of the limit's first system)."""
 
 
 @attrs.frozen
@@ -80,6 +84,7 @@ class CheckReport:
     slope_se: float = 0.0  # the standard error of the slope, from the gaps' standard errors
     slope_t: float = 2.0  # the two-sided 95% quantile of Student's t with seeds - 1 degrees of freedom
     raw_slope: float = float("nan")  # the slope of the gaps themselves, floor included
+    mixture: tuple[str, ...] = ()  # fixed-size random tensors each side drew independently (the limit: their mixture)
 
     @property
     def relative_gap(self) -> torch.Tensor:
@@ -170,6 +175,10 @@ class CheckReport:
                      f"dots, {self.limit.seconds:.1f} s; finite widths {self.seconds_finite:.1f} s")
         lines.append(f"the limit's Monte Carlo error in every gap: {self.floor:.4g} (removed before the slope is "
                      f"fitted; slope of the gaps themselves {self.raw_slope:.3f})")
+        if self.mixture and self.status != "passed":
+            lines.append(f"the limit is the mixture over the random draws of {', '.join(self.mixture)} (no width "
+                         "axis): every seed keeps its own draw at every width, so its gap need not shrink; "
+                         "check(..., shared_draws=True) compares both sides given one draw")
         lines.append({"passed": "PASSED", "failed": "FAILED"}.get(self.status, f"UNDECIDED: {self.advice()}"))
         return "\n".join(lines)
 
@@ -215,17 +224,18 @@ class CheckReport:
 
 def finite_outputs(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, width: int, seed: int, steps: int,
                    lr: float, loss: Any, schedule: Sequence[torch.Tensor], dtype: torch.dtype,
-                   center: bool = False) -> torch.Tensor:
+                   center: bool = False, draw_seed: int | None = None) -> torch.Tensor:
     """Outputs ``[steps+1, len(Z), ...]`` of one finite-width model trained by the plain torch loop
-    (``center``: of ``f − f_0``, as ``tpl.instantiate(..., center=True)``)."""
+    (``center``: of ``f − f_0``, as ``tpl.instantiate(..., center=True)``; ``draw_seed``: its fixed-size random
+    tensors are that seed's draw, :func:`~tplimits.limit.draws.share_draws`)."""
     outputs = [out.detach() for _, _, out in finite_steps(limit, Z, y, n_train, width, seed, steps, lr, loss,
-                                                          schedule, dtype, center)]
+                                                          schedule, dtype, center, draw_seed)]
     return limit.examples(Z).first(torch.stack(outputs), n_train, lead=1)
 
 
 def finite_steps(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, width: int, seed: int, steps: int,
                  lr: float, loss: Any, schedule: Sequence[torch.Tensor], dtype: torch.dtype,
-                 center: bool = False) -> Iterator[tuple[int, Any, torch.Tensor]]:
+                 center: bool = False, draw_seed: int | None = None) -> Iterator[tuple[int, Any, torch.Tensor]]:
     """Train one finite-width model, yielding ``(t, model, outputs)`` after each forward pass, before the
     update of step ``t`` is taken (the last yield, ``t = steps``, has no update after it)."""
     loss_fn = lookup_loss(loss)
@@ -236,6 +246,8 @@ def finite_steps(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, w
         model, opt = instantiate_family(fam, width=width, param=limit.param, rule=limit.rule, lr=lr, seed=seed,
                                         center=center, weight_decay=limit.weight_decay, clip=limit.clip,
                                         optimizer_options=limit.optimizer_options)
+        if draw_seed is not None:
+            share_draws(model, limit.setup(lowering_inputs).draws, draw_seed, width)
     model = model.to(dtype)
     inputs = Z.to(dtype) if Z.is_floating_point() else Z
     targets = y.to(dtype) if y.is_floating_point() else y
@@ -272,13 +284,13 @@ def _check_arguments(widths: Sequence[int], seeds: int, max_slope: float, tolera
 
 
 def _check_trajectory(trajectory: Trajectory, X: torch.Tensor, y: torch.Tensor, tests: torch.Tensor, steps: int,
-                      lr: float, loss: Any, center: bool = False) -> None:
+                      lr: float, loss: Any, center: bool = False, draw_seed: int | None = None) -> None:
     """A trajectory handed to :func:`check` must be of the run the check trains the finite models on (``tests``:
     its test examples, none without ``X_test``)."""
     if trajectory.batches < 2:
         raise TplimitsError("the trajectory given has no standard errors (batches=1); train it with batches >= 2")
     expected = {"steps": repr(steps), "lr": repr(lr), "loss": loss.name, "X": digest(X), "y": digest(y),
-                "center": repr(center),
+                "center": repr(center), "draw_seed": repr(draw_seed),
                 "X_test": digest(tests)}
     differing = sorted(k for k, v in expected.items() if trajectory.identity.get(k) != v)
     if differing:
@@ -290,25 +302,34 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
           steps: int = 50, lr: float = 0.1, loss: Any = "mse", batch_size: int | None = None,
           X_test: torch.Tensor | None = None, dtype: torch.dtype = torch.float64, max_slope: float = -0.4,
           tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True, center: bool = False,
-          max_relative_gap: float = 1.0, **train_options: Any) -> CheckReport:
+          max_relative_gap: float = 1.0, shared_draws: bool = False, **train_options: Any) -> CheckReport:
     """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare (:func:`compare`).
-    ``center`` trains both sides on ``f − f_0``. Under a ``torch.distributed`` process group (``distributed``
-    among ``train_options``, as :meth:`Limit.train` takes it) the finite models are spread over the ranks too,
-    model ``i`` of the ``(width, seed)`` pairs on rank ``i mod world size``, and gathered on every rank: each
-    is trained exactly as in one process."""
+    ``center`` trains both sides on ``f − f_0``. ``shared_draws``: a model's fixed-size tensors initialized at random
+    (:mod:`tplimits.limit.draws`) take one draw on both sides (the limit's systems and every finite seed), so the
+    check compares the limit conditional on that draw, whose per-seed gap shrinks with width; by default each seed
+    and each system draws its own and the limit is the mixture over the law.
+
+    Under a ``torch.distributed`` process group (``distributed`` among ``train_options``, as :meth:`Limit.train`
+    takes it) the finite models are spread over the ranks too, model ``i`` of the ``(width, seed)`` pairs on rank
+    ``i mod world size``, and gathered on every rank: each is trained exactly as in one process."""
     _check_arguments(widths, seeds, max_slope, tolerance, trajectory, dtype)
     check_real("max_relative_gap", max_relative_gap, 0)
+    if not isinstance(shared_draws, bool):
+        raise TplimitsError(f"shared_draws must be True or False, got {shared_draws!r}")
+    draw_seed = SHARED_DRAW_SEED if shared_draws else None
     rank, size = process_group(train_options.get("distributed"))
     widths = tuple(sorted(widths))
     X, y = data("X", X), data("y", y)
     given = trajectory is not None
     if not given:
         trajectory = limit.train(X, y, steps=steps, lr=lr, loss=loss, batch_size=batch_size, X_test=X_test,
-                                 seed=0, dtype=dtype, progress=progress, center=center, **train_options)
+                                 seed=0, dtype=dtype, progress=progress, center=center, draw_seed=draw_seed,
+                                 **train_options)
     examples = limit.examples(X)
     Z = X if X_test is None else examples.join(X, torch.as_tensor(X_test).to(X.dtype))
     if given:
-        _check_trajectory(trajectory, X, y, examples.after(Z, examples.count(X)), steps, lr, lookup_loss(loss), center)
+        _check_trajectory(trajectory, X, y, examples.after(Z, examples.count(X)), steps, lr, lookup_loss(loss), center,
+                          draw_seed)
     bad = [t for t in range(steps + 1) if blown_up(trajectory.outputs[t], explosion_bound(y))]
     if bad:
         raise Diverged(f"the trajectory given diverged at step {bad[0]} (non-finite or exploding outputs); no verdict "
@@ -317,11 +338,15 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
     start = time.perf_counter()
     models = [(w, seed) for w in widths for seed in range(seeds)]
     runs = torch.stack(spread(len(models), lambda i: finite_outputs(limit, Z, y, examples.count(X), *models[i], steps,
-                                                                    lr, loss, schedule, dtype, center), rank, size))
+                                                                    lr, loss, schedule, dtype, center, draw_seed),
+                                    rank, size))
     runs = runs.reshape(len(widths), seeds, *runs.shape[1:])  # [widths, seeds, steps+1, M, ...]
     seconds = time.perf_counter() - start
-    return compare(runs, trajectory, widths, max_slope=max_slope, tolerance=tolerance,
-                   max_relative_gap=max_relative_gap, seconds_finite=seconds)
+    report = compare(runs, trajectory, widths, max_slope=max_slope, tolerance=tolerance,
+                     max_relative_gap=max_relative_gap, seconds_finite=seconds)
+    lowering_inputs = Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
+    mixture = () if shared_draws else tuple(sorted(limit.setup(lowering_inputs).draws))
+    return attrs.evolve(report, mixture=mixture)
 
 
 def trajectory_scale(outputs: torch.Tensor) -> float:

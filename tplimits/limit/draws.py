@@ -19,6 +19,9 @@ finite models draw it from, not from one draw of it. Where that law comes from:
 
 Each system's draw is a function of its seed alone, so a resumed or distributed run draws the same,
 and the standard errors across systems contain the law's spread: the limit is the mixture over it.
+Conditional on one draw (``Limit.train(..., draw_seed=s)``, every system the draw of ``s``) the limit is
+deterministic again, and :func:`share_draws` gives finite models at any width the same draw, so the two can be
+compared seed by seed (``Limit.check(..., shared_draws=True)``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tplimits.core.program import Program
 from tplimits.errors import UnknownInitLaw
 from tplimits.training.family import Family
 from tplimits.training.init import InitialValue, init_std
+from tplimits.training.model import ParametrizedModel, trained_tensor
 from tplimits.training.parametrize import ABCD
 
 DRAW_SEED_OFFSET = 2**40
@@ -165,3 +169,16 @@ def drawn_initial(initial: Mapping[str, InitialValue], laws: Mapping[str, Law], 
     """``initial`` with every law's tensor drawn for the system of ``seed`` (``particles`` per system)."""
     return {**initial, **{name: InitialValue("fixed", law.sample(seed, particles), initial[name].dtype)
                           for name, law in laws.items()}}
+
+
+def share_draws(model: ParametrizedModel, laws: Mapping[str, Law], seed: int, width: int) -> None:
+    """Give a finite model at ``width`` (and its frozen initial copy, when centered) the draw of ``seed`` of every
+    tensor in ``laws``: the draw the limit's systems take with ``draw_seed=seed`` — the same standard normals scaled
+    to ``width`` for a law the parametrization declares, the same tensor for the architecture's own (its law does not
+    depend on width)."""
+    for name, law in laws.items():
+        value = law.sample(seed, width)
+        for copy in (model.model, model.initial):
+            if copy is not None:
+                with torch.no_grad():
+                    trained_tensor(copy, name).copy_(value)

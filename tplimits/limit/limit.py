@@ -127,6 +127,7 @@ class _Run:
     center: bool = False  # train f - f_0 (the initial function subtracted), as instantiate(center=True)
     copies: int | None = None  # nonlinear rules: the copy population of the hidden matrices' grids
     examples: Examples = BATCH_FIRST  # the batch axes of X and of the outputs
+    draw_seed: int | None = None  # one draw of the fixed-size random tensors for every system (else each its own)
 
     @property
     def per_batch(self) -> int:
@@ -245,7 +246,8 @@ class Limit:
               particles: int = 2**14, seed: int = 0, device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None, batches: int = 4, dots: str = "auto", kernels: Sequence[str] = (),
               checkpoint: str | None = None, checkpoint_every: int = 10, progress: bool = True, center: bool = False,
-              copies: int | None = None, distributed: bool | str | None = None) -> Trajectory:
+              copies: int | None = None, distributed: bool | str | None = None,
+              draw_seed: int | None = None) -> Trajectory:
         """Train the limit on ``(X, y)`` for ``steps`` updates at learning rate ``lr`` (the same ``lr`` as
         ``tpl.instantiate(..., lr=lr)``), with ``particles`` particles split into ``batches``
         independent systems (for the standard errors). The examples of ``X`` lie along its axis 0, or along the
@@ -267,6 +269,11 @@ class Limit:
         graph cannot be saved). ``dtype``: the particles' precision, by default float32 on a GPU and float64 on
         the CPU (docs/limit.md, "Monte Carlo error, determinism, checkpoints").
 
+        ``draw_seed``: where the model has fixed-size tensors initialized at random (:mod:`tplimits.limit.draws`),
+        every system takes the draw of this seed instead of its own, giving the limit conditional on that draw (which
+        ``Limit.check(..., shared_draws=True)`` compares with finite models given the same draw); by default the
+        systems draw independently and the limit is the mixture over the law.
+
         ``distributed``: under an initialized ``torch.distributed`` process group (``None``, the default, or
         ``True``, which requires one) the ``batches`` independent systems are spread over the ranks and every
         rank returns the whole trajectory, bit-identical on CPU to the single-process run with the same seed
@@ -280,7 +287,7 @@ class Limit:
             raise CheckpointError("checkpoint= is for runs in one process; a run spread or sharded over a process "
                                   "group (distributed) keeps no checkpoint: pass distributed=False or no checkpoint")
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
-                                   batches, dots, kernels, checkpoint, checkpoint_every, center, copies)
+                                   batches, dots, kernels, checkpoint, checkpoint_every, center, copies, draw_seed)
         start = time.perf_counter()
         identity = self._identity(run, setup)
         desc = "NT limit" if setup.regime == "operator" else "μ-limit"
@@ -315,7 +322,7 @@ class Limit:
     def _prepare(self, X: Any, y: Any, X_test: Any, steps: int, lr: float, loss: Any, batch_size: int | None,
                  particles: int, seed: int, device: Any, dtype: torch.dtype, batches: int, dots: str,
                  kernels: Sequence[str], checkpoint: str | None, checkpoint_every: int, center: bool = False,
-                 copies: int | None = None) -> tuple[_Run, LimitSetup]:
+                 copies: int | None = None, draw_seed: int | None = None) -> tuple[_Run, LimitSetup]:
         """Every argument checked (before any lowering or training), converted, and the setup for the inputs."""
         loss_fn = lookup_loss(loss)
         _check_numbers(steps=steps, lr=lr, batch_size=batch_size, particles=particles, batches=batches, seed=seed,
@@ -324,6 +331,8 @@ class Limit:
             raise TplimitsError(f"center must be True or False, got {center!r}")
         if copies is not None and (not isinstance(copies, int) or isinstance(copies, bool) or copies < 1):
             raise TplimitsError(f"copies must be a positive integer (or None), got {copies!r}")
+        if draw_seed is not None and (not isinstance(draw_seed, int) or isinstance(draw_seed, bool) or draw_seed < 0):
+            raise TplimitsError(f"draw_seed must be a non-negative integer (or None), got {draw_seed!r}")
         dtype = limit_dtype(dtype, device)
         check_dtype_device(dtype, device)
         X, y = data("X", X), data("y", y)
@@ -349,7 +358,7 @@ class Limit:
         schedule = batch_schedule(examples.count(X), batch_size, steps, seed)
         run = _Run(X, y, Z, examples.count(X), steps, lr, loss_fn, schedule, particles, batches, seed, dtype,
                    torch.device(device), dots, kernels, X_test is not None, explosion_bound(y), center, copies,
-                   examples)
+                   examples, draw_seed)
         return run, setup
 
     def _train_system(self, setup: LimitSetup, run: _Run, b: int, current: dict | None, bar: Any,
@@ -359,7 +368,8 @@ class Limit:
         ``saving`` is (checkpoint path, every how many steps, the run's identity). ``observe(t, interp)`` is
         called after each update's backward pass, with the values of the whole total program at step ``t``.
         ``shard``: this process trains its rank's rows of the system."""
-        setup = _system_setup(setup, _system_seed(run.seed, b), run.per_batch)
+        draw = _system_seed(run.seed, b) if run.draw_seed is None else run.draw_seed
+        setup = _system_setup(setup, draw, run.per_batch)
         if setup.regime == "operator":
             return self._train_tangent_system(setup, run, b, bar)
         checkpoint, checkpoint_every, identity = saving
@@ -531,6 +541,7 @@ class Limit:
             "kernels": repr(run.kernels),
             "center": repr(run.center),
             "copies": repr(run.copies),
+            "draw_seed": repr(run.draw_seed),
         }
 
     def _resolve_dots(self, dots: str, setup: LimitSetup) -> str:
