@@ -5,6 +5,7 @@
     python benchmarks/bench_nt.py protocol --samples 100 --widths 64 512 4096 --seeds 10 --steps 20
     python benchmarks/bench_nt.py kernels           # exact vs Monte Carlo vs empirical NTK (torch.func)
     python benchmarks/bench_nt.py kernels --nt-python /tmp/ntvenv/bin/python   # and neural-tangents (MLP, CNN)
+    python benchmarks/bench_nt.py ops --repeats 30  # the cost of the exact path's passes over 512 × 512, one thread
 
 Kernels: depth-3 relu MLP under NTP, d_in 10, one output, float64. The exact path (Gaussian integrals)
 against the Monte Carlo path and against the empirical NTK of instantiated NTP networks
@@ -39,6 +40,7 @@ import resource
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -255,9 +257,78 @@ def kernels(args: argparse.Namespace) -> None:
         race("cnn", cnn, X_cnn, args, X_cnn.permute(0, 2, 3, 1))
 
 
+def _op_time(fn: Callable[[], object], repeats: int) -> float:
+    """The minimum over ``repeats`` of the processor time of ten calls of ``fn``, per call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(10):
+            fn()
+        times.append((time.process_time() - start) / 10)
+    return min(times)
+
+
+def ops(args: argparse.Namespace) -> None:
+    """What the exact path's passes over ``N × N`` float64 tensors cost on this CPU (``--big-rows``), one thread,
+    into buffers: the angle's square root as torch's ``sqrt`` and as the path's ``x⁺·max(x, tiny)^-½``, the
+    candidates for the angle itself, a transposing copy (what mirroring one triangle costs), and the interpreter's
+    Python (the MLP's NTK and the NNGP after it at 8 inputs, where the tensors cost nothing)."""
+    from tplimits.limit.exact import _sqrt_nonnegative
+
+    _pin(1)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(args.big_rows, 20, generator=g, dtype=torch.float64)
+    S = A @ A.T / 20
+    var = S.diagonal()
+    x = torch.outer(var, var) - S * S
+    c = (S / torch.outer(var, var).sqrt()).clamp(-1, 1)
+    a, b = torch.empty_like(S), torch.empty_like(S)
+    timed = {
+        "sqrt (torch.sqrt of the clamped x)": lambda: torch.sqrt(torch.clamp_min(x, 0, out=a), out=a),
+        "x⁺·max(x, tiny)^-½ (_sqrt_nonnegative)": lambda: _sqrt_nonnegative(a.copy_(x), b),
+        "  of which the copy into the buffer": lambda: a.copy_(x),
+        "atan2": lambda: torch.atan2(x, S, out=a),
+        "acos of the correlation": lambda: torch.acos(c, out=a),
+        "asin of the correlation": lambda: torch.asin(c, out=a),
+        "a cheap pass (mul)": lambda: torch.mul(S, S, out=a),
+        "a transposing copy": lambda: a.copy_(S.T),
+    }
+    for name, fn in timed.items():
+        print(f"{name}: {_op_time(fn, args.repeats) * 1e3:.3f} ms over {args.big_rows} × {args.big_rows}")
+    limit = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=3, d_in=10, activation="relu")
+    X = torch.randn(8, 10, generator=g, dtype=torch.float64)
+    limit.kernel(X, path="exact")
+    ntk, nngp = [], []
+    for r in range(10 * args.repeats):  # new inputs each time: the NNGP after the NTK of the same rows is kept
+        Xr = X * (1 + 1e-12 * (r + 1))
+        start = time.process_time()
+        limit.kernel(Xr, kind="ntk", path="exact")
+        middle = time.process_time()
+        limit.kernel(Xr, kind="nngp", path="exact")
+        ntk.append(middle - start)
+        nngp.append(time.process_time() - middle)
+    print(f"MLP, 8 inputs: NTK {min(ntk) * 1e3:.2f} ms, the NNGP after it {min(nngp) * 1e3:.2f} ms (processor time, "
+          f"minimum of {len(ntk)})")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+    X = torch.randn(args.big_rows, 10, generator=g, dtype=torch.float64)
+    for warm in (2, 3):  # the structure of these shapes found, then kept under the contributions' known powers
+        limit.kernel(X * warm, kind="ntk", path="exact")
+    with Count():
+        limit.kernel(X, kind="ntk", path="exact"), limit.kernel(X, kind="nngp", path="exact")
+    print(f"MLP, {args.big_rows} inputs: {Count.calls} tensor operations for the NTK and the NNGP")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["protocol", "cost", "kernels"], nargs="+")
+    parser.add_argument("what", choices=["protocol", "cost", "kernels", "ops"], nargs="+")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 512, 4096])
     parser.add_argument("--seeds", type=int, default=6)
@@ -275,7 +346,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="kernels: cores (and threads) of both sides")
     args = parser.parse_args()
     for what in args.what:
-        {"protocol": protocol, "cost": cost, "kernels": kernels}[what](args)
+        {"protocol": protocol, "cost": cost, "kernels": kernels, "ops": ops}[what](args)
 
 
 if __name__ == "__main__":

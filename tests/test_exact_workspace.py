@@ -22,3 +22,20 @@ def test_kernels_returned_are_not_overwritten_by_later_calls():
     for i, kind, K, copy in held:  # nothing a later call wrote reached a kernel already returned
         assert torch.equal(K, copy), (i, kind)
         assert (K - expected[i][kind]).abs().max() < 1e-10, (i, kind)
+
+
+def test_square_root_of_the_angle_matches_torch_sqrt():
+    """``x⁺·max(x, tiny)^-½`` (the arc-cosine angle's square root, faster than torch's float64 ``sqrt`` on CPU) against
+    ``torch.sqrt`` of ``max(x, 0)``: within 2 ulp, exact zeros and negative rounding noise give 0, NaN stays NaN."""
+    from tplimits.limit.exact import _sqrt_nonnegative
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(4000, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-300, 300, (4000,),
+                                                                                               generator=g),
+                   torch.tensor([0.0, -0.0, -1e-17, -3.0, 1e-310, float("nan")], dtype=torch.float64)])
+    expected = torch.sqrt(x.clamp_min(0))
+    got = _sqrt_nonnegative(x.clone(), torch.empty_like(x))
+    finite = torch.isfinite(expected) & (expected > 1e-150)
+    assert ((got[finite] - expected[finite]).abs() <= 2 * torch.finfo(x.dtype).eps * expected[finite]).all()
+    assert torch.equal(got[-6:-2], torch.zeros(4, dtype=x.dtype))  # zeros and negative noise: exactly 0
+    assert 0 < float(got[-2]) < 1e-150 and torch.isnan(got[-1])  # a subnormal stays negligible; NaN propagates
