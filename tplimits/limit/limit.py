@@ -469,12 +469,14 @@ class Limit:
         if setup.regime != "operator":
             raise TplimitsError(f"{self.param.name} with {self.rule.name} is in the feature learning regime: its "
                                 "limit (the μ-limit) has no fixed kernel. Kernels are the NT limit's: use NTP.")
-        _check_particles(setup, particles, batches)
-        dots = self._resolve_dots(dots, setup)
-        if path != "monte carlo":
+        if dots not in DOTS:
+            raise TplimitsError(f"dots must be one of {DOTS}, got {dots!r}")
+        if path != "monte carlo":  # particles, batches and dots are the Monte Carlo path's: checked where it runs
             exact = _exact_kernel(setup, X, Z, kind, dtype, torch.device(device), required=path == "exact")
             if exact is not None:
                 return exact
+        _check_particles(setup, particles, batches)
+        dots = self._resolve_dots(dots, setup)
         _warn_stein_bias(setup, dots, particles // batches, stacklevel=2)  # the caller of kernel
         values = []
         for b in range(batches):
@@ -608,7 +610,8 @@ def _exact_kernel(setup: LimitSetup, X: torch.Tensor, Z: torch.Tensor, kind: str
     if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
         raise Diverged(f"the exact {kind.upper()} has non-finite entries: inputs or parameters too large for the "
                        "dtype; use float64 or smaller inputs", value=kind)
-    return Kernel(value, torch.zeros_like(value), kind, "exact", 0, 0)
+    # zero by construction: one broadcast zero, not a fresh N×N block per call (read-only: in-place writes raise)
+    return Kernel(value, torch.zeros((), dtype=value.dtype).expand(value.shape), kind, "exact", 0, 0)
 
 
 def _memory(device: torch.device) -> int:
