@@ -693,9 +693,10 @@ def _warn_stein_bias(setup: LimitSetup, dots: str, per_system: int, stacklevel: 
 
 
 def _non_smooth(setup: LimitSetup) -> list[str]:
-    """The program's instructions (forward and backward) whose lowering rule declared them not smooth."""
+    """The program's instructions (forward and backward) whose lowering rule declared them not smooth, except
+    those that declared their kinks (``Nonlin.kinks``: autograd dots smooth the point masses they leave)."""
     return [f"%{ins.name} ({fn_name(ins.fn)})" for ins in setup.program.instructions
-            if isinstance(ins, Nonlin) and not ins.smooth]
+            if isinstance(ins, Nonlin) and not ins.smooth and not ins.kinks]
 
 
 def _system_setup(setup: LimitSetup, seed: int, particles: int) -> LimitSetup:
