@@ -258,7 +258,7 @@ def smoothed_jumps(x: torch.Tensor, dy: torch.Tensor, kinks: Sequence[tuple[floa
 class HatFamily:
     """The hat-kets of one initial matrix in one direction (W or Wᵀ), jointly Gaussian (Eq. 2.18)."""
 
-    BATCHED_ENTRIES = 2 ** 24  # entries of the cotangents one batched autograd pass carries (autograd dots)
+    BATCHED_ENTRIES = 2 ** 22  # entries of the cotangents one batched autograd pass carries (autograd dots)
 
     def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
                  device: torch.device, track_grad: bool, shard: Shard | None = None) -> None:
