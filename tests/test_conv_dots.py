@@ -73,16 +73,16 @@ def _finite_ratio(X: torch.Tensor, y: torch.Tensor, width: int, seeds: int) -> t
 
 
 def _limit_ratio(setup: LimitSetup, X: torch.Tensor, y: torch.Tensor, particles: int, systems: int,
-                 dots: str = "stein") -> tuple[float, float]:
+                 dots: str = "stein", device: str = "cpu") -> tuple[float, float]:
     """The same ratio of the limit's kernels ``⟨d b0|d b0⟩ / ⟨d b2|d b2⟩`` at step 0, over independent systems
     of ``particles`` each; the error signal of ``‖f − y‖²`` at ``f = 0`` is ``−2y``."""
     names = {b: next(ins.name for ins in setup.program.instructions if ins.name.startswith(f"d_{b}_bias_from"))
              for b in BIASES}
     ratios = []
     for system in range(systems):
-        net = ParticleNetwork(setup, particles, system, torch.float64, "cpu", dots, 0.1, 1)
-        interp = net.forward((X,))
-        net.backward_and_update(interp, -2 * y)
+        net = ParticleNetwork(setup, particles, system, torch.float64, device, dots, 0.1, 1)
+        interp = net.forward((X.to(device),))
+        net.backward_and_update(interp, -2 * y.to(device))
         kernel = {b: float(interp.values[name].detach().square().mean()) for b, name in names.items()}
         ratios.append(kernel["b0"] / kernel["b2"])
     return _mean_se(ratios)
