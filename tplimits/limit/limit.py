@@ -259,9 +259,10 @@ class Limit:
         (default: the system's particles, at most ``tplimits.limit.nt.DEFAULT_COPIES``; with at least as
         many copies as particles the μ-limit keeps the dense same-population grid).
 
-        ``dots``: ``"autograd"`` (per-particle derivatives; linear update rules only), ``"stein"``
-        (Gaussian integration by parts; any rule, no autograd graph) or ``"auto"`` (autograd where it
-        applies and is affordable). ``checkpoint``: a file the run is saved to every
+        ``dots``: ``"autograd"`` (per-particle derivatives; linear update rules only, and kinks only where
+        their lowering rule declared them, as relu's: no bias from the many directions a convolution adds,
+        at one backward pass per component), ``"stein"`` (Gaussian integration by parts; any rule, no
+        autograd graph) or ``"auto"`` (autograd where it applies to a smooth program and is affordable). ``checkpoint``: a file the run is saved to every
         ``checkpoint_every`` steps and resumed from if it exists (``stein`` dots only: an autograd
         graph cannot be saved).
 
