@@ -262,9 +262,9 @@ class Limit:
         ``dots``: ``"autograd"`` (per-particle derivatives; linear update rules only, and kinks only where
         their lowering rule declared them, as relu's: no bias from the many directions a convolution adds,
         at one backward pass per component), ``"stein"`` (Gaussian integration by parts; any rule, no
-        autograd graph) or ``"auto"`` (autograd where it applies to a smooth program and is affordable). ``checkpoint``: a file the run is saved to every
-        ``checkpoint_every`` steps and resumed from if it exists (``stein`` dots only: an autograd
-        graph cannot be saved).
+        autograd graph) or ``"auto"`` (autograd where it applies to a smooth program and is affordable).
+        ``checkpoint``: a file the run is saved to every ``checkpoint_every`` steps and resumed from if it
+        exists (``stein`` dots only: an autograd graph cannot be saved).
 
         ``distributed``: under an initialized ``torch.distributed`` process group (``None``, the default, or
         ``True``, which requires one) the ``batches`` independent systems are spread over the ranks and every
