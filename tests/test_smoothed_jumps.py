@@ -11,6 +11,8 @@ import math
 
 import torch
 
+import tplimits as tpl
+from tplimits.core.backprop import Pullback
 from tplimits.limit.kets import smoothed_jumps
 
 
@@ -49,3 +51,14 @@ def test_value_unchanged():
     x = torch.randn(100, dtype=torch.float64, requires_grad=True)
     dy = torch.randn(100, dtype=torch.float64)
     assert torch.equal(smoothed_jumps(x, dy, ((0.0, 1.0),), 100), torch.zeros(100, dtype=torch.float64))
+
+
+def test_relu_rule_declares_its_kink_and_the_pullback_inherits_it():
+    relu_op = torch.ops.aten.relu.default
+    backward = tpl.total_program(tpl.lower("mlp", depth=2, activation="relu")).program
+    relu = [ins for ins in backward if isinstance(ins, tpl.Nonlin) and ins.fn is relu_op]
+    pullbacks = [ins for ins in backward if isinstance(ins, tpl.Nonlin) and isinstance(ins.fn, Pullback)
+                 and ins.fn.fn is relu_op]
+    assert relu and pullbacks and all(ins.kinks == ((0.0, 1.0),) for ins in relu + pullbacks)
+    smooth = tpl.total_program(tpl.lower("mlp", depth=2, activation="tanh")).program
+    assert not any(ins.kinks for ins in smooth if isinstance(ins, tpl.Nonlin))
