@@ -3,12 +3,14 @@
 The backward pass through a convolution ``Wᵀ δ`` carries the dot term ``Ż = Σ_r E_r E[∂δ/∂Ĝ_r]`` (Eq. 2.19):
 one expectation per pair (direction ``r`` the matrix was applied to, component ``k`` of ``δ``). A convolution
 applies each kernel offset's matrix to ``batch × positions`` components at once (``K = 2 × 64 = 128``
-here), so its hat family holds ``r ≈ K`` directions after one pass. ReLU's kink rules out autograd dots, and
-the Stein estimate ``E[G_r δ_k] ≈ (1/P) Σ_i G_ir δ_ik`` over ``P`` particles adds, to every ``Wᵀ δ``, noise of
-second moment ``≈ (r / P) E[δ²]``: a *bias* of the kernels downstream, not a standard error, since every
-particle system carries it. The gradient of a batch-norm bias two convolutions below the output shows it:
-the sum over batch and positions of the cotangent, whose true value is small (the cotangents above it sum to
-zero over batch and positions, through the batch norm above).
+here), so its hat family holds ``r ≈ K`` directions after one pass. The Stein estimate
+``E[G_r δ_k] ≈ (1/P) Σ_i G_ir δ_ik`` over ``P`` particles adds, to every ``Wᵀ δ``, noise of second moment
+``≈ (r / P) E[δ²]``: a *bias* of the kernels downstream, not a standard error, since every particle system
+carries it. Autograd dots differentiate each particle's cotangent instead; relu's pullback jumps, and the point
+mass of its derivative is smoothed (``tplimits.limit.kets.smoothed_jumps``), so their noise is one number per
+component rather than one per direction and component. The gradient of a batch-norm bias two convolutions
+below the output shows the difference: the sum over batch and positions of the cotangent, whose true value is
+small (the cotangents above it sum to zero over batch and positions, through the batch norm above).
 
 Expected values: ``torch.autograd`` on μP-instantiated finite models (the ratio of the squared gradients of
 two batch-norm biases: both are vectors of the same role, so the ratio is the limit's kernel ratio, free of
@@ -70,18 +72,18 @@ def _finite_ratio(X: torch.Tensor, y: torch.Tensor, width: int, seeds: int) -> t
     return _mean_se(ratios)
 
 
-def _limit_ratio(setup: LimitSetup, X: torch.Tensor, y: torch.Tensor, particles: int,
-                 systems: int) -> tuple[float, float]:
+def _limit_ratio(setup: LimitSetup, X: torch.Tensor, y: torch.Tensor, particles: int, systems: int,
+                 dots: str = "stein", device: str = "cpu") -> tuple[float, float]:
     """The same ratio of the limit's kernels ``⟨d b0|d b0⟩ / ⟨d b2|d b2⟩`` at step 0, over independent systems
     of ``particles`` each; the error signal of ``‖f − y‖²`` at ``f = 0`` is ``−2y``."""
     names = {b: next(ins.name for ins in setup.program.instructions if ins.name.startswith(f"d_{b}_bias_from"))
              for b in BIASES}
     ratios = []
     for system in range(systems):
-        net = ParticleNetwork(setup, particles, system, torch.float64, "cpu", "stein", 0.1, 1)
-        interp = net.forward((X,))
-        net.backward_and_update(interp, -2 * y)
-        kernel = {b: float(interp.values[name].square().mean()) for b, name in names.items()}
+        net = ParticleNetwork(setup, particles, system, torch.float64, device, dots, 0.1, 1)
+        interp = net.forward((X.to(device),))
+        net.backward_and_update(interp, -2 * y.to(device))
+        kernel = {b: float(interp.values[name].detach().square().mean()) for b, name in names.items()}
         ratios.append(kernel["b0"] / kernel["b2"])
     return _mean_se(ratios)
 
@@ -113,22 +115,29 @@ def test_bn_bias_gradient_below_two_convolutions_matches_autograd_with_ample_par
     assert _agrees(limit, finite), (limit, finite)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the Stein dots of tplimits/limit/kets.py carry a bias ≈ r/P in the kernels downstream of "
-                   "a matrix applied to r ≈ 128 components with P = 256 particles per system (here the ratio comes "
-                   "out about twice the autograd value)")
-def test_bn_bias_gradient_below_two_convolutions_matches_autograd_with_few_particles(setup, finite):
+def test_bn_bias_gradient_below_two_convolutions_matches_autograd_with_few_particles_and_autograd_dots(setup, finite):
+    """256 particles per system, 2 per component: Stein's estimate comes out about twice the autograd value
+    (next test), autograd dots with relu's smoothed point mass agree."""
+    X, y = _data()
+    limit = _limit_ratio(setup, X, y, particles=256, systems=4, dots="autograd")
+    assert _agrees(limit, finite), (limit, finite)
+
+
+def test_stein_dots_with_few_particles_are_biased(setup, finite):
+    """The comparison above can fail: at the same 256 particles per system the Stein dots overshoot the
+    autograd value by more than the tolerance (docs/architectures.md: 0.0172 against 0.0085)."""
     X, y = _data()
     limit = _limit_ratio(setup, X, y, particles=256, systems=4)
-    assert _agrees(limit, finite), (limit, finite)
+    assert limit[0] > finite[0] and not _agrees(limit, finite), (limit, finite)
 
 
 def test_train_warns_where_the_stein_dots_see_too_few_particles():
     """128 components reach each convolution at once: 256 particles per system is warned of, and 4096 per
-    system (32 per component) is not."""
+    system (32 per component) is not; the warning points at autograd dots, which relu's declared kink allows."""
     X, y = _data()
     limit = tpl.derive(_BatchNormCNN, example_inputs=(X,), optimizer="sgd")
-    with pytest.warns(tpl.SteinBiasWarning, match="applied to 128 components at once .* 256 particles per system"):
+    with pytest.warns(tpl.SteinBiasWarning, match="applied to 128 components at once .* 256 particles per system"
+                      ".*dots='autograd'"):
         limit.train(X, y, steps=1, lr=0.1, particles=512, batches=2, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", tpl.SteinBiasWarning)

@@ -69,12 +69,26 @@ def test_autograd_and_stein_dots_agree(activation):
     assert a.dots == "autograd" and s.dots == "stein"
 
 
-def test_autograd_dots_refused_for_kinks_and_nonlinear_rules():
+class _ClampMLP(torch.nn.Module):
+    """A kink whose lowering rule declares no kink points (``clamp``): autograd dots cannot smooth it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.hidden = torch.nn.Linear(4, width), torch.nn.Linear(width, width)
+        self.out = torch.nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(self.inp(x).clamp(min=0.0)).clamp(min=0.0))
+
+
+def test_autograd_dots_refused_for_undeclared_kinks_and_nonlinear_rules():
     X, y = torch.randn(3, 4), torch.randn(3, 1)
+    clamped = tpl.derive(_ClampMLP, example_inputs=(X,), optimizer="sgd")
+    with pytest.raises(tpl.TplimitsError, match="clamp.*declared no kinks.*stein"):
+        clamped.train(X, y, steps=1, particles=256, dots="autograd", progress=False)
     relu = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=4, activation="relu")
-    with pytest.raises(tpl.TplimitsError, match="relu.*stein"):
-        relu.train(X, y, steps=1, particles=256, dots="autograd", progress=False)
-    assert relu.train(X, y, steps=1, particles=256, progress=False).dots == "stein"
+    assert relu.train(X, y, steps=1, particles=256, dots="autograd", progress=False).dots == "autograd"
+    assert relu.train(X, y, steps=1, particles=256, progress=False).dots == "stein"  # auto: kinks keep Stein
     adam = tpl.derive("mlp", optimizer="adam", depth=2, d_in=4)
     with pytest.raises(tpl.TplimitsError, match="linear update rule"):
         adam.train(X, y, steps=1, particles=256, dots="autograd", progress=False)

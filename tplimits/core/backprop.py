@@ -331,7 +331,7 @@ def _pull_function(b: _Builder, ins: Nonlin | Regroup, dy: str, needs: set[str])
                           layout=arg_layout)
         else:  # the derivative of a function with a kink jumps: the pullback inherits the declaration
             name = b.emit(Nonlin, base, origin, fn=pull, args=(*leaves, Ref(dy)), layout=arg_layout,
-                          smooth=ins.smooth)
+                          smooth=ins.smooth, kinks=ins.kinks if isinstance(ins, Nonlin) and i == 0 else ())
         b.contribute(leaf.name, name)
 
 

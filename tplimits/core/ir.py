@@ -321,6 +321,11 @@ class Nonlin(Instruction):
       in each of them separately; ``("arc-cosine", k, scale, shift)``: ``scale·max(x, 0)^k + shift`` of its
       first argument (k = 0 is the unit step); ``("error function",)``; ``("quadrature",)``: a smooth
       function of its first argument alone, integrated numerically (quadrature).
+    * ``kinks``: ``((point, size), ...)``: ``fn`` is continuous and coordinatewise in its first argument,
+      and its derivative in it jumps by ``size`` at ``point`` (relu: ``((0.0, 1.0),)``); empty when
+      undeclared. The pullback of that argument inherits the declaration: its *value* jumps there, by
+      ``size`` times the cotangent, and the limit's autograd dots smooth the point mass this leaves in its
+      derivative (:func:`tplimits.limit.kets.smoothed_jumps`).
     """
 
     fn: Callable = attrs.field(eq=False)
@@ -330,6 +335,7 @@ class Nonlin(Instruction):
     width_scale: str | None = attrs.field(default=None, validator=attrs.validators.in_((None, "default", "model")))
     differentiable: bool = True
     gaussian: tuple | None = None
+    kinks: tuple[tuple[float, float], ...] = ()
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -204,18 +204,19 @@ class LoweringContext:
 
     def nonlin(self, fn: Callable, *args: Any, layout: Layout, kwargs: Mapping[str, Any] | None = None,
                hint: str | None = None, smooth: bool = True, width_scale: str | None = None,
-               differentiable: bool = True, gaussian: tuple | None = None) -> Value:
+               differentiable: bool = True, gaussian: tuple | None = None,
+               kinks: tuple[tuple[float, float], ...] = ()) -> Value:
         """Emit ``fn(*args, **kwargs)``, applied coordinate by coordinate along the width axis.
 
         ``smooth=False`` declares that ``fn`` has a kink or a jump; ``width_scale`` that it scales
         logits by its width-dependent constant; ``differentiable=False`` that backpropagation stops at
-        this identity ``fn``; ``gaussian`` what it does to Gaussian arguments (see
-        :class:`~tplimits.core.ir.Nonlin`).
+        this identity ``fn``; ``gaussian`` what it does to Gaussian arguments, ``kinks`` where its
+        derivative in its first argument jumps (see :class:`~tplimits.core.ir.Nonlin`).
         """
         self._check_activation(layout)
         refs = self._to_refs(args, kwargs or {})
         return self.emit(Nonlin, hint=hint, fn=fn, args=refs[0], kwargs=refs[1], layout=layout, smooth=smooth,
-                         width_scale=width_scale, differentiable=differentiable, gaussian=gaussian)
+                         width_scale=width_scale, differentiable=differentiable, gaussian=gaussian, kinks=kinks)
 
     def regroup(self, fn: Callable, *args: Any, layout: Layout, block: Fraction,
                 kwargs: Mapping[str, Any] | None = None, hint: str | None = None) -> Value:

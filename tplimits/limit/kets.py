@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tplimits.core.backprop import Pullback
 from tplimits.core.interpret import FiniteInterpreter
 from tplimits.core.ir import (
     Avg,
@@ -126,6 +127,12 @@ class MatMulPlan:
         width_letter = self.a if self.a in letters else self.b
         sizes = {**self.sizes, width_letter: x.shape[letters.index(width_letter)]}
         want = self.fixed + width_letter + self.components
+        if self.fixed and x.requires_grad and all(x.stride(letters.index(c)) == 0 for c in self.fixed):
+            # one vector for every fixed index (a convolution's cotangent, broadcast over kernel offsets): kept
+            # one tensor, expanded, so autograd dots differentiate it once for all offsets (HatFamily.dot)
+            one = x[tuple(slice(0, 1) if c in self.fixed else slice(None) for c in letters)]
+            t = _to_letters(one, letters, want, {**sizes, **dict.fromkeys(self.fixed, 1)})
+            return t.reshape(1, sizes[width_letter], self.n_components).expand(self.n_fixed, -1, -1)
         t = _to_letters(x, letters, want, sizes)
         return t.reshape(self.n_fixed, sizes[width_letter], self.n_components)
 
@@ -222,8 +229,36 @@ def _expand(terms: Terms) -> torch.Tensor | None:
     return None if total is None else total.mT.contiguous()
 
 
+JUMP_BANDWIDTH = 1.0  # the point mass's Gaussian width, in standard deviations of its argument, at one particle
+
+
+def smoothed_jumps(x: torch.Tensor, dy: torch.Tensor, kinks: Sequence[tuple[float, float]],
+                   particles: int) -> torch.Tensor:
+    """A term of value zero whose derivative in ``x`` is ``dy · Σ_j size_j φ_ε(x − point_j)``: added to the
+    pullback ``dy · f'(x)`` of a function whose derivative jumps by ``size_j`` at ``point_j`` (``Nonlin.kinks``),
+    it gives autograd dots the point masses of ``f''`` that per-particle autograd misses, as Gaussian kernel
+    density estimates over the particles (bias O(ε²), variance O(1/(εP)) per component).
+
+    ``ε = JUMP_BANDWIDTH · std(x) · P^(-1/5)``, the rate that balances a kernel density estimate's squared
+    bias and variance. Noise in such an estimate multiplies the component's own ket (``E[∂δ_k/∂Ĝ]`` along
+    the directions of ``x_k``'s application), one number per component, where Stein's estimate adds noise
+    along every direction of the family."""
+    xd = x.detach()
+    spread = xd.std() if xd.numel() > 1 else xd.new_tensor(1.0)
+    eps = JUMP_BANDWIDTH * float(spread) * particles ** -0.2
+    if not math.isfinite(eps) or eps <= 0:
+        return torch.zeros_like(dy)
+    total = None
+    for point, size in kinks:
+        cdf = torch.special.ndtr((x - point) / eps) * size
+        total = cdf if total is None else total + cdf
+    return (total - total.detach()) * dy.detach()
+
+
 class HatFamily:
     """The hat-kets of one initial matrix in one direction (W or Wᵀ), jointly Gaussian (Eq. 2.18)."""
+
+    BATCHED_ENTRIES = 2 ** 22  # entries of the cotangents one batched autograd pass carries (autograd dots)
 
     def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
                  device: torch.device, track_grad: bool, shard: Shard | None = None) -> None:
@@ -309,24 +344,39 @@ class HatFamily:
         if not x.requires_grad:
             return None
         leaves = self.gaussians.parts
-        F, _, K = x.shape
-        eye = torch.eye(F * K, dtype=x.dtype, device=x.device).reshape(F * K, F, 1, K).expand(F * K, F, x.shape[1], K)
-        try:
-            grads = torch.autograd.grad(x, leaves, grad_outputs=eye, retain_graph=True, allow_unused=True,
-                                        is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: one pass per component
-            per = [torch.autograd.grad(x, leaves, grad_outputs=eye[j], retain_graph=True, allow_unused=True)
-                   for j in range(F * K)]
-            grads = [None if per[0][c] is None else torch.stack([p[c] for p in per]) for c in range(len(leaves))]
+        F, P, K = x.shape
+        shared = F > 1 and x.stride(0) == 0  # one tensor for every fixed index (MatMulPlan.canonical)
+        out = x[:1] if shared else x
+        rows = out.shape[0] * K
+        eye = torch.eye(rows, dtype=x.dtype, device=x.device).reshape(rows, out.shape[0], 1, K)
+        chunk = max(1, self.BATCHED_ENTRIES // max(1, out.numel()))  # one batched pass's cotangents stay bounded
+        parts = [self._sums_of_derivatives(out, leaves, eye[j: j + chunk].expand(-1, -1, P, -1))
+                 for j in range(0, rows, chunk)]
         blocks = []
-        for leaf, g in zip(leaves, grads, strict=True):
-            if g is None:
+        for c, leaf in enumerate(leaves):
+            if parts[0][c] is None:
                 blocks.append(torch.zeros(F, leaf.shape[2], K, dtype=x.dtype, device=x.device))
                 continue
-            g = g.reshape(F, K, F, -1, leaf.shape[2]).sum(dim=3)  # [f_out, k, f_leaf, r]
-            diag = torch.stack([g[f, :, f, :] for f in range(F)])  # [F, K, r]
+            g = torch.cat([p[c] for p in parts]).reshape(out.shape[0], K, F, leaf.shape[2])  # [f_out, k, f_leaf, r]
+            diag = g[0].transpose(0, 1) if shared else torch.stack([g[f, :, f, :] for f in range(F)])  # [F, K, r]
             blocks.append(diag.transpose(1, 2))
         return torch.cat(blocks, dim=1).detach()
+
+    @staticmethod
+    def _sums_of_derivatives(x: torch.Tensor, leaves: list[torch.Tensor],
+                             cotangents: torch.Tensor) -> list[torch.Tensor | None]:
+        """``Σ_i`` of each leaf's gradient against each of a batch of ``cotangents`` ([B, *x.shape]): per leaf
+        ``[B, F, r]`` (None where ``x`` does not depend on it). Particles do not depend on each other's
+        Gaussians, so a cotangent that is one on a component at every particle gives every particle's own
+        derivative at once."""
+        try:
+            grads = torch.autograd.grad(x, leaves, grad_outputs=cotangents, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: one pass per cotangent
+            per = [torch.autograd.grad(x, leaves, grad_outputs=c, retain_graph=True, allow_unused=True)
+                   for c in cotangents]
+            grads = [None if per[0][c] is None else torch.stack([p[c] for p in per]) for c in range(len(leaves))]
+        return [None if g is None else g.sum(dim=2) for g in grads]
 
 
 class PairGrids:
@@ -652,6 +702,10 @@ class KetInterpreter(FiniteInterpreter):
         # no cut on kets: a cut gradient (``.detach()``) leaves the value's dependence on earlier kets, which
         # autograd dots differentiate, as it is; the backward half of the total program has no path through it
         value = self.apply(ins)
+        if ins.kinks and torch.is_tensor(value) and value.requires_grad and isinstance(ins.fn, Pullback) \
+                and not ins.fn.per_coordinate:
+            x, dy = (self.values[a.name] for a in (ins.args[0], ins.args[-1]))
+            value = value + smoothed_jumps(x, dy, ins.kinks, self.n)
         # a constant built in forward from no value (an LSTM's zero state, traced with the dtype then in force)
         # takes the system's dtype and device, as inputs and folded constants do
         return value if ins.inputs else _cast(value, self.dtype, self.device)

@@ -262,12 +262,14 @@ class Limit:
         (default: the system's particles, at most ``tplimits.limit.nt.DEFAULT_COPIES``; with at least as
         many copies as particles the μ-limit keeps the dense same-population grid).
 
-        ``dots``: ``"autograd"`` (per-particle derivatives; linear update rules only), ``"stein"``
-        (Gaussian integration by parts; any rule, no autograd graph) or ``"auto"`` (autograd where it
-        applies and is affordable). ``checkpoint``: a file the run is saved to every
-        ``checkpoint_every`` steps and resumed from if it exists (``stein`` dots only: an autograd
-        graph cannot be saved). ``dtype``: the particles' precision, by default float32 on a GPU and float64 on
-        the CPU (docs/limit.md, "Monte Carlo error, determinism, checkpoints").
+        ``dots``: ``"autograd"`` (per-particle derivatives; linear update rules only, and kinks only where
+        their lowering rule declared them, as relu's: no bias from the many directions a convolution adds,
+        at one backward pass per component), ``"stein"`` (Gaussian integration by parts; any rule, no
+        autograd graph) or ``"auto"`` (autograd where it applies to a smooth program and is affordable).
+        ``checkpoint``: a file the run is saved to every ``checkpoint_every`` steps and resumed from if it
+        exists (``stein`` dots only: an autograd graph cannot be saved). ``dtype``: the particles' precision, by
+        default float32 on a GPU and float64 on the CPU (docs/limit.md, "Monte Carlo error, determinism,
+        checkpoints").
 
         ``draw_seed``: where the model has fixed-size tensors initialized at random (:mod:`tplimits.limit.draws`),
         every system takes the draw of this seed instead of its own, giving the limit conditional on that draw (which
@@ -547,6 +549,9 @@ class Limit:
         }
 
     def _resolve_dots(self, dots: str, setup: LimitSetup) -> str:
+        """The dots a run uses. ``auto``: autograd for smooth programs applying each matrix to few components
+        (one backward pass per component), Stein otherwise. Explicit autograd dots also take programs whose
+        kinks are all declared (``Nonlin.kinks``, relu's family): they smooth the point masses those leave."""
         if dots not in DOTS:
             raise TplimitsError(f"dots must be one of {DOTS}, got {dots!r}")
         # The NT limit takes dots once, at initialization, whatever its rule: a linear rule is not needed.
@@ -555,15 +560,16 @@ class Limit:
             raise TplimitsError(
                 f"dots='autograd' needs a linear update rule with plain updates; {self.rule.name} keeps a dense "
                 "[P, P] grid of Q values whose dependence on each particle is not tracked. Use dots='stein'.")
-        kinks = _non_smooth(setup)
-        if dots == "autograd" and kinks:
+        undeclared = _non_smooth(setup)
+        if dots == "autograd" and undeclared:
             raise TplimitsError(
-                f"dots='autograd' differentiates every function of the program, but {kinks[0]} has a derivative "
-                "that jumps (its second derivative is a point mass autograd does not see); use dots='stein'")
+                f"dots='autograd' differentiates every function of the program, but {undeclared[0]} has a derivative "
+                "that jumps (its second derivative is a point mass autograd does not see, and its lowering rule "
+                "declared no kinks to smooth it); use dots='stein'")
         if dots != "auto":
             return dots
         cheap = _components(setup) <= AUTOGRAD_MAX_COMPONENTS
-        return "autograd" if linear and cheap and not kinks else "stein"
+        return "autograd" if linear and cheap and not _non_smooth(setup, declared=True) else "stein"
 
     def check(self, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] = (128, 512, 2048), seeds: int = 8,
               steps: int = 50, lr: float = 0.1, **options: Any) -> checking.CheckReport:
@@ -691,26 +697,35 @@ def directions_per_application(program: Program) -> int:
 STEIN_PARTICLES_PER_DIRECTION = 32  # tests/test_conv_dots.py: 128 directions on 1024 particles biased a kernel 2×
 
 
-def _warn_stein_bias(setup: LimitSetup, dots: str, per_system: int, stacklevel: int) -> None:
-    """Warn where the Stein estimates of the dot terms see too few particles for the directions a matrix is
-    applied to: their noise adds to every ``Wᵀδ`` a random ket of second moment ≈ (directions/particles)·E[δ²]
+def _stein_biased(setup: LimitSetup, per_system: int) -> bool:
+    """Whether the Stein estimates of the dot terms see too few particles per system for the directions a matrix
+    is applied to: their noise adds to every ``Wᵀδ`` a random ket of second moment ≈ (directions/particles)·E[δ²]
     in every system alike, a bias of the kernels downstream that no standard error shows."""
-    directions = directions_per_application(setup.program)
-    if dots != "stein" or directions * STEIN_PARTICLES_PER_DIRECTION <= per_system:
+    return directions_per_application(setup.program) * STEIN_PARTICLES_PER_DIRECTION > per_system
+
+
+def _warn_stein_bias(setup: LimitSetup, dots: str, per_system: int, stacklevel: int) -> None:
+    """Warn where a run uses Stein dots and they are biased (:func:`_stein_biased`)."""
+    if dots != "stein" or not _stein_biased(setup, per_system):
         return
+    directions = directions_per_application(setup.program)
     warnings.warn(SteinBiasWarning(
         f"a hidden matrix is applied to {directions} components at once (batch rows × positions) against "
         f"{per_system} particles per system: the Stein estimates of its dot terms bias the kernels downstream "
         f"by about {directions / per_system:.0%} of the backward values' second moment or more (docs/"
         f"architectures.md, 'Convolutions over many positions'). Use at least "
-        f"{STEIN_PARTICLES_PER_DIRECTION * directions} particles per system, or fewer inputs per step"),
+        f"{STEIN_PARTICLES_PER_DIRECTION * directions} particles per system, fewer inputs per step, or "
+        "dots='autograd' where a linear rule (SGD) and relu-family kinks allow it (no such bias, at one "
+        "backward pass per component)"),
         stacklevel=stacklevel + 1)
 
 
-def _non_smooth(setup: LimitSetup) -> list[str]:
-    """The program's instructions (forward and backward) whose lowering rule declared them not smooth."""
+def _non_smooth(setup: LimitSetup, declared: bool = False) -> list[str]:
+    """The program's instructions (forward and backward) whose lowering rule declared them not smooth; with
+    ``declared`` False, only those that declared no kinks (``Nonlin.kinks``: autograd dots smooth the point
+    masses the declared ones leave)."""
     return [f"%{ins.name} ({fn_name(ins.fn)})" for ins in setup.program.instructions
-            if isinstance(ins, Nonlin) and not ins.smooth]
+            if isinstance(ins, Nonlin) and not ins.smooth and (declared or not ins.kinks)]
 
 
 def _system_setup(setup: LimitSetup, seed: int, particles: int) -> LimitSetup:

@@ -109,13 +109,13 @@ def check_broadcast(ctx: LoweringContext, node: OpNode, layout: Layout) -> None:
 
 def coordinatewise(ctx: LoweringContext, node: OpNode, fn: Callable | None = None, *,
                    broadcast: bool = False, smooth: bool = True, width_scale: str | None = None,
-                   gaussian: tuple | None = None) -> Value:
+                   gaussian: tuple | None = None, kinks: tuple[tuple[float, float], ...] = ()) -> Value:
     """Lower ``node`` as the op itself applied coordinate by coordinate (a Nonlin).
 
     ``broadcast``: the op broadcasts its arguments elementwise; check their width axes line up.
     ``smooth=False``: the op has a kink or a jump (relu, abs, comparisons); ``width_scale``: it scales
-    logits by a width-dependent constant argument; ``gaussian``: what it does to Gaussian arguments
-    (see :class:`~tplimits.core.ir.Nonlin`).
+    logits by a width-dependent constant argument; ``gaussian``: what it does to Gaussian arguments;
+    ``kinks``: where its derivative in its first argument jumps (see :class:`~tplimits.core.ir.Nonlin`).
     """
     layout = node.layout
     if layout is None or (layout and isinstance(layout[0], tuple)):
@@ -123,7 +123,7 @@ def coordinatewise(ctx: LoweringContext, node: OpNode, fn: Callable | None = Non
     if broadcast:
         check_broadcast(ctx, node, layout)
     return ctx.nonlin(fn or node.target, *node.args, layout=layout, kwargs=node.kwargs, smooth=smooth,
-                      width_scale=width_scale, gaussian=gaussian)
+                      width_scale=width_scale, gaussian=gaussian, kinks=kinks)
 
 
 def vector_width_axis(ctx: LoweringContext, x: Value) -> int | None:

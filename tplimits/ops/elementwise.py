@@ -94,7 +94,26 @@ def elementwise(ctx: LoweringContext, node: OpNode) -> Any:
     if matrices:
         return _on_matrix(ctx, node, name, matrices[0])
     return coordinatewise(ctx, node, _out_of_place(node.target), broadcast=True, smooth=name not in KINKED,
-                          width_scale=_width_scale(node), gaussian=GAUSSIAN.get(name))
+                          width_scale=_width_scale(node), gaussian=GAUSSIAN.get(name), kinks=_kinks(node, name))
+
+
+def _kinks(node: OpNode, name: str) -> tuple[tuple[float, float], ...]:
+    """Where the derivative of a relu-family op in its input jumps, and by how much (``Nonlin.kinks``);
+    empty for every other op (and for bounds that are not plain numbers)."""
+    if name == "relu":
+        return ((0.0, 1.0),)
+    if name == "relu6":
+        return ((0.0, 1.0), (6.0, -1.0))
+    if name == "abs":
+        return ((0.0, 2.0),)
+    if name == "leaky_relu":
+        slope = node.arg(1, "negative_slope", 0.01)
+        return ((0.0, 1.0 - float(slope)),) if isinstance(slope, int | float) else ()
+    if name == "hardtanh":
+        low, high = node.arg(1, "min_val", -1.0), node.arg(2, "max_val", 1.0)
+        if isinstance(low, int | float) and isinstance(high, int | float):
+            return ((float(low), 1.0), (float(high), -1.0))
+    return ()
 
 
 def _width_scale(node: OpNode) -> str | None:
