@@ -44,8 +44,8 @@ class Swin(nn.Module):
         import transformers as hf
 
         config = hf.SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=width, depths=[1], num_heads=[2],
-                               window_size=4 if variant == "window4" else 2, mlp_ratio=2.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                               drop_path_rate=0.0, num_labels=3)
+                               window_size=4 if variant == "window4" else 2, mlp_ratio=2.0, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3)
         self.model = hf.SwinForImageClassification(config)
         attention = self.model.swin.encoder.layers[0].blocks[0].attention
         if variant in ("norel", "norel-noembnorm"):
