@@ -3,7 +3,8 @@ for reduced Swin variants.
 
 Each variant is ``SwinForImageClassification`` from the config of ``bench_architectures.py`` (image 8, patch 2,
 embed_dim = width, depths [1], 2 heads, window 2, mlp_ratio 2; 2 images, 3 labels) with one component changed.
-The limit is trained once per variant (``--particles`` in ``--batches`` systems, SGD, centered); the finite
+The limit is trained once per variant (``--particles`` in ``--batches`` systems, SGD, centered unless
+``--uncentered``); the finite
 models at ``--widths`` × ``--seeds`` are compared with it by ``Limit.check(trajectory=...)``. For every width the
 row prints the per-seed gap and the seed-mean gap, relative to the trajectory's scale, and the seed-mean gap in
 its standard errors; then the check's slope and verdict.
@@ -77,24 +78,26 @@ VARIANTS = ("base", "norel", "window4", "noembnorm", "norel-noembnorm", "vit")
 
 
 def run(variant: str, widths: list[int], seeds: int, particles: int, batches: int, lr: float, steps: int,
-        optimizer: str) -> None:
+        optimizer: str, center: bool = True) -> None:
     X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (2,), generator=torch.Generator().manual_seed(1))
     make: Callable[[int], nn.Module] = ViT if variant == "vit" else lambda w: Swin(w, variant)
     limit = tpl.derive(make, example_inputs=(X,), optimizer=optimizer)
     start = time.process_time()
     trajectory = limit.train(X, y, steps=steps, lr=lr, loss="cross_entropy", particles=particles, batches=batches,
-                             progress=False, center=True)
+                             progress=False, center=center)
     limit_cpu = time.process_time() - start
     start = time.process_time()
     report = limit.check(X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, loss="cross_entropy",
-                         trajectory=trajectory, progress=False, center=True)
+                         trajectory=trajectory, progress=False, center=center)
     finite_cpu = time.process_time() - start
     rows = [f"{w}: gap {float(g):.3f} ± {float(gs):.3f}, mean gap {float(m):.3f} ({float(ms):.1f} SE)"
             for w, g, gs, m, ms in zip(widths, report.gap / report.scale, report.gap_se / report.scale,
                                        report.mean_gap / report.scale, report.mean_gap / report.mean_gap_se,
                                        strict=True)]
-    print(f"{variant} ({optimizer} lr {lr}, {steps} steps, {particles} particles in {batches} systems, {seeds} seeds; "
+    centered = "centered" if center else "uncentered"
+    print(f"{variant} ({optimizer} lr {lr}, {steps} steps, {centered}, {particles} particles in {batches} systems, "
+          f"{seeds} seeds; "
           f"scale {report.scale:.3g}, floor {report.floor / report.scale:.4f}; CPU s: limit {limit_cpu:.0f}, "
           f"finite {finite_cpu:.0f})\n  " + "\n  ".join(rows)
           + f"\n  slope {report.slope:.2f} ± {report.slope_se:.2f}: {report.status}", flush=True)
@@ -110,11 +113,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--uncentered", action="store_true", help="train f itself, not f - f_0, on both sides")
     args = parser.parse_args()
     with default_dtype(torch.float64), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for variant in args.variants:
-            run(variant, args.widths, args.seeds, args.particles, args.batches, args.lr, args.steps, args.optimizer)
+            run(variant, args.widths, args.seeds, args.particles, args.batches, args.lr, args.steps, args.optimizer,
+                not args.uncentered)
 
 
 if __name__ == "__main__":
