@@ -5,7 +5,7 @@ Each variant is ``SwinForImageClassification`` from the config of ``bench_archit
 embed_dim = width, depths [1], 2 heads, window 2, mlp_ratio 2; 2 images, 3 labels) with one component changed.
 The limit is trained once per variant (``--particles`` in ``--batches`` systems, SGD, centered unless
 ``--uncentered``); the finite
-models at ``--widths`` × ``--seeds`` are compared with it by ``Limit.check(trajectory=...)``. For every width the
+models at ``--widths`` × ``--seeds`` are compared with it as ``Limit.check`` compares them. For every width the
 row prints the per-seed gap and the seed-mean gap, relative to the trajectory's scale, and the seed-mean gap in
 its standard errors; then the check's slope and verdict.
 
@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 import tplimits as tpl
-from tplimits.limit.runs import default_dtype
+from tplimits.limit.check import CheckReport, compare, finite_outputs
+from tplimits.limit.runs import batch_schedule, default_dtype
 
 
 class ZeroBias(nn.Module):
@@ -77,8 +78,17 @@ class ViT(nn.Module):
 VARIANTS = ("base", "norel", "window4", "noembnorm", "norel-noembnorm", "vit")
 
 
+def _summary(report: CheckReport, widths: list[int]) -> list[str]:
+    return [f"{w}: gap {float(g):.3f} ± {float(gs):.3f}, mean gap {float(m):.3f} ({float(ms):.1f} SE)"
+            for w, g, gs, m, ms in zip(widths, report.gap / report.scale, report.gap_se / report.scale,
+                                       report.mean_gap / report.scale, report.mean_gap / report.mean_gap_se,
+                                       strict=True)]
+
+
 def run(variant: str, widths: list[int], seeds: int, particles: int, batches: int, lr: float, steps: int,
-        optimizer: str, center: bool = True) -> None:
+        optimizer: str, center: bool = True, subsets: int = 1) -> None:
+    """The check of ``variant`` with all ``seeds``, then (``subsets`` > 1) with each of that many disjoint groups
+    of them against the same limit: how far a check with fewer seeds scatters."""
     X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (2,), generator=torch.Generator().manual_seed(1))
     make: Callable[[int], nn.Module] = ViT if variant == "vit" else lambda w: Swin(w, variant)
@@ -88,19 +98,23 @@ def run(variant: str, widths: list[int], seeds: int, particles: int, batches: in
                              progress=False, center=center)
     limit_cpu = time.process_time() - start
     start = time.process_time()
-    report = limit.check(X, y, widths=widths, seeds=seeds, steps=steps, lr=lr, loss="cross_entropy",
-                         trajectory=trajectory, progress=False, center=center)
+    schedule = batch_schedule(len(X), None, steps, 0)  # as Limit.check: full batches
+    runs = torch.stack([torch.stack([finite_outputs(limit, X, y, len(X), w, seed, steps, lr, "cross_entropy", schedule,
+                                                    torch.float64, center) for seed in range(seeds)])
+                        for w in widths])  # [widths, seeds, steps + 1, outputs...]
     finite_cpu = time.process_time() - start
-    rows = [f"{w}: gap {float(g):.3f} ± {float(gs):.3f}, mean gap {float(m):.3f} ({float(ms):.1f} SE)"
-            for w, g, gs, m, ms in zip(widths, report.gap / report.scale, report.gap_se / report.scale,
-                                       report.mean_gap / report.scale, report.mean_gap / report.mean_gap_se,
-                                       strict=True)]
+    report = compare(runs, trajectory, tuple(widths))
     centered = "centered" if center else "uncentered"
     print(f"{variant} ({optimizer} lr {lr}, {steps} steps, {centered}, {particles} particles in {batches} systems, "
-          f"{seeds} seeds; "
-          f"scale {report.scale:.3g}, floor {report.floor / report.scale:.4f}; CPU s: limit {limit_cpu:.0f}, "
-          f"finite {finite_cpu:.0f})\n  " + "\n  ".join(rows)
+          f"{seeds} seeds; scale {report.scale:.3g}, floor {report.floor / report.scale:.4f}; CPU s: limit "
+          f"{limit_cpu:.0f}, finite {finite_cpu:.0f})\n  " + "\n  ".join(_summary(report, widths))
           + f"\n  slope {report.slope:.2f} ± {report.slope_se:.2f}: {report.status}", flush=True)
+    size = seeds // subsets
+    for k in range(subsets if subsets > 1 else 0):
+        part = compare(runs[:, k * size:(k + 1) * size], trajectory, tuple(widths))
+        print(f"  seeds {k * size}-{(k + 1) * size - 1}: slope {part.slope:.2f} ± {part.slope_se:.2f}, "
+              f"{float(part.mean_gap[-1] / part.mean_gap_se[-1]):.1f} SE at width {widths[-1]}: {part.status}",
+              flush=True)
 
 
 def main() -> None:
@@ -113,13 +127,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--subsets", type=int, default=1, help="also check each of this many disjoint groups "
+                        "of the seeds against the same limit")
     parser.add_argument("--uncentered", action="store_true", help="train f itself, not f - f_0, on both sides")
     args = parser.parse_args()
     with default_dtype(torch.float64), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for variant in args.variants:
             run(variant, args.widths, args.seeds, args.particles, args.batches, args.lr, args.steps, args.optimizer,
-                not args.uncentered)
+                not args.uncentered, args.subsets)
 
 
 if __name__ == "__main__":
