@@ -2,12 +2,14 @@
 for reduced Swin variants.
 
 Each variant is ``SwinForImageClassification`` from the config of ``bench_architectures.py`` (image 8, patch 2,
-embed_dim = width, depths [1], 2 heads, window 2, mlp_ratio 2; 2 images, 3 labels) with one component changed.
-The limit is trained once per variant (``--particles`` in ``--batches`` systems, SGD, centered unless
-``--uncentered``); the finite
-models at ``--widths`` × ``--seeds`` are compared with it as ``Limit.check`` compares them. For every width the
-row prints the per-seed gap and the seed-mean gap, relative to the trajectory's scale, and the seed-mean gap in
-its standard errors; then the check's slope and verdict.
+embed_dim = width, depths [1], 2 heads, window 2, mlp_ratio 2; 2 images, 3 labels) with one component changed:
+``norel`` adds no relative position bias to the logits, ``window4`` attends in one window over the whole 4 × 4
+grid, ``noembnorm`` drops the layer norm after the patch embedding; ``vit`` is the matrix's ViT, for comparison.
+The limit is trained once per variant (``--particles`` in ``--batches`` systems, ``--optimizer``, centered unless
+``--uncentered``); the finite models at ``--widths`` × ``--seeds`` are compared with it as ``Limit.check``
+compares them. For every width the row prints the per-seed gap and the seed-mean gap, relative to the
+trajectory's scale, and the seed-mean gap in its standard errors; then the check's slope and verdict, and with
+``--subsets K`` the check of each of K disjoint groups of the seeds against the same limit.
 
 Run: ``python benchmarks/bench_swin.py --variants base norel`` (``--help`` lists the variants).
 """
