@@ -4,12 +4,13 @@ for reduced Swin variants.
 Each variant is ``SwinForImageClassification`` from the config of ``bench_architectures.py`` (image 8, patch 2,
 embed_dim = width, depths [1], 2 heads, window 2, mlp_ratio 2; 2 images, 3 labels) with one component changed:
 ``norel`` adds no relative position bias to the logits, ``window4`` attends in one window over the whole 4 × 4
-grid, ``noembnorm`` drops the layer norm after the patch embedding; ``vit`` is the matrix's ViT, for comparison.
-The limit is trained once per variant (``--particles`` in ``--batches`` systems, ``--optimizer``, centered unless
-``--uncentered``); the finite models at ``--widths`` × ``--seeds`` are compared with it as ``Limit.check``
-compares them. For every width the row prints the per-seed gap and the seed-mean gap, relative to the
-trajectory's scale, and the seed-mean gap in its standard errors; then the check's slope and verdict, and with
-``--subsets K`` the check of each of K disjoint groups of the seeds against the same limit.
+grid, ``noembnorm`` drops the layer norm after the patch embedding. ``vit`` is the matrix's ViT, for comparison,
+and ``vit-patch2`` that ViT on Swin's 16 patches of 2 × 2. The limit is trained once per variant
+(``--particles`` in ``--batches`` systems, ``--optimizer``, centered unless ``--uncentered``); the finite models
+at ``--widths`` × ``--seeds`` are compared with it as ``Limit.check`` compares them. For every width the row
+prints the per-seed gap and the seed-mean gap, relative to the trajectory's scale, and the seed-mean gap in its
+standard errors; then the check's slope and verdict, and with ``--subsets K`` the check of each of K disjoint
+groups of the seeds against the same limit.
 
 Run: ``python benchmarks/bench_swin.py --variants base norel`` (``--help`` lists the variants).
 """
@@ -65,19 +66,19 @@ class Swin(nn.Module):
 class ViT(nn.Module):
     """``bench_architectures.py``'s ViT (passes there), for comparison: patch 4, one layer, 2 heads."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, patch: int = 4) -> None:
         super().__init__()
         import transformers as hf
 
         self.model = hf.ViTForImageClassification(hf.ViTConfig(
             hidden_size=width, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * width, image_size=8,
-            patch_size=4, num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3))
+            patch_size=patch, num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).logits
 
 
-VARIANTS = ("base", "norel", "window4", "noembnorm", "norel-noembnorm", "vit")
+VARIANTS = ("base", "norel", "window4", "noembnorm", "norel-noembnorm", "vit", "vit-patch2")
 
 
 def _summary(report: CheckReport, widths: list[int]) -> list[str]:
@@ -93,7 +94,8 @@ def run(variant: str, widths: list[int], seeds: int, particles: int, batches: in
     of them against the same limit: how far a check with fewer seeds scatters."""
     X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (2,), generator=torch.Generator().manual_seed(1))
-    make: Callable[[int], nn.Module] = ViT if variant == "vit" else lambda w: Swin(w, variant)
+    make: Callable[[int], nn.Module] = (ViT if variant == "vit" else (lambda w: ViT(w, 2)) if variant == "vit-patch2"
+                                        else lambda w: Swin(w, variant))
     limit = tpl.derive(make, example_inputs=(X,), optimizer=optimizer)
     start = time.process_time()
     trajectory = limit.train(X, y, steps=steps, lr=lr, loss="cross_entropy", particles=particles, batches=batches,
