@@ -89,7 +89,7 @@ def _summary(report: CheckReport, widths: list[int]) -> list[str]:
 
 
 def run(variant: str, widths: list[int], seeds: int, particles: int, batches: int, lr: float, steps: int,
-        optimizer: str, center: bool = True, subsets: int = 1) -> None:
+        optimizer: str, center: bool = True, subsets: int = 1, dots: str = "auto") -> None:
     """The check of ``variant`` with all ``seeds``, then (``subsets`` > 1) with each of that many disjoint groups
     of them against the same limit: how far a check with fewer seeds scatters."""
     X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -99,7 +99,7 @@ def run(variant: str, widths: list[int], seeds: int, particles: int, batches: in
     limit = tpl.derive(make, example_inputs=(X,), optimizer=optimizer)
     start = time.process_time()
     trajectory = limit.train(X, y, steps=steps, lr=lr, loss="cross_entropy", particles=particles, batches=batches,
-                             progress=False, center=center)
+                             progress=False, center=center, dots=dots)
     limit_cpu = time.process_time() - start
     start = time.process_time()
     schedule = batch_schedule(len(X), None, steps, 0)  # as Limit.check: full batches
@@ -110,6 +110,7 @@ def run(variant: str, widths: list[int], seeds: int, particles: int, batches: in
     report = compare(runs, trajectory, tuple(widths))
     centered = "centered" if center else "uncentered"
     print(f"{variant} ({optimizer} lr {lr}, {steps} steps, {centered}, {particles} particles in {batches} systems, "
+          f"{dots} dots, "
           f"{seeds} seeds; scale {report.scale:.3g}, floor {report.floor / report.scale:.4f}; CPU s: limit "
           f"{limit_cpu:.0f}, finite {finite_cpu:.0f})\n  " + "\n  ".join(_summary(report, widths))
           + f"\n  slope {report.slope:.2f} ± {report.slope_se:.2f}: {report.status}", flush=True)
@@ -133,13 +134,15 @@ def main() -> None:
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--subsets", type=int, default=1, help="also check each of this many disjoint groups "
                         "of the seeds against the same limit")
+    parser.add_argument("--dots", default="auto", choices=("auto", "stein", "autograd"),
+                        help="the limit's dot terms: autograd has no Stein bias (Swin: 32 components)")
     parser.add_argument("--uncentered", action="store_true", help="train f itself, not f - f_0, on both sides")
     args = parser.parse_args()
     with default_dtype(torch.float64), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for variant in args.variants:
             run(variant, args.widths, args.seeds, args.particles, args.batches, args.lr, args.steps, args.optimizer,
-                not args.uncentered, args.subsets)
+                not args.uncentered, args.subsets, args.dots)
 
 
 if __name__ == "__main__":
