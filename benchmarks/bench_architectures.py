@@ -234,6 +234,10 @@ def cases() -> dict[str, Case]:
                              **{**text, "targets": _labels(2, 4)})
     for name in ("vit", "swin", "hf-resnet"):
         out[name] = Case(lambda w, name=name: HFLogits(w, lambda v: _hf(name, v)), **image, needs="transformers")
+    # Swin's seed gap shrinks only like width^-0.37 from 32 to 512 and 4 seeds scatter widely there: its check
+    # needs width 2048 and 16 seeds to decide (docs/architectures.md, "Swin"; benchmarks/bench_swin.py)
+    out["swin"] = Case(lambda w: HFLogits(w, lambda v: _hf("swin", v)), **image, needs="transformers",
+                       check_widths=(32, 128, 512, 2048), seeds=16, particles=2**14)
     for name in ("resnet", "preresnet", "wrn", "se-resnet", "densenet", "resnext"):
         out[f"pytorchcv-{name}"] = Case(lambda w, name=name: _pytorchcv(name, w), **image,
                                         width=32 if name == "se-resnet" else 8,  # squeeze to width/16 channels
