@@ -60,7 +60,13 @@ from tplimits.limit.runs import (
 )
 from tplimits.optimizers.base import UpdateRule
 from tplimits.registry.manager import loss as lookup_loss
-from tplimits.training.classify import bottleneck_message, bottlenecks, classify_program, optimizer_homogeneity
+from tplimits.training.classify import (
+    bottleneck_message,
+    bottlenecks,
+    classify_program,
+    optimizer_homogeneity,
+    unscaled_sums,
+)
 from tplimits.training.family import Family, lower_family
 from tplimits.training.loss import Loss
 from tplimits.training.model import parametrized_program
@@ -592,6 +598,14 @@ def _refuse_random_sums(program: Program, param: Parametrization) -> None:
         if abcd.a + abcd.b < 1:
             raise TplimitsError(f"the limit engines take every average over the width axis as a deterministic "
                                 f"number; {bottleneck_message(program, name, fed, abcd)}")
+    for name in unscaled_sums(program):
+        node = program[name].origin.describe() or f"%{name}"
+        raise TplimitsError(
+            f"%{name} ({node}) sums a product of width values over the width axis with no width-dependent scale "
+            "on it or its factors (attention logits q·kᵀ with scale=1, as T5 computes them): at initialization "
+            f"a sum of n independent products grows like √n, so under {param.name} the network has no limit. Scale "
+            "the sum by 1/d (or let scaled_dot_product_attention keep its default scale, which the "
+            "parametrization sets)")
 
 
 def _exact_kernel(setup: LimitSetup, X: torch.Tensor, Z: torch.Tensor, kind: str, dtype: torch.dtype,

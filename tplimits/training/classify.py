@@ -141,6 +141,39 @@ def bottleneck_message(program: Program, name: str, fed: str, abcd: ABCD) -> str
             "(e.g. an MLP hidden size left at a constant) has no μ-limit; let its size grow with width")
 
 
+def unscaled_sums(program: Program, depth: int = 4) -> list[str]:
+    """Sums over the width axis (an :class:`Avg` with a positive width power) of a product of width values none of
+    which is a parameter, with no negative width power applied to the product's factors or to the sum within
+    ``depth`` single-input steps (attention logits ``q·kᵀ`` with their ``1/d_head``, or ``1/√d_head`` that a
+    parametrization sets, on either side). Such a sum of ``n`` products is ``Θ(√n)`` random at initialization
+    (``Θ(n)`` once its factors correlate): no limit exists. Attention called with ``scale=1`` (T5) is one."""
+    parameters = {ins.name for ins in program.instructions if isinstance(ins, Parameter)}
+    users: dict[str, list] = {}
+    for ins in program.instructions:
+        for name in ins.inputs:
+            users.setdefault(name, []).append(ins)
+
+    def scaled_before(name: str, steps: int) -> bool:
+        ins = program[name]
+        if name in parameters or _renormalizes(ins):
+            return True
+        return steps > 0 and len(ins.inputs) == 1 and scaled_before(ins.inputs[0], steps - 1)
+
+    def scaled_after(name: str, steps: int) -> bool:
+        return any(_renormalizes(u) or (steps > 0 and len(u.inputs) == 1 and scaled_after(u.name, steps - 1))
+                   for u in users.get(name, []))
+
+    found = []
+    for ins in program.instructions:
+        if not (isinstance(ins, Avg) and ins.scale is not None and ins.scale.power > 0):
+            continue
+        product = program[ins.vector]
+        factors = product.inputs if isinstance(product, Nonlin) else (ins.vector,)
+        if not any(scaled_before(f, depth) for f in factors) and not scaled_after(ins.name, depth):
+            found.append(ins.name)
+    return found
+
+
 def _renormalizes(ins: object) -> bool:
     """An instruction that multiplies by a negative power of width (attention's 1/d_head on its logits)."""
     if not isinstance(ins, Nonlin):
