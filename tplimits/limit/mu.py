@@ -280,10 +280,11 @@ class ParticleNetwork:
         in_factor = torch.cat([i.detach() for _, i in factors], dim=2)
         copies = pairs.copy_rows(out_factor, pairs.c_out), pairs.copy_rows(in_factor, pairs.c_in)
         states = self.update_states[name] or {"forward": {}, "transposed": {}}
+        buffer = out_factor.new_empty(0)  # every tile's gradient, in turn
         for which, grid in pairs.grids().items():
             new, states[which] = self._grid_step(
                 name, grid, states[which], 1,
-                lambda rows, which=which: pairs.gradient(which, out_factor, in_factor, rows, copies),
+                lambda rows, which=which: pairs.gradient(which, out_factor, in_factor, rows, copies, buffer),
                 pairs.norm_scale(which))
             setattr(pairs, which, new)
         self.update_states[name] = states
@@ -301,7 +302,7 @@ class ParticleNetwork:
         scale = group["grad_scale"]
         tile = min(DENSE_TILE_ENTRIES, tile_entries(grid.device))
         new_state = None if torch.is_grad_enabled() else apply_rule_in_place(
-            self.setup.rule, grid, lambda rows: gradient(rows) * scale, state, group, self.hyper, axis, tile)
+            self.setup.rule, grid, lambda rows: _scaled(gradient(rows), scale), state, group, self.hyper, axis, tile)
         if new_state is not None:
             return grid, new_state
         return apply_rule(self.setup.rule, grid, gradient(slice(None)) * scale, state, group, self.hyper, norm_scale)
@@ -399,6 +400,11 @@ def grid_entries(setup: LimitSetup, particles: int, copies: int | None) -> int:
         else:
             total += fixed * (p_a * min(copies, p_b) + p_b * min(copies, p_a))
     return total
+
+
+def _scaled(g: torch.Tensor, scale: float) -> torch.Tensor:
+    """A grid tile's fresh gradient times ``scale``, in place (a tile-sized temporary costs page faults on CPU)."""
+    return g if scale == 1 else g.mul_(scale)
 
 
 def _snapshot(value: Any) -> Any:

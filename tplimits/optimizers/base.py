@@ -23,6 +23,7 @@ from tplimits.errors import ConfigError, OptionError, PluginError, check_option
 
 State = dict[str, torch.Tensor]
 UpdateFn = Callable[[State, torch.Tensor, int, Mapping[str, Any]], tuple[torch.Tensor, State]]
+DescendFn = Callable[[torch.Tensor, State, torch.Tensor, int, Mapping[str, Any], float, torch.Tensor], None]
 
 GROUP_OPTIONS: Mapping[str, Any] = {
     "lr_scale": 1.0,
@@ -85,6 +86,13 @@ class UpdateRule:
     it must be a ratio of averages over coordinates so that it has a limit. ``option_defaults``
     overrides the defaults of the optimizer's group options (:data:`GROUP_OPTIONS`), e.g. a default
     weight decay.
+
+    ``descend_in_place(p, state, g, t, hyper, step, scratch)``, optional, is a fast path of the same step for a
+    tensor updated in place: ``p ← p − step · Q_t`` with ``state``'s tensors overwritten by the new state's;
+    ``scratch`` is a tensor of ``p``'s shape it may overwrite, and it allocates no other temporary. It must
+    agree with ``update`` to rounding (tests/test_optimizers.py checks the built-in ones);
+    :func:`apply_rule_in_place` runs it, tile by tile, wherever the update can be cut into tiles, and
+    ``update`` everywhere else (normalized or clipped updates, the limit's differentiable steps).
     """
 
     name: str
@@ -101,6 +109,7 @@ class UpdateRule:
     signal: Callable[[MatrixAction, torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None = None
     rescale: Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
     option_defaults: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    descend_in_place: DescendFn | None = None
 
     def __attrs_post_init__(self) -> None:
         clash = sorted(_RESERVED & set(self.defaults))
@@ -436,6 +445,9 @@ def apply_rule_in_place(rule: UpdateRule, p: torch.Tensor, gradient: Callable[[s
         return None
     tile = tile_entries(p.device) if tile is None else tile
     rows_per_tile = max(1, tile * p.shape[axis] // max(p.numel(), 1))
+    if rule.descend_in_place is not None:
+        _descend_tiles(rule, p, gradient, state, group, hyper, axis, rows_per_tile)
+        return {"step": state["step"] + 1, "q_state": state["q_state"]}
     for start in range(0, p.shape[axis], rows_per_tile):
         rows = slice(start, start + rows_per_tile)
         index = (slice(None),) * axis + (rows,)
@@ -445,6 +457,26 @@ def apply_rule_in_place(rule: UpdateRule, p: torch.Tensor, gradient: Callable[[s
         for key, value in new_state["q_state"].items():
             state["q_state"][key][index] = value
     return {"step": state["step"] + 1, "q_state": state["q_state"]}
+
+
+def _descend_tiles(rule: UpdateRule, p: torch.Tensor, gradient: Callable[[slice], torch.Tensor],
+                   state: Mapping[str, Any], group: Mapping[str, Any], hyper: Mapping[str, Any], axis: int,
+                   rows: int) -> None:
+    """The rule's fast path (``descend_in_place``) on tiles of ``rows`` rows along ``axis``, each a view of ``p``
+    and of its state tensors: they are updated where they lie, with no copy back."""
+    names = list(state["q_state"])
+    step = group["lr"] * group["lr_scale"]
+    decay = 1 - group["weight_decay"]
+    views = zip(p.split(rows, axis), *(state["q_state"][k].split(rows, axis) for k in names), strict=True)
+    scratch = None  # one buffer for every tile: a fresh tile-sized tensor costs page faults on CPU
+    for i, (p_tile, *state_tiles) in enumerate(views):
+        if scratch is None:
+            scratch = torch.empty(p_tile.numel(), dtype=p.dtype, device=p.device)
+        if decay != 1:
+            p_tile.mul_(decay)
+        rule.descend_in_place(p_tile, dict(zip(names, state_tiles, strict=True)),
+                              gradient(slice(i * rows, (i + 1) * rows)), state["step"], hyper, step,
+                              scratch[: p_tile.numel()].view(p_tile.shape))
 
 
 def _descend(p: torch.Tensor, q: torch.Tensor, group: Mapping[str, Any]) -> None:
