@@ -26,7 +26,7 @@ def sgd_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) 
 
 
 def sgd_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
-                         step: float, scratch: torch.Tensor) -> None:
+                         step: float, scratch: torch.Tensor | None) -> None:
     """``p ← p − step · g`` in place."""
     p.add_(g, alpha=-step)
 
@@ -54,6 +54,7 @@ SGD = UpdateRule(
     linear=True,
     description="Q_t = g_t (torch.optim.SGD).",
     descend_in_place=sgd_descend_in_place,
+    descend_scratch=False,
 )
 
 MOMENTUM = UpdateRule(
