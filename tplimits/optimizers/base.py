@@ -551,9 +551,9 @@ def bias_correction(beta: float, t: int) -> float:
 
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator`` with ``0`` where the denominator is ``0`` (e.g. ``eps = 0`` and a
-    gradient history of zeros)."""
+    gradient history of zeros); a NaN stays NaN, as in ``torch.optim``, so a non-finite gradient shows."""
     # in place on the fresh quotient: one tensor of the result's size, not two
-    return (numerator / denominator).masked_fill_(~(denominator > 0), 0)
+    return (numerator / denominator).masked_fill_(denominator == 0, 0)
 
 
 def _zero_degree_when_zero(names: tuple[str, ...], hyper: Mapping[str, Any]) -> float | None:
