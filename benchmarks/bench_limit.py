@@ -569,12 +569,13 @@ def here() -> str:
     return str(pathlib.Path(__file__).resolve().parents[1])
 
 
-def engine_speed(before: str, optimizer: str, cases: tuple[tuple[int, ...], ...]) -> None:
+def engine_speed(before: str, optimizer: str, cases: tuple[tuple[int, ...], ...], threads: bool = True) -> None:
     """This engine against the one in source tree ``before`` (e.g. a ``git worktree`` of an earlier commit),
     one BLAS thread each, the two runs of a case back to back in this one run: CPU seconds, their ratio, and
     the largest difference of the outputs over all steps. For scale, the earlier engine against itself with 2
     BLAS threads: the difference a change of summation order alone makes (also every 10th step's). A case is
-    ``(particles, steps)`` or, for Adam, ``(particles, steps, copies per system)``."""
+    ``(particles, steps)`` or, for Adam, ``(particles, steps, copies per system)``; ``threads=False`` leaves out
+    the 2-thread run."""
     import tempfile
     with tempfile.TemporaryDirectory() as scratch:
         for particles, steps, *copies in cases:
@@ -582,21 +583,28 @@ def engine_speed(before: str, optimizer: str, cases: tuple[tuple[int, ...], ...]
             paths = {k: f"{scratch}/{k}.pt" for k in ("before", "after", "threads")}
             old = tree_run(before, particles, steps, 1, paths["before"], *extra)
             new = tree_run(here(), particles, steps, 1, paths["after"], *extra)
-            tree_run(before, particles, steps, 2, paths["threads"], *extra)
+            if threads:
+                tree_run(before, particles, steps, 2, paths["threads"], *extra)
+            else:
+                paths["threads"] = paths["before"]
             outputs = {k: torch.load(v) for k, v in paths.items()}
             scale = float(outputs["before"].abs().max())
-            gap = float((outputs["after"] - outputs["before"]).abs().max())
-            rounding = float((outputs["threads"] - outputs["before"]).abs().max())
-            by_step = {k: [float((outputs[k][t] - outputs["before"][t]).abs().max()) for t in range(0, steps + 1, 10)]
-                       for k in ("after", "threads")}
+            (gap, after_steps), (rounding, thread_steps) = (_gaps(outputs[k], outputs["before"]) for k in
+                                                            ("after", "threads"))
             label = f"{optimizer}, {particles} particles in 4 systems" + (f", {copies[0]} copies" if copies else "")
+            rounding_note = f"{rounding:.1e}" if threads else "not run"
             print(f"{label}, {steps} steps: before {old['cpu']:.1f} CPU s ({old['wall']:.1f} s wall, peak RSS "
                   f"{old['peak_rss_mb']:.0f} MB), after {new['cpu']:.1f} CPU s ({new['wall']:.1f} s wall, peak RSS "
                   f"{new['peak_rss_mb']:.0f} MB), before/after {old['cpu'] / new['cpu']:.2f} (wall "
                   f"{old['wall'] / new['wall']:.2f}); largest output difference {gap:.1e} = {gap / scale:.1e} of the "
-                  f"output scale {scale:.2f} (before, 2 BLAS threads against 1: {rounding:.1e}); at steps 0, 10, ...: "
-                  "after " + " ".join(f"{g:.0e}" for g in by_step["after"]) + ", 2 threads "
-                  + " ".join(f"{g:.0e}" for g in by_step["threads"]), flush=True)
+                  f"output scale {scale:.2f} (before, 2 BLAS threads against 1: {rounding_note}); at steps 0, 10, ...: "
+                  f"after {after_steps}" + (f", 2 threads {thread_steps}" if threads else ""), flush=True)
+
+
+def _gaps(outputs: torch.Tensor, reference: torch.Tensor) -> tuple[float, str]:
+    """The largest difference of two runs' outputs ``[steps + 1, ...]``, and every 10th step's."""
+    diff = (outputs - reference).abs()
+    return float(diff.max()), " ".join(f"{float(diff[t].max()):.0e}" for t in range(0, len(diff), 10))
 
 
 def in_trees(part: str, before: str) -> None:
@@ -628,6 +636,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-seeds", type=int, default=64, help="accuracy: most seeds per finite width")
     parser.add_argument("--before", help="linear-speed, adam-speed (required), copies, optimizer: a source tree of "
                                          "the engine to compare with, in the same run")
+    parser.add_argument("--no-threads", action="store_true",
+                        help="linear-speed, adam-speed: leave out the earlier engine's 2-thread run")
     parser.add_argument("--cases", nargs="+",
                         help="linear-speed: particles:steps of each SGD case (default "
                              + " ".join(f"{p}:{s}" for p, s in LINEAR_CASES) + "); adam-speed: particles:steps:copies "
@@ -669,8 +679,8 @@ if __name__ == "__main__":
         "flops": flops_report,
         "thin": thin_orientations,
         "grid-orientation": grid_orientations,
-        "linear-speed": lambda: engine_speed(args.before, "sgd", cases["sgd"]),
-        "adam-speed": lambda: engine_speed(args.before, "adam", cases["adam"]),
+        "linear-speed": lambda: engine_speed(args.before, "sgd", cases["sgd"], not args.no_threads),
+        "adam-speed": lambda: engine_speed(args.before, "adam", cases["adam"], not args.no_threads),
         "shard": lambda: (shard_scaling(), rounding_sensitivity()),
     }
     for name, run in parts.items():  # in this order, whatever the order asked
