@@ -17,6 +17,7 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py copies optimizer --before DIR --cpu-time  # those parts on both engines
     python benchmarks/bench_limit.py thin                       # the thin products in both orientations
     python benchmarks/bench_limit.py grid-orientation           # a copy grid's products in both orientations
+    python benchmarks/bench_limit.py elementwise                # sqrt against rsqrt; fresh tiles against a buffer
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -529,6 +530,40 @@ def grid_orientations(cases: tuple[tuple[int, int], ...] = ((4096, 256), (8192, 
     print(f"square GEMM peak (1024^3): {gemm_peak():.1f} GFLOP/s")
 
 
+def _three_alive(a: torch.Tensor) -> torch.Tensor:
+    """Three ops into fresh tensors that are alive together, as the pure rule's moments and quotient are."""
+    doubled = a * 2.0
+    root = torch.rsqrt(doubled)
+    scaled = root * 3.0
+    return scaled
+
+
+def elementwise_costs(entries: int = 2**16, repeats: int = 50) -> None:
+    """Two costs behind the Adam fast path, float64, one thread, CPU time per call: ``sqrt`` against ``rsqrt``
+    and a reciprocal (ns per entry), and three ops on a 2^18-entry tile into fresh tensors against into one
+    buffer (microseconds and minor page faults per call; the fresh ones alive together)."""
+    torch.set_num_threads(1)
+
+    def per_call(op: Any, *operands: torch.Tensor) -> tuple[float, float]:
+        op(*operands)  # warm-up, untimed
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+        for _ in range(repeats):
+            op(*operands)
+        seconds = (time.process_time() - start) / repeats
+        return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
+
+    v, out = torch.rand(entries, dtype=torch.float64) + 0.1, torch.empty(entries, dtype=torch.float64)
+    sqrt, _ = per_call(lambda a, b: torch.sqrt(a, out=b), v, out)
+    rsqrt, _ = per_call(lambda a, b: torch.rsqrt(a, out=b).reciprocal_(), v, out)
+    print(f"{entries} entries: sqrt {sqrt / entries * 1e9:.2f} ns per entry, rsqrt + reciprocal "
+          f"{rsqrt / entries * 1e9:.2f} ns ({torch.backends.cpu.get_cpu_capability()})")
+    tile, buffer = torch.rand(1, 32, 8192, dtype=torch.float64) + 0.1, torch.empty(1, 32, 8192, dtype=torch.float64)
+    fresh = per_call(_three_alive, tile)
+    reused = per_call(lambda a, b: torch.rsqrt(torch.mul(a, 2.0, out=b), out=b).mul_(3.0), tile, buffer)
+    print(f"three ops on 2^18 entries: fresh tensors {fresh[0] * 1e6:.0f} us, {fresh[1]:.0f} page faults per call; "
+          f"into one buffer {reused[0] * 1e6:.0f} us, {reused[1]:.0f} page faults")
+
+
 LINEAR_CASES = ((2**14, 10), (2**16, 10), (2**16, 50))  # SGD: particles (4 systems), steps
 ADAM_CASES = ((2**14, 10, 256), (2**16, 10, 1024))  # Adam: particles (4 systems), steps, copies per system
 
@@ -621,8 +656,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
                         help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
-                             "processes, shard, flops, linear-speed, adam-speed, thin, grid-orientation (default: "
-                             "all but the last five)")
+                             "processes, shard, flops, linear-speed, adam-speed, thin, grid-orientation, elementwise "
+                             "(default: all but the last six)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
                         help="copies / optimizer / accuracy: time by this process's CPU seconds, one thread "
@@ -679,6 +714,7 @@ if __name__ == "__main__":
         "flops": flops_report,
         "thin": thin_orientations,
         "grid-orientation": grid_orientations,
+        "elementwise": elementwise_costs,
         "linear-speed": lambda: engine_speed(args.before, "sgd", cases["sgd"], not args.no_threads),
         "adam-speed": lambda: engine_speed(args.before, "adam", cases["adam"], not args.no_threads),
         "shard": lambda: (shard_scaling(), rounding_sensitivity()),
