@@ -461,7 +461,7 @@ class MatrixOperator:
         """The initial operator and the low-rank updates on a canonical ``[F, P, K]`` ket (no dense grid): the
         hat, the dot, the updates and the copy grids' ``grids`` (:meth:`PairGrids.term`) as :data:`Terms`, summed
         by one :func:`_expand`."""
-        terms: Terms = list(grids)
+        terms: Terms = []
         y = None
         if self.kind == "gaussian":
             own, other = ("forward", "transposed") if forward else ("transposed", "forward")
@@ -475,7 +475,7 @@ class MatrixOperator:
         low = self._low_rank(xc, forward)
         if low is not None:
             terms.append(low)
-        expanded = _expand(terms)
+        expanded = _expand(terms + list(grids))
         if expanded is not None:
             y = expanded if y is None else y + expanded
         if y is None:
