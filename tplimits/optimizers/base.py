@@ -90,7 +90,7 @@ class UpdateRule:
     ``descend_in_place(p, state, g, t, hyper, step, scratch)``, optional, is a fast path of the same step for a
     tensor updated in place: ``p ← p − step · Q_t`` with ``state``'s tensors overwritten by the new state's;
     ``scratch`` is a tensor of ``p``'s shape it may overwrite, and it allocates no other temporary. It must
-    agree with ``update`` to rounding (tests/test_optimizers.py checks the built-in ones);
+    agree with ``update`` to rounding (tests/test_in_place_rules.py checks the built-in ones);
     :func:`apply_rule_in_place` runs it, tile by tile, wherever the update can be cut into tiles, and
     ``update`` everywhere else (normalized or clipped updates, the limit's differentiable steps). A fast path
     with ``descend_scratch=False`` gets ``scratch=None`` and takes a given gradient in one piece, untiled
