@@ -13,7 +13,11 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py accuracy --data digits --optimizer adam --steps 20 --cpu-time
     python benchmarks/bench_limit.py flops                      # achieved GFLOP/s against the float64 GEMM peak
     python benchmarks/bench_limit.py linear-speed --before DIR  # SGD: this engine against the one in source tree DIR
+    python benchmarks/bench_limit.py adam-speed --before DIR    # Adam with copy populations, the same comparison
+    python benchmarks/bench_limit.py copies optimizer --before DIR --cpu-time  # those parts on both engines
     python benchmarks/bench_limit.py thin                       # the thin products in both orientations
+    python benchmarks/bench_limit.py grid-orientation           # a copy grid's products in both orientations
+    python benchmarks/bench_limit.py elementwise                # sqrt against rsqrt; fresh tiles against a buffer
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -489,66 +493,171 @@ def thin_orientations(particles: int = 2**14, components: int = 16, columns: tup
     print(f"square GEMM peak (1024^3): {gemm_peak():.1f} GFLOP/s")
 
 
+def grid_orientations(cases: tuple[tuple[int, int], ...] = ((4096, 256), (8192, 512), (16384, 1024)),
+                      components: int = 16, repeats: int = 7) -> None:
+    """GFLOP/s of a copy grid's application (float64, one thread, CPU time, best of ``repeats``): ``P`` particles,
+    ``c`` copies, ``K`` components, the forward grid ``[P, c]`` and the transposed one ``[c, P]`` on the copies'
+    rows ``[c, K]``, formed as ``grid @ x`` (the engine before) and as ``(xᵀ gridᵀ)ᵀ`` (now, through
+    ``_expand``), and a tile of 2^18 gradient entries, ``[2^18 / c, K] @ [K, c]``."""
+    torch.set_num_threads(1)
+
+    def best(product: Any, *operands: torch.Tensor) -> float:
+        product(*operands)  # BLAS warm-up, untimed
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            product(*operands)
+            times.append(time.process_time() - start)
+        return min(times)
+
+    for particles, copies in cases:
+        forward = torch.randn(1, particles, copies, dtype=torch.float64)
+        transposed = torch.randn(1, copies, particles, dtype=torch.float64)
+        x = torch.randn(1, copies, components, dtype=torch.float64)
+        gflop = 2 * particles * copies * components / 1e9
+        rates = [gflop / best(lambda g, v: g @ v, forward, x), gflop / best(lambda g, v: (v.mT @ g.mT).mT, forward, x),
+                 gflop / best(lambda g, v: g.mT @ v, transposed, x),
+                 gflop / best(lambda g, v: (v.mT @ g).mT, transposed, x)]
+        rows = 2**18 // copies
+        left, buffer = torch.randn(1, rows, components, dtype=torch.float64), torch.empty(1, rows, copies,
+                                                                                          dtype=torch.float64)
+        tile_gflop = 2 * rows * copies * components / 1e9
+        tile = [tile_gflop / best(lambda a, b: a @ b, left, x.mT),
+                tile_gflop / best(lambda a, b, out: torch.bmm(a, b, out=out), left, x.mT, buffer)]
+        print(f"P {particles}, c {copies}, K {components}: forward grid {rates[0]:.1f} -> {rates[1]:.1f} GFLOP/s "
+              f"({rates[1] / rates[0]:.1f}x), transposed grid {rates[2]:.1f} -> {rates[3]:.1f} GFLOP/s "
+              f"({rates[3] / rates[2]:.1f}x); gradient tile fresh {tile[0]:.1f}, into a buffer {tile[1]:.1f} GFLOP/s")
+    print(f"square GEMM peak (1024^3): {gemm_peak():.1f} GFLOP/s")
+
+
+def _three_alive(a: torch.Tensor) -> torch.Tensor:
+    """Three ops into fresh tensors that are alive together, as the pure rule's moments and quotient are."""
+    doubled = a * 2.0
+    root = torch.rsqrt(doubled)
+    scaled = root * 3.0
+    return scaled
+
+
+def elementwise_costs(entries: int = 2**16, repeats: int = 50) -> None:
+    """Two costs behind the Adam fast path, float64, one thread, CPU time per call: ``sqrt`` against ``rsqrt``
+    and a reciprocal (ns per entry), and three ops on a 2^18-entry tile into fresh tensors against into one
+    buffer (microseconds and minor page faults per call; the fresh ones alive together)."""
+    torch.set_num_threads(1)
+
+    def per_call(op: Any, *operands: torch.Tensor) -> tuple[float, float]:
+        op(*operands)  # warm-up, untimed
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+        for _ in range(repeats):
+            op(*operands)
+        seconds = (time.process_time() - start) / repeats
+        return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
+
+    v, out = torch.rand(entries, dtype=torch.float64) + 0.1, torch.empty(entries, dtype=torch.float64)
+    sqrt, _ = per_call(lambda a, b: torch.sqrt(a, out=b), v, out)
+    rsqrt, _ = per_call(lambda a, b: torch.rsqrt(a, out=b).reciprocal_(), v, out)
+    print(f"{entries} entries: sqrt {sqrt / entries * 1e9:.2f} ns per entry, rsqrt + reciprocal "
+          f"{rsqrt / entries * 1e9:.2f} ns ({torch.backends.cpu.get_cpu_capability()})")
+    tile, buffer = torch.rand(1, 32, 8192, dtype=torch.float64) + 0.1, torch.empty(1, 32, 8192, dtype=torch.float64)
+    fresh = per_call(_three_alive, tile)
+    reused = per_call(lambda a, b: torch.rsqrt(torch.mul(a, 2.0, out=b), out=b).mul_(3.0), tile, buffer)
+    print(f"three ops on 2^18 entries: fresh tensors {fresh[0] * 1e6:.0f} us, {fresh[1]:.0f} page faults per call; "
+          f"into one buffer {reused[0] * 1e6:.0f} us, {reused[1]:.0f} page faults")
+
+
 LINEAR_CASES = ((2**14, 10), (2**16, 10), (2**16, 50))  # SGD: particles (4 systems), steps
+ADAM_CASES = ((2**14, 10, 256), (2**16, 10, 1024))  # Adam: particles (4 systems), steps, copies per system
 
 
-def timed_outputs(particles: str, steps: str, threads: str, path: str) -> None:
-    """One SGD run of the reference task with ``threads`` BLAS threads: CPU and wall seconds as JSON, the
-    outputs saved to ``path`` (whichever ``tplimits`` the interpreter imports: PYTHONPATH picks the tree)."""
+def timed_outputs(particles: str, steps: str, threads: str, path: str, optimizer: str = "sgd",
+                  copies: str = "0") -> None:
+    """One run of the reference task with ``threads`` BLAS threads: CPU and wall seconds as JSON, the outputs
+    saved to ``path`` (whichever ``tplimits`` the interpreter imports: PYTHONPATH picks the tree)."""
     torch.set_num_threads(int(threads))
     X, y = data()
-    limit = limit_for("sgd")
-    limit.train(X, y, steps=1, lr=LR["sgd"], particles=1024, batches=4, progress=False)  # lowering, untimed
+    limit = limit_for(optimizer)
+    limit.train(X, y, steps=1, lr=LR[optimizer], particles=1024, batches=4, progress=False,
+                copies=64 if int(copies) else None)  # lowering, untimed
     wall, cpu = time.perf_counter(), time.process_time()
-    traj = limit.train(X, y, steps=int(steps), lr=LR["sgd"], particles=int(particles), batches=4, progress=False)
+    traj = limit.train(X, y, steps=int(steps), lr=LR[optimizer], particles=int(particles), batches=4, progress=False,
+                       copies=int(copies) or None)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     torch.save(traj.outputs, path)
-    print(json.dumps({"cpu": cpu, "wall": wall, "engine": tpl.__file__}))
+    print(json.dumps({"cpu": cpu, "wall": wall, "engine": tpl.__file__, "peak_rss_mb": peak_mb()}))
 
 
-def tree_run(tree: str, particles: int, steps: int, threads: int, path: str) -> dict:
-    """:func:`timed_outputs` in a fresh process importing ``tplimits`` from source tree ``tree``."""
+def tree_env(tree: str, threads: int) -> dict[str, str]:
     import os
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(tree), "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([sys.executable, __file__, "timed-outputs", str(particles), str(steps), str(threads), path],
-                          capture_output=True, text=True, check=True, env=env)
+    return {**os.environ, "PYTHONPATH": os.path.abspath(tree), "OMP_NUM_THREADS": str(threads)}
+
+
+def tree_run(tree: str, particles: int, steps: int, threads: int, path: str, optimizer: str = "sgd",
+             copies: int = 0) -> dict:
+    """:func:`timed_outputs` in a fresh process importing ``tplimits`` from source tree ``tree``."""
+    done = subprocess.run([sys.executable, __file__, "timed-outputs", str(particles), str(steps), str(threads), path,
+                           optimizer, str(copies)], capture_output=True, text=True, check=True,
+                          env=tree_env(tree, threads))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def linear_speed(before: str, cases: tuple[tuple[int, int], ...] = LINEAR_CASES) -> None:
-    """The linear-rule (SGD) path of this engine against the one in source tree ``before`` (e.g. a ``git
-    worktree`` of an earlier commit), one BLAS thread each, the two runs of a case back to back in this one
-    run: CPU seconds, their ratio, and the largest difference of the outputs over all steps. For scale, the
-    earlier engine against itself with 2 BLAS threads: the difference a change of summation order alone makes
-    (also every 10th step's)."""
+def here() -> str:
     import pathlib
+    return str(pathlib.Path(__file__).resolve().parents[1])
+
+
+def engine_speed(before: str, optimizer: str, cases: tuple[tuple[int, ...], ...], threads: bool = True) -> None:
+    """This engine against the one in source tree ``before`` (e.g. a ``git worktree`` of an earlier commit),
+    one BLAS thread each, the two runs of a case back to back in this one run: CPU seconds, their ratio, and
+    the largest difference of the outputs over all steps. For scale, the earlier engine against itself with 2
+    BLAS threads: the difference a change of summation order alone makes (also every 10th step's). A case is
+    ``(particles, steps)`` or, for Adam, ``(particles, steps, copies per system)``; ``threads=False`` leaves out
+    the 2-thread run."""
     import tempfile
-    here = str(pathlib.Path(__file__).resolve().parents[1])
     with tempfile.TemporaryDirectory() as scratch:
-        for particles, steps in cases:
+        for particles, steps, *copies in cases:
+            extra = (optimizer, copies[0] if copies else 0)
             paths = {k: f"{scratch}/{k}.pt" for k in ("before", "after", "threads")}
-            old = tree_run(before, particles, steps, 1, paths["before"])
-            new = tree_run(here, particles, steps, 1, paths["after"])
-            tree_run(before, particles, steps, 2, paths["threads"])
+            old = tree_run(before, particles, steps, 1, paths["before"], *extra)
+            new = tree_run(here(), particles, steps, 1, paths["after"], *extra)
+            if threads:
+                tree_run(before, particles, steps, 2, paths["threads"], *extra)
+            else:
+                paths["threads"] = paths["before"]
             outputs = {k: torch.load(v) for k, v in paths.items()}
-            gap = float((outputs["after"] - outputs["before"]).abs().max())
-            rounding = float((outputs["threads"] - outputs["before"]).abs().max())
-            by_step = {k: [float((outputs[k][t] - outputs["before"][t]).abs().max()) for t in range(0, steps + 1, 10)]
-                       for k in ("after", "threads")}
-            print(f"sgd, {particles} particles in 4 systems, {steps} steps: before {old['cpu']:.1f} CPU s "
-                  f"({old['wall']:.1f} s wall), after {new['cpu']:.1f} CPU s ({new['wall']:.1f} s wall), before/after "
-                  f"{old['cpu'] / new['cpu']:.2f} (wall {old['wall'] / new['wall']:.2f}); largest output difference "
-                  f"{gap:.1e} (before, 2 BLAS threads against 1: {rounding:.1e}); output scale "
-                  f"{float(outputs['before'].abs().max()):.2f}; at steps 0, 10, ...: after "
-                  + " ".join(f"{g:.0e}" for g in by_step["after"]) + ", 2 threads "
-                  + " ".join(f"{g:.0e}" for g in by_step["threads"]), flush=True)
+            scale = float(outputs["before"].abs().max())
+            (gap, after_steps), (rounding, thread_steps) = (_gaps(outputs[k], outputs["before"]) for k in
+                                                            ("after", "threads"))
+            label = f"{optimizer}, {particles} particles in 4 systems" + (f", {copies[0]} copies" if copies else "")
+            rounding_note = f"{rounding:.1e}" if threads else "not run"
+            print(f"{label}, {steps} steps: before {old['cpu']:.1f} CPU s ({old['wall']:.1f} s wall, peak RSS "
+                  f"{old['peak_rss_mb']:.0f} MB), after {new['cpu']:.1f} CPU s ({new['wall']:.1f} s wall, peak RSS "
+                  f"{new['peak_rss_mb']:.0f} MB), before/after {old['cpu'] / new['cpu']:.2f} (wall "
+                  f"{old['wall'] / new['wall']:.2f}); largest output difference {gap:.1e} = {gap / scale:.1e} of the "
+                  f"output scale {scale:.2f} (before, 2 BLAS threads against 1: {rounding_note}); at steps 0, 10, ...: "
+                  f"after {after_steps}" + (f", 2 threads {thread_steps}" if threads else ""), flush=True)
+
+
+def _gaps(outputs: torch.Tensor, reference: torch.Tensor) -> tuple[float, str]:
+    """The largest difference of two runs' outputs ``[steps + 1, ...]``, and every 10th step's."""
+    diff = (outputs - reference).abs()
+    return float(diff.max()), " ".join(f"{float(diff[t].max()):.0e}" for t in range(0, len(diff), 10))
+
+
+def in_trees(part: str, before: str) -> None:
+    """Part ``part`` of this script (``--cpu-time``) run on the engine in source tree ``before`` and on this one,
+    back to back, each in a fresh process."""
+    for label, tree in (("before", before), ("after", here())):
+        done = subprocess.run([sys.executable, __file__, "--cpu-time", part], capture_output=True, text=True,
+                              check=True, env=tree_env(tree, 1))
+        for line in done.stdout.strip().splitlines():
+            print(f"{label}: {line}", flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
                         help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
-                             "processes, shard, flops, linear-speed, thin (default: all but the last three)")
+                             "processes, shard, flops, linear-speed, adam-speed, thin, grid-orientation, elementwise "
+                             "(default: all but the last six)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
                         help="copies / optimizer / accuracy: time by this process's CPU seconds, one thread "
@@ -560,9 +669,14 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=20, help="accuracy: training steps")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096], help="accuracy: finite widths")
     parser.add_argument("--max-seeds", type=int, default=64, help="accuracy: most seeds per finite width")
-    parser.add_argument("--before", help="linear-speed: a source tree of the engine to compare with")
-    parser.add_argument("--cases", nargs="+", default=[f"{p}:{s}" for p, s in LINEAR_CASES],
-                        help="linear-speed: particles:steps of each SGD case")
+    parser.add_argument("--before", help="linear-speed, adam-speed (required), copies, optimizer: a source tree of "
+                                         "the engine to compare with, in the same run")
+    parser.add_argument("--no-threads", action="store_true",
+                        help="linear-speed, adam-speed: leave out the earlier engine's 2-thread run")
+    parser.add_argument("--cases", nargs="+",
+                        help="linear-speed: particles:steps of each SGD case (default "
+                             + " ".join(f"{p}:{s}" for p, s in LINEAR_CASES) + "); adam-speed: particles:steps:copies "
+                             "(default " + " ".join(":".join(map(str, c)) for c in ADAM_CASES) + ")")
     args = parser.parse_args()
     DEVICE = args.device
     if args.cpu_time:
@@ -575,13 +689,16 @@ if __name__ == "__main__":
         shard_one(args.parts[1])
         sys.exit()
     if args.parts[:1] == ["timed-outputs"]:
-        timed_outputs(*args.parts[1:5])
+        timed_outputs(*args.parts[1:7])
         sys.exit()
     if args.parts[:1] == ["one"]:
         one(*args.parts[1:5])
         sys.exit()
-    if "linear-speed" in args.parts and not args.before:
-        parser.error("linear-speed needs --before DIR, a source tree of the engine to compare with")
+    for part in ("linear-speed", "adam-speed"):
+        if part in args.parts and not args.before:
+            parser.error(f"{part} needs --before DIR, a source tree of the engine to compare with")
+    cases = {optimizer: tuple(tuple(map(int, c.split(":"))) for c in args.cases) if args.cases else default
+             for optimizer, default in (("sgd", LINEAR_CASES), ("adam", ADAM_CASES))}
     which = args.parts or ["reference", "reference-adam", "scaling", "accuracy", "copies", "copies-accuracy",
                            "optimizer", "processes", "shard"]
     parts = {
@@ -590,13 +707,16 @@ if __name__ == "__main__":
         "scaling": scaling,
         "accuracy": lambda: cost_at_accuracy(args.target, args.steps, args.data, args.optimizer,
                                              tuple(args.widths), args.max_seeds),
-        "copies": copies_scaling,
+        "copies": (lambda: in_trees("copies", args.before)) if args.before else copies_scaling,
         "copies-accuracy": copies_accuracy,
-        "optimizer": optimizer_step,
+        "optimizer": (lambda: in_trees("optimizer", args.before)) if args.before else optimizer_step,
         "processes": spread_scaling,
         "flops": flops_report,
         "thin": thin_orientations,
-        "linear-speed": lambda: linear_speed(args.before, tuple(tuple(map(int, c.split(":"))) for c in args.cases)),
+        "grid-orientation": grid_orientations,
+        "elementwise": elementwise_costs,
+        "linear-speed": lambda: engine_speed(args.before, "sgd", cases["sgd"], not args.no_threads),
+        "adam-speed": lambda: engine_speed(args.before, "adam", cases["adam"], not args.no_threads),
         "shard": lambda: (shard_scaling(), rounding_sensitivity()),
     }
     for name, run in parts.items():  # in this order, whatever the order asked

@@ -276,34 +276,38 @@ class ParticleNetwork:
         """The rule on both grids of a copy population (:class:`~tplimits.limit.kets.PairGrids`), each with
         its own optimizer state; the terms' components are joined so each tile is one product."""
         pairs = operator.pairs
-        out_factor = torch.cat([o.detach() for o, _ in factors], dim=2)
+        out_factor = torch.cat([o.detach() for o, _ in factors], dim=2).mul_(self.groups[name]["grad_scale"])
         in_factor = torch.cat([i.detach() for _, i in factors], dim=2)
         copies = pairs.copy_rows(out_factor, pairs.c_out), pairs.copy_rows(in_factor, pairs.c_in)
         states = self.update_states[name] or {"forward": {}, "transposed": {}}
+        buffer = out_factor.new_empty(0)  # every tile's gradient, in turn
         for which, grid in pairs.grids().items():
             new, states[which] = self._grid_step(
                 name, grid, states[which], 1,
-                lambda rows, which=which: pairs.gradient(which, out_factor, in_factor, rows, copies),
-                pairs.norm_scale(which))
+                lambda rows, which=which: pairs.gradient(which, out_factor, in_factor, rows, copies, buffer),
+                pairs.norm_scale(which), scaled=True)
             setattr(pairs, which, new)
         self.update_states[name] = states
 
     def _grid_step(self, name: str, grid: torch.Tensor, state: Mapping[str, Any], axis: int,
-                   gradient: Callable[[slice], torch.Tensor],
-                   norm_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
+                   gradient: Callable[[slice], torch.Tensor], norm_scale: float = 1.0,
+                   scaled: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         """The rule on a grid of ``Q`` values (§11.4) whose gradient's entries ``rows`` along ``axis`` are
         ``gradient(rows)``, a tile of rows at a time, in place (:func:`apply_rule_in_place`): memory is the
         grid and its optimizer state plus one tile. Normalized / clipped updates, whose norm is the whole
         update's (``norm_scale`` times the grid's: a copy grid holds a sample of the dense grid's entries),
         and a state that is not entrywise take the whole grid at once. Returns the grid (the same tensor,
-        unless the whole grid was replaced) and its new state."""
+        unless the whole grid was replaced) and its new state. ``scaled``: ``gradient`` includes the group's
+        ``grad_scale`` already."""
         group = self.groups[name]
-        scale = group["grad_scale"]
+        scale = 1.0 if scaled else group["grad_scale"]
         tile = min(DENSE_TILE_ENTRIES, tile_entries(grid.device))
         new_state = None if torch.is_grad_enabled() else apply_rule_in_place(
-            self.setup.rule, grid, lambda rows: gradient(rows) * scale, state, group, self.hyper, axis, tile)
+            self.setup.rule, grid, lambda rows: _scaled(gradient(rows), scale), state, group, self.hyper, axis, tile)
         if new_state is not None:
             return grid, new_state
+        # `* scale` makes a fresh tensor even at 1: the rule's state may keep it, and a copy grid's gradient is
+        # written into a buffer the next grid reuses
         return apply_rule(self.setup.rule, grid, gradient(slice(None)) * scale, state, group, self.hyper, norm_scale)
 
     def _uses(self, target: str) -> list[MatMul]:
@@ -399,6 +403,11 @@ def grid_entries(setup: LimitSetup, particles: int, copies: int | None) -> int:
         else:
             total += fixed * (p_a * min(copies, p_b) + p_b * min(copies, p_a))
     return total
+
+
+def _scaled(g: torch.Tensor, scale: float) -> torch.Tensor:
+    """A grid tile's fresh gradient times ``scale``, in place (a tile-sized temporary costs page faults on CPU)."""
+    return g if scale == 1 else g.mul_(scale)
 
 
 def _snapshot(value: Any) -> Any:

@@ -39,6 +39,38 @@ def adam_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any])
     return safe_divide(m_hat, denom), {"exp_avg": m, "exp_avg_sq": v}
 
 
+def adam_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
+                          step: float, scratch: torch.Tensor) -> None:
+    """:func:`adam_update`'s step ``p ← p − step · Q_t`` in place, the moments updated where they lie: with
+    ``c = √(1 − β₂^(t+1))``, ``m̂ / (√v̂ + eps) = m · (c / (1 − β₁^(t+1))) / (√v + eps·c)`` and
+    ``m̂ / √(v̂ + eps²) = m · (c / (1 − β₁^(t+1))) / √(v + eps²·c²)``; the denominator goes to ``scratch``."""
+    beta1, beta2 = hyper["betas"]
+    eps = hyper["eps"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    c = math.sqrt(bias_correction(beta2, t))
+    scale = -step * c / bias_correction(beta1, t)
+    if hyper["eps_inside"] and eps:
+        p.addcmul_(m, torch.add(v, eps**2 * c**2, out=scratch).rsqrt_(), value=scale)
+        return
+    denom = _sqrt(v, scratch)
+    if eps:
+        denom.add_(eps * c)
+    else:  # Q = 0 where v = 0, as safe_divide: m / inf
+        denom.masked_fill_(denom == 0, math.inf)
+    p.addcdiv_(m, denom, value=scale)
+
+
+def _sqrt(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``√v`` into ``out``. On CPU as ``1 / rsqrt(v)``: torch's CPU ``sqrt`` (through MKL's vector math) runs
+    2–3× slower than ``rsqrt`` and a reciprocal together on the project's machine (docs/performance.md); the
+    two differ by rounding."""
+    if v.device.type == "cpu":
+        return torch.rsqrt(v, out=out).reciprocal_()
+    return torch.sqrt(v, out=out)
+
+
 def rmsprop_init(g: torch.Tensor) -> State:
     return {"square_avg": torch.zeros_like(g)}
 
@@ -91,6 +123,7 @@ ADAM = UpdateRule(
     homogeneity_fn=eps_homogeneity("eps"),
     linear=False,
     description=_ADAM_DESCRIPTION,
+    descend_in_place=adam_descend_in_place,
 )
 
 ADAMW = attrs.evolve(

@@ -23,6 +23,7 @@ from tplimits.errors import ConfigError, OptionError, PluginError, check_option
 
 State = dict[str, torch.Tensor]
 UpdateFn = Callable[[State, torch.Tensor, int, Mapping[str, Any]], tuple[torch.Tensor, State]]
+DescendFn = Callable[[torch.Tensor, State, torch.Tensor, int, Mapping[str, Any], float, torch.Tensor | None], None]
 
 GROUP_OPTIONS: Mapping[str, Any] = {
     "lr_scale": 1.0,
@@ -85,6 +86,15 @@ class UpdateRule:
     it must be a ratio of averages over coordinates so that it has a limit. ``option_defaults``
     overrides the defaults of the optimizer's group options (:data:`GROUP_OPTIONS`), e.g. a default
     weight decay.
+
+    ``descend_in_place(p, state, g, t, hyper, step, scratch)``, optional, is a fast path of the same step for a
+    tensor updated in place: ``p ← p − step · Q_t`` with ``state``'s tensors overwritten by the new state's;
+    ``scratch`` is a tensor of ``p``'s shape it may overwrite, and it allocates no other temporary. It must
+    agree with ``update`` to rounding (tests/test_in_place_rules.py checks the built-in ones);
+    :func:`apply_rule_in_place` runs it, tile by tile, wherever the update can be cut into tiles, and
+    ``update`` everywhere else (normalized or clipped updates, the limit's differentiable steps). A fast path
+    with ``descend_scratch=False`` gets ``scratch=None`` and takes a given gradient in one piece, untiled
+    (SGD's single pass).
     """
 
     name: str
@@ -101,6 +111,8 @@ class UpdateRule:
     signal: Callable[[MatrixAction, torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None = None
     rescale: Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
     option_defaults: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    descend_in_place: DescendFn | None = None
+    descend_scratch: bool = True
 
     def __attrs_post_init__(self) -> None:
         clash = sorted(_RESERVED & set(self.defaults))
@@ -334,7 +346,7 @@ class TplimitsOptimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError("TplimitsOptimizer does not support sparse gradients")
                     g = p.grad
-                self._update(p, g * group["grad_scale"] if group["grad_scale"] != 1 else g, x, group, hyper)
+                self._update(p, g, x, group, hyper)
         self._recorded.clear()
         return loss
 
@@ -342,19 +354,36 @@ class TplimitsOptimizer(torch.optim.Optimizer):
         self, p: torch.Tensor, g: torch.Tensor, x: torch.Tensor | None, group: Mapping[str, Any], hyper: dict
     ) -> None:
         # in place, in tiles: a fresh tensor of the parameter's size per step costs as much as the rule on CPU
-        rule = group["rule"]
+        rule, scale = group["rule"], group["grad_scale"]
         z_old = DenseAction(p)(x) if rule.rescale is not None else None
-        flat_p, flat_g = p.view(-1) if p.is_contiguous() else None, g.reshape(-1)
         state = None
-        if flat_p is not None:
-            state = apply_rule_in_place(rule, flat_p, flat_g.__getitem__, _flat_state(self.state[p]), group, hyper)
+        if p.is_contiguous():
+            whole = rule.descend_in_place is not None and not rule.descend_scratch and scale == 1
+            state = apply_rule_in_place(rule, p.view(-1), _gradient_tiles(g.reshape(-1), scale),
+                                        _flat_state(self.state[p]), group, hyper, tile=p.numel() if whole else None)
         if state is not None:
             self.state[p] = _shaped_state(state, p.shape)
         else:
-            q, self.state[p] = rule_direction(rule, g, self.state[p], group, hyper)
+            q, self.state[p] = rule_direction(rule, g * scale if scale != 1 else g, self.state[p], group, hyper)
             _descend(p, q, group)
         if rule.rescale is not None:
             p.mul_(rule.rescale(z_old, DenseAction(p)(x), hyper))
+
+
+def _gradient_tiles(g: torch.Tensor, scale: float) -> Callable[[slice], torch.Tensor]:
+    """The tiles ``scale · g[rows]`` of a flat gradient: views of it at scale 1, else each written into one buffer
+    (valid until the next tile)."""
+    if scale == 1:
+        return g.__getitem__
+    buffer = g.new_empty(0)
+
+    def tile(rows: slice) -> torch.Tensor:
+        part = g[rows]
+        if buffer.numel() < part.numel():
+            buffer.resize_(part.numel())
+        return torch.mul(part, scale, out=buffer[: part.numel()])
+
+    return tile
 
 
 def _copied_states(states: Mapping[Any, Mapping[str, Any]]) -> dict[Any, dict[str, Any]]:
@@ -436,6 +465,9 @@ def apply_rule_in_place(rule: UpdateRule, p: torch.Tensor, gradient: Callable[[s
         return None
     tile = tile_entries(p.device) if tile is None else tile
     rows_per_tile = max(1, tile * p.shape[axis] // max(p.numel(), 1))
+    if rule.descend_in_place is not None:
+        _descend_tiles(rule, p, gradient, state, group, hyper, axis, rows_per_tile)
+        return {"step": state["step"] + 1, "q_state": state["q_state"]}
     for start in range(0, p.shape[axis], rows_per_tile):
         rows = slice(start, start + rows_per_tile)
         index = (slice(None),) * axis + (rows,)
@@ -445,6 +477,26 @@ def apply_rule_in_place(rule: UpdateRule, p: torch.Tensor, gradient: Callable[[s
         for key, value in new_state["q_state"].items():
             state["q_state"][key][index] = value
     return {"step": state["step"] + 1, "q_state": state["q_state"]}
+
+
+def _descend_tiles(rule: UpdateRule, p: torch.Tensor, gradient: Callable[[slice], torch.Tensor],
+                   state: Mapping[str, Any], group: Mapping[str, Any], hyper: Mapping[str, Any], axis: int,
+                   rows: int) -> None:
+    """The rule's fast path (``descend_in_place``) on tiles of ``rows`` rows along ``axis``, each a view of ``p``
+    and of its state tensors: they are updated where they lie, with no copy back."""
+    names = list(state["q_state"])
+    step = group["lr"] * group["lr_scale"]
+    decay = 1 - group["weight_decay"]
+    views = zip(p.split(rows, axis), *(state["q_state"][k].split(rows, axis) for k in names), strict=True)
+    scratch = None  # one buffer for every tile: a fresh tile-sized tensor costs page faults on CPU
+    for i, (p_tile, *state_tiles) in enumerate(views):
+        if scratch is None and rule.descend_scratch:
+            scratch = torch.empty(p_tile.numel(), dtype=p.dtype, device=p.device)
+        if decay != 1:
+            p_tile.mul_(decay)
+        rule.descend_in_place(p_tile, dict(zip(names, state_tiles, strict=True)),
+                              gradient(slice(i * rows, (i + 1) * rows)), state["step"], hyper, step,
+                              None if scratch is None else scratch[: p_tile.numel()].view(p_tile.shape))
 
 
 def _descend(p: torch.Tensor, q: torch.Tensor, group: Mapping[str, Any]) -> None:
@@ -499,9 +551,9 @@ def bias_correction(beta: float, t: int) -> float:
 
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator`` with ``0`` where the denominator is ``0`` (e.g. ``eps = 0`` and a
-    gradient history of zeros)."""
+    gradient history of zeros); a NaN stays NaN, as in ``torch.optim``, so a non-finite gradient shows."""
     # in place on the fresh quotient: one tensor of the result's size, not two
-    return (numerator / denominator).masked_fill_(~(denominator > 0), 0)
+    return (numerator / denominator).masked_fill_(denominator == 0, 0)
 
 
 def _zero_degree_when_zero(names: tuple[str, ...], hyper: Mapping[str, Any]) -> float | None:

@@ -25,6 +25,12 @@ def sgd_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) 
     return g, state
 
 
+def sgd_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
+                         step: float, scratch: torch.Tensor | None) -> None:
+    """``p ← p − step · g`` in place."""
+    p.add_(g, alpha=-step)
+
+
 def momentum_init(g: torch.Tensor) -> State:
     return {"momentum_buffer": torch.zeros_like(g)}
 
@@ -47,6 +53,8 @@ SGD = UpdateRule(
     homogeneity=1.0,
     linear=True,
     description="Q_t = g_t (torch.optim.SGD).",
+    descend_in_place=sgd_descend_in_place,
+    descend_scratch=False,
 )
 
 MOMENTUM = UpdateRule(
