@@ -7,22 +7,8 @@ import pytest
 import torch
 
 import tplimits as tpl
+from tests.test_limit_external import _Swin  # the matrix's Swin: image 8, patch 2, one stage, window 2
 from tplimits.limit.runs import default_dtype
-
-
-class _Swin(torch.nn.Module):
-    """``bench_architectures.py``'s Swin: image 8, patch 2, one stage of depth 1, 2 heads, window 2."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        hf = pytest.importorskip("transformers")
-        config = hf.SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=width, depths=[1], num_heads=[2],
-                               window_size=2, mlp_ratio=2.0, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3)
-        self.model = hf.SwinForImageClassification(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
 
 
 @pytest.mark.slow
