@@ -412,7 +412,7 @@ class PairGrids:
         """``scale`` times the accumulated update (trained units) on a canonical ket, as one of :data:`Terms`
         (``[F, P_in, K] -> [F, P_out, K]`` forward, ``[F, P_out, K] -> [F, P_in, K]`` transposed): the grid
         and the copies' rows, so that :func:`_expand` forms the product with the particles along its result's
-        rows, 3–4× faster than ``grid @ copies`` (docs/performance.md, "Copy grids")."""
+        rows, 3–4× faster than ``grid @ copies`` (docs/performance.md, "Adam path and the finite optimizer step")."""
         if forward:
             return self.forward, self.copy_rows(xc, self.c_in) * (scale * self.p_in / self.c_in)
         return self.transposed.mT, self.copy_rows(xc, self.c_out) * (scale * self.p_out / self.c_out)
