@@ -29,6 +29,11 @@ def test_check_widths(limit, data, widths, match):
         limit.check(*data, widths=widths, seeds=2, steps=1, particles=256, progress=False)
 
 
+def test_check_shared_draws_is_a_bool(limit, data):
+    with pytest.raises(tpl.TplimitsError, match="shared_draws must be True or False"):
+        limit.check(*data, widths=[32, 64], seeds=2, steps=1, particles=256, progress=False, shared_draws="yes")
+
+
 def test_check_seeds(limit, data):
     with pytest.raises(tpl.TplimitsError, match="seeds=1"):
         limit.check(*data, widths=[32, 64], seeds=1, steps=1, particles=256, progress=False)
@@ -89,6 +94,7 @@ def test_lower_width_must_be_positive():
     ("checkpoint_every", 0, "checkpoint_every must be an integer >= 1"), ("lr", float("nan"), "lr must be a finite"),
     ("lr", float("inf"), "lr must be a finite"), ("dtype", torch.float16, "dtype=torch.float16"),
     ("dtype", torch.int64, "dtype=torch.int64"), ("device", "tpu9", "device='tpu9'"),
+    ("draw_seed", -1, "draw_seed must be a non-negative integer"), ("draw_seed", 1.5, "draw_seed must be"),
 ])
 def test_train_options_are_checked_before_any_work(limit, data, option, value, match):
     options = {"steps": 1, "particles": 256, "progress": False, option: value}
