@@ -239,7 +239,7 @@ def finite_steps(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, w
     """Train one finite-width model, yielding ``(t, model, outputs)`` after each forward pass, before the
     update of step ``t`` is taken (the last yield, ``t = steps``, has no update after it)."""
     loss_fn = lookup_loss(loss)
-    lowering_inputs = Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
+    lowering_inputs = _lowering_inputs(Z)
     fam = limit.family(lowering_inputs)
     examples = Examples.of(fam.program)
     with default_dtype(dtype):
@@ -344,9 +344,13 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
     seconds = time.perf_counter() - start
     report = compare(runs, trajectory, widths, max_slope=max_slope, tolerance=tolerance,
                      max_relative_gap=max_relative_gap, seconds_finite=seconds)
-    lowering_inputs = Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
-    mixture = () if shared_draws else tuple(sorted(limit.setup(lowering_inputs).draws))
+    mixture = () if shared_draws else tuple(sorted(limit.setup(_lowering_inputs(Z)).draws))
     return attrs.evolve(report, mixture=mixture)
+
+
+def _lowering_inputs(Z: torch.Tensor) -> torch.Tensor:
+    """Data rows as the limit lowers the model for them: floating point in the default dtype, integers as they are."""
+    return Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
 
 
 def trajectory_scale(outputs: torch.Tensor) -> float:
