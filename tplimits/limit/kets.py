@@ -200,6 +200,33 @@ class _Columns:
         return self._joined
 
 
+class _Coordinates:
+    """Coordinate blocks ``[F, r_s, k_s]`` joined along their columns, each over the first ``r_s`` columns of a
+    basis that only grows: read as one ``[F, rows, Σ k_s]`` matrix, zero below each block's own rows."""
+
+    GROWTH = 1.5
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.rows = 0
+        self.cols = 0
+
+    def append(self, block: torch.Tensor) -> None:
+        F, r, k = block.shape
+        rows, cols = max(self.rows, r), self.cols + k
+        if self.buffer is None or rows > self.buffer.shape[1] or cols > self.buffer.shape[2]:
+            have = (0, 0) if self.buffer is None else self.buffer.shape[1:]
+            grown = block.new_zeros(F, max(rows, int(self.GROWTH * have[0])), max(cols, int(self.GROWTH * have[1])))
+            if self.buffer is not None:
+                grown[:, : self.rows, : self.cols] = self.matrix()
+            self.buffer = grown
+        self.buffer[:, :r, self.cols: cols] = block
+        self.rows, self.cols = rows, cols
+
+    def matrix(self) -> torch.Tensor | None:
+        return None if self.buffer is None else self.buffer[:, : self.rows, : self.cols]
+
+
 Terms = list[tuple[torch.Tensor, torch.Tensor]]
 """``[(basis [F, P, r_i], coefficients [F, r_i, K])]``: the ket ``Σ_i basis_i @ coefficients_i``, left as
 factors so all of one matrix application's terms are summed by :func:`_expand` in one pass."""
@@ -268,15 +295,25 @@ class HatFamily:
         self.shard = shard  # a sharded system: this rank's particles only, every sum over them all-reduced
         self.basis = _Columns(track_grad)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
         self.gaussians = _Columns(track_grad)  # G: [F, P_out, r], iid N(0, 1)
+        # the kets sampled since the last forget(), with their coordinates on E: [F, r, K], kept when the
+        # matrix's updates are low-rank factors (MatrixOperator.add_factor) and not under autograd
+        self.remembers = False
+        self.sampled: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def sample(self, x: torch.Tensor, scale: float = 1.0) -> Terms:
+    def sample(self, x: torch.Tensor, scale: float = 1.0) -> tuple[Terms, torch.Tensor | None]:
         """The hat of this matrix applied to ``x`` ([F, P_in, K]) for entry standard deviation ``scale``, as
-        :data:`Terms` on this family's Gaussians (``[F, P_out, K]`` once expanded; no terms: zero)."""
+        :data:`Terms` on this family's Gaussians (``[F, P_out, K]`` once expanded; no terms: zero), and
+        ``Eᵀx`` on the basis as it was before (``[F, r, K]``; None for an empty basis).
+
+        ``x`` lies in the span of the basis afterwards (up to the directions dropped as below rounding), so
+        its coordinates on it are kept until :meth:`forget`: a gradient factor that is this very ket is then
+        held as coordinates (:meth:`coordinates`) instead of a ``[P, K]`` block."""
         xd = x.detach()
         self.basis.demand += x.shape[2]  # up to K new directions per application
         self.gaussians.demand += x.shape[2]
         E = self.basis.cat()
         terms: Terms = []
+        coef = None
         resid_t, rd_t = x.mT, xd.mT  # residuals (differentiable, detached), transposed: [F, K, P_in] (see _expand)
         if E is not None:
             Ed = E.detach()
@@ -295,7 +332,8 @@ class HatFamily:
         keep = evals > 1e-10 * norm2[:, None]
         new_directions = keep.any(dim=0)  # directions already in the span (for every fixed index) are dropped
         if not new_directions.any():
-            return terms
+            self._remember(xd, coef)
+            return terms, coef
         keep, evals, vecs = keep[:, new_directions], evals[:, new_directions], vecs[..., new_directions]
         root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
         inv_root = torch.where(keep, 1 / root.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(evals))
@@ -310,7 +348,26 @@ class HatFamily:
         self.basis.append(E_new)
         self.gaussians.append(G_new)
         terms.append((G_new, R * scale))
-        return terms
+        self._remember(xd, R if coef is None else torch.cat([coef, R], dim=1))
+        return terms, coef
+
+    def _remember(self, x: torch.Tensor, coordinates: torch.Tensor | None) -> None:
+        if self.remembers and not self.track_grad and coordinates is not None:
+            self.sampled.append((x, coordinates))
+
+    def coordinates(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The coordinates ``[F, r, K]`` on the basis of ``x`` when it is (bit for bit) a ket sampled since the
+        last :meth:`forget`; else None."""
+        for sampled, coordinates in self.sampled:
+            same = sampled.shape == x.shape and torch.equal(sampled, x.detach())
+            if self.shard is not None:  # every rank decides alike
+                same = not self.shard.any(not same)
+            if same:
+                return coordinates
+        return None
+
+    def forget(self) -> None:
+        self.sampled.clear()
 
     def _needs_second_pass(self, residual_t: torch.Tensor, x: torch.Tensor) -> bool:
         """Whether one Gram-Schmidt pass leaves the new directions measurably non-orthogonal to the basis
@@ -456,12 +513,13 @@ class MatrixOperator:
     ``Q`` values are kept, against every particle (the dense grid) or, with ``copies`` fewer than the
     particles of an axis, against that copy population (:class:`PairGrids`). A sharded system (``shard``)
     keeps its grids as pair grids, sharded by particle rows; with no fewer copies than particles they hold the
-    dense grid's entries twice (rows and columns), each rank a ``1/ranks`` share.
+    dense grid's entries twice (rows and columns), each rank a ``1/ranks`` share. ``low_rank``: the updates are
+    low-rank factors (a linear rule), so the hats keep each step's coordinates for :meth:`add_factor`.
     """
 
     def __init__(self, name: str, shape: Sequence[int], in_axis: int, out_axis: int, init: tuple[str, float],
                  scale: float, dense: bool, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
-                 dots: str, copies: int | None = None, shard: Shard | None = None) -> None:
+                 dots: str, copies: int | None = None, shard: Shard | None = None, low_rank: bool = False) -> None:
         self.name = name
         self.shape = tuple(shape)
         self.in_axis, self.out_axis = in_axis, out_axis
@@ -484,6 +542,8 @@ class MatrixOperator:
                 "forward": HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track, shard),
                 "transposed": HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track, shard),
             }
+            for family in self.families.values():
+                family.remembers = low_rank and not track
         paired = dense and (shard is not None or copies is not None and copies < max(self.p_in, self.p_out))
         self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense and not paired else None
         self.pairs = None
@@ -494,6 +554,11 @@ class MatrixOperator:
         self.in_factors = _Columns(dots == "autograd")  # B = [B_s]_s: [F, P_in, Σ k_s]
         self.factor_steps: list[int] = []  # the step of each column of A and B
         self._column_steps: torch.Tensor | None = None
+        # factors that are kets the hats sampled, held as their coordinates on the hat bases (add_factor):
+        # A_s = E_T α_s on the transposed family's basis, B_s = E_F β_s on the forward family's
+        self.out_coordinates, self.in_coordinates = _Coordinates(), _Coordinates()
+        self.coordinate_steps: list[int] = []
+        self._coordinate_steps: torch.Tensor | None = None
         self.coefficients = torch.zeros(0, dtype=dtype, device=device)  # one per step, trained units
 
     # -- applying the operator ------------------------------------------------------------------
@@ -516,8 +581,13 @@ class MatrixOperator:
         if self.kind == "gaussian":
             own, other = ("forward", "transposed") if forward else ("transposed", "forward")
             scale = self.init_value * self.init_scale
-            terms += self.families[own].sample(xc, scale)
+            hat, inner = self.families[own].sample(xc, scale)
+            terms += hat
             dot = self.families[other].dot(xc, self.dots, scale)
+            low = self._low_rank_coordinates(inner, forward)
+            if low is not None:  # on the other family's basis, as the dot is: one coefficient matrix for both
+                basis, coefficients = dot
+                coefficients[:, : low.shape[1]] += low
             if dot is not None:
                 terms.append(dot)
         elif self.kind == "identity":
@@ -547,14 +617,50 @@ class MatrixOperator:
         inner = particle_sum(_reduce(A.detach(), xc.detach()), self.shard)
         return B, coef[None, :, None] * inner
 
+    def _low_rank_coordinates(self, inner: torch.Tensor | None, forward: bool) -> torch.Tensor | None:
+        """The low-rank updates held as coordinates (:meth:`add_factor`) on a ket whose coordinates on this
+        direction's hat basis are ``inner`` (``Eᵀx``): their coefficients ``[F, r, K]`` on the other direction's
+        basis, from products of ``r × Σk`` matrices only (``A_s B_sᵀ x = E_T α_s β_sᵀ (E_Fᵀ x)``)."""
+        if not self.coordinate_steps:
+            return None
+        source, target = (self.in_coordinates, self.out_coordinates) if forward else \
+            (self.out_coordinates, self.in_coordinates)
+        if inner is None or inner.shape[1] < source.rows:
+            raise TplimitsError(f"parameter {self.name!r}: a low-rank update refers to hat directions this "
+                                "application has not seen (an internal inconsistency of the limit engine)")
+        if self._coordinate_steps is None:
+            self._coordinate_steps = torch.tensor(self.coordinate_steps, device=inner.device)
+        coef = self.coefficients[self._coordinate_steps] * self.scale
+        along = source.matrix().mT @ inner[:, : source.rows]  # ⟨B_s|x⟩ (forward), [F, Σk, K]
+        return target.matrix() @ (coef[None, :, None] * along)
+
     # -- updates ------------------------------------------------------------------------------
-    def add_factor(self, out_factor: torch.Tensor, in_factor: torch.Tensor, step: int) -> None:
-        """Record the term ``out_factor · in_factorᵀ`` (both canonical) of the gradient of step ``step``."""
+    def add_factor(self, out_factor: torch.Tensor, in_factor: torch.Tensor, step: int, weight: float = 1.0) -> None:
+        """Record the term ``weight · out_factor · in_factorᵀ`` (both canonical) of the gradient of step ``step``.
+
+        Factors that are the very kets this step's hats sampled (the input of ``W`` and the cotangent
+        ``Wᵀ`` was applied to) are kept as their coordinates on the two hat bases: no ``[P, K]`` columns to
+        store, and their products with a ket cost ``r × Σk`` instead of ``P × Σk`` per component."""
+        if self.families and self.dots != "autograd":
+            alpha = self.families["transposed"].coordinates(out_factor)
+            beta = None if alpha is None else self.families["forward"].coordinates(in_factor)
+            if beta is not None:
+                self.out_coordinates.append(alpha * weight)
+                self.in_coordinates.append(beta)
+                self.coordinate_steps.extend([step] * out_factor.shape[-1])
+                self._coordinate_steps = None
+                return
+        out_factor = out_factor * weight if weight != 1.0 else out_factor
         for columns, factor in ((self.out_factors, out_factor), (self.in_factors, in_factor)):
             columns.demand += factor.shape[-1]
             columns.append(factor)
         self.factor_steps.extend([step] * out_factor.shape[-1])
         self._column_steps = None
+
+    def forget_applications(self) -> None:
+        """Drop the coordinates the hats kept of this step's kets (after the step's factors are recorded)."""
+        for family in self.families.values():
+            family.forget()
 
     def reserve(self, rounds: int) -> None:
         """Room in every column store (hat bases, their Gaussians, low-rank factors) for ``rounds`` more steps
@@ -599,6 +705,8 @@ class MatrixOperator:
                 "dense": self.dense, "pairs": None if self.pairs is None else self.pairs.grids(),
                 "out_factors": joined(self.out_factors), "in_factors": joined(self.in_factors),
                 "factor_steps": list(self.factor_steps), "coefficients": self.coefficients,
+                "coordinates": {"out": self.out_coordinates.matrix(), "in": self.in_coordinates.matrix(),
+                                "steps": list(self.coordinate_steps)},
                 "init_scale": self.init_scale}
 
     def load_state_dict(self, state: dict) -> None:
@@ -620,6 +728,13 @@ class MatrixOperator:
         self.in_factors = columns(state["in_factors"], differentiable)
         self.factor_steps = list(state["factor_steps"])
         self._column_steps = None
+        self.out_coordinates, self.in_coordinates = _Coordinates(), _Coordinates()
+        saved = state.get("coordinates") or {"out": None, "in": None, "steps": []}
+        for store, block in ((self.out_coordinates, saved["out"]), (self.in_coordinates, saved["in"])):
+            if block is not None:
+                store.append(block)
+        self.coordinate_steps = list(saved["steps"])
+        self._coordinate_steps = None
         self.coefficients = state["coefficients"]
         self.init_scale = state["init_scale"]
 

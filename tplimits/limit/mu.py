@@ -161,10 +161,11 @@ class ParticleNetwork:
             else:
                 raise TplimitsError(f"parameter {name!r}: a matrix initialized to the constant {init.value} is "
                                     "not an operator of bounded norm; initialize it randomly, to zero or to c·I")
-            dense = name in self.setup.chosen and not self._low_rank() and not self.frozen
+            trained = name in self.setup.chosen and not self.frozen
+            dense = trained and not self._low_rank()
             self.operators[name] = MatrixOperator(name, shape, in_axis, out_axis, op_init, scale, dense,
                                                   self.generator, self.dtype, self.device, self.dots, self.copies,
-                                                  self.shard)
+                                                  self.shard, low_rank=trained and self._low_rank())
             return
         if init.kind == "constant":
             tensor = torch.full(shape, init.value, dtype=init.dtype_in(self.dtype), device=self.device)
@@ -190,6 +191,8 @@ class ParticleNetwork:
         return values
 
     def interpreter(self) -> KetInterpreter:
+        for matrix in self.operators.values():  # a new pass: the kets the last one sampled are no factors
+            matrix.forget_applications()
         return KetInterpreter(self.setup.program, self.state_values(), self.P, self.dtype, self.device, self.plans,
                               self.t, self.shard)
 
@@ -214,6 +217,8 @@ class ParticleNetwork:
         with torch.set_grad_enabled(self.dots == "autograd"):
             interp.run(*interp.flat_inputs, initial_env=interp.values)
             self._update(interp)
+        for matrix in self.operators.values():
+            matrix.forget_applications()
         self.t += 1
         if not self.reserved:  # one step shows the columns a step adds: room for the rest (and a last forward)
             for op in self.operators.values():
@@ -251,8 +256,8 @@ class ParticleNetwork:
         elif operator.pairs is not None:
             self._pair_step(name, operator, self._gradient_factors(name, operator, terms, values, weight))
         else:
-            for out_factor, in_factor in self._gradient_factors(name, operator, terms, values, weight):
-                operator.add_factor(out_factor, in_factor, self.t)
+            for out_factor, in_factor in self._gradient_factors(name, operator, terms, values, 1.0):
+                operator.add_factor(out_factor, in_factor, self.t, weight)
             self._linear_step(name, operator)
             return
         operator.init_scale *= 1 - self.groups[name]["weight_decay"]
