@@ -19,7 +19,8 @@ matrix is applied to at once.
   Gaussians (every expectation detached); ``dots="stein"`` uses Gaussian integration by parts,
   ``E[∂x/∂G] = E[G x]`` (Remark 2.6.6), which needs no graph and works for any function;
 * updates: ``linear`` rules (SGD, momentum) keep low-rank factors ``(A_s, B_s)`` with one
-  coefficient per step; other rules keep grids of ``Q`` values trained by the finite-width optimizer
+  coefficient per step, as coordinates on the two hat bases where the factor is a ket a hat sampled
+  (the input ``W`` was applied to, the cotangent ``Wᵀ`` was applied to), else as columns; other rules keep grids of ``Q`` values trained by the finite-width optimizer
   itself (§11.4): the dense ``[P_out, P_in]`` grid against the same particle population, or
   (:class:`PairGrids`) two rectangular grids against a fixed copy population of ``P′`` particles,
   ``O(P·P′)`` instead of ``O(P²)``.

@@ -1,0 +1,136 @@
+"""The scale issue's reference cases: the depth-3 MLP (μP) of ``bench_limit.py`` on 16 inputs, 50 steps,
+2^16 particles in 4 independent systems, SGD (lr 0.1) or Adam (lr 0.01, 1024 copies per system).
+
+    python benchmarks/bench_reference.py run --optimizer sgd --dtype float32 --save sgd32.pt
+    torchrun --nproc-per-node 2 benchmarks/bench_reference.py run --optimizer sgd --dtype float32
+    python benchmarks/bench_reference.py scaling --dtype float32     # 1 and 2 processes, strong and weak
+    python benchmarks/bench_reference.py compare sgd32.pt sgd64.pt   # same limit within standard error?
+    python benchmarks/bench_reference.py flops                       # achieved GFLOP/s against the GEMM peak
+
+``run`` times one training (after an untimed one-step run that lowers the model), one BLAS thread per
+process; under ``torchrun`` the systems are spread over the ranks (``limit.train`` under an initialized
+process group). It prints wall and CPU seconds, the final loss and the largest output standard error, and
+saves the outputs and their standard errors. ``compare`` gives the z-scores of two saved runs' outputs
+against their combined standard error, step by step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_limit import LR, data, flops_one, gemm_peak, limit_for  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def run(optimizer: str, dtype: str, particles: int, steps: int, batches: int, copies: int, save: str | None,
+        seed: int) -> dict:
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    X, y = data()
+    limit = limit_for(optimizer)
+    options = {"copies": copies} if optimizer != "sgd" else {}
+    limit.train(X, y, steps=1, lr=LR[optimizer], particles=1024 * batches, batches=batches, progress=False,
+                dtype=DTYPES[dtype], **({"copies": 64} if options else {}))  # lowering, untimed
+    wall, cpu = time.perf_counter(), time.process_time()
+    traj = limit.train(X, y, steps=steps, lr=LR[optimizer], particles=particles, batches=batches, progress=False,
+                       dtype=DTYPES[dtype], seed=seed, **options)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    result = {"optimizer": optimizer, "dtype": dtype, "particles": particles, "batches": batches, "steps": steps,
+              "ranks": dist.get_world_size() if dist.is_initialized() else 1, "wall": wall, "cpu_rank0": cpu,
+              "loss": float(traj.loss[-1]), "max_se": float(traj.outputs_se.max())}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if save:
+            torch.save({"outputs": traj.outputs, "se": traj.outputs_se, **result}, save)
+        print(json.dumps(result))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def launch(processes: int, *args: str) -> dict:
+    """``run`` in fresh processes: ``processes`` gloo ranks under torchrun (1: a plain process)."""
+    command = [sys.executable, __file__, "run", *args]
+    if processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), __file__,
+                   "run", *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def scaling(optimizer: str, dtype: str, steps: int) -> None:
+    """Strong scaling (4 systems of 2^14 on 1 and 2 processes) and weak scaling (2 systems per process)."""
+    cases = [("strong", 1, 4), ("strong", 2, 4), ("weak", 1, 2), ("weak", 2, 4)]
+    for kind, processes, batches in cases:
+        r = launch(processes, "--optimizer", optimizer, "--dtype", dtype, "--steps", str(steps),
+                   "--particles", str(batches * 2**14), "--batches", str(batches))
+        print(f"{kind}: {optimizer} {dtype}, {batches} systems of 2^14 particles, {steps} steps, {processes} "
+              f"process(es): {r['wall']:.1f} s wall, final loss {r['loss']!r}")
+
+
+def compare(first: str, second: str) -> None:
+    a, b = torch.load(first), torch.load(second)
+    z = (a["outputs"] - b["outputs"]) / (a["se"].square() + b["se"].square()).sqrt()
+    per_step = z.flatten(1).square().mean(dim=1).sqrt()
+    print(f"{first} ({a['dtype']}) against {second} ({b['dtype']}): RMS z {float(z.square().mean().sqrt()):.2f}, "
+          f"largest |z| {float(z.abs().max()):.2f}; RMS z at the last step {float(per_step[-1]):.2f}; "
+          f"largest RMS z of a step {float(per_step.max()):.2f} (step {int(per_step.argmax())})")
+    print("RMS z every 10th step:", [round(float(v), 2) for v in per_step[::10]])
+
+
+def flops(steps: int) -> None:
+    """The SGD reference case's achieved matmul GFLOP/s (the profiler's FLOPs over the unprofiled run's CPU
+    seconds, one thread, float64) against the float64 GEMM peak measured in the same process before and after."""
+    torch.set_num_threads(1)
+    before = gemm_peak()
+    r = flops_one("sgd", 2**16, None, steps)
+    peak = max(before, gemm_peak())
+    rate = r["gemm_flops"] / r["seconds"] / 1e9
+    ops = r["profiled_op_seconds"]
+    shares = ", ".join(f"{k} {v / ops:.0%}" for k, v in sorted(r["by_kind"].items(), key=lambda kv: -kv[1]))
+    print(f"float64 GEMM peak (1024^3, one thread, CPU time, best before/after the run): {peak:.1f} GFLOP/s")
+    print(f"sgd, 2^16 particles in 4 systems, {steps} steps: {r['seconds']:.2f} CPU s, matmul "
+          f"{r['gemm_flops'] / 1e9:.1f} GFLOP, {rate:.2f} GFLOP/s = {rate / peak:.3f} of the peak (peak / achieved "
+          f"{peak / rate:.2f}); op self time (profiled) {ops:.1f} s: {shares}")
+    print("  top ops: " + "; ".join(f"{k} {t:.2f} s ({n} calls)" for k, t, n in r["top"]))
+    print("  top matmul shapes: " + "; ".join(f"{k} {shape} {t:.2f} s ({n} calls, {g:.1f} GFLOP/s)"
+                                              for k, shape, t, n, g in r["gemm_shapes"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["run", "scaling", "compare", "flops"])
+    parser.add_argument("files", nargs="*", help="compare: two saved runs")
+    parser.add_argument("--optimizer", default="sgd", choices=sorted(LR))
+    parser.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
+    parser.add_argument("--particles", type=int, default=2**16)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--copies", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", default=None)
+    args = parser.parse_args()
+    if args.part == "run":
+        run(args.optimizer, args.dtype, args.particles, args.steps, args.batches, args.copies, args.save, args.seed)
+    elif args.part == "scaling":
+        scaling(args.optimizer, args.dtype, args.steps)
+    elif args.part == "flops":
+        flops(args.steps)
+    else:
+        compare(*args.files)
+
+
+if __name__ == "__main__":
+    main()
