@@ -20,8 +20,9 @@ matrix is applied to at once.
   ``E[∂x/∂G] = E[G x]`` (Remark 2.6.6), which needs no graph and works for any function;
 * updates: ``linear`` rules (SGD, momentum) keep low-rank factors ``(A_s, B_s)`` with one
   coefficient per step, as coordinates on the two hat bases where the factor is a ket a hat sampled
-  (the input ``W`` was applied to, the cotangent ``Wᵀ`` was applied to), else as columns; other rules keep grids of ``Q`` values trained by the finite-width optimizer
-  itself (§11.4): the dense ``[P_out, P_in]`` grid against the same particle population, or
+  (the input ``W`` was applied to, the cotangent ``Wᵀ`` was applied to), else as columns; other
+  rules keep grids of ``Q`` values trained by the finite-width optimizer itself (§11.4): the dense
+  ``[P_out, P_in]`` grid against the same particle population, or
   (:class:`PairGrids`) two rectangular grids against a fixed copy population of ``P′`` particles,
   ``O(P·P′)`` instead of ``O(P²)``.
 """
@@ -287,6 +288,7 @@ class HatFamily:
     """The hat-kets of one initial matrix in one direction (W or Wᵀ), jointly Gaussian (Eq. 2.18)."""
 
     BATCHED_ENTRIES = 2 ** 22  # entries of the cotangents one batched autograd pass carries (autograd dots)
+    DROP = 1e-10  # a residual direction with less than this share of the ket's energy is in the span already
 
     def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
                  device: torch.device, track_grad: bool, shard: Shard | None = None) -> None:
@@ -320,17 +322,18 @@ class HatFamily:
             Ed = E.detach()
             coef = particle_sum(_reduce(Ed, xd), self.shard)
             rd_t = torch.baddbmm(xd.mT, coef.mT, Ed.mT, alpha=-1)
-            if self._needs_second_pass(rd_t, xd):
-                correction = particle_sum(_reduce(Ed, rd_t.mT), self.shard)
-                coef = coef + correction
-                rd_t = rd_t.baddbmm_(correction.mT, Ed.mT, alpha=-1)
+        norm2 = particle_sum((xd * xd).sum(dim=(1, 2)), self.shard).clamp_min(torch.finfo(self.dtype).tiny)
+        evals, vecs = self._residual_directions(rd_t)
+        if E is not None and self._needs_second_pass(evals, vecs, xd, norm2):
+            correction = particle_sum(_reduce(Ed, rd_t.mT), self.shard)
+            coef = coef + correction
+            rd_t = rd_t.baddbmm_(correction.mT, Ed.mT, alpha=-1)
+            evals, vecs = self._residual_directions(rd_t)
+        if E is not None:
             resid_t = torch.baddbmm(x.mT, coef.mT, E.mT, alpha=-1) if x.requires_grad or E.requires_grad else rd_t
             terms.append((self.gaussians.cat(), coef * scale))
-        gram = particle_sum(rd_t @ rd_t.mT, self.shard)  # every rank: the same Gram matrix, eigenbasis
-        evals, vecs = torch.linalg.eigh(gram)
         vecs = _signed(vecs)
-        norm2 = particle_sum((xd * xd).sum(dim=(1, 2)), self.shard).clamp_min(torch.finfo(self.dtype).tiny)
-        keep = evals > 1e-10 * norm2[:, None]
+        keep = evals > self.DROP * norm2[:, None]
         new_directions = keep.any(dim=0)  # directions already in the span (for every fixed index) are dropped
         if not new_directions.any():
             self._remember(xd, coef)
@@ -370,16 +373,28 @@ class HatFamily:
     def forget(self) -> None:
         self.sampled.clear()
 
-    def _needs_second_pass(self, residual_t: torch.Tensor, x: torch.Tensor) -> bool:
-        """Whether one Gram-Schmidt pass leaves the new directions measurably non-orthogonal to the basis
-        (``residual_t``: the residual transposed, ``[F, K, P]``).
+    def _residual_directions(self, residual_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eigenvalues ``[F, K]`` and eigenvectors ``[F, K, K]`` of the residual's Gram matrix (every rank:
+        the same)."""
+        return torch.linalg.eigh(particle_sum(residual_t @ residual_t.mT, self.shard))
 
-        One classical pass leaves an overlap of about ``eps·‖x‖/‖residual‖``; a second pass is taken when
-        that exceeds ``√eps`` (a residual below ``√eps·‖x‖``), so the overlap stays below ``√eps`` either way.
+    def _needs_second_pass(self, evals: torch.Tensor, vecs: torch.Tensor, x: torch.Tensor,
+                           norm2: torch.Tensor) -> bool:
+        """Whether a new direction kept after one classical Gram–Schmidt pass has lost more than half of the
+        energy ``x`` has along it (``λ_j < ½ vⱼᵀ xᵀx vⱼ``), the "twice is enough" criterion applied to each
+        eigen-direction of the residual.
+
+        One pass leaves the residual an overlap with the basis of about ``(eps + δ)·‖x_j‖`` (``δ``: the basis's
+        own deviation from orthonormality); normalizing a direction that kept a fraction ``ρ`` of its norm
+        multiplies that by ``1/ρ``. Kets that move little per step keep ``ρ`` near ``10⁻³``, so without the
+        second pass ``δ`` would grow by that factor at every step and the basis would stop being one.
         """
-        norms = particle_sum(torch.stack([residual_t.square().sum(dim=2), x.square().sum(dim=1)]), self.shard)
-        ratio = norms[0] / norms[1].clamp_min(torch.finfo(x.dtype).tiny)
-        return bool((ratio < torch.finfo(x.dtype).eps).any())
+        kept = evals > self.DROP * norm2[:, None]
+        if not kept.any():
+            return False
+        energy = particle_sum(x.mT @ x, self.shard)  # [F, K, K]
+        along = ((energy @ vecs) * vecs).sum(dim=1)  # vⱼᵀ xᵀx vⱼ, [F, K]
+        return bool((kept & (evals < 0.5 * along)).any())
 
     def dot(self, x: torch.Tensor, mode: str, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``scale · E · Σ_i ∂x[i]/∂G[i]`` for ``x`` living in this family's *output* space ([F, P_out, K]): the
