@@ -27,10 +27,10 @@ def test_gpu_limit_matches_training(data, optimizer, lr, particles):
 
 
 @pytest.mark.parametrize("dtype, expected", [(torch.float64, torch.float64), (torch.float32, torch.float32),
-                                             (None, torch.float32)])
+                                             (None, torch.float64)])
 def test_gpu_and_cpu_limits_agree(data, dtype, expected):
-    """Independent particle systems on the two devices (float32 on the GPU too, its default) estimate the same
-    limit."""
+    """Independent particle systems on the two devices (float32 on the GPU too, where asked for) estimate the
+    same limit."""
     X, y = data
     limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
     cpu = limit.train(X, y, steps=5, lr=0.5, particles=2**15, seed=0, progress=False)

@@ -274,8 +274,8 @@ class Limit:
         autograd graph) or ``"auto"`` (autograd where it applies to a smooth program and is affordable).
         ``checkpoint``: a file the run is saved to every ``checkpoint_every`` steps and resumed from if it
         exists (``stein`` dots only: an autograd graph cannot be saved). ``dtype``: the particles' precision, by
-        default float32 on a GPU and float64 on the CPU (docs/limit.md, "Monte Carlo error, determinism,
-        checkpoints").
+        default float64 on every device; float32 only for short training (docs/limit.md, "Monte Carlo error,
+        determinism, checkpoints").
 
         ``draw_seed``: where the model has fixed-size tensors initialized at random (:mod:`tplimits.limit.draws`),
         every system takes the draw of this seed instead of its own, giving the limit conditional on that draw (which
