@@ -337,12 +337,13 @@ class GridDynamics:
     def step(self, chi: torch.Tensor) -> torch.Tensor:
         """One update of every trained tensor for ``chi``; returns the outputs' displacement from ``f_0``."""
         chi = chi.reshape(-1)
+        in_place = self.in_place and not self._graph()
         for name, jac in self.tangents.local.items():
             g = torch.einsum("j,j...->...", chi, jac) * self.system.group(name)["grad_scale"]
-            if not (g.ndim and self._tiled(name, g.__getitem__, 0)):
+            if not (in_place and g.ndim and self._tiled(name, g.__getitem__, 0)):
                 self._apply(name, g)
         for name, uses in self.tangents.matrices.items():
-            if not self._tiled(name, self._grid_gradient(name, uses, chi), 1):
+            if not (in_place and self._tiled(name, self._grid_gradient(name, uses, chi), 1)):
                 self._apply(name, self._whole_grid_gradient(name, uses, chi))
         self.t += 1
         if self.decays:
@@ -383,8 +384,6 @@ class GridDynamics:
         """The rule on ``name``'s accumulated update in place, tile by tile along ``axis``, whose (scaled)
         gradient's tiles are ``gradient(rows)``; False, with nothing touched, where it must take the whole tensor
         (see the class)."""
-        if not self.in_place or self._graph():
-            return False
         new_state = apply_rule_in_place(self.setup.rule, self.displacement[name], gradient, self.states.get(name, {}),
                                         self.system.group(name), self.system.net.hyper, axis, self.tile)
         if new_state is None:
