@@ -8,6 +8,7 @@ with weight decay, a gradient scale, ``eps = 0`` (zero denominators) and ``eps``
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 
@@ -27,11 +28,33 @@ CASES = [
     ("adam", {"eps_inside": True, "eps": 0.1}, {}),
     ("adam", {"eps_inside": True, "eps": 0.0}, {}),
     ("adamw", {}, {}),
+    ("momentum", {}, {}),
+    ("momentum", {"momentum": 0.7, "dampening": 0.2}, {"weight_decay": 0.05}),
+    ("momentum", {"nesterov": True}, {}),
+    ("signsgd", {}, {}),
+    ("signsgd", {"eps": 0.5}, {"weight_decay": 0.05}),
+    ("signsgd", {"eps": 0.0}, {}),
+    ("lion", {}, {}),
+    ("lion", {"betas": (0.5, 0.8)}, {"weight_decay": 0.05}),
+    ("rmsprop", {}, {}),
+    ("rmsprop", {"alpha": 0.5, "eps": 1e-2}, {"weight_decay": 0.05}),
+    ("rmsprop", {"eps": 0.0}, {}),
+    ("adagrad", {}, {}),
+    ("adagrad", {"lr_decay": 0.1, "initial_accumulator_value": 0.3, "eps": 1e-3}, {"weight_decay": 0.05}),
+    ("adagrad", {"eps": 0.0}, {}),
+    ("adamax", {}, {}),
+    ("adamax", {"betas": (0.8, 0.95), "eps": 1e-2}, {"weight_decay": 0.05}),
+    ("adamax", {"eps": 0.0}, {}),
+    ("decorrelation", {}, {}),
 ]
+"""Every fast path with its defaults, other hyperparameters with weight decay, and ``eps = 0`` (zero
+denominators) where a rule has an eps."""
+
+GRADIENT_RULES = ["sgd", "momentum", "signsgd", "lion", "adam", "adamw", "rmsprop", "adagrad", "adamax"]
 
 
 def test_the_cases_cover_every_fast_path():
-    assert {"sgd", "adam", "adamw"} <= set(FAST)
+    assert {*GRADIENT_RULES, "decorrelation"} <= set(FAST)
     assert set(FAST) <= {name for name, _, _ in CASES}
 
 
@@ -47,7 +70,49 @@ def _gradients(shape: tuple[int, ...], steps: int, seed: int = 0) -> list[torch.
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize(("name", "hyper", "options"), CASES)
 def test_fast_path_equals_the_pure_rule(name, hyper, options, axis):
-    rule = tpl.optimizer(name)
+    _compare_paths(tpl.optimizer(name), hyper, options, axis)
+
+
+def _wrong_momentum(p, state, g, t, hyper, step, scratch):
+    """Momentum's fast path with dampening applied at t = 0 too (torch applies none there)."""
+    buf = state["momentum_buffer"]
+    buf.mul_(hyper["momentum"]).add_(g, alpha=1 - hyper["dampening"])
+    p.add_(buf, alpha=-step)
+
+
+def _wrong_adam(p, state, g, t, hyper, step, scratch):
+    """Adam's fast path without the bias correction of the first moment."""
+    beta1, beta2 = hyper["betas"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = torch.sqrt(v / (1 - beta2 ** (t + 1)), out=scratch).add_(hyper["eps"])
+    p.addcdiv_(m, denom, value=-step)
+
+
+def _wrong_lion(p, state, g, t, hyper, step, scratch):
+    """Lion's fast path with the momentum updated before the sign is taken."""
+    beta1, beta2 = hyper["betas"]
+    m = state["exp_avg"]
+    m.mul_(beta2).add_(g, alpha=1 - beta2)
+    p.add_(torch.mul(m, beta1, out=scratch).add_(g, alpha=1 - beta1).sign_(), alpha=-step)
+
+
+@pytest.mark.parametrize(("name", "hyper", "wrong"), [
+    ("momentum", {"dampening": 0.3}, _wrong_momentum),
+    ("adam", {}, _wrong_adam),
+    ("lion", {}, _wrong_lion),
+])
+def test_a_broken_fast_path_fails_the_comparison(name, hyper, wrong):
+    """The comparison can fail: a fast path with a plausible mistake is caught."""
+    broken = attrs.evolve(tpl.optimizer(name), descend_in_place=wrong)
+    with pytest.raises(AssertionError):
+        _compare_paths(broken, hyper, {}, axis=1)
+
+
+def _compare_paths(rule, hyper, options, axis):
+    """``rule``'s fast path through :func:`apply_rule_in_place` (tiles of 2 rows along ``axis``) against its pure
+    ``update`` through :func:`apply_rule`, 6 steps: parameters and states to 1e-13."""
     h = rule.hyper(hyper)
     group = {**GROUP_OPTIONS, **rule.option_defaults, "lr": 0.03, **options}
     shape = (3, 9, 7)  # tiles of 2 rows along `axis`, the last one short; axis 1: strided tiles
@@ -71,7 +136,7 @@ def test_optimizer_with_a_gradient_scale_matches_the_pure_rule_over_several_tile
     """A parameter of 2^18 + 6 entries (two CPU tiles) and grad_scale 3: each scaled tile goes through a
     reused buffer, and SGD's single pass takes the parameter whole."""
     gen = torch.Generator().manual_seed(3)
-    for name in ("adam", "sgd"):
+    for name in GRADIENT_RULES:
         rule = tpl.optimizer(name)
         param = torch.nn.Parameter(torch.randn(2**9 + 3, 2**9 + 1, generator=gen, dtype=torch.float64))
         reference = param.detach().clone()

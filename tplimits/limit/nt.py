@@ -28,7 +28,7 @@ step; with it, each step's backward kets are new, and the hat families grow by t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -39,7 +39,7 @@ from tplimits.core.ir import Avg, concrete_shape, width_axes
 from tplimits.errors import TplimitsError
 from tplimits.limit.kets import KetInterpreter, MatMulPlan
 from tplimits.limit.mu import LimitSetup, ParticleNetwork
-from tplimits.optimizers.base import apply_rule
+from tplimits.optimizers.base import apply_rule, apply_rule_in_place
 from tplimits.training.init import multiplier
 
 DEFAULT_COPIES = 2**12
@@ -300,11 +300,19 @@ class GridDynamics:
     the grids hold ``Δθ_t`` (``apply_rule`` decays them), and the tangents at step ``t`` are those of the initial
     network with every trained parameter scaled by ``(1 − λ)^t`` on the same particles
     (:meth:`TangentSystem.decayed_tangents`); ``f_t = F((1 − λ)^t θ_0) + ⟨∂F/∂θ at (1 − λ)^t θ_0, Δθ_t⟩``. A step
-    costs one backward walk per output coordinate and the same grids whatever ``t``."""
+    costs one backward walk per output coordinate and the same grids whatever ``t``.
 
-    def __init__(self, system: TangentSystem, tangents: Tangents, copies: int | None) -> None:
+    ``in_place`` (default): each grid and its rule state are updated where they lie, a tile of rows at a time
+    (:func:`~tplimits.optimizers.base.apply_rule_in_place`, the rule's fast path where it has one), each tile's
+    gradient written into one reused buffer; memory is the grids and their states plus two tiles. Normalized and
+    clipped updates (the whole update's norm), a state that is not entrywise and tangents that carry an autograd
+    graph take the pure rule on whole grids, as ``in_place=False`` does everywhere (the reference the tests
+    compare against)."""
+
+    def __init__(self, system: TangentSystem, tangents: Tangents, copies: int | None, in_place: bool = True) -> None:
         self.system, self.tangents = system, tangents
         self.setup = system.setup
+        self.in_place = in_place
         self.initial = tangents.outputs  # F(θ_0): the displacement is from it
         self.decays = system.decays()
         self.t = 0
@@ -319,6 +327,8 @@ class GridDynamics:
             self.displacement[name] = uses[0].out.new_zeros(uses[0].out.shape[1], uses[0].out.shape[2], chosen)
         for name, jac in tangents.local.items():
             self.displacement[name] = torch.zeros_like(jac[0])
+        self._buffer = tangents.outputs.new_empty(0)  # every grid tile's gradient, in turn
+        self.tile: int | None = None  # entries per tile; None: tile_entries of the device (tests set fewer)
 
     def _needs_whole(self, name: str) -> bool:
         group = self.system.group(name)
@@ -327,27 +337,72 @@ class GridDynamics:
     def step(self, chi: torch.Tensor) -> torch.Tensor:
         """One update of every trained tensor for ``chi``; returns the outputs' displacement from ``f_0``."""
         chi = chi.reshape(-1)
-        hyper = self.system.net.hyper
+        in_place = self.in_place and not self._graph()
         for name, jac in self.tangents.local.items():
-            g = torch.einsum("j,j...->...", chi, jac)
-            self._apply(name, g, hyper)
+            g = torch.einsum("j,j...->...", chi, jac) * self.system.group(name)["grad_scale"]
+            if not (in_place and g.ndim and self._tiled(name, g.__getitem__, 0)):
+                self._apply(name, g)
         for name, uses in self.tangents.matrices.items():
-            rows = self.copies[name]
-            grid = None
-            for use in uses:
-                part = _contract(chi, use.out) @ _contract(chi, use.inp)[:, :rows].mT
-                grid = part if grid is None else grid + part
-            self._apply(name, grid, hyper)
+            if not (in_place and self._tiled(name, self._grid_gradient(name, uses, chi), 1)):
+                self._apply(name, self._whole_grid_gradient(name, uses, chi))
         self.t += 1
         if self.decays:
             self.tangents = self.system.decayed_tangents(self.t)
         return self.moved()
 
-    def _apply(self, name: str, g: torch.Tensor, hyper: Mapping[str, Any]) -> None:
-        group = self.system.group(name)
+    def _whole_grid_gradient(self, name: str, uses: Sequence[MatrixTangent], chi: torch.Tensor) -> torch.Tensor:
+        """A hidden matrix's scaled gradient on its grid, ``[F, P_out, copies]``, as one fresh tensor."""
+        rows = self.copies[name]
+        grid = None
+        for use in uses:
+            part = _contract(chi, use.out) @ _contract(chi, use.inp)[:, :rows].mT
+            grid = part if grid is None else grid + part
+        return grid * self.system.group(name)["grad_scale"]
+
+    def _grid_gradient(self, name: str, uses: Sequence[MatrixTangent], chi: torch.Tensor) -> Callable[[slice],
+                                                                                                  torch.Tensor]:
+        """The tiles ``gradient[:, rows]`` of :meth:`_whole_grid_gradient`, each one product written into the
+        reused buffer (valid until the next tile): the uses' factors joined along their components
+        (``Σ_u a_u b_uᵀ = [a_1 a_2 …][b_1 b_2 …]ᵀ``), the group's ``grad_scale`` folded into the output side."""
+        rows, scale = self.copies[name], self.system.group(name)["grad_scale"]
+        out = torch.cat([_contract(chi, use.out) for use in uses], dim=2)  # fresh: the tangents stay untouched
+        if scale != 1:
+            out.mul_(scale)
+        inp = torch.cat([_contract(chi, use.inp)[:, :rows] for use in uses], dim=2).mT  # [F, K, copies]
+        buffer = self._buffer
+
+        def tile(part: slice) -> torch.Tensor:
+            a = out[:, part]
+            shape = (a.shape[0], a.shape[1], inp.shape[2])
+            if buffer.numel() < math.prod(shape):
+                buffer.resize_(math.prod(shape))
+            return torch.matmul(a, inp, out=buffer[: math.prod(shape)].view(shape))
+
+        return tile
+
+    def _tiled(self, name: str, gradient: Callable[[slice], torch.Tensor], axis: int) -> bool:
+        """The rule on ``name``'s accumulated update in place, tile by tile along ``axis``, whose (scaled)
+        gradient's tiles are ``gradient(rows)``; False, with nothing touched, where it must take the whole tensor
+        (see the class)."""
+        new_state = apply_rule_in_place(self.setup.rule, self.displacement[name], gradient, self.states.get(name, {}),
+                                        self.system.group(name), self.system.net.hyper, axis, self.tile)
+        if new_state is None:
+            return False
+        self.states[name] = new_state
+        return True
+
+    def _graph(self) -> bool:
+        """Whether the tangents carry an autograd graph (in place would break it; they are detached as built)."""
+        tangents = self.tangents
+        return torch.is_grad_enabled() and (
+            any(jac.requires_grad for jac in tangents.local.values())
+            or any(t.requires_grad for uses in tangents.matrices.values() for use in uses for t in (use.out, use.inp)))
+
+    def _apply(self, name: str, g: torch.Tensor) -> None:
+        """The pure rule on the whole tensor, ``g`` its scaled gradient."""
         self.displacement[name], self.states[name] = apply_rule(
-            self.setup.rule, self.displacement[name], g * group["grad_scale"], self.states.get(name, {}), group,
-            hyper)
+            self.setup.rule, self.displacement[name], g, self.states.get(name, {}), self.system.group(name),
+            self.system.net.hyper)
 
     def moved(self) -> torch.Tensor:
         """``f_t − f_0`` over the output coordinates, ``[J]``: ``Σ_θ ⟨∂f/∂θ, Δθ_t⟩``, plus under weight decay the

@@ -54,12 +54,16 @@ def adam_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int
     if hyper["eps_inside"] and eps:
         p.addcmul_(m, torch.add(v, eps**2 * c**2, out=scratch).rsqrt_(), value=scale)
         return
-    denom = _sqrt(v, scratch)
+    p.addcdiv_(m, _denominator(v, eps * c, scratch), value=scale)
+
+
+def _denominator(v: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """``√v + eps`` into ``out``; with ``eps = 0``, ``inf`` where ``v = 0``, so that a quotient by it is ``0`` there
+    as :func:`~tplimits.optimizers.base.safe_divide` makes it."""
+    denom = _sqrt(v, out)
     if eps:
-        denom.add_(eps * c)
-    else:  # Q = 0 where v = 0, as safe_divide: m / inf
-        denom.masked_fill_(denom == 0, math.inf)
-    p.addcdiv_(m, denom, value=scale)
+        return denom.add_(eps)
+    return denom.masked_fill_(denom == 0, math.inf)
 
 
 def _sqrt(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -82,6 +86,15 @@ def rmsprop_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, An
     return safe_divide(g, v.sqrt() + hyper["eps"]), {"square_avg": v}
 
 
+def rmsprop_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
+                             step: float, scratch: torch.Tensor) -> None:
+    """:func:`rmsprop_update`'s step in place: ``v`` updated where it lies, ``√v + eps`` into ``scratch``."""
+    alpha = hyper["alpha"]
+    v = state["square_avg"]
+    v.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    p.addcdiv_(g, _denominator(v, hyper["eps"], scratch), value=-step)
+
+
 def adagrad_init(g: torch.Tensor) -> State:
     return {"sum": torch.zeros_like(g)}
 
@@ -94,6 +107,18 @@ def adagrad_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, An
     return q, {"sum": total}
 
 
+def adagrad_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
+                             step: float, scratch: torch.Tensor) -> None:
+    """:func:`adagrad_update`'s step in place: the sum updated where it lies (``initial_accumulator_value``
+    added at ``t = 0``, as the pure rule does), ``√S + eps`` into ``scratch``, ``1 / (1 + t·lr_decay)`` folded
+    into the step."""
+    total = state["sum"]
+    if t == 0 and hyper["initial_accumulator_value"]:
+        total.add_(hyper["initial_accumulator_value"])
+    total.addcmul_(g, g)
+    p.addcdiv_(g, _denominator(total, hyper["eps"], scratch), value=-step / (1 + t * hyper["lr_decay"]))
+
+
 def adamax_init(g: torch.Tensor) -> State:
     return {"exp_avg": torch.zeros_like(g), "exp_inf": torch.zeros_like(g)}
 
@@ -104,6 +129,21 @@ def adamax_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any
     m = torch.lerp(state["exp_avg"], g, 1 - beta1)
     u = torch.maximum(state["exp_inf"] * beta2, g.abs() + hyper["eps"])
     return safe_divide(m / bias_correction(beta1, t), u), {"exp_avg": m, "exp_inf": u}
+
+
+def adamax_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
+                            step: float, scratch: torch.Tensor) -> None:
+    """:func:`adamax_update`'s step in place: both states updated where they lie, ``|g| + eps`` in ``scratch``
+    first, then (``eps = 0`` only) ``u`` with ``inf`` for ``0`` there, so that ``Q = 0`` where ``u = 0``."""
+    beta1, beta2 = hyper["betas"]
+    m, u = state["exp_avg"], state["exp_inf"]
+    m.lerp_(g, 1 - beta1)
+    torch.abs(g, out=scratch).add_(hyper["eps"])
+    torch.maximum(u.mul_(beta2), scratch, out=u)
+    denom = u
+    if not hyper["eps"]:  # u > 0 wherever eps > 0 (a NaN stays NaN)
+        denom = scratch.copy_(u).masked_fill_(u == 0, math.inf)
+    p.addcdiv_(m, denom, value=-step / bias_correction(beta1, t))
 
 
 _ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "eps_inside": False}
@@ -145,6 +185,7 @@ RMSPROP = UpdateRule(
     homogeneity_fn=eps_homogeneity("eps"),
     linear=False,
     description="RMSProp as torch.optim.RMSprop: v = alpha v + (1 - alpha) g^2, Q = g / (sqrt(v) + eps).",
+    descend_in_place=rmsprop_descend_in_place,
 )
 
 ADAGRAD = UpdateRule(
@@ -158,6 +199,7 @@ ADAGRAD = UpdateRule(
     homogeneity_fn=eps_homogeneity("eps", "initial_accumulator_value"),
     linear=False,
     description="Adagrad as torch.optim.Adagrad: S = S_0 + sum g^2, Q = g / (sqrt(S) + eps) / (1 + t lr_decay).",
+    descend_in_place=adagrad_descend_in_place,
 )
 
 ADAMAX = UpdateRule(
@@ -171,6 +213,7 @@ ADAMAX = UpdateRule(
     homogeneity_fn=eps_homogeneity("eps"),
     linear=False,
     description="Adamax as torch.optim.Adamax: u = max(beta2 u, |g| + eps), Q = m_hat / u.",
+    descend_in_place=adamax_descend_in_place,
 )
 
 

@@ -41,6 +41,12 @@ def _identity(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) -
     return g, state
 
 
+def _identity_descend(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
+                      step: float, scratch: torch.Tensor | None) -> None:
+    """:func:`_identity`'s step in place, ``p ← p − step · g`` (SGD's single pass on the signal)."""
+    p.add_(g, alpha=-step)
+
+
 def keep_mean_square(z_old: torch.Tensor, z_new: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
     """``s = sqrt(E ||R_old x||^2 / E ||R_new x||^2)`` from the layer outputs before and after the step."""
     return torch.sqrt(z_old.square().mean() / z_new.square().mean())
@@ -60,6 +66,8 @@ DECORRELATION = UpdateRule(
     rescale=keep_mean_square,
     description="R <- s (I - (c/n) C) R with C = E[z z^T], z = R x, s keeping E||R x||^2; driven by the "
     "layer inputs x (step(activations={R: x})), lr = c.",
+    descend_in_place=_identity_descend,
+    descend_scratch=False,
 )
 
 

@@ -38,9 +38,27 @@ def momentum_init(g: torch.Tensor) -> State:
 def momentum_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any]) -> tuple[torch.Tensor, State]:
     """Heavy-ball momentum (torch's convention: the buffer starts at ``g_0``)."""
     mu = hyper["momentum"]
-    buf = g.clone() if t == 0 else state["momentum_buffer"] * mu + g * (1 - hyper["dampening"])
-    q = g + mu * buf if hyper["nesterov"] else buf
+    # torch.optim.SGD's ops (and the fast path's): `add` with alpha, on a fresh product (differentiable)
+    buf = g.clone() if t == 0 else (state["momentum_buffer"] * mu).add_(g, alpha=1 - hyper["dampening"])
+    q = torch.add(g, buf, alpha=mu) if hyper["nesterov"] else buf
     return q, {"momentum_buffer": buf}
+
+
+def momentum_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
+                              step: float, scratch: torch.Tensor | None) -> None:
+    """:func:`momentum_update`'s step in place, the buffer updated where it lies (no scratch: ``Q`` is a sum of
+    ``g`` and the buffer, added to ``p`` term by term)."""
+    mu = hyper["momentum"]
+    buf = state["momentum_buffer"]
+    if t == 0:
+        buf.copy_(g)
+    else:
+        buf.mul_(mu).add_(g, alpha=1 - hyper["dampening"])
+    if hyper["nesterov"]:
+        p.add_(g, alpha=-step)
+        p.add_(buf, alpha=-step * mu)
+    else:
+        p.add_(buf, alpha=-step)
 
 
 SGD = UpdateRule(
@@ -68,6 +86,7 @@ MOMENTUM = UpdateRule(
     linear=True,
     description="Heavy-ball momentum, torch.optim.SGD(momentum=mu, dampening, nesterov): "
     "b_t = mu b_{t-1} + (1 - dampening) g_t, b_0 = g_0; Q_t = b_t or g_t + mu b_t (Nesterov).",
+    descend_in_place=momentum_descend_in_place,
 )
 
 

@@ -27,6 +27,16 @@ def signsgd_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, An
     return g / torch.hypot(g, torch.tensor(eps, dtype=g.dtype, device=g.device)), state
 
 
+def signsgd_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
+                             step: float, scratch: torch.Tensor) -> None:
+    """:func:`signsgd_update`'s step in place: ``sign(g)`` or ``hypot(g, eps)`` into ``scratch``."""
+    eps = hyper["eps"]
+    if eps == 0:
+        p.add_(torch.sign(g, out=scratch), alpha=-step)
+    else:
+        p.addcdiv_(g, torch.hypot(g, g.new_tensor(eps), out=scratch), value=-step)
+
+
 def lion_init(g: torch.Tensor) -> State:
     return {"exp_avg": torch.zeros_like(g)}
 
@@ -35,8 +45,21 @@ def lion_update(state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any])
     """Lion: the sign of an interpolation between the momentum and the gradient."""
     beta1, beta2 = hyper["betas"]
     m = state["exp_avg"]
-    q = torch.sign(m * beta1 + g * (1 - beta1))
-    return q, {"exp_avg": m * beta2 + g * (1 - beta2)}
+    # `(m·β).add_(g, alpha=1 − β)`, the fast path's very ops: a sign of a sum near 0 must not differ between the
+    # two by rounding (an `add` with alpha may fuse its product); in place on fresh products only (differentiable)
+    q = torch.sign((m * beta1).add_(g, alpha=1 - beta1))
+    return q, {"exp_avg": (m * beta2).add_(g, alpha=1 - beta2)}
+
+
+def lion_descend_in_place(p: torch.Tensor, state: State, g: torch.Tensor, t: int, hyper: Mapping[str, Any],
+                          step: float, scratch: torch.Tensor) -> None:
+    """:func:`lion_update`'s step in place: the interpolation into ``scratch`` by the pure rule's ops, then the
+    momentum where it lies."""
+    beta1, beta2 = hyper["betas"]
+    m = state["exp_avg"]
+    interpolation = torch.mul(m, beta1, out=scratch).add_(g, alpha=1 - beta1)
+    m.mul_(beta2).add_(g, alpha=1 - beta2)
+    p.add_(interpolation.sign_(), alpha=-step)
 
 
 SIGNSGD = UpdateRule(
@@ -50,6 +73,7 @@ SIGNSGD = UpdateRule(
     homogeneity_fn=eps_homogeneity("eps"),
     linear=False,
     description="Q_t = g_t / sqrt(g_t^2 + eps^2) (Eq. SignSGD); sign(g_t) with eps = 0.",
+    descend_in_place=signsgd_descend_in_place,
 )
 
 LION = UpdateRule(
@@ -62,6 +86,7 @@ LION = UpdateRule(
     homogeneity=0.0,
     linear=False,
     description="Lion (Chen et al. 2023): Q_t = sign(beta1 m + (1 - beta1) g), m <- beta2 m + (1 - beta2) g.",
+    descend_in_place=lion_descend_in_place,
 )
 
 
