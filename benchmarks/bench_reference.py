@@ -6,6 +6,7 @@
     python benchmarks/bench_reference.py scaling --dtype float32     # 1 and 2 processes, strong and weak
     python benchmarks/bench_reference.py compare sgd32.pt sgd64.pt   # same limit within standard error?
     python benchmarks/bench_reference.py flops                       # achieved GFLOP/s against the GEMM peak
+    python benchmarks/bench_reference.py check50                     # the SGD case against finite training
 
 ``run`` times one training (after an untimed one-step run that lowers the model), one BLAS thread per
 process; under ``torchrun`` the systems are spread over the ranks (``limit.train`` under an initialized
@@ -109,9 +110,20 @@ def flops(steps: int) -> None:
                                               for k, shape, t, n, g in r["gemm_shapes"]))
 
 
+def check50(steps: int) -> None:
+    """The SGD reference case against finite training over all its steps: widths 256/1024/4096 × 8 seeds."""
+    torch.set_num_threads(1)
+    X, y = data()
+    start = time.process_time()
+    report = limit_for("sgd").check(X, y, widths=[256, 1024, 4096], seeds=8, steps=steps, lr=LR["sgd"],
+                                    particles=2**16, progress=False)
+    print(f"{time.process_time() - start:.0f} CPU s")
+    print(report.format())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["run", "scaling", "compare", "flops"])
+    parser.add_argument("part", choices=["run", "scaling", "compare", "flops", "check50"])
     parser.add_argument("files", nargs="*", help="compare: two saved runs")
     parser.add_argument("--optimizer", default="sgd", choices=sorted(LR))
     parser.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
@@ -128,6 +140,8 @@ def main() -> None:
         scaling(args.optimizer, args.dtype, args.steps)
     elif args.part == "flops":
         flops(args.steps)
+    elif args.part == "check50":
+        check50(args.steps)
     else:
         compare(*args.files)
 
