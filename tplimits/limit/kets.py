@@ -291,7 +291,8 @@ class HatFamily:
     DROP = 1e-10  # a residual direction with less than this share of the ket's energy is in the span already
 
     def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
-                 device: torch.device, track_grad: bool, shard: Shard | None = None) -> None:
+                 device: torch.device, track_grad: bool, shard: Shard | None = None, name: str = "a matrix") -> None:
+        self.name = name  # for errors: the parameter and the direction
         self.n_fixed, self.p_in, self.p_out = n_fixed, p_in, p_out
         self.generator, self.dtype, self.device = generator, dtype, device
         self.track_grad = track_grad
@@ -321,23 +322,28 @@ class HatFamily:
         if E is not None:
             Ed = E.detach()
             coef = particle_sum(_reduce(Ed, xd), self.shard)
+            if E.shape[-1] >= self.p_in:  # the basis spans the particles: x is in it, its residual only rounding
+                terms.append((self.gaussians.cat(), coef * scale))
+                self._remember(xd, coef)
+                return terms, coef
             rd_t = torch.baddbmm(xd.mT, coef.mT, Ed.mT, alpha=-1)
         norm2 = particle_sum((xd * xd).sum(dim=(1, 2)), self.shard).clamp_min(torch.finfo(self.dtype).tiny)
-        evals, vecs = self._residual_directions(rd_t)
-        if E is not None and self._needs_second_pass(evals, vecs, xd, norm2):
+        directions = self._residual_directions(rd_t, norm2)
+        if E is not None and directions is not None and self._needs_second_pass(*directions, xd, norm2):
             correction = particle_sum(_reduce(Ed, rd_t.mT), self.shard)
             coef = coef + correction
             rd_t = rd_t.baddbmm_(correction.mT, Ed.mT, alpha=-1)
-            evals, vecs = self._residual_directions(rd_t)
+            directions = self._residual_directions(rd_t, norm2)
         if E is not None:
             resid_t = torch.baddbmm(x.mT, coef.mT, E.mT, alpha=-1) if x.requires_grad or E.requires_grad else rd_t
             terms.append((self.gaussians.cat(), coef * scale))
-        vecs = _signed(vecs)
-        keep = evals > self.DROP * norm2[:, None]
-        new_directions = keep.any(dim=0)  # directions already in the span (for every fixed index) are dropped
-        if not new_directions.any():
+        keep = None if directions is None else directions[0] > self.DROP * norm2[:, None]
+        if keep is None or not keep.any():  # every direction is in the span already (for every fixed index)
             self._remember(xd, coef)
             return terms, coef
+        evals, vecs = directions
+        vecs = _signed(vecs)
+        new_directions = keep.any(dim=0)
         keep, evals, vecs = keep[:, new_directions], evals[:, new_directions], vecs[..., new_directions]
         root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
         inv_root = torch.where(keep, 1 / root.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(evals))
@@ -373,10 +379,20 @@ class HatFamily:
     def forget(self) -> None:
         self.sampled.clear()
 
-    def _residual_directions(self, residual_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _residual_directions(self, residual_t: torch.Tensor,
+                             norm2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The eigenvalues ``[F, K]`` and eigenvectors ``[F, K, K]`` of the residual's Gram matrix (every rank:
-        the same)."""
-        return torch.linalg.eigh(particle_sum(residual_t @ residual_t.mT, self.shard))
+        the same); None when its trace, the largest eigenvalue's bound, leaves no direction to keep."""
+        gram = particle_sum(residual_t @ residual_t.mT, self.shard)
+        if bool((gram.diagonal(dim1=1, dim2=2).sum(dim=1) <= self.DROP * norm2).all()):
+            return None
+        try:
+            return torch.linalg.eigh(gram)
+        except torch.linalg.LinAlgError as error:
+            raise TplimitsError(
+                f"{self.name}: the Gram matrix of the new hat directions ([{gram.shape[0]}, {gram.shape[1]}, "
+                f"{gram.shape[2]}], {self.dtype}) has no eigendecomposition ({error}). Run the limit in float64 "
+                "(dtype=torch.float64, the default) or with fewer components per step") from None
 
     def _needs_second_pass(self, evals: torch.Tensor, vecs: torch.Tensor, x: torch.Tensor,
                            norm2: torch.Tensor) -> bool:
@@ -555,8 +571,10 @@ class MatrixOperator:
         if self.kind == "gaussian":
             track = dots == "autograd"
             self.families = {
-                "forward": HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track, shard),
-                "transposed": HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track, shard),
+                "forward": HatFamily(self.n_fixed, self.p_in, self.p_out, generator, dtype, device, track, shard,
+                                     f"parameter {name!r} (W)"),
+                "transposed": HatFamily(self.n_fixed, self.p_out, self.p_in, generator, dtype, device, track, shard,
+                                        f"parameter {name!r} (Wᵀ)"),
             }
             for family in self.families.values():
                 family.remembers = low_rank and not track
