@@ -356,7 +356,9 @@ def cost_at_accuracy(target: float = 0.01, steps: int = 20, source: str = "rando
     X, y = accuracy_task(source)
     limit = tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=X.shape[1])
     if "reference" not in state:
-        state["limit"], traj = limit_at_target(limit, X, y, config)
+        state["limit_search"] = []  # every run of the search, saved as it ends (a failed search keeps them)
+        state["limit"], traj = limit_at_target(limit, X, y, config, record=lambda run: (
+            state["limit_search"].append(run), _save(save, state)))
         _save(save, state)
         state["reference"] = _reference(limit, X, y, config, state["limit"]["particles"], traj, save)
         _save(save, state)
@@ -381,11 +383,12 @@ def _rms(t: torch.Tensor) -> float:
     return float(t.square().mean().sqrt())
 
 
-def limit_at_target(limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, config: dict,
-                    seed: int = 0) -> tuple[dict, tpl.Trajectory]:
+def limit_at_target(limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, config: dict, seed: int = 0,
+                    record: Any = None) -> tuple[dict, tpl.Trajectory]:
     """Train the limit at ``config['start_particles']``, then at the power of 2 its standard error predicts
-    (se ∝ P^-1/2, at least double), until the RMS standard error reaches the target: the time at the target
-    is the last run's; every run's particles, copies, RMS se and seconds are returned too (the search's cost)."""
+    (se ∝ P^-1/2, at least double), until the RMS standard error reaches the target or the next run would
+    exceed ``config['max_particles']`` (then ``reached`` is False): the time at the target is the last run's;
+    every run's particles, copies, RMS se (overall and by step), losses and seconds are returned too."""
     lr, systems = LR[config["optimizer"]], config["systems"]
     limit.train(X, y, steps=1, lr=lr, particles=64 * systems, batches=systems, progress=False,
                 copies=_copies(config, 64 * systems))  # lowers, untimed
@@ -395,18 +398,21 @@ def limit_at_target(limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, config: 
         traj = limit.train(X, y, steps=config["steps"], lr=lr, particles=particles, batches=systems, seed=seed,
                            progress=False, copies=_copies(config, particles))
         runs.append({"particles": particles, "copies": _copies(config, particles),
-                     "rms_se": _rms(traj.outputs_se), "seconds": CLOCK() - start})
+                     "rms_se": _rms(traj.outputs_se), "seconds": CLOCK() - start,
+                     "rms_se_by_step": traj.outputs_se.square().mean(dim=(1, 2)).sqrt().tolist(),
+                     "loss_by_step": traj.loss.tolist()})
+        if record:
+            record(runs[-1])
         print(f"  limit, {particles} particles in {systems} systems: RMS se {runs[-1]['rms_se']:.4f}, "
               f"{runs[-1]['seconds']:.1f} s", flush=True)
         if runs[-1]["rms_se"] <= config["target"]:
             break
         predicted = particles * (runs[-1]["rms_se"] / config["target"]) ** 2
+        if max(2 * particles, 2 ** math.ceil(math.log2(predicted))) > config["max_particles"]:
+            break  # the target is out of reach: the largest run stands, marked not reached
         particles = max(2 * particles, 2 ** math.ceil(math.log2(predicted)))
-        if particles > config["max_particles"]:
-            raise tpl.TplimitsError(f"the limit needs more than max_particles={config['max_particles']} for RMS "
-                                f"standard error {config['target']} (last: {runs[-1]})")
-    return {**runs[-1], "search_seconds": sum(r["seconds"] for r in runs), "runs": runs,
-            "engine": tpl.__file__}, traj
+    return {**runs[-1], "reached": runs[-1]["rms_se"] <= config["target"],
+            "search_seconds": sum(r["seconds"] for r in runs), "runs": runs, "engine": tpl.__file__}, traj
 
 
 def _reference(limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, config: dict, particles: int,
@@ -502,8 +508,9 @@ def _load_state(save: str | None, config: dict) -> dict:
 def _limit_line(config: dict, lim: dict, ref: dict) -> str:
     return (f"{config['data']}, {config['optimizer']} lr {LR[config['optimizer']]}, {config['steps']} steps, target "
             f"{config['target']}: limit {lim['particles']} particles in {config['systems']} systems (copies "
-            f"{lim['copies']}), RMS se {lim['rms_se']:.4f}, {lim['seconds']:.1f} s (search {lim['search_seconds']:.1f}"
-            f" s); reference {ref['runs']} runs, {ref['particles']} particles, RMS se {ref['rms_se']:.4f}")
+            f"{lim['copies']}), RMS se {lim['rms_se']:.4f} ({'reached' if lim['reached'] else 'NOT reached'}), "
+            f"{lim['seconds']:.1f} s (search {lim['search_seconds']:.1f} s); reference {ref['runs']} runs, "
+            f"{ref['particles']} particles, RMS se {ref['rms_se']:.4f}")
 
 
 def _finite_line(width: int, entry: dict, limit_seconds: float, target: float) -> str:
@@ -536,7 +543,9 @@ def retime_limit(save: str) -> None:
     config = state["config"]
     X, y = accuracy_task(config["data"])
     limit = tpl.derive("mlp", optimizer=config["optimizer"], depth=3, d_in=X.shape[1])
-    new, traj = limit_at_target(limit, X, y, config, seed=0)
+    state.setdefault("retimed_search", [])
+    new, traj = limit_at_target(limit, X, y, config, record=lambda run: (state["retimed_search"].append(run),
+                                                                          _save(save, state)))
     ref = _reference_tensors(state, save)
     z = (traj.outputs - ref["outputs"]) / (traj.outputs_se.square() + ref["outputs_se"].square()).sqrt()
     new.update(z_rms=_rms(z[1:]), z_max=float(z[1:].abs().max()), when=time.strftime("%Y-%m-%d %H:%M:%S"),
