@@ -11,6 +11,8 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py processes                  # 1 and 2 gloo processes (torchrun)
     python benchmarks/bench_limit.py shard                      # one system sharded over 1 and 2 gloo processes
     python benchmarks/bench_limit.py accuracy --data digits --optimizer adam --steps 20 --cpu-time
+    python benchmarks/bench_limit.py accuracy --data digits --steps 50 --target 0.003 --cpu-time --save R.json
+    python benchmarks/bench_limit.py accuracy --cpu-time --retime R.json   # only the limit again, new ratios
     python benchmarks/bench_limit.py flops                      # achieved GFLOP/s against the float64 GEMM peak
     python benchmarks/bench_limit.py linear-speed --before DIR  # SGD: this engine against the one in source tree DIR
     python benchmarks/bench_limit.py adam-speed --before DIR    # Adam with copy populations, the same comparison
@@ -332,44 +334,257 @@ def accuracy_task(source: str, examples: int = 64) -> tuple[torch.Tensor, torch.
 
 
 def cost_at_accuracy(target: float = 0.01, steps: int = 20, source: str = "random", optimizer: str = "sgd",
-                     widths: tuple[int, ...] = (256, 1024, 4096), max_seeds: int = 64) -> None:
-    """Time for the limit to reach Monte Carlo standard error ``target`` (RMS over steps and outputs) vs
-    time for finite-width seed ensembles to get within ``target`` (RMS) of it. Adam's limit runs with copy
-    populations of P/16 per system."""
+                     widths: tuple[int, ...] = (256, 1024, 4096), max_seeds: tuple[int, ...] = (64,),
+                     systems: int = 16, start: int = 2**12, max_particles: int = 2**18, reference_runs: int = 1,
+                     max_finite_seconds: float = math.inf, save: str | None = None, resume: bool = False) -> None:
+    """Time for the limit to reach Monte Carlo standard error ``target`` (RMS over steps and outputs) vs time
+    for finite-width seed ensembles to get within ``target`` (RMS) of it; every result goes to ``save`` (JSON,
+    with the reference outputs and each width's seed outputs beside it in ``.pt`` files) as it is measured, and
+    ``resume`` picks a killed run up from there. Adam's limit runs with copy populations of P/16 per system.
+
+    The finite side is measured against a reference: the limit's timed run pooled with ``reference_runs`` more
+    runs of other seeds. An ensemble's error is ``sqrt(gap² − se_ref²)``, the RMS gap of its seed mean to the
+    reference less the reference's own Monte Carlo variance (RMS over steps and outputs): without that, a
+    reference at standard error ``target`` puts every gap at about ``target`` or above, whatever the width."""
+    if len(max_seeds) not in (1, len(widths)):
+        raise ValueError(f"--max-seeds: one cap or one per width ({len(widths)}), got {list(max_seeds)}")
+    caps = dict(zip(widths, max_seeds * len(widths) if len(max_seeds) == 1 else max_seeds, strict=True))
+    config = {"target": target, "steps": steps, "data": source, "optimizer": optimizer, "systems": systems,
+              "start_particles": start, "max_particles": max_particles, "reference_runs": reference_runs,
+              "clock": CLOCK.__name__}
+    state = _load_state(save, config) if resume else {"config": config, "finite": {}}
     X, y = accuracy_task(source)
     limit = tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=X.shape[1])
-    lr = LR[optimizer]
-
-    def copies_for(particles: int) -> int | None:
-        return particles // 4 // 16 if optimizer == "adam" else None
-
-    limit.train(X, y, steps=1, lr=lr, particles=1024, progress=False, copies=copies_for(1024))  # lowers, untimed
-    particles = 2**12
-    while True:
-        start = CLOCK()
-        traj = limit.train(X, y, steps=steps, lr=lr, particles=particles, batches=4, progress=False,
-                           copies=copies_for(particles))
-        seconds = CLOCK() - start
-        rms_se = traj.outputs_se.square().mean().sqrt()
-        if rms_se <= target:
-            break
-        particles *= 2
-    print(f"{source} ({len(X)} inputs), {optimizer} lr {lr}, limit ({steps} steps): {particles} particles "
-          f"(copies {copies_for(particles)}), RMS se {rms_se:.4f}, {seconds:.1f} s")
+    if "reference" not in state:
+        state["limit_search"] = []  # every run of the search, saved as it ends (a failed search keeps them)
+        state["limit"], traj = limit_at_target(limit, X, y, config, record=lambda run: (
+            state["limit_search"].append(run), _save(save, state)))
+        _save(save, state)
+        state["reference"] = _reference(limit, X, y, config, state["limit"]["particles"], traj, save)
+        _save(save, state)
+    reference = _reference_tensors(state, save)
+    print(_limit_line(config, state["limit"], state["reference"]), flush=True)
     schedule = batch_schedule(len(X), None, steps, 0)
     for width in widths:
+        entry = state["finite"].setdefault(str(width), {"seeds": [], "done": False})
+        if not entry["done"]:
+            finite_ensemble(limit, X, y, config, width, schedule, reference, caps[width], max_finite_seconds, entry,
+                            lambda: _save(save, state), _seed_file(save, width))
+        print(_finite_line(width, entry, state["limit"]["seconds"], target), flush=True)
+    print(accuracy_table(state))
+
+
+def _copies(config: dict, particles: int) -> int | None:
+    """Adam's copy population per system: P/16 of the system's particles (SGD keeps none)."""
+    return particles // config["systems"] // 16 if config["optimizer"] == "adam" else None
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.square().mean().sqrt())
+
+
+def limit_at_target(limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, config: dict, seed: int = 0,
+                    record: Any = None) -> tuple[dict, tpl.Trajectory]:
+    """Train the limit at ``config['start_particles']``, then at the power of 2 its standard error predicts
+    (se ∝ P^-1/2, at least double), until the RMS standard error reaches the target or the next run would
+    exceed ``config['max_particles']`` (then ``reached`` is False): the time at the target is the last run's;
+    every run's particles, copies, RMS se (overall and by step), losses and seconds are returned too."""
+    lr, systems = LR[config["optimizer"]], config["systems"]
+    limit.train(X, y, steps=1, lr=lr, particles=64 * systems, batches=systems, progress=False,
+                copies=_copies(config, 64 * systems))  # lowers, untimed
+    runs, particles = [], config["start_particles"]
+    while True:
         start = CLOCK()
-        runs = []
-        while True:
-            runs.append(finite_outputs(limit, X, y, len(X), width, len(runs), steps, lr, "mse", schedule,
-                                       torch.float64))
-            gap = (torch.stack(runs).mean(0) - traj.outputs).square().mean().sqrt()
-            if gap <= target or len(runs) >= max_seeds:
+        traj = limit.train(X, y, steps=config["steps"], lr=lr, particles=particles, batches=systems, seed=seed,
+                           progress=False, copies=_copies(config, particles))
+        runs.append({"particles": particles, "copies": _copies(config, particles),
+                     "rms_se": _rms(traj.outputs_se), "seconds": CLOCK() - start,
+                     "rms_se_by_step": traj.outputs_se.square().mean(dim=(1, 2)).sqrt().tolist(),
+                     "loss_by_step": traj.loss.tolist()})
+        if record:
+            record(runs[-1])
+        print(f"  limit, {particles} particles in {systems} systems: RMS se {runs[-1]['rms_se']:.4f}, "
+              f"{runs[-1]['seconds']:.1f} s", flush=True)
+        if runs[-1]["rms_se"] <= config["target"]:
+            break
+        predicted = particles * (runs[-1]["rms_se"] / config["target"]) ** 2
+        if max(2 * particles, 2 ** math.ceil(math.log2(predicted))) > config["max_particles"]:
+            break  # the target is out of reach: the largest run stands, marked not reached
+        particles = max(2 * particles, 2 ** math.ceil(math.log2(predicted)))
+    return {**runs[-1], "reached": runs[-1]["rms_se"] <= config["target"],
+            "search_seconds": sum(r["seconds"] for r in runs), "runs": runs, "engine": tpl.__file__}, traj
+
+
+def _reference(limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, config: dict, particles: int,
+               traj: tpl.Trajectory, save: str | None) -> dict:
+    """The timed run pooled with ``reference_runs`` runs of seeds 1, 2, ... at the same particles (independent
+    systems): the mean of their means, standard error √(Σ se²) / runs; saved beside ``save``."""
+    means, variances = [traj.outputs], [traj.outputs_se.square()]
+    for seed in range(1, config["reference_runs"] + 1):
+        extra = limit.train(X, y, steps=config["steps"], lr=LR[config["optimizer"]], particles=particles,
+                            batches=config["systems"], seed=seed, progress=False, copies=_copies(config, particles))
+        means.append(extra.outputs)
+        variances.append(extra.outputs_se.square())
+    outputs, se = torch.stack(means).mean(0), torch.stack(variances).sum(0).sqrt() / len(means)
+    if save:
+        torch.save({"outputs": outputs, "outputs_se": se, "timed_outputs": traj.outputs,
+                    "timed_outputs_se": traj.outputs_se}, _stem(save) + "_reference.pt")
+    return {"runs": len(means), "particles": particles * len(means), "rms_se": _rms(se),
+            "outputs": outputs.tolist() if not save else None, "outputs_se": se.tolist() if not save else None}
+
+
+def _reference_tensors(state: dict, save: str | None) -> dict[str, torch.Tensor]:
+    if save:
+        return torch.load(_stem(save) + "_reference.pt")
+    return {k: torch.tensor(state["reference"][k], dtype=torch.float64) for k in ("outputs", "outputs_se")}
+
+
+def finite_ensemble(limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, config: dict, width: int, schedule: Any,
+                    reference: dict[str, torch.Tensor], max_seeds: int, max_seconds: float, entry: dict,
+                    flush: Any, seed_file: str | None) -> None:
+    """Add seeds of width ``width`` (plain torch loop) until the ensemble's error against the reference is
+    within the target, or ``max_seeds`` seeds, or ``max_seconds`` of its clock; after every seed its
+    cumulative seconds, raw gap, error, seed standard error and the bias that remains go into ``entry``."""
+    runs = list(torch.load(seed_file)) if seed_file and entry["seeds"] else []
+    entry["seeds"] = entry["seeds"][: len(runs)]  # a seed saved to JSON but not to its file is redone
+    elapsed = entry["seeds"][-1]["seconds"] if entry["seeds"] else 0.0
+    ref, ref_var = reference["outputs"], float(reference["outputs_se"].square().mean())
+    while not entry["seeds"] or not _finite_stops(entry, config["target"], max_seeds, max_seconds):
+        start = CLOCK()
+        runs.append(finite_outputs(limit, X, y, len(X), width, len(runs), config["steps"], LR[config["optimizer"]],
+                                   "mse", schedule, torch.float64))
+        elapsed += CLOCK() - start
+        stacked = torch.stack(runs)
+        entry["seeds"].append(_ensemble_stats(stacked, ref, ref_var, elapsed))
+        if seed_file:
+            torch.save(stacked, seed_file)
+        flush()
+    entry["done"] = True
+    flush()
+
+
+def _ensemble_stats(stacked: torch.Tensor, ref: torch.Tensor, ref_var: float, seconds: float) -> dict:
+    """The seed mean of ``stacked`` [seeds, ...] against the reference: raw RMS gap, error √(gap² − se_ref²),
+    the seed standard error of the mean and the bias that remains after both noises."""
+    gap_sq = float((stacked.mean(0) - ref).square().mean())
+    seed_var = float(stacked.var(0).mean()) / len(stacked) if len(stacked) > 1 else math.nan
+    return {"seeds": len(stacked), "seconds": seconds, "gap": math.sqrt(gap_sq),
+            "error": math.sqrt(max(gap_sq - ref_var, 0.0)), "seed_se": math.sqrt(seed_var),
+            "bias": math.sqrt(max(gap_sq - ref_var - seed_var, 0.0))}
+
+
+def _rescore(state: dict, save: str, outputs: torch.Tensor, se: torch.Tensor) -> dict:
+    """The saved seeds of every width scored against another limit run (``outputs``, ``se``): the same stopping
+    rule replayed seed by seed on the saved cumulative seconds (a width stops at the first seed within the
+    target, else where it stopped before)."""
+    finite, ref_var = {}, float(se.square().mean())
+    for width, entry in state["finite"].items():
+        runs = torch.load(_seed_file(save, int(width)))
+        seeds = []
+        for n, saved in enumerate(entry["seeds"][: len(runs)], start=1):
+            seeds.append(_ensemble_stats(runs[:n], outputs, ref_var, saved["seconds"]))
+            if seeds[-1]["error"] <= state["config"]["target"]:
                 break
-        t = CLOCK() - start
-        verdict = "reached" if gap <= target else "not reached"
-        print(f"finite width {width}: {len(runs)} seeds, RMS gap of the seed mean {gap:.4f} ({verdict}), {t:.1f} s, "
-              f"ratio finite/limit {t / seconds:.2f}", flush=True)
+        reached = bool(seeds) and seeds[-1]["error"] <= state["config"]["target"]
+        finite[width] = {"seeds": seeds, "stop": "reached" if reached else entry.get("stop")}
+    return finite
+
+
+def _finite_stops(entry: dict, target: float, max_seeds: int, max_seconds: float) -> bool:
+    last = entry["seeds"][-1]
+    entry["reached"] = last["error"] <= target
+    entry["stop"] = ("reached" if entry["reached"] else "seed cap" if last["seeds"] >= max_seeds
+                     else "time cap" if last["seconds"] >= max_seconds else None)
+    return entry["stop"] is not None
+
+
+def _stem(save: str) -> str:
+    return save[:-5] if save.endswith(".json") else save
+
+
+def _seed_file(save: str | None, width: int) -> str | None:
+    return f"{_stem(save)}_width{width}.pt" if save else None
+
+
+def _save(save: str | None, state: dict) -> None:
+    """Write the state atomically (a killed run leaves the last complete file)."""
+    if save:
+        import os
+        with open(save + ".tmp", "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(save + ".tmp", save)
+
+
+def _load_state(save: str | None, config: dict) -> dict:
+    import os
+    if not save:
+        raise ValueError("--resume needs --save FILE")
+    if not os.path.exists(save):
+        return {"config": config, "finite": {}}
+    with open(save) as f:
+        state = json.load(f)
+    if state["config"] != config:
+        raise ValueError(f"--resume: {save} was measured with {state['config']}, not {config}")
+    return state
+
+
+def _limit_line(config: dict, lim: dict, ref: dict) -> str:
+    return (f"{config['data']}, {config['optimizer']} lr {LR[config['optimizer']]}, {config['steps']} steps, target "
+            f"{config['target']}: limit {lim['particles']} particles in {config['systems']} systems (copies "
+            f"{lim['copies']}), RMS se {lim['rms_se']:.4f} ({'reached' if lim['reached'] else 'NOT reached'}), "
+            f"{lim['seconds']:.1f} s (search {lim['search_seconds']:.1f} s); reference {ref['runs']} runs, "
+            f"{ref['particles']} particles, RMS se {ref['rms_se']:.4f}")
+
+
+def _finite_line(width: int, entry: dict, limit_seconds: float, target: float) -> str:
+    last = entry["seeds"][-1]
+    return (f"finite width {width}: {last['seeds']} seeds, {entry['stop']}, error {last['error']:.4f} (raw gap "
+            f"{last['gap']:.4f}, seed se {last['seed_se']:.4f}, bias {last['bias']:.4f}), {last['seconds']:.1f} s, "
+            f"ratio finite/limit {last['seconds'] / limit_seconds:.2f}")
+
+
+def accuracy_table(state: dict, limit: dict | None = None) -> str:
+    """One markdown row per width (ratio against ``limit``, by default the measured limit)."""
+    limit = limit or state["limit"]
+    rows = ["| width | seeds | stop | CPU s | ratio finite/limit | error | raw gap | seed se | bias |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for width, entry in state["finite"].items():
+        if entry["seeds"]:
+            s = entry["seeds"][-1]
+            rows.append(f"| {width} | {s['seeds']} | {entry.get('stop')} | {s['seconds']:.1f} | "
+                        f"{s['seconds'] / limit['seconds']:.2f} | {s['error']:.4f} | {s['gap']:.4f} | "
+                        f"{s['seed_se']:.4f} | {s['bias']:.4f} |")
+    return "\n".join(rows)
+
+
+def retime_limit(save: str) -> None:
+    """Re-time only the limit side of a saved cost-at-accuracy run (same task, systems, start and target, this
+    engine); the saved finite seeds are re-scored against the new run (:func:`_rescore`) and every ratio is
+    recomputed on their saved seconds; the new run's outputs are compared with the saved reference (RMS and
+    largest difference in combined standard errors). Appended to the file."""
+    with open(save) as f:
+        state = json.load(f)
+    config = state["config"]
+    X, y = accuracy_task(config["data"])
+    limit = tpl.derive("mlp", optimizer=config["optimizer"], depth=3, d_in=X.shape[1])
+    state.setdefault("retimed_search", [])
+    new, traj = limit_at_target(limit, X, y, config, record=lambda run: (state["retimed_search"].append(run),
+                                                                          _save(save, state)))
+    ref = _reference_tensors(state, save)
+    z = (traj.outputs - ref["outputs"]) / (traj.outputs_se.square() + ref["outputs_se"].square()).sqrt()
+    new.update(z_rms=_rms(z[1:]), z_max=float(z[1:].abs().max()), when=time.strftime("%Y-%m-%d %H:%M:%S"),
+               max_diff_timed=float((traj.outputs - ref["timed_outputs"]).abs().max()) if "timed_outputs" in ref
+               else None)
+    new["finite"] = _rescore(state, save, traj.outputs, traj.outputs_se)  # errors against the new run itself
+    state.setdefault("retimed", []).append(new)
+    _save(save, state)
+    print(f"saved limit: {state['limit']['particles']} particles, {state['limit']['seconds']:.1f} s; re-timed: "
+          f"{new['particles']} particles, RMS se {new['rms_se']:.4f}, {new['seconds']:.1f} s (search "
+          f"{new['search_seconds']:.1f} s); against the saved reference: RMS z {new['z_rms']:.2f}, largest "
+          f"{new['z_max']:.2f} (steps 1..); largest difference to the saved timed run (same seed) "
+          f"{new['max_diff_timed']}")
+    print("saved finite seconds, errors against the re-timed run:")
+    print(accuracy_table({"finite": new["finite"]}, new))
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -668,7 +883,20 @@ if __name__ == "__main__":
     parser.add_argument("--optimizer", choices=tuple(LR), default="sgd", help="accuracy: the optimizer")
     parser.add_argument("--steps", type=int, default=20, help="accuracy: training steps")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096], help="accuracy: finite widths")
-    parser.add_argument("--max-seeds", type=int, default=64, help="accuracy: most seeds per finite width")
+    parser.add_argument("--max-seeds", type=int, nargs="+", default=[64],
+                        help="accuracy: most seeds per finite width (one cap, or one per width)")
+    parser.add_argument("--systems", type=int, default=16, help="accuracy: independent systems of the limit")
+    parser.add_argument("--start-particles", type=int, default=2**12, help="accuracy: the limit's first run")
+    parser.add_argument("--max-particles", type=int, default=2**18, help="accuracy: the limit's largest run")
+    parser.add_argument("--reference-runs", type=int, default=1,
+                        help="accuracy: more limit runs (other seeds) pooled with the timed one as the finite side's "
+                             "reference")
+    parser.add_argument("--max-finite-seconds", type=float, default=math.inf,
+                        help="accuracy: most seconds (of the clock) per finite width")
+    parser.add_argument("--save", help="accuracy: JSON file every result is written to as it is measured")
+    parser.add_argument("--resume", action="store_true", help="accuracy: continue the run saved in --save")
+    parser.add_argument("--retime", metavar="FILE",
+                        help="accuracy: re-time only the limit of the run saved in FILE, recompute the ratios")
     parser.add_argument("--before", help="linear-speed, adam-speed (required), copies, optimizer: a source tree of "
                                          "the engine to compare with, in the same run")
     parser.add_argument("--no-threads", action="store_true",
@@ -705,8 +933,10 @@ if __name__ == "__main__":
         "reference": reference,
         "reference-adam": reference_adam,
         "scaling": scaling,
-        "accuracy": lambda: cost_at_accuracy(args.target, args.steps, args.data, args.optimizer,
-                                             tuple(args.widths), args.max_seeds),
+        "accuracy": (lambda: retime_limit(args.retime)) if args.retime else lambda: cost_at_accuracy(
+            args.target, args.steps, args.data, args.optimizer, tuple(args.widths), tuple(args.max_seeds),
+            args.systems, args.start_particles, args.max_particles, args.reference_runs, args.max_finite_seconds,
+            args.save, args.resume),
         "copies": (lambda: in_trees("copies", args.before)) if args.before else copies_scaling,
         "copies-accuracy": copies_accuracy,
         "optimizer": (lambda: in_trees("optimizer", args.before)) if args.before else optimizer_step,
