@@ -620,8 +620,7 @@ class MatrixOperator:
             dot = self.families[other].dot(xc, self.dots, scale)
             low = self._low_rank_coordinates(inner, forward)
             if low is not None:  # on the other family's basis, as the dot is: one coefficient matrix for both
-                basis, coefficients = dot
-                coefficients[:, : low.shape[1]] += low
+                dot[1][:, : low.shape[1]] += low
             if dot is not None:
                 terms.append(dot)
         elif self.kind == "identity":
