@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import functools
 import os
 import pstats
 import resource
@@ -41,7 +40,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -181,6 +180,9 @@ def instruction_timer(records: list[dict]) -> Iterator[None]:
     original = KetInterpreter.execute
 
     def execute(self: KetInterpreter, ins: object) -> object:
+        op = self.values.get(ins.matrix) if isinstance(ins, MatMul) else None
+        op = op if isinstance(op, MatrixOperator) else None
+        before = None if op is None else ({k: f.basis._size for k, f in op.families.items()}, op.out_factors._size)
         start = time.process_time()
         out = original(self, ins)
         row = {"name": ins.name, "type": type(ins).__name__, "cpu": time.process_time() - start,
@@ -188,11 +190,11 @@ def instruction_timer(records: list[dict]) -> Iterator[None]:
         if type(ins).__name__ == "Nonlin":
             row["fn"] = getattr(ins.fn, "__name__", type(ins.fn).__name__)
             row["per_coordinate"] = bool(getattr(ins.fn, "per_coordinate", False))
-        if isinstance(ins, MatMul) and isinstance(self.values.get(ins.matrix), MatrixOperator):
-            plan, op = self.plan(ins), self.values[ins.matrix]
+        if op is not None:
+            plan = self.plan(ins)
             row.update(matrix=ins.matrix, F=plan.n_fixed, K=plan.n_components, direction=plan.direction,
-                       basis={k: f.basis._size for k, f in op.families.items()},
-                       factors=op.out_factors._size, P=self.n)
+                       basis=before[0], factors=before[1], P=self.n,
+                       basis_after={k: f.basis._size for k, f in op.families.items()})
         records.append(row)
         return out
 
@@ -295,37 +297,10 @@ def profile_report(args: argparse.Namespace) -> None:
             records: list[dict] = []
             start = time.process_time()
             with instruction_timer(records):
-                _with_basis_after(functools.partial(train, case, limit, X, y, particles, steps, dtype, args.batches,
-                                                    args.dots), records)
+                train(case, limit, X, y, particles, steps, dtype, args.batches, args.dots)
             total = time.process_time() - start
             print(f"\nSame run without cProfile, instructions timed: {total:.1f} CPU s; {load()}")
             instruction_report(records, total, args.top)
-
-
-def _with_basis_after(run: Callable[[], object], records: list[dict]) -> None:
-    """Run ``run()`` while noting, for every matrix application, its families' basis sizes after it."""
-    original = MatrixOperator.apply
-
-    def apply(self: MatrixOperator, plan: object, x: torch.Tensor) -> torch.Tensor:
-        out = original(self, plan, x)
-        self._last_basis = {k: f.basis._size for k, f in self.families.items()}
-        return out
-
-    MatrixOperator.apply = apply
-    original_execute = KetInterpreter.execute
-
-    def execute(self: KetInterpreter, ins: object) -> object:
-        out = original_execute(self, ins)
-        if records and records[-1]["name"] == ins.name and "F" in records[-1]:
-            records[-1]["basis_after"] = getattr(self.values[ins.matrix], "_last_basis", records[-1]["basis"])
-        return out
-
-    KetInterpreter.execute = execute
-    try:
-        run()
-    finally:
-        MatrixOperator.apply = original
-        KetInterpreter.execute = original_execute
 
 
 class _AveragedPullback:
