@@ -9,8 +9,8 @@ particles in the same process (it lowers the model), with one thread unless ``OM
 
 Subcommands:
 
-* ``time``: ``limit.train`` per ``--cases particles:steps`` (``--dtype``, ``--batches``, ``--dots``), CPU s,
-  wall s, s/step, peak RSS, final loss.
+* ``time``: ``limit.train`` per ``--cases particles:steps`` (``--dtype``, ``--batches``, ``--dots``, and
+  ``--with`` a measurement hook of ``variants``), CPU s, wall s, s/step, peak RSS, loss first → last.
 * ``profile``: one run under cProfile, its time grouped by what the engine does (hat sampling, dots,
   low-rank terms, expansions, column stores, random draws, eigendecompositions, the program walk), and
   per MatMul instruction: the kernel offsets ``F``, the components ``K`` it is applied to, its direction
@@ -21,10 +21,13 @@ Subcommands:
 * ``variants``: the same run as it is and with engine changes that are proposed, not made, emulated by
   measurement hooks of this file (``--variants averaged full-basis``): CPU seconds and output differences.
 
+Figures and the proposed changes: docs/performance.md, "Real models" (measured loaded, CPU seconds).
+
 Run, e.g.::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_real_limit.py time --models resnet vit --cases 1024:3
     OMP_NUM_THREADS=1 python benchmarks/bench_real_limit.py profile --models resnet --cases 1024:3
+    OMP_NUM_THREADS=1 python benchmarks/bench_real_limit.py variants --models vit --cases 4096:10 --variants averaged
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/bench_real_limit.py processes --models vit --cases 4096:10
 """
 
