@@ -42,3 +42,33 @@ def test_bases_stay_orthonormal_over_many_steps(optimizer):
             assert float((gram - eye).abs().max()) < 1e-9, (operator.name, float((gram - eye).abs().max()))
             checked += 1
     assert checked == 4
+
+
+def test_a_basis_never_outgrows_its_particles():
+    """A convolution applies each offset's matrix to batch × positions components, more than a small system
+    has particles: the basis fills, and the residuals after it are rounding, which must not become new
+    directions (nor does a basis ever hold more orthonormal columns than its particles). Columns of zeros are
+    directions kept for other kernel offsets only."""
+    options = dict(stages=1, image_size=4, batch=2, num_classes=3)
+    X = tpl.architecture("resnet").example_inputs(image_size=4, batch=2)[0]
+    setup = tpl.derive("resnet", optimizer="sgd", **options).setup(X)
+    particles, steps = 48, 4
+    net = ParticleNetwork(setup, particles, 0, torch.float64, "cpu", "stein", 0.3, steps)
+    loss = tpl.loss("cross_entropy")
+    X, y = X.double(), torch.tensor([0, 2])
+    for _ in range(steps):
+        interp = net.forward((X,))
+        out = net.outputs(interp)
+        net.backward_and_update(interp, loss.error_signal(out, y, torch.arange(len(X))))
+    full = 0
+    for operator in net.operators.values():
+        for family in operator.families.values():
+            E = family.basis.cat()
+            if E is None:
+                continue
+            assert E.shape[-1] <= family.p_in, (operator.name, E.shape)
+            gram = E.mT @ E
+            used = (gram.diagonal(dim1=1, dim2=2) > 0.5).to(gram.dtype)
+            assert float((gram - torch.diag_embed(used)).abs().max()) < 1e-9, operator.name
+            full += E.shape[-1] == family.p_in
+    assert full > 0  # some basis filled up, so the cap was exercised

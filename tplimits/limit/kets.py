@@ -344,6 +344,10 @@ class HatFamily:
         evals, vecs = directions
         vecs = _signed(vecs)
         new_directions = keep.any(dim=0)
+        room = self.p_in - (0 if E is None else E.shape[-1])
+        surplus = int(new_directions.sum()) - room
+        if surplus > 0:  # more directions than the particles hold: the smallest (eigh ascends) are rounding
+            new_directions[new_directions.nonzero().flatten()[:surplus]] = False
         keep, evals, vecs = keep[:, new_directions], evals[:, new_directions], vecs[..., new_directions]
         root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
         inv_root = torch.where(keep, 1 / root.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(evals))
