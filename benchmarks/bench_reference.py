@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_limit import LR, data, flops_one, gemm_peak, limit_for  # noqa: E402
+from bench_limit import GEMM_OPS, LR, data, gemm_peak, limit_for  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -92,22 +92,36 @@ def compare(first: str, second: str) -> None:
 
 
 def flops(steps: int) -> None:
-    """The SGD reference case's achieved matmul GFLOP/s (the profiler's FLOPs over the unprofiled run's CPU
-    seconds, one thread, float64) against the float64 GEMM peak measured in the same process before and after."""
+    """The SGD reference case's achieved matmul GFLOP/s, one of its 4 systems (2^14 particles; the profiler keeps
+    every op's record, and a profiled 4-system run of 50 steps outgrew 16 GB): the profiler's matmul FLOPs over
+    the unprofiled run's CPU seconds, one thread, float64, against the float64 GEMM peak measured in the same
+    process before and after."""
+    from torch.profiler import ProfilerActivity, profile
+
     torch.set_num_threads(1)
     before = gemm_peak()
-    r = flops_one("sgd", 2**16, None, steps)
+    X, y = data()
+    limit = limit_for("sgd")
+    options = dict(steps=steps, lr=LR["sgd"], particles=2**14, batches=1, progress=False)
+    limit.train(X, y, **{**options, "steps": 1, "particles": 1024})  # lowering, untimed
+    start = time.process_time()
+    limit.train(X, y, **options)
+    seconds = time.process_time() - start
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        limit.train(X, y, **options)
+    events = prof.key_averages()
+    gemm = sum(e.flops or 0 for e in events if e.key in GEMM_OPS)
+    gemm_self = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6
+    everything = sum(e.self_cpu_time_total for e in events) / 1e6
     peak = max(before, gemm_peak())
-    rate = r["gemm_flops"] / r["seconds"] / 1e9
-    ops = r["profiled_op_seconds"]
-    shares = ", ".join(f"{k} {v / ops:.0%}" for k, v in sorted(r["by_kind"].items(), key=lambda kv: -kv[1]))
+    rate = gemm / seconds / 1e9
     print(f"float64 GEMM peak (1024^3, one thread, CPU time, best before/after the run): {peak:.1f} GFLOP/s")
-    print(f"sgd, 2^16 particles in 4 systems, {steps} steps: {r['seconds']:.2f} CPU s, matmul "
-          f"{r['gemm_flops'] / 1e9:.1f} GFLOP, {rate:.2f} GFLOP/s = {rate / peak:.3f} of the peak (peak / achieved "
-          f"{peak / rate:.2f}); op self time (profiled) {ops:.1f} s: {shares}")
-    print("  top ops: " + "; ".join(f"{k} {t:.2f} s ({n} calls)" for k, t, n in r["top"]))
-    print("  top matmul shapes: " + "; ".join(f"{k} {shape} {t:.2f} s ({n} calls, {g:.1f} GFLOP/s)"
-                                              for k, shape, t, n, g in r["gemm_shapes"]))
+    print(f"sgd, one system of 2^14 particles, {steps} steps: {seconds:.2f} CPU s, matmul {gemm / 1e9:.1f} GFLOP, "
+          f"{rate:.2f} GFLOP/s over the whole run = {rate / peak:.3f} of the peak (peak / achieved {peak / rate:.2f}); "
+          f"under the profiler matmuls are {gemm_self / everything:.0%} of the ops' self time, and run at "
+          f"{gemm / gemm_self / 1e9:.1f} GFLOP/s of their own time (profiled)")
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    print("  top ops: " + "; ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f} s ({e.count} calls)" for e in top))
 
 
 def check50(steps: int) -> None:
