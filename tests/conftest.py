@@ -30,12 +30,13 @@ def assert_close_tree(got, ref, rtol: float = 1e-10) -> None:
         assert err <= rtol, f"relative error {err:.3e} > {rtol}"
 
 
-def particle_steps(net, X: torch.Tensor, y: torch.Tensor, steps: int, last: bool = False) -> list[torch.Tensor]:
-    """``steps`` full-batch mse steps of a particle system; its outputs before each (and after the last
-    with ``last``)."""
+def particle_steps(net, X: torch.Tensor, y: torch.Tensor, steps: int, last: bool = False,
+                   loss_name: str = "mse") -> list[torch.Tensor]:
+    """``steps`` full-batch steps of a particle system (mse unless ``loss_name`` says otherwise); its outputs
+    before each (and after the last with ``last``)."""
     import tplimits as tpl
 
-    loss = tpl.loss("mse")
+    loss = tpl.loss(loss_name)
     outs = []
     for _ in range(steps):
         interp = net.forward((X,))

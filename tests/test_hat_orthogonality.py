@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tplimits as tpl
+from tests.conftest import particle_steps
 from tplimits.limit.mu import ParticleNetwork
 
 
@@ -25,11 +26,7 @@ def test_bases_stay_orthonormal_over_many_steps(optimizer):
     steps = 25
     net = ParticleNetwork(setup, 2048, 0, torch.float64, "cpu", "stein", 0.1 if optimizer == "sgd" else 0.01, steps,
                           copies=256 if optimizer == "adam" else None)
-    loss = tpl.loss("mse")
-    for _ in range(steps):
-        interp = net.forward((X,))
-        out = net.outputs(interp)
-        net.backward_and_update(interp, loss.error_signal(out, y, torch.arange(len(X))))
+    particle_steps(net, X, y, steps)
     checked = 0
     for operator in net.operators.values():
         for family in operator.families.values():
@@ -54,12 +51,7 @@ def test_a_basis_never_outgrows_its_particles():
     setup = tpl.derive("resnet", optimizer="sgd", **options).setup(X)
     particles, steps = 48, 4
     net = ParticleNetwork(setup, particles, 0, torch.float64, "cpu", "stein", 0.3, steps)
-    loss = tpl.loss("cross_entropy")
-    X, y = X.double(), torch.tensor([0, 2])
-    for _ in range(steps):
-        interp = net.forward((X,))
-        out = net.outputs(interp)
-        net.backward_and_update(interp, loss.error_signal(out, y, torch.arange(len(X))))
+    particle_steps(net, X.double(), torch.tensor([0, 2]), steps, loss_name="cross_entropy")
     full = 0
     for operator in net.operators.values():
         for family in operator.families.values():
