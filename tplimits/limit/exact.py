@@ -1809,7 +1809,11 @@ def _limit_kernels(setup: Any, Z: torch.Tensor, dtype: torch.dtype, device: torc
 def _scaling_of(what: str, small: torch.Tensor, large: torch.Tensor) -> bool | None:
     """Whether a contribution stays (the two widths agree to rounding of the dtype) or vanishes (it decays at
     least like ``n^-1/2`` between them); ``None`` when it is zero at both (its power unknown from these rows). A
-    contribution that grows, or changes otherwise, has no limit here."""
+    contribution that grows, or changes otherwise, has no limit here. Non-finite kernels (overflow) decide
+    nothing: they raise, where ``inf <= c·inf`` would have called the contribution vanishing."""
+    if not (bool(torch.isfinite(large).all()) and bool(torch.isfinite(small).all())):
+        raise Diverged(f"the exact path met non-finite entries in {what} at initialization (inputs or parameters too "
+                       "large for the dtype); use float64 or smaller inputs", value="kernel")
     top = max(float(large.abs().max()), float(small.abs().max()))
     if top == 0:
         return None
