@@ -581,7 +581,7 @@ class MatrixOperator:
                                         f"parameter {name!r} (Wᵀ)"),
             }
             for family in self.families.values():
-                family.remembers = low_rank and not track
+                family.remembers = low_rank  # a family under autograd dots keeps nothing (HatFamily._remember)
         paired = dense and (shard is not None or copies is not None and copies < max(self.p_in, self.p_out))
         self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense and not paired else None
         self.pairs = None
@@ -678,7 +678,7 @@ class MatrixOperator:
         Factors that are the very kets this step's hats sampled (the input of ``W`` and the cotangent
         ``Wᵀ`` was applied to) are kept as their coordinates on the two hat bases: no ``[P, K]`` columns to
         store, and their products with a ket cost ``r × Σk`` instead of ``P × Σk`` per component."""
-        if self.families and self.dots != "autograd":
+        if self.families:  # no coordinates are kept under autograd dots, so those factors stay columns
             alpha = self.families["transposed"].coordinates(out_factor)
             beta = None if alpha is None else self.families["forward"].coordinates(in_factor)
             if beta is not None:
