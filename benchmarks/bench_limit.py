@@ -681,10 +681,11 @@ def flops_report() -> None:
 
 def thin_orientations(particles: int = 2**14, components: int = 16, columns: tuple[int, ...] = (16, 80, 400, 800),
                       repeats: int = 7) -> None:
-    """GFLOP/s of the engine's two thin float64 products, one thread, CPU time (best of ``repeats``), each in
-    the orientation the engine used before and the one it uses now: a sum over particles ``Eᵀx`` (``[P, r]ᵀ
-    @ [P, K]`` against ``(xᵀ E)ᵀ``) and an expansion ``E c`` (``[P, r] @ [r, K]`` against ``(cᵀ Eᵀ)ᵀ``), with
-    ``E`` the first ``r`` columns of a wider buffer as the engine keeps it."""
+    """GFLOP/s of the engine's two thin float64 products, one thread, CPU time (best of ``repeats``), in each
+    orientation the engine has used: a sum over particles ``Eᵀx`` (``[P, r]ᵀ @ [P, K]``, then ``(xᵀ E)ᵀ``, now
+    ``E_rows @ x`` from the columns kept as rows, ``_Columns.reduce``) and an expansion ``E c`` (``[P, r] @ [r,
+    K]``, now; ``(cᵀ Eᵀ)ᵀ`` before), with ``E`` the first ``r`` columns (or rows) of a wider buffer, as the
+    engine keeps it."""
     torch.set_num_threads(1)
 
     def rate(product: Any, a: torch.Tensor, b: torch.Tensor) -> float:
@@ -694,17 +695,19 @@ def thin_orientations(particles: int = 2**14, components: int = 16, columns: tup
             start = time.process_time()
             product(a, b)
             best = min(best, time.process_time() - start)
-        return 2 * a.shape[1] * a.shape[2] * components / best / 1e9
+        return 2 * particles * r * components / best / 1e9
 
     x = torch.randn(1, particles, components, dtype=torch.float64)
     for r in columns:
         E = torch.randn(1, particles, r + r // 2, dtype=torch.float64)[..., :r]
+        rows = torch.randn(1, r + r // 2, particles, dtype=torch.float64)[:, :r]
         c = torch.randn(1, r, components, dtype=torch.float64)
-        rates = [rate(lambda a, b: a.mT @ b, E, x), rate(lambda a, b: (b.mT @ a).mT, E, x),
-                 rate(lambda a, b: a @ b, E, c), rate(lambda a, b: (b.mT @ a.mT).mT, E, c)]
-        print(f"[{particles}, {r}], K {components}: sum over particles {rates[0]:.1f} -> {rates[1]:.1f} GFLOP/s "
-              f"({rates[1] / rates[0]:.1f}x), expansion {rates[2]:.1f} -> {rates[3]:.1f} GFLOP/s "
-              f"({rates[3] / rates[2]:.1f}x)")
+        sums = [rate(lambda a, b: a.mT @ b, E, x), rate(lambda a, b: (b.mT @ a).mT, E, x),
+                rate(lambda a, b: a @ b, rows, x)]
+        expansions = [rate(lambda a, b: a @ b, E, c), rate(lambda a, b: (b.mT @ a.mT).mT, E, c)]
+        print(f"[{particles}, {r}], K {components}: sum over particles Eᵀx {sums[0]:.1f}, (xᵀE)ᵀ {sums[1]:.1f}, "
+              f"from rows {sums[2]:.1f} GFLOP/s; expansion E c {expansions[0]:.1f}, (cᵀEᵀ)ᵀ {expansions[1]:.1f} "
+              "GFLOP/s")
     print(f"square GEMM peak (1024^3): {gemm_peak():.1f} GFLOP/s")
 
 

@@ -114,8 +114,13 @@ def flops(steps: int) -> None:
     gemm_self = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6
     everything = sum(e.self_cpu_time_total for e in events) / 1e6
     peak = max(before, gemm_peak())
+    # the engine's own thin shapes, from a matrix too big for the caches (105 MB): reading it bounds them
+    reduce_rate, expand_rate = gemm_peak(800, 2**14, 16), gemm_peak(2**14, 800, 16)
     rate = gemm / seconds / 1e9
     print(f"float64 GEMM peak (1024^3, one thread, CPU time, best before/after the run): {peak:.1f} GFLOP/s")
+    print(f"the engine's thin products alone, best of 7: [800, 2^14] @ [2^14, 16] {reduce_rate:.1f} GFLOP/s, "
+          f"[2^14, 800] @ [800, 16] {expand_rate:.1f} GFLOP/s (achieved / the faster: "
+          f"{rate / max(reduce_rate, expand_rate):.2f})")
     print(f"sgd, one system of 2^14 particles, {steps} steps: {seconds:.2f} CPU s, matmul {gemm / 1e9:.1f} GFLOP, "
           f"{rate:.2f} GFLOP/s over the whole run = {rate / peak:.3f} of the peak (peak / achieved {peak / rate:.2f}); "
           f"under the profiler matmuls are {gemm_self / everything:.0%} of the ops' self time, and run at "

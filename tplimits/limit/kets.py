@@ -154,14 +154,21 @@ class _Columns:
     the run (a step's columns are known after one step), after which it never grows, so no append copies
     the old columns again. Differentiable columns (autograd dots) stay separate tensors, since they are
     the leaves gradients are taken against; their concatenation is cached until the next append.
+
+    ``mirrored``: the columns are also kept transposed (``[..., k_i, P]``, each column contiguous), for
+    :meth:`reduce`: on a CPU the BLAS runs ``Cᵀx`` from that layout about twice as fast as from ``[P, Σk]``
+    while the products the other way (``C @ coefficients``) are fastest from the columns as they are, so both
+    are kept, at twice the memory (docs/performance.md, "Engine speed, linear path").
     """
 
     GROWTH = 1.5
 
-    def __init__(self, differentiable: bool = False) -> None:
+    def __init__(self, differentiable: bool = False, mirrored: bool = False) -> None:
         self.differentiable = differentiable
+        self.mirrored = mirrored and not differentiable
         self.parts: list[torch.Tensor] = []
         self._joined: torch.Tensor | None = None
+        self._mirror: torch.Tensor | None = None  # [..., capacity, P]: the columns as rows
         self._size = 0
         self.demand = 0  # the most columns asked for since the last reserve (appended or not)
 
@@ -175,6 +182,8 @@ class _Columns:
         if self._joined is None or new_size > self._joined.shape[-1]:
             self._grow(t, max(new_size, int(self.GROWTH * self._size)))
         self._joined[..., self._size: new_size] = t.detach()
+        if self.mirrored:
+            self._mirror[..., self._size: new_size, :] = t.detach().mT
         self._size = new_size
 
     def _grow(self, like: torch.Tensor, capacity: int) -> None:
@@ -182,6 +191,11 @@ class _Columns:
         if self._joined is not None:
             grown[..., : self._size] = self._joined[..., : self._size]
         self._joined = grown
+        if self.mirrored:
+            mirror = like.new_empty(*like.shape[:-2], capacity, like.shape[-2])
+            if self._mirror is not None:
+                mirror[..., : self._size, :] = self._mirror[..., : self._size, :]
+            self._mirror = mirror
 
     def reserve(self, rounds: int, most: int | None = None) -> None:
         """Room for ``rounds`` more rounds asking as many columns as the ones since the last reserve (at most
@@ -191,6 +205,13 @@ class _Columns:
         self.demand = 0
         if not self.differentiable and self._joined is not None and want > self._joined.shape[-1]:
             self._grow(self._joined, want)
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """``Cᵀx`` (detached) for the columns ``C`` ``[F, P, r]`` and ``x`` ``[F, P, K]``, a sum over particles:
+        ``[F, r, K]``. Only when there are columns."""
+        if self.mirrored:
+            return self._mirror[..., : self._size, :] @ x.detach()
+        return _reduce(self.cat().detach(), x.detach())
 
     def cat(self) -> torch.Tensor | None:
         if self._size == 0:
@@ -245,17 +266,13 @@ def _reduce(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _expand(terms: Terms) -> torch.Tensor | None:
     """``Σ_i basis_i @ coefficients_i`` (:data:`Terms`): ``[F, P, K]``, contiguous; None for no terms.
 
-    Formed transposed, ``Σ_i coefficients_iᵀ @ basis_iᵀ`` accumulated into one ``[F, K, P]`` result: with
-    the particles along the result's rows the BLAS runs these thin products several times faster than
-    ``[P, r] @ [r, K]`` (docs/performance.md, "Engine speed, linear path"), and every term after the first
-    adds into the same result (no temporaries)."""
+    Every term after the first adds into the same result (no temporaries); with the columns in their
+    ``[P, r]`` layout the BLAS runs these thin products at about the speed of :meth:`_Columns.reduce`
+    (docs/performance.md, "Engine speed, linear path")."""
     total = None
     for basis, coefficients in terms:
-        if total is None:
-            total = coefficients.mT @ basis.mT
-        else:
-            total = total.baddbmm_(coefficients.mT, basis.mT)
-    return None if total is None else total.mT.contiguous()
+        total = basis @ coefficients if total is None else total.baddbmm_(basis, coefficients)
+    return total
 
 
 JUMP_BANDWIDTH = 1.0  # the point mass's Gaussian width, in standard deviations of its argument, at one particle
@@ -297,8 +314,9 @@ class HatFamily:
         self.generator, self.dtype, self.device = generator, dtype, device
         self.track_grad = track_grad
         self.shard = shard  # a sharded system: this rank's particles only, every sum over them all-reduced
-        self.basis = _Columns(track_grad)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
-        self.gaussians = _Columns(track_grad)  # G: [F, P_out, r], iid N(0, 1)
+        mirrored = device.type == "cpu"  # _Columns: the layout the CPU's BLAS reduces fastest from
+        self.basis = _Columns(track_grad, mirrored)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
+        self.gaussians = _Columns(track_grad, mirrored)  # G: [F, P_out, r], iid N(0, 1)
         # the kets sampled since the last forget(), with their coordinates on E: [F, r, K], kept when the
         # matrix's updates are low-rank factors (MatrixOperator.add_factor) and not under autograd
         self.remembers = False
@@ -318,24 +336,24 @@ class HatFamily:
         E = self.basis.cat()
         terms: Terms = []
         coef = None
-        resid_t, rd_t = x.mT, xd.mT  # residuals (differentiable, detached), transposed: [F, K, P_in] (see _expand)
+        resid, rd = x, xd  # residuals (differentiable, detached): [F, P_in, K]
         if E is not None:
             Ed = E.detach()
-            coef = particle_sum(_reduce(Ed, xd), self.shard)
+            coef = particle_sum(self.basis.reduce(xd), self.shard)
             if E.shape[-1] >= self.p_in:  # the basis spans the particles: x is in it, its residual only rounding
                 terms.append((self.gaussians.cat(), coef * scale))
                 self._remember(xd, coef)
                 return terms, coef
-            rd_t = torch.baddbmm(xd.mT, coef.mT, Ed.mT, alpha=-1)
+            rd = torch.baddbmm(xd, Ed, coef, alpha=-1)
         norm2 = particle_sum((xd * xd).sum(dim=(1, 2)), self.shard).clamp_min(torch.finfo(self.dtype).tiny)
-        directions = self._residual_directions(rd_t, norm2)
+        directions = self._residual_directions(rd, norm2)
         if E is not None and directions is not None and self._needs_second_pass(*directions, xd, norm2):
-            correction = particle_sum(_reduce(Ed, rd_t.mT), self.shard)
+            correction = particle_sum(self.basis.reduce(rd), self.shard)
             coef = coef + correction
-            rd_t = rd_t.baddbmm_(correction.mT, Ed.mT, alpha=-1)
-            directions = self._residual_directions(rd_t, norm2)
+            rd = rd.baddbmm_(Ed, correction, alpha=-1)
+            directions = self._residual_directions(rd, norm2)
         if E is not None:
-            resid_t = torch.baddbmm(x.mT, coef.mT, E.mT, alpha=-1) if x.requires_grad or E.requires_grad else rd_t
+            resid = torch.baddbmm(x, E, coef, alpha=-1) if x.requires_grad or E.requires_grad else rd
             terms.append((self.gaussians.cat(), coef * scale))
         keep = None if directions is None else directions[0] > self.DROP * norm2[:, None]
         if keep is None or not keep.any():  # every direction is in the span already (for every fixed index)
@@ -351,7 +369,8 @@ class HatFamily:
         keep, evals, vecs = keep[:, new_directions], evals[:, new_directions], vecs[..., new_directions]
         root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
         inv_root = torch.where(keep, 1 / root.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(evals))
-        E_new = ((vecs * inv_root[:, None, :]).mT @ resid_t).mT
+        # made as rows ([F, k, P], contiguous): _Columns copies new columns fastest from there
+        E_new = ((vecs * inv_root[:, None, :]).mT @ resid.mT).mT
         R = (vecs * root[:, None, :]).transpose(1, 2)
         G_new = torch.randn(self.n_fixed, self.p_out, vecs.shape[-1], generator=self.generator, dtype=self.dtype,
                             device=self.device)
@@ -383,11 +402,11 @@ class HatFamily:
     def forget(self) -> None:
         self.sampled.clear()
 
-    def _residual_directions(self, residual_t: torch.Tensor,
+    def _residual_directions(self, residual: torch.Tensor,
                              norm2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The eigenvalues ``[F, K]`` and eigenvectors ``[F, K, K]`` of the residual's Gram matrix (every rank:
         the same); None when its trace, the largest eigenvalue's bound, leaves no direction to keep."""
-        gram = particle_sum(residual_t @ residual_t.mT, self.shard)
+        gram = particle_sum(residual.mT @ residual, self.shard)
         if bool((gram.diagonal(dim1=1, dim2=2).sum(dim=1) <= self.DROP * norm2).all()):
             return None
         try:
@@ -423,9 +442,8 @@ class HatFamily:
         E = self.basis.cat()
         if E is None:
             return None
-        G = self.gaussians.cat()
         if mode == "stein":
-            S = _reduce(G.detach(), x.detach())
+            S = self.gaussians.reduce(x)
         else:
             S = self._expected_derivatives(x)
             if S is None:
@@ -588,8 +606,9 @@ class MatrixOperator:
         if paired:
             pair_copies = max(self.p_in, self.p_out) if copies is None else copies
             self.pairs = PairGrids(self.n_fixed, self.p_out, self.p_in, pair_copies, dtype, device, shard)
-        self.out_factors = _Columns(dots == "autograd")  # A = [A_s]_s: [F, P_out, Σ k_s]
-        self.in_factors = _Columns(dots == "autograd")  # B = [B_s]_s: [F, P_in, Σ k_s]
+        self.mirrored = device.type == "cpu"  # see _Columns
+        self.out_factors = _Columns(dots == "autograd", self.mirrored)  # A = [A_s]_s: [F, P_out, Σ k_s]
+        self.in_factors = _Columns(dots == "autograd", self.mirrored)  # B = [B_s]_s: [F, P_in, Σ k_s]
         self.factor_steps: list[int] = []  # the step of each column of A and B
         self._column_steps: torch.Tensor | None = None
         # factors that are kets the hats sampled, held as their coordinates on the hat bases (add_factor):
@@ -649,9 +668,9 @@ class MatrixOperator:
             self._column_steps = torch.tensor(self.factor_steps, device=xc.device)
         coef = self.coefficients[self._column_steps] * self.scale
         if forward:
-            inner = particle_sum(_reduce(B.detach(), xc.detach()), self.shard)  # ⟨x_s|x⟩, an expectation
+            inner = particle_sum(self.in_factors.reduce(xc), self.shard)  # ⟨x_s|x⟩, an expectation
             return A, coef[None, :, None] * inner
-        inner = particle_sum(_reduce(A.detach(), xc.detach()), self.shard)
+        inner = particle_sum(self.out_factors.reduce(xc), self.shard)
         return B, coef[None, :, None] * inner
 
     def _low_rank_coordinates(self, inner: torch.Tensor | None, forward: bool) -> torch.Tensor | None:
@@ -748,7 +767,7 @@ class MatrixOperator:
 
     def load_state_dict(self, state: dict) -> None:
         def columns(t: torch.Tensor | None, differentiable: bool) -> _Columns:
-            restored = _Columns(differentiable)
+            restored = _Columns(differentiable, self.mirrored)
             if t is not None:
                 restored.append(t)
             return restored
