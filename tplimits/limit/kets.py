@@ -158,7 +158,8 @@ class _Columns:
     ``mirrored``: the columns are also kept transposed (``[..., k_i, P]``, each column contiguous), for
     :meth:`reduce`: on a CPU the BLAS runs ``Cᵀx`` from that layout about twice as fast as from ``[P, Σk]``
     while the products the other way (``C @ coefficients``) are fastest from the columns as they are, so both
-    are kept, at twice the memory (docs/performance.md, "Engine speed, linear path").
+    are kept, at twice the memory (docs/performance.md, "Sums over particles from rows"; which layout wins is
+    the BLAS's property, measured by ``benchmarks/bench_limit.py thin``).
     """
 
     GROWTH = 1.5
@@ -258,8 +259,8 @@ factors so all of one matrix application's terms are summed by :func:`_expand` i
 def _reduce(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``basisᵀ x`` for ``[F, P, r]`` and ``[F, P, K]`` (a sum over particles): ``[F, r, K]``.
 
-    Formed as ``(xᵀ basis)ᵀ``, a ``[K, r]`` result: the BLAS runs this thin product faster than ``basisᵀ x``
-    (docs/performance.md, "Engine speed, linear path")."""
+    Formed as ``(xᵀ basis)ᵀ``, a ``[K, r]`` result: faster than ``basisᵀ x`` where the columns have no mirror
+    (a GPU, autograd dots; docs/performance.md, "Sums over particles from rows")."""
     return (x.mT @ basis).mT
 
 
@@ -267,8 +268,8 @@ def _expand(terms: Terms) -> torch.Tensor | None:
     """``Σ_i basis_i @ coefficients_i`` (:data:`Terms`): ``[F, P, K]``, contiguous; None for no terms.
 
     Every term after the first adds into the same result (no temporaries); with the columns in their
-    ``[P, r]`` layout the BLAS runs these thin products at about the speed of :meth:`_Columns.reduce`
-    (docs/performance.md, "Engine speed, linear path")."""
+    ``[P, r]`` layout the BLAS runs these thin products faster than transposed (docs/performance.md, "Sums over
+    particles from rows")."""
     total = None
     for basis, coefficients in terms:
         total = basis @ coefficients if total is None else total.baddbmm_(basis, coefficients)
