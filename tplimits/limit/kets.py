@@ -259,8 +259,8 @@ factors so all of one matrix application's terms are summed by :func:`_expand` i
 def _reduce(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``basisᵀ x`` for ``[F, P, r]`` and ``[F, P, K]`` (a sum over particles): ``[F, r, K]``.
 
-    Formed as ``(xᵀ basis)ᵀ``, a ``[K, r]`` result: faster than ``basisᵀ x`` where the columns have no mirror
-    (a GPU, autograd dots; docs/performance.md, "Sums over particles from rows")."""
+    Used where the columns have no mirror (a GPU, autograd dots); formed as ``(xᵀ basis)ᵀ``, which ran faster
+    than ``basisᵀ x`` on every CPU measured (docs/performance.md, "Sums over particles from rows")."""
     return (x.mT @ basis).mT
 
 
