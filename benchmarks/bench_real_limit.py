@@ -18,6 +18,8 @@ Subcommands:
 * ``ops``: one run under ``torch.profiler`` (``with_flops``): self time by op group and the matmul FLOPs.
 * ``processes``: the same run under ``torchrun --nproc-per-node N``: the systems spread over the ranks.
 * ``eigh``: the eigendecompositions of a hat's Gram matrices and the product forming them, alone.
+* ``replay``: the finite-width total program (forward and backpropagation) on the model at ``--widths``, as is
+  and on the eager path (below): CPU seconds and the gradients' difference from torch autograd.
 * ``variants``: the same run as it is and under variants (``--variants eager full-basis``): ``eager``, the path
   the engine took before it averaged per-coordinate pullbacks as one vector-Jacobian product (``eager_pullbacks``,
   kept for comparison); ``full-basis``, an engine change emulated by a measurement hook of this file. CPU seconds
@@ -57,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_architectures import Case, _labels, _randn, cases  # noqa: E402
 
 import tplimits as tpl  # noqa: E402
-from tplimits.core.backprop import eager_pullbacks  # noqa: E402
+from tplimits.core.backprop import eager_pullbacks, total_program  # noqa: E402
 from tplimits.core.ir import Avg, MatMul  # noqa: E402
 from tplimits.core.pullback import PerCoordinateValue  # noqa: E402
 from tplimits.limit.kets import HatFamily, KetInterpreter, MatrixOperator, _reduce  # noqa: E402
@@ -391,6 +393,39 @@ def variants_report(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# replay: the finite-width total program
+# --------------------------------------------------------------------------------------------
+
+
+def replay_report(args: argparse.Namespace) -> None:
+    """The total program (forward and backpropagation) replayed on the model at each of ``--widths``, float64, on
+    the 8 inputs with a random error signal: CPU seconds per replay (best of ``--repeats``), as is and on the eager
+    path, and each one's largest gradient difference from torch autograd (relative to the largest gradient)."""
+    for model in args.models:
+        case = cases()[MODELS[model]]
+        X = _randn(INPUTS, 3, 8, 8).double()
+        total = total_program(tpl.lower(case.make, example_inputs=(X.float(),), width=case.width))
+        paths = {"as is": total, "eager": eager_pullbacks(total)}
+        print(f"| model | width | path | CPU s per replay | gradient difference from autograd | {load()} |", flush=True)
+        for width in args.widths:
+            torch.manual_seed(0)
+            net = case.make(width).double()
+            out = net(X)
+            cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+            params = dict(net.named_parameters())
+            expected = torch.autograd.grad((out * cotangent).sum(), list(params.values()))
+            scale = max(float(g.abs().max()) for g in expected)
+            for path, program in paths.items():
+                best = float("inf")
+                for _ in range(args.repeats):
+                    start = time.process_time()
+                    grads = program.gradients_at(net, (X,), (cotangent,))
+                    best = min(best, time.process_time() - start)
+                diff = max(float((grads[name] - g).abs().max()) for name, g in zip(params, expected, strict=True))
+                print(f"| {model} | {width} | {path} | {best:.3f} | {diff / scale:.1e} |", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
 # ops: torch.profiler
 # --------------------------------------------------------------------------------------------
 
@@ -493,7 +528,7 @@ def eigh_report(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["time", "profile", "ops", "processes", "variants", "eigh"])
+    parser.add_argument("what", choices=["time", "profile", "ops", "processes", "variants", "eigh", "replay"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--cases", nargs="+", default=["1024:3"], help="particles:steps")
     parser.add_argument("--dtype", default="float64", choices=list(DTYPES))
@@ -504,12 +539,14 @@ def main() -> None:
                              "combines")
     parser.add_argument("--with", dest="with_variants", nargs="*", default=[], choices=list(VARIANTS),
                         help="for 'time': run under these variants (see 'variants')")
+    parser.add_argument("--widths", nargs="+", type=int, default=[16, 32, 128, 512], help="for 'replay'")
+    parser.add_argument("--repeats", type=int, default=3, help="for 'replay': best of this many")
     parser.add_argument("--top", type=int, default=15, help="rows of the per-instruction and per-op tables")
     parser.add_argument("--top-functions", type=int, default=0, help="also print cProfile's top functions")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # the SteinBiasWarning of the convolutions is known (docs/architectures.md)
     {"time": time_report, "profile": profile_report, "ops": ops_report, "processes": processes_report,
-     "variants": variants_report, "eigh": eigh_report}[args.what](args)
+     "variants": variants_report, "eigh": eigh_report, "replay": replay_report}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ class Pullback:
     front (``[width, *argument shape]``), to be averaged by an Avg.
     ``deferred`` (per-coordinate pullbacks only): the interpreters leave the values to be formed when
     read and take the Avg over them as one vector-Jacobian product (:class:`PerCoordinateValue`); ``False``
-    forms them as the instruction runs and averages them as any value (:func:`tplimits.core.backprop.
-    eager_pullbacks`, the path to compare against).
+    forms them as the instruction runs, by forward mode, and averages them as any value
+    (:func:`tplimits.core.backprop.eager_pullbacks`: the path before, to compare against).
     """
 
     fn: Callable
@@ -57,7 +57,8 @@ class Pullback:
         *leaves, dy = values
         if not self.per_coordinate:
             return self.vjp(leaves, dy)
-        return self.per_coordinate_values(leaves, dy)
+        # not deferred: the path before, exactly (forward mode whatever the sizes), to compare against
+        return self.per_coordinate_values(leaves, dy, "auto" if self.deferred else "forward")
 
     def vjp(self, leaves: Sequence[Any], dy: torch.Tensor) -> torch.Tensor:
         """The ordinary vector-Jacobian product ``dyᵀ ∂y/∂x`` (for a per-coordinate pullback: the sum of its
