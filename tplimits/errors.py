@@ -58,7 +58,7 @@ class Diverged(TplimitsError):
 
 class StaleValueError(TplimitsError):
     """A program value formed only when read (a per-coordinate pullback's, :mod:`tplimits.core.pullback`) was
-    read after a tensor it is formed from changed in place; ``value`` names it."""
+    read after a value it is formed from changed in place in the interpreter's values; ``value`` names it."""
 
     def __init__(self, message: str, *, value: str = "") -> None:
         super().__init__(message)

@@ -24,6 +24,7 @@ from tplimits.core.ir import (
     MatMul,
     Nonlin,
     Parameter,
+    Ref,
     Regroup,
     Width,
     common_scale,
@@ -146,7 +147,12 @@ class FiniteInterpreter(Interpreter):
         """A per-coordinate pullback's values, left to be formed when read: the Avg that follows it needs only
         their sum over the rows, one vector-Jacobian product (:meth:`avg`, :mod:`tplimits.core.pullback`)."""
         args, _ = self.arguments(ins)
-        return PerCoordinateValue(ins.name, ins.fn, args, ins.differentiable)
+        # parameters and inputs belong to the caller, who may change them in place (an optimizer step) before the
+        # values are read: they are held as they are now (values the program computed are checked, not copied)
+        held = [value.clone() if isinstance(ref, Ref) and torch.is_tensor(value)
+                and isinstance(self.program[ref.name], Parameter | Input) else value
+                for ref, value in zip(ins.args, args, strict=True)]
+        return PerCoordinateValue(ins.name, ins.fn, held, ins.differentiable)
 
     def arguments(self, ins: Nonlin | Regroup) -> tuple[Any, dict[str, Any]]:
         """The values of ``ins``'s arguments (a per-coordinate pullback's formed, for a reader other than its

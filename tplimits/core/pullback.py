@@ -110,9 +110,9 @@ class PerCoordinateValue:
     """The values of a per-coordinate :class:`Pullback` on its arguments, ``[W, *x.shape]``, formed when read.
 
     The Avg reading them takes :meth:`row_sum` (one vector-Jacobian product); :meth:`resolve` forms the values
-    themselves, once, for any other reader. The arguments are held as they were when the instruction ran; a
-    tensor among them changed in place since (an optimizer step on a model's parameter) would give values of
-    another state, so reading them then raises :class:`~tplimits.errors.StaleValueError`.
+    themselves, once, for any other reader. The arguments are the tensors the instruction ran on (the
+    interpreter passes copies of the caller's: parameters, inputs); one of them changed in place since would
+    give values of another state, so reading them then raises :class:`~tplimits.errors.StaleValueError`.
     """
 
     def __init__(self, name: str, pull: Pullback, values: Sequence[Any], differentiable: bool = True) -> None:
@@ -152,9 +152,9 @@ class PerCoordinateValue:
         changed = [i for i, (t, version) in enumerate(self._versions) if t._version != version]
         if changed:
             raise StaleValueError(
-                f"%{self.name} ({self.pull.__name__}) is formed when read, from its arguments as they were when "
-                f"the program ran, and {len(changed)} of them changed in place since (an optimizer step?): read "
-                "it before changing the model or its inputs, or run the program again", value=self.name)
+                f"%{self.name} ({self.pull.__name__}) is formed when read, from the values the program ran it on, "
+                f"and {len(changed)} of them changed in place since: read it before changing the program's values, "
+                "or run the program again", value=self.name)
 
     def __repr__(self) -> str:
         state = "formed" if self._formed is not None else "not formed"
