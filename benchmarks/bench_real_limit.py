@@ -10,7 +10,7 @@ particles in the same process (it lowers the model), with one thread unless ``OM
 Subcommands:
 
 * ``time``: ``limit.train`` per ``--cases particles:steps`` (``--dtype``, ``--batches``, ``--dots``, and
-  ``--with`` a measurement hook of ``variants``), CPU s, wall s, s/step, peak RSS, loss first → last.
+  ``--with`` one of the ``variants``), CPU s, wall s, s/step, peak RSS, loss first → last.
 * ``profile``: one run under cProfile, its time grouped by what the engine does (hat sampling, dots,
   low-rank terms, expansions, column stores, random draws, eigendecompositions, the program walk), and
   per MatMul instruction: the kernel offsets ``F``, the components ``K`` it is applied to, its direction
@@ -18,8 +18,12 @@ Subcommands:
 * ``ops``: one run under ``torch.profiler`` (``with_flops``): self time by op group and the matmul FLOPs.
 * ``processes``: the same run under ``torchrun --nproc-per-node N``: the systems spread over the ranks.
 * ``eigh``: the eigendecompositions of a hat's Gram matrices and the product forming them, alone.
-* ``variants``: the same run as it is and with engine changes that are proposed, not made, emulated by
-  measurement hooks of this file (``--variants averaged full-basis``): CPU seconds and output differences.
+* ``replay``: the finite-width total program (forward and backpropagation) on the model at ``--widths``, as is
+  and on the eager path (below): CPU seconds and the gradients' difference from torch autograd.
+* ``variants``: the same run as it is and under variants (``--variants eager full-basis``): ``eager``, the path
+  the engine took before it averaged per-coordinate pullbacks as one vector-Jacobian product (``eager_pullbacks``,
+  kept for comparison); ``full-basis``, an engine change emulated by a measurement hook of this file. CPU seconds
+  and output differences.
 
 Figures and the proposed changes: docs/performance.md, "Real models" (measured loaded, CPU seconds).
 
@@ -27,7 +31,7 @@ Run, e.g.::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_real_limit.py time --models resnet vit --cases 1024:3
     OMP_NUM_THREADS=1 python benchmarks/bench_real_limit.py profile --models resnet --cases 1024:3
-    OMP_NUM_THREADS=1 python benchmarks/bench_real_limit.py variants --models vit --cases 4096:10 --variants averaged
+    OMP_NUM_THREADS=1 python benchmarks/bench_real_limit.py variants --models vit --cases 4096:10 --variants eager
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/bench_real_limit.py processes --models vit --cases 4096:10
 """
 
@@ -55,8 +59,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_architectures import Case, _labels, _randn, cases  # noqa: E402
 
 import tplimits as tpl  # noqa: E402
-from tplimits.core.backprop import Pullback  # noqa: E402
-from tplimits.core.ir import MatMul  # noqa: E402
+from tplimits.core.backprop import eager_pullbacks, total_program  # noqa: E402
+from tplimits.core.ir import Avg, MatMul  # noqa: E402
+from tplimits.core.pullback import PerCoordinateValue  # noqa: E402
 from tplimits.limit.kets import HatFamily, KetInterpreter, MatrixOperator, _reduce  # noqa: E402
 
 MODELS = {"resnet": "pytorchcv-resnet", "vit": "vit"}
@@ -122,7 +127,7 @@ def time_report(args: argparse.Namespace) -> None:
         for particles, steps in parse_cases(args.cases):
             with contextlib.ExitStack() as stack:
                 for name in args.with_variants:
-                    stack.enter_context(VARIANTS[name]())
+                    stack.enter_context(VARIANTS[name](limit))
                 r = timed(case, limit, X, y, particles, steps, dtype, args.batches, args.dots)
             variants = "+".join(args.with_variants) or "as is"
             print(f"| {model} | {case.width} | {particles} in {args.batches} | {steps} | {args.dtype} | {r['dots']} | "
@@ -150,9 +155,9 @@ GROUPS = [
     ("    to / from canonical form (MatMulPlan.canonical + restore)", "limit/kets.py", "canonical", "cum"),
     ("", "limit/kets.py", "restore", "cum"),
     ("  column stores (_Columns.append)", "limit/kets.py", "append", "cum"),
-    ("  nonlinear functions and pullbacks (KetInterpreter.nonlin)", "limit/kets.py", "nonlin", "cum"),
-    ("    of which vjp (torch.func.vjp)", "torch/_functorch/eager_transforms.py", "vjp", "cum"),
-    ("  averages (KetInterpreter.avg)", "limit/kets.py", "avg", "cum"),
+    ("  nonlinear functions and pullbacks (KetInterpreter.evaluate)", "limit/kets.py", "evaluate", "cum"),
+    ("  averages (KetInterpreter.avg; of per-coordinate pullbacks: one vjp each)", "limit/kets.py", "avg", "cum"),
+    ("  vjp, in both above (torch.func.vjp)", "torch/_functorch/eager_transforms.py", "vjp", "cum"),
     ("  regroups (KetInterpreter.regroup)", "limit/kets.py", "regroup", "cum"),
     ("update (ParticleNetwork._update)", "limit/mu.py", "_update", "cum"),
     ("column stores sized for the run (MatrixOperator.reserve)", "limit/kets.py", "reserve", "cum"),
@@ -185,6 +190,8 @@ def instruction_timer(records: list[dict]) -> Iterator[None]:
     def execute(self: KetInterpreter, ins: object) -> object:
         op = self.values.get(ins.matrix) if isinstance(ins, MatMul) else None
         op = op if isinstance(op, MatrixOperator) else None
+        # an Avg over a per-coordinate pullback's deferred values: one vector-Jacobian product
+        deferred = isinstance(ins, Avg) and isinstance(self.values.get(ins.vector), PerCoordinateValue)
         before = None if op is None else ({k: f.basis._size for k, f in op.families.items()}, op.out_factors._size)
         start = time.process_time()
         out = original(self, ins)
@@ -193,6 +200,7 @@ def instruction_timer(records: list[dict]) -> Iterator[None]:
         if type(ins).__name__ == "Nonlin":
             row["fn"] = getattr(ins.fn, "__name__", type(ins.fn).__name__)
             row["per_coordinate"] = bool(getattr(ins.fn, "per_coordinate", False))
+        row["averages_pullback"] = deferred
         if op is not None:
             plan = self.plan(ins)
             row.update(matrix=ins.matrix, F=plan.n_fixed, K=plan.n_components, direction=plan.direction,
@@ -244,13 +252,16 @@ def instruction_report(records: list[dict], total: float, top: int) -> None:
             agg = nl.setdefault((r["name"], r["fn"], r["half"], r["per_coordinate"]), [0.0, 0])
             agg[0] += r["cpu"]
             agg[1] += 1
-    print(f"\nNonlin instructions, top {top} by CPU s (per coordinate: a pullback into a scalar argument, one "
-          "forward-mode pass per entry of that argument, Pullback.__call__):")
+    print(f"\nNonlin instructions, top {top} by CPU s (per coordinate: a pullback into a scalar argument; its values "
+          "are formed only when read, and the Avg after it takes one vector-Jacobian product; under the eager "
+          "variant, one forward-mode pass per entry of that argument):")
     print("| instruction | function | half | per coordinate | calls | CPU s | share |\n|---|---|---|---|---|---|---|")
     for (name, fn, half, per), (cpu, calls) in sorted(nl.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"| {name} | {fn} | {half} | {per} | {calls} | {cpu:.2f} | {cpu / total:.1%} |")
     per = sum(v[0] for k, v in nl.items() if k[3])
-    print(f"All per-coordinate pullbacks: {per:.2f} CPU s ({per / total:.1%})")
+    averaged = sum(r["cpu"] for r in records if r["averages_pullback"])
+    print(f"All per-coordinate pullbacks: {per:.2f} CPU s ({per / total:.1%}); the Avgs taking them as one "
+          f"vector-Jacobian product: {averaged:.2f} CPU s ({averaged / total:.1%})")
     mm: dict[tuple, dict] = {}
     for r in records:
         if "F" not in r:
@@ -306,40 +317,19 @@ def profile_report(args: argparse.Namespace) -> None:
             instruction_report(records, total, args.top)
 
 
-class _AveragedPullback:
-    """A per-coordinate pullback's values replaced by their average: the ordinary vector-Jacobian product
-    (one reverse pass) divided by the rows, repeated on every row. The Avg that follows every per-coordinate
-    Nonlin (``backprop._pull_function``) then gets the same value up to rounding, at the cost of one pass
-    instead of one forward-mode pass per entry of the scalar argument. The rows themselves are no longer the
-    per-particle values: a measurement of the proposed engine change, not a substitute for it."""
-
-    def __init__(self, pull: Pullback) -> None:
-        self.plain = attrs.evolve(pull, per_coordinate=False, out_width_axis=None)
-        self.axis = pull.out_width_axis
-
-    def __call__(self, *values: object) -> torch.Tensor:
-        dx = self.plain(*values)
-        rows = values[-1].shape[self.axis]
-        return (dx / rows).expand(rows, *dx.shape)
-
-
 @contextlib.contextmanager
-def averaged_pullbacks() -> Iterator[None]:
-    """Every per-coordinate pullback evaluated as :class:`_AveragedPullback` (a measurement hook of this
-    benchmark: ``KetInterpreter.execute`` is wrapped for the duration)."""
-    original = KetInterpreter.execute
-
-    def execute(self: KetInterpreter, ins: object) -> object:
-        fn = getattr(ins, "fn", None)
-        if isinstance(fn, Pullback) and fn.per_coordinate:
-            ins = attrs.evolve(ins, fn=_AveragedPullback(fn))
-        return original(self, ins)
-
-    KetInterpreter.execute = execute
+def eager_path(limit: tpl.Limit) -> Iterator[None]:
+    """The engine's path before it took a per-coordinate pullback and its Avg as one vector-Jacobian product:
+    every setup ``limit`` has made (the warm-up makes it) with the values formed as their instruction runs
+    (``eager_pullbacks``), for the duration."""
+    saved = dict(limit._setups)
+    for key, setup in saved.items():
+        limit._setups[key] = attrs.evolve(setup, total=eager_pullbacks(setup.total))
     try:
         yield
     finally:
-        KetInterpreter.execute = original
+        limit._setups.clear()
+        limit._setups.update(saved)
 
 
 @contextlib.contextmanager
@@ -372,7 +362,7 @@ def full_basis_shortcut() -> Iterator[None]:
         HatFamily.sample = original
 
 
-VARIANTS = {"averaged": averaged_pullbacks, "full-basis": full_basis_shortcut}
+VARIANTS = {"eager": eager_path, "full-basis": lambda limit: full_basis_shortcut()}
 
 
 def variants_report(args: argparse.Namespace) -> None:
@@ -393,13 +383,46 @@ def variants_report(args: argparse.Namespace) -> None:
             for variant in args.variants:
                 with contextlib.ExitStack() as stack:
                     for name in variant.split("+"):
-                        stack.enter_context(VARIANTS[name]())
+                        stack.enter_context(VARIANTS[name](limit))
                     start = time.process_time()
                     traj = train(case, limit, X, y, particles, steps, dtype, args.batches, args.dots)
                     cpu = time.process_time() - start
                 diff = float((traj.outputs - base.outputs).abs().max())
                 print(f"| {model} | {particles} in {args.batches} | {steps} | {args.dtype} | {variant} | {cpu:.1f} | "
                       f"{base_cpu / cpu:.2f} | {diff:.1e} | {load()} |", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# replay: the finite-width total program
+# --------------------------------------------------------------------------------------------
+
+
+def replay_report(args: argparse.Namespace) -> None:
+    """The total program (forward and backpropagation) replayed on the model at each of ``--widths``, float64, on
+    the 8 inputs with a random error signal: CPU seconds per replay (best of ``--repeats``), as is and on the eager
+    path, and each one's largest gradient difference from torch autograd (relative to the largest gradient)."""
+    for model in args.models:
+        case = cases()[MODELS[model]]
+        X = _randn(INPUTS, 3, 8, 8).double()
+        total = total_program(tpl.lower(case.make, example_inputs=(X.float(),), width=case.width))
+        paths = {"as is": total, "eager": eager_pullbacks(total)}
+        print(f"| model | width | path | CPU s per replay | gradient difference from autograd | {load()} |", flush=True)
+        for width in args.widths:
+            torch.manual_seed(0)
+            net = case.make(width).double()
+            out = net(X)
+            cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+            params = dict(net.named_parameters())
+            expected = torch.autograd.grad((out * cotangent).sum(), list(params.values()))
+            scale = max(float(g.abs().max()) for g in expected)
+            for path, program in paths.items():
+                best = float("inf")
+                for _ in range(args.repeats):
+                    start = time.process_time()
+                    grads = program.gradients_at(net, (X,), (cotangent,))
+                    best = min(best, time.process_time() - start)
+                diff = max(float((grads[name] - g).abs().max()) for name, g in zip(params, expected, strict=True))
+                print(f"| {model} | {width} | {path} | {best:.3f} | {diff / scale:.1e} |", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,22 +528,25 @@ def eigh_report(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["time", "profile", "ops", "processes", "variants", "eigh"])
+    parser.add_argument("what", choices=["time", "profile", "ops", "processes", "variants", "eigh", "replay"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--cases", nargs="+", default=["1024:3"], help="particles:steps")
     parser.add_argument("--dtype", default="float64", choices=list(DTYPES))
     parser.add_argument("--batches", type=int, default=4, help="independent particle systems")
     parser.add_argument("--dots", default="auto", choices=["auto", "stein", "autograd"])
-    parser.add_argument("--variants", nargs="+", default=["averaged", "full-basis"],
-                        help=f"for 'variants': engine changes measured by hooks, of {list(VARIANTS)}; '+' combines")
+    parser.add_argument("--variants", nargs="+", default=["eager", "full-basis"],
+                        help=f"for 'variants': engine paths or changes measured by hooks, of {list(VARIANTS)}; '+' "
+                             "combines")
     parser.add_argument("--with", dest="with_variants", nargs="*", default=[], choices=list(VARIANTS),
-                        help="for 'time': run under these measurement hooks (see 'variants')")
+                        help="for 'time': run under these variants (see 'variants')")
+    parser.add_argument("--widths", nargs="+", type=int, default=[16, 32, 128, 512], help="for 'replay'")
+    parser.add_argument("--repeats", type=int, default=3, help="for 'replay': best of this many")
     parser.add_argument("--top", type=int, default=15, help="rows of the per-instruction and per-op tables")
     parser.add_argument("--top-functions", type=int, default=0, help="also print cProfile's top functions")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # the SteinBiasWarning of the convolutions is known (docs/architectures.md)
     {"time": time_report, "profile": profile_report, "ops": ops_report, "processes": processes_report,
-     "variants": variants_report, "eigh": eigh_report}[args.what](args)
+     "variants": variants_report, "eigh": eigh_report, "replay": replay_report}[args.what](args)
 
 
 if __name__ == "__main__":

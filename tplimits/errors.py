@@ -56,6 +56,15 @@ class Diverged(TplimitsError):
         self.step, self.value, self.trajectory = step, value, trajectory
 
 
+class StaleValueError(TplimitsError):
+    """A program value formed only when read (a per-coordinate pullback's, :mod:`tplimits.core.pullback`) was
+    read after a value it is formed from changed in place in the interpreter's values; ``value`` names it."""
+
+    def __init__(self, message: str, *, value: str = "") -> None:
+        super().__init__(message)
+        self.value = value
+
+
 class CheckpointError(TplimitsError):
     """A checkpoint file cannot be read, or was written by another run than the one asked for."""
 

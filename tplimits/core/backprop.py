@@ -9,7 +9,8 @@ forward                   backward
 ``y = W x`` (MatMul)      ``dx = Wᵀ dy`` (MatMul by the transpose); W's gradient is the
                           outer-product term ``(dy, x)``, never materialized
 ``y = fn(x; c)`` (Nonlin) ``dx = pullback`` (Nonlin, coordinatewise); for a scalar ``c``:
-                          the per-coordinate pullbacks averaged over width (Nonlin + Avg)
+                          the per-coordinate pullbacks averaged over width (Nonlin + Avg,
+                          evaluated as one vector-Jacobian product: :mod:`tplimits.core.pullback`)
 ``c = s·Avg(x)``          ``dx = dc·s/ratio`` spread along the width axis (Nonlin)
 ``y = regroup(x)``        ``dx = regroup⁻¹(dy)`` (Regroup)
 ========================  ===============================================================
@@ -24,7 +25,6 @@ The pullbacks of a Nonlin differentiate its function ψ (``torch.func``), never 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -46,11 +46,11 @@ from tplimits.core.ir import (
     Width,
     WidthInt,
     WidthPower,
-    fn_name,
     format_layout,
     width_axes,
 )
 from tplimits.core.program import Program
+from tplimits.core.pullback import Pullback
 from tplimits.errors import TplimitsError
 
 # --------------------------------------------------------------------------------------------
@@ -137,54 +137,8 @@ class TotalProgram:
 
 
 # --------------------------------------------------------------------------------------------
-# Pullbacks (the functions of backward Nonlin instructions)
+# Functions of backward Nonlin instructions (the pullbacks themselves: tplimits.core.pullback)
 # --------------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Pullback:
-    """The cotangent of one tensor argument of a forward function.
-
-    Called with the forward function's flattened arguments followed by the output cotangent.
-    ``per_coordinate``: the argument is a scalar (no width axis) and the output a vector; the
-    result then keeps one entry per coordinate along the output's width axis, moved to the
-    front (``[width, *argument shape]``), to be averaged by an Avg.
-    """
-
-    fn: Callable
-    spec: Any  # treespec of (args, kwargs)
-    leaf: int
-    per_coordinate: bool = False
-    out_width_axis: int | None = None
-
-    @property
-    def __name__(self) -> str:
-        return f"∂{fn_name(self.fn)}/∂arg{self.leaf}" + ("[per coordinate]" if self.per_coordinate else "")
-
-    def _call(self, leaves: list, x: torch.Tensor) -> torch.Tensor:
-        leaves = list(leaves)
-        leaves[self.leaf] = x
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        return self.fn(*args, **kwargs)
-
-    def __call__(self, *values: Any) -> torch.Tensor:
-        *leaves, dy = values
-        x = leaves[self.leaf]
-        if not self.per_coordinate:
-            _, vjp = torch.func.vjp(lambda t: self._call(leaves, t), x)
-            (dx,) = vjp(dy)
-            return dx
-        # Per coordinate: J[..., k] = ∂y/∂x_k by forward mode, contracted with dy over every axis but
-        # the output's width axis.
-        basis = torch.eye(x.numel(), dtype=x.dtype, device=x.device).view(x.numel(), *x.shape)
-
-        def column(tangent: torch.Tensor) -> torch.Tensor:
-            _, jy = torch.func.jvp(lambda t: self._call(leaves, t), (x,), (tangent,))
-            prod = (dy * jy).movedim(self.out_width_axis, 0)
-            return prod.reshape(prod.shape[0], -1).sum(-1)
-
-        per = torch.func.vmap(column)(basis)  # [numel(x), width]
-        return per.transpose(0, 1).reshape(per.shape[1], *x.shape)
 
 
 def _spread(dc: torch.Tensor, axis: int, size: int, factor: Any) -> torch.Tensor:
@@ -294,6 +248,16 @@ def total_program(program: Program) -> TotalProgram:
     outputs = list(program.outputs)
     total = attrs.evolve(program, instructions=b.instructions, outputs=outputs)
     return TotalProgram(total, len(program.instructions), gradients, tuple(cotangent_layouts), cotangents)
+
+
+def eager_pullbacks(total: TotalProgram) -> TotalProgram:
+    """``total`` with every per-coordinate pullback's values formed as its instruction runs and averaged as any
+    value (``Pullback.deferred=False``): the path the interpreters took before they averaged such values as one
+    vector-Jacobian product, to compare against. Same instructions, names and results up to rounding."""
+    instructions = [attrs.evolve(ins, fn=attrs.evolve(ins.fn, deferred=False))
+                    if isinstance(ins, Nonlin) and isinstance(ins.fn, Pullback) and ins.fn.per_coordinate else ins
+                    for ins in total.program.instructions]
+    return attrs.evolve(total, program=attrs.evolve(total.program, instructions=instructions))
 
 
 def _needs_gradient(program: Program) -> set[str]:

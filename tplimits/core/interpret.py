@@ -24,11 +24,14 @@ from tplimits.core.ir import (
     MatMul,
     Nonlin,
     Parameter,
+    Ref,
     Regroup,
     Width,
     common_scale,
+    map_args,
     substitute,
 )
+from tplimits.core.pullback import PerCoordinateValue, deferrable, materialized
 from tplimits.errors import TplimitsError
 
 if TYPE_CHECKING:  # the Program replays itself with a FiniteInterpreter
@@ -129,25 +132,65 @@ class FiniteInterpreter(Interpreter):
         except KeyError:
             raise TplimitsError(f"the model has no parameter or buffer {ins.target!r} that the program uses") from None
 
-    def nonlin(self, ins: Nonlin) -> torch.Tensor:
+    def nonlin(self, ins: Nonlin) -> Any:
+        if deferrable(ins.fn) and not ins.kwargs:
+            return self.defer(ins)
+        return self.evaluate(ins)
+
+    def evaluate(self, ins: Nonlin) -> torch.Tensor:
+        """The value of a Nonlin, formed now."""
         value = self.apply(ins)
         # where the model cuts gradients (``.detach()``, ``torch.no_grad()``), so does its replay
         return value if ins.differentiable else value.detach()
 
+    def defer(self, ins: Nonlin) -> PerCoordinateValue:
+        """A per-coordinate pullback's values, left to be formed when read: the Avg that follows it needs only
+        their sum over the rows, one vector-Jacobian product (:meth:`avg`, :mod:`tplimits.core.pullback`)."""
+        args, _ = self.arguments(ins)
+        # parameters and inputs belong to the caller, who may change them in place (an optimizer step) before the
+        # values are read: they are held as they are now (values the program computed are checked, not copied)
+        held = [value.clone() if isinstance(ref, Ref) and torch.is_tensor(value)
+                and isinstance(self.program[ref.name], Parameter | Input) else value
+                for ref, value in zip(ins.args, args, strict=True)]
+        return PerCoordinateValue(ins.name, ins.fn, held, ins.differentiable)
+
+    def arguments(self, ins: Nonlin | Regroup) -> tuple[Any, dict[str, Any]]:
+        """The values of ``ins``'s arguments (a per-coordinate pullback's formed, for a reader other than its
+        Avg)."""
+        return self.substituted(ins.args), self.substituted(dict(ins.kwargs))
+
+    def substituted(self, args: Any) -> Any:
+        """``args`` with references replaced by the values (formed, where deferred) and width-dependent
+        constants by their value at this width."""
+        return map_args(substitute(args, self.values, self.n), materialized)
+
     def apply(self, ins: Nonlin | Regroup) -> Any:
         """``ins.fn`` on the values of its arguments."""
-        args = substitute(ins.args, self.values, self.n)
-        kwargs = substitute(dict(ins.kwargs), self.values, self.n)
+        args, kwargs = self.arguments(ins)
         return ins.fn(*args, **kwargs)
 
     regroup = apply
 
     def avg(self, ins: Avg) -> torch.Tensor:
-        out = self.values[ins.vector].mean(dim=ins.axis, keepdim=ins.keepdim)
+        vector = self.values[ins.vector]
+        if isinstance(vector, PerCoordinateValue):
+            total, rows = row_sum(vector, ins.axis, ins.keepdim)
+            out = total / rows
+        else:
+            out = vector.mean(dim=ins.axis, keepdim=ins.keepdim)
         return out if ins.scale is None else out * ins.scale.resolve(self.n)
 
     def matmul(self, ins: MatMul) -> torch.Tensor:
-        return torch.einsum(ins.equation, self.values[ins.matrix], self.values[ins.vector]).contiguous()
+        vector = materialized(self.values[ins.vector])
+        return torch.einsum(ins.equation, self.values[ins.matrix], vector).contiguous()
+
+
+def row_sum(vector: torch.Tensor | PerCoordinateValue, axis: int, keepdim: bool) -> tuple[torch.Tensor, int]:
+    """The sum of ``vector`` along ``axis`` and the number of rows summed, for an Avg: one vector-Jacobian
+    product for a per-coordinate pullback's values along their rows."""
+    if isinstance(vector, PerCoordinateValue):
+        return vector.row_sum(axis, keepdim), vector.rows if axis == 0 else vector.resolve().shape[axis]
+    return vector.sum(dim=axis, keepdim=keepdim), vector.shape[axis]
 
 
 def infer_width(program: Program, state: Mapping[str, torch.Tensor]) -> int:

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from tplimits.core.interpret import FiniteInterpreter
 from tplimits.core.ir import Avg, Instruction, MatMul, Nonlin, Parameter, Regroup, width_axes
 from tplimits.core.program import Program
+from tplimits.core.pullback import materialized
 from tplimits.errors import Diverged, TplimitsError, check_real
 from tplimits.limit.check import finite_steps
 from tplimits.limit.mu import LimitSetup
@@ -233,7 +234,7 @@ def summaries(program: Program, watched: Sequence[Watched], values: dict[str, An
     same function reads the finite interpreter's values and the particles'."""
     out = []
     for w in watched:
-        x = values[w.name]
+        x = materialized(values[w.name])  # a per-coordinate pullback's values are formed for this reader
         if not (torch.is_tensor(x) and x.is_floating_point()):  # integer values (position ids, masks) are exact
             out.append(torch.zeros(0, dtype=torch.float64))
             continue

@@ -36,8 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tplimits.core.backprop import Pullback
-from tplimits.core.interpret import FiniteInterpreter
+from tplimits.core.interpret import FiniteInterpreter, row_sum
 from tplimits.core.ir import (
     Avg,
     Constant,
@@ -53,6 +52,7 @@ from tplimits.core.ir import (
     width_axes,
 )
 from tplimits.core.program import Program
+from tplimits.core.pullback import Pullback, materialized
 from tplimits.errors import Diverged, NotRepresentable, TplimitsError
 from tplimits.limit.distributed import Shard, particle_sum
 from tplimits.limit.runs import EXPLOSION, rms
@@ -837,20 +837,17 @@ class KetInterpreter(FiniteInterpreter):
         return _cast(ins.value, self.dtype, self.device)
 
     def avg(self, ins: Avg) -> torch.Tensor:
-        if self.shard is None:
-            return super().avg(ins).detach()
-        vector = self.values[ins.vector].detach()
-        total = self.shard.sum(vector.sum(dim=ins.axis, keepdim=ins.keepdim))
-        out = total / (vector.shape[ins.axis] * self.shard.ranks)
+        with torch.no_grad():  # an average is deterministic: no ket's dependence is carried through it
+            if self.shard is None:
+                return super().avg(ins)
+            local, rows = row_sum(self.values[ins.vector], ins.axis, ins.keepdim)
+            out = self.shard.sum(local) / (rows * self.shard.ranks)
         return out if ins.scale is None else out * ins.scale.resolve(self.n)
 
-    def apply(self, ins: Nonlin | Regroup) -> Any:
+    def substituted(self, args: Any) -> Any:
         if self.shard is None:
-            return super().apply(ins)
-        rows = self.n // self.shard.ranks
-        args = substitute(_sizes_at(ins.args, rows), self.values, self.n)
-        kwargs = substitute(_sizes_at(dict(ins.kwargs), rows), self.values, self.n)
-        return ins.fn(*args, **kwargs)
+            return super().substituted(args)
+        return super().substituted(_sizes_at(args, self.n // self.shard.ranks))
 
     def regroup(self, ins: Regroup) -> Any:
         if self.shard is not None and ins.name not in self.shard.checked:
@@ -884,7 +881,7 @@ class KetInterpreter(FiniteInterpreter):
                                    "per rank) or False")
         self.shard.checked.add(ins.name)
 
-    def nonlin(self, ins: Nonlin) -> torch.Tensor:
+    def evaluate(self, ins: Nonlin) -> torch.Tensor:
         # no cut on kets: a cut gradient (``.detach()``) leaves the value's dependence on earlier kets, which
         # autograd dots differentiate, as it is; the backward half of the total program has no path through it
         value = self.apply(ins)
@@ -901,7 +898,7 @@ class KetInterpreter(FiniteInterpreter):
         if not isinstance(operator, MatrixOperator):
             raise TplimitsError(f"%{ins.name} multiplies by %{ins.matrix}, which the limit engine holds as a "
                                 "tensor, not an operator")
-        x = self.values[ins.vector]
+        x = materialized(self.values[ins.vector])
         overflowing = _overflowing(x)
         if self.shard is not None:  # every rank takes the same branch
             overflowing = self.shard.any(overflowing)
@@ -910,7 +907,8 @@ class KetInterpreter(FiniteInterpreter):
         return operator.apply(self.plan(ins), x)
 
     def scales(self) -> dict[str, float]:
-        """The RMS of every tensor value computed so far (a reference for :meth:`first_blown_up`)."""
+        """The RMS of every tensor value computed so far (a reference for :meth:`first_blown_up`). A per-coordinate
+        pullback's values, formed only when read, are not formed for it: the Avg over them stands for them."""
         if self.shard is not None:
             return {name: size for name, (_, size) in self._whole_statistics().items()}
         return {name: rms(v) for name, v in self.values.items() if torch.is_tensor(v)}
