@@ -476,7 +476,8 @@ def _lower_placeholder(ctx: LoweringContext, node: fx.Node, wt: WidthTrace) -> A
             ctx.not_representable(f"constant tensor {p.target!r} with a width-sized axis")
         return ctx.constant(p.value.detach(), hint=node.name)
     hint = re.sub(r"\W+", "_", p.target)
-    value = ctx.emit(Parameter, hint=hint, target=p.target, trainable=p.role == "parameter", layout=layout)
+    value = ctx.emit(Parameter, hint=hint, target=p.target, trainable=p.role == "parameter" and not p.frozen,
+                     layout=layout)
     if value.kind == "matrix":
         return MatrixValue(value, tuple(range(len(layout))))
     if len(width_axes(layout)) > 2:

@@ -44,6 +44,8 @@ class Placeholder:
     target: str = ""  # fully qualified name for parameters and buffers
     index: int = -1  # position among the flattened user inputs
     value: torch.Tensor | None = attrs.field(default=None, eq=False)  # constant tensors
+    # a parameter with requires_grad=False: the user froze it, so it is replayed as it is and never trained
+    frozen: bool = False
 
 
 @attrs.frozen
@@ -62,12 +64,13 @@ def export_trace(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
     from torch.export.graph_signature import InputKind, OutputKind
 
     ep = torch.export.export(model, inputs, strict=False)
+    frozen = _frozen(model)
     placeholders: dict[str, Placeholder] = {}
     user_index = 0
     for spec in ep.graph_signature.input_specs:
         name = spec.arg.name
         if spec.kind == InputKind.PARAMETER:
-            placeholders[name] = Placeholder("parameter", spec.target)
+            placeholders[name] = Placeholder("parameter", spec.target, frozen=spec.target in frozen)
         elif spec.kind == InputKind.BUFFER:
             placeholders[name] = Placeholder("buffer", spec.target)
         elif spec.kind == InputKind.CONSTANT_TENSOR:
@@ -85,6 +88,11 @@ def export_trace(model: torch.nn.Module, inputs: tuple) -> GraphTrace:
         if spec.kind == OutputKind.USER_OUTPUT
     )
     return GraphTrace(ep.graph_module, placeholders, user_outputs, ep.call_spec.out_spec, "torch.export")
+
+
+def _frozen(model: torch.nn.Module) -> set[str]:
+    """The names (every alias) of the parameters with ``requires_grad=False``."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def make_fx_trace(model: torch.nn.Module, inputs: tuple, *, tracer: str = "make_fx",
@@ -112,7 +120,7 @@ def make_fx_trace(model: torch.nn.Module, inputs: tuple, *, tracer: str = "make_
     n_params = len(params)
     for i, node in enumerate(nodes):
         if i < n_params:
-            placeholders[node.name] = Placeholder("parameter", names[i])
+            placeholders[node.name] = Placeholder("parameter", names[i], frozen=not params[i][1].requires_grad)
         elif i < len(names):
             placeholders[node.name] = Placeholder("buffer", names[i])
         else:

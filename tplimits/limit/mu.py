@@ -74,6 +74,12 @@ def initial_values(program: Program, model: torch.nn.Module,
         law = coordinate_law(info, tensors)
         if law is None:
             sizes = sorted({int(t.shape[info.width_axes[0]]) for t in tensors})
+            if isinstance(tensors[0], torch.nn.Parameter):  # requires_grad=False: lowered as a buffer
+                raise NotRepresentable(
+                    f"parameter {name!r} is frozen (requires_grad=False), so the program holds it as a buffer as "
+                    "the model initialized it, and that grows with width and is random: the limit has no initial "
+                    "ket for it (a random frozen matrix or vector is not supported yet). Leave it trainable, or "
+                    "keep fixed only parameters without a width axis (gains, temperatures, biases of fixed size)")
             raise NotRepresentable(
                 f"buffer {name!r} grows with width, is not constant, and its coordinates are no function f(i/m) of "
                 f"their relative position that is the same at every width (checked, affine and geometric laws, at "
