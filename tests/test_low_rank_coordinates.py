@@ -74,3 +74,18 @@ def test_a_factor_no_hat_sampled_stays_explicit():
     expected = before + operator.coefficients[0] * operator.scale * 0.5 * out_factor @ (x.mT @ x)
     # the second application also sampled fresh hat directions for nothing new: x is in the span already
     torch.testing.assert_close(after, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_coordinate_blocks_join_without_growing_past_the_basis():
+    """Blocks over a basis that grows to its particles and then stops, while the columns grow every step: the
+    store reads as the blocks zero-padded and joined (torch.cat), and its rows never exceed the particles."""
+    from tplimits.limit.kets import _Coordinates
+
+    g = torch.Generator().manual_seed(0)
+    store, blocks = _Coordinates(most_rows=40), []
+    for r in (16, 32, 40, 40, 40, 40, 40, 40):
+        block = torch.randn(3, r, 16, generator=g, dtype=torch.float64)
+        store.append(block)
+        blocks.append(torch.nn.functional.pad(block, (0, 0, 0, 40 - r)))
+    assert store.buffer.shape[1] == 40
+    torch.testing.assert_close(store.matrix(), torch.cat(blocks, dim=-1), rtol=0, atol=0)

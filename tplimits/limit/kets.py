@@ -226,11 +226,13 @@ class _Columns:
 
 class _Coordinates:
     """Coordinate blocks ``[F, r_s, k_s]`` joined along their columns, each over the first ``r_s`` columns of a
-    basis that only grows: read as one ``[F, rows, Σ k_s]`` matrix, zero below each block's own rows."""
+    basis that only grows: read as one ``[F, rows, Σ k_s]`` matrix, zero below each block's own rows. The basis
+    holds at most ``most_rows`` columns (its particles), so the rows never grow past them."""
 
     GROWTH = 1.5
 
-    def __init__(self) -> None:
+    def __init__(self, most_rows: int) -> None:
+        self.most_rows = most_rows
         self.buffer: torch.Tensor | None = None
         self.rows = 0
         self.cols = 0
@@ -238,9 +240,13 @@ class _Coordinates:
     def append(self, block: torch.Tensor) -> None:
         F, r, k = block.shape
         rows, cols = max(self.rows, r), self.cols + k
-        if self.buffer is None or rows > self.buffer.shape[1] or cols > self.buffer.shape[2]:
-            have = (0, 0) if self.buffer is None else self.buffer.shape[1:]
-            grown = block.new_zeros(F, max(rows, int(self.GROWTH * have[0])), max(cols, int(self.GROWTH * have[1])))
+        have = (0, 0) if self.buffer is None else self.buffer.shape[1:]
+        if rows > have[0] or cols > have[1]:
+            # each axis grows only when it must: the rows stop at the basis's size while the columns grow every
+            # step, and growing both together made a [F, 5184, 5184] buffer for [F, 1024, 5120] coordinates
+            grown = block.new_zeros(F, *(max(need, min(most, int(self.GROWTH * size))) if need > size else size
+                                         for need, size, most in ((rows, have[0], self.most_rows),
+                                                                  (cols, have[1], math.inf))))
             if self.buffer is not None:
                 grown[:, : self.rows, : self.cols] = self.matrix()
             self.buffer = grown
@@ -614,7 +620,7 @@ class MatrixOperator:
         self._column_steps: torch.Tensor | None = None
         # factors that are kets the hats sampled, held as their coordinates on the hat bases (add_factor):
         # A_s = E_T α_s on the transposed family's basis, B_s = E_F β_s on the forward family's
-        self.out_coordinates, self.in_coordinates = _Coordinates(), _Coordinates()
+        self.out_coordinates, self.in_coordinates = _Coordinates(self.p_out), _Coordinates(self.p_in)
         self.coordinate_steps: list[int] = []
         self._coordinate_steps: torch.Tensor | None = None
         self.coefficients = torch.zeros(0, dtype=dtype, device=device)  # one per step, trained units
@@ -785,7 +791,7 @@ class MatrixOperator:
         self.in_factors = columns(state["in_factors"], differentiable)
         self.factor_steps = list(state["factor_steps"])
         self._column_steps = None
-        self.out_coordinates, self.in_coordinates = _Coordinates(), _Coordinates()
+        self.out_coordinates, self.in_coordinates = _Coordinates(self.p_out), _Coordinates(self.p_in)
         saved = state.get("coordinates") or {"out": None, "in": None, "steps": []}
         for store, block in ((self.out_coordinates, saved["out"]), (self.in_coordinates, saved["in"])):
             if block is not None:
