@@ -89,3 +89,22 @@ def test_a_frozen_random_matrix_is_refused_by_name():
     limit = tpl.derive(RandomFeatures, optimizer="sgd", param="muP")
     with pytest.raises(NotRepresentable, match=r"'hidden.weight' is frozen \(requires_grad=False\)"):
         limit.train(x, y, steps=1, lr=0.5, particles=64, progress=False)
+
+
+class Spare(nn.Module):
+    """A frozen parameter the forward never reads."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp, self.readout = nn.Linear(3, width), nn.Linear(width, 1)
+        self.spare = nn.Parameter(torch.zeros(width), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(torch.tanh(self.inp(x)))
+
+
+def test_a_frozen_parameter_the_forward_never_reads_is_no_sign_of_another_architecture():
+    x, _ = _data()
+    family = tpl.derive(Spare, optimizer="sgd", param="muP").family(x)
+    model = family.model(96, seed=0)  # checked against the program at a width it was not lowered at
+    assert model.spare.shape == (96,)

@@ -55,7 +55,8 @@ class Family:
         where = f"the architecture at width {width} is not the one lowered at widths {self.trace_widths}"
         known = {name for info in self.program.parameters.values() for name in (info.name, *info.aliases)}
         known |= set(self.program.unused)
-        extra = sorted(name for name, _ in model.named_parameters() if name not in known)
+        # a frozen parameter is lowered as a buffer, so one the forward never reads is in neither list
+        extra = sorted(name for name, p in model.named_parameters() if name not in known and p.requires_grad)
         if extra:
             raise WidthError(f"{where}: it has parameters {extra[:5]} the program does not (does the model branch "
                              "on its width?); lower it at widths that take the same branch")
