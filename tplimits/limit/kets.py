@@ -155,7 +155,7 @@ class _Columns:
     the old columns again. Differentiable columns (autograd dots) stay separate tensors, since they are
     the leaves gradients are taken against; their concatenation is cached until the next append.
 
-    ``mirrored``: the columns are also kept transposed (``[..., k_i, P]``, each column contiguous), for
+    On a CPU (``device``) the columns are also kept transposed (``[..., k_i, P]``, each column contiguous), for
     :meth:`reduce`: on a CPU the BLAS runs ``Cᵀx`` from that layout about twice as fast as from ``[P, Σk]``
     while the products the other way (``C @ coefficients``) are fastest from the columns as they are, so both
     are kept, at twice the memory (docs/performance.md, "Sums over particles from rows"; which layout wins is
@@ -164,9 +164,9 @@ class _Columns:
 
     GROWTH = 1.5
 
-    def __init__(self, differentiable: bool = False, mirrored: bool = False) -> None:
+    def __init__(self, differentiable: bool, device: torch.device) -> None:
         self.differentiable = differentiable
-        self.mirrored = mirrored and not differentiable
+        self.mirrored = device.type == "cpu" and not differentiable
         self.parts: list[torch.Tensor] = []
         self._joined: torch.Tensor | None = None
         self._mirror: torch.Tensor | None = None  # [..., capacity, P]: the columns as rows
@@ -321,9 +321,8 @@ class HatFamily:
         self.generator, self.dtype, self.device = generator, dtype, device
         self.track_grad = track_grad
         self.shard = shard  # a sharded system: this rank's particles only, every sum over them all-reduced
-        mirrored = device.type == "cpu"  # _Columns: the layout the CPU's BLAS reduces fastest from
-        self.basis = _Columns(track_grad, mirrored)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
-        self.gaussians = _Columns(track_grad, mirrored)  # G: [F, P_out, r], iid N(0, 1)
+        self.basis = _Columns(track_grad, device)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
+        self.gaussians = _Columns(track_grad, device)  # G: [F, P_out, r], iid N(0, 1)
         # the kets sampled since the last forget(), with their coordinates on E: [F, r, K], kept when the
         # matrix's updates are low-rank factors (MatrixOperator.add_factor) and not under autograd
         self.remembers = False
@@ -613,9 +612,9 @@ class MatrixOperator:
         if paired:
             pair_copies = max(self.p_in, self.p_out) if copies is None else copies
             self.pairs = PairGrids(self.n_fixed, self.p_out, self.p_in, pair_copies, dtype, device, shard)
-        self.mirrored = device.type == "cpu"  # see _Columns
-        self.out_factors = _Columns(dots == "autograd", self.mirrored)  # A = [A_s]_s: [F, P_out, Σ k_s]
-        self.in_factors = _Columns(dots == "autograd", self.mirrored)  # B = [B_s]_s: [F, P_in, Σ k_s]
+        self.device = device
+        self.out_factors = _Columns(dots == "autograd", device)  # A = [A_s]_s: [F, P_out, Σ k_s]
+        self.in_factors = _Columns(dots == "autograd", device)  # B = [B_s]_s: [F, P_in, Σ k_s]
         self.factor_steps: list[int] = []  # the step of each column of A and B
         self._column_steps: torch.Tensor | None = None
         # factors that are kets the hats sampled, held as their coordinates on the hat bases (add_factor):
@@ -774,7 +773,7 @@ class MatrixOperator:
 
     def load_state_dict(self, state: dict) -> None:
         def columns(t: torch.Tensor | None, differentiable: bool) -> _Columns:
-            restored = _Columns(differentiable, self.mirrored)
+            restored = _Columns(differentiable, self.device)
             if t is not None:
                 restored.append(t)
             return restored
