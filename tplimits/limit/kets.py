@@ -155,18 +155,25 @@ class _Columns:
     the old columns again. Differentiable columns (autograd dots) stay separate tensors, since they are
     the leaves gradients are taken against; their concatenation is cached until the next append.
 
-    On a CPU (``device``) the columns are also kept transposed (``[..., k_i, P]``, each column contiguous), for
-    :meth:`reduce`: on a CPU the BLAS runs ``Cᵀx`` from that layout about twice as fast as from ``[P, Σk]``
-    while the products the other way (``C @ coefficients``) are fastest from the columns as they are, so both
-    are kept, at twice the memory (docs/performance.md, "Sums over particles from rows"; which layout wins is
-    the BLAS's property, measured by ``benchmarks/bench_limit.py thin``).
+    On a CPU (``device``) the columns of a *thin* store are also kept transposed (``[..., k_i, P]``, each column
+    contiguous), for :meth:`reduce`: the BLAS runs ``Cᵀx`` for a ``x`` of few components (``K`` up to about
+    128) from that layout 1.4–2.2× as fast as from ``[P, Σk]``, while the products the other way (``C @
+    coefficients``) are fastest from the columns as they are, so both are kept, at twice the memory. With more
+    components the two layouts run alike, so a store whose first append is wider than :attr:`THIN` columns (a
+    convolution's ``batch × positions``) keeps no mirror and saves its memory and copies (docs/performance.md,
+    "Sums over particles from rows"; which layout wins is the BLAS's property, measured by
+    ``benchmarks/bench_limit.py thin``). The first append decides, as the kets a store reduces have as many
+    components as the ones it stores; ``mirrored`` (a restored store) decides instead.
     """
 
     GROWTH = 1.5
+    THIN = 128  # the most columns per append for which the mirror pays (measured: 1.4× at 128, 1.0× at 256)
 
-    def __init__(self, differentiable: bool, device: torch.device) -> None:
+    def __init__(self, differentiable: bool, device: torch.device, mirrored: bool | None = None) -> None:
         self.differentiable = differentiable
-        self.mirrored = device.type == "cpu" and not differentiable
+        self.may_mirror = device.type == "cpu" and not differentiable
+        self.mirrored = self.may_mirror and bool(mirrored)
+        self.decided = mirrored is not None
         self.parts: list[torch.Tensor] = []
         self._joined: torch.Tensor | None = None
         self._mirror: torch.Tensor | None = None  # [..., capacity, P]: the columns as rows
@@ -179,6 +186,8 @@ class _Columns:
             self._joined = None
             self._size += t.shape[-1]
             return
+        if not self.decided:
+            self.mirrored, self.decided = self.may_mirror and t.shape[-1] <= self.THIN, True
         new_size = self._size + t.shape[-1]
         if self._joined is None or new_size > self._joined.shape[-1]:
             self._grow(t, max(new_size, int(self.GROWTH * self._size)))
@@ -265,8 +274,8 @@ factors so all of one matrix application's terms are summed by :func:`_expand` i
 def _reduce(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``basisᵀ x`` for ``[F, P, r]`` and ``[F, P, K]`` (a sum over particles): ``[F, r, K]``.
 
-    Used where the columns have no mirror (a GPU, autograd dots); formed as ``(xᵀ basis)ᵀ``, which ran faster
-    than ``basisᵀ x`` on every CPU measured (docs/performance.md, "Sums over particles from rows")."""
+    Used where the columns have no mirror (a GPU, autograd dots, wide stores); formed as ``(xᵀ basis)ᵀ``, which
+    ran faster than ``basisᵀ x`` on every CPU measured (docs/performance.md, "Sums over particles from rows")."""
     return (x.mT @ basis).mT
 
 
@@ -762,8 +771,10 @@ class MatrixOperator:
             t = columns.cat()
             return None if t is None else t.detach()
 
-        return {"families": {k: {"basis": joined(f.basis), "gaussians": joined(f.gaussians)}
+        return {"families": {k: {"basis": joined(f.basis), "gaussians": joined(f.gaussians),
+                                 "mirrored": (f.basis.mirrored, f.gaussians.mirrored)}
                              for k, f in self.families.items()},
+                "factors_mirrored": (self.out_factors.mirrored, self.in_factors.mirrored),
                 "dense": self.dense, "pairs": None if self.pairs is None else self.pairs.grids(),
                 "out_factors": joined(self.out_factors), "in_factors": joined(self.in_factors),
                 "factor_steps": list(self.factor_steps), "coefficients": self.coefficients,
@@ -772,22 +783,26 @@ class MatrixOperator:
                 "init_scale": self.init_scale}
 
     def load_state_dict(self, state: dict) -> None:
-        def columns(t: torch.Tensor | None, differentiable: bool) -> _Columns:
-            restored = _Columns(differentiable, self.device)
+        def columns(t: torch.Tensor | None, differentiable: bool, mirrored: bool) -> _Columns:
+            # the saved layout, not the one the joined columns' width would choose: a resumed run sums in the
+            # same order as the one it continues
+            restored = _Columns(differentiable, self.device, mirrored if t is not None else None)
             if t is not None:
                 restored.append(t)
             return restored
 
         for k, f in self.families.items():
             saved = state["families"][k]
-            f.basis = columns(saved["basis"], f.track_grad)
-            f.gaussians = columns(saved["gaussians"], f.track_grad)
+            mirrored = saved.get("mirrored", (True, True))  # a checkpoint from before thin stores: all mirrored
+            f.basis = columns(saved["basis"], f.track_grad, mirrored[0])
+            f.gaussians = columns(saved["gaussians"], f.track_grad, mirrored[1])
         self.dense = state["dense"]
         if self.pairs is not None:
             self.pairs.forward, self.pairs.transposed = state["pairs"]["forward"], state["pairs"]["transposed"]
         differentiable = self.dots == "autograd"
-        self.out_factors = columns(state["out_factors"], differentiable)
-        self.in_factors = columns(state["in_factors"], differentiable)
+        mirrored = state.get("factors_mirrored", (True, True))
+        self.out_factors = columns(state["out_factors"], differentiable, mirrored[0])
+        self.in_factors = columns(state["in_factors"], differentiable, mirrored[1])
         self.factor_steps = list(state["factor_steps"])
         self._column_steps = None
         self.out_coordinates, self.in_coordinates = _Coordinates(self.p_out), _Coordinates(self.p_in)
