@@ -6,6 +6,7 @@
     python benchmarks/bench_reference.py scaling --dtype float32     # 1 and 2 processes, strong and weak
     python benchmarks/bench_reference.py compare sgd32.pt sgd64.pt   # same limit within standard error?
     python benchmarks/bench_reference.py flops                       # achieved GFLOP/s against the GEMM peak
+    python benchmarks/bench_reference.py bases --particles 16384     # the hat bases' orthonormality, one system
     python benchmarks/bench_reference.py check50                     # the SGD case against finite training
 
 ``run`` times one training (after an untimed one-step run that lowers the model), one BLAS thread per
@@ -26,6 +27,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+import tplimits as tpl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_limit import GEMM_OPS, LR, data, gemm_peak, limit_for  # noqa: E402
@@ -129,6 +132,34 @@ def flops(steps: int) -> None:
     print("  top ops: " + "; ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f} s ({e.count} calls)" for e in top))
 
 
+def bases(dtype: str, particles: int, steps: int) -> None:
+    """The SGD reference case's hat bases after ``steps`` steps, one system: per basis its columns, its largest
+    deviation from orthonormality ``|EᵀE − I|`` (a closed form: the identity) and the applications that took a
+    second Gram–Schmidt pass (``HatFamily.second_passes``; absent in engines before it), with the CPU seconds."""
+    from tplimits.limit.mu import ParticleNetwork
+
+    torch.set_num_threads(1)
+    X, y = data()
+    setup = limit_for("sgd").setup(X.float())  # lowered in the model's dtype, as limit.train does
+    X, y = X.to(DTYPES[dtype]), y.to(DTYPES[dtype])
+    net = ParticleNetwork(setup, particles, 0, DTYPES[dtype], "cpu", "stein", LR["sgd"], steps)
+    loss = tpl.loss("mse")
+    start = time.process_time()
+    for _ in range(steps):
+        interp = net.forward((X,))
+        net.backward_and_update(interp, loss.error_signal(net.outputs(interp), y, torch.arange(len(X))))
+    print(f"{dtype}, one system of {particles} particles, {steps} steps: {time.process_time() - start:.1f} CPU s")
+    for name, operator in net.operators.items():
+        for direction, family in operator.families.items():
+            E = family.basis.cat()
+            if E is None:
+                continue
+            gram = E.mT @ E
+            deviation = float((gram - torch.eye(gram.shape[-1], dtype=gram.dtype)).abs().max())
+            print(f"  {name} ({direction}): {E.shape[-1]} columns, max |EᵀE − I| {deviation:.1e}, second passes "
+                  f"{getattr(family, 'second_passes', 'n/a')}")
+
+
 def check50(steps: int) -> None:
     """The SGD reference case against finite training over all its steps: widths 256/1024/4096 × 8 seeds."""
     torch.set_num_threads(1)
@@ -142,7 +173,7 @@ def check50(steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["run", "scaling", "compare", "flops", "check50"])
+    parser.add_argument("part", choices=["run", "scaling", "compare", "flops", "bases", "check50"])
     parser.add_argument("files", nargs="*", help="compare: two saved runs")
     parser.add_argument("--optimizer", default="sgd", choices=sorted(LR))
     parser.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
@@ -159,6 +190,8 @@ def main() -> None:
         scaling(args.optimizer, args.dtype, args.steps)
     elif args.part == "flops":
         flops(args.steps)
+    elif args.part == "bases":
+        bases(args.dtype, args.particles, args.steps)
     elif args.part == "check50":
         check50(args.steps)
     else:

@@ -266,6 +266,44 @@ class _Coordinates:
         return None if self.buffer is None else self.buffer[:, : self.rows, : self.cols]
 
 
+class _Overlaps:
+    """``EᵀE − D`` of a hat basis ``E`` (``D``: one on its used columns, zero on a fixed index's columns of zeros),
+    ``[F, r, r]``, each block of columns entered one sample after it was added: its overlaps are a by-product of
+    the next sample's sum over particles (:meth:`HatFamily.sample`), so keeping them costs no pass over the
+    basis of its own."""
+
+    GROWTH = 1.5
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.size = 0  # the columns whose overlaps with every earlier column are entered
+
+    def enter(self, block: torch.Tensor) -> None:
+        """The last ``k`` columns' products with all ``r`` columns, ``[F, r, k]`` (``r − k`` = the columns entered
+        before)."""
+        F, r, k = block.shape
+        start = r - k
+        if self.buffer is None or r > self.buffer.shape[1]:
+            grown = block.new_zeros(F, *(2 * [max(r, int(self.GROWTH * self.size))]))
+            if self.buffer is not None:
+                grown[:, : self.size, : self.size] = self.matrix()
+            self.buffer = grown
+        deviation = block.clone()
+        own = deviation[:, start:].diagonal(dim1=1, dim2=2)
+        own -= (own > 0.5).to(own.dtype)  # a used column's norm is one, a column of zeros' zero
+        self.buffer[:, :r, start:r] = deviation
+        self.buffer[:, start:r, :start] = deviation[:, :start].mT
+        self.size = r
+
+    def matrix(self) -> torch.Tensor | None:
+        return None if self.buffer is None else self.buffer[:, : self.size, : self.size]
+
+    def coordinates(self, inner: torch.Tensor) -> torch.Tensor:
+        """The coordinates ``c`` with ``Eᵀ(E c) = inner`` (``Eᵀx``) to first order in the deviation, whose
+        square (about 10⁻²⁴ in float64) is far below rounding."""
+        return inner - self.matrix() @ inner
+
+
 Terms = list[tuple[torch.Tensor, torch.Tensor]]
 """``[(basis [F, P, r_i], coefficients [F, r_i, K])]``: the ket ``Σ_i basis_i @ coefficients_i``, left as
 factors so all of one matrix application's terms are summed by :func:`_expand` in one pass."""
@@ -322,6 +360,7 @@ class HatFamily:
 
     BATCHED_ENTRIES = 2 ** 22  # entries of the cotangents one batched autograd pass carries (autograd dots)
     DROP = 1e-10  # a residual direction with less than this share of the ket's energy is in the span already
+    SINGLE_PASS_OVERLAP = 1e-10  # the most overlap with the basis a new direction may have after one pass
 
     def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
                  device: torch.device, track_grad: bool, shard: Shard | None = None, name: str = "a matrix") -> None:
@@ -332,6 +371,11 @@ class HatFamily:
         self.shard = shard  # a sharded system: this rank's particles only, every sum over them all-reduced
         self.basis = _Columns(track_grad, device)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
         self.gaussians = _Columns(track_grad, device)  # G: [F, P_out, r], iid N(0, 1)
+        # a family applied to few components at a time (thin) keeps EᵀE − I and projects with it in one pass
+        # (_needs_second_pass); decided at the first sample
+        self.lagged: bool | None = None
+        self.overlaps = _Overlaps()
+        self.second_passes = 0  # applications that took a second Gram–Schmidt pass (benchmarks read it)
         # the kets sampled since the last forget(), with their coordinates on E: [F, r, K], kept when the
         # matrix's updates are low-rank factors (MatrixOperator.add_factor) and not under autograd
         self.remembers = False
@@ -348,21 +392,25 @@ class HatFamily:
         xd = x.detach()
         self.basis.demand += x.shape[2]  # up to K new directions per application
         self.gaussians.demand += x.shape[2]
+        if self.lagged is None:  # decided once, so a run keeps one scheme (and a resumed run the same)
+            self.lagged = x.shape[2] <= _Columns.THIN
         E = self.basis.cat()
         terms: Terms = []
-        coef = None
+        inner = coef = None  # Eᵀx, and the coordinates of x's part in the span (equal for an orthonormal E)
         resid, rd = x, xd  # residuals (differentiable, detached): [F, P_in, K]
         if E is not None:
             Ed = E.detach()
-            coef = particle_sum(self.basis.reduce(xd), self.shard)
+            inner = self._inner(xd, Ed)
             if E.shape[-1] >= self.p_in:  # the basis spans the particles: x is in it, its residual only rounding
-                terms.append((self.gaussians.cat(), coef * scale))
-                self._remember(xd, coef)
-                return terms, coef
+                terms.append((self.gaussians.cat(), inner * scale))
+                self._remember(xd, inner)
+                return terms, inner
+            coef = self.overlaps.coordinates(inner) if self.lagged else inner
             rd = torch.baddbmm(xd, Ed, coef, alpha=-1)
         norm2 = particle_sum((xd * xd).sum(dim=(1, 2)), self.shard).clamp_min(torch.finfo(self.dtype).tiny)
         directions = self._residual_directions(rd, norm2)
         if E is not None and directions is not None and self._needs_second_pass(*directions, xd, norm2):
+            self.second_passes += 1
             correction = particle_sum(self.basis.reduce(rd), self.shard)
             coef = coef + correction
             rd = rd.baddbmm_(Ed, correction, alpha=-1)
@@ -373,7 +421,7 @@ class HatFamily:
         keep = None if directions is None else directions[0] > self.DROP * norm2[:, None]
         if keep is None or not keep.any():  # every direction is in the span already (for every fixed index)
             self._remember(xd, coef)
-            return terms, coef
+            return terms, inner
         evals, vecs = directions
         vecs = _signed(vecs)
         new_directions = keep.any(dim=0)
@@ -397,7 +445,18 @@ class HatFamily:
         self.gaussians.append(G_new)
         terms.append((G_new, R * scale))
         self._remember(xd, R if coef is None else torch.cat([coef, R], dim=1))
-        return terms, coef
+        return terms, inner
+
+    def _inner(self, xd: torch.Tensor, Ed: torch.Tensor) -> torch.Tensor:
+        """``Eᵀx`` ([F, r, K]). A lagged family sums the columns the last sample added along with ``x`` (one
+        product of ``K + k`` columns instead of a second pass over the basis of ``k``) and enters their
+        overlaps (:class:`_Overlaps`)."""
+        added = Ed.shape[-1] - self.overlaps.size
+        if not self.lagged or added == 0:
+            return particle_sum(self.basis.reduce(xd), self.shard)
+        sums = particle_sum(self.basis.reduce(torch.cat([xd, Ed[..., -added:]], dim=2)), self.shard)
+        self.overlaps.enter(sums[..., xd.shape[2]:])
+        return sums[..., : xd.shape[2]]
 
     def _remember(self, x: torch.Tensor, coordinates: torch.Tensor | None) -> None:
         if self.remembers and not self.track_grad and coordinates is not None:
@@ -434,20 +493,29 @@ class HatFamily:
 
     def _needs_second_pass(self, evals: torch.Tensor, vecs: torch.Tensor, x: torch.Tensor,
                            norm2: torch.Tensor) -> bool:
-        """Whether a new direction kept after one classical Gram–Schmidt pass has lost more than half of the
-        energy ``x`` has along it (``λ_j < ½ vⱼᵀ xᵀx vⱼ``), the "twice is enough" criterion applied to each
-        eigen-direction of the residual.
+        """Whether one classical Gram–Schmidt pass leaves a new direction too far from orthogonal to the basis.
 
-        One pass leaves the residual an overlap with the basis of about ``(eps + δ)·‖x_j‖`` (``δ``: the basis's
-        own deviation from orthonormality); normalizing a direction that kept a fraction ``ρ`` of its norm
-        multiplies that by ``1/ρ``. Kets that move little per step keep ``ρ`` near ``10⁻³``, so without the
-        second pass ``δ`` would grow by that factor at every step and the basis would stop being one.
+        One pass leaves the residual an overlap with the basis of about ``(eps + δ)·‖x_j‖`` along each
+        eigen-direction ``j`` of the residual (``δ``: the error of the projection's coordinates); normalizing a
+        direction that kept a fraction ``ρ_j`` of its norm (``ρ_j² = λ_j / vⱼᵀ xᵀx vⱼ``) multiplies that by
+        ``1/ρ_j``. Kets that move little per step keep ``ρ`` near ``10⁻³``.
+
+        * A lagged family projects with its basis's known overlaps (:class:`_Overlaps`), so ``δ`` is rounding
+          too: the second pass is needed only when ``eps/ρ_j`` passes :attr:`SINGLE_PASS_OVERLAP` (float32, or
+          a ket all but in the span).
+        * Otherwise ``δ`` is the basis's own deviation from orthonormality, which would grow by ``1/ρ`` at every
+          step: the pass is taken when a direction has lost more than half of its energy (``λ_j < ½ vⱼᵀ xᵀx
+          vⱼ``), the "twice is enough" criterion.
         """
         kept = evals > self.DROP * norm2[:, None]
         if not kept.any():
             return False
         energy = particle_sum(x.mT @ x, self.shard)  # [F, K, K]
         along = ((energy @ vecs) * vecs).sum(dim=1)  # vⱼᵀ xᵀx vⱼ, [F, K]
+        if self.lagged:
+            eps = torch.finfo(self.dtype).eps
+            inverse_share = (along / evals.clamp_min(torch.finfo(self.dtype).tiny)).clamp_min(0).sqrt()  # 1/ρ_j
+            return bool((kept & (eps * inverse_share > self.SINGLE_PASS_OVERLAP)).any())
         return bool((kept & (evals < 0.5 * along)).any())
 
     def dot(self, x: torch.Tensor, mode: str, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -772,7 +840,8 @@ class MatrixOperator:
             return None if t is None else t.detach()
 
         return {"families": {k: {"basis": joined(f.basis), "gaussians": joined(f.gaussians),
-                                 "mirrored": (f.basis.mirrored, f.gaussians.mirrored)}
+                                 "mirrored": (f.basis.mirrored, f.gaussians.mirrored),
+                                 "lagged": f.lagged, "overlaps": f.overlaps.matrix()}
                              for k, f in self.families.items()},
                 "factors_mirrored": (self.out_factors.mirrored, self.in_factors.mirrored),
                 "dense": self.dense, "pairs": None if self.pairs is None else self.pairs.grids(),
@@ -796,6 +865,9 @@ class MatrixOperator:
             mirrored = saved.get("mirrored", (True, True))  # a checkpoint from before thin stores: all mirrored
             f.basis = columns(saved["basis"], f.track_grad, mirrored[0])
             f.gaussians = columns(saved["gaussians"], f.track_grad, mirrored[1])
+            f.lagged, f.overlaps = saved.get("lagged", False), _Overlaps()  # before lagged families: two passes
+            if saved.get("overlaps") is not None:
+                f.overlaps.buffer, f.overlaps.size = saved["overlaps"], saved["overlaps"].shape[1]
         self.dense = state["dense"]
         if self.pairs is not None:
             self.pairs.forward, self.pairs.transposed = state["pairs"]["forward"], state["pairs"]["transposed"]
