@@ -57,6 +57,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_architectures import Case, _labels, _randn, cases  # noqa: E402
+from bench_limit import profiled_matmul_flops  # noqa: E402
 
 import tplimits as tpl  # noqa: E402
 from tplimits.core.backprop import eager_pullbacks, total_program  # noqa: E402
@@ -455,13 +456,13 @@ def ops_report(args: argparse.Namespace) -> None:
         case, limit, X, y = task(model)
         warm_up(case, limit, X, y, dtype)
         for particles, steps in parse_cases(args.cases):
-            with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
                 train(case, limit, X, y, particles, steps, dtype, args.batches, args.dots)
             events = prof.key_averages()
             # self time of top-level ops only would double count nothing: self_cpu_time_total excludes children
             total = sum(e.self_cpu_time_total for e in events)
             groups: dict[str, float] = defaultdict(float)
-            flops = sum(e.flops for e in events)
+            flops = profiled_matmul_flops(prof)
             for e in events:
                 groups[op_group(e.key)] += e.self_cpu_time_total
             print(f"\n## {model}, {particles} particles in {args.batches} systems, {steps} steps, {args.dtype}: "

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import tplimits as tpl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_limit import GEMM_OPS, LR, data, gemm_peak, limit_for  # noqa: E402
+from bench_limit import GEMM_OPS, LR, data, gemm_peak, limit_for, profiled_matmul_flops  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -110,10 +110,10 @@ def flops(steps: int) -> None:
     start = time.process_time()
     limit.train(X, y, **options)
     seconds = time.process_time() - start
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         limit.train(X, y, **options)
     events = prof.key_averages()
-    gemm = sum(e.flops or 0 for e in events if e.key in GEMM_OPS)
+    gemm = profiled_matmul_flops(prof)
     gemm_self = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6
     everything = sum(e.self_cpu_time_total for e in events) / 1e6
     peak = max(before, gemm_peak())
