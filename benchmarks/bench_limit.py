@@ -18,6 +18,7 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py adam-speed --before DIR    # Adam with copy populations, the same comparison
     python benchmarks/bench_limit.py copies optimizer --before DIR --cpu-time  # those parts on both engines
     python benchmarks/bench_limit.py thin                       # the thin products in both orientations
+    python benchmarks/bench_limit.py mirror-threshold           # sums from rows against transposed, per K
     python benchmarks/bench_limit.py grid-orientation           # a copy grid's products in both orientations
     python benchmarks/bench_limit.py elementwise                # sqrt against rsqrt; fresh tiles against a buffer
 
@@ -693,6 +694,36 @@ def flops_report() -> None:
                                                   for k, shape, t, n, g in r["gemm_shapes"]))
 
 
+def best_gflops(product: Any, *operands: torch.Tensor, flops: float, repeats: int = 7) -> float:
+    """GFLOP/s of ``product(*operands)`` doing ``flops``, best of ``repeats`` by CPU seconds, after a warm-up."""
+    product(*operands)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        product(*operands)
+        best = min(best, time.process_time() - start)
+    return flops / best / 1e9
+
+
+def mirror_threshold(components: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
+                     shapes: tuple[tuple[int, int, int], ...] = ((1, 2**14, 800), (9, 1024, 1024))) -> None:
+    """Where a column store's mirror stops paying (``_Columns.THIN``): GFLOP/s of a sum over particles ``Cᵀx``
+    (float64, one thread) from the columns kept as rows (``[F, r, P] @ [F, P, K]``) against the transposed form
+    the store uses without a mirror (``(xᵀ C)ᵀ``), per ``K`` components, for stores ``[F, P, r]``: the reference
+    MLP's hat basis at 2^14 particles and 50 steps, and a ResNet convolution's at 1024 particles."""
+    torch.set_num_threads(1)
+    for F, P, r in shapes:
+        C = torch.randn(F, P, r, dtype=torch.float64)
+        rows = C.mT.contiguous()
+        for K in components:
+            x = torch.randn(F, P, K, dtype=torch.float64)
+            flops = 2 * F * P * r * K
+            mirrored = best_gflops(lambda a, b: a @ b, rows, x, flops=flops)
+            transposed = best_gflops(lambda a, b: (b.mT @ a).mT, C, x, flops=flops)
+            print(f"[{F}, {P}, {r}], K {K}: from rows {mirrored:.1f}, transposed {transposed:.1f} GFLOP/s "
+                  f"(ratio {mirrored / transposed:.2f})")
+
+
 def thin_orientations(particles: int = 2**14, components: int = 16, columns: tuple[int, ...] = (16, 80, 400, 800),
                       repeats: int = 7) -> None:
     """GFLOP/s of the engine's two thin float64 products, one thread, CPU time (best of ``repeats``), in each
@@ -703,13 +734,7 @@ def thin_orientations(particles: int = 2**14, components: int = 16, columns: tup
     torch.set_num_threads(1)
 
     def rate(product: Any, a: torch.Tensor, b: torch.Tensor) -> float:
-        product(a, b)  # BLAS warm-up, untimed
-        best = math.inf
-        for _ in range(repeats):
-            start = time.process_time()
-            product(a, b)
-            best = min(best, time.process_time() - start)
-        return 2 * particles * r * components / best / 1e9
+        return best_gflops(product, a, b, flops=2 * particles * r * components, repeats=repeats)
 
     x = torch.randn(1, particles, components, dtype=torch.float64)
     for r in columns:
@@ -888,7 +913,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
                         help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
-                             "processes, shard, flops, linear-speed, adam-speed, thin, grid-orientation, elementwise "
+                             "processes, shard, flops, linear-speed, adam-speed, thin, mirror-threshold, "
+                             "grid-orientation, elementwise "
                              "(default: all but the last six)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
@@ -960,6 +986,7 @@ if __name__ == "__main__":
         "processes": spread_scaling,
         "flops": flops_report,
         "thin": thin_orientations,
+        "mirror-threshold": mirror_threshold,
         "grid-orientation": grid_orientations,
         "elementwise": elementwise_costs,
         "linear-speed": lambda: engine_speed(args.before, "sgd", cases["sgd"], not args.no_threads),
