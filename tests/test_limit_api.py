@@ -10,7 +10,7 @@ from tests.conftest import particle_steps
 from tplimits.limit import mu as engine
 from tplimits.limit.kets import MatrixOperator
 from tplimits.limit.mu import ParticleNetwork
-from tplimits.limit.runs import batch_schedule
+from tplimits.limit.runs import batch_schedule, default_dtype
 from tplimits.training.init import multiplier
 
 
@@ -58,6 +58,17 @@ def test_kernel_of_the_first_layer_matches_closed_form(data):
     expected = X @ X.T / X.shape[1]  # u ~ N(0, 1/d) per coordinate
     z = (traj.kernels[first][0] - expected).abs() / traj.kernels_se[first][0].clamp_min(1e-12)
     assert z.max() < 4
+
+
+def test_setup_takes_floating_inputs_in_the_models_dtype(data):
+    """``limit.train`` lowers the model for its data in the default dtype; ``setup`` and ``family`` called
+    directly with float64 data under a float32 default do the same (they failed tracing a float32 model on
+    float64 inputs, with a hint about inputs that grow with width)."""
+    X, _ = data
+    with default_dtype(torch.float32):
+        limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+        assert limit.setup(X.double()) is limit.setup(X.float())
+        assert limit.family(X.double()).inputs[0].dtype == torch.float32
 
 
 def test_resume_continues_exactly(data):

@@ -239,15 +239,14 @@ def finite_steps(limit: Limit, Z: torch.Tensor, y: torch.Tensor, n_train: int, w
     """Train one finite-width model, yielding ``(t, model, outputs)`` after each forward pass, before the
     update of step ``t`` is taken (the last yield, ``t = steps``, has no update after it)."""
     loss_fn = lookup_loss(loss)
-    lowering_inputs = _lowering_inputs(Z)
-    fam = limit.family(lowering_inputs)
+    fam = limit.family(Z)
     examples = Examples.of(fam.program)
     with default_dtype(dtype):
         model, opt = instantiate_family(fam, width=width, param=limit.param, rule=limit.rule, lr=lr, seed=seed,
                                         center=center, weight_decay=limit.weight_decay, clip=limit.clip,
                                         optimizer_options=limit.optimizer_options)
         if draw_seed is not None:
-            share_draws(model, limit.setup(lowering_inputs).draws, draw_seed, width)
+            share_draws(model, limit.setup(Z).draws, draw_seed, width)
     model = model.to(dtype)
     inputs = Z.to(dtype) if Z.is_floating_point() else Z
     targets = y.to(dtype) if y.is_floating_point() else y
@@ -344,13 +343,8 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
     seconds = time.perf_counter() - start
     report = compare(runs, trajectory, widths, max_slope=max_slope, tolerance=tolerance,
                      max_relative_gap=max_relative_gap, seconds_finite=seconds)
-    mixture = () if shared_draws else tuple(sorted(limit.setup(_lowering_inputs(Z)).draws))
+    mixture = () if shared_draws else tuple(sorted(limit.setup(Z).draws))
     return attrs.evolve(report, mixture=mixture)
-
-
-def _lowering_inputs(Z: torch.Tensor) -> torch.Tensor:
-    """Data rows as the limit lowers the model for them: floating point in the default dtype, integers as they are."""
-    return Z.to(torch.get_default_dtype()) if Z.is_floating_point() else Z
 
 
 def trajectory_scale(outputs: torch.Tensor) -> float:

@@ -167,7 +167,8 @@ class Limit:
     def family(self, inputs: torch.Tensor | None = None) -> Family:
         """The architecture lowered for ``inputs``: once whatever their number of examples (the program
         re-specialised to it, :meth:`Program.at_batch`), or once per shape for a model whose graph depends on the
-        batch size."""
+        batch size. Floating inputs are taken in the default dtype, the one the model is built in."""
+        inputs = None if inputs is None else _lowering_inputs(inputs)
         axes = {key[1] for key in self._families if key is not None and key[0] == "rows"}
         lowered = None if inputs is None else next(
             (self._families[key] for key in (_rows(inputs, axis) for axis in sorted(axes)) if key in self._families),
@@ -188,14 +189,16 @@ class Limit:
         """Where the examples of data ``X`` and of the outputs on it lie (:class:`~tplimits.limit.runs.Examples`:
         axis 1 of both for a sequence-first model)."""
         X = data("X", X)
-        fam = self.family(_lowering_inputs(X))
+        fam = self.family(X)
         if not fam.program.batch_generic and (tuple(X.shape), X.dtype) not in self._batch_first:
             _refuse_other_batch_axis(fam)
             self._batch_first.add((tuple(X.shape), X.dtype))
         return Examples.of(fam.program)
 
     def setup(self, inputs: torch.Tensor | None = None) -> LimitSetup:
-        """Everything the particle systems need for ``inputs``, after checking the regime."""
+        """Everything the particle systems need for ``inputs`` (floating ones taken in the default dtype), after
+        checking the regime."""
+        inputs = None if inputs is None else _lowering_inputs(inputs)
         key = None if inputs is None else (tuple(inputs.shape), inputs.dtype)
         if key in self._setups:
             return self._setups[key]
@@ -228,10 +231,6 @@ class Limit:
             check_operator_program(setup, reference, fam.inputs)
         self._setups[key] = setup
         return setup
-
-    def _setup_for(self, Z: torch.Tensor) -> LimitSetup:
-        """The setup for data rows ``Z`` (lowered in the default dtype; integer inputs as they are)."""
-        return self.setup(_lowering_inputs(Z))
 
     def regime(self, inputs: torch.Tensor | None = None) -> str:
         """Which limit this is, by the classification (Sec. 2.8): ``"feature learning"`` (the μ-limit,
@@ -347,7 +346,7 @@ class Limit:
         examples = self.examples(X)
         examples.matched(X, y)
         Z = X if X_test is None else _joined(X, "X_test", X_test, examples)
-        setup = self._setup_for(Z)
+        setup = self.setup(Z)
         dots = self._resolve_dots(dots, setup)
         _check_particles(setup, particles, batches)
         _warn_stein_bias(setup, dots, particles // batches, stacklevel=3)  # the caller of train
@@ -473,7 +472,7 @@ class Limit:
                                  "between examples along axis 0 of both: wrap the model so that it takes and returns "
                                  "its examples along axis 0 (batch-first)")
         Z = X if X2 is None else _joined(X, "X2", X2)
-        setup = self._setup_for(Z)
+        setup = self.setup(Z)
         if setup.regime != "operator":
             raise TplimitsError(f"{self.param.name} with {self.rule.name} is in the feature learning regime: its "
                                 "limit (the μ-limit) has no fixed kernel. Kernels are the NT limit's: use NTP.")
