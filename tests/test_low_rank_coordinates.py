@@ -10,6 +10,7 @@ columns, the formula of Eq. 2.45 as written), which must agree to rounding.
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch
 import tplimits as tpl
 from tests.conftest import particle_steps
 from tplimits.limit.mu import ParticleNetwork
+from tplimits.optimizers.base import UpdateRule
 
 CONFIGS = {
     "mlp": (dict(depth=3, d_in=4), lambda: torch.randn(4, 4, generator=torch.Generator().manual_seed(0))),
@@ -28,11 +30,11 @@ CONFIGS = {
 }
 
 
-def _run(name: str, optimizer: str, explicit: bool, steps: int = 4,
-         particles: int = 512) -> tuple[list[torch.Tensor], ParticleNetwork]:
+def _run(name: str, optimizer: str, explicit: bool, steps: int = 4, particles: int = 512,
+         **extra: object) -> tuple[list[torch.Tensor], ParticleNetwork]:
     options, inputs = CONFIGS[name]
     X = inputs()
-    setup = tpl.derive(name, optimizer=optimizer, **options).setup(X)
+    setup = tpl.derive(name, optimizer=optimizer, **options, **extra).setup(X)
     net = ParticleNetwork(setup, particles, 7, torch.float64, "cpu", "stein", 0.3, steps)
     if explicit:
         for operator in net.operators.values():
@@ -51,7 +53,10 @@ def test_coordinates_equal_explicit_factors(name, optimizer):
     hidden = [n for n, op in net.operators.items() if op.families and n in net.setup.chosen]
     assert hidden
     for n in hidden:  # every factor held as coordinates, none as columns; the reference the other way round
-        assert net.operators[n].coordinate_steps and net.operators[n].out_factors.cat() is None
+        operator = net.operators[n]
+        # SGD is memoryless: its coordinates fold into the dense core (MatrixOperator._fold_if_cheaper)
+        assert (operator.core is not None) == (optimizer == "sgd")
+        assert (operator.coordinate_steps or operator.core is not None) and operator.out_factors.cat() is None
         assert not reference.operators[n].coordinate_steps and reference.operators[n].out_factors.cat() is not None
     scale = max(float(o.abs().max()) for o in explicit)
     moved = float((explicit[-1] - explicit[0]).abs().max())
@@ -69,7 +74,7 @@ def test_a_factor_no_hat_sampled_stays_explicit():
     before = operator.apply_canonical(x, True)
     out_factor = torch.randn(1, operator.p_out, 3, dtype=torch.float64)
     operator.add_factor(out_factor, x, step=0, weight=0.5)
-    assert operator.out_factors.cat() is not None and len(operator.coordinate_steps) > 0
+    assert operator.out_factors.cat() is not None and (operator.coordinate_steps or operator.core is not None)
     after = operator.apply_canonical(x, True)
     expected = before + operator.coefficients[0] * operator.scale * 0.5 * out_factor @ (x.mT @ x)
     # the second application also sampled fresh hat directions for nothing new: x is in the span already
@@ -89,3 +94,30 @@ def test_coordinate_blocks_join_without_growing_past_the_basis():
         blocks.append(torch.nn.functional.pad(block, (0, 0, 0, 40 - r)))
     assert store.buffer.shape[1] == 40
     torch.testing.assert_close(store.matrix(), torch.cat(blocks, dim=-1), rtol=0, atol=0)
+
+
+def test_the_folded_core_follows_weight_decay():
+    """Weight decay multiplies every earlier step's coefficient, so the folded core with them."""
+    held, net = _run("mlp", "sgd", explicit=False, weight_decay=0.2)
+    explicit, _ = _run("mlp", "sgd", explicit=True, weight_decay=0.2)
+    assert any(op.core is not None for op in net.operators.values())
+    scale = max(float(o.abs().max()) for o in explicit)
+    for a, b in zip(held, explicit, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)
+
+
+def test_a_rule_declared_memoryless_that_is_not_is_refused():
+    """Folding trusts ``memoryless``: a rule whose update at a later step changes an earlier step's coefficient
+    (momentum, declared memoryless) is stopped by name rather than trained on a wrong core."""
+    momentum = tpl.optimizer("momentum")
+    lying = UpdateRule(name="forgetful-momentum", init_state=momentum.init_state, update=momentum.update,
+                       defaults=momentum.defaults, memoryless=True, stationary=True, homogeneity=1.0, linear=True)
+    plugin = types.ModuleType("forgetful_momentum")
+    plugin.tplimits_optimizers = tpl.hookimpl(lambda: [lying])
+    tpl.register_plugin(plugin, name="forgetful-momentum")
+    try:
+        with pytest.raises(tpl.TplimitsError, match="memoryless"):
+            _run("mlp", "forgetful-momentum", explicit=False, steps=3)
+    finally:
+        tpl.unregister_plugin(plugin)
+

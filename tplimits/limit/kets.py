@@ -651,12 +651,15 @@ class MatrixOperator:
     particles of an axis, against that copy population (:class:`PairGrids`). A sharded system (``shard``)
     keeps its grids as pair grids, sharded by particle rows; with no fewer copies than particles they hold the
     dense grid's entries twice (rows and columns), each rank a ``1/ranks`` share. ``low_rank``: the updates are
-    low-rank factors (a linear rule), so the hats keep each step's coordinates for :meth:`add_factor`.
+    low-rank factors (a linear rule), so the hats keep each step's coordinates for :meth:`add_factor`;
+    ``foldable``: the rule is memoryless too, so those coordinates fold into one dense core on the two bases
+    (:meth:`_fold_if_cheaper`) and the updates' cost stops growing with the steps.
     """
 
     def __init__(self, name: str, shape: Sequence[int], in_axis: int, out_axis: int, init: tuple[str, float],
                  scale: float, dense: bool, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
-                 dots: str, copies: int | None = None, shard: Shard | None = None, low_rank: bool = False) -> None:
+                 dots: str, copies: int | None = None, shard: Shard | None = None, low_rank: bool = False,
+                 foldable: bool = False) -> None:
         self.name = name
         self.shape = tuple(shape)
         self.in_axis, self.out_axis = in_axis, out_axis
@@ -699,6 +702,11 @@ class MatrixOperator:
         self.out_coordinates, self.in_coordinates = _Coordinates(self.p_out), _Coordinates(self.p_in)
         self.coordinate_steps: list[int] = []
         self._coordinate_steps: torch.Tensor | None = None
+        # under a memoryless linear rule a past step's coefficient changes only by factors common to every step
+        # (weight decay, a rule's rescaling), so the coordinates fold into one dense core on the two bases,
+        # Σ_s c_s α_s β_sᵀ ([F, r_T, r_F]), bounded by the bases where the coordinates grow by K every step
+        self.foldable = foldable
+        self.core: torch.Tensor | None = None
         self.coefficients = torch.zeros(0, dtype=dtype, device=device)  # one per step, trained units
 
     # -- applying the operator ------------------------------------------------------------------
@@ -759,19 +767,59 @@ class MatrixOperator:
     def _low_rank_coordinates(self, inner: torch.Tensor | None, forward: bool) -> torch.Tensor | None:
         """The low-rank updates held as coordinates (:meth:`add_factor`) on a ket whose coordinates on this
         direction's hat basis are ``inner`` (``Eᵀx``): their coefficients ``[F, r, K]`` on the other direction's
-        basis, from products of ``r × Σk`` matrices only (``A_s B_sᵀ x = E_T α_s β_sᵀ (E_Fᵀ x)``)."""
-        if not self.coordinate_steps:
+        basis, from products of ``r × Σk`` matrices only (``A_s B_sᵀ x = E_T α_s β_sᵀ (E_Fᵀ x)``), and of the
+        folded core (``r_T × r_F``)."""
+        self._fold_if_cheaper()
+        if not self.coordinate_steps and self.core is None:
             return None
         source, target = (self.in_coordinates, self.out_coordinates) if forward else \
             (self.out_coordinates, self.in_coordinates)
-        if inner is None or inner.shape[1] < source.rows:
+        core = None if self.core is None else (self.core if forward else self.core.mT)  # [F, target, source]
+        if inner is None or inner.shape[1] < max(source.rows, 0 if core is None else core.shape[2]):
             raise TplimitsError(f"parameter {self.name!r}: a low-rank update refers to hat directions this "
                                 "application has not seen (an internal inconsistency of the limit engine)")
+        parts = [] if core is None else [core @ (inner[:, : core.shape[2]] * self.scale)]
+        if self.coordinate_steps:
+            coef = self.coefficients[self._steps_of_coordinates()] * self.scale
+            along = source.matrix().mT @ inner[:, : source.rows]  # ⟨B_s|x⟩ (forward), [F, Σk, K]
+            parts.append(target.matrix() @ (coef[None, :, None] * along))
+        if len(parts) == 1:
+            return parts[0]
+        joined = inner.new_zeros(inner.shape[0], max(p.shape[1] for p in parts), inner.shape[2])
+        for part in parts:
+            joined[:, : part.shape[1]] += part
+        return joined
+
+    def _steps_of_coordinates(self) -> torch.Tensor:
         if self._coordinate_steps is None:
-            self._coordinate_steps = torch.tensor(self.coordinate_steps, device=inner.device)
-        coef = self.coefficients[self._coordinate_steps] * self.scale
-        along = source.matrix().mT @ inner[:, : source.rows]  # ⟨B_s|x⟩ (forward), [F, Σk, K]
-        return target.matrix() @ (coef[None, :, None] * along)
+            self._coordinate_steps = torch.tensor(self.coordinate_steps, device=self.coefficients.device)
+        return self._coordinate_steps
+
+    def _fold_if_cheaper(self) -> None:
+        """Fold the coordinates into the core once applying them (``Σk·(r_T + r_F)`` per component) costs as much
+        as the core would (``r_T·r_F``); their coefficients are all set by then (the step that recorded the last
+        of them has been taken)."""
+        rows_t, rows_f, cols = self.out_coordinates.rows, self.in_coordinates.rows, self.out_coordinates.cols
+        if not self.foldable or not cols or cols * (rows_t + rows_f) < rows_t * rows_f:
+            return
+        coef = self.coefficients[self._steps_of_coordinates()]
+        block = (self.out_coordinates.matrix() * coef) @ self.in_coordinates.matrix().mT  # [F, r_T, r_F]
+        if self.core is not None:
+            grown = block.new_zeros(block.shape[0], *(max(a, b) for a, b in zip(block.shape[1:], self.core.shape[1:],
+                                                                                 strict=True)))
+            grown[:, : self.core.shape[1], : self.core.shape[2]] = self.core
+            grown[:, : block.shape[1], : block.shape[2]] += block
+            block = grown
+        self.core = block
+        self.out_coordinates, self.in_coordinates = _Coordinates(self.p_out), _Coordinates(self.p_in)
+        self.coordinate_steps, self._coordinate_steps = [], None
+
+    def scale_coefficients(self, factor: float | torch.Tensor) -> None:
+        """Multiply every step's coefficient by ``factor`` (weight decay, a rule's rescaling), the folded core's
+        too."""
+        self.coefficients = self.coefficients * factor
+        if self.core is not None:
+            self.core = self.core * factor
 
     # -- updates ------------------------------------------------------------------------------
     def add_factor(self, out_factor: torch.Tensor, in_factor: torch.Tensor, step: int, weight: float = 1.0) -> None:
@@ -848,7 +896,7 @@ class MatrixOperator:
                 "out_factors": joined(self.out_factors), "in_factors": joined(self.in_factors),
                 "factor_steps": list(self.factor_steps), "coefficients": self.coefficients,
                 "coordinates": {"out": self.out_coordinates.matrix(), "in": self.in_coordinates.matrix(),
-                                "steps": list(self.coordinate_steps)},
+                                "steps": list(self.coordinate_steps), "core": self.core},
                 "init_scale": self.init_scale}
 
     def load_state_dict(self, state: dict) -> None:
@@ -884,6 +932,7 @@ class MatrixOperator:
                 store.append(block)
         self.coordinate_steps = list(saved["steps"])
         self._coordinate_steps = None
+        self.core = saved.get("core")
         self.coefficients = state["coefficients"]
         self.init_scale = state["init_scale"]
 

@@ -169,9 +169,11 @@ class ParticleNetwork:
                                     "not an operator of bounded norm; initialize it randomly, to zero or to c·I")
             trained = name in self.setup.chosen and not self.frozen
             dense = trained and not self._low_rank()
+            low_rank = trained and self._low_rank()
             self.operators[name] = MatrixOperator(name, shape, in_axis, out_axis, op_init, scale, dense,
                                                   self.generator, self.dtype, self.device, self.dots, self.copies,
-                                                  self.shard, low_rank=trained and self._low_rank())
+                                                  self.shard, low_rank=low_rank,
+                                                  foldable=low_rank and self.setup.rule.memoryless)
             return
         if init.kind == "constant":
             tensor = torch.full(shape, init.value, dtype=init.dtype_in(self.dtype), device=self.device)
@@ -339,8 +341,13 @@ class ParticleNetwork:
         state = self.update_states[name] or {"q_state": rule.init_state(indicator)}
         q, q_state = rule.update(state["q_state"], indicator, self.t, self.hyper)
         self.update_states[name] = {"q_state": q_state}
+        if operator.foldable and bool(q[: self.t].ne(0).any()):
+            raise TplimitsError(f"update rule {rule.name!r} declares itself memoryless, yet its update at step "
+                                f"{self.t} of parameter {name!r} depends on earlier gradients; declare it "
+                                "memoryless=False")
         decay = 1 - group["weight_decay"]
-        operator.coefficients = operator.coefficients * decay - group["lr"] * group["lr_scale"] * q
+        operator.scale_coefficients(decay)
+        operator.coefficients = operator.coefficients - group["lr"] * group["lr_scale"] * q
         operator.init_scale *= decay
 
     def _rule_update(self, name: str, interp: KetInterpreter) -> None:
@@ -372,7 +379,7 @@ class ParticleNetwork:
         self._linear_step(name, operator)
         if rule.rescale is not None:
             s = rule.rescale(z_old, action(x), hyper).detach()  # a ratio of particle means: deterministic
-            operator.coefficients = operator.coefficients * s
+            operator.scale_coefficients(s)
             operator.init_scale *= float(s)
 
     # -- checkpoints ----------------------------------------------------------------------------
