@@ -17,6 +17,7 @@ import torch
 
 import tplimits as tpl
 from tests.conftest import particle_steps
+from tplimits.limit.kets import MatrixOperator
 from tplimits.limit.mu import ParticleNetwork
 from tplimits.optimizers.base import UpdateRule
 
@@ -120,4 +121,26 @@ def test_a_rule_declared_memoryless_that_is_not_is_refused():
             _run("mlp", "forgetful-momentum", explicit=False, steps=3)
     finally:
         tpl.unregister_plugin(plugin)
+
+
+def test_a_core_and_the_coordinates_after_it_apply_together(monkeypatch):
+    """The coordinates fold when applying them costs what the core would: with the bases growing by as many
+    columns per step as the coordinates, at steps 1, 2, 4, 8, …; in between, the steps since the last fold are
+    applied beside the core, on bases that grew since it was folded."""
+    applied: list[tuple[bool, bool]] = []
+    original = MatrixOperator._low_rank_coordinates
+
+    def record(operator, inner, forward):
+        out = original(operator, inner, forward)
+        applied.append((operator.core is not None, bool(operator.coordinate_steps)))
+        return out
+
+    monkeypatch.setattr(MatrixOperator, "_low_rank_coordinates", record)
+    held, _ = _run("mlp", "sgd", explicit=False, steps=8)
+    monkeypatch.setattr(MatrixOperator, "_low_rank_coordinates", original)
+    explicit, _ = _run("mlp", "sgd", explicit=True, steps=8)
+    assert (True, True) in applied and (True, False) in applied  # both kinds at once, and the core alone
+    scale = max(float(o.abs().max()) for o in explicit)
+    for a, b in zip(held, explicit, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)
 
