@@ -172,8 +172,7 @@ class _Columns:
     def __init__(self, differentiable: bool, device: torch.device, mirrored: bool | None = None) -> None:
         self.differentiable = differentiable
         self.may_mirror = device.type == "cpu" and not differentiable
-        self.mirrored = self.may_mirror and bool(mirrored)
-        self.decided = mirrored is not None
+        self.mirrored: bool | None = None if mirrored is None else self.may_mirror and mirrored  # None: undecided
         self.parts: list[torch.Tensor] = []
         self._joined: torch.Tensor | None = None
         self._mirror: torch.Tensor | None = None  # [..., capacity, P]: the columns as rows
@@ -186,8 +185,8 @@ class _Columns:
             self._joined = None
             self._size += t.shape[-1]
             return
-        if not self.decided:
-            self.mirrored, self.decided = self.may_mirror and t.shape[-1] <= self.THIN, True
+        if self.mirrored is None:
+            self.mirrored = self.may_mirror and t.shape[-1] <= self.THIN
         new_size = self._size + t.shape[-1]
         if self._joined is None or new_size > self._joined.shape[-1]:
             self._grow(t, max(new_size, int(self.GROWTH * self._size)))
@@ -732,8 +731,8 @@ class MatrixOperator:
             hat, inner = self.families[own].sample(xc, scale)
             terms += hat
             dot = self.families[other].dot(xc, self.dots, scale)
-            low = self._low_rank_coordinates(inner, forward)
-            if low is not None:  # on the other family's basis, as the dot is: one coefficient matrix for both
+            # on the other family's basis, as the dot is: one coefficient matrix for all of them
+            for low in self._low_rank_coordinates(inner, forward):
                 dot[1][:, : low.shape[1]] += low
             if dot is not None:
                 terms.append(dot)
@@ -764,14 +763,15 @@ class MatrixOperator:
         inner = particle_sum(self.out_factors.reduce(xc), self.shard)
         return B, coef[None, :, None] * inner
 
-    def _low_rank_coordinates(self, inner: torch.Tensor | None, forward: bool) -> torch.Tensor | None:
+    def _low_rank_coordinates(self, inner: torch.Tensor | None, forward: bool) -> list[torch.Tensor]:
         """The low-rank updates held as coordinates (:meth:`add_factor`) on a ket whose coordinates on this
         direction's hat basis are ``inner`` (``Eᵀx``): their coefficients ``[F, r, K]`` on the other direction's
-        basis, from products of ``r × Σk`` matrices only (``A_s B_sᵀ x = E_T α_s β_sᵀ (E_Fᵀ x)``), and of the
-        folded core (``r_T × r_F``)."""
+        basis (the folded core's and the later steps' coordinates', each over its own first ``r`` columns), from
+        products of ``r × Σk`` matrices only (``A_s B_sᵀ x = E_T α_s β_sᵀ (E_Fᵀ x)``) and of the core's ``r_T ×
+        r_F``; none before any update."""
         self._fold_if_cheaper()
         if not self.coordinate_steps and self.core is None:
-            return None
+            return []
         source, target = (self.in_coordinates, self.out_coordinates) if forward else \
             (self.out_coordinates, self.in_coordinates)
         core = None if self.core is None else (self.core if forward else self.core.mT)  # [F, target, source]
@@ -783,12 +783,7 @@ class MatrixOperator:
             coef = self.coefficients[self._steps_of_coordinates()] * self.scale
             along = source.matrix().mT @ inner[:, : source.rows]  # ⟨B_s|x⟩ (forward), [F, Σk, K]
             parts.append(target.matrix() @ (coef[None, :, None] * along))
-        if len(parts) == 1:
-            return parts[0]
-        joined = inner.new_zeros(inner.shape[0], max(p.shape[1] for p in parts), inner.shape[2])
-        for part in parts:
-            joined[:, : part.shape[1]] += part
-        return joined
+        return parts
 
     def _steps_of_coordinates(self) -> torch.Tensor:
         if self._coordinate_steps is None:

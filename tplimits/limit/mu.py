@@ -168,8 +168,8 @@ class ParticleNetwork:
                 raise TplimitsError(f"parameter {name!r}: a matrix initialized to the constant {init.value} is "
                                     "not an operator of bounded norm; initialize it randomly, to zero or to c·I")
             trained = name in self.setup.chosen and not self.frozen
-            dense = trained and not self._low_rank()
             low_rank = trained and self._low_rank()
+            dense = trained and not low_rank
             self.operators[name] = MatrixOperator(name, shape, in_axis, out_axis, op_init, scale, dense,
                                                   self.generator, self.dtype, self.device, self.dots, self.copies,
                                                   self.shard, low_rank=low_rank,
