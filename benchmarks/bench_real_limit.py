@@ -1,7 +1,8 @@
 """The μ-limit's cost on real models: a pytorchcv CIFAR ResNet and a ``transformers`` ViT at small width,
 8 inputs, SGD, and where that cost goes.
 
-The models, their loss and learning rate are those of ``benchmarks/bench_architectures.py`` (``cases()``:
+The models (under SGD, or with `--optimizer momentum` heavy-ball momentum 0.9 at the same learning rate), their loss
+and learning rate are those of ``benchmarks/bench_architectures.py`` (``cases()``:
 ``pytorchcv-resnet`` = ``_pytorchcv("resnet", 8)``, ``vit`` = ``_hf("vit", 16)`` behind its logits wrapper),
 trained on 8 random ``[3, 8, 8]`` images with 3-class labels (that file's ``_randn`` / ``_labels``).
 Every timing is the process's CPU seconds (``time.process_time``) after an untimed 1-step warm-up at 64
@@ -70,11 +71,11 @@ INPUTS = 8
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def task(model: str) -> tuple[Case, tpl.Limit, torch.Tensor, torch.Tensor]:
-    """The model's case, its SGD limit (lowered at the case's width on the case's example inputs) and the
-    8 inputs with their labels."""
+def task(model: str, optimizer: str = "sgd") -> tuple[Case, tpl.Limit, torch.Tensor, torch.Tensor]:
+    """The model's case, its limit under ``optimizer`` (SGD, or heavy-ball momentum 0.9 at the same learning
+    rate; lowered at the case's width on the case's example inputs) and the 8 inputs with their labels."""
     case = cases()[MODELS[model]]
-    limit = tpl.derive(case.make, example_inputs=case.inputs(), optimizer="sgd", width=case.width)
+    limit = tpl.derive(case.make, example_inputs=case.inputs(), optimizer=optimizer, width=case.width)
     return case, limit, _randn(INPUTS, 3, 8, 8), _labels(INPUTS)()
 
 
@@ -123,7 +124,7 @@ def load() -> str:
 def time_report(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype]
     for model in args.models:
-        case, limit, X, y = task(model)
+        case, limit, X, y = task(model, args.optimizer)
         print(f"# {model}: warm-up {warm_up(case, limit, X, y, dtype):.1f} CPU s; {load()}", flush=True)
         for particles, steps in parse_cases(args.cases):
             with contextlib.ExitStack() as stack:
@@ -292,7 +293,7 @@ def instruction_report(records: list[dict], total: float, top: int) -> None:
 def profile_report(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype]
     for model in args.models:
-        case, limit, X, y = task(model)
+        case, limit, X, y = task(model, args.optimizer)
         warm_up(case, limit, X, y, dtype)
         for particles, steps in parse_cases(args.cases):
             profiler = cProfile.Profile(time.process_time)  # CPU seconds, as everything else here
@@ -371,7 +372,7 @@ def variants_report(args: argparse.Namespace) -> None:
     the speed-up, and the largest difference of the outputs from the run as it is."""
     dtype = DTYPES[args.dtype]
     for model in args.models:
-        case, limit, X, y = task(model)
+        case, limit, X, y = task(model, args.optimizer)
         warm_up(case, limit, X, y, dtype)
         for particles, steps in parse_cases(args.cases):
             start = time.process_time()
@@ -453,7 +454,7 @@ def ops_report(args: argparse.Namespace) -> None:
 
     dtype = DTYPES[args.dtype]
     for model in args.models:
-        case, limit, X, y = task(model)
+        case, limit, X, y = task(model, args.optimizer)
         warm_up(case, limit, X, y, dtype)
         for particles, steps in parse_cases(args.cases):
             with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
@@ -490,7 +491,7 @@ def processes_report(args: argparse.Namespace) -> None:
     rank, size = dist.get_rank(), dist.get_world_size()
     dtype = DTYPES[args.dtype]
     for model in args.models:
-        case, limit, X, y = task(model)
+        case, limit, X, y = task(model, args.optimizer)
         warm_up(case, limit, X, y, dtype)  # every rank lowers the model once, untimed
         for particles, steps in parse_cases(args.cases):
             dist.barrier()
@@ -533,6 +534,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--cases", nargs="+", default=["1024:3"], help="particles:steps")
     parser.add_argument("--dtype", default="float64", choices=list(DTYPES))
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum"])
     parser.add_argument("--batches", type=int, default=4, help="independent particle systems")
     parser.add_argument("--dots", default="auto", choices=["auto", "stein", "autograd"])
     parser.add_argument("--variants", nargs="+", default=["eager", "full-basis"],

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Callable
 
+import attrs
 import pytest
 import torch
 
@@ -55,8 +57,10 @@ def test_coordinates_equal_explicit_factors(name, optimizer):
     assert hidden
     for n in hidden:  # every factor held as coordinates, none as columns; the reference the other way round
         operator = net.operators[n]
-        # SGD is memoryless: its coordinates fold into the dense core (MatrixOperator._fold_if_cheaper)
-        assert (operator.core is not None) == (optimizer == "sgd")
+        # the coordinates fold into the dense core (MatrixOperator._fold_if_cheaper); momentum's later changes to
+        # the folded steps go through one mode core, the direction of its buffer
+        assert operator.core is not None
+        assert operator.mode_cores.shape[0] == (optimizer == "momentum")
         assert (operator.coordinate_steps or operator.core is not None) and operator.out_factors.cat() is None
         assert not reference.operators[n].coordinate_steps and reference.operators[n].out_factors.cat() is not None
     scale = max(float(o.abs().max()) for o in explicit)
@@ -107,20 +111,77 @@ def test_the_folded_core_follows_weight_decay():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)
 
 
-def test_a_rule_declared_memoryless_that_is_not_is_refused():
-    """Folding trusts ``memoryless``: a rule whose update at a later step changes an earlier step's coefficient
-    (momentum, declared memoryless) is stopped by name rather than trained on a wrong core."""
-    momentum = tpl.optimizer("momentum")
-    lying = UpdateRule(name="forgetful-momentum", init_state=momentum.init_state, update=momentum.update,
-                       defaults=momentum.defaults, memoryless=True, stationary=True, homogeneity=1.0, linear=True)
-    plugin = types.ModuleType("forgetful_momentum")
-    plugin.tplimits_optimizers = tpl.hookimpl(lambda: [lying])
-    tpl.register_plugin(plugin, name="forgetful-momentum")
+def _with_rule(rule: UpdateRule, run: Callable[[], object]) -> object:
+    plugin = types.ModuleType(rule.name.replace("-", "_"))
+    plugin.tplimits_optimizers = tpl.hookimpl(lambda: [rule])
+    tpl.register_plugin(plugin, name=rule.name)
     try:
-        with pytest.raises(tpl.TplimitsError, match="memoryless"):
-            _run("mlp", "forgetful-momentum", explicit=False, steps=3)
+        return run()
     finally:
         tpl.unregister_plugin(plugin)
+
+
+def _lookback_init(g: torch.Tensor) -> dict:
+    return {"previous": torch.zeros_like(g)}
+
+
+def _lookback(state: dict, g: torch.Tensor, t: int, hyper: dict) -> tuple[torch.Tensor, dict]:
+    return g + hyper["rho"] * state["previous"], {"previous": g}
+
+
+def _hidden_lookback_init(g: torch.Tensor) -> dict:
+    return {"previous": torch.zeros_like(g).tolist()}
+
+
+def _hidden_lookback(state: dict, g: torch.Tensor, t: int, hyper: dict) -> tuple[torch.Tensor, dict]:
+    # the same rule, its memory kept as Python numbers: no tensor of its state holds it
+    previous = torch.tensor(state["previous"], dtype=g.dtype)
+    return g + hyper["rho"] * previous, {"previous": g.detach().tolist()}
+
+
+LOOKBACK = UpdateRule(name="lookback-test", init_state=_lookback_init, update=_lookback, defaults={"rho": 0.5},
+                      memoryless=False, stationary=False, homogeneity=1.0, linear=True)
+
+
+@pytest.mark.parametrize("case", ["nesterov", "dampening", "weight-decay", "lookback", "declared-memoryless"])
+def test_a_rule_with_memory_folds_through_the_directions_of_its_state(case):
+    """A linear rule with memory changes earlier steps' coefficients after they are folded: along its state's
+    per-step tensors (momentum's buffer, nesterov or damped; a look-back's previous gradient), one mode core each.
+    The ``memoryless`` flag is not trusted either way: momentum declared memoryless folds the same. Eight steps
+    fold several times, so mode cores are carried from one fold to the next."""
+    momentum = tpl.optimizer("momentum")
+    rule, extra = {
+        "nesterov": ("momentum", {"optimizer_options": {"nesterov": True}}),
+        "dampening": ("momentum", {"optimizer_options": {"dampening": 0.3, "momentum": 0.7}}),
+        "weight-decay": ("momentum", {"weight_decay": 0.2}),
+        "lookback": (LOOKBACK, {}),
+        "declared-memoryless": (attrs.evolve(momentum, name="momentum-declared-memoryless", memoryless=True,
+                                             stationary=True), {}),
+    }[case]
+
+    def both() -> tuple:
+        name = rule if isinstance(rule, str) else rule.name
+        return (_run("mlp", name, explicit=False, steps=8, **extra),
+                _run("mlp", name, explicit=True, steps=8, **extra)[0])
+
+    (held, net), explicit = both() if isinstance(rule, str) else _with_rule(rule, both)
+    operators = [op for n, op in net.operators.items() if op.families and n in net.setup.chosen]
+    assert all(op.core is not None and op.mode_cores.shape[0] == 1 for op in operators)
+    scale = max(float(o.abs().max()) for o in explicit)
+    assert float((explicit[-1] - explicit[0]).abs().max()) > 1e-3 * scale
+    for a, b in zip(held, explicit, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)
+
+
+def test_a_rule_whose_memory_its_state_does_not_hold_is_refused():
+    """The look-back rule with its memory kept as Python numbers: once its steps are folded, its change to the
+    last one lies outside the (empty) span of its state's tensors, and the run stops naming the rule and the
+    parameter rather than training on a wrong core."""
+    hidden = UpdateRule(name="hidden-lookback", init_state=_hidden_lookback_init, update=_hidden_lookback,
+                        defaults={"rho": 0.5}, memoryless=False, stationary=False, homogeneity=1.0, linear=True)
+    with pytest.raises(tpl.TplimitsError, match="'hidden-lookback' changes the coefficients of earlier steps of "
+                                                "parameter 'layers.1.weight'"):
+        _with_rule(hidden, lambda: _run("mlp", "hidden-lookback", explicit=False, steps=4))
 
 
 def test_a_core_and_the_coordinates_after_it_apply_together(monkeypatch):
@@ -144,3 +205,19 @@ def test_a_core_and_the_coordinates_after_it_apply_together(monkeypatch):
     for a, b in zip(held, explicit, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)
 
+
+
+def test_a_run_resumed_after_a_fold_under_momentum_continues_exactly():
+    """The cores, the folded steps, the memory's directions and the rule's memory itself come back from a
+    checkpoint: the resumed run folds again (carrying the mode cores) exactly as the run it continues."""
+    options, inputs = CONFIGS["mlp"]
+    X = inputs()
+    y = torch.linspace(-1, 1, 4, dtype=torch.float64)[:, None]
+    setup = tpl.derive("mlp", optimizer="momentum", **options).setup(X)
+    a = ParticleNetwork(setup, 512, 0, torch.float64, "cpu", "stein", 0.3, 10)
+    particle_steps(a, X, y, 4)  # folded at steps 1 and 2, and again in the next step's forward pass, resumed
+    assert all(op.mode_cores is not None for n, op in a.operators.items() if op.families and n in setup.chosen)
+    b = ParticleNetwork(setup, 512, 99, torch.float64, "cpu", "stein", 0.3, 10)
+    b.load_state_dict(a.state_dict())
+    for out_a, out_b in zip(particle_steps(a, X, y, 5), particle_steps(b, X, y, 5), strict=True):
+        assert torch.equal(out_a, out_b)

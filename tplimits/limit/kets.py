@@ -55,6 +55,7 @@ from tplimits.core.program import Program
 from tplimits.core.pullback import Pullback, materialized
 from tplimits.errors import Diverged, NotRepresentable, TplimitsError
 from tplimits.limit.distributed import Shard, particle_sum
+from tplimits.limit.gaussians import standard_normal
 from tplimits.limit.runs import EXPLOSION, rms
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -265,6 +266,15 @@ class _Coordinates:
         return None if self.buffer is None else self.buffer[:, : self.rows, : self.cols]
 
 
+def _padded_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` for ``[..., r, c]`` tensors whose last two sizes may differ, each zero-padded to the larger."""
+    rows, cols = max(a.shape[-2], b.shape[-2]), max(a.shape[-1], b.shape[-1])
+    total = a.new_zeros(*a.shape[:-2], rows, cols)
+    total[..., : a.shape[-2], : a.shape[-1]] = a
+    total[..., : b.shape[-2], : b.shape[-1]] += b
+    return total
+
+
 class _Overlaps:
     """``EᵀE − D`` of a hat basis ``E`` (``D``: one on its used columns, zero on a fixed index's columns of zeros),
     ``[F, r, r]``, each block of columns entered one sample after it was added: its overlaps are a by-product of
@@ -434,8 +444,7 @@ class HatFamily:
         # made as rows ([F, k, P], contiguous): _Columns copies new columns fastest from there
         E_new = ((vecs * inv_root[:, None, :]).mT @ resid.mT).mT
         R = (vecs * root[:, None, :]).transpose(1, 2)
-        G_new = torch.randn(self.n_fixed, self.p_out, vecs.shape[-1], generator=self.generator, dtype=self.dtype,
-                            device=self.device)
+        G_new = standard_normal((self.n_fixed, self.p_out, vecs.shape[-1]), self.generator, self.dtype, self.device)
         if self.shard is not None:  # drawn whole, as in one process, and cut to this rank's rows
             G_new = self.shard.rows(G_new, 1).contiguous()
         if self.track_grad:
@@ -650,15 +659,17 @@ class MatrixOperator:
     particles of an axis, against that copy population (:class:`PairGrids`). A sharded system (``shard``)
     keeps its grids as pair grids, sharded by particle rows; with no fewer copies than particles they hold the
     dense grid's entries twice (rows and columns), each rank a ``1/ranks`` share. ``low_rank``: the updates are
-    low-rank factors (a linear rule), so the hats keep each step's coordinates for :meth:`add_factor`;
-    ``foldable``: the rule is memoryless too, so those coordinates fold into one dense core on the two bases
-    (:meth:`_fold_if_cheaper`) and the updates' cost stops growing with the steps.
+    low-rank factors (a linear rule), so the hats keep each step's coordinates for :meth:`add_factor`, and
+    those coordinates fold into dense cores on the two bases (:meth:`_fold_if_cheaper`), so the updates' cost
+    stops growing with the steps.
     """
+
+    MEMORY_RANK = 1e-12  # a direction of the rule's memory below this share of its largest is rounding
+    MEMORY_SPAN = 1e-9  # the most a change to folded steps may leave outside the memory's span, relatively
 
     def __init__(self, name: str, shape: Sequence[int], in_axis: int, out_axis: int, init: tuple[str, float],
                  scale: float, dense: bool, generator: torch.Generator, dtype: torch.dtype, device: torch.device,
-                 dots: str, copies: int | None = None, shard: Shard | None = None, low_rank: bool = False,
-                 foldable: bool = False) -> None:
+                 dots: str, copies: int | None = None, shard: Shard | None = None, low_rank: bool = False) -> None:
         self.name = name
         self.shape = tuple(shape)
         self.in_axis, self.out_axis = in_axis, out_axis
@@ -701,11 +712,15 @@ class MatrixOperator:
         self.out_coordinates, self.in_coordinates = _Coordinates(self.p_out), _Coordinates(self.p_in)
         self.coordinate_steps: list[int] = []
         self._coordinate_steps: torch.Tensor | None = None
-        # under a memoryless linear rule a past step's coefficient changes only by factors common to every step
-        # (weight decay, a rule's rescaling), so the coordinates fold into one dense core on the two bases,
-        # Σ_s c_s α_s β_sᵀ ([F, r_T, r_F]), bounded by the bases where the coordinates grow by K every step
-        self.foldable = foldable
+        # the coordinates fold into a dense core on the two bases, Σ_s c_s α_s β_sᵀ ([F, r_T, r_F]), bounded by
+        # the bases where the coordinates grow by K every step. A rule's later changes to folded steps'
+        # coefficients lie in the span of its memory over them (the per-step tensors of its state, ``memory``,
+        # set by the engine after each step): one more core per direction of that span (:meth:`add_increments`)
         self.core: torch.Tensor | None = None
+        self.folded: torch.Tensor | None = None  # [steps], bool: the steps whose coordinates are in the cores
+        self.modes: torch.Tensor | None = None  # [m, steps]: orthonormal over the folded steps, zero elsewhere
+        self.mode_cores: torch.Tensor | None = None  # [m, F, r_T, r_F]: Σ_s modes[j, s] α_s β_sᵀ
+        self.rule_name, self.memory = "", []  # set_memory: the rule's per-step state tensors after its last step
         self.coefficients = torch.zeros(0, dtype=dtype, device=device)  # one per step, trained units
 
     # -- applying the operator ------------------------------------------------------------------
@@ -791,27 +806,78 @@ class MatrixOperator:
         return self._coordinate_steps
 
     def _fold_if_cheaper(self) -> None:
-        """Fold the coordinates into the core once applying them (``Σk·(r_T + r_F)`` per component) costs as much
-        as the core would (``r_T·r_F``); their coefficients are all set by then (the step that recorded the last
-        of them has been taken)."""
+        """Fold the coordinates into the cores once applying them (``Σk·(r_T + r_F)`` per component) costs as much
+        as a core would (``r_T·r_F``). Their coefficients are set up to what the rule's memory may still change
+        (the step that recorded the last of them has been taken): the core takes each step's coefficient, the
+        mode cores its entries of the memory's directions, carried over from the earlier folds' mode cores for
+        the steps folded before."""
         rows_t, rows_f, cols = self.out_coordinates.rows, self.in_coordinates.rows, self.out_coordinates.cols
-        if not self.foldable or not cols or cols * (rows_t + rows_f) < rows_t * rows_f:
+        if not cols or cols * (rows_t + rows_f) < rows_t * rows_f:
             return
-        coef = self.coefficients[self._steps_of_coordinates()]
-        block = (self.out_coordinates.matrix() * coef) @ self.in_coordinates.matrix().mT  # [F, r_T, r_F]
-        if self.core is not None:
-            grown = block.new_zeros(block.shape[0], *(max(a, b) for a, b in zip(block.shape[1:], self.core.shape[1:],
-                                                                                 strict=True)))
-            grown[:, : self.core.shape[1], : self.core.shape[2]] = self.core
-            grown[:, : block.shape[1], : block.shape[2]] += block
-            block = grown
-        self.core = block
+        steps = self._steps_of_coordinates()
+        folded = torch.zeros_like(self.coefficients, dtype=torch.bool) if self.folded is None else self.folded.clone()
+        folded[steps] = True
+        modes = self._memory_directions(folded)
+        carried = self._carried_mode_cores(modes)
+        weights = torch.cat([self.coefficients[steps][None], modes[:, steps]])  # [1 + m, Σk]
+        out, inn = self.out_coordinates.matrix(), self.in_coordinates.matrix()
+        blocks = torch.stack([(out * w) @ inn.mT for w in weights])  # [1 + m, F, r_T, r_F]
+        earlier = None if self.core is None else torch.cat([self.core[None], carried])
+        cores = blocks if earlier is None else _padded_sum(earlier, blocks)
+        self.core, self.mode_cores = cores[0], cores[1:]
+        self.folded, self.modes = folded, modes
         self.out_coordinates, self.in_coordinates = _Coordinates(self.p_out), _Coordinates(self.p_in)
         self.coordinate_steps, self._coordinate_steps = [], None
 
+    def _memory_directions(self, folded: torch.Tensor) -> torch.Tensor:
+        """An orthonormal basis ``[m, steps]`` of the rule's memory over the ``folded`` steps (zero elsewhere):
+        the directions along which its later steps may change those steps' coefficients."""
+        if not self.memory:
+            return self.coefficients.new_zeros(0, folded.numel())
+        memory = torch.stack(self.memory) * folded
+        _, values, directions = torch.linalg.svd(memory, full_matrices=False)
+        kept = values > self.MEMORY_RANK * values.max().clamp_min(torch.finfo(values.dtype).tiny)
+        return directions[kept] * folded
+
+    def _carried_mode_cores(self, modes: torch.Tensor) -> torch.Tensor | None:
+        """The new directions' cores over the steps folded before, from the old directions' cores (None before the
+        first fold): a linear rule's memory of those steps only moves within its span at their fold (checked)."""
+        if self.folded is None:
+            return None
+        old = self.folded
+        along = modes[:, old] @ self.modes[:, old].mT  # [m_new, m_old]
+        missed = modes[:, old] - along @ self.modes[:, old]
+        if missed.numel() and float(missed.abs().max()) > self.MEMORY_SPAN:  # directions of unit norm
+            raise TplimitsError(self._outside_memory())
+        return torch.einsum("nm,mfab->nfab", along, self.mode_cores)
+
+    def add_increments(self, increments: torch.Tensor) -> None:
+        """A step's changes ``[steps]`` to every step's coefficient: the folded steps' reach the core through the
+        mode cores, which requires them in the span of the memory those steps were folded with."""
+        self.coefficients = self.coefficients + increments
+        if self.folded is None:
+            return
+        change = increments[self.folded]
+        weights = self.modes[:, self.folded] @ change
+        missed = change - weights @ self.modes[:, self.folded]
+        if missed.numel() and float(missed.abs().max()) > self.MEMORY_SPAN * float(change.abs().max()):
+            raise TplimitsError(self._outside_memory())
+        if weights.numel():
+            self.core = self.core + torch.einsum("m,mfab->fab", weights, self.mode_cores)
+
+    def set_memory(self, rule: str, memory: list[torch.Tensor]) -> None:
+        """The per-step tensors of the state of ``rule`` (named in errors) after its last step."""
+        self.rule_name, self.memory = rule, memory
+
+    def _outside_memory(self) -> str:
+        return (f"update rule {self.rule_name!r} changes the coefficients of earlier steps of parameter "
+                f"{self.name!r} along directions its state does not hold: the limit engine folds a linear rule's "
+                "past steps into cores on the directions of its memory, the tensors of its state shaped like the "
+                "gradient. Keep the rule's memory there (not in Python numbers or other objects)")
+
     def scale_coefficients(self, factor: float | torch.Tensor) -> None:
         """Multiply every step's coefficient by ``factor`` (weight decay, a rule's rescaling), the folded core's
-        too."""
+        too (the mode cores are directions for later changes, not coefficients)."""
         self.coefficients = self.coefficients * factor
         if self.core is not None:
             self.core = self.core * factor
@@ -855,10 +921,12 @@ class MatrixOperator:
         self.in_factors.reserve(rounds)
 
     def ensure_steps(self, steps: int) -> None:
-        if self.coefficients.numel() < steps:
-            grown = self.coefficients.new_zeros(steps)
-            grown[: self.coefficients.numel()] = self.coefficients
-            self.coefficients = grown
+        have = self.coefficients.numel()
+        if have < steps:
+            self.coefficients = torch.nn.functional.pad(self.coefficients, (0, steps - have))
+            if self.folded is not None:
+                self.folded = torch.nn.functional.pad(self.folded, (0, steps - have))
+                self.modes = torch.nn.functional.pad(self.modes, (0, steps - have))
 
     def dense_gradient(self, terms: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
                        rows: slice = slice(None)) -> torch.Tensor:
@@ -891,7 +959,8 @@ class MatrixOperator:
                 "out_factors": joined(self.out_factors), "in_factors": joined(self.in_factors),
                 "factor_steps": list(self.factor_steps), "coefficients": self.coefficients,
                 "coordinates": {"out": self.out_coordinates.matrix(), "in": self.in_coordinates.matrix(),
-                                "steps": list(self.coordinate_steps), "core": self.core},
+                                "steps": list(self.coordinate_steps), "core": self.core, "folded": self.folded,
+                                "modes": self.modes, "mode_cores": self.mode_cores},
                 "init_scale": self.init_scale}
 
     def load_state_dict(self, state: dict) -> None:
@@ -928,6 +997,11 @@ class MatrixOperator:
         self.coordinate_steps = list(saved["steps"])
         self._coordinate_steps = None
         self.core = saved.get("core")
+        self.folded, self.modes, self.mode_cores = (saved.get(k) for k in ("folded", "modes", "mode_cores"))
+        if self.core is not None and self.folded is None:  # folded before memory was kept, under SGD: none to carry
+            self.folded = torch.zeros_like(state["coefficients"], dtype=torch.bool)
+            self.modes = state["coefficients"].new_zeros(0, self.folded.numel())
+            self.mode_cores = self.core.new_zeros(0, *self.core.shape)
         self.coefficients = state["coefficients"]
         self.init_scale = state["init_scale"]
 

@@ -172,8 +172,7 @@ class ParticleNetwork:
             dense = trained and not low_rank
             self.operators[name] = MatrixOperator(name, shape, in_axis, out_axis, op_init, scale, dense,
                                                   self.generator, self.dtype, self.device, self.dots, self.copies,
-                                                  self.shard, low_rank=low_rank,
-                                                  foldable=low_rank and self.setup.rule.memoryless)
+                                                  self.shard, low_rank=low_rank)
             return
         if init.kind == "constant":
             tensor = torch.full(shape, init.value, dtype=init.dtype_in(self.dtype), device=self.device)
@@ -341,13 +340,10 @@ class ParticleNetwork:
         state = self.update_states[name] or {"q_state": rule.init_state(indicator)}
         q, q_state = rule.update(state["q_state"], indicator, self.t, self.hyper)
         self.update_states[name] = {"q_state": q_state}
-        if operator.foldable and bool(q[: self.t].ne(0).any()):
-            raise TplimitsError(f"update rule {rule.name!r} declares itself memoryless, yet its update at step "
-                                f"{self.t} of parameter {name!r} depends on earlier gradients; declare it "
-                                "memoryless=False")
         decay = 1 - group["weight_decay"]
         operator.scale_coefficients(decay)
-        operator.coefficients = operator.coefficients - group["lr"] * group["lr_scale"] * q
+        operator.add_increments(-group["lr"] * group["lr_scale"] * q)
+        operator.set_memory(rule.name, _per_step_tensors(q_state, indicator.shape))
         operator.init_scale *= decay
 
     def _rule_update(self, name: str, interp: KetInterpreter) -> None:
@@ -398,10 +394,25 @@ class ParticleNetwork:
         self.t = state["step"]
         self.reserved = False  # restored column stores are sized for what they hold: reserve after the next step
         self.tensors.update(state["tensors"])
-        for k, op in self.operators.items():
-            op.load_state_dict(state["operators"][k])
         self.update_states = dict(state["update_states"])
+        for name, op in self.operators.items():
+            op.load_state_dict(state["operators"][name])
+            q_state = (self.update_states.get(name) or {}).get("q_state")
+            if q_state is not None:  # a linear rule's memory, which the operator's next fold reads
+                op.set_memory(self.groups[name]["rule"].name, _per_step_tensors(q_state, op.coefficients.shape))
         self.generator.set_state(state["generator"])
+
+
+def _per_step_tensors(state: Any, shape: torch.Size) -> list[torch.Tensor]:
+    """The tensors of a linear rule's state run on per-step indicators (:meth:`ParticleNetwork._linear_step`)
+    that are shaped like them, in dicts, lists and tuples: the rule's memory of each step."""
+    if torch.is_tensor(state):
+        return [state] if state.shape == shape else []
+    if isinstance(state, Mapping):
+        state = list(state.values())
+    if isinstance(state, list | tuple):
+        return [t for item in state for t in _per_step_tensors(item, shape)]
+    return []
 
 
 def grid_entries(setup: LimitSetup, particles: int, copies: int | None) -> int:
