@@ -10,7 +10,8 @@ Sharded (``distributed="shard"``), every system is split over the ranks by parti
 trajectory must equal the single-process one with the same seed up to the order of the sums over
 particles (1e-10 in float64), for the linear-rule path (low-rank factors, autograd and Stein dots) and
 Adam's pair grids, on a depth-3 MLP (autograd dots) and the Transformer (Stein dots; heads: blocks of n/2
-particles). ``Limit.check`` spreads its finite models over the ranks, each trained as in one process.
+particles). ``Limit.check`` spreads its finite models over the ranks, each trained as in one process, and
+``Limit.kernel`` its Monte Carlo systems, bit for bit the one-process kernel.
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ def _worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") ->
             if rank == 0:
                 single = limit.train(X, y, progress=False, seed=5, device=device, distributed=False, **train)
                 results[name]["single"] = _fields(single)
+        kernel = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=3)
+        options = dict(path="monte carlo", particles=1024, batches=4, seed=5, device=device)
+        spread_kernel = kernel.kernel(X, **options)
+        results["kernel"] = {"spread": (spread_kernel.value, spread_kernel.se)}
+        if rank == 0:
+            single_kernel = kernel.kernel(X, distributed=False, **options)
+            results["kernel"]["single"] = (single_kernel.value, single_kernel.se)
         try:  # lr far too large: the first system diverges on rank 0, the others would on rank 1
             tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3).train(X, y, steps=5, lr=1e4, particles=256,
                                                                       batches=4, progress=False)
@@ -119,6 +127,14 @@ def _compare(ranks: list[dict], exact: bool) -> None:
                     assert torch.equal(spread[key], value), f"{name}: {key} on rank {r} differs from one process"
                 else:  # systems of rank 1 ran on another GPU (of the same kind)
                     torch.testing.assert_close(spread[key], value, rtol=1e-10, atol=1e-12)
+    single = ranks[0]["kernel"]["single"]
+    assert float(single[1].max()) > 0
+    for results in ranks:  # Limit.kernel's systems spread over the ranks too
+        for got, want in zip(results["kernel"]["spread"], single, strict=True):
+            if exact:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert [results["diverged"] for results in ranks] == [ranks[0]["diverged"]] * len(ranks)
     assert ranks[0]["diverged"] is not None and ranks[0]["diverged"][0] == "Diverged"
 
@@ -283,3 +299,8 @@ def test_distributed_true_needs_a_process_group():
         limit.train(X, y, steps=1, particles=256, progress=False, distributed="shard")
     with pytest.raises(tpl.TplimitsError, match="distributed must be True, False, None .automatic. or 'shard'"):
         limit.train(X, y, steps=1, particles=256, progress=False, distributed="yes")
+    kernel = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=3)
+    with pytest.raises(tpl.TplimitsError, match="distributed=True needs an initialized torch.distributed"):
+        kernel.kernel(X, path="monte carlo", particles=256, distributed=True)
+    with pytest.raises(tpl.TplimitsError, match="kernel spreads whole particle systems"):
+        kernel.kernel(X, path="monte carlo", particles=256, distributed="shard")

@@ -443,7 +443,8 @@ class Limit:
 
     def kernel(self, X: torch.Tensor, kind: str = "ntk", X2: torch.Tensor | None = None, particles: int = 2**14,
                batches: int = 4, seed: int = 0, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", dots: str = "auto", path: str = "auto") -> Kernel:
+               device: str | torch.device = "cpu", dots: str = "auto", path: str = "auto",
+               distributed: bool | None = None) -> Kernel:
         """The NT limit's kernel at initialization between ``X`` and ``X2`` (default ``X``): ``kind="ntk"``,
         the neural tangent kernel with the parametrization's per-parameter learning-rate and gradient
         scales — one SGD step at learning rate ``lr`` of the finite models moves their outputs by
@@ -455,7 +456,15 @@ class Limit:
         naming the instruction), ``"monte carlo"``, particles with standard errors over ``batches`` independent
         systems of ``particles / batches`` particles, or ``"auto"``: exact where the program allows, else Monte
         Carlo (``particles``, ``batches``, ``seed`` and ``dots`` are the Monte Carlo path's). ``Kernel.path`` says
-        which was taken."""
+        which was taken.
+
+        ``distributed`` as for :meth:`train`, whole systems only: under a ``torch.distributed`` process group the
+        Monte Carlo path's ``batches`` systems are spread over the ranks and every rank returns the kernel of all of
+        them, on CPU bit for bit the one-process kernel (the exact path runs on every rank alike)."""
+        if distributed == SHARD:
+            raise TplimitsError("kernel spreads whole particle systems over the ranks (distributed=True or None); "
+                                "distributed='shard' is train's")
+        rank, size = process_group(distributed)
         if kind not in ("ntk", "nngp"):
             raise TplimitsError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
         if path not in KERNEL_PATHS:
@@ -485,15 +494,14 @@ class Limit:
         _check_particles(setup, particles, batches)
         dots = self._resolve_dots(dots, setup)
         _warn_stein_bias(setup, dots, particles // batches, stacklevel=2)  # the caller of kernel
-        values = []
-        for b in range(batches):
+        def system_kernel(b: int) -> torch.Tensor:
             system = TangentSystem(_system_setup(setup, _system_seed(seed, b), particles // batches),
                                    particles // batches, _system_seed(seed, b), dtype, torch.device(device), dots, 0.0)
             tangents = system.tangents(Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device))
             value = system.ntk(tangents) if kind == "ntk" else system.nngp(tangents)
-            outputs = tangents.outputs.shape[1:]
-            values.append(output_kernel(value, len(X), len(Z) - len(X), outputs).cpu())
-        stacked = torch.stack(values)
+            return output_kernel(value, len(X), len(Z) - len(X), tangents.outputs.shape[1:]).cpu()
+
+        stacked = torch.stack(spread(batches, system_kernel, rank, size))
         if not bool(torch.isfinite(stacked).all()):
             raise Diverged(f"the {kind.upper()} has non-finite entries: the kets overflowed at initialization (inputs "
                            "or parameters too large for the dtype); use float64 or smaller inputs", value=kind)
