@@ -21,6 +21,7 @@ reference case, and cost at accuracy against finite-width seed ensembles.
     python benchmarks/bench_limit.py mirror-threshold           # sums from rows against transposed, per K
     python benchmarks/bench_limit.py grid-orientation           # a copy grid's products in both orientations
     python benchmarks/bench_limit.py elementwise                # sqrt against rsqrt; fresh tiles against a buffer
+    python benchmarks/bench_limit.py normals                    # the hat Gaussians' draws against torch.randn
 
 The task is a depth-3 tanh MLP (μP) fit to 16 random Gaussian inputs in 16 dimensions with random
 targets, mse, full batch. Learning rates (SGD 0.1, Adam 0.01) keep 50 steps of training stable: at
@@ -724,6 +725,34 @@ def mirror_threshold(components: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
                   f"(ratio {mirrored / transposed:.2f})")
 
 
+def normals(shapes: tuple[tuple[int, ...], ...] = ((1, 2**14, 16), (9, 1024, 512), (1, 1024, 16)),
+            repeats: int = 7) -> None:
+    """The hat Gaussians' draws, float64, one thread, CPU time (best of ``repeats``): ``torch.randn`` against
+    ``tplimits.limit.gaussians.standard_normal`` (the same numbers, to a unit or two in the last place), for a
+    reference-case draw (2^14 particles × 16 directions), a ResNet convolution's at 1024 particles and a small
+    one."""
+    from tplimits.limit.gaussians import standard_normal
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+
+    def best(draw: Any) -> float:
+        draw()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            draw()
+            times.append(time.process_time() - start)
+        return min(times)
+
+    for shape in shapes:
+        theirs = best(lambda shape=shape: torch.randn(shape, generator=generator, dtype=torch.float64))
+        ours = best(lambda shape=shape: standard_normal(shape, generator, torch.float64, torch.device("cpu")))
+        count = math.prod(shape)
+        print(f"{list(shape)}: torch.randn {theirs * 1e3:.2f} ms ({theirs / count * 1e9:.1f} ns a number), "
+              f"standard_normal {ours * 1e3:.2f} ms ({ours / count * 1e9:.1f} ns), ratio {theirs / ours:.2f}")
+
+
 def thin_orientations(particles: int = 2**14, components: int = 16, columns: tuple[int, ...] = (16, 80, 400, 800),
                       repeats: int = 7) -> None:
     """GFLOP/s of the engine's two thin float64 products, one thread, CPU time (best of ``repeats``), in each
@@ -914,8 +943,8 @@ if __name__ == "__main__":
     parser.add_argument("parts", nargs="*",
                         help="reference, reference-adam, scaling, accuracy, copies, copies-accuracy, optimizer, "
                              "processes, shard, flops, linear-speed, adam-speed, thin, mirror-threshold, "
-                             "grid-orientation, elementwise "
-                             "(default: all but the last six)")
+                             "grid-orientation, elementwise, normals "
+                             "(default: all but the last seven)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cpu-time", action="store_true",
                         help="copies / optimizer / accuracy: time by this process's CPU seconds, one thread "
@@ -986,6 +1015,7 @@ if __name__ == "__main__":
         "processes": spread_scaling,
         "flops": flops_report,
         "thin": thin_orientations,
+        "normals": normals,
         "mirror-threshold": mirror_threshold,
         "grid-orientation": grid_orientations,
         "elementwise": elementwise_costs,

@@ -19,6 +19,8 @@ Subcommands:
 * ``ops``: one run under ``torch.profiler`` (``with_flops``): self time by op group and the matmul FLOPs.
 * ``processes``: the same run under ``torchrun --nproc-per-node N``: the systems spread over the ranks.
 * ``eigh``: the eigendecompositions of a hat's Gram matrices and the product forming them, alone.
+* ``folded``: one system per ``--cases`` trained as the engine runs it and with its low-rank factors as explicit
+  columns (nothing folded), the largest output difference after each step.
 * ``replay``: the finite-width total program (forward and backpropagation) on the model at ``--widths``, as is
   and on the eager path (below): CPU seconds and the gradients' difference from torch autograd.
 * ``variants``: the same run as it is and under variants (``--variants eager full-basis``): ``eager``, the path
@@ -50,6 +52,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
@@ -65,6 +68,7 @@ from tplimits.core.backprop import eager_pullbacks, total_program  # noqa: E402
 from tplimits.core.ir import Avg, MatMul  # noqa: E402
 from tplimits.core.pullback import PerCoordinateValue  # noqa: E402
 from tplimits.limit.kets import HatFamily, KetInterpreter, MatrixOperator, _reduce  # noqa: E402
+from tplimits.limit.mu import ParticleNetwork  # noqa: E402
 
 MODELS = {"resnet": "pytorchcv-resnet", "vit": "vit"}
 INPUTS = 8
@@ -528,9 +532,47 @@ def eigh_report(args: argparse.Namespace) -> None:
         print(f"| {F} | {K} | {P} | {best_e:.4f} | {best_g:.4f} | {2 * F * K * K * P / best_g / 1e9:.1f} |")
 
 
+# --------------------------------------------------------------------------------------------
+# folded
+# --------------------------------------------------------------------------------------------
+
+
+def folded_report(args: argparse.Namespace) -> None:
+    """One system of each case's particles, trained as the engine runs it (the low-rank coordinates folded into
+    the cores) and with the factors kept as explicit columns (no coordinates, nothing to fold), same seed: the
+    largest output difference after each step, relative to the outputs' scale."""
+    for model in args.models:
+        case, limit, X, y = task(model, args.optimizer)
+        setup = limit.setup(X)
+        loss = tpl.loss(case.loss)
+        for particles, steps in parse_cases(args.cases):
+            runs = []
+            for explicit in (False, True):
+                net = ParticleNetwork(setup, particles, 7, DTYPES[args.dtype], "cpu", "stein", case.lr, steps)
+                for family in (f for op in net.operators.values() for f in op.families.values()):
+                    family.remembers = family.remembers and not explicit
+                runs.append(particle_outputs(net, X, y, loss, steps))
+            scale = max(float(o.abs().max()) for o in runs[1])
+            gaps = [float((a - b).abs().max()) / scale for a, b in zip(*runs, strict=True)]
+            print(f"| {model} | {args.optimizer} | {particles} | " + ", ".join(f"{g:.1e}" for g in gaps[1:]) + " |",
+                  flush=True)
+
+
+def particle_outputs(net: ParticleNetwork, X: torch.Tensor, y: torch.Tensor, loss: Any, steps: int) -> list:
+    """The outputs of ``steps`` full-batch steps of one particle system, before each and after the last."""
+    outputs = []
+    for _ in range(steps):
+        interp = net.forward((X,))
+        outputs.append(net.outputs(interp))
+        net.backward_and_update(interp, loss.error_signal(outputs[-1], y, torch.arange(len(X))))
+    outputs.append(net.outputs(net.forward((X,))))
+    return outputs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["time", "profile", "ops", "processes", "variants", "eigh", "replay"])
+    parser.add_argument("what", choices=["time", "profile", "ops", "processes", "variants", "eigh", "replay",
+                                         "folded"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--cases", nargs="+", default=["1024:3"], help="particles:steps")
     parser.add_argument("--dtype", default="float64", choices=list(DTYPES))
@@ -548,8 +590,9 @@ def main() -> None:
     parser.add_argument("--top-functions", type=int, default=0, help="also print cProfile's top functions")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # the SteinBiasWarning of the convolutions is known (docs/architectures.md)
-    {"time": time_report, "profile": profile_report, "ops": ops_report, "processes": processes_report,
-     "variants": variants_report, "eigh": eigh_report, "replay": replay_report}[args.what](args)
+    reports = {"time": time_report, "profile": profile_report, "ops": ops_report, "processes": processes_report,
+               "variants": variants_report, "eigh": eigh_report, "replay": replay_report, "folded": folded_report}
+    reports[args.what](args)
 
 
 if __name__ == "__main__":
