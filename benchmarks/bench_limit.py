@@ -338,11 +338,13 @@ def accuracy_task(source: str, examples: int = 64) -> tuple[torch.Tensor, torch.
 def cost_at_accuracy(target: float = 0.01, steps: int = 20, source: str = "random", optimizer: str = "sgd",
                      widths: tuple[int, ...] = (256, 1024, 4096), max_seeds: tuple[int, ...] = (64,),
                      systems: int = 16, start: int = 2**12, max_particles: int = 2**18, reference_runs: int = 1,
-                     max_finite_seconds: float = math.inf, save: str | None = None, resume: bool = False) -> None:
+                     max_finite_seconds: float = math.inf, save: str | None = None, resume: bool = False,
+                     copy_divisor: int = 16) -> None:
     """Time for the limit to reach Monte Carlo standard error ``target`` (RMS over steps and outputs) vs time
     for finite-width seed ensembles to get within ``target`` (RMS) of it; every result goes to ``save`` (JSON,
     with the reference outputs and each width's seed outputs beside it in ``.pt`` files) as it is measured, and
-    ``resume`` picks a killed run up from there. Adam's limit runs with copy populations of P/16 per system.
+    ``resume`` picks a killed run up from there. Adam's limit runs with copy populations of P/``copy_divisor`` per
+    system.
 
     The finite side is measured against a reference: the limit's timed run pooled with ``reference_runs`` more
     runs of other seeds. An ensemble's error is ``sqrt(gap² − se_ref²)``, the RMS gap of its seed mean to the
@@ -353,7 +355,7 @@ def cost_at_accuracy(target: float = 0.01, steps: int = 20, source: str = "rando
     caps = dict(zip(widths, max_seeds * len(widths) if len(max_seeds) == 1 else max_seeds, strict=True))
     config = {"target": target, "steps": steps, "data": source, "optimizer": optimizer, "systems": systems,
               "start_particles": start, "max_particles": max_particles, "reference_runs": reference_runs,
-              "clock": CLOCK.__name__}
+              "clock": CLOCK.__name__, "copy_divisor": copy_divisor}
     state = _load_state(save, config) if resume else {"config": config, "finite": {}}
     X, y = accuracy_task(source)
     limit = tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=X.shape[1])
@@ -377,8 +379,10 @@ def cost_at_accuracy(target: float = 0.01, steps: int = 20, source: str = "rando
 
 
 def _copies(config: dict, particles: int) -> int | None:
-    """Adam's copy population per system: P/16 of the system's particles (SGD keeps none)."""
-    return particles // config["systems"] // 16 if config["optimizer"] == "adam" else None
+    """Adam's copy population per system: ``1/copy_divisor`` (default 1/16) of the system's particles (SGD keeps
+    none)."""
+    divisor = config.get("copy_divisor", 16)  # runs saved before the option: 16
+    return particles // config["systems"] // divisor if config["optimizer"] == "adam" else None
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -525,7 +529,7 @@ def _load_state(save: str | None, config: dict) -> dict:
         return {"config": config, "finite": {}}
     with open(save) as f:
         state = json.load(f)
-    if state["config"] != config:
+    if {"copy_divisor": 16, **state["config"]} != config:  # runs saved before the option had 16
         raise ValueError(f"--resume: {save} was measured with {state['config']}, not {config}")
     return state
 
@@ -965,6 +969,8 @@ if __name__ == "__main__":
                              "reference")
     parser.add_argument("--max-finite-seconds", type=float, default=math.inf,
                         help="accuracy: most seconds (of the clock) per finite width")
+    parser.add_argument("--copy-divisor", type=int, default=16,
+                        help="accuracy: Adam's copies per system are its particles over this")
     parser.add_argument("--save", help="accuracy: JSON file every result is written to as it is measured")
     parser.add_argument("--resume", action="store_true", help="accuracy: continue the run saved in --save")
     parser.add_argument("--retime", metavar="FILE",
@@ -1008,7 +1014,7 @@ if __name__ == "__main__":
         "accuracy": (lambda: retime_limit(args.retime)) if args.retime else lambda: cost_at_accuracy(
             args.target, args.steps, args.data, args.optimizer, tuple(args.widths), tuple(args.max_seeds),
             args.systems, args.start_particles, args.max_particles, args.reference_runs, args.max_finite_seconds,
-            args.save, args.resume),
+            args.save, args.resume, args.copy_divisor),
         "copies": (lambda: in_trees("copies", args.before)) if args.before else copies_scaling,
         "copies-accuracy": copies_accuracy,
         "optimizer": (lambda: in_trees("optimizer", args.before)) if args.before else optimizer_step,
