@@ -494,6 +494,7 @@ class Limit:
         _check_particles(setup, particles, batches)
         dots = self._resolve_dots(dots, setup)
         _warn_stein_bias(setup, dots, particles // batches, stacklevel=2)  # the caller of kernel
+
         def system_kernel(b: int) -> torch.Tensor:
             system = TangentSystem(_system_setup(setup, _system_seed(seed, b), particles // batches),
                                    particles // batches, _system_seed(seed, b), dtype, torch.device(device), dots, 0.0)
