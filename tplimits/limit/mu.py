@@ -343,7 +343,7 @@ class ParticleNetwork:
         decay = 1 - group["weight_decay"]
         operator.scale_coefficients(decay)
         operator.add_increments(-group["lr"] * group["lr_scale"] * q)
-        operator.set_memory(rule.name, _per_step_tensors(q_state, indicator.shape))
+        self._remember_memory(name, operator)
         operator.init_scale *= decay
 
     def _rule_update(self, name: str, interp: KetInterpreter) -> None:
@@ -397,10 +397,15 @@ class ParticleNetwork:
         self.update_states = dict(state["update_states"])
         for name, op in self.operators.items():
             op.load_state_dict(state["operators"][name])
-            q_state = (self.update_states.get(name) or {}).get("q_state")
-            if q_state is not None:  # a linear rule's memory, which the operator's next fold reads
-                op.set_memory(self.groups[name]["rule"].name, _per_step_tensors(q_state, op.coefficients.shape))
+            self._remember_memory(name, op)
         self.generator.set_state(state["generator"])
+
+    def _remember_memory(self, name: str, operator: MatrixOperator) -> None:
+        """Hand the operator of ``name`` its linear rule's memory (the per-step tensors of the rule's state), which
+        its next fold reads; nothing for a parameter without a linear rule's state."""
+        q_state = (self.update_states.get(name) or {}).get("q_state")
+        if q_state is not None:
+            operator.set_memory(self.groups[name]["rule"].name, _per_step_tensors(q_state, operator.coefficients.shape))
 
 
 def _per_step_tensors(state: Any, shape: torch.Size) -> list[torch.Tensor]:
