@@ -304,3 +304,5 @@ def test_distributed_true_needs_a_process_group():
         kernel.kernel(X, path="monte carlo", particles=256, distributed=True)
     with pytest.raises(tpl.TplimitsError, match="kernel spreads whole particle systems"):
         kernel.kernel(X, path="monte carlo", particles=256, distributed="shard")
+    with pytest.raises(tpl.TplimitsError, match="distributed must be True, False, None .automatic. or 'shard'"):
+        kernel.kernel(X, path="monte carlo", particles=256, distributed="yes")
