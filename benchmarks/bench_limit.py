@@ -233,13 +233,14 @@ def spread_scaling() -> None:
               f"{r['loss']!r}")
 
 
-SHARD_CASES = {  # optimizer: (particles of the one system, copies, steps)
-    "sgd": (2**15, None, 10),
-    "adam": (2**13, 1024, 5),
+SHARD_CASES = {  # case: (optimizer, parametrization, particles of the one system, copies, steps)
+    "sgd": ("sgd", "muP", 2**15, None, 10),
+    "adam": ("adam", "muP", 2**13, 1024, 5),
+    "sgd-normalized": ("sgd", "muP-normalized", 2**13, 1024, 5),  # every update divided by its whole norm
 }
 
 
-def shard_one(optimizer: str) -> None:
+def shard_one(case: str) -> None:
     """One system of the reference task sharded over the ranks torchrun started (``distributed="shard"``;
     one process: ``distributed=False``), one thread each: seconds, final loss, this rank's grid entries."""
     import os
@@ -253,9 +254,9 @@ def shard_one(optimizer: str) -> None:
         ranks = dist.get_world_size()
     mode = "shard" if ranks > 1 else False
     torch.set_num_threads(1)
-    particles, copies, steps = SHARD_CASES[optimizer]
+    optimizer, param, particles, copies, steps = SHARD_CASES[case]
     X, y = data()
-    limit = limit_for(optimizer)
+    limit = tpl.derive("mlp", optimizer=optimizer, param=param, depth=3, d_in=16)
     limit.train(X, y, steps=1, lr=LR[optimizer], particles=256, batches=1, progress=False, distributed=mode,
                 copies=copies and 64)  # lowering, untimed
     start = time.perf_counter()
@@ -264,7 +265,7 @@ def shard_one(optimizer: str) -> None:
     seconds = time.perf_counter() - start
     state = 1 + sum(torch.is_tensor(v) for v in limit.rule.init_state(torch.zeros(1)).values())
     setup = limit.setup(X.to(torch.get_default_dtype()))  # programs are lowered in the default dtype
-    grids = 0 if limit.rule.linear else grid_entries(setup, particles, copies) * state // ranks
+    grids = 0 if limit.rule.linear and param == "muP" else grid_entries(setup, particles, copies) * state // ranks
     if ranks == 1 or dist.get_rank() == 0:
         print(json.dumps({"seconds": seconds, "loss": traj.loss[-1].item(), "grid_mib": grids * 8 / 2**20,
                           "peak_rss_mb": peak_mb()}))
@@ -287,12 +288,12 @@ def rounding_sensitivity(particles: int = 4096, steps: int = 10) -> None:
 
 def shard_scaling() -> None:
     """One particle system in one process and sharded over 2 gloo processes (torchrun), one thread each."""
-    for optimizer, (particles, copies, steps) in SHARD_CASES.items():
+    for case, (_, _, particles, copies, steps) in SHARD_CASES.items():
         for n in (1, 2):
             done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), __file__,
-                                   "shard-one", optimizer], capture_output=True, text=True, check=True)
+                                   "shard-one", case], capture_output=True, text=True, check=True)
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{optimizer}, one system of {particles} particles (copies {copies}), {steps} steps, {n} "
+            print(f"{case}, one system of {particles} particles (copies {copies}), {steps} steps, {n} "
                   f"process(es): {r['seconds']:.1f} s, grids and their state {r['grid_mib']:.0f} MiB per rank, peak "
                   f"RSS {r['peak_rss_mb']:.0f} MB (rank 0), final loss {r['loss']!r}")
 

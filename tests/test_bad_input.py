@@ -272,6 +272,14 @@ def test_derive_refuses_what_train_could_not_use():
         tpl.derive("mlp", weight_decay=2.0)
 
 
+@pytest.mark.parametrize("make", [lambda **o: tpl.derive("mlp", **o), lambda **o: tpl.instantiate("mlp", width=8, **o)])
+def test_clip_of_plain_updates_is_refused_not_ignored(make):
+    """Eq. 2.54's threshold divides normalized updates; a plain-update parametrization has none to divide."""
+    with pytest.raises(tpl.TplimitsError, match="clip=0.5 .* acts on normalized updates, and param 'muP' has plain"):
+        make(param="muP", clip=0.5)
+    make(param="muP-normalized", clip=0.5)  # the same threshold where it acts
+
+
 @pytest.mark.parametrize("kernels, match", [(None, "kernels must be a sequence"), (["nope"], "no program value %nope"),
                                             (["linear_1_2"], "%linear_1_2 is not a vector"),
                                             (["d_tanh_from_linear_1_1"],

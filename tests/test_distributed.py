@@ -8,10 +8,11 @@ forever).
 
 Sharded (``distributed="shard"``), every system is split over the ranks by particle rows: each rank's
 trajectory must equal the single-process one with the same seed up to the order of the sums over
-particles (1e-10 in float64), for the linear-rule path (low-rank factors, autograd and Stein dots) and
-Adam's pair grids, on a depth-3 MLP (autograd dots) and the Transformer (Stein dots; heads: blocks of n/2
-particles). ``Limit.check`` spreads its finite models over the ranks, each trained as in one process, and
-``Limit.kernel`` its Monte Carlo systems, bit for bit the one-process kernel.
+particles (1e-10 in float64), for the linear-rule path (low-rank factors, autograd and Stein dots),
+Adam's pair grids and normalized and clipped updates (norms of whole grids and vectors), on a depth-3 MLP
+(autograd dots) and the Transformer (Stein dots; heads: blocks of n/2 particles). ``Limit.check`` spreads
+its finite models over the ranks, each trained as in one process, and ``Limit.kernel`` its Monte Carlo
+systems, bit for bit the one-process kernel.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def _transformer(optimizer: str) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]
     return tpl.derive("transformer", optimizer=optimizer, **config), X, y
 
 
-def _mlp(optimizer: str) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]:
-    return (tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=3), *_data())
+def _mlp(optimizer: str, **options: object) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]:
+    return (tpl.derive("mlp", optimizer=optimizer, depth=3, d_in=3, **options), *_data())
 
 
 SHARDED = {  # name: (limit, X, y), train options
@@ -173,6 +174,12 @@ SHARDED = {  # name: (limit, X, y), train options
                                                           loss="cross_entropy")),
     "transformer-adam-copies": (lambda: _transformer("adam"), dict(steps=2, lr=0.02, particles=256, batches=2,
                                                                    loss="cross_entropy", copies=24)),
+    # every update divided by its whole norm: the squares of each rank's rows of grids and vectors all-reduced
+    "mlp-sgd-normalized-copies": (lambda: _mlp("sgd", param="muP-normalized"),
+                                  dict(steps=3, lr=0.3, particles=512, batches=2, copies=48)),
+    # θ₀ = 1 clips some updates and leaves others normalized (the outputs differ from normalized alone by 4e-3)
+    "mlp-adam-clipped-dense": (lambda: _mlp("adam", param="muP-normalized", clip=1.0),
+                               dict(steps=2, lr=0.02, particles=256, batches=2)),
 }
 
 

@@ -115,7 +115,7 @@ def instantiate(arch: Arch, *, width: int, param: str | Parametrization = "muP",
         raise TplimitsError(f"center must be True or False, got {center!r}")
     param, rule = registry.parametrization(param), registry.optimizer(optimizer)
     weight_decay = _weight_decay(rule, weight_decay)
-    _check_update_options(weight_decay, clip)
+    _check_update_options(weight_decay, clip, param)
     rule.hyper(optimizer_options)  # unknown or ill-typed hyperparameters fail here, before lowering
     fam = family(arch, example_inputs, base, **config)
     extra = {pattern: registry.optimizer(r) for pattern, r in _rules(update_rules).items()}
@@ -162,7 +162,7 @@ def _weight_decay(rule: UpdateRule, weight_decay: Any) -> Any:
     return rule.option_defaults.get("weight_decay", 0.0) if weight_decay is None else weight_decay
 
 
-def _check_update_options(weight_decay: Any, clip: Any) -> None:
+def _check_update_options(weight_decay: Any, clip: Any, param: Parametrization) -> None:
     """The options every update shares (Eq. 2.50's decoupled λ, Eq. 2.54's threshold θ)."""
     check_real("weight_decay", weight_decay, 0)
     if weight_decay > 1:
@@ -171,6 +171,10 @@ def _check_update_options(weight_decay: Any, clip: Any) -> None:
         check_real("clip", clip, 0)
         if clip == 0:
             raise TplimitsError("clip (the threshold theta of Eq. 2.54) must be > 0, or None for no clipping")
+        if param.update == "plain":  # Eq. 2.54 divides normalized updates by min(‖Q‖, θ·n^e); plain ones have no ν
+            raise TplimitsError(f"clip={clip!r} (the threshold theta of Eq. 2.54) acts on normalized updates, and "
+                                f"param {param.name!r} has plain ones: choose a parametrization with normalized "
+                                "updates (e.g. 'muP-normalized', 'NTP-normalized'), or pass clip=None")
 
 
 def _check_coord_check(params: Any, widths: Any, steps: Any, lr: Any, seeds: Any, tolerance: Any) -> None:
@@ -200,15 +204,15 @@ def derive(arch: Arch, *, param: str | Parametrization = "muP", optimizer: str |
     hyperparameters (e.g. ``{"eps": 1e-8}``), ``update_rules`` extra non-gradient rules by parameter
     pattern, exactly as for :func:`instantiate`.
     """
-    rule = registry.optimizer(optimizer)
+    rule, parametrization = registry.optimizer(optimizer), registry.parametrization(param)
     weight_decay = _weight_decay(rule, weight_decay)
-    _check_update_options(weight_decay, clip)
+    _check_update_options(weight_decay, clip, parametrization)
     rule.hyper(optimizer_options)  # unknown or ill-typed hyperparameters fail here, not after lowering
     resolved = _architecture(arch)
     if isinstance(resolved, Family):
         raise TplimitsError("derive takes an architecture (name, callable or module), not a lowered Family: the "
                             "limit lowers it again for each set of inputs")
-    return Limit(arch=resolved, lowering_rules=registry.lowering_rules(), param=registry.parametrization(param),
+    return Limit(arch=resolved, lowering_rules=registry.lowering_rules(), param=parametrization,
                  rule=rule, config=dict(config), example_inputs=example_inputs, base=base, weight_decay=weight_decay,
                  clip=clip, optimizer_options=dict(optimizer_options or {}),
                  update_rules=_update_rules(resolved, update_rules))

@@ -287,7 +287,8 @@ class Limit:
         (:mod:`tplimits.limit.distributed`); ``False`` runs every system in this process. ``"shard"`` (an
         initialized process group required) instead splits each system over the ranks by particle rows, its
         systems one after the other: memory per rank is a system's divided by the ranks, and the trajectory equals
-        the single-process one with the same seed up to rounding (μ-limit, gradient-trained with plain updates).
+        the single-process one with the same seed up to rounding (the μ-limit of gradient-trained parameters, under
+        plain, normalized or clipped updates).
         """
         rank, size = process_group(distributed)
         if checkpoint is not None and (size > 1 or distributed == SHARD):
@@ -838,17 +839,14 @@ def _kernel(setup: LimitSetup, interp: Any, name: str) -> torch.Tensor:
 
 def _shard(setup: LimitSetup, run: _Run, rank: int, size: int) -> Shard:
     """This rank's shard of every system of ``run`` (``distributed="shard"``), after checking the run can be
-    sharded: the μ-limit of gradient-trained parameters with plain updates, whose every sum over particles
-    the engine takes itself."""
+    sharded: the μ-limit of gradient-trained parameters (plain, normalized or clipped updates), whose every sum
+    over particles the engine takes itself."""
     if setup.regime == "operator":
         raise TplimitsError("distributed='shard' shards the μ-limit's particle systems; the NT limit (this "
                             "parametrization's regime) runs each system in one process: use distributed=True")
     if setup.rules:
         raise TplimitsError(f"distributed='shard': parameter {next(iter(setup.rules))!r} is updated by a non-gradient "
                             "rule, whose signal averages over particles inside the rule; use distributed=True")
-    if setup.param.update != "plain" or setup.clip is not None:
-        raise TplimitsError(f"distributed='shard' needs plain updates (no norm over a whole matrix); this run has "
-                            f"update={setup.param.update!r}, clip={setup.clip!r}: use distributed=True")
     return shard_of(setup.program, run.per_batch, rank, size, run.device)
 
 

@@ -24,7 +24,7 @@ from tplimits.core.backprop import TotalProgram
 from tplimits.core.ir import MatMul, ParameterInfo, Width, concrete_shape
 from tplimits.core.program import Program
 from tplimits.errors import NotRepresentable, TplimitsError
-from tplimits.limit.distributed import Shard
+from tplimits.limit.distributed import Shard, particle_sum
 from tplimits.limit.kets import KetInterpreter, MatMulPlan, MatrixOperator, OperatorAction
 from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule, apply_rule_in_place, tile_entries
 from tplimits.training.init import InitialValue, coordinate_law, init_std, initial_value, multiplier
@@ -249,9 +249,15 @@ class ParticleNetwork:
         """The finite-width optimizer's update of one trained tensor, as a pure function (the autograd
         graph of ``g`` is kept, so later kets differentiate through the parameter's history)."""
         group = self.groups[name]
+        sharded = self.shard is not None and bool(self.infos[name].width_axes)
         new, self.update_states[name] = apply_rule(self.setup.rule, tensor, g * group["grad_scale"],
-                                                   self.update_states[name], group, self.hyper)
+                                                   self.update_states[name], group, self.hyper,
+                                                   whole=self._over_ranks if sharded else None)
         return new
+
+    def _over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over this rank's particles as the sum over the whole system's (a sharded system)."""
+        return particle_sum(partial, self.shard)
 
     def _matrix_gradient(self, name: str, terms: Sequence[Any], values: Mapping[str, Any], weight: float) -> None:
         operator = self.operators[name]
@@ -320,7 +326,8 @@ class ParticleNetwork:
             return grid, new_state
         # `* scale` makes a fresh tensor even at 1: the rule's state may keep it, and a copy grid's gradient is
         # written into a buffer the next grid reuses
-        return apply_rule(self.setup.rule, grid, gradient(slice(None)) * scale, state, group, self.hyper, norm_scale)
+        return apply_rule(self.setup.rule, grid, gradient(slice(None)) * scale, state, group, self.hyper, norm_scale,
+                          whole=None if self.shard is None else self._over_ranks)
 
     def _uses(self, target: str) -> list[MatMul]:
         """The forward MatMul instructions that multiply by parameter ``target``."""

@@ -426,14 +426,16 @@ def activation_signal(rule: UpdateRule, R: MatrixAction, x: torch.Tensor, hyper:
 
 
 def apply_rule(rule: UpdateRule, p: torch.Tensor, g: torch.Tensor, state: Mapping[str, Any],
-               group: Mapping[str, Any], hyper: Mapping[str, Any],
-               norm_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
+               group: Mapping[str, Any], hyper: Mapping[str, Any], norm_scale: float = 1.0,
+               whole: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """One update of ``p`` by ``rule`` with the options of ``group`` (Eqs. 2.4, 2.50, 2.54), as a pure
     function: returns the new tensor and the new state (``{}`` before the first step). ``g`` is the
     already scaled gradient. The limit engine runs it on particles, keeping the autograd graph; where ``p``
     holds a sample of a larger tensor's entries (a copy population), the norm of normalized / clipped
-    updates is the larger tensor's, estimated as ``norm_scale`` times the sample's."""
-    q, new_state = rule_direction(rule, g, state, group, hyper, norm_scale)
+    updates is the larger tensor's, estimated as ``norm_scale`` times the sample's. ``whole``: ``p`` is this
+    process's part of a tensor split over processes, and ``whole(s)`` turns a sum over its entries into the
+    sum over the whole tensor's (the update's norm is the whole tensor's)."""
+    q, new_state = rule_direction(rule, g, state, group, hyper, norm_scale, whole)
     new = p * (1 - group["weight_decay"]) if group["weight_decay"] else p
     return new - (group["lr"] * group["lr_scale"]) * q, new_state
 
@@ -507,14 +509,17 @@ def _descend(p: torch.Tensor, q: torch.Tensor, group: Mapping[str, Any]) -> None
 
 
 def rule_direction(rule: UpdateRule, g: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any],
-                   hyper: Mapping[str, Any], norm_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
+                   hyper: Mapping[str, Any], norm_scale: float = 1.0,
+                   whole: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """``Q_t / ν`` of :func:`apply_rule` (the rule's output, normalized or clipped as ``group`` says) and the
     new state: the update is ``p ← (1 − weight_decay) p − lr · lr_scale · Q_t / ν``."""
     if not state:
         state = {"step": 0, "q_state": rule.init_state(g)}
     q, q_state = rule.update(state["q_state"], g, state["step"], hyper)
     if group["normalize"] or group["clip"] is not None:
-        nu = torch.linalg.vector_norm(q) * norm_scale
+        # split over processes, the norm is of the whole tensor: a number like an expectation, so not differentiated
+        norm = torch.linalg.vector_norm(q) if whole is None else whole(q.detach().square().sum()).sqrt()
+        nu = norm * norm_scale
         if group["clip"] is not None:
             nu = nu.clamp(max=group["clip"])
         q = q / nu.clamp_min(torch.finfo(q.dtype).tiny)
