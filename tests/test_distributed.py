@@ -154,11 +154,11 @@ def test_two_nccl_ranks_equal_one_process(tmp_path: pathlib.Path):
     _compare([torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)], exact=False)
 
 
-def _transformer(optimizer: str) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]:
+def _transformer(optimizer: str, **options: object) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]:
     config = dict(n_layers=1, n_heads=2, vocab=16, seq_len=4, batch=2)
     X = tpl.architecture("transformer").example_inputs(**config)[0]
     y = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(1))
-    return tpl.derive("transformer", optimizer=optimizer, **config), X, y
+    return tpl.derive("transformer", optimizer=optimizer, **config, **options), X, y
 
 
 def _mlp(optimizer: str, **options: object) -> tuple[tpl.Limit, torch.Tensor, torch.Tensor]:
@@ -180,6 +180,15 @@ SHARDED = {  # name: (limit, X, y), train options
     # θ₀ = 1 clips some updates and leaves others normalized (the outputs differ from normalized alone by 4e-3)
     "mlp-adam-clipped-dense": (lambda: _mlp("adam", param="muP-normalized", clip=1.0),
                                dict(steps=2, lr=0.02, particles=256, batches=2)),
+    # the NT limit: kernel dynamics; grids against copies (gathered to every rank); decayed tangents, whole grids
+    "nt-sgd": (lambda: _mlp("sgd", param="NTP"), dict(steps=3, lr=0.5, particles=512, batches=2,
+                                                      kernels=("tanh_1",), X_test=_data()[0][:2] + 1)),
+    "nt-adam-copies": (lambda: _mlp("adam", param="NTP"), dict(steps=3, lr=0.02, particles=512, batches=2, copies=48,
+                                                               center=True)),
+    "nt-normalized-decay": (lambda: _mlp("sgd", param="NTP-normalized", weight_decay=0.1),
+                            dict(steps=2, lr=0.3, particles=256, batches=2)),
+    "nt-transformer-adam": (lambda: _transformer("adam", param="NTP"),
+                            dict(steps=2, lr=0.02, particles=256, batches=2, loss="cross_entropy", copies=24)),
 }
 
 
@@ -231,9 +240,18 @@ def _shard_checks(rank: int, out: str) -> dict[str, object]:
     results["check"] = {"sharded": _report(limit.check(X, y, distributed="shard", **check))}
     if rank == 0:
         results["check"]["single"] = _report(limit.check(X, y, distributed=False, **check))
+    nt = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=3)
+    results["kernels"] = {}
+    for kind in ("ntk", "nngp"):
+        options = dict(kind=kind, X2=X[:2] + 1, path="monte carlo", particles=512, batches=2, seed=3)
+        sharded = nt.kernel(X, distributed="shard", **options)
+        results["kernels"][kind] = {"sharded": (sharded.value, sharded.se)}
+        if rank == 0:
+            single = nt.kernel(X, distributed=False, **options)
+            results["kernels"][kind]["single"] = (single.value, single.se)
     refused = {"checkpoint": (limit, dict(checkpoint=os.path.join(out, "never.pt"))),
                "odd particles": (limit, dict(particles=2 * 17)),
-               "NT limit": (tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3, param="NTP"), {}),
+               "non-gradient rule": (tpl.derive("decorrelated-mlp", optimizer="sgd", depth=2, d_in=3), {}),
                "interleaved": (tpl.derive(_Interleaved, example_inputs=(X,), optimizer="sgd"), {})}
     results["refusals"] = {}
     for key, (run, options) in refused.items():
@@ -275,7 +293,7 @@ def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pat
     assert refusals["checkpoint"][0] == "CheckpointError"
     odd = refusals["odd particles"][1]
     assert "particles of each system (17) must be a multiple of 2" in odd
-    assert "NT limit" in refusals["NT limit"][1]
+    assert "non-gradient rule" in refusals["non-gradient rule"][1]
     assert refusals["interleaved"][0] == "NotRepresentable" and "interleaved blocks" in refusals["interleaved"][1]
     assert [results["refusals"] for results in ranks] == [refusals] * size
     single = ranks[0]["check"]["single"]  # finite models spread over the ranks: each trained as in one process
@@ -287,6 +305,10 @@ def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pat
                 assert torch.equal(results["check"]["sharded"][key], value), key
     assert [results["diverged"] for results in ranks] == [ranks[0]["diverged"]] * size
     assert ranks[0]["diverged"] is not None and ranks[0]["diverged"][0] == "Diverged"
+    for kind, kernels in ranks[0]["kernels"].items():  # Limit.kernel with each system sharded
+        assert float(kernels["single"][0].abs().min()) > 1e-3
+        for results in ranks:
+            torch.testing.assert_close(results["kernels"][kind]["sharded"], kernels["single"], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 GPUs and NCCL")
@@ -309,7 +331,7 @@ def test_distributed_true_needs_a_process_group():
     kernel = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=3)
     with pytest.raises(tpl.TplimitsError, match="distributed=True needs an initialized torch.distributed"):
         kernel.kernel(X, path="monte carlo", particles=256, distributed=True)
-    with pytest.raises(tpl.TplimitsError, match="kernel spreads whole particle systems"):
+    with pytest.raises(tpl.TplimitsError, match="distributed='shard' needs an initialized torch.distributed"):
         kernel.kernel(X, path="monte carlo", particles=256, distributed="shard")
     with pytest.raises(tpl.TplimitsError, match="distributed must be True, False, None .automatic. or 'shard'"):
         kernel.kernel(X, path="monte carlo", particles=256, distributed="yes")

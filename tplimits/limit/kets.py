@@ -432,7 +432,6 @@ class HatFamily:
             self._remember(xd, coef)
             return terms, inner
         evals, vecs = directions
-        vecs = _signed(vecs)
         new_directions = keep.any(dim=0)
         room = self.p_in - (0 if E is None else E.shape[-1])
         surplus = int(new_directions.sum()) - room
@@ -444,9 +443,7 @@ class HatFamily:
         # made as rows ([F, k, P], contiguous): _Columns copies new columns fastest from there
         E_new = ((vecs * inv_root[:, None, :]).mT @ resid.mT).mT
         R = (vecs * root[:, None, :]).transpose(1, 2)
-        G_new = standard_normal((self.n_fixed, self.p_out, vecs.shape[-1]), self.generator, self.dtype, self.device)
-        if self.shard is not None:  # drawn whole, as in one process, and cut to this rank's rows
-            G_new = self.shard.rows(G_new, 1).contiguous()
+        G_new = self._paired_gaussians(x.shape[2], vecs)
         if self.track_grad:
             G_new.requires_grad_(True)
         self.basis.append(E_new)
@@ -454,6 +451,17 @@ class HatFamily:
         terms.append((G_new, R * scale))
         self._remember(xd, R if coef is None else torch.cat([coef, R], dim=1))
         return terms, inner
+
+    def _paired_gaussians(self, components: int, vecs: torch.Tensor) -> torch.Tensor:
+        """The Gaussians of the new directions ``E_new = resid · V Λ^-1/2`` (``vecs``: ``V``, ``[F, K, k]``): iid
+        ``N(0, 1)`` drawn per component of the ket, ``H`` (``[F, P_out, K]``), then ``H V``, iid too (``V``'s
+        columns are orthonormal). Eigenvectors of (nearly) equal eigenvalues are fixed only up to a rotation,
+        which rounding chooses; ``E_new`` and ``H V`` turn together, so the hats ``H V Vᵀ …`` do not depend on
+        it, and a sharded system (its sums in another order) draws the unsharded one's hats."""
+        H = standard_normal((self.n_fixed, self.p_out, components), self.generator, self.dtype, self.device)
+        if self.shard is not None:  # drawn whole, as in one process, and cut to this rank's rows
+            H = self.shard.rows(H, 1)
+        return H @ vecs
 
     def _inner(self, xd: torch.Tensor, Ed: torch.Tensor) -> torch.Tensor:
         """``Eᵀx`` ([F, r, K]). A lagged family sums the columns the last sample added along with ``x`` (one
@@ -1179,15 +1187,6 @@ class KetInterpreter(FiniteInterpreter):
             plan = self.plans[ins.name] = MatMulPlan.of(ins, self.program[ins.matrix].layout, operator.in_axis,
                                                         self.values[ins.vector].shape)
         return plan
-
-
-def _signed(vecs: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors (columns) with the sign that makes each one's largest entry positive. An eigenvector's
-    sign is arbitrary, and a solver may flip it for a change of the matrix at rounding level; the hat pairs
-    each direction with its own Gaussians, so without a convention the draw would depend on rounding (a
-    sharded system's Gram matrix differs from the unsharded one's in the order of its sums)."""
-    peak = vecs.gather(-2, vecs.abs().argmax(dim=-2, keepdim=True))
-    return vecs * torch.where(peak < 0, -1.0, 1.0).to(vecs.dtype)
 
 
 def _sizes_at(args: Any, rows: int) -> Any:

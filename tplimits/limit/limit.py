@@ -287,7 +287,7 @@ class Limit:
         (:mod:`tplimits.limit.distributed`); ``False`` runs every system in this process. ``"shard"`` (an
         initialized process group required) instead splits each system over the ranks by particle rows, its
         systems one after the other: memory per rank is a system's divided by the ranks, and the trajectory equals
-        the single-process one with the same seed up to rounding (the μ-limit of gradient-trained parameters, under
+        the single-process one with the same seed up to rounding (either limit, gradient-trained parameters under
         plain, normalized or clipped updates).
         """
         rank, size = process_group(distributed)
@@ -379,7 +379,7 @@ class Limit:
         draw = _system_seed(run.seed, b) if run.draw_seed is None else run.draw_seed
         setup = _system_setup(setup, draw, run.per_batch)
         if setup.regime == "operator":
-            return self._train_tangent_system(setup, run, b, bar)
+            return self._train_tangent_system(setup, run, b, bar, shard)
         checkpoint, checkpoint_every, identity = saving
         net = ParticleNetwork(setup, run.per_batch, _system_seed(run.seed, b), run.dtype, run.device, run.dots,
                               run.lr, run.steps, copies=run.copies or DEFAULT_COPIES, shard=shard)
@@ -417,11 +417,12 @@ class Limit:
             bar.update(1)
         return record
 
-    def _train_tangent_system(self, setup: LimitSetup, run: _Run, b: int, bar: Any) -> dict[str, list]:
+    def _train_tangent_system(self, setup: LimitSetup, run: _Run, b: int, bar: Any,
+                              shard: Shard | None = None) -> dict[str, list]:
         """Train independent system ``b`` of the NT limit: its tangents, then the outputs by its dynamics (the
         feature kernels are those of the dynamics' current tangents: under weight decay the kets move)."""
         system = TangentSystem(setup, run.per_batch, _system_seed(run.seed, b), run.dtype, run.device, run.dots,
-                               run.lr, run.steps)
+                               run.lr, run.steps, shard)
         tangents = system.tangents(run.Z)
         f0 = tangents.outputs.new_zeros(tangents.outputs.shape) if run.center else tangents.outputs
         dynamics = system.dynamics(tangents, run.copies, run.steps)
@@ -459,12 +460,10 @@ class Limit:
         Carlo (``particles``, ``batches``, ``seed`` and ``dots`` are the Monte Carlo path's). ``Kernel.path`` says
         which was taken.
 
-        ``distributed`` as for :meth:`train`, whole systems only: under a ``torch.distributed`` process group the
-        Monte Carlo path's ``batches`` systems are spread over the ranks and every rank returns the kernel of all of
-        them, on CPU bit for bit the one-process kernel (the exact path runs on every rank alike)."""
-        if distributed == SHARD:
-            raise TplimitsError("kernel spreads whole particle systems over the ranks (distributed=True or None); "
-                                "distributed='shard' is train's")
+        ``distributed`` as for :meth:`train`: under a ``torch.distributed`` process group the Monte Carlo path's
+        ``batches`` systems are spread over the ranks and every rank returns the kernel of all of them, on CPU bit
+        for bit the one-process kernel; ``"shard"`` splits each system over the ranks by particle rows instead (the
+        kernel equal to the one-process one up to rounding). The exact path runs on every rank alike."""
         rank, size = process_group(distributed)
         if kind not in ("ntk", "nngp"):
             raise TplimitsError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
@@ -496,14 +495,18 @@ class Limit:
         dots = self._resolve_dots(dots, setup)
         _warn_stein_bias(setup, dots, particles // batches, stacklevel=2)  # the caller of kernel
 
+        shard = shard_of(setup.program, particles // batches, rank, size, device) if distributed == SHARD else None
+
         def system_kernel(b: int) -> torch.Tensor:
             system = TangentSystem(_system_setup(setup, _system_seed(seed, b), particles // batches),
-                                   particles // batches, _system_seed(seed, b), dtype, torch.device(device), dots, 0.0)
+                                   particles // batches, _system_seed(seed, b), dtype, torch.device(device), dots, 0.0,
+                                   shard=shard)
             tangents = system.tangents(Z.to(device=device, dtype=dtype) if Z.is_floating_point() else Z.to(device))
             value = system.ntk(tangents) if kind == "ntk" else system.nngp(tangents)
             return output_kernel(value, len(X), len(Z) - len(X), tangents.outputs.shape[1:]).cpu()
 
-        stacked = torch.stack(spread(batches, system_kernel, rank, size))
+        systems = [system_kernel(b) for b in range(batches)] if shard else spread(batches, system_kernel, rank, size)
+        stacked = torch.stack(systems)
         if not bool(torch.isfinite(stacked).all()):
             raise Diverged(f"the {kind.upper()} has non-finite entries: the kets overflowed at initialization (inputs "
                            "or parameters too large for the dtype); use float64 or smaller inputs", value=kind)
@@ -839,11 +842,8 @@ def _kernel(setup: LimitSetup, interp: Any, name: str) -> torch.Tensor:
 
 def _shard(setup: LimitSetup, run: _Run, rank: int, size: int) -> Shard:
     """This rank's shard of every system of ``run`` (``distributed="shard"``), after checking the run can be
-    sharded: the μ-limit of gradient-trained parameters (plain, normalized or clipped updates), whose every sum
-    over particles the engine takes itself."""
-    if setup.regime == "operator":
-        raise TplimitsError("distributed='shard' shards the μ-limit's particle systems; the NT limit (this "
-                            "parametrization's regime) runs each system in one process: use distributed=True")
+    sharded: gradient-trained parameters (plain, normalized or clipped updates), whose every sum over particles
+    the engine takes itself, in either limit."""
     if setup.rules:
         raise TplimitsError(f"distributed='shard': parameter {next(iter(setup.rules))!r} is updated by a non-gradient "
                             "rule, whose signal averages over particles inside the rule; use distributed=True")

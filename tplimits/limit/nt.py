@@ -37,6 +37,7 @@ import torch
 from tplimits.core.backprop import TotalProgram
 from tplimits.core.ir import Avg, concrete_shape, width_axes
 from tplimits.errors import TplimitsError
+from tplimits.limit.distributed import Shard, particle_sum
 from tplimits.limit.kets import KetInterpreter, MatMulPlan
 from tplimits.limit.mu import LimitSetup, ParticleNetwork
 from tplimits.optimizers.base import apply_rule, apply_rule_in_place
@@ -121,13 +122,15 @@ class Tangents:
 
 class TangentSystem:
     """One independent particle system of the NT limit: its tangents at initialization, its kernels and
-    its training dynamics."""
+    its training dynamics. ``shard``: this process holds its rank's rows of every width axis of the system
+    (``distributed="shard"``); every sum over particles is then all-reduced (:meth:`particle_sum`)."""
 
     def __init__(self, setup: LimitSetup, particles: int, seed: int, dtype: torch.dtype, device: torch.device,
-                 dots: str, lr: float, steps: int = 0) -> None:
+                 dots: str, lr: float, steps: int = 0, shard: Shard | None = None) -> None:
         self.setup = setup
-        self.net = ParticleNetwork(setup, particles, seed, dtype, device, dots, lr, steps=0, frozen=True)
+        self.net = ParticleNetwork(setup, particles, seed, dtype, device, dots, lr, steps=0, frozen=True, shard=shard)
         self.P = particles
+        self.shard = shard
         self.dots = dots
         self.steps = steps
         # under weight decay: the forward passes of steps 1..steps, run with the initial one (see tangents)
@@ -174,7 +177,7 @@ class TangentSystem:
         for name, factor in shrink.items():
             if name in net.tensors:
                 values[name] = values[name] * factor
-        interp = KetInterpreter(self.setup.program, values, net.P, net.dtype, net.device, net.plans, net.t)
+        interp = KetInterpreter(self.setup.program, values, net.P, net.dtype, net.device, net.plans, net.t, net.shard)
         with torch.set_grad_enabled(self.dots == "autograd"):
             interp.run(Z, stop=self.setup.total.forward_length)
         return interp
@@ -209,7 +212,7 @@ class TangentSystem:
                 matrices[name] = [self._matrix_tangent(name, term, stacked, forward, weight) for term in grad.terms]
             else:
                 local[name] = stacked[grad.value] * weight
-        return Tangents(f0, local, matrices, _last_fluctuation(total, stacked, forward), interp)
+        return Tangents(f0, local, matrices, _last_fluctuation(total, stacked, forward, self.particles), interp)
 
     def _matrix_tangent(self, name: str, term: Any, stacked: Mapping[str, torch.Tensor],
                         forward: Mapping[str, Any], weight: float) -> MatrixTangent:
@@ -233,27 +236,51 @@ class TangentSystem:
         K = tangents.outputs.new_zeros(J, J)
         for name, jac in tangents.local.items():
             flat = jac.reshape(J, -1)
-            K = K + self._rate(name) * (flat @ flat.T)
+            K = K + self._rate(name) * self.particle_sum(flat @ flat.T, name)
         for name, uses in tangents.matrices.items():
             part = K.new_zeros(J, J)
             for a in uses:
                 for b in uses:
-                    part = part + (_gram(a.out, b.out) * _gram(a.inp, b.inp)).sum(dim=(2, 3, 4))
+                    outer, inner = self.particle_sum(_gram(a.out, b.out)), self.particle_sum(_gram(a.inp, b.inp))
+                    part = part + (outer * inner).sum(dim=(2, 3, 4))
             K = K + self._rate(name) * part
         return K
+
+    def particle_sum(self, t: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """``t``, a sum over this process's particles, as the whole system's; with ``name``, a sum over the
+        entries of that parameter, which only a parameter with a width axis has split over the ranks."""
+        if name is not None and not self.setup.program.parameters[name].width_axes:
+            return t
+        return particle_sum(t, self.shard)
+
+    def whole(self, name: str | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What turns a sum over this process's entries of ``name``'s update (a grid: ``None``) into the whole
+        update's (``apply_rule``'s ``whole``), or None where this process holds them all."""
+        if self.shard is None or name is not None and not self.setup.program.parameters[name].width_axes:
+            return None
+        return self.particle_sum
+
+    def particles(self, local: int) -> int:
+        """The whole system's size of a width axis of which this process holds ``local`` rows."""
+        return local if self.shard is None else local * self.shard.ranks
+
+    def copy_rows(self, t: torch.Tensor, count: int, axis: int) -> torch.Tensor:
+        """The first ``count`` particles (the copies) of ``t`` along ``axis``, on every rank."""
+        index = (slice(None),) * axis + (slice(count),)
+        return t[index] if self.shard is None else self.shard.first_rows(t, count, axis)
 
     def _rate(self, name: str) -> float:
         group = self.group(name)
         return group["lr_scale"] * group["grad_scale"]
 
-    @staticmethod
-    def nngp(tangents: Tangents) -> torch.Tensor:
+    def nngp(self, tangents: Tangents) -> torch.Tensor:
         """The covariance of the initial outputs, ``[J, J]``, from the fluctuation of the last averages."""
         if tangents.last is None:
             raise TplimitsError("the NNGP needs outputs computed from averages over width (a readout); this "
                                 "program's outputs do not fluctuate at initialization")
-        w = tangents.last - tangents.last.mean(dim=1, keepdim=True)
-        return w @ w.T / (w.shape[1] ** 2)
+        count = self.particles(tangents.last.shape[1])
+        w = tangents.last - self.particle_sum(tangents.last.sum(dim=1, keepdim=True)) / count
+        return self.particle_sum(w @ w.T) / count**2
 
     # -- dynamics -------------------------------------------------------------------------------
     def dynamics(self, tangents: Tangents, copies: int | None, steps: int) -> KernelDynamics | GridDynamics:
@@ -320,15 +347,21 @@ class GridDynamics:
         self.states: dict[str, dict[str, Any]] = {}
         self.copies: dict[str, int] = {}
         for name, uses in tangents.matrices.items():
-            p_in = uses[0].inp.shape[2]
+            p_in = system.particles(uses[0].inp.shape[2])
             whole = self._needs_whole(name)
             chosen = p_in if whole else min(p_in, copies or DEFAULT_COPIES)
             self.copies[name] = chosen
             self.displacement[name] = uses[0].out.new_zeros(uses[0].out.shape[1], uses[0].out.shape[2], chosen)
+        self.copy_inputs = self._copy_inputs()
         for name, jac in tangents.local.items():
             self.displacement[name] = torch.zeros_like(jac[0])
         self._buffer = tangents.outputs.new_empty(0)  # every grid tile's gradient, in turn
         self.tile: int | None = None  # entries per tile; None: tile_entries of the device (tests set fewer)
+
+    def _copy_inputs(self) -> dict[str, list[torch.Tensor]]:
+        """Each use's input factor at the copies only (``[J or 1, F, copies, K]``; sharded: on every rank)."""
+        return {name: [self.system.copy_rows(use.inp, self.copies[name], 2) for use in uses]
+                for name, uses in self.tangents.matrices.items()}
 
     def _needs_whole(self, name: str) -> bool:
         group = self.system.group(name)
@@ -348,14 +381,14 @@ class GridDynamics:
         self.t += 1
         if self.decays:
             self.tangents = self.system.decayed_tangents(self.t)
+            self.copy_inputs = self._copy_inputs()
         return self.moved()
 
     def _whole_grid_gradient(self, name: str, uses: Sequence[MatrixTangent], chi: torch.Tensor) -> torch.Tensor:
         """A hidden matrix's scaled gradient on its grid, ``[F, P_out, copies]``, as one fresh tensor."""
-        rows = self.copies[name]
         grid = None
-        for use in uses:
-            part = _contract(chi, use.out) @ _contract(chi, use.inp)[:, :rows].mT
+        for use, copies in zip(uses, self.copy_inputs[name], strict=True):
+            part = _contract(chi, use.out) @ _contract(chi, copies).mT
             grid = part if grid is None else grid + part
         return grid * self.system.group(name)["grad_scale"]
 
@@ -364,11 +397,11 @@ class GridDynamics:
         """The tiles ``gradient[:, rows]`` of :meth:`_whole_grid_gradient`, each one product written into the
         reused buffer (valid until the next tile): the uses' factors joined along their components
         (``Σ_u a_u b_uᵀ = [a_1 a_2 …][b_1 b_2 …]ᵀ``), the group's ``grad_scale`` folded into the output side."""
-        rows, scale = self.copies[name], self.system.group(name)["grad_scale"]
+        scale = self.system.group(name)["grad_scale"]
         out = torch.cat([_contract(chi, use.out) for use in uses], dim=2)  # fresh: the tangents stay untouched
         if scale != 1:
             out.mul_(scale)
-        inp = torch.cat([_contract(chi, use.inp)[:, :rows] for use in uses], dim=2).mT  # [F, K, copies]
+        inp = torch.cat([_contract(chi, copies) for copies in self.copy_inputs[name]], dim=2).mT  # [F, K, copies]
         buffer = self._buffer
 
         def tile(part: slice) -> torch.Tensor:
@@ -400,24 +433,26 @@ class GridDynamics:
 
     def _apply(self, name: str, g: torch.Tensor) -> None:
         """The pure rule on the whole tensor, ``g`` its scaled gradient."""
+        whole = self.system.whole(name if name in self.tangents.local else None)
         self.displacement[name], self.states[name] = apply_rule(
             self.setup.rule, self.displacement[name], g, self.states.get(name, {}), self.system.group(name),
-            self.system.net.hyper)
+            self.system.net.hyper, whole=whole)
 
     def moved(self) -> torch.Tensor:
         """``f_t − f_0`` over the output coordinates, ``[J]``: ``Σ_θ ⟨∂f/∂θ, Δθ_t⟩``, plus under weight decay the
         change of the initial function with its parameters scaled, ``F((1 − λ)^t θ_0) − F(θ_0)``."""
         J = self.tangents.outputs.numel()
         total = (self.tangents.outputs - self.initial).reshape(J)
+        system = self.system
         for name, jac in self.tangents.local.items():
-            total = total + jac.reshape(J, -1) @ self.displacement[name].reshape(-1)
+            total = total + system.particle_sum(jac.reshape(J, -1) @ self.displacement[name].reshape(-1), name)
         for name, uses in self.tangents.matrices.items():
             rows = self.copies[name]
             grid = self.displacement[name]
-            for use in uses:
-                carried = grid[None] @ use.inp[:, :, :rows]  # [J or 1, F, P_out, K]
-                part = (use.out * carried).sum(dim=(1, 2, 3)) * (use.inp.shape[2] / rows)
-                total = total + part.expand(J)
+            for use, copies in zip(uses, self.copy_inputs[name], strict=True):
+                carried = grid[None] @ copies  # [J or 1, F, P_out, K]
+                part = system.particle_sum((use.out * carried).sum(dim=(1, 2, 3)))
+                total = total + (part * (system.particles(use.inp.shape[2]) / rows)).expand(J)
         return total
 
 
@@ -470,10 +505,11 @@ def last_averages(total: TotalProgram) -> list[Avg]:
     return last
 
 
-def _last_fluctuation(total: TotalProgram, stacked: Mapping[str, torch.Tensor],
-                      forward: Mapping[str, Any]) -> torch.Tensor | None:
+def _last_fluctuation(total: TotalProgram, stacked: Mapping[str, torch.Tensor], forward: Mapping[str, Any],
+                      particles: Callable[[int], int]) -> torch.Tensor | None:
     """``w[j, p]``: output coordinate ``j`` fluctuates at initialization as ``Σ_p w[j, p] / (rP)`` (the
-    last averages times their cotangents, particle by particle)."""
+    last averages times their cotangents, particle by particle). ``particles``: the whole system's size of a
+    width axis of which the values hold the given rows (:meth:`TangentSystem.particles`)."""
     total_w = None
     for avg in last_averages(total):
         if avg.name not in total.cotangents:
@@ -482,7 +518,7 @@ def _last_fluctuation(total: TotalProgram, stacked: Mapping[str, torch.Tensor],
         dc = stacked[total.cotangents[avg.name]]  # [J, *avg layout]
         if not avg.keepdim:
             dc = dc.unsqueeze(avg.axis + 1)
-        scale = avg.scale.resolve(u.shape[avg.axis]) if avg.scale is not None else 1.0
+        scale = avg.scale.resolve(particles(u.shape[avg.axis])) if avg.scale is not None else 1.0
         w = (dc * u[None] * scale).movedim(avg.axis + 1, -1)
         w = w.reshape(w.shape[0], -1, w.shape[-1]).sum(dim=1)
         if total_w is not None and total_w.shape != w.shape:
