@@ -237,6 +237,7 @@ SHARD_CASES = {  # case: (optimizer, parametrization, particles of the one syste
     "sgd": ("sgd", "muP", 2**15, None, 10),
     "adam": ("adam", "muP", 2**13, 1024, 5),
     "sgd-normalized": ("sgd", "muP-normalized", 2**13, 1024, 5),  # every update divided by its whole norm
+    "nt-adam": ("adam", "NTP", 2**14, 1024, 5),  # the NT limit: tangents, and grids against the copies
 }
 
 
@@ -248,6 +249,7 @@ def shard_one(case: str) -> None:
     import torch.distributed as dist
 
     from tplimits.limit.mu import grid_entries
+    from tplimits.limit.nt import grid_entries as nt_grid_entries
     ranks = 1
     if "RANK" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group("gloo")
@@ -265,7 +267,8 @@ def shard_one(case: str) -> None:
     seconds = time.perf_counter() - start
     state = 1 + sum(torch.is_tensor(v) for v in limit.rule.init_state(torch.zeros(1)).values())
     setup = limit.setup(X.to(torch.get_default_dtype()))  # programs are lowered in the default dtype
-    grids = 0 if limit.rule.linear and param == "muP" else grid_entries(setup, particles, copies) * state // ranks
+    entries = nt_grid_entries if setup.regime == "operator" else grid_entries
+    grids = 0 if limit.rule.linear and param == "muP" else entries(setup, particles, copies) * state // ranks
     if ranks == 1 or dist.get_rank() == 0:
         print(json.dumps({"seconds": seconds, "loss": traj.loss[-1].item(), "grid_mib": grids * 8 / 2**20,
                           "peak_rss_mb": peak_mb()}))

@@ -36,7 +36,9 @@ def test_a_reversed_matrix_update_is_named_first(mlp):
     setup = limit.setup(X)
     chosen = dict(setup.chosen)
     chosen["layers.1.weight"] = attrs.evolve(chosen["layers.1.weight"], c_const=-1.0)
-    report = limit.compare(X, y, setup=attrs.evolve(setup, chosen=chosen), **SIZES)
+    # twice the seeds and particles: at SIZES the step-1 departure sits at the Bonferroni threshold (z 5.8 to 6.4
+    # over seeds), here at z 6.4–7.8 (7 seeds of the limit, each naming step 1)
+    report = limit.compare(X, y, setup=attrs.evolve(setup, chosen=chosen), **SIZES | dict(seeds=16, particles=2**14))
     first = report.first
     assert first is not None, report.format()
     uses = [ins.name for ins in setup.program.instructions

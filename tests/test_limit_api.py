@@ -38,6 +38,9 @@ def test_deterministic_under_seed_and_loss_recorded(data):
     expected = torch.stack([torch.nn.functional.mse_loss(o, y) for o in a.outputs])
     torch.testing.assert_close(a.loss, expected)
     assert a.outputs.shape == (4, 4, 1) and a.loss_se.shape == (4,)
+    # check trains the limit under its seed too (it used to pass seed twice to train: a TypeError)
+    report = limit.check(X, y, widths=[16, 32], seeds=2, steps=3, lr=0.5, particles=1024, seed=6, progress=False)
+    assert torch.equal(report.limit.outputs, c.outputs)
 
 
 def test_test_points_carry_no_error_signal(data):

@@ -185,8 +185,8 @@ def _check_vit(make: type[ViTCLS], optimizer: str, lr: float, widths: list[int],
     assert report.passed, report.format()
 
 
-def test_vit_from_config_sgd():
-    _check_vit(ViTCLS, "sgd", 0.1, [64, 256, 1024], 4, 2**12)
+def test_vit_from_config_sgd():  # 2^14 particles: at 2^12 the limit's own error left 1 of 4 seeds undecided
+    _check_vit(ViTCLS, "sgd", 0.1, [64, 256, 1024], 4, 2**14)
 
 
 @pytest.mark.slow

@@ -301,8 +301,10 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
           steps: int = 50, lr: float = 0.1, loss: Any = "mse", batch_size: int | None = None,
           X_test: torch.Tensor | None = None, dtype: torch.dtype = torch.float64, max_slope: float = -0.4,
           tolerance: float = 3.0, trajectory: Trajectory | None = None, progress: bool = True, center: bool = False,
-          max_relative_gap: float = 1.0, shared_draws: bool = False, **train_options: Any) -> CheckReport:
+          max_relative_gap: float = 1.0, shared_draws: bool = False, seed: int = 0,
+          **train_options: Any) -> CheckReport:
     """Train the limit (or take ``trajectory``) and ``seeds`` finite models per width; compare (:func:`compare`).
+    ``seed``: the limit's (its particle systems'); the finite models of every width take seeds ``0 … seeds − 1``.
     ``center`` trains both sides on ``f − f_0``. ``shared_draws``: a model's fixed-size tensors initialized at random
     (:mod:`tplimits.limit.draws`) take one draw on both sides (the limit's systems and every finite seed), so the
     check compares the limit conditional on that draw, whose per-seed gap shrinks with width; by default each seed
@@ -322,7 +324,7 @@ def check(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Sequence[int] 
     given = trajectory is not None
     if not given:
         trajectory = limit.train(X, y, steps=steps, lr=lr, loss=loss, batch_size=batch_size, X_test=X_test,
-                                 seed=0, dtype=dtype, progress=progress, center=center, draw_seed=draw_seed,
+                                 seed=seed, dtype=dtype, progress=progress, center=center, draw_seed=draw_seed,
                                  **train_options)
     examples = limit.examples(X)
     Z = X if X_test is None else examples.join(X, torch.as_tensor(X_test).to(X.dtype))
