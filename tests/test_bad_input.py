@@ -127,6 +127,12 @@ def test_memory_is_estimated_before_allocating(data):
     adam = tpl.derive("mlp", optimizer="adam", depth=2, d_in=3)
     with pytest.raises(tpl.TplimitsError, match=r"grids of Q values need about .* GiB.*at most about \d+"):
         adam.train(*data, steps=1, particles=2**22, progress=False)
+    # a system sharded over ranks needs its share per rank: the size that overflows one process fits in enough ranks
+    setup, device = adam.setup(data[0]), torch.device("cpu")
+    particles = 2**19  # one system: its grids and Adam's state need 3 · 8 · P² bytes ≈ 6 TiB
+    with pytest.raises(tpl.TplimitsError, match=r"per rank \(a system split over 2\)"):
+        adam._check_memory(setup, particles, 1, torch.float64, device, particles, shards=2)
+    adam._check_memory(setup, particles, 1, torch.float64, device, particles, shards=2**20)
 
 
 def test_a_callable_must_build_a_module():

@@ -295,7 +295,8 @@ class Limit:
             raise CheckpointError("checkpoint= is for runs in one process; a run spread or sharded over a process "
                                   "group (distributed) keeps no checkpoint: pass distributed=False or no checkpoint")
         run, setup = self._prepare(X, y, X_test, steps, lr, loss, batch_size, particles, seed, device, dtype,
-                                   batches, dots, kernels, checkpoint, checkpoint_every, center, copies, draw_seed)
+                                   batches, dots, kernels, checkpoint, checkpoint_every, center, copies, draw_seed,
+                                   shards=size if distributed == SHARD else 1)
         start = time.perf_counter()
         identity = self._identity(run, setup)
         desc = "NT limit" if setup.regime == "operator" else "μ-limit"
@@ -330,8 +331,10 @@ class Limit:
     def _prepare(self, X: Any, y: Any, X_test: Any, steps: int, lr: float, loss: Any, batch_size: int | None,
                  particles: int, seed: int, device: Any, dtype: torch.dtype, batches: int, dots: str,
                  kernels: Sequence[str], checkpoint: str | None, checkpoint_every: int, center: bool = False,
-                 copies: int | None = None, draw_seed: int | None = None) -> tuple[_Run, LimitSetup]:
-        """Every argument checked (before any lowering or training), converted, and the setup for the inputs."""
+                 copies: int | None = None, draw_seed: int | None = None,
+                 shards: int = 1) -> tuple[_Run, LimitSetup]:
+        """Every argument checked (before any lowering or training), converted, and the setup for the inputs
+        (``shards``: the ranks each system is split over)."""
         loss_fn = lookup_loss(loss)
         _check_numbers(steps=steps, lr=lr, batch_size=batch_size, particles=particles, batches=batches, seed=seed,
                        checkpoint_every=checkpoint_every)
@@ -351,7 +354,7 @@ class Limit:
         dots = self._resolve_dots(dots, setup)
         _check_particles(setup, particles, batches)
         _warn_stein_bias(setup, dots, particles // batches, stacklevel=3)  # the caller of train
-        self._check_memory(setup, particles, batches, dtype, torch.device(device), copies)
+        self._check_memory(setup, particles, batches, dtype, torch.device(device), copies, shards)
         kernels = _check_kernels(kernels, setup)
         if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
             raise TplimitsError(f"checkpoint must be a file path (or None), got {type(checkpoint).__name__}")
@@ -513,8 +516,10 @@ class Limit:
         return Kernel(stacked.mean(0), standard_error(stacked), kind, "monte carlo", particles, batches)
 
     def _check_memory(self, setup: LimitSetup, particles: int, batches: int, dtype: torch.dtype,
-                      device: torch.device, copies: int | None = None) -> None:
-        """Refuse, before allocating, grids of ``Q`` values (nonlinear rules) that cannot fit in memory."""
+                      device: torch.device, copies: int | None = None, shards: int = 1) -> None:
+        """Refuse, before allocating, grids of ``Q`` values (nonlinear rules) that cannot fit in memory: a system's
+        share per process (``shards``: the ranks a sharded system is split over), against the device's memory (a
+        CPU's shared by the processes torchrun started on it)."""
         if self.rule.linear and self.param.update == "plain" and self.clip is None and not (
                 setup.regime == "operator" and self.weight_decay):  # the NT limit keeps grids under weight decay
             return
@@ -523,19 +528,21 @@ class Limit:
 
         def need(per_batch: int) -> int:
             if setup.regime == "operator":  # grids against the copy population only
-                return size * grid_entries(setup, per_batch, copies)
-            return size * mu_grid_entries(setup, per_batch, copies or DEFAULT_COPIES)
+                return size * grid_entries(setup, per_batch, copies) // shards
+            return size * mu_grid_entries(setup, per_batch, copies or DEFAULT_COPIES) // shards
 
-        per_batch, have = particles // batches, _memory(device)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+        per_batch, have = particles // batches, _memory(device) // max(local, 1)
         if need(per_batch) > have:
             low, high = 0, per_batch  # the most particles per system that fit, by bisection
             while high - low > 1:
                 low, high = ((low + high) // 2, high) if need((low + high) // 2) <= have else (low, (low + high) // 2)
+            where = "per system" if shards == 1 else f"per rank (a system split over {shards})"
             raise TplimitsError(f"particles={particles}: {self.rule.name}'s grids of Q values need about "
-                                f"{need(per_batch) / 2**30:.3g} GiB per system ({grids} grids per hidden matrix, "
+                                f"{need(per_batch) / 2**30:.3g} GiB {where} ({grids} grids per hidden matrix, "
                                 f"{per_batch} particles per system, copies={copies}), more than the "
-                                f"{have / 2**30:.3g} GiB of {device.type} memory here; at most about {batches * low} "
-                                "particles fit (or pass fewer copies)")
+                                f"{have / 2**30:.3g} GiB of {device.type} memory here per process; at most about "
+                                f"{batches * low} particles fit (or pass fewer copies, or shard over more ranks)")
 
     def _identity(self, run: _Run, setup: LimitSetup) -> dict[str, str]:
         """Everything that determines a run, as text: what a checkpoint must have been written by."""
