@@ -268,7 +268,8 @@ def shard_one(case: str) -> None:
     state = 1 + sum(torch.is_tensor(v) for v in limit.rule.init_state(torch.zeros(1)).values())
     setup = limit.setup(X.to(torch.get_default_dtype()))  # programs are lowered in the default dtype
     entries = nt_grid_entries if setup.regime == "operator" else grid_entries
-    grids = 0 if limit.rule.linear and param == "muP" else entries(setup, particles, copies) * state // ranks
+    low_rank = limit.rule.linear and limit.param.update == "plain"  # low-rank factors or a kernel: no grids
+    grids = 0 if low_rank else entries(setup, particles, copies) * state // ranks
     if ranks == 1 or dist.get_rank() == 0:
         print(json.dumps({"seconds": seconds, "loss": traj.loss[-1].item(), "grid_mib": grids * 8 / 2**20,
                           "peak_rss_mb": peak_mb()}))

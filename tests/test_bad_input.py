@@ -37,6 +37,8 @@ def test_check_shared_draws_is_a_bool(limit, data):
 def test_check_seeds(limit, data):
     with pytest.raises(tpl.TplimitsError, match="seeds=1"):
         limit.check(*data, widths=[32, 64], seeds=1, steps=1, particles=256, progress=False)
+    with pytest.raises(tpl.TplimitsError, match="seed must be an integer, got 'x'"):  # the limit's, checked first
+        limit.check(*data, widths=[32, 64], seeds=2, steps=1, particles=256, seed="x", progress=False)
 
 
 def test_coord_check_needs_two_widths():

@@ -24,7 +24,7 @@ from tplimits.core.backprop import TotalProgram
 from tplimits.core.ir import MatMul, ParameterInfo, Width, concrete_shape
 from tplimits.core.program import Program
 from tplimits.errors import NotRepresentable, TplimitsError
-from tplimits.limit.distributed import Shard, particle_sum
+from tplimits.limit.distributed import Shard
 from tplimits.limit.kets import KetInterpreter, MatMulPlan, MatrixOperator, OperatorAction
 from tplimits.optimizers.base import GROUP_OPTIONS, UpdateRule, apply_rule, apply_rule_in_place, tile_entries
 from tplimits.training.init import InitialValue, coordinate_law, init_std, initial_value, multiplier
@@ -249,15 +249,18 @@ class ParticleNetwork:
         """The finite-width optimizer's update of one trained tensor, as a pure function (the autograd
         graph of ``g`` is kept, so later kets differentiate through the parameter's history)."""
         group = self.groups[name]
-        sharded = self.shard is not None and bool(self.infos[name].width_axes)
         new, self.update_states[name] = apply_rule(self.setup.rule, tensor, g * group["grad_scale"],
                                                    self.update_states[name], group, self.hyper,
-                                                   whole=self._over_ranks if sharded else None)
+                                                   whole=self.sum_over_ranks(name))
         return new
 
-    def _over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
-        """A sum over this rank's particles as the sum over the whole system's (a sharded system)."""
-        return particle_sum(partial, self.shard)
+    def sum_over_ranks(self, name: str | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What turns a sum over this rank's entries (of parameter ``name``; by default over particles) into the
+        whole system's (:func:`apply_rule`'s ``whole``); None where this process holds every entry: one process,
+        or a parameter with no width axis."""
+        if self.shard is None or name is not None and not self.infos[name].width_axes:
+            return None
+        return self.shard.sum
 
     def _matrix_gradient(self, name: str, terms: Sequence[Any], values: Mapping[str, Any], weight: float) -> None:
         operator = self.operators[name]
@@ -327,7 +330,7 @@ class ParticleNetwork:
         # `* scale` makes a fresh tensor even at 1: the rule's state may keep it, and a copy grid's gradient is
         # written into a buffer the next grid reuses
         return apply_rule(self.setup.rule, grid, gradient(slice(None)) * scale, state, group, self.hyper, norm_scale,
-                          whole=None if self.shard is None else self._over_ranks)
+                          whole=self.sum_over_ranks())
 
     def _uses(self, target: str) -> list[MatMul]:
         """The forward MatMul instructions that multiply by parameter ``target``."""

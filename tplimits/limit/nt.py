@@ -37,7 +37,7 @@ import torch
 from tplimits.core.backprop import TotalProgram
 from tplimits.core.ir import Avg, concrete_shape, width_axes
 from tplimits.errors import TplimitsError
-from tplimits.limit.distributed import Shard, particle_sum
+from tplimits.limit.distributed import Shard
 from tplimits.limit.kets import KetInterpreter, MatMulPlan
 from tplimits.limit.mu import LimitSetup, ParticleNetwork
 from tplimits.optimizers.base import apply_rule, apply_rule_in_place
@@ -248,17 +248,9 @@ class TangentSystem:
 
     def particle_sum(self, t: torch.Tensor, name: str | None = None) -> torch.Tensor:
         """``t``, a sum over this process's particles, as the whole system's; with ``name``, a sum over the
-        entries of that parameter, which only a parameter with a width axis has split over the ranks."""
-        if name is not None and not self.setup.program.parameters[name].width_axes:
-            return t
-        return particle_sum(t, self.shard)
-
-    def whole(self, name: str | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """What turns a sum over this process's entries of ``name``'s update (a grid: ``None``) into the whole
-        update's (``apply_rule``'s ``whole``), or None where this process holds them all."""
-        if self.shard is None or name is not None and not self.setup.program.parameters[name].width_axes:
-            return None
-        return self.particle_sum
+        entries of that parameter (:meth:`ParticleNetwork.sum_over_ranks`)."""
+        total = self.net.sum_over_ranks(name)
+        return t if total is None else total(t)
 
     def particles(self, local: int) -> int:
         """The whole system's size of a width axis of which this process holds ``local`` rows."""
@@ -433,7 +425,7 @@ class GridDynamics:
 
     def _apply(self, name: str, g: torch.Tensor) -> None:
         """The pure rule on the whole tensor, ``g`` its scaled gradient."""
-        whole = self.system.whole(name if name in self.tangents.local else None)
+        whole = self.system.net.sum_over_ranks(name if name in self.tangents.local else None)
         self.displacement[name], self.states[name] = apply_rule(
             self.setup.rule, self.displacement[name], g, self.states.get(name, {}), self.system.group(name),
             self.system.net.hyper, whole=whole)
