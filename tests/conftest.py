@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tplimits.limit.kets import HatFamily
 from tplimits.limit.runs import default_dtype
 
 
@@ -13,6 +14,14 @@ from tplimits.limit.runs import default_dtype
 def float64():
     with default_dtype(torch.float64):
         yield
+
+
+@pytest.fixture
+def every_direction(monkeypatch):
+    """Hats keep every new direction above rounding under Stein dots too, as they do under autograd dots: the
+    regime of systems with many particles per system (``HatFamily.STEIN_SHARE / P`` below every share), where
+    each sampled ket lies in its basis's span and bases gain directions every step, reached at test sizes."""
+    monkeypatch.setattr(HatFamily, "STEIN_SHARE", 0.0)
 
 
 def assert_close_tree(got, ref, rtol: float = 1e-10) -> None:

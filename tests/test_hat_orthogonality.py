@@ -20,6 +20,7 @@ from tplimits.limit.mu import ParticleNetwork
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.usefixtures("every_direction")  # a direction from every component at every step
 def test_bases_stay_orthonormal_over_many_steps(optimizer):
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(16, 16, generator=g), torch.randn(16, 1, generator=g)
@@ -69,6 +70,7 @@ def test_a_basis_never_outgrows_its_particles():
 
 
 @pytest.mark.parametrize("dtype, second_passes", [(torch.float64, False), (torch.float32, True)])
+@pytest.mark.usefixtures("every_direction")  # a direction from every component at every step
 def test_one_pass_with_the_bases_overlaps_and_a_second_only_where_rounding_needs_it(dtype, second_passes):
     """A family applied to few components keeps its basis's overlaps and projects with them in one pass
     (without them the test above fails: the deviation compounds again). The second pass is left to where one pass

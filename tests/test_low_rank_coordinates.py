@@ -23,6 +23,8 @@ from tplimits.limit.kets import MatrixOperator
 from tplimits.limit.mu import ParticleNetwork
 from tplimits.optimizers.base import UpdateRule
 
+pytestmark = pytest.mark.usefixtures("every_direction")  # sampled kets in the span: coordinates throughout
+
 CONFIGS = {
     "mlp": (dict(depth=3, d_in=4), lambda: torch.randn(4, 4, generator=torch.Generator().manual_seed(0))),
     "resnet": (dict(stages=1, image_size=4, batch=2, num_classes=3),

@@ -364,11 +364,18 @@ def smoothed_jumps(x: torch.Tensor, dy: torch.Tensor, kinks: Sequence[tuple[floa
     return (total - total.detach()) * dy.detach()
 
 
+STEIN_PARTICLES_PER_DIRECTION = 32  # tests/test_conv_dots.py: 128 directions on 1024 particles biased a kernel 2×
+
+
 class HatFamily:
     """The hat-kets of one initial matrix in one direction (W or Wᵀ), jointly Gaussian (Eq. 2.18)."""
 
     BATCHED_ENTRIES = 2 ** 22  # entries of the cotangents one batched autograd pass carries (autograd dots)
     DROP = 1e-10  # a residual direction with less than this share of the ket's energy is in the span already
+    # Stein dots: a new direction carrying less than STEIN_SHARE / P of the ket's energy (P: the particles a Stein
+    # sum runs over) is left out, hat and dot alike, where the system has STEIN_PARTICLES_PER_DIRECTION particles
+    # for each of the ket's components (docs/limit.md, "Which directions a hat keeps")
+    STEIN_SHARE = 4.0
     SINGLE_PASS_OVERLAP = 1e-10  # the most overlap with the basis a new direction may have after one pass
 
     def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
@@ -377,6 +384,9 @@ class HatFamily:
         self.n_fixed, self.p_in, self.p_out = n_fixed, p_in, p_out
         self.generator, self.dtype, self.device = generator, dtype, device
         self.track_grad = track_grad
+        # the least share of a ket's energy a direction must carry to be kept: rounding under autograd dots; under
+        # Stein dots more, as each direction kept adds Stein noise to every later dot, a bias downstream
+        self.least_share = self.DROP if track_grad else max(self.DROP, self.STEIN_SHARE / p_out)
         self.shard = shard  # a sharded system: this rank's particles only, every sum over them all-reduced
         self.basis = _Columns(track_grad, device)  # E: [F, P_in, r], orthonormal (Euclidean) over input particles
         self.gaussians = _Columns(track_grad, device)  # G: [F, P_out, r], iid N(0, 1)
@@ -385,6 +395,7 @@ class HatFamily:
         self.lagged: bool | None = None
         self.overlaps = _Overlaps()
         self.second_passes = 0  # applications that took a second Gram–Schmidt pass (benchmarks read it)
+        self.left_out = 0  # directions above rounding left out under Stein dots (least_share)
         # the kets sampled since the last forget(), with their coordinates on E: [F, r, K], kept when the
         # matrix's updates are low-rank factors (MatrixOperator.add_factor) and not under autograd
         self.remembers = False
@@ -395,9 +406,9 @@ class HatFamily:
         :data:`Terms` on this family's Gaussians (``[F, P_out, K]`` once expanded; no terms: zero), and
         ``Eᵀx`` on the basis as it was before (``[F, r, K]``; None for an empty basis).
 
-        ``x`` lies in the span of the basis afterwards (up to the directions dropped as below rounding), so
-        its coordinates on it are kept until :meth:`forget`: a gradient factor that is this very ket is then
-        held as coordinates (:meth:`coordinates`) instead of a ``[P, K]`` block."""
+        ``x`` lies in the span of the basis afterwards, up to the directions left out (:meth:`_kept`); where
+        those are rounding only, its coordinates on it are kept until :meth:`forget`: a gradient factor that is
+        this very ket is then held as coordinates (:meth:`coordinates`) instead of a ``[P, K]`` block."""
         xd = x.detach()
         self.basis.demand += x.shape[2]  # up to K new directions per application
         self.gaussians.demand += x.shape[2]
@@ -427,9 +438,15 @@ class HatFamily:
         if E is not None:
             resid = torch.baddbmm(x, E, coef, alpha=-1) if x.requires_grad or E.requires_grad else rd
             terms.append((self.gaussians.cat(), coef * scale))
-        keep = None if directions is None else directions[0] > self.DROP * norm2[:, None]
+        keep = spanned = None
+        if directions is not None:
+            keep, above_rounding = self._kept(directions[0], norm2)
+            left_out = int((above_rounding & ~keep).sum())
+            self.left_out += left_out
+            spanned = left_out == 0  # else x's coordinates on the basis are not x
         if keep is None or not keep.any():  # every direction is in the span already (for every fixed index)
-            self._remember(xd, coef)
+            if spanned is not False:
+                self._remember(xd, coef)
             return terms, inner
         evals, vecs = directions
         new_directions = keep.any(dim=0)
@@ -449,7 +466,8 @@ class HatFamily:
         self.basis.append(E_new)
         self.gaussians.append(G_new)
         terms.append((G_new, R * scale))
-        self._remember(xd, R if coef is None else torch.cat([coef, R], dim=1))
+        if spanned:
+            self._remember(xd, R if coef is None else torch.cat([coef, R], dim=1))
         return terms, inner
 
     def _paired_gaussians(self, components: int, vecs: torch.Tensor) -> torch.Tensor:
@@ -507,6 +525,17 @@ class HatFamily:
                 f"{gram.shape[2]}], {self.dtype}) has no eigendecomposition ({error}). Run the limit in float64 "
                 "(dtype=torch.float64, the default) or with fewer components per step") from None
 
+    def _kept(self, evals: torch.Tensor, norm2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of the residual's directions (``evals`` ``[F, K]``) a sample keeps, and which are above rounding:
+        those carrying more than :attr:`least_share` of the ket's energy ``norm2``, where the particles suffice
+        for Stein dots over its ``K`` components (below that, where a run is warned of their bias, leaving
+        directions out would add to it), else those above rounding."""
+        shares = evals / norm2[:, None]
+        above_rounding = shares > self.DROP
+        if self.p_out < STEIN_PARTICLES_PER_DIRECTION * evals.shape[1]:
+            return above_rounding, above_rounding
+        return shares > self.least_share, above_rounding
+
     def _needs_second_pass(self, evals: torch.Tensor, vecs: torch.Tensor, x: torch.Tensor,
                            norm2: torch.Tensor) -> bool:
         """Whether one classical Gram–Schmidt pass leaves a new direction too far from orthogonal to the basis.
@@ -523,7 +552,7 @@ class HatFamily:
           step: the pass is taken when a direction has lost more than half of its energy (``λ_j < ½ vⱼᵀ xᵀx
           vⱼ``), the "twice is enough" criterion.
         """
-        kept = evals > self.DROP * norm2[:, None]
+        kept = self._kept(evals, norm2)[0]
         if not kept.any():
             return False
         energy = particle_sum(x.mT @ x, self.shard)  # [F, K, K]

@@ -43,6 +43,7 @@ from tplimits.limit import compare as fidelity
 from tplimits.limit.distributed import SHARD, Shard, owned_systems, particle_sum, process_group, shard_of, spread
 from tplimits.limit.draws import drawn_initial, fixed_size_initial
 from tplimits.limit.exact import EXACT_WIDTHS, NotGaussian, exact_kernel
+from tplimits.limit.kets import STEIN_PARTICLES_PER_DIRECTION
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.mu import grid_entries as mu_grid_entries
 from tplimits.limit.nt import DEFAULT_COPIES, Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
@@ -725,9 +726,6 @@ def directions_per_application(program: Program) -> int:
     matrix (a convolution's kernel offset): the directions its hat family gains in one pass."""
     return max((_fixed_size(program[ins.vector].layout) // _fixed_size(program[ins.matrix].layout)
                 for ins in program.instructions if isinstance(ins, MatMul)), default=0)
-
-
-STEIN_PARTICLES_PER_DIRECTION = 32  # tests/test_conv_dots.py: 128 directions on 1024 particles biased a kernel 2×
 
 
 def _stein_biased(setup: LimitSetup, per_system: int) -> bool:
