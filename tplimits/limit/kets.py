@@ -438,14 +438,14 @@ class HatFamily:
         if E is not None:
             resid = torch.baddbmm(x, E, coef, alpha=-1) if x.requires_grad or E.requires_grad else rd
             terms.append((self.gaussians.cat(), coef * scale))
-        keep = spanned = None
+        keep, spanned = None, True
         if directions is not None:
             keep, above_rounding = self._kept(directions[0], norm2)
             left_out = int((above_rounding & ~keep).sum())
             self.left_out += left_out
             spanned = left_out == 0  # else x's coordinates on the basis are not x
         if keep is None or not keep.any():  # every direction is in the span already (for every fixed index)
-            if spanned is not False:
+            if spanned:
                 self._remember(xd, coef)
             return terms, inner
         evals, vecs = directions
