@@ -598,6 +598,47 @@ def retime_limit(save: str) -> None:
     print(accuracy_table({"finite": new["finite"]}, new))
 
 
+def width_trend(save: str) -> None:
+    """Whether the finite side of a saved cost-at-accuracy run has converged in width, and how far the limit is
+    from where it converges: the loss (mse of the seed mean against the targets) of every width at steps 10 /
+    30 / 50, then per step and output the fit ``m(n) = m_∞ + b/n`` over the widths (weighted by the seed
+    means' variances), and the limit's RMS distance to ``m_∞`` with both noises taken out (the limit's and the
+    fit's), as "bias" above. A limit whose bias against ``m_∞`` is the same as against every width is off on
+    its own side; one whose bias falls with width toward ``m_∞``'s is the finite side's."""
+    with open(save) as f:
+        state = json.load(f)
+    _, y = accuracy_task(state["config"]["data"])
+    ref = _reference_tensors(state, save)
+    limit, limit_var = ref["outputs"], ref["outputs_se"].square()
+    means, variances, widths = [], [], sorted(map(int, state["finite"]))
+    print("| width | seeds | loss at steps 10 / 30 / 50 | limit's bias against its seed mean |\n|---|---|---|---|")
+    for width in widths:
+        runs = torch.load(_seed_file(save, width))
+        means.append(runs.mean(0))
+        variances.append(runs.var(0) / len(runs))
+        stats = _ensemble_stats(runs, limit, float(limit_var.mean()), 0.0)
+        print(f"| {width} | {len(runs)} | {' / '.join(f'{_loss_at(means[-1], y, s):.4f}' for s in (10, 30, 50))} "
+              f"| {stats['bias']:.4f} |")
+    inverse = torch.tensor([1 / w for w in widths], dtype=limit.dtype).reshape(-1, *[1] * limit.dim())
+    weight = 1 / torch.stack(variances).clamp_min(torch.finfo(limit.dtype).tiny)
+    mean_m, mean_x = (weight * torch.stack(means)).sum(0) / weight.sum(0), (weight * inverse).sum(0) / weight.sum(0)
+    sxx = (weight * (inverse - mean_x).square()).sum(0)
+    slope = (weight * (inverse - mean_x) * (torch.stack(means) - mean_m)).sum(0) / sxx
+    extrapolated = mean_m - slope * mean_x
+    extrapolated_var = 1 / weight.sum(0) + mean_x.square() / sxx
+    gap_sq = (limit - extrapolated).square()
+    bias = float((gap_sq - limit_var - extrapolated_var).mean().clamp_min(0).sqrt())
+    z = (gap_sq / (limit_var + extrapolated_var))[1:].mean().sqrt()
+    print(f"| ∞ (fit in 1/n) | — | {' / '.join(f'{_loss_at(extrapolated, y, s):.4f}' for s in (10, 30, 50))} | "
+          f"{bias:.4f} (RMS z {float(z):.2f}, fit se {float(extrapolated_var.mean().sqrt()):.4f}) |")
+    print(f"limit: loss at steps 10 / 30 / 50 {' / '.join(f'{_loss_at(limit, y, s):.4f}' for s in (10, 30, 50))}, "
+          f"RMS se {float(limit_var.mean().sqrt()):.4f}")
+
+
+def _loss_at(outputs: torch.Tensor, y: torch.Tensor, step: int) -> float:
+    return float((outputs[step] - y).square().mean())
+
+
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_")
 FLOPS_CASES = (  # optimizer, particles (4 systems), copies per system, steps
     ("sgd", 2**14, None, 10), ("sgd", 2**16, None, 10), ("adam", 2**14, 256, 5), ("adam", 2**16, 1024, 3))
@@ -947,6 +988,18 @@ def in_trees(part: str, before: str) -> None:
             print(f"{label}: {line}", flush=True)
 
 
+def accuracy_part(args: argparse.Namespace) -> None:
+    """The accuracy part: a cost-at-accuracy run, or (``--retime``, ``--trend``) a reading of a saved one."""
+    if args.retime:
+        retime_limit(args.retime)
+    elif args.trend:
+        width_trend(args.trend)
+    else:
+        cost_at_accuracy(args.target, args.steps, args.data, args.optimizer, tuple(args.widths),
+                         tuple(args.max_seeds), args.systems, args.start_particles, args.max_particles,
+                         args.reference_runs, args.max_finite_seconds, args.save, args.resume, args.copy_divisor)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*",
@@ -980,6 +1033,9 @@ if __name__ == "__main__":
     parser.add_argument("--resume", action="store_true", help="accuracy: continue the run saved in --save")
     parser.add_argument("--retime", metavar="FILE",
                         help="accuracy: re-time only the limit of the run saved in FILE, recompute the ratios")
+    parser.add_argument("--trend", metavar="FILE",
+                        help="accuracy: the finite widths of the run saved in FILE, their fit in 1/n and the "
+                             "limit's distance to it (no training)")
     parser.add_argument("--before", help="linear-speed, adam-speed (required), copies, optimizer: a source tree of "
                                          "the engine to compare with, in the same run")
     parser.add_argument("--no-threads", action="store_true",
@@ -1016,10 +1072,7 @@ if __name__ == "__main__":
         "reference": reference,
         "reference-adam": reference_adam,
         "scaling": scaling,
-        "accuracy": (lambda: retime_limit(args.retime)) if args.retime else lambda: cost_at_accuracy(
-            args.target, args.steps, args.data, args.optimizer, tuple(args.widths), tuple(args.max_seeds),
-            args.systems, args.start_particles, args.max_particles, args.reference_runs, args.max_finite_seconds,
-            args.save, args.resume, args.copy_divisor),
+        "accuracy": lambda: accuracy_part(args),
         "copies": (lambda: in_trees("copies", args.before)) if args.before else copies_scaling,
         "copies-accuracy": copies_accuracy,
         "optimizer": (lambda: in_trees("optimizer", args.before)) if args.before else optimizer_step,

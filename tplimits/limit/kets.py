@@ -377,6 +377,9 @@ class HatFamily:
     # for each of the ket's components (docs/limit.md, "Which directions a hat keeps")
     STEIN_SHARE = 4.0
     SINGLE_PASS_OVERLAP = 1e-10  # the most overlap with the basis a new direction may have after one pass
+    # Stein dots with the hats of one matrix (HatFamily.partner, _against_partner): off by default until the test
+    # suite's statistical cases are re-measured under it (docs/performance.md, "Consistent hats")
+    CONSISTENT = False
 
     def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
                  device: torch.device, track_grad: bool, shard: Shard | None = None, name: str = "a matrix") -> None:
@@ -396,6 +399,12 @@ class HatFamily:
         self.overlaps = _Overlaps()
         self.second_passes = 0  # applications that took a second Gram–Schmidt pass (benchmarks read it)
         self.left_out = 0  # directions above rounding left out under Stein dots (least_share)
+        # under Stein dots, the transpose's family (set by MatrixOperator): a new direction's Gaussians take their
+        # components along its basis from its Gaussians, so that the matrix and its transpose agree
+        # (:meth:`_against_partner`), and the last sampled ket's part outside the basis, the directions left out
+        # (None: none), is all a dot is still needed for
+        self.partner: HatFamily | None = None
+        self.outside: torch.Tensor | None = None
         # the kets sampled since the last forget(), with their coordinates on E: [F, r, K], kept when the
         # matrix's updates are low-rank factors (MatrixOperator.add_factor) and not under autograd
         self.remembers = False
@@ -410,6 +419,7 @@ class HatFamily:
         those are rounding only, its coordinates on it are kept until :meth:`forget`: a gradient factor that is
         this very ket is then held as coordinates (:meth:`coordinates`) instead of a ``[P, K]`` block."""
         xd = x.detach()
+        self.outside = None
         self.basis.demand += x.shape[2]  # up to K new directions per application
         self.gaussians.demand += x.shape[2]
         if self.lagged is None:  # decided once, so a run keeps one scheme (and a resumed run the same)
@@ -444,6 +454,8 @@ class HatFamily:
             left_out = int((above_rounding & ~keep).sum())
             self.left_out += left_out
             spanned = left_out == 0  # else x's coordinates on the basis are not x
+            if not spanned:
+                self.outside = self._left_out_part(rd, directions[1], keep)
         if keep is None or not keep.any():  # every direction is in the span already (for every fixed index)
             if spanned:
                 self._remember(xd, coef)
@@ -461,6 +473,8 @@ class HatFamily:
         E_new = ((vecs * inv_root[:, None, :]).mT @ resid.mT).mT
         R = (vecs * root[:, None, :]).transpose(1, 2)
         G_new = self._paired_gaussians(x.shape[2], vecs)
+        if self.partner is not None:
+            G_new = self._against_partner(G_new, E_new)
         if self.track_grad:
             G_new.requires_grad_(True)
         self.basis.append(E_new)
@@ -480,6 +494,26 @@ class HatFamily:
         if self.shard is not None:  # drawn whole, as in one process, and cut to this rank's rows
             H = self.shard.rows(H, 1)
         return H @ vecs
+
+    def _against_partner(self, G_new: torch.Tensor, E_new: torch.Tensor) -> torch.Tensor:
+        """The Gaussians of new directions ``E_new`` with their components along the transpose's basis ``E'``
+        replaced by that family's: ``G_new + E'(G'ᵀE_new − E'ᵀG_new)``. A matrix ``W`` has one number
+        ``e'ᵀWe`` per pair of directions, which both ``(We)`` and ``(Wᵀe')`` carry; drawn independently, every
+        pair would carry two, and a ket's Stein dot would add the noise of every direction of ``E'`` whatever
+        the ket's share along it. The directions already in ``E'`` are known functions of the past, and ``G'``
+        and ``G_new`` stay iid Gaussian apart from the numbers the two directions share."""
+        partner = self.partner.basis.cat()
+        if partner is None:
+            return G_new
+        along = particle_sum(self.partner.basis.reduce(G_new), self.shard)  # E'ᵀG_new: [F, r', k]
+        shared = particle_sum(self.partner.gaussians.reduce(E_new), self.shard)  # G'ᵀE_new: [F, r', k]
+        return torch.baddbmm(G_new, partner, shared - along)
+
+    @staticmethod
+    def _left_out_part(residual: torch.Tensor, vecs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The part of ``residual`` ([F, P, K]) along the eigen-directions ``vecs`` ([F, K, K]) not kept."""
+        left = vecs * (~keep)[:, None, :]
+        return residual @ left @ left.mT
 
     def _inner(self, xd: torch.Tensor, Ed: torch.Tensor) -> torch.Tensor:
         """``Eᵀx`` ([F, r, K]). A lagged family sums the columns the last sample added along with ``x`` (one
@@ -733,6 +767,9 @@ class MatrixOperator:
             }
             for family in self.families.values():
                 family.remembers = low_rank  # a family under autograd dots keeps nothing (HatFamily._remember)
+            if self.families["forward"].CONSISTENT and not track:  # autograd dots need iid Gaussian leaves
+                self.families["forward"].partner = self.families["transposed"]
+                self.families["transposed"].partner = self.families["forward"]
         paired = dense and (shard is not None or copies is not None and copies < max(self.p_in, self.p_out))
         self.dense = torch.zeros(self.shape, dtype=dtype, device=device) if dense and not paired else None
         self.pairs = None
@@ -778,13 +815,19 @@ class MatrixOperator:
         terms: Terms = []
         y = None
         if self.kind == "gaussian":
-            own, other = ("forward", "transposed") if forward else ("transposed", "forward")
+            own, other = self.families["forward" if forward else "transposed"], \
+                self.families["transposed" if forward else "forward"]
             scale = self.init_value * self.init_scale
-            hat, inner = self.families[own].sample(xc, scale)
+            hat, inner = own.sample(xc, scale)
             terms += hat
-            dot = self.families[other].dot(xc, self.dots, scale)
+            # with consistent hats (HatFamily.partner) only the part of x the hat left out needs a dot
+            dotted = xc if own.partner is None else own.outside
+            dot = None if dotted is None else other.dot(dotted, self.dots, scale)
             # on the other family's basis, as the dot is: one coefficient matrix for all of them
             for low in self._low_rank_coordinates(inner, forward):
+                if dot is None:
+                    basis = other.basis.cat()
+                    dot = basis, low.new_zeros(low.shape[0], basis.shape[-1], low.shape[2])
                 dot[1][:, : low.shape[1]] += low
             if dot is not None:
                 terms.append(dot)
