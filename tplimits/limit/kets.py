@@ -377,8 +377,8 @@ class HatFamily:
     # for each of the ket's components (docs/limit.md, "Which directions a hat keeps")
     STEIN_SHARE = 4.0
     SINGLE_PASS_OVERLAP = 1e-10  # the most overlap with the basis a new direction may have after one pass
-    # Stein dots with the hats of one matrix (HatFamily.partner, _against_partner): off by default until the test
-    # suite's statistical cases are re-measured under it (docs/performance.md, "Consistent hats")
+    # Stein dots with the hats of one matrix (partner, _against_partner): off by default until the test suite's
+    # statistical cases are re-measured under it (docs/performance.md, "... and hats of one matrix")
     CONSISTENT = False
 
     def __init__(self, n_fixed: int, p_in: int, p_out: int, generator: torch.Generator, dtype: torch.dtype,
