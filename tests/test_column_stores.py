@@ -33,17 +33,18 @@ def test_no_mirror_off_the_cpu_or_under_autograd():
 
 
 def test_a_resumed_run_keeps_each_stores_layout():
-    """48 inputs, 3 steps: each hat basis holds 144 columns when saved, more than a thin append; restored as one
-    append of that width, a store would drop its mirror and sum in another order than the run it continues."""
+    """48 inputs, 4 steps: each hat basis holds more columns when saved than a thin append (up to 192; hats of
+    one matrix find some kets in the span already); restored as one append of that width, a store would drop its
+    mirror and sum in another order than the run it continues."""
     g = torch.Generator().manual_seed(1)
     X, y = torch.randn(48, 3, generator=g), torch.randn(48, 1, generator=g)
     setup = tpl.derive("mlp", optimizer="sgd", depth=3, d_in=3).setup(X)
-    a = ParticleNetwork(setup, 512, 0, torch.float64, "cpu", "stein", 0.3, 6)
-    particle_steps(a, X, y, 3)
+    a = ParticleNetwork(setup, 512, 0, torch.float64, "cpu", "stein", 0.3, 7)
+    particle_steps(a, X, y, 4)
     bases = [f.basis for op in a.operators.values() for f in op.families.values()]
     assert bases and all(b.mirrored and b.cat().shape[-1] > _Columns.THIN for b in bases)
     saved = a.state_dict()
-    b = ParticleNetwork(setup, 512, 99, torch.float64, "cpu", "stein", 0.3, 6)
+    b = ParticleNetwork(setup, 512, 99, torch.float64, "cpu", "stein", 0.3, 7)
     b.load_state_dict(saved)
     assert all(f.basis.mirrored for op in b.operators.values() for f in op.families.values())
     for out_a, out_b in zip(particle_steps(a, X, y, 3), particle_steps(b, X, y, 3), strict=True):

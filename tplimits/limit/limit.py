@@ -43,7 +43,7 @@ from tplimits.limit import compare as fidelity
 from tplimits.limit.distributed import SHARD, Shard, owned_systems, particle_sum, process_group, shard_of, spread
 from tplimits.limit.draws import drawn_initial, fixed_size_initial
 from tplimits.limit.exact import EXACT_WIDTHS, NotGaussian, exact_kernel
-from tplimits.limit.kets import STEIN_PARTICLES_PER_DIRECTION
+from tplimits.limit.kets import STEIN_PARTICLES_PER_DIRECTION, HatFamily
 from tplimits.limit.mu import LimitSetup, ParticleNetwork, initial_values
 from tplimits.limit.mu import grid_entries as mu_grid_entries
 from tplimits.limit.nt import DEFAULT_COPIES, Kernel, TangentSystem, check_operator_program, grid_entries, output_kernel
@@ -731,7 +731,10 @@ def directions_per_application(program: Program) -> int:
 def _stein_biased(setup: LimitSetup, per_system: int) -> bool:
     """Whether the Stein estimates of the dot terms see too few particles per system for the directions a matrix
     is applied to: their noise adds to every ``Wᵀδ`` a random ket of second moment ≈ (directions/particles)·E[δ²]
-    in every system alike, a bias of the kernels downstream that no standard error shows."""
+    in every system alike, a bias of the kernels downstream that no standard error shows. Hats of one matrix
+    (``HatFamily.CONSISTENT``) keep every direction there, so no ket takes a Stein dot at all."""
+    if HatFamily.CONSISTENT:
+        return False
     return directions_per_application(setup.program) * STEIN_PARTICLES_PER_DIRECTION > per_system
 
 
