@@ -1,5 +1,5 @@
 """Column stores (``_Columns``): a thin store keeps a transposed mirror for its sums over particles, a wide one
-does not, and a restored store keeps the layout it was saved with. Expected values: ``Cᵀx`` formed directly by
+does not, and a restored store keeps the layout it was saved with (mirror and capacity, so its views have the saved strides). Expected values: ``Cᵀx`` formed directly by
 torch, and the uninterrupted run."""
 
 from __future__ import annotations
@@ -47,5 +47,17 @@ def test_a_resumed_run_keeps_each_stores_layout():
     b = ParticleNetwork(setup, 512, 99, torch.float64, "cpu", "stein", 0.3, 7)
     b.load_state_dict(saved)
     assert all(f.basis.mirrored for op in b.operators.values() for f in op.families.values())
+    for store_a, store_b in _stores(a, b):
+        assert store_a.capacity == store_b.capacity and store_a.cat().stride() == store_b.cat().stride()
     for out_a, out_b in zip(particle_steps(a, X, y, 3), particle_steps(b, X, y, 3), strict=True):
         assert torch.equal(out_a, out_b)
+
+
+def _stores(a: ParticleNetwork, b: ParticleNetwork) -> list[tuple[_Columns, _Columns]]:
+    """The hat stores of two systems of one setup, paired."""
+    pairs = []
+    for name, op in a.operators.items():
+        for key, family in op.families.items():
+            other = b.operators[name].families[key]
+            pairs += [(family.basis, other.basis), (family.gaussians, other.gaussians)]
+    return pairs

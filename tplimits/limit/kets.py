@@ -207,6 +207,20 @@ class _Columns:
                 mirror[..., : self._size, :] = self._mirror[..., : self._size, :]
             self._mirror = mirror
 
+    @property
+    def capacity(self) -> int:
+        """The columns the buffer holds room for (differentiable columns: those there are)."""
+        return self._size if self.differentiable or self._joined is None else self._joined.shape[-1]
+
+    def restore(self, t: torch.Tensor, capacity: int) -> None:
+        """Fill an empty store with the saved columns ``t`` in a buffer of the saved ``capacity``: a view of the
+        columns then has the saved strides, and the BLAS, whose rounding depends on them (a product with a
+        ``[P, r]`` view of row stride 17 differs in the last bit from one of stride 16), sums as in the run a
+        resumed one continues."""
+        self.append(t)
+        if not self.differentiable and capacity > self._joined.shape[-1]:
+            self._grow(self._joined, capacity)
+
     def reserve(self, rounds: int, most: int | None = None) -> None:
         """Room for ``rounds`` more rounds asking as many columns as the ones since the last reserve (at most
         ``most`` columns in all), allocated now, so the buffer is not copied again."""
@@ -1035,9 +1049,11 @@ class MatrixOperator:
 
         return {"families": {k: {"basis": joined(f.basis), "gaussians": joined(f.gaussians),
                                  "mirrored": (f.basis.mirrored, f.gaussians.mirrored),
+                                 "capacity": (f.basis.capacity, f.gaussians.capacity),
                                  "lagged": f.lagged, "overlaps": f.overlaps.matrix()}
                              for k, f in self.families.items()},
                 "factors_mirrored": (self.out_factors.mirrored, self.in_factors.mirrored),
+                "factors_capacity": (self.out_factors.capacity, self.in_factors.capacity),
                 "dense": self.dense, "pairs": None if self.pairs is None else self.pairs.grids(),
                 "out_factors": joined(self.out_factors), "in_factors": joined(self.in_factors),
                 "factor_steps": list(self.factor_steps), "coefficients": self.coefficients,
@@ -1047,19 +1063,20 @@ class MatrixOperator:
                 "init_scale": self.init_scale}
 
     def load_state_dict(self, state: dict) -> None:
-        def columns(t: torch.Tensor | None, differentiable: bool, mirrored: bool) -> _Columns:
+        def columns(t: torch.Tensor | None, differentiable: bool, mirrored: bool, capacity: int) -> _Columns:
             # the saved layout, not the one the joined columns' width would choose: a resumed run sums in the
             # same order as the one it continues
             restored = _Columns(differentiable, self.device, mirrored if t is not None else None)
             if t is not None:
-                restored.append(t)
+                restored.restore(t, capacity)
             return restored
 
         for k, f in self.families.items():
             saved = state["families"][k]
             mirrored = saved.get("mirrored", (True, True))  # a checkpoint from before thin stores: all mirrored
-            f.basis = columns(saved["basis"], f.track_grad, mirrored[0])
-            f.gaussians = columns(saved["gaussians"], f.track_grad, mirrored[1])
+            capacity = saved.get("capacity", (0, 0))  # before saved capacities: the columns' own width
+            f.basis = columns(saved["basis"], f.track_grad, mirrored[0], capacity[0])
+            f.gaussians = columns(saved["gaussians"], f.track_grad, mirrored[1], capacity[1])
             f.lagged, f.overlaps = saved.get("lagged", False), _Overlaps()  # before lagged families: two passes
             if saved.get("overlaps") is not None:
                 f.overlaps.buffer, f.overlaps.size = saved["overlaps"], saved["overlaps"].shape[1]
@@ -1067,9 +1084,9 @@ class MatrixOperator:
         if self.pairs is not None:
             self.pairs.forward, self.pairs.transposed = state["pairs"]["forward"], state["pairs"]["transposed"]
         differentiable = self.dots == "autograd"
-        mirrored = state.get("factors_mirrored", (True, True))
-        self.out_factors = columns(state["out_factors"], differentiable, mirrored[0])
-        self.in_factors = columns(state["in_factors"], differentiable, mirrored[1])
+        mirrored, capacity = state.get("factors_mirrored", (True, True)), state.get("factors_capacity", (0, 0))
+        self.out_factors = columns(state["out_factors"], differentiable, mirrored[0], capacity[0])
+        self.in_factors = columns(state["in_factors"], differentiable, mirrored[1], capacity[1])
         self.factor_steps = list(state["factor_steps"])
         self._column_steps = None
         self.out_coordinates, self.in_coordinates = _Coordinates(self.p_out), _Coordinates(self.p_in)
