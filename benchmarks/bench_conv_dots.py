@@ -3,8 +3,10 @@
 The ratio ``⟨d b0|d b0⟩ / ⟨d b2|d b2⟩`` of the squared gradients of the first and last batch-norm biases of a
 three-layer conv / batch-norm / ReLU network: by ``torch.autograd`` on μP finite models (``--widths``, seeds
 each), and in the limit with ``--dots`` at each ``--particles`` per system (``--systems`` independent systems
-each). Stein's noise biases the limit's ratio upwards by about (directions / particles); autograd dots (relu's
-point mass smoothed, ``tplimits.limit.kets.smoothed_jumps``) do not carry it. ``--bandwidth`` overrides
+each). With independent hats for ``W`` and ``Wᵀ`` (``--independent-hats``: the earlier rounds' hats,
+``HatFamily.CONSISTENT = False`` and ``STEIN_SHARE = 4``) Stein's noise biases the limit's ratio upwards by about
+(directions / particles); the default hats of one matrix and autograd dots (relu's point mass smoothed,
+``tplimits.limit.kets.smoothed_jumps``) do not carry it. ``--bandwidth`` overrides
 ``JUMP_BANDWIDTH`` (a huge value drops the smoothed point mass: what per-particle autograd alone gives).
 
 Run: ``python benchmarks/bench_conv_dots.py --particles 256 1024 --systems 8 4 --dots stein autograd``.
@@ -36,7 +38,10 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="*", default=[], help="finite reference widths (6 seeds)")
     parser.add_argument("--bandwidth", type=float, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--independent-hats", action="store_true", help="the earlier rounds' hats, for comparison")
     args = parser.parse_args()
+    if args.independent_hats:
+        kets.HatFamily.CONSISTENT, kets.HatFamily.STEIN_SHARE = False, 4.0
     if args.bandwidth is not None:
         kets.JUMP_BANDWIDTH = args.bandwidth
     torch.set_default_dtype(torch.float64)

@@ -1,6 +1,6 @@
 """Column stores (``_Columns``): a thin store keeps a transposed mirror for its sums over particles, a wide one
-does not, and a restored store keeps the layout it was saved with (mirror and capacity, so its views have the saved strides). Expected values: ``Cᵀx`` formed directly by
-torch, and the uninterrupted run."""
+does not, and a restored store keeps the layout it was saved with (mirror and capacity, so its views have the
+saved strides). Expected values: ``Cᵀx`` formed directly by torch, and the uninterrupted run."""
 
 from __future__ import annotations
 

@@ -10,9 +10,10 @@ carries it. Hats of one matrix (``HatFamily.CONSISTENT``, the default) draw ``W�
 ``e'ᵀWe`` that ``W``'s hat drew, so a ket in the span needs no dot, and with few particles per component every
 direction is kept: no Stein dot is formed. Autograd dots differentiate each particle's cotangent instead; relu's
 pullback jumps, and the point mass of its derivative is smoothed (``tplimits.limit.kets.smoothed_jumps``), so
-their noise is one number per component rather than one per direction and component. The gradient of a batch-norm bias two convolutions
-below the output shows the difference: the sum over batch and positions of the cotangent, whose true value is
-small (the cotangents above it sum to zero over batch and positions, through the batch norm above).
+their noise is one number per component rather than one per direction and component. The gradient of a
+batch-norm bias two convolutions below the output shows the difference: the sum over batch and positions of the
+cotangent, whose true value is small (the cotangents above it sum to zero over batch and positions, through the
+batch norm above).
 
 Expected values: ``torch.autograd`` on μP-instantiated finite models (the ratio of the squared gradients of
 two batch-norm biases: both are vectors of the same role, so the ratio is the limit's kernel ratio, free of
