@@ -12,7 +12,8 @@ particles (1e-10 in float64), for the linear-rule path (low-rank factors, autogr
 Adam's pair grids and normalized and clipped updates (norms of whole grids and vectors), on a depth-3 MLP
 (autograd dots) and the Transformer (Stein dots; heads: blocks of n/2 particles). ``Limit.check`` spreads
 its finite models over the ranks, each trained as in one process, and ``Limit.kernel`` its Monte Carlo
-systems, bit for bit the one-process kernel.
+systems, bit for bit the one-process kernel; ``Limit.compare`` its systems and finite models, bit for bit
+the one-process report.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pathlib
 import socket
 import warnings
 
+import attrs
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,6 +32,7 @@ import torch.multiprocessing as mp
 
 import tplimits as tpl
 from tplimits.limit.check import CheckReport
+from tplimits.limit.compare import FidelityReport
 
 RUNS = {  # name: (derive options, train options)
     "sgd": (dict(optimizer="sgd", depth=2, d_in=3), dict(steps=3, lr=0.5, particles=1024, batches=4,
@@ -97,6 +100,11 @@ def _worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") ->
         if rank == 0:
             single_kernel = kernel.kernel(X, distributed=False, **options)
             results["kernel"]["single"] = (single_kernel.value, single_kernel.se)
+        compare = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
+        options = dict(widths=[16, 32], seeds=3, steps=2, lr=0.5, particles=256, batches=4, progress=False)
+        results["compare"] = {"spread": _fidelity(compare.compare(X, y, **options))}
+        if rank == 0:
+            results["compare"]["single"] = _fidelity(compare.compare(X, y, distributed=False, **options))
         try:  # lr far too large: the first system diverges on rank 0, the others would on rank 1
             tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3).train(X, y, steps=5, lr=1e4, particles=256,
                                                                       batches=4, progress=False)
@@ -108,6 +116,12 @@ def _worker(rank: int, size: int, init: str, out: str, backend: str = "gloo") ->
         dist.destroy_process_group()
         raise
     _leave()
+
+
+def _fidelity(report: FidelityReport) -> dict[str, torch.Tensor]:
+    """A compare report's tensors (its per-step, per-value statistics)."""
+    fields = attrs.asdict(report, recurse=False)
+    return {k: v for k, v in fields.items() if isinstance(v, torch.Tensor)}
 
 
 def _free_port() -> int:
@@ -136,6 +150,15 @@ def _compare(ranks: list[dict], exact: bool) -> None:
                 assert torch.equal(got, want)
             else:
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    single = ranks[0]["compare"]["single"]
+    assert float(single["resolution"].max()) > 0
+    for results in ranks:  # Limit.compare's systems and finite models spread too
+        assert results["compare"]["spread"].keys() == single.keys()
+        for key, want in single.items():
+            if exact:
+                assert torch.equal(results["compare"]["spread"][key], want), key
+            else:
+                torch.testing.assert_close(results["compare"]["spread"][key], want, rtol=1e-10, atol=1e-12)
     assert [results["diverged"] for results in ranks] == [ranks[0]["diverged"]] * len(ranks)
     assert ranks[0]["diverged"] is not None and ranks[0]["diverged"][0] == "Diverged"
 
@@ -335,3 +358,7 @@ def test_distributed_true_needs_a_process_group():
         kernel.kernel(X, path="monte carlo", particles=256, distributed="shard")
     with pytest.raises(tpl.TplimitsError, match="distributed must be True, False, None .automatic. or 'shard'"):
         kernel.kernel(X, path="monte carlo", particles=256, distributed="yes")
+    with pytest.raises(tpl.TplimitsError, match="distributed=True needs an initialized torch.distributed"):
+        limit.compare(X, y, widths=[16], seeds=2, steps=1, progress=False, distributed=True)
+    with pytest.raises(tpl.TplimitsError, match="compare spreads whole particle systems .* pass True"):
+        limit.compare(X, y, widths=[16], seeds=2, steps=1, progress=False, distributed="shard")

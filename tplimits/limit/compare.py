@@ -47,6 +47,7 @@ from tplimits.core.program import Program
 from tplimits.core.pullback import materialized
 from tplimits.errors import Diverged, TplimitsError, check_real
 from tplimits.limit.check import finite_steps
+from tplimits.limit.distributed import SHARD, owned_systems, process_group, spread
 from tplimits.limit.mu import LimitSetup
 from tplimits.limit.runs import standard_error, student_t_tail
 from tplimits.training.coordcheck import fit_slope
@@ -257,11 +258,19 @@ def compare_values(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Seque
                    steps: int = 5, lr: float = 0.1, loss: Any = "mse", particles: int = 2**14, batches: int = 4,
                    seed: int = 0, dtype: torch.dtype = torch.float64, alpha: float = 0.01,
                    min_relative: float = 0.02, center: bool = False, progress: bool = True,
-                   setup: LimitSetup | None = None) -> FidelityReport:
+                   setup: LimitSetup | None = None, distributed: bool | None = None) -> FidelityReport:
     """Train the limit and ``seeds`` finite models per width side by side for ``steps`` updates and test
     every program value at each of them (module docstring). ``setup``: a modified copy of the limit's
-    setup (to see what a change of the engine does), else the limit's own."""
+    setup (to see what a change of the engine does), else the limit's own.
+
+    Under a ``torch.distributed`` process group (``distributed`` as :meth:`Limit.train` takes it, but whole
+    systems only) the limit's systems and the finite models are spread over the ranks, each run exactly as
+    in one process, and every rank returns the same report."""
     _check_arguments(widths, seeds, alpha, min_relative)
+    if distributed == SHARD:
+        raise TplimitsError("compare spreads whole particle systems and finite models over the ranks; "
+                            "distributed='shard' is not taken here: pass True (or None)")
+    rank, size = process_group(distributed)
     start = time.perf_counter()
     run, own = limit._prepare(X, y, None, steps, lr, loss, None, particles, seed, device="cpu", dtype=dtype,
                               batches=batches, dots="auto", kernels=(), checkpoint=None, checkpoint_every=1,
@@ -272,10 +281,12 @@ def compare_values(limit: Limit, X: torch.Tensor, y: torch.Tensor, widths: Seque
                             f"{setup.regime} regime (NTP-like), whose features do not move: use check")
     watched = watched_values(setup)
     widths = tuple(sorted(widths))
-    bar = tqdm(total=batches * (steps + 1) + seeds * len(widths) * steps, disable=not progress, desc="compare",
-               unit="step")
-    limit_side = [_limit_run(limit, run, setup, watched, b, bar) for b in range(batches)]
-    finite_side = [[_finite_run(limit, run, setup, watched, w, s, bar) for s in range(seeds)] for w in widths]
+    models = [(w, s) for w in widths for s in range(seeds)]
+    own = len(owned_systems(batches, rank, size)) * (steps + 1) + len(owned_systems(len(models), rank, size)) * steps
+    bar = tqdm(total=own, disable=not progress, desc="compare", unit="step")
+    limit_side = spread(batches, lambda b: _limit_run(limit, run, setup, watched, b, bar), rank, size)
+    finite = spread(len(models), lambda i: _finite_run(limit, run, setup, watched, *models[i], bar), rank, size)
+    finite_side = [finite[i * seeds: (i + 1) * seeds] for i in range(len(widths))]
     bar.close()
     return _report(watched, widths, seeds, run.particles, batches, limit_side, finite_side, alpha, min_relative,
                    time.perf_counter() - start)
