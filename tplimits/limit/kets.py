@@ -389,7 +389,7 @@ class HatFamily:
     # Stein dots: a new direction carrying less than STEIN_SHARE / P of the ket's energy (P: the particles a Stein
     # sum runs over) is left out, hat and dot alike, where the system has STEIN_PARTICLES_PER_DIRECTION particles
     # for each of the ket's components (docs/limit.md, "Which directions a hat keeps"). The left-out part's Stein
-    # dot biases the limit by about √STEIN_SHARE (digits under Adam: 0.0058 at 4, 0.0010 at 1/16, for 1.05× the
+    # dot biases the limit by about STEIN_SHARE^0.4 (digits under Adam: 0.0058 at 4, 0.0010 at 1/16, for 1.05× the
     # time of the reference case; docs/performance.md, "Hats of one matrix by default")
     STEIN_SHARE = 1 / 16
     SINGLE_PASS_OVERLAP = 1e-10  # the most overlap with the basis a new direction may have after one pass
