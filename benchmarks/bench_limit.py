@@ -233,11 +233,12 @@ def spread_scaling() -> None:
               f"{r['loss']!r}")
 
 
-SHARD_CASES = {  # case: (optimizer, parametrization, particles of the one system, copies, steps)
-    "sgd": ("sgd", "muP", 2**15, None, 10),
-    "adam": ("adam", "muP", 2**13, 1024, 5),
-    "sgd-normalized": ("sgd", "muP-normalized", 2**13, 1024, 5),  # every update divided by its whole norm
-    "nt-adam": ("adam", "NTP", 2**14, 1024, 5),  # the NT limit: tangents, and grids against the copies
+SHARD_CASES = {  # case: (architecture, optimizer, parametrization, particles of the one system, copies, steps)
+    "sgd": ("mlp", "sgd", "muP", 2**15, None, 10),
+    "adam": ("mlp", "adam", "muP", 2**13, 1024, 5),
+    "sgd-normalized": ("mlp", "sgd", "muP-normalized", 2**13, 1024, 5),  # every update divided by its whole norm
+    "nt-adam": ("mlp", "adam", "NTP", 2**14, 1024, 5),  # the NT limit: tangents, and grids against the copies
+    "decorrelated-sgd": ("decorrelated-mlp", "sgd", "muP", 2**15, None, 10),  # a non-gradient rule's rescaling
 }
 
 
@@ -256,9 +257,9 @@ def shard_one(case: str) -> None:
         ranks = dist.get_world_size()
     mode = "shard" if ranks > 1 else False
     torch.set_num_threads(1)
-    optimizer, param, particles, copies, steps = SHARD_CASES[case]
+    arch, optimizer, param, particles, copies, steps = SHARD_CASES[case]
     X, y = data()
-    limit = tpl.derive("mlp", optimizer=optimizer, param=param, depth=3, d_in=16)
+    limit = tpl.derive(arch, optimizer=optimizer, param=param, depth=3, d_in=16)
     limit.train(X, y, steps=1, lr=LR[optimizer], particles=256, batches=1, progress=False, distributed=mode,
                 copies=copies and 64)  # lowering, untimed
     start = time.perf_counter()
@@ -292,7 +293,7 @@ def rounding_sensitivity(particles: int = 4096, steps: int = 10) -> None:
 
 def shard_scaling() -> None:
     """One particle system in one process and sharded over 2 gloo processes (torchrun), one thread each."""
-    for case, (_, _, particles, copies, steps) in SHARD_CASES.items():
+    for case, (_, _, _, particles, copies, steps) in SHARD_CASES.items():
         for n in (1, 2):
             done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), __file__,
                                    "shard-one", case], capture_output=True, text=True, check=True)

@@ -9,11 +9,12 @@ forever).
 Sharded (``distributed="shard"``), every system is split over the ranks by particle rows: each rank's
 trajectory must equal the single-process one with the same seed up to the order of the sums over
 particles (1e-10 in float64), for the linear-rule path (low-rank factors, autograd and Stein dots),
-Adam's pair grids and normalized and clipped updates (norms of whole grids and vectors), on a depth-3 MLP
-(autograd dots) and the Transformer (Stein dots; heads: blocks of n/2 particles). ``Limit.check`` spreads
-its finite models over the ranks, each trained as in one process, and ``Limit.kernel`` its Monte Carlo
-systems, bit for bit the one-process kernel; ``Limit.compare`` its systems and finite models, bit for bit
-the one-process report.
+Adam's pair grids, normalized and clipped updates (norms of whole grids and vectors) and the decorrelation
+rule (its rescaling from the whole system's rows), on a depth-3 MLP (autograd dots), the decorrelated MLP
+and the Transformer (Stein dots; heads: blocks of n/2 particles). ``Limit.check`` spreads its finite
+models over the ranks, each trained as in one process, and ``Limit.kernel`` its Monte Carlo systems, bit
+for bit the one-process kernel; ``Limit.compare`` its systems and finite models, bit for bit the
+one-process report.
 """
 
 from __future__ import annotations
@@ -193,6 +194,11 @@ SHARDED = {  # name: (limit, X, y), train options
                                                     X_test=_data()[0][:2] + 1)),
     "mlp-adam-copies": (lambda: _mlp("adam"), dict(steps=3, lr=0.02, particles=512, batches=2, copies=48)),
     "mlp-adam-dense": (lambda: _mlp("adam"), dict(steps=2, lr=0.02, particles=256, batches=2)),
+    # a non-gradient rule: its signal through R's sharded products, its rescaling from the whole system's rows
+    "decorrelated-sgd": (lambda: (tpl.derive("decorrelated-mlp", optimizer="sgd", depth=3, d_in=3), *_data()),
+                         dict(steps=3, lr=0.5, particles=512, batches=2)),
+    "decorrelated-adam-copies": (lambda: (tpl.derive("decorrelated-mlp", optimizer="adam", depth=3, d_in=3),
+                                          *_data()), dict(steps=3, lr=0.02, particles=512, batches=2, copies=48)),
     "transformer-sgd": (lambda: _transformer("sgd"), dict(steps=2, lr=0.5, particles=256, batches=2,
                                                           loss="cross_entropy")),
     "transformer-adam-copies": (lambda: _transformer("adam"), dict(steps=2, lr=0.02, particles=256, batches=2,
@@ -213,6 +219,13 @@ SHARDED = {  # name: (limit, X, y), train options
     "nt-transformer-adam": (lambda: _transformer("adam", param="NTP"),
                             dict(steps=2, lr=0.02, particles=256, batches=2, loss="cross_entropy", copies=24)),
 }
+
+
+def _own_mean_signal(R: object, x: torch.Tensor, hyper: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decorrelation signal normalized by its own mean over coordinates: not row by row."""
+    z = R(x)
+    z = z / z.square().mean().sqrt()
+    return z, R.transpose(z)
 
 
 class _Interleaved(torch.nn.Module):
@@ -274,7 +287,9 @@ def _shard_checks(rank: int, out: str) -> dict[str, object]:
             results["kernels"][kind]["single"] = (single.value, single.se)
     refused = {"checkpoint": (limit, dict(checkpoint=os.path.join(out, "never.pt"))),
                "odd particles": (limit, dict(particles=2 * 17)),
-               "non-gradient rule": (tpl.derive("decorrelated-mlp", optimizer="sgd", depth=2, d_in=3), {}),
+               "signal not row by row": (tpl.derive("decorrelated-mlp", optimizer="sgd", depth=2, d_in=3, update_rules={
+                   "*.decorrelation": attrs.evolve(tpl.optimizer("decorrelation"), name="own-mean",
+                                                   signal=_own_mean_signal)}), {}),
                "interleaved": (tpl.derive(_Interleaved, example_inputs=(X,), optimizer="sgd"), {})}
     results["refusals"] = {}
     for key, (run, options) in refused.items():
@@ -316,7 +331,8 @@ def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pat
     assert refusals["checkpoint"][0] == "CheckpointError"
     odd = refusals["odd particles"][1]
     assert "particles of each system (17) must be a multiple of 2" in odd
-    assert "non-gradient rule" in refusals["non-gradient rule"][1]
+    own_mean = refusals["signal not row by row"]
+    assert own_mean[0] == "TplimitsError" and "rule 'own-mean'" in own_mean[1] and "row by row" in own_mean[1]
     assert refusals["interleaved"][0] == "NotRepresentable" and "interleaved blocks" in refusals["interleaved"][1]
     assert [results["refusals"] for results in ranks] == [refusals] * size
     single = ranks[0]["check"]["single"]  # finite models spread over the ranks: each trained as in one process

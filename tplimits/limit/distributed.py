@@ -152,6 +152,11 @@ class Shard:
         dist.all_reduce(out, group=self.group)
         return out
 
+    def whole(self, t: torch.Tensor, axis: int = 1) -> torch.Tensor:
+        """``t`` (this rank's rows along ``axis``) as the whole system's tensor, in its row order, on every rank
+        (detached): for a function of particles that is not a sum over them, such as a plugin's own mean."""
+        return self.first_rows(t, t.shape[axis] * self.ranks, axis)
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the ranks (a new tensor, on every rank)."""
         out = t.detach().clone(memory_format=torch.contiguous_format)

@@ -302,7 +302,7 @@ class Limit:
         identity = self._identity(run, setup)
         desc = "NT limit" if setup.regime == "operator" else "μ-limit"
         if distributed == SHARD:
-            shard = _shard(setup, run, rank, size)
+            shard = shard_of(setup.program, run.per_batch, rank, size, run.device)
             bar = tqdm(total=batches * (steps + 1), disable=not progress or rank != 0,
                        desc=f"{desc} (sharded over {size} ranks)", unit="step")
             finished = [self._train_system(setup, run, b, None, bar, (None, checkpoint_every, identity), [],
@@ -846,16 +846,6 @@ def _kernel(setup: LimitSetup, interp: Any, name: str) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1])
     shard = getattr(interp, "shard", None)
     return particle_sum(x @ x.T, shard) / (x.shape[-1] * (1 if shard is None else shard.ranks))
-
-
-def _shard(setup: LimitSetup, run: _Run, rank: int, size: int) -> Shard:
-    """This rank's shard of every system of ``run`` (``distributed="shard"``), after checking the run can be
-    sharded: gradient-trained parameters (plain, normalized or clipped updates), whose every sum over particles
-    the engine takes itself, in either limit."""
-    if setup.rules:
-        raise TplimitsError(f"distributed='shard': parameter {next(iter(setup.rules))!r} is updated by a non-gradient "
-                            "rule, whose signal averages over particles inside the rule; use distributed=True")
-    return shard_of(setup.program, run.per_batch, rank, size, run.device)
 
 
 def _save_checkpoint(path: str, identity: dict, finished: list, current: dict | None) -> None:

@@ -380,13 +380,38 @@ class ParticleNetwork:
         z_old = plan.canonical(interp.values[use.name], plan.out_letters)[0].T
         hyper = {k: group[k] for k in rule.defaults}
         A, B = rule.signal(action, x, hyper)
+        if self.shard is not None and f"rule {name}" not in self.shard.checked:
+            self._check_rowwise_signal(name, operator, x, hyper, (A, B))
         operator.ensure_steps(self.steps)
         operator.add_factor(A.T[None], B.T[None] / (A.shape[0] * self.P), self.t)
         self._linear_step(name, operator)
         if rule.rescale is not None:
-            s = rule.rescale(z_old, action(x), hyper).detach()  # a ratio of particle means: deterministic
+            z_new = action(x)
+            if self.shard is not None:  # the rule averages inside its own code: it sees the whole system's rows
+                z_old, z_new = self.shard.whole(z_old), self.shard.whole(z_new)
+            s = rule.rescale(z_old, z_new, hyper).detach()  # a ratio of particle means: deterministic
             operator.scale_coefficients(s)
             operator.init_scale *= float(s)
+
+    def _check_rowwise_signal(self, name: str, operator: MatrixOperator, x: torch.Tensor, hyper: Mapping[str, Any],
+                              signal: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """A sharded system's rule gets this rank's rows of its layer's input, so its ``signal`` must act on them
+        row by row, through ``R`` alone (an average over coordinates of its own would be this rank's only).
+        Checked once, at the rule's first step, where ``R`` is still a multiple of the identity: the signal of
+        the whole system's rows, cut to this rank's, must be the one this rank computed."""
+        rule = self.groups[name]["rule"]
+        scale = operator.init_value * operator.init_scale if operator.kind == "identity" else 0.0
+        with torch.no_grad():
+            whole = rule.signal(_ScaledIdentity(scale), self.shard.whole(x), hyper)
+        tol = 256 * torch.finfo(x.dtype).eps
+        differs = any(not torch.allclose(self.shard.rows(full, 1), mine.detach(), rtol=tol,
+                                         atol=tol * float(full.abs().max()))
+                      for full, mine in zip(whole, signal, strict=True))
+        if self.shard.any(differs):
+            raise TplimitsError(f"distributed='shard': the signal of rule {rule.name!r} (parameter {name!r}) is not "
+                                "computed row by row from R's products, so on a rank's rows it differs from the "
+                                "whole system's; use distributed=True")
+        self.shard.checked.add(f"rule {name}")
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -416,6 +441,19 @@ class ParticleNetwork:
         q_state = (self.update_states.get(name) or {}).get("q_state")
         if q_state is not None:
             operator.set_memory(self.groups[name]["rule"].name, _per_step_tensors(q_state, operator.coefficients.shape))
+
+
+@attrs.frozen
+class _ScaledIdentity:
+    """``R = scale · I`` as a :class:`~tplimits.optimizers.base.MatrixAction`, on rows of any width."""
+
+    scale: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def transpose(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scale
 
 
 def _per_step_tensors(state: Any, shape: torch.Size) -> list[torch.Tensor]:
