@@ -8,6 +8,7 @@
     python benchmarks/bench_reference.py flops                       # achieved GFLOP/s against the GEMM peak
     python benchmarks/bench_reference.py bases --particles 16384     # the hat bases' orthonormality, one system
     python benchmarks/bench_reference.py check50                     # the SGD case against finite training
+    python benchmarks/bench_reference.py gpu --save gpu.pt           # every case on one GPU, 2^16 and 2^20 particles
 
 ``run`` times one training (after an untimed one-step run that lowers the model), one BLAS thread per
 process; under ``torchrun`` the systems are spread over the ranks (``limit.train`` under an initialized
@@ -61,6 +62,51 @@ def run(optimizer: str, dtype: str, particles: int, steps: int, batches: int, co
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+GPU_CASES = [("sgd", "float64", 2**16), ("sgd", "float64", 2**20), ("sgd", "float32", 2**20),
+             ("adam", "float64", 2**16), ("adam", "float64", 2**20), ("adam", "float32", 2**20)]
+"""``gpu``: (optimizer, dtype, particles) in the order they run; 2^16 is the CPU's size, 2^20 the issue's GPU size."""
+
+
+def gpu(device: str, steps: int, batches: int, copies: int, save: str | None, seed: int, shrink: int) -> None:
+    """The reference cases on one device, one process (``shrink``: particles divided by it, for a rehearsal):
+    per case the wall seconds (synchronized), the peak device memory, the final loss and the largest output
+    standard error, printed as it ends; every case's outputs saved together to ``save`` after each one."""
+    X, y = data()
+    saved: dict[str, dict] = {}
+    cuda = torch.device(device).type == "cuda"
+    for optimizer in ("sgd", "adam"):
+        limit = limit_for(optimizer)
+        options = {"copies": copies} if optimizer != "sgd" else {}
+        limit.train(X, y, steps=1, lr=LR[optimizer], particles=1024 * batches, batches=batches, progress=False,
+                    device=device, **({"copies": 64} if options else {}))  # lowering and the device's start, untimed
+        for case, dtype, particles in GPU_CASES:
+            if case != optimizer:
+                continue
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            wall = time.perf_counter()
+            try:
+                traj = limit.train(X, y, steps=steps, lr=LR[optimizer], particles=particles // shrink,
+                                   batches=batches, progress=False, device=device, dtype=DTYPES[dtype], seed=seed,
+                                   **options)
+            except (tpl.TplimitsError, RuntimeError) as error:  # a case that fails is reported, the rest still run
+                print(json.dumps({"optimizer": optimizer, "dtype": dtype, "particles": particles // shrink,
+                                  "error": f"{type(error).__name__}: {error}"}), flush=True)
+                continue
+            if cuda:
+                torch.cuda.synchronize()
+            result = {"optimizer": optimizer, "dtype": dtype, "particles": particles // shrink, "batches": batches,
+                      "steps": steps, "device": device, "wall": time.perf_counter() - wall,
+                      "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                      "loss": float(traj.loss[-1]), "max_se": float(traj.outputs_se.max())}
+            print(json.dumps(result), flush=True)
+            saved[f"{optimizer}-{dtype}-{particles // shrink}"] = {"outputs": traj.outputs.cpu(),
+                                                                    "se": traj.outputs_se.cpu(), **result}
+            if save:
+                torch.save(saved, save)
 
 
 def launch(processes: int, *args: str) -> dict:
@@ -173,7 +219,7 @@ def check50(steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["run", "scaling", "compare", "flops", "bases", "check50"])
+    parser.add_argument("part", choices=["run", "scaling", "compare", "flops", "bases", "check50", "gpu"])
     parser.add_argument("files", nargs="*", help="compare: two saved runs")
     parser.add_argument("--optimizer", default="sgd", choices=sorted(LR))
     parser.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
@@ -183,6 +229,8 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None)
+    parser.add_argument("--device", default="cuda", help="gpu: the device")
+    parser.add_argument("--shrink", type=int, default=1, help="gpu: particles divided by this (a rehearsal)")
     args = parser.parse_args()
     if args.part == "run":
         run(args.optimizer, args.dtype, args.particles, args.steps, args.batches, args.copies, args.save, args.seed)
@@ -194,6 +242,8 @@ def main() -> None:
         bases(args.dtype, args.particles, args.steps)
     elif args.part == "check50":
         check50(args.steps)
+    elif args.part == "gpu":
+        gpu(args.device, args.steps, args.batches, args.copies, args.save, args.seed, args.shrink)
     else:
         compare(*args.files)
 
