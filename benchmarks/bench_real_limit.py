@@ -85,16 +85,17 @@ def task(model: str, optimizer: str = "sgd") -> tuple[Case, tpl.Limit, torch.Ten
 
 def train(case: Case, limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, particles: int, steps: int,
           dtype: torch.dtype = torch.float64, batches: int = 4, dots: str = "auto",
-          distributed: bool | None = None) -> tpl.Trajectory:
+          distributed: bool | None = None, device: str = "cpu") -> tpl.Trajectory:
     return limit.train(X, y, steps=steps, lr=case.lr, loss=case.loss, particles=particles, batches=batches,
-                       dtype=dtype, dots=dots, progress=False, distributed=distributed)
+                       dtype=dtype, dots=dots, progress=False, distributed=distributed, device=device)
 
 
-def warm_up(case: Case, limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> float:
+def warm_up(case: Case, limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
+            device: str = "cpu") -> float:
     """One untimed step at 64 particles: lowering, setup, first-call costs (in this process alone, also under a
     process group). Returns its CPU seconds."""
     start = time.process_time()
-    train(case, limit, X, y, 64, 1, dtype, batches=1, distributed=False)
+    train(case, limit, X, y, 64, 1, dtype, batches=1, distributed=False, device=device)
     return time.process_time() - start
 
 
@@ -103,9 +104,9 @@ def peak_rss_mb() -> float:
 
 
 def timed(case: Case, limit: tpl.Limit, X: torch.Tensor, y: torch.Tensor, particles: int, steps: int,
-          dtype: torch.dtype, batches: int, dots: str) -> dict:
+          dtype: torch.dtype, batches: int, dots: str, device: str = "cpu") -> dict:
     cpu, wall = time.process_time(), time.perf_counter()
-    traj = train(case, limit, X, y, particles, steps, dtype, batches, dots)
+    traj = train(case, limit, X, y, particles, steps, dtype, batches, dots, device=device)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     return {"cpu": cpu, "wall": wall, "per_step": cpu / steps, "rss": peak_rss_mb(),
             "loss": float(traj.loss[-1]), "loss0": float(traj.loss[0]),
@@ -129,12 +130,12 @@ def time_report(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype]
     for model in args.models:
         case, limit, X, y = task(model, args.optimizer)
-        print(f"# {model}: warm-up {warm_up(case, limit, X, y, dtype):.1f} CPU s; {load()}", flush=True)
+        print(f"# {model}: warm-up {warm_up(case, limit, X, y, dtype, args.device):.1f} CPU s; {load()}", flush=True)
         for particles, steps in parse_cases(args.cases):
             with contextlib.ExitStack() as stack:
                 for name in args.with_variants:
                     stack.enter_context(VARIANTS[name](limit))
-                r = timed(case, limit, X, y, particles, steps, dtype, args.batches, args.dots)
+                r = timed(case, limit, X, y, particles, steps, dtype, args.batches, args.dots, args.device)
             variants = "+".join(args.with_variants) or "as is"
             print(f"| {model} | {case.width} | {particles} in {args.batches} | {steps} | {args.dtype} | {r['dots']} | "
                   f"{variants} | "
@@ -576,6 +577,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--cases", nargs="+", default=["1024:3"], help="particles:steps")
     parser.add_argument("--dtype", default="float64", choices=list(DTYPES))
+    parser.add_argument("--device", default="cpu", help="for 'time': where the particles live (cuda: wall s count)")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum"])
     parser.add_argument("--batches", type=int, default=4, help="independent particle systems")
     parser.add_argument("--dots", default="auto", choices=["auto", "stein", "autograd"])

@@ -30,12 +30,15 @@ def test_gpu_limit_matches_training(data, optimizer, lr, particles):
                                              (None, torch.float64)])
 def test_gpu_and_cpu_limits_agree(data, dtype, expected):
     """Independent particle systems on the two devices (float32 on the GPU too, where asked for) estimate the
-    same limit."""
+    same limit. 16 systems a side: a standard error from 4 has 3 degrees of freedom, and two CPU runs of 4
+    systems with seeds 0 and 1 already part by 6.0 of them at one output (RMS 2.9); with 16, six pairs of CPU
+    seeds give RMS 1.14, largest 2.7."""
     X, y = data
     limit = tpl.derive("mlp", optimizer="sgd", depth=2, d_in=3)
-    cpu = limit.train(X, y, steps=5, lr=0.5, particles=2**15, seed=0, progress=False)
-    gpu = limit.train(X, y, steps=5, lr=0.5, particles=2**15, seed=1, device="cuda", dtype=dtype, progress=False)
+    options = dict(steps=5, lr=0.5, particles=2**15, batches=16, progress=False)
+    cpu = limit.train(X, y, seed=0, **options)
+    gpu = limit.train(X, y, seed=1, device="cuda", dtype=dtype, **options)
     assert gpu.outputs.dtype == expected
     z = (gpu.outputs.double() - cpu.outputs) / (gpu.outputs_se.double().square() + cpu.outputs_se.square()).sqrt()
-    assert z.abs().max() < 4.5, z
+    assert z.abs().max() < 4.5 and z[1:].square().mean().sqrt() < 1.8, z
     assert (cpu.outputs[-1] - cpu.outputs[0]).abs().max() > 0.1
