@@ -30,6 +30,7 @@ matrix is applied to at once.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -420,7 +421,7 @@ class HatFamily:
         # components along its basis from its Gaussians, so that the matrix and its transpose agree
         # (:meth:`_against_partner`), and the last sampled ket's part outside the basis, the directions left out
         # (None: none), is all a dot is still needed for
-        self.partner: HatFamily | None = None
+        self._partner: weakref.ReferenceType[HatFamily] | None = None
         self.outside: torch.Tensor | None = None
         # the kets sampled since the last forget(), with their coordinates on E: [F, r, K], kept when the
         # matrix's updates are low-rank factors (MatrixOperator.add_factor) and not under autograd
@@ -511,6 +512,17 @@ class HatFamily:
         if self.shard is not None:  # drawn whole, as in one process, and cut to this rank's rows
             H = self.shard.rows(H, 1)
         return H @ vecs
+
+    @property
+    def partner(self) -> HatFamily | None:
+        """The transpose's family (hats of one matrix), held weakly: the two refer to each other, and the cycle
+        would keep both, with their column stores, alive after their matrix until the garbage collector ran (on a
+        GPU, a finished system's memory under the next one's)."""
+        return None if self._partner is None else self._partner()
+
+    @partner.setter
+    def partner(self, family: HatFamily | None) -> None:
+        self._partner = None if family is None else weakref.ref(family)
 
     def _against_partner(self, G_new: torch.Tensor, E_new: torch.Tensor) -> torch.Tensor:
         """The Gaussians of new directions ``E_new`` with their components along the transpose's basis ``E'``
