@@ -222,10 +222,13 @@ SHARDED = {  # name: (limit, X, y), train options
 
 
 def _own_mean_signal(R: object, x: torch.Tensor, hyper: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decorrelation signal normalized by its own mean over coordinates: not row by row."""
+    """The decorrelation signal normalized by its own mean over coordinates: not coordinate by coordinate."""
     z = R(x)
     z = z / z.square().mean().sqrt()
     return z, R.transpose(z)
+
+
+OWN_MEAN = attrs.evolve(tpl.optimizer("decorrelation"), name="own-mean", signal=_own_mean_signal)
 
 
 class _Interleaved(torch.nn.Module):
@@ -287,9 +290,8 @@ def _shard_checks(rank: int, out: str) -> dict[str, object]:
             results["kernels"][kind]["single"] = (single.value, single.se)
     refused = {"checkpoint": (limit, dict(checkpoint=os.path.join(out, "never.pt"))),
                "odd particles": (limit, dict(particles=2 * 17)),
-               "signal not row by row": (tpl.derive("decorrelated-mlp", optimizer="sgd", depth=2, d_in=3, update_rules={
-                   "*.decorrelation": attrs.evolve(tpl.optimizer("decorrelation"), name="own-mean",
-                                                   signal=_own_mean_signal)}), {}),
+               "signal not coordinatewise": (tpl.derive("decorrelated-mlp", optimizer="sgd", depth=2, d_in=3,
+                                                        update_rules={"*.decorrelation": OWN_MEAN}), {}),
                "interleaved": (tpl.derive(_Interleaved, example_inputs=(X,), optimizer="sgd"), {})}
     results["refusals"] = {}
     for key, (run, options) in refused.items():
@@ -331,8 +333,9 @@ def test_one_system_sharded_over_two_gloo_ranks_equals_one_process(tmp_path: pat
     assert refusals["checkpoint"][0] == "CheckpointError"
     odd = refusals["odd particles"][1]
     assert "particles of each system (17) must be a multiple of 2" in odd
-    own_mean = refusals["signal not row by row"]
-    assert own_mean[0] == "TplimitsError" and "rule 'own-mean'" in own_mean[1] and "row by row" in own_mean[1]
+    own_mean = refusals["signal not coordinatewise"]
+    assert own_mean[0] == "TplimitsError" and "rule 'own-mean'" in own_mean[1]
+    assert "coordinate by coordinate" in own_mean[1]
     assert refusals["interleaved"][0] == "NotRepresentable" and "interleaved blocks" in refusals["interleaved"][1]
     assert [results["refusals"] for results in ranks] == [refusals] * size
     single = ranks[0]["check"]["single"]  # finite models spread over the ranks: each trained as in one process

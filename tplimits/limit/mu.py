@@ -381,7 +381,7 @@ class ParticleNetwork:
         hyper = {k: group[k] for k in rule.defaults}
         A, B = rule.signal(action, x, hyper)
         if self.shard is not None and f"rule {name}" not in self.shard.checked:
-            self._check_rowwise_signal(name, operator, x, hyper, (A, B))
+            self._check_coordinatewise_signal(name, operator, x, hyper, (A, B))
         operator.ensure_steps(self.steps)
         operator.add_factor(A.T[None], B.T[None] / (A.shape[0] * self.P), self.t)
         self._linear_step(name, operator)
@@ -393,12 +393,13 @@ class ParticleNetwork:
             operator.scale_coefficients(s)
             operator.init_scale *= float(s)
 
-    def _check_rowwise_signal(self, name: str, operator: MatrixOperator, x: torch.Tensor, hyper: Mapping[str, Any],
-                              signal: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """A sharded system's rule gets this rank's rows of its layer's input, so its ``signal`` must act on them
-        row by row, through ``R`` alone (an average over coordinates of its own would be this rank's only).
-        Checked once, at the rule's first step, where ``R`` is still a multiple of the identity: the signal of
-        the whole system's rows, cut to this rank's, must be the one this rank computed."""
+    def _check_coordinatewise_signal(self, name: str, operator: MatrixOperator, x: torch.Tensor,
+                                     hyper: Mapping[str, Any], signal: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """A sharded system's rule gets this rank's particles (coordinates) of its layer's input, so its ``signal``
+        must act on them coordinate by coordinate, through ``R`` alone (an average over coordinates of its own
+        would be this rank's only). Checked once, at the rule's first step, where ``R`` is still a multiple of the
+        identity: the signal of the whole system's particles, cut to this rank's, must be the one this rank
+        computed."""
         rule = self.groups[name]["rule"]
         scale = operator.init_value * operator.init_scale if operator.kind == "identity" else 0.0
         with torch.no_grad():
@@ -409,8 +410,8 @@ class ParticleNetwork:
                       for full, mine in zip(whole, signal, strict=True))
         if self.shard.any(differs):
             raise TplimitsError(f"distributed='shard': the signal of rule {rule.name!r} (parameter {name!r}) is not "
-                                "computed row by row from R's products, so on a rank's rows it differs from the "
-                                "whole system's; use distributed=True")
+                                "computed coordinate by coordinate from R's products, so on a rank's particles it "
+                                "differs from the whole system's; use distributed=True")
         self.shard.checked.add(f"rule {name}")
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -81,12 +81,12 @@ class UpdateRule:
     batch average of outer products, ``Aᵀ B / (K·n_out)`` with ``A``: [K, n_out], ``B``: [K, n_in] — the
     units of a gradient, so the same rule has an infinite-width limit. ``R`` is a :class:`MatrixAction`:
     the finite optimizer passes the dense matrix, the limit engines an operator on kets, so one
-    definition serves both; each row of ``A`` and ``B`` comes from that row's products with ``R`` and ``x``
-    alone (a limit sharded over processes sees a rank's rows). ``rescale(z_old, z_new, hyper)``, if given,
-    is a factor the matrix is multiplied by after the step, from the layer's outputs before and after it
-    (``R x``, [K, n_out]); it must be a ratio of averages over coordinates so that it has a limit. ``option_defaults``
-    overrides the defaults of the optimizer's group options (:data:`GROUP_OPTIONS`), e.g. a default
-    weight decay.
+    definition serves both; each coordinate (column) of ``A`` and ``B`` comes from the same coordinate of
+    ``R``'s products and of ``x`` alone (a limit sharded over processes sees a rank's coordinates).
+    ``rescale(z_old, z_new, hyper)``, if given, is a factor the matrix is multiplied by after the step, from the
+    layer's outputs before and after it (``R x``, [K, n_out]); it must be a ratio of averages over coordinates
+    so that it has a limit. ``option_defaults`` overrides the defaults of the optimizer's group options
+    (:data:`GROUP_OPTIONS`), e.g. a default weight decay.
 
     ``descend_in_place(p, state, g, t, hyper, step, scratch)``, optional, is a fast path of the same step for a
     tensor updated in place: ``p ← p − step · Q_t`` with ``state``'s tensors overwritten by the new state's;
