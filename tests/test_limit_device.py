@@ -1,5 +1,5 @@
-"""The limit on a CUDA device (skipped where there is none): the same particle system, checked against
-finite-width training on the CPU and against the CPU limit."""
+"""The limits on a CUDA device (skipped where there is none): the μ-limit checked against finite-width training
+on the CPU and against the CPU limit, and the NT limit's kernels and dynamics against the CPU's."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tplimits as tpl
+from tests.test_nt_limit import _data, _ntp_relu_mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -42,3 +43,32 @@ def test_gpu_and_cpu_limits_agree(data, dtype, expected):
     z = (gpu.outputs.double() - cpu.outputs) / (gpu.outputs_se.double().square() + cpu.outputs_se.square()).sqrt()
     assert z.abs().max() < 4.5 and z[1:].square().mean().sqrt() < 1.8, z
     assert (cpu.outputs[-1] - cpu.outputs[0]).abs().max() > 0.1
+
+
+def test_gpu_kernels_match_the_cpu_and_the_arc_cosine_recursion():
+    """The NT limit's kernels on the GPU: the Monte Carlo path against the closed form of a ReLU network, and the
+    exact path (Gaussian integrals through the program) against the same path on the CPU."""
+    X, _ = _data(4, 5)
+    limit = tpl.derive("mlp", optimizer="sgd", param="NTP", depth=2, d_in=4, activation="relu")
+    nngp, ntk = _ntp_relu_mlp(X, 2, True)
+    for kind, expected in (("ntk", ntk), ("nngp", nngp)):
+        K = limit.kernel(X, kind=kind, particles=2**16, batches=8, path="monte carlo", device="cuda")
+        assert ((K.value.cpu() - expected) / K.se.cpu()).abs().max() < 4.5
+        exact = limit.kernel(X, kind=kind, path="exact", device="cuda")
+        on_cpu = limit.kernel(X, kind=kind, path="exact")
+        assert exact.path == "exact" and exact.value.is_cuda
+        torch.testing.assert_close(exact.value.cpu(), on_cpu.value, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer, lr, options", [("sgd", 0.5, {}), ("adam", 0.02, {"copies": 512})])
+def test_gpu_and_cpu_nt_limits_agree(data, optimizer, lr, options):
+    """The NT limit's dynamics on the two devices, independent systems (16 a side): kernel dynamics under SGD,
+    grids against a copy population under Adam."""
+    X, y = data
+    limit = tpl.derive("mlp", optimizer=optimizer, param="NTP", depth=2, d_in=3)
+    run = dict(steps=5, lr=lr, particles=2**14, batches=16, progress=False, **options)
+    cpu = limit.train(X, y, seed=0, **run)
+    gpu = limit.train(X, y, seed=1, device="cuda", **run)
+    z = (gpu.outputs - cpu.outputs) / (gpu.outputs_se.square() + cpu.outputs_se.square()).sqrt()
+    assert z.abs().max() < 4.5, z
+    assert (cpu.outputs[-1] - cpu.outputs[0]).abs().max() > 0.05
