@@ -37,6 +37,14 @@ from bench_limit import GEMM_OPS, LR, data, gemm_peak, limit_for, profiled_matmu
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def train(limit: tpl.Limit, optimizer: str, X: torch.Tensor, y: torch.Tensor, steps: int, particles: int,
+          batches: int, copies: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> tpl.Trajectory:
+    """One training of the reference case under ``optimizer`` (its learning rate; ``copies`` for a nonlinear rule)."""
+    options = {"copies": copies} if optimizer != "sgd" else {}
+    return limit.train(X, y, steps=steps, lr=LR[optimizer], particles=particles, batches=batches, progress=False,
+                       dtype=dtype, seed=seed, device=device, **options)
+
+
 def run(optimizer: str, dtype: str, particles: int, steps: int, batches: int, copies: int, save: str | None,
         seed: int) -> dict:
     if "RANK" in os.environ and not dist.is_initialized():
@@ -44,12 +52,9 @@ def run(optimizer: str, dtype: str, particles: int, steps: int, batches: int, co
     torch.set_num_threads(1)
     X, y = data()
     limit = limit_for(optimizer)
-    options = {"copies": copies} if optimizer != "sgd" else {}
-    limit.train(X, y, steps=1, lr=LR[optimizer], particles=1024 * batches, batches=batches, progress=False,
-                dtype=DTYPES[dtype], **({"copies": 64} if options else {}))  # lowering, untimed
+    train(limit, optimizer, X, y, 1, 1024 * batches, batches, 64, DTYPES[dtype])  # lowering, untimed
     wall, cpu = time.perf_counter(), time.process_time()
-    traj = limit.train(X, y, steps=steps, lr=LR[optimizer], particles=particles, batches=batches, progress=False,
-                       dtype=DTYPES[dtype], seed=seed, **options)
+    traj = train(limit, optimizer, X, y, steps, particles, batches, copies, DTYPES[dtype], seed)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     result = {"optimizer": optimizer, "dtype": dtype, "particles": particles, "batches": batches, "steps": steps,
               "ranks": dist.get_world_size() if dist.is_initialized() else 1, "wall": wall, "cpu_rank0": cpu,
@@ -78,9 +83,8 @@ def gpu(device: str, steps: int, batches: int, copies: int, save: str | None, se
     cuda = torch.device(device).type == "cuda"
     for optimizer in ("sgd", "adam"):
         limit = limit_for(optimizer)
-        options = {"copies": copies} if optimizer != "sgd" else {}
-        limit.train(X, y, steps=1, lr=LR[optimizer], particles=1024 * batches, batches=batches, progress=False,
-                    device=device, **({"copies": 64} if options else {}))  # lowering and the device's start, untimed
+        # lowering and the device's start, untimed
+        train(limit, optimizer, X, y, 1, 1024 * batches, batches, 64, torch.float64, device=device)
         for case, dtype, particles in GPU_CASES:
             if case != optimizer:
                 continue
@@ -89,9 +93,8 @@ def gpu(device: str, steps: int, batches: int, copies: int, save: str | None, se
                 torch.cuda.reset_peak_memory_stats()
             wall = time.perf_counter()
             try:
-                traj = limit.train(X, y, steps=steps, lr=LR[optimizer], particles=particles // shrink,
-                                   batches=batches, progress=False, device=device, dtype=DTYPES[dtype], seed=seed,
-                                   **options)
+                traj = train(limit, optimizer, X, y, steps, particles // shrink, batches, copies, DTYPES[dtype],
+                             seed, device)
             except (tpl.TplimitsError, RuntimeError) as error:  # a case that fails is reported, the rest still run
                 print(json.dumps({"optimizer": optimizer, "dtype": dtype, "particles": particles // shrink,
                                   "error": f"{type(error).__name__}: {error}"}), flush=True)
